@@ -1,0 +1,30 @@
+"""dualenc: a pure-JAX vision-text dual encoder, checkpoint-compatible with transformers."""
+
+from dualenc.config import (
+    BertConfig,
+    CLIPVisionConfig,
+    DualEncoderConfig,
+    RobertaConfig,
+    ViTConfig,
+    load_config,
+)
+from dualenc.checkpoint import (
+    NewlyInitializedWarning,
+    UnusedWeightsWarning,
+    from_vision_text_pretrained,
+    load_pretrained,
+    save_pretrained,
+)
+from dualenc.errors import CheckpointError, ConfigError, DataError, DualEncError, InputError
+from dualenc.layers import TowerOutput
+from dualenc.model import (
+    DualEncoderOutput,
+    apply,
+    check_inputs,
+    get_image_features,
+    get_text_features,
+    init,
+    num_params,
+)
+
+__version__ = "0.1.0"

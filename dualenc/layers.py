@@ -1,0 +1,225 @@
+"""The few primitives every tower is built from: dense, layer norm, attention, MLP, dropout, the encoder stack.
+
+Params are plain dicts. Kernels are (in, out). Matmuls run in the compute `dtype`; LayerNorm statistics and
+softmax run in float32. The encoder's per-layer params carry a leading depth axis and run under `lax.scan`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from dualenc.config import ACTIVATION_NAMES
+
+Params = dict[str, Any]
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def _gelu_tanh(x):
+    return 0.5 * x * (1.0 + jnp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x ** 3)))
+
+
+def _gelu(x):
+    return jax.nn.gelu(x, approximate=False)
+
+
+ACTIVATIONS: dict[str, Callable] = {
+    "gelu": _gelu,
+    "gelu_python": _gelu,
+    "gelu_10": lambda x: jnp.clip(_gelu(x), -10.0, 10.0),
+    "gelu_new": _gelu_tanh,
+    "gelu_python_tanh": _gelu_tanh,
+    "gelu_accurate": _gelu_tanh,
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: 0.5 * x * (1.0 + jnp.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "hardswish": jax.nn.hard_swish,
+    "laplace": lambda x: 0.5 * (1.0 + jax.lax.erf((x - 0.707107) / (0.282095 * math.sqrt(2.0)))),
+    "leaky_relu": lambda x: jax.nn.leaky_relu(x, 0.01),
+    "linear": lambda x: x,
+    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+    "relu": jax.nn.relu,
+    "relu2": lambda x: jnp.square(jax.nn.relu(x)),
+    "relu6": jax.nn.relu6,
+    "sigmoid": jax.nn.sigmoid,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "sqrtsoftplus": lambda x: jnp.sqrt(jax.nn.softplus(x)),
+    "tanh": jnp.tanh,
+}
+assert set(ACTIVATIONS) == set(ACTIVATION_NAMES)
+
+
+# ------------------------------------------------------------------------------------------------ init helpers
+
+def normal(key, shape, std):
+    return std * jax.random.normal(key, shape, jnp.float32)
+
+
+def dense_init(key, d_in: int, d_out: int, std: float, bias: bool = True) -> Params:
+    p = {"kernel": normal(key, (d_in, d_out), std)}
+    if bias:
+        p["bias"] = jnp.zeros((d_out,), jnp.float32)
+    return p
+
+
+def layer_norm_init(dim: int) -> Params:
+    return {"scale": jnp.ones((dim,), jnp.float32), "bias": jnp.zeros((dim,), jnp.float32)}
+
+
+# ------------------------------------------------------------------------------------------------ primitives
+
+def dense(p: Params, x: jax.Array, dtype) -> jax.Array:
+    """x @ kernel + bias in the compute dtype."""
+    y = jnp.einsum("...i,io->...o", x.astype(dtype), p["kernel"].astype(dtype))
+    if "bias" in p:
+        y = y + p["bias"].astype(dtype)
+    return y
+
+
+def layer_norm(p: Params, x: jax.Array, eps: float, dtype) -> jax.Array:
+    """LayerNorm with float32 statistics (biased variance, as torch)."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * lax.rsqrt(var + eps) * p["scale"] + p["bias"]
+    return y.astype(dtype)
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout; a no-op when key is None (inference) or rate is 0."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
+
+
+def attention_bias(mask: jax.Array | None) -> jax.Array | None:
+    """(B, L) 0/1 key mask -> (B, 1, 1, L) additive float32 bias (torch's finfo.min for masked keys)."""
+    if mask is None:
+        return None
+    return jnp.where(mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+
+
+# ------------------------------------------------------------------------------------------------ encoder
+
+@dataclasses.dataclass(frozen=True)
+class EncoderSpec:
+    """What a transformer encoder layer needs to know; built by each tower from its config."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    activation: str
+    eps: float
+    prenorm: bool  # ViT/CLIP: x + f(norm(x)); BERT/RoBERTa: norm(x + f(x))
+    qkv_bias: bool = True
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_stds: tuple[float, float, float, float] = (0.02, 0.02, 0.02, 0.02)  # q/k/v, out, fc1, fc2
+
+
+def block_init(key, spec: EncoderSpec) -> Params:
+    d, i = spec.hidden_size, spec.intermediate_size
+    qkv_std, out_std, fc1_std, fc2_std = spec.init_stds
+    k = jax.random.split(key, 6)
+    return {
+        "attention": {
+            "query": dense_init(k[0], d, d, qkv_std, spec.qkv_bias),
+            "key": dense_init(k[1], d, d, qkv_std, spec.qkv_bias),
+            "value": dense_init(k[2], d, d, qkv_std, spec.qkv_bias),
+            "out": dense_init(k[3], d, d, out_std),
+        },
+        "attention_norm": layer_norm_init(d),
+        "mlp": {"fc1": dense_init(k[4], d, i, fc1_std), "fc2": dense_init(k[5], i, d, fc2_std)},
+        "mlp_norm": layer_norm_init(d),
+    }
+
+
+def encoder_init(key, spec: EncoderSpec) -> Params:
+    """Per-layer params stacked on a leading depth axis."""
+    return jax.vmap(lambda k: block_init(k, spec))(jax.random.split(key, spec.num_layers))
+
+
+def attention(p: Params, x: jax.Array, bias: jax.Array | None, spec: EncoderSpec, dtype,
+              key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Multi-head self-attention. x: (B, L, D); bias: (B, 1, 1, L) or None. Returns (out, probs (B, H, L, L))."""
+    b, l, d = x.shape
+    h = spec.num_heads
+    q_BLHK = dense(p["query"], x, dtype).reshape(b, l, h, d // h)
+    k_BLHK = dense(p["key"], x, dtype).reshape(b, l, h, d // h)
+    v_BLHK = dense(p["value"], x, dtype).reshape(b, l, h, d // h)
+    scores = jnp.einsum("bqhk,bshk->bhqs", q_BLHK, k_BLHK, preferred_element_type=jnp.float32)
+    scores = scores * (d // h) ** -0.5
+    if bias is not None:
+        scores = scores + bias
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = dropout(probs, spec.attention_dropout, key)
+    out = jnp.einsum("bhqs,bshk->bqhk", probs.astype(dtype), v_BLHK).reshape(b, l, d)
+    return dense(p["out"], out, dtype), probs
+
+
+def mlp(p: Params, x: jax.Array, activation: str, dtype) -> jax.Array:
+    return dense(p["fc2"], ACTIVATIONS[activation](dense(p["fc1"], x, dtype)), dtype)
+
+
+def block(p: Params, x: jax.Array, bias: jax.Array | None, spec: EncoderSpec, dtype,
+          key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """One encoder layer, pre- or post-norm. Returns (hidden states, attention probs)."""
+    keys = (None,) * 3 if key is None else tuple(jax.random.fold_in(key, i) for i in range(3))
+    norm = lambda name, y: layer_norm(p[name], y, spec.eps, dtype)  # noqa: E731
+    if spec.prenorm:
+        a, probs = attention(p["attention"], norm("attention_norm", x), bias, spec, dtype, keys[0])
+        x = x + dropout(a, spec.hidden_dropout, keys[1])
+        m = mlp(p["mlp"], norm("mlp_norm", x), spec.activation, dtype)
+        x = x + dropout(m, spec.hidden_dropout, keys[2])
+    else:
+        a, probs = attention(p["attention"], x, bias, spec, dtype, keys[0])
+        x = norm("attention_norm", x + dropout(a, spec.hidden_dropout, keys[1]))
+        m = mlp(p["mlp"], x, spec.activation, dtype)
+        x = norm("mlp_norm", x + dropout(m, spec.hidden_dropout, keys[2]))
+    return x, probs
+
+
+def encoder(p: Params, x: jax.Array, bias: jax.Array | None, spec: EncoderSpec, *, dtype,
+            key: jax.Array | None = None, output_hidden_states: bool = False, output_attentions: bool = False,
+            remat_policy: str | None = None):
+    """Runs the stacked layers with lax.scan, so compile time does not grow with depth.
+
+    Returns (last hidden state, per-layer outputs (depth, B, L, D) or None, attention probs
+    (depth, B, H, L, L) or None).
+    """
+    keys = None if key is None else jax.random.split(key, spec.num_layers)
+
+    def body(h, xs):
+        layer_p, layer_key = xs
+        h, probs = block(layer_p, h, bias, spec, dtype, layer_key)
+        return h, (h if output_hidden_states else None, probs if output_attentions else None)
+
+    if remat_policy is not None:
+        body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, remat_policy), prevent_cse=False)
+    x, (states, probs) = lax.scan(body, x, (p, keys))
+    return x, states, probs
+
+
+class TowerOutput(NamedTuple):
+    """What transformers' tower models return; hidden_states/attentions are per-layer tuples when requested."""
+
+    last_hidden_state: jax.Array
+    pooler_output: jax.Array
+    hidden_states: tuple[jax.Array, ...] | None = None
+    attentions: tuple[jax.Array, ...] | None = None
+
+
+def tower_output(last: jax.Array, pooled: jax.Array, embeddings: jax.Array, states: jax.Array | None,
+                 probs: jax.Array | None) -> TowerOutput:
+    """Packs encoder results as transformers does: hidden_states = (encoder input, each layer's output)."""
+    hidden = None if states is None else (embeddings,) + tuple(states[i] for i in range(states.shape[0]))
+    attentions = None if probs is None else tuple(probs[i] for i in range(probs.shape[0]))
+    return TowerOutput(last, pooled, hidden, attentions)

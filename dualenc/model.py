@@ -1,0 +1,156 @@
+"""The dual encoder: both towers, bias-free projections, L2-normalised embeddings and scaled logits."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dualenc import bert, layers, vit
+from dualenc.config import DualEncoderConfig
+from dualenc.errors import InputError
+
+PROJECTION_INIT_STD = 0.02
+
+
+class DualEncoderOutput(NamedTuple):
+    """The contrastive forward's results; a pytree (a NamedTuple), like transformers' CLIPOutput."""
+
+    logits_per_image: jax.Array  # (n_images, n_texts)
+    logits_per_text: jax.Array  # (n_texts, n_images)
+    text_embeds: jax.Array  # (n_texts, projection_dim), L2-normalised, float32
+    image_embeds: jax.Array  # (n_images, projection_dim), L2-normalised, float32
+    text_outputs: layers.TowerOutput
+    vision_outputs: layers.TowerOutput
+
+
+def projection_init(key: jax.Array, d_in: int, projection_dim: int) -> layers.Params:
+    return {"kernel": layers.normal(key, (d_in, projection_dim), PROJECTION_INIT_STD)}
+
+
+@jax.jit
+def init(key: jax.Array, config: DualEncoderConfig) -> layers.Params:
+    """Random params: towers as transformers initialises them, projections N(0, 0.02), logit_scale from config.
+
+    Returns a dict with keys "vision", "text", "visual_projection", "text_projection", "logit_scale".
+    """
+    kv, kt, kvp, ktp = jax.random.split(key, 4)
+    return {
+        "vision": vit.init(kv, config.vision),
+        "text": bert.init(kt, config.text),
+        "visual_projection": projection_init(kvp, config.vision.hidden_size, config.projection_dim),
+        "text_projection": projection_init(ktp, config.text.hidden_size, config.projection_dim),
+        "logit_scale": jnp.asarray(config.logit_scale_init_value, jnp.float32),
+    }
+
+
+def _static_flags(**flags):
+    for name, value in flags.items():
+        if isinstance(value, jax.core.Tracer):
+            raise InputError(f"{name} must be a Python value, not a traced array: jit with "
+                             f"static_argnames=('{name}', ...)")
+
+
+def _normalize(x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _dropout_keys(train: bool, dropout_key):
+    if not train:
+        return None, None
+    if dropout_key is None:
+        raise InputError("train=True needs a dropout_key (a jax.random key); without one there is no dropout")
+    return tuple(jax.random.split(dropout_key))
+
+
+def get_image_features(params: layers.Params, config: DualEncoderConfig, pixel_values: jax.Array, *,
+                       interpolate_pos_encoding: bool = False, dtype=None) -> jax.Array:
+    """Projected (not normalised) image features, float32 (n_images, projection_dim)."""
+    _static_flags(interpolate_pos_encoding=interpolate_pos_encoding)
+    out = vit.apply(params["vision"], config.vision, pixel_values,
+                    interpolate_pos_encoding=interpolate_pos_encoding, dtype=dtype)
+    return layers.dense(params["visual_projection"], out.pooler_output, dtype or jnp.float32).astype(jnp.float32)
+
+
+def get_text_features(params: layers.Params, config: DualEncoderConfig, input_ids: jax.Array,
+                      attention_mask=None, token_type_ids=None, position_ids=None, *, dtype=None) -> jax.Array:
+    """Projected (not normalised) text features, float32 (n_texts, projection_dim)."""
+    out = bert.apply(params["text"], config.text, input_ids, attention_mask, token_type_ids, position_ids,
+                     dtype=dtype)
+    return layers.dense(params["text_projection"], out.pooler_output, dtype or jnp.float32).astype(jnp.float32)
+
+
+def apply(params: layers.Params, config: DualEncoderConfig, *, input_ids: jax.Array, pixel_values: jax.Array,
+          attention_mask=None, token_type_ids=None, position_ids=None, train: bool = False, dropout_key=None,
+          output_hidden_states: bool = False, output_attentions: bool = False,
+          interpolate_pos_encoding: bool = False, dtype=None, remat_policy: str | None = None) -> DualEncoderOutput:
+    """The contrastive forward of transformers' VisionTextDualEncoderModel.
+
+    Args:
+      params: from `init` or `load_pretrained`.
+      config: a DualEncoderConfig (static: it hashes, and jit treats it as part of the function).
+      input_ids: (n_texts, L) int token ids; attention_mask / token_type_ids (n_texts, L), default ones / zeros;
+        position_ids default to the text tower's own (arange, or RoBERTa's padding-aware count).
+      pixel_values: (n_images, C, H, W) float images.
+      train: run dropout (hidden and attention probabilities); needs dropout_key.
+      output_hidden_states / output_attentions: add per-layer tuples to the tower outputs.
+      interpolate_pos_encoding: resize the vision position table for images of another size.
+      dtype: compute dtype of the matmuls (float32 default; bfloat16/float16 keep float32 params), softmax,
+        LayerNorm statistics, normalisation and logits stay float32.
+      remat_policy: a name in jax.checkpoint_policies to rematerialise each encoder layer under grad.
+
+    The flags, dtype and remat_policy choose the computation: under jit pass them as static_argnames.
+
+    Returns:
+      DualEncoderOutput.
+    """
+    _static_flags(train=train, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                  interpolate_pos_encoding=interpolate_pos_encoding)
+    vision_key, text_key = _dropout_keys(train, dropout_key)
+    flags = dict(output_hidden_states=output_hidden_states, output_attentions=output_attentions, dtype=dtype,
+                 remat_policy=remat_policy)
+    vision_outputs = vit.apply(params["vision"], config.vision, pixel_values, dropout_key=vision_key,
+                               interpolate_pos_encoding=interpolate_pos_encoding, **flags)
+    text_outputs = bert.apply(params["text"], config.text, input_ids, attention_mask, token_type_ids,
+                              position_ids, dropout_key=text_key, **flags)
+    compute = dtype or jnp.float32
+    image_embeds = _normalize(layers.dense(params["visual_projection"], vision_outputs.pooler_output, compute))
+    text_embeds = _normalize(layers.dense(params["text_projection"], text_outputs.pooler_output, compute))
+    logit_scale = jnp.exp(params["logit_scale"].astype(jnp.float32))
+    logits_per_text = jnp.matmul(text_embeds, image_embeds.T, precision=jax.lax.Precision.HIGHEST) * logit_scale
+    return DualEncoderOutput(logits_per_text.T, logits_per_text, text_embeds, image_embeds, text_outputs,
+                             vision_outputs)
+
+
+def check_inputs(config: DualEncoderConfig, *, input_ids=None, pixel_values=None, attention_mask=None,
+                 token_type_ids=None, position_ids=None, interpolate_pos_encoding: bool = False) -> None:
+    """Checks inputs' shapes and values outside jit, where a gather would silently misread bad ids.
+
+    Raises InputError naming the argument: token ids outside [0, vocab_size), token types outside
+    [0, type_vocab_size), positions outside the table, a mask that is not 0/1, non-finite pixels.
+    """
+    if input_ids is not None:
+        text = config.text
+        arrays = {k: v if v is None else np.asarray(v) for k, v in dict(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+            position_ids=position_ids).items()}
+        bert.check_text_inputs(text, **arrays)
+        for name, hi in (("input_ids", text.vocab_size), ("token_type_ids", text.type_vocab_size),
+                         ("position_ids", text.max_position_embeddings), ("attention_mask", 2)):
+            value = arrays[name]
+            if value is not None and value.size and (value.min() < 0 or value.max() >= hi):
+                bad = value[(value < 0) | (value >= hi)]
+                raise InputError(f"{name} holds {bad.size} value(s) outside [0, {hi}), e.g. {bad.flat[0]}")
+    if pixel_values is not None:
+        pixels = np.asarray(pixel_values)
+        vit.check_pixel_values(config.vision, pixels, interpolate_pos_encoding)
+        if not np.all(np.isfinite(pixels)):
+            raise InputError(f"pixel_values holds {int(np.size(pixels) - np.isfinite(pixels).sum())} "
+                             f"non-finite value(s) (NaN or inf)")
+
+
+def num_params(params: Any) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))

@@ -1,0 +1,172 @@
+"""The vision towers, ViT (ViTModel) and CLIP vision (CLIPVisionModel): init / apply on NCHW pixel_values."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dualenc import layers
+from dualenc.config import CLIPVisionConfig, ViTConfig
+from dualenc.errors import InputError
+
+VisionConfig = ViTConfig | CLIPVisionConfig
+
+
+def encoder_spec(config: VisionConfig) -> layers.EncoderSpec:
+    if isinstance(config, CLIPVisionConfig):
+        d, f = config.hidden_size, config.initializer_factor
+        qkv_std = d ** -0.5 * (2 * config.num_hidden_layers) ** -0.5 * f
+        stds = (qkv_std, d ** -0.5 * f, (2 * d) ** -0.5 * f, qkv_std)
+        hidden_dropout, attention_dropout, qkv_bias = 0.0, config.attention_dropout, True
+    else:
+        stds = (config.initializer_range,) * 4
+        hidden_dropout, attention_dropout = config.hidden_dropout_prob, config.attention_probs_dropout_prob
+        qkv_bias = config.qkv_bias
+    return layers.EncoderSpec(
+        num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
+        num_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
+        activation=config.hidden_act, eps=config.layer_norm_eps, prenorm=True, qkv_bias=qkv_bias,
+        hidden_dropout=hidden_dropout, attention_dropout=attention_dropout, init_stds=stds)
+
+
+def init(key: jax.Array, config: VisionConfig) -> layers.Params:
+    """Random params for the tower, initialised as transformers does."""
+    d, c = config.hidden_size, config.num_channels
+    ph, pw = config.patch_hw
+    is_clip = isinstance(config, CLIPVisionConfig)
+    std = config.initializer_range * (config.initializer_factor if is_clip else 1.0)
+    k = jax.random.split(key, 5)
+    patch = {"kernel": layers.normal(k[0], (c, ph, pw, d), std)}
+    if not is_clip:
+        patch["bias"] = jnp.zeros((d,), jnp.float32)
+    cls_std = d ** -0.5 * config.initializer_factor if is_clip else std
+    params = {
+        "embeddings": {
+            "patch": patch,
+            "cls": layers.normal(k[1], (d,), cls_std),
+            "position": layers.normal(k[2], (config.num_patches + 1, d), std),
+        },
+        "encoder": layers.encoder_init(k[3], encoder_spec(config)),
+        "post_norm": layers.layer_norm_init(d),
+    }
+    if is_clip:
+        params["pre_norm"] = layers.layer_norm_init(d)
+    else:
+        params["pooler"] = layers.dense_init(k[4], d, d, std)
+    return params
+
+
+@functools.lru_cache(maxsize=64)
+def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights of torch's bicubic resize (A = -0.75, align_corners=False, no antialias)."""
+    a = -0.75
+
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    w = np.zeros((n_out, n_in), np.float64)
+    scale = n_in / n_out
+    for i in range(n_out):
+        src = (i + 0.5) * scale - 0.5  # not clamped at 0 for cubic, as in torch
+        base = int(np.floor(src))
+        t = src - base
+        for offset, coeff in zip((-1, 0, 1, 2), (far(t + 1), near(t), near(1 - t), far(2 - t))):
+            w[i, min(max(base + offset, 0), n_in - 1)] += coeff
+    return w.astype(np.float32)
+
+
+def position_embeddings(params: layers.Params, config: VisionConfig, grid: tuple[int, int],
+                        square_input: bool) -> jax.Array:
+    """(1 + gh * gw, D) position table for a patch grid, resized bicubically as transformers does."""
+    table = params["embeddings"]["position"]
+    n = config.num_patches
+    if grid[0] * grid[1] == n and square_input:
+        return table
+    side = int(round(n ** 0.5))
+    if side * side != n:
+        raise InputError(f"interpolate_pos_encoding needs a square patch grid in the config, got {config.grid}")
+    patch_table = table[1:].reshape(side, side, -1)
+    resized = jnp.einsum("hi,ijd,wj->hwd", bicubic_matrix(side, grid[0]), patch_table,
+                         bicubic_matrix(side, grid[1]), precision=jax.lax.Precision.HIGHEST)
+    return jnp.concatenate([table[:1], resized.reshape(grid[0] * grid[1], -1)], axis=0)
+
+
+def check_pixel_values(config: VisionConfig, pixel_values, interpolate_pos_encoding: bool = False):
+    """Shape and dtype checks that hold under jit (shapes are static)."""
+    shape = getattr(pixel_values, "shape", None)
+    c = config.num_channels
+    if shape is None or len(shape) != 4:
+        raise InputError(f"pixel_values must be a 4-D (batch, channels, height, width) array, got shape {shape}")
+    if shape[1] != c:
+        hint = " (it looks channels-last: transpose to NCHW)" if shape[-1] == c else ""
+        raise InputError(f"pixel_values has {shape[1]} channels at axis 1, the config has num_channels={c}; "
+                         f"shape {tuple(shape)}{hint}")
+    if not jnp.issubdtype(pixel_values.dtype, jnp.floating):
+        raise InputError(f"pixel_values must be floating point (processed images), got {pixel_values.dtype}")
+    h, w = shape[2:]
+    ph, pw = config.patch_hw
+    if interpolate_pos_encoding:
+        if h < ph or w < pw:
+            raise InputError(f"pixel_values of size {h}x{w} is smaller than one {ph}x{pw} patch")
+    elif (h, w) != config.image_hw:
+        raise InputError(f"pixel_values of size {h}x{w} does not match the model's image_size "
+                         f"{config.image_hw[0]}x{config.image_hw[1]}; pass interpolate_pos_encoding=True "
+                         f"to resize the position embeddings")
+
+
+def apply(params: layers.Params, config: VisionConfig, pixel_values: jax.Array, *, dropout_key=None,
+          output_hidden_states: bool = False, output_attentions: bool = False,
+          interpolate_pos_encoding: bool = False, dtype=None, remat_policy: str | None = None) -> layers.TowerOutput:
+    """Runs the vision tower.
+
+    Args:
+      pixel_values: (B, C, H, W) float images, as transformers' image processors give them.
+      dropout_key: enables dropout (training) when given.
+      dtype: compute dtype of the matmuls (default float32).
+
+    Returns:
+      TowerOutput: last_hidden_state (B, 1 + patches, D); pooler_output (B, D) (ViT: tanh(dense(CLS)) after the
+      final LayerNorm; CLIP: post_layernorm(CLS)); hidden_states/attentions as tuples when requested.
+    """
+    check_pixel_values(config, pixel_values, interpolate_pos_encoding)
+    dtype = jnp.dtype(dtype or jnp.float32)
+    is_clip = isinstance(config, CLIPVisionConfig)
+    b, c, h, w = pixel_values.shape
+    ph, pw = config.patch_hw
+    gh, gw = h // ph, w // pw
+    emb = params["embeddings"]
+    with jax.named_scope("embeddings"):
+        # A stride-p convolution is a matmul over non-overlapping patches; rows past the last patch are dropped.
+        x = pixel_values[:, :, :gh * ph, :gw * pw].reshape(b, c, gh, ph, gw, pw)
+        x = jnp.einsum("bcgpwq,cpqd->bgwd", x.astype(dtype), emb["patch"]["kernel"].astype(dtype))
+        x = x.reshape(b, gh * gw, -1)
+        if "bias" in emb["patch"]:
+            x = x + emb["patch"]["bias"].astype(dtype)
+        cls = jnp.broadcast_to(emb["cls"].astype(dtype), (b, 1, x.shape[-1]))
+        x = jnp.concatenate([cls, x], axis=1)
+        pos = position_embeddings(params, config, (gh, gw), h == w) if interpolate_pos_encoding else emb["position"]
+        x = x + pos.astype(dtype)
+        embed_key, encoder_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+        if is_clip:
+            x = layers.layer_norm(params["pre_norm"], x, config.layer_norm_eps, dtype)
+        else:
+            x = layers.dropout(x, config.hidden_dropout_prob, embed_key)
+    spec = encoder_spec(config)
+    with jax.named_scope("encoder"):
+        last, states, probs = layers.encoder(
+            params["encoder"], x, None, spec, dtype=dtype, key=encoder_key,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            remat_policy=remat_policy)
+    with jax.named_scope("pooler"):
+        if is_clip:
+            pooled = layers.layer_norm(params["post_norm"], last[:, 0], config.layer_norm_eps, dtype)
+        else:
+            last = layers.layer_norm(params["post_norm"], last, config.layer_norm_eps, dtype)
+            pooled = layers.ACTIVATIONS[config.pooler_act](layers.dense(params["pooler"], last[:, 0], dtype))
+    return layers.tower_output(last, pooled, x, states, probs)
