@@ -112,7 +112,7 @@ def apply(params: layers.Params, config: TextConfig, input_ids: jax.Array, atten
         # Out-of-range ids read NaN instead of a clamped row; check_inputs reports them outside jit.
         x = jnp.take(emb["word"], input_ids, axis=0, mode="fill", fill_value=jnp.nan)
         if token_type_ids is None:
-            x = x + emb["token_type"][0]
+            x = x + emb["token_type"][0][None, None]
         else:
             x = x + jnp.take(emb["token_type"], token_type_ids, axis=0, mode="fill", fill_value=jnp.nan)
         x = x + jnp.take(emb["position"], jnp.broadcast_to(position_ids, input_ids.shape), axis=0,

@@ -254,7 +254,7 @@ def load_table(weights: Weights, table: list[Entry], shapes, depths: dict[str, i
         have = weights.tensors[name].shape
         if have != want:
             wrong.append(f"{name} {tuple(have)} (expected {tuple(want)})")
-        elif not np.issubdtype(weights.tensors[name].dtype, np.floating):
+        elif weights.tensors[name].dtype not in files.FLOATING:
             wrong.append(f"{name} of dtype {weights.tensors[name].dtype} (expected floating point)")
     problems = []
     if missing:

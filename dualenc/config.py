@@ -239,12 +239,12 @@ class ViTConfig(_VisionConfig):
     pooler_act: str = _choice("tanh", ACTIVATION_NAMES)
 
     def _validate(self):
+        super()._validate()
         if self.pooler_output_size is not None and self.pooler_output_size != self.hidden_size:
             _fail(self.name, "pooler_output_size",
                   f"= {self.pooler_output_size} is not implemented; supported: None or hidden_size "
                   f"({self.hidden_size})")
         object.__setattr__(self, "pooler_output_size", None)  # one spelling of the default, for equality
-        super()._validate()
 
     def to_dict(self) -> dict:
         out = super().to_dict()

@@ -34,7 +34,7 @@ DTYPES = {
     "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
 }
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+FLOATING = frozenset(DTYPES[k] for k in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"))
 
 
 def _bad(path, msg):
@@ -122,7 +122,7 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Ma
     """Writes tensors with the safetensors library (metadata format "pt", which transformers requires)."""
     from safetensors.numpy import save_file
 
-    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    arrays = {k: np.asarray(v, order="C") for k, v in tensors.items()}  # ascontiguousarray makes 0-d 1-d
     save_file(arrays, path, metadata={"format": "pt", **(metadata or {})})
     _fsync(path)
 

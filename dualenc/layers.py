@@ -74,11 +74,16 @@ def layer_norm_init(dim: int) -> Params:
 
 # ------------------------------------------------------------------------------------------------ primitives
 
+def lead(v: jax.Array, ndim: int) -> jax.Array:
+    """Adds leading unit axes so v broadcasts against an ndim array explicitly (no rank promotion)."""
+    return v.reshape((1,) * (ndim - v.ndim) + v.shape)
+
+
 def dense(p: Params, x: jax.Array, dtype) -> jax.Array:
     """x @ kernel + bias in the compute dtype."""
     y = jnp.einsum("...i,io->...o", x.astype(dtype), p["kernel"].astype(dtype))
     if "bias" in p:
-        y = y + p["bias"].astype(dtype)
+        y = y + lead(p["bias"].astype(dtype), y.ndim)
     return y
 
 
@@ -87,7 +92,7 @@ def layer_norm(p: Params, x: jax.Array, eps: float, dtype) -> jax.Array:
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y = (x32 - mean) * lax.rsqrt(var + eps) * p["scale"] + p["bias"]
+    y = (x32 - mean) * lax.rsqrt(var + eps) * lead(p["scale"], x.ndim) + lead(p["bias"], x.ndim)
     return y.astype(dtype)
 
 

@@ -147,11 +147,11 @@ def apply(params: layers.Params, config: VisionConfig, pixel_values: jax.Array, 
         x = jnp.einsum("bcgpwq,cpqd->bgwd", x.astype(dtype), emb["patch"]["kernel"].astype(dtype))
         x = x.reshape(b, gh * gw, -1)
         if "bias" in emb["patch"]:
-            x = x + emb["patch"]["bias"].astype(dtype)
+            x = x + layers.lead(emb["patch"]["bias"].astype(dtype), 3)
         cls = jnp.broadcast_to(emb["cls"].astype(dtype), (b, 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1)
         pos = position_embeddings(params, config, (gh, gw), h == w) if interpolate_pos_encoding else emb["position"]
-        x = x + pos.astype(dtype)
+        x = x + pos.astype(dtype)[None]
         embed_key, encoder_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
         if is_clip:
             x = layers.layer_norm(params["pre_norm"], x, config.layer_norm_eps, dtype)

@@ -1,0 +1,1 @@
+"""Side-by-side timings of dualenc against transformers; run with `python -m benchmarks`."""

@@ -1,0 +1,94 @@
+"""Shared fixtures: tiny transformers reference models with fully random weights, saved to temp dirs."""
+
+import os
+import warnings
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+
+
+def _transformers():
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def hf_vision_config(kind="vit", **overrides):
+    tf = _transformers()
+    kw = {**TINY, "image_size": 30, "patch_size": 10, **overrides}
+    return tf.ViTConfig(**kw) if kind == "vit" else tf.CLIPVisionConfig(**kw)
+
+
+def hf_text_config(kind="bert", **overrides):
+    tf = _transformers()
+    kw = {**TINY, "vocab_size": 99, "max_position_embeddings": 40, **overrides}
+    return tf.BertConfig(**kw) if kind == "bert" else tf.RobertaConfig(**kw)
+
+
+def randomize(module, seed=0, std=0.1):
+    """Random values for every param, LayerNorm and biases included (transformers' 0/1 init hides mistakes)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            base = 1.0 if ("norm" in name.lower() and name.endswith("weight")) else 0.0
+            p.copy_(base + std * torch.randn(p.shape, generator=gen))
+    return module
+
+
+def hf_dual_model(vision="vit", text="bert", seed=0, projection_dim=16, vision_kw=None, text_kw=None):
+    tf = _transformers()
+    config = tf.VisionTextDualEncoderConfig.from_vision_text_configs(
+        hf_vision_config(vision, **(vision_kw or {})), hf_text_config(text, **(text_kw or {})),
+        projection_dim=projection_dim)
+    model = tf.VisionTextDualEncoderModel(config).eval()
+    for tower in (model.vision_model, model.text_model):
+        tower.config._attn_implementation = "eager"
+    return randomize(model, seed)
+
+
+def text_batch(text_config, batch=3, length=9, seed=0):
+    """input_ids / attention_mask / token_type_ids with padded rows, as a tokenizer gives them."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, text_config.vocab_size, (batch, length))
+    mask = np.ones((batch, length), np.int64)
+    for row in range(1, batch):
+        mask[row, max(1, length - 2 * row - 1):] = 0
+    ids[mask == 0] = text_config.pad_token_id
+    token_types = rng.integers(0, text_config.type_vocab_size, (batch, length))
+    return dict(input_ids=ids, attention_mask=mask, token_type_ids=token_types)
+
+
+def pixels(n=2, size=30, channels=3, seed=0, width=None):
+    return np.random.default_rng(seed).standard_normal((n, channels, size, width or size)).astype(np.float32)
+
+
+def max_diff(ours, ref):
+    ref = ref.detach().numpy() if hasattr(ref, "detach") else np.asarray(ref)
+    return float(np.max(np.abs(np.asarray(ours, np.float64) - ref)))
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    """Saves a transformers model into a fresh temp dir and returns the path."""
+    counter = iter(range(1000))
+
+    def save(model):
+        path = tmp_path / f"hf{next(counter)}"
+        model.save_pretrained(path)
+        return str(path)
+
+    return save
