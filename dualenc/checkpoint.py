@@ -337,21 +337,11 @@ def save_pretrained(path: str | os.PathLike, config: DualEncoderConfig, params: 
 
 
 def _flat_params(config: DualEncoderConfig, params: dict) -> dict[tuple[str, ...], np.ndarray]:
-    shapes = _param_shapes(model.init, config)
-    flat_shapes = {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(shapes)}
     try:
-        flat = {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
-    except AttributeError:
-        raise CheckpointError("params must be the nested dict of arrays that init/load_pretrained return") from None
-    missing, unexpected = set(flat_shapes) - set(flat), set(flat) - set(flat_shapes)
-    wrong = [f"{'/'.join(k)} {tuple(np.shape(flat[k]))} (expected {flat_shapes[k].shape})"
-             for k in set(flat) & set(flat_shapes) if tuple(np.shape(flat[k])) != flat_shapes[k].shape]
-    if missing or unexpected or wrong:
-        raise CheckpointError("params do not match the config: " + "; ".join(filter(None, [
-            missing and f"missing {_listed('/'.join(k) for k in missing)}",
-            unexpected and f"unexpected {_listed('/'.join(k) for k in unexpected)}",
-            wrong and f"wrong shape {_listed(wrong)}"])))
-    return {k: np.asarray(jax.device_get(v), dtype=np.float32) for k, v in flat.items()}
+        flat = model.check_params(params, config)
+    except ValueError as e:
+        raise CheckpointError(f"cannot save: {e}") from None
+    return {tuple(k.split("/")): np.asarray(jax.device_get(v), dtype=np.float32) for k, v in flat.items()}
 
 
 def _carry_over(old: str, new: str):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -46,6 +47,38 @@ def init(key: jax.Array, config: DualEncoderConfig) -> layers.Params:
     }
 
 
+@functools.lru_cache(maxsize=32)
+def expected_shapes(config: DualEncoderConfig) -> dict[str, tuple[int, ...]]:
+    """{"vision/encoder/mlp/fc1/kernel": shape, ...} of the params `init` makes for `config`."""
+    shapes = jax.eval_shape(init, jax.random.key(0), config)
+    return {_path_name(path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(shapes)}
+
+
+def _path_name(path) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def check_params(params: Any, config: DualEncoderConfig) -> dict[str, Any]:
+    """Checks that params has exactly the leaves and shapes `init(key, config)` gives.
+
+    Returns the params flattened to {"a/b/c": leaf}. Raises InputError listing what differs.
+    """
+    if not isinstance(params, dict):
+        raise InputError(f"params must be the nested dict init/load_pretrained return, got {type(params).__name__}")
+    flat = {_path_name(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    expected = expected_shapes(config)
+    missing = sorted(set(expected) - set(flat))
+    unexpected = sorted(set(flat) - set(expected))
+    wrong = sorted(f"{k} {tuple(np.shape(flat[k]))} (expected {expected[k]})"
+                   for k in set(flat) & set(expected) if tuple(np.shape(flat[k])) != expected[k])
+    if missing or unexpected or wrong:
+        parts = [f"{label} {', '.join(items[:20])}{' ...' if len(items) > 20 else ''}"
+                 for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+                 if items]
+        raise InputError("params do not match the config: " + "; ".join(parts))
+    return flat
+
+
 def _static_flags(**flags):
     for name, value in flags.items():
         if isinstance(value, jax.core.Tracer):
@@ -69,6 +102,7 @@ def _dropout_keys(train: bool, dropout_key):
 def get_image_features(params: layers.Params, config: DualEncoderConfig, pixel_values: jax.Array, *,
                        interpolate_pos_encoding: bool = False, dtype=None) -> jax.Array:
     """Projected (not normalised) image features, float32 (n_images, projection_dim)."""
+    check_params(params, config)
     _static_flags(interpolate_pos_encoding=interpolate_pos_encoding)
     out = vit.apply(params["vision"], config.vision, pixel_values,
                     interpolate_pos_encoding=interpolate_pos_encoding, dtype=dtype)
@@ -78,6 +112,7 @@ def get_image_features(params: layers.Params, config: DualEncoderConfig, pixel_v
 def get_text_features(params: layers.Params, config: DualEncoderConfig, input_ids: jax.Array,
                       attention_mask=None, token_type_ids=None, position_ids=None, *, dtype=None) -> jax.Array:
     """Projected (not normalised) text features, float32 (n_texts, projection_dim)."""
+    check_params(params, config)
     out = bert.apply(params["text"], config.text, input_ids, attention_mask, token_type_ids, position_ids,
                      dtype=dtype)
     return layers.dense(params["text_projection"], out.pooler_output, dtype or jnp.float32).astype(jnp.float32)
@@ -109,6 +144,7 @@ def apply(params: layers.Params, config: DualEncoderConfig, *, input_ids: jax.Ar
     """
     _static_flags(train=train, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
                   interpolate_pos_encoding=interpolate_pos_encoding)
+    check_params(params, config)
     vision_key, text_key = _dropout_keys(train, dropout_key)
     flags = dict(output_hidden_states=output_hidden_states, output_attentions=output_attentions, dtype=dtype,
                  remat_policy=remat_policy)

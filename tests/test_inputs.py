@@ -91,3 +91,16 @@ def test_flags_must_be_static(model):
 def test_every_error_is_a_value_error():
     for cls in (dualenc.ConfigError, dualenc.InputError, dualenc.CheckpointError, dualenc.DataError):
         assert issubclass(cls, ValueError)
+
+
+def test_params_must_match_the_config(model):
+    config, params = model
+    batch = text_batch(config.text)
+    broken = {**params, "text_projection": {}}
+    with pytest.raises(dualenc.InputError, match="missing text_projection/kernel"):
+        dualenc.apply(broken, config, **batch, pixel_values=pixels(2))
+    other = dualenc.DualEncoderConfig(vision=config.vision, text=config.text, projection_dim=8)
+    with pytest.raises(dualenc.InputError, match=r"visual_projection/kernel \(32, 16\) \(expected \(32, 8\)\)"):
+        jax.jit(dualenc.apply)(params, other, **batch, pixel_values=pixels(2))
+    with pytest.raises(dualenc.InputError, match="nested dict"):
+        dualenc.get_image_features([params], config, pixels(2))
