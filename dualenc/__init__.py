@@ -16,6 +16,13 @@ from dualenc.checkpoint import (
     save_pretrained,
 )
 from dualenc.errors import CheckpointError, ConfigError, DataError, DualEncError, InputError
+from dualenc.evaluate import (
+    encode_images,
+    encode_texts,
+    retrieval_metrics,
+    zero_shot_classifier,
+    zero_shot_predict,
+)
 from dualenc.layers import TowerOutput
 from dualenc.model import (
     DualEncoderOutput,

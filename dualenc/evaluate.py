@@ -1,0 +1,261 @@
+"""Batched encoding of images and texts, zero-shot classification and retrieval metrics."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import sys
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dualenc import model
+from dualenc.config import DualEncoderConfig
+from dualenc.errors import InputError
+
+# Short prompt ensemble in the spirit of CLIP's; "{}" is the class name.
+DEFAULT_TEMPLATES = (
+    "a photo of a {}.",
+    "a picture of a {}.",
+    "an image of a {}.",
+    "a close-up photo of a {}.",
+    "a cropped photo of a {}.",
+    "a bright photo of a {}.",
+    "a dark photo of a {}.",
+    "a blurry photo of a {}.",
+    "a low resolution photo of a {}.",
+    "a good photo of a {}.",
+    "a photo of the {}.",
+    "a photo of one {}.",
+    "a drawing of a {}.",
+    "a rendering of a {}.",
+    "a black and white photo of a {}.",
+    "itap of a {}.",
+    "a {}.",
+    "{}",
+)
+PROGRESS_MIN_BATCHES = 4
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _image_embeds(params, config, pixel_values, dtype=None):
+    return _normalize(model.get_image_features(params, config, pixel_values, dtype=dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _text_embeds(params, config, input_ids, attention_mask, token_type_ids, dtype=None):
+    return _normalize(model.get_text_features(params, config, input_ids, attention_mask, token_type_ids,
+                                              dtype=dtype))
+
+
+def _normalize(x):
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+    it = iter(items)
+    while batch := list(itertools.islice(it, size)):
+        yield batch
+
+
+def _progress(total: int | None, batch_size: int, progress: bool | None, desc: str):
+    """A tqdm bar for long inputs when stderr is a terminal (or when asked), else None."""
+    if progress is None:
+        long = total is None or total > PROGRESS_MIN_BATCHES * batch_size
+        progress = long and sys.stderr.isatty()
+    if not progress:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="item", file=sys.stderr)
+
+
+def _run(batches: Iterator[Any], prepare: Callable[[Any], tuple[int, Callable[[], jax.Array]]],
+         bar) -> np.ndarray:
+    """Runs `prepare` on the host for batch k+1 while the device computes batch k (async dispatch)."""
+    outputs, pending = [], None
+    for batch in batches:
+        n, launch = prepare(batch)
+        result = launch()  # dispatched asynchronously; the next batch is prepared meanwhile
+        if pending is not None:
+            outputs.append(np.asarray(pending[1])[:pending[0]])
+            if bar is not None:
+                bar.update(pending[0])
+        pending = (n, result)
+    if pending is not None:
+        outputs.append(np.asarray(pending[1])[:pending[0]])
+        if bar is not None:
+            bar.update(pending[0])
+    if bar is not None:
+        bar.close()
+    return np.concatenate(outputs).astype(np.float32) if outputs else None
+
+
+def _check_batch_size(batch_size):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+def encode_images(params, config: DualEncoderConfig, processor, images: Iterable, *, batch_size: int = 32,
+                  dtype=None, progress: bool | None = None) -> np.ndarray:
+    """L2-normalised image embeddings for any number of images.
+
+    Args:
+      processor: a Processor or ImageProcessor; each batch of images goes through it on the host.
+      images: a list or any iterable (also a generator too large for memory) of PIL images, paths or arrays.
+      batch_size: every batch has this shape (the last one is padded), so the forward compiles once.
+      progress: show a progress bar; default when the input is long and stderr is a terminal.
+
+    Returns:
+      float32 (n_images, projection_dim).
+    """
+    _check_batch_size(batch_size)
+    image_processor = getattr(processor, "image_processor", processor)
+    total = len(images) if hasattr(images, "__len__") else None
+
+    def prepare(batch):
+        pixels = np.asarray(image_processor(batch), np.float32)
+        if len(batch) < batch_size:
+            pixels = np.concatenate([pixels, np.zeros((batch_size - len(batch),) + pixels.shape[1:], np.float32)])
+        return len(batch), lambda: _image_embeds(params, config, pixels, dtype=dtype)
+
+    out = _run(_batches(images, batch_size), prepare, _progress(total, batch_size, progress, "images"))
+    return np.zeros((0, config.projection_dim), np.float32) if out is None else out
+
+
+def length_buckets(max_length: int, smallest: int = 8) -> tuple[int, ...]:
+    """Padded sequence lengths: powers of two from `smallest`, and max_length itself."""
+    buckets, length = [], smallest
+    while length < max_length:
+        buckets.append(length)
+        length *= 2
+    return tuple(buckets) + (max_length,)
+
+
+def encode_texts(params, config: DualEncoderConfig, tokenizer, texts: Iterable[str], *, batch_size: int = 64,
+                 max_length: int | None = None, dtype=None, progress: bool | None = None) -> np.ndarray:
+    """L2-normalised text embeddings for any number of texts.
+
+    Each batch is padded to `batch_size` rows and to the smallest length bucket (powers of two up to
+    max_length) that holds its longest text, so there is one compilation per bucket, not per batch.
+
+    Args:
+      tokenizer: a Processor or Tokenizer.
+      texts: a list or any iterable of strings.
+      max_length: truncation length; default the tokenizer's.
+
+    Returns:
+      float32 (n_texts, projection_dim).
+    """
+    _check_batch_size(batch_size)
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    max_length = max_length or tokenizer.max_length
+    buckets = length_buckets(max_length)
+    total = len(texts) if hasattr(texts, "__len__") else None
+    pad_id = tokenizer.pad_token_id or 0
+
+    def prepare(batch):
+        enc = tokenizer(batch, max_length=max_length, padding="longest")
+        length = next(b for b in buckets if b >= enc["input_ids"].shape[1])
+        arrays = {}
+        for name, fill in (("input_ids", pad_id), ("attention_mask", 0), ("token_type_ids", 0)):
+            a = np.asarray(enc[name], np.int32)
+            padded = np.full((batch_size, length), fill, np.int32)
+            padded[:a.shape[0], :a.shape[1]] = a
+            arrays[name] = padded
+        arrays["attention_mask"][len(batch):, 0] = 1  # padding rows attend to one token, not to none
+        return len(batch), lambda: _text_embeds(params, config, arrays["input_ids"], arrays["attention_mask"],
+                                                arrays["token_type_ids"], dtype=dtype)
+
+    out = _run(_batches(texts, batch_size), prepare, _progress(total, batch_size, progress, "texts"))
+    return np.zeros((0, config.projection_dim), np.float32) if out is None else out
+
+
+def zero_shot_classifier(params, config: DualEncoderConfig, tokenizer, classnames: Sequence[str],
+                         templates: Sequence[str] = DEFAULT_TEMPLATES, *, batch_size: int = 64) -> np.ndarray:
+    """Zero-shot weights, float32 (projection_dim, n_classes), as CLIP builds them.
+
+    Each class's column is the mean of its L2-normalised template embeddings, renormalised.
+    `templates` are format strings with one "{}" for the class name.
+    """
+    classnames, templates = list(classnames), list(templates)
+    if not classnames:
+        raise InputError("classnames is empty")
+    if not templates:
+        raise InputError("templates is empty")
+    for i, t in enumerate(templates):
+        if not isinstance(t, str) or t.count("{}") != 1:
+            raise InputError(f"templates[{i}] = {t!r} must be a string with exactly one '{{}}' for the class name")
+    for i, c in enumerate(classnames):
+        if not isinstance(c, str) or not c.strip():
+            raise InputError(f"classnames[{i}] = {c!r} must be a non-empty string")
+    prompts = [t.format(c) for c in classnames for t in templates]
+    embeds = encode_texts(params, config, tokenizer, prompts, batch_size=batch_size)
+    mean = embeds.reshape(len(classnames), len(templates), -1).mean(axis=1)
+    mean /= np.linalg.norm(mean, axis=-1, keepdims=True)
+    return np.ascontiguousarray(mean.T, np.float32)
+
+
+def zero_shot_predict(image_embeds, classifier, k: int = 1, *, logit_scale: float = 100.0):
+    """Top-k classes per image: (indices (n, k) int, probabilities (n, k) float32).
+
+    Probabilities are softmax(logit_scale * image_embeds @ classifier) over all classes (CLIP uses 100).
+    """
+    image_embeds, classifier = np.asarray(image_embeds, np.float32), np.asarray(classifier, np.float32)
+    if image_embeds.ndim != 2 or classifier.ndim != 2 or image_embeds.shape[1] != classifier.shape[0]:
+        raise InputError(f"image_embeds {image_embeds.shape} and classifier {classifier.shape} must be "
+                         f"(n, d) and (d, n_classes)")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= classifier.shape[1]:
+        raise InputError(f"k must be an integer in [1, {classifier.shape[1]}], got {k!r}")
+    logits = logit_scale * image_embeds @ classifier
+    logits -= logits.max(axis=1, keepdims=True)
+    probs = np.exp(logits)
+    probs /= probs.sum(axis=1, keepdims=True)
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return top, np.take_along_axis(probs, top, axis=1)
+
+
+def retrieval_metrics(image_embeds, text_embeds, text_to_image, ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """Image-to-text and text-to-image recall at k, mean and median rank.
+
+    Args:
+      image_embeds: (n_images, d); text_embeds: (n_texts, d) (normalised: scores are dot products).
+      text_to_image: (n_texts,) index of each text's image; an image may have several captions.
+
+    A rank is 1 + the number of wrong candidates scoring at least as high as the best correct one, so ties
+    count against the model (a constant model does not get perfect recall). Image-to-text uses the best of
+    an image's captions.
+
+    Returns:
+      {"i2t_R@1", "i2t_R@5", "i2t_R@10", "i2t_mean_rank", "i2t_median_rank", and the same for "t2i_"}.
+    """
+    images = np.asarray(image_embeds, np.float64)
+    texts = np.asarray(text_embeds, np.float64)
+    owner = np.asarray(text_to_image)
+    if images.ndim != 2 or texts.ndim != 2 or images.shape[1] != texts.shape[1]:
+        raise InputError(f"image_embeds {images.shape} and text_embeds {texts.shape} must be (n, d) and (m, d)")
+    if owner.shape != (texts.shape[0],) or not np.issubdtype(owner.dtype, np.integer):
+        raise InputError(f"text_to_image must be ({texts.shape[0]},) integers, got {owner.shape} {owner.dtype}")
+    if owner.size and (owner.min() < 0 or owner.max() >= images.shape[0]):
+        raise InputError(f"text_to_image holds indices outside [0, {images.shape[0]})")
+    captionless = np.setdiff1d(np.arange(images.shape[0]), owner)
+    if captionless.size:
+        raise InputError(f"{captionless.size} image(s) have no caption in text_to_image, e.g. index "
+                         f"{captionless[0]}")
+    scores = images @ texts.T  # (n_images, n_texts)
+    correct = owner[None, :] == np.arange(images.shape[0])[:, None]
+    best = np.where(correct, scores, -np.inf).max(axis=1, keepdims=True)
+    i2t = 1 + np.sum(~correct & (scores >= best), axis=1)
+    own = scores[owner, np.arange(texts.shape[0])]
+    t2i = 1 + np.sum(~correct.T & (scores.T >= own[:, None]), axis=1)
+    out = {}
+    for name, ranks in (("i2t", i2t), ("t2i", t2i)):
+        for k in ks:
+            out[f"{name}_R@{k}"] = float(np.mean(ranks <= k))
+        out[f"{name}_mean_rank"] = float(np.mean(ranks))
+        out[f"{name}_median_rank"] = float(np.median(ranks))
+    return out

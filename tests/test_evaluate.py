@@ -1,0 +1,149 @@
+"""Batched encoding (one compile per shape), zero-shot classification and retrieval metrics."""
+
+import contextlib
+
+import jax
+import jax.monitoring
+import numpy as np
+import pytest
+from conftest import TINY
+
+import dualenc
+from dualenc import evaluate
+
+
+@contextlib.contextmanager
+def count_compiles():
+    events = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def tiny(projection_dim=16, text="bert"):
+    text_cls = dualenc.BertConfig if text == "bert" else dualenc.RobertaConfig
+    config = dualenc.DualEncoderConfig(
+        vision=dualenc.ViTConfig(**TINY, image_size=30, patch_size=10),
+        text=text_cls(**TINY, vocab_size=99, max_position_embeddings=80), projection_dim=projection_dim)
+    return config, dualenc.init(jax.random.key(projection_dim), config)
+
+
+def to_pixels(images):
+    """A stand-in image processor: HWC uint8 arrays -> NCHW float32 in [-1, 1]."""
+    return np.stack([np.asarray(i, np.float32).transpose(2, 0, 1) / 127.5 - 1 for i in images])
+
+
+class CharTokenizer:
+    """A stand-in tokenizer with the processing.Tokenizer interface: one id per character."""
+
+    pad_token_id = 0
+    max_length = 64
+
+    def __call__(self, texts, max_length=None, padding="max_length"):
+        max_length = max_length or self.max_length
+        rows = [[2] + [3 + ord(c) % 90 for c in t][: max_length - 1] for t in texts]
+        width = max_length if padding == "max_length" else max(len(r) for r in rows)
+        ids = np.zeros((len(rows), width), np.int64)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = r
+        return {"input_ids": ids, "attention_mask": (ids > 0).astype(np.int64), "token_type_ids": 0 * ids}
+
+
+def random_images(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (30, 30, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_encode_images_compiles_once_and_matches_the_forward():
+    config, params = tiny(projection_dim=11)
+    images = random_images(23)
+    with count_compiles() as compiles:
+        embeds = dualenc.encode_images(params, config, to_pixels, iter(images), batch_size=5)
+    assert len(compiles) == 1  # five batches (the last padded), one compiled shape
+    with count_compiles() as compiles:
+        dualenc.encode_images(params, config, to_pixels, images, batch_size=5)
+    assert len(compiles) == 0
+    assert embeds.shape == (23, 11) and embeds.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(embeds, axis=1), 1.0, rtol=1e-5)
+    direct = dualenc.get_image_features(params, config, to_pixels(images))
+    direct = direct / np.linalg.norm(direct, axis=1, keepdims=True)
+    np.testing.assert_allclose(embeds, direct, atol=1e-5)
+    assert dualenc.encode_images(params, config, to_pixels, [], batch_size=5).shape == (0, 11)
+    with pytest.raises(ValueError, match="batch_size"):
+        dualenc.encode_images(params, config, to_pixels, images, batch_size=0)
+
+
+def test_encode_texts_buckets_lengths():
+    config, params = tiny(projection_dim=13, text="roberta")
+    tokenizer = CharTokenizer()
+    texts = [("word " * n).strip() for n in (1, 1, 1, 1, 2, 2, 2, 2, 20, 1, 3, 1, 1, 2)]
+    with count_compiles() as compiles:
+        embeds = dualenc.encode_texts(params, config, tokenizer, texts, batch_size=4)
+    # batches need lengths 5, 10, 64 and 10 (1 + 5 characters a word) -> buckets 8, 16, 64, 16
+    assert len(compiles) == 3
+    with count_compiles() as compiles:
+        again = dualenc.encode_texts(params, config, tokenizer, (t for t in texts), batch_size=4)
+    assert len(compiles) == 0
+    np.testing.assert_array_equal(embeds, again)
+    full = tokenizer(texts, max_length=64)
+    direct = np.array(dualenc.get_text_features(params, config, full["input_ids"], full["attention_mask"]))
+    direct /= np.linalg.norm(direct, axis=1, keepdims=True)
+    np.testing.assert_allclose(embeds, direct, atol=1e-5)
+    assert evaluate.length_buckets(64) == (8, 16, 32, 64)
+    assert evaluate.length_buckets(77) == (8, 16, 32, 64, 77)
+
+
+def test_zero_shot_classifier_is_renormalised_template_mean():
+    config, params = tiny(projection_dim=9)
+    tokenizer = CharTokenizer()
+    templates = ["a photo of a {}.", "{}", "art of the {}"]
+    weights = dualenc.zero_shot_classifier(params, config, tokenizer, ["cat", "dog"], templates)
+    assert weights.shape == (9, 2)
+    for j, name in enumerate(["cat", "dog"]):
+        e = dualenc.encode_texts(params, config, tokenizer, [t.format(name) for t in templates])
+        mean = e.mean(axis=0)
+        np.testing.assert_allclose(weights[:, j], mean / np.linalg.norm(mean), atol=1e-6)
+    with pytest.raises(ValueError, match=r"templates\[1\]"):
+        dualenc.zero_shot_classifier(params, config, tokenizer, ["cat"], ["a {}", "no placeholder"])
+    with pytest.raises(ValueError, match="classnames"):
+        dualenc.zero_shot_classifier(params, config, tokenizer, [], templates)
+    assert all(t.count("{}") == 1 for t in evaluate.DEFAULT_TEMPLATES)
+
+
+def test_zero_shot_predict_by_hand():
+    classifier = np.eye(3, dtype=np.float32)
+    images = np.array([[1.0, 0.0, 0.0], [0.0, 0.6, 0.8]], np.float32)
+    top, probs = dualenc.zero_shot_predict(images, classifier, k=2, logit_scale=1.0)
+    np.testing.assert_array_equal(top, [[0, 1], [2, 1]])
+    e = np.exp
+    np.testing.assert_allclose(probs[0], [e(1) / (e(1) + 2), 1 / (e(1) + 2)], rtol=1e-6)
+    np.testing.assert_allclose(probs[1], [e(0.8) / (1 + e(0.6) + e(0.8)), e(0.6) / (1 + e(0.6) + e(0.8))],
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="k must be"):
+        dualenc.zero_shot_predict(images, classifier, k=4)
+
+
+def test_retrieval_metrics_by_hand_with_ties_and_several_captions():
+    images = np.eye(3)
+    # scores[i, t] = texts[t, i]; texts 0 and 1 describe image 0, text 2 image 1, text 3 image 2
+    texts = np.array([[0.9, 0.1, 0.0], [0.2, 0.5, 0.0], [0.3, 0.3, 0.8], [0.1, 0.0, 0.7]])
+    m = dualenc.retrieval_metrics(images, texts, [0, 0, 1, 2])
+    # text ranks: 1, 2 (0.5 > 0.2), 3 (tie 0.3 = 0.3 counts against, 0.8 above), 1
+    assert m["t2i_R@1"] == 0.5 and m["t2i_R@5"] == 1.0 and m["t2i_R@10"] == 1.0
+    assert m["t2i_mean_rank"] == 1.75 and m["t2i_median_rank"] == 1.5
+    # image ranks: 1 (best caption 0.9), 2 (text 1's 0.5 beats its 0.3), 2 (text 2's 0.8 beats 0.7)
+    assert m["i2t_R@1"] == pytest.approx(1 / 3) and m["i2t_R@5"] == 1.0
+    assert m["i2t_mean_rank"] == pytest.approx(5 / 3) and m["i2t_median_rank"] == 2.0
+    constant = dualenc.retrieval_metrics(np.ones((4, 2)), np.ones((4, 2)), [0, 1, 2, 3])
+    assert constant["i2t_R@1"] == 0.0 and constant["t2i_mean_rank"] == 4.0
+    with pytest.raises(ValueError, match="no caption"):
+        dualenc.retrieval_metrics(images, texts, [0, 0, 1, 1])
+    with pytest.raises(ValueError, match="outside"):
+        dualenc.retrieval_metrics(images, texts, [0, 0, 1, 3])
