@@ -29,6 +29,7 @@ UNSAFE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "flax_mod
 # Non-persistent buffers that older transformers versions wrote into checkpoints; they hold no weights.
 BUFFERS = re.compile(r"(^|\.)embeddings\.(position_ids|token_type_ids)$")
 MAX_LISTED = 20
+LOGIT_BIAS = "dualenc.logit_bias"
 
 
 class NewlyInitializedWarning(UserWarning):
@@ -166,6 +167,7 @@ class Weights(NamedTuple):
     tensors: dict[str, np.ndarray]
     source: dict[str, str]  # tensor name -> file it came from
     where: str  # the file (or index) to name in errors
+    metadata: dict[str, str]  # safetensors metadata (of the first shard)
 
 
 def _listed(names: Iterable[str]) -> str:
@@ -181,19 +183,21 @@ def read_weights(directory: str) -> Weights:
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")
     single, index = os.path.join(directory, WEIGHTS), os.path.join(directory, WEIGHTS_INDEX)
     if os.path.isfile(single):
-        tensors = files.read_safetensors(single)
+        tensors, metadata = files.read_safetensors(single)
         tensors = _legacy_norm_names(tensors, single)
-        return Weights(tensors, dict.fromkeys(tensors, single), single)
+        return Weights(tensors, dict.fromkeys(tensors, single), single, metadata)
     if os.path.isfile(index):
         weight_map = read_json(index, "weights index").get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(f"{index}: 'weight_map' must map tensor names to file names")
-        tensors, source = {}, {}
+        tensors, source, metadata = {}, {}, None
         for shard in sorted(set(weight_map.values())):
             if os.path.basename(shard) != shard or shard in (".", ".."):
                 raise CheckpointError(f"{index}: shard {shard!r} is not a plain file name in the directory")
             path = os.path.join(directory, shard)
-            shard_tensors = _legacy_norm_names(files.read_safetensors(path), path)
+            shard_tensors, shard_metadata = files.read_safetensors(path)
+            shard_tensors = _legacy_norm_names(shard_tensors, path)
+            metadata = shard_metadata if metadata is None else metadata
             wanted = {k for k, v in weight_map.items() if v == shard}
             strays = set(shard_tensors) - wanted
             if strays:
@@ -203,7 +207,7 @@ def read_weights(directory: str) -> Weights:
                 raise CheckpointError(f"{path}: lacks tensors the index assigns to it: {_listed(absent)}")
             tensors.update(shard_tensors)
             source.update(dict.fromkeys(shard_tensors, path))
-        return Weights(tensors, source, index)
+        return Weights(tensors, source, index, metadata or {})
     present = [f for f in UNSAFE_WEIGHTS if os.path.exists(os.path.join(directory, f))]
     if present:
         raise CheckpointError(
@@ -303,7 +307,16 @@ def load_pretrained(path: str | os.PathLike) -> tuple[DualEncoderConfig, dict]:
     table = dual_table(config, _vision_prefix_in_dual(config, set(weights.tensors)))
     depths = {"vision": config.vision.num_hidden_layers, "text": config.text.num_hidden_layers,
               "visual_projection": 0, "text_projection": 0, "logit_scale": 0}
-    params, _ = load_table(weights, table, _param_shapes(model.init, config), depths)
+    shapes = _param_shapes(model.init, config)
+    shapes.pop("logit_bias", None)
+    params, _ = load_table(weights, table, shapes, depths)
+    if config.logit_bias_init_value is not None:
+        # transformers' model has no logit bias: dualenc keeps a learned one in the safetensors metadata.
+        try:
+            params["logit_bias"] = jnp.asarray(float(weights.metadata[LOGIT_BIAS]), jnp.float32)
+        except (KeyError, ValueError):
+            raise CheckpointError(f"{weights.where}: config.json has logit_bias_init_value but the weights' "
+                                  f"metadata has no valid '{LOGIT_BIAS}'") from None
     return config, params
 
 
@@ -320,6 +333,7 @@ def save_pretrained(path: str | os.PathLike, config: DualEncoderConfig, params: 
         raise ConfigError(f"save_pretrained needs a DualEncoderConfig, got {type(config).__name__}")
     tensors = {}
     flat = _flat_params(config, params)
+    metadata = {LOGIT_BIAS: repr(float(flat[("logit_bias",)]))} if ("logit_bias",) in flat else {}
     for e in dual_table(config):
         value = flat[e.path]
         if "{i}" in e.hf:
@@ -329,7 +343,7 @@ def save_pretrained(path: str | os.PathLike, config: DualEncoderConfig, params: 
             tensors[e.hf] = _TO_HF[e.kind](value)
     with files.atomic_directory(os.fspath(path)) as tmp:
         _carry_over(os.fspath(path), tmp)
-        files.write_safetensors(os.path.join(tmp, WEIGHTS), tensors)
+        files.write_safetensors(os.path.join(tmp, WEIGHTS), tensors, metadata)
         files.write_json(os.path.join(tmp, CONFIG), config.to_dict())
         if extra_files is not None:
             extra_files(tmp)
@@ -397,7 +411,7 @@ def load_tower(path: str | os.PathLike, key: jax.Array):
     shapes = _param_shapes(init_fn, config)
     unused = {n for n in names if not n.startswith(prefix) and not BUFFERS.search(n)} if prefix else set()
     params, absent = load_table(
-        Weights(weights.tensors, weights.source, weights.where), table, shapes,
+        weights, table, shapes,
         {"encoder": config.num_hidden_layers, "embeddings": 0, "pooler": 0, "post_norm": 0, "pre_norm": 0},
         allowed_missing=lambda n: n.startswith(pooler), ignored=lambda n: n in unused)
     if unused:

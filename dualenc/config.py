@@ -365,12 +365,17 @@ TextConfig = BertConfig | RobertaConfig
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class DualEncoderConfig:
-    """transformers' VisionTextDualEncoderConfig: the two towers, the projection size and logit_scale's init."""
+    """transformers' VisionTextDualEncoderConfig: the two towers, the projection size and logit_scale's init.
+
+    logit_bias_init_value adds SigLIP's learnable logit bias (its init: -10, with logit_scale log 10);
+    None, the default, is the plain transformers model.
+    """
 
     vision: VisionConfig
     text: TextConfig
     projection_dim: int = _int(512)
     logit_scale_init_value: float = 2.6592
+    logit_bias_init_value: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.vision, (ViTConfig, CLIPVisionConfig)):
@@ -380,12 +385,15 @@ class DualEncoderConfig:
             raise ConfigError(f"DualEncoderConfig: field 'text' must be a BertConfig or RobertaConfig, "
                               f"got {type(self.text).__name__}")
         _check_int("DualEncoderConfig", "projection_dim", self.projection_dim, 1, 1 << 16)
-        v = self.logit_scale_init_value
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            _fail("DualEncoderConfig", "logit_scale_init_value", f"must be a finite number, got {v!r}")
+        for name in ("logit_scale_init_value", "logit_bias_init_value"):
+            v = getattr(self, name)
+            if v is None and name == "logit_bias_init_value":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                _fail("DualEncoderConfig", name, f"must be a finite number, got {v!r}")
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "model_type": "vision-text-dual-encoder",
             "architectures": ["VisionTextDualEncoderModel"],
             "vision_config": self.vision.to_dict(),
@@ -393,6 +401,9 @@ class DualEncoderConfig:
             "projection_dim": self.projection_dim,
             "logit_scale_init_value": self.logit_scale_init_value,
         }
+        if self.logit_bias_init_value is not None:
+            out["logit_bias_init_value"] = self.logit_bias_init_value
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, where: str | None = None) -> "DualEncoderConfig":
@@ -412,7 +423,8 @@ class DualEncoderConfig:
         try:
             return cls(vision=towers["vision_config"], text=towers["text_config"],
                        projection_dim=d["projection_dim"],
-                       logit_scale_init_value=d.get("logit_scale_init_value", 2.6592))
+                       logit_scale_init_value=d.get("logit_scale_init_value", 2.6592),
+                       logit_bias_init_value=d.get("logit_bias_init_value"))
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
 

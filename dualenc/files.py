@@ -41,10 +41,10 @@ def _bad(path, msg):
     return CheckpointError(f"{path}: {msg}")
 
 
-def read_safetensors_header(path: str) -> tuple[dict[str, tuple[str, tuple[int, ...], int, int]], int]:
+def read_safetensors_header(path: str) -> tuple[dict[str, tuple[str, tuple[int, ...], int, int]], int, dict]:
     """Parses and validates a safetensors header.
 
-    Returns ({name: (dtype, shape, begin, end)}, data_start) with offsets relative to data_start.
+    Returns ({name: (dtype, shape, begin, end)}, data_start, metadata) with offsets relative to data_start.
     """
     try:
         size = os.path.getsize(path)
@@ -68,11 +68,12 @@ def read_safetensors_header(path: str) -> tuple[dict[str, tuple[str, tuple[int, 
     if not isinstance(header, dict):
         raise _bad(path, "safetensors header is not a JSON object")
     data_size = size - 8 - n
-    entries = {}
+    entries, metadata = {}, {}
     for name, info in header.items():
         if name == "__metadata__":
-            if not isinstance(info, dict):
-                raise _bad(path, "safetensors __metadata__ is not a JSON object")
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise _bad(path, "safetensors __metadata__ is not a JSON object of strings")
+            metadata = info
             continue
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise _bad(path, f"tensor {name!r}: entry must have exactly dtype, shape, data_offsets")
@@ -102,20 +103,23 @@ def read_safetensors_header(path: str) -> tuple[dict[str, tuple[str, tuple[int, 
         position = end
     if position != data_size:
         raise _bad(path, f"safetensors data is {data_size} bytes but the tensors cover {position}")
-    return entries, 8 + n
+    return entries, 8 + n, metadata
 
 
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """Reads every tensor of a validated safetensors file as numpy arrays (memory-mapped, read-only)."""
-    entries, start = read_safetensors_header(path)
+def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Reads every tensor of a validated safetensors file as numpy arrays (memory-mapped, read-only).
+
+    Returns (tensors, metadata).
+    """
+    entries, start, metadata = read_safetensors_header(path)
     if not entries:
-        return {}
+        return {}, metadata
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=start) if os.path.getsize(path) > start else None
     out = {}
     for name, (dtype, shape, begin, end) in entries.items():
         buf = data[begin:end] if end > begin else np.zeros(0, np.uint8)
         out[name] = buf.view(DTYPES[dtype]).reshape(shape)
-    return out
+    return out, metadata
 
 
 def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None):

@@ -192,16 +192,24 @@ def block(p: Params, x: jax.Array, bias: jax.Array | None, spec: EncoderSpec, dt
     return x, probs
 
 
-def encoder(p: Params, x: jax.Array, bias: jax.Array | None, spec: EncoderSpec, *, dtype,
+class Split(NamedTuple):
+    """Stacked encoder params in two parts: `frozen` bottom layers (no gradient) and trainable `top` layers."""
+
+    frozen: Params
+    top: Params
+
+
+def encoder(p: Params | Split, x: jax.Array, bias: jax.Array | None, spec: EncoderSpec, *, dtype,
             key: jax.Array | None = None, output_hidden_states: bool = False, output_attentions: bool = False,
             remat_policy: str | None = None):
     """Runs the stacked layers with lax.scan, so compile time does not grow with depth.
 
+    p is the stacked params, or a Split: then the frozen bottom runs under stop_gradient in a scan of its own,
+    so the backward pass covers only the top layers.
+
     Returns (last hidden state, per-layer outputs (depth, B, L, D) or None, attention probs
     (depth, B, H, L, L) or None).
     """
-    keys = None if key is None else jax.random.split(key, spec.num_layers)
-
     def body(h, xs):
         layer_p, layer_key = xs
         h, probs = block(layer_p, h, bias, spec, dtype, layer_key)
@@ -209,8 +217,16 @@ def encoder(p: Params, x: jax.Array, bias: jax.Array | None, spec: EncoderSpec, 
 
     if remat_policy is not None:
         body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, remat_policy), prevent_cse=False)
-    x, (states, probs) = lax.scan(body, x, (p, keys))
-    return x, states, probs
+    keys = None if key is None else jax.random.split(key, spec.num_layers)
+    if not isinstance(p, Split):
+        x, (states, probs) = lax.scan(body, x, (p, keys))
+        return x, states, probs
+    n_frozen = jax.tree_util.tree_leaves(p.frozen)[0].shape[0]
+    bottom_keys, top_keys = (None, None) if keys is None else (keys[:n_frozen], keys[n_frozen:])
+    x, (states_b, probs_b) = lax.scan(body, lax.stop_gradient(x), (lax.stop_gradient(p.frozen), bottom_keys))
+    x, (states_t, probs_t) = lax.scan(body, lax.stop_gradient(x), (p.top, top_keys))
+    join = lambda a, b: None if a is None else jnp.concatenate([a, b])  # noqa: E731
+    return x, join(states_b, states_t), join(probs_b, probs_t)
 
 
 class TowerOutput(NamedTuple):

@@ -35,16 +35,20 @@ def projection_init(key: jax.Array, d_in: int, projection_dim: int) -> layers.Pa
 def init(key: jax.Array, config: DualEncoderConfig) -> layers.Params:
     """Random params: towers as transformers initialises them, projections N(0, 0.02), logit_scale from config.
 
-    Returns a dict with keys "vision", "text", "visual_projection", "text_projection", "logit_scale".
+    Returns a dict with keys "vision", "text", "visual_projection", "text_projection", "logit_scale" (and
+    "logit_bias" when the config has logit_bias_init_value).
     """
     kv, kt, kvp, ktp = jax.random.split(key, 4)
-    return {
+    params = {
         "vision": vit.init(kv, config.vision),
         "text": bert.init(kt, config.text),
         "visual_projection": projection_init(kvp, config.vision.hidden_size, config.projection_dim),
         "text_projection": projection_init(ktp, config.text.hidden_size, config.projection_dim),
         "logit_scale": jnp.asarray(config.logit_scale_init_value, jnp.float32),
     }
+    if config.logit_bias_init_value is not None:
+        params["logit_bias"] = jnp.asarray(config.logit_bias_init_value, jnp.float32)
+    return params
 
 
 @functools.lru_cache(maxsize=32)
@@ -157,6 +161,8 @@ def apply(params: layers.Params, config: DualEncoderConfig, *, input_ids: jax.Ar
     text_embeds = _normalize(layers.dense(params["text_projection"], text_outputs.pooler_output, compute))
     logit_scale = jnp.exp(params["logit_scale"].astype(jnp.float32))
     logits_per_text = jnp.matmul(text_embeds, image_embeds.T, precision=jax.lax.Precision.HIGHEST) * logit_scale
+    if "logit_bias" in params:
+        logits_per_text = logits_per_text + params["logit_bias"].astype(jnp.float32)
     return DualEncoderOutput(logits_per_text.T, logits_per_text, text_embeds, image_embeds, text_outputs,
                              vision_outputs)
 

@@ -1,5 +1,6 @@
 """Checkpoints both ways with transformers, every tower layout, strict errors and atomic saves."""
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -270,3 +271,25 @@ def test_killed_save_leaves_a_complete_checkpoint(tmp_path):
     assert [p for p in os.listdir(tmp_path) if p != "ckpt"] == []
     del leftovers
     shutil.rmtree(target)
+
+
+def test_siglip_logit_bias_round_trip(tmp_path):
+    import transformers
+
+    config = dualenc.DualEncoderConfig(
+        vision=dualenc.config.tower_config_from_dict(hf_vision_config("vit").to_dict()),
+        text=dualenc.config.tower_config_from_dict(hf_text_config("bert").to_dict()), projection_dim=16,
+        logit_scale_init_value=float(np.log(10)), logit_bias_init_value=-10.0)
+    params = dualenc.init(jax.random.key(0), config)
+    params["logit_bias"] = np.float32(-7.25)
+    dualenc.save_pretrained(tmp_path / "siglip", config, params)
+    back_config, back = dualenc.load_pretrained(tmp_path / "siglip")
+    assert back_config == config and float(back["logit_bias"]) == -7.25
+    batch, px = text_batch(config.text), pixels(2)
+    plain = {k: v for k, v in params.items() if k != "logit_bias"}
+    biased = dualenc.apply(back, config, **batch, pixel_values=px).logits_per_text
+    unbiased = dualenc.apply(plain, dataclasses.replace(config, logit_bias_init_value=None), **batch,
+                             pixel_values=px).logits_per_text
+    np.testing.assert_allclose(biased, unbiased - 7.25, atol=1e-5)
+    _, info = transformers.VisionTextDualEncoderModel.from_pretrained(tmp_path / "siglip", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]

@@ -1,0 +1,271 @@
+"""Image-text pair datasets: caption files (JSONL/CSV) over an image folder, the embedded digits set, batching.
+
+Bad rows (a missing or unreadable image, an empty caption, a path outside the data folder) are skipped and
+counted, never silently: `PairDataset.skipped` and `Batches.skipped` hold the counts by reason.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import io
+import json
+import os
+import queue
+import threading
+from typing import Any, Iterator, NamedTuple, Sequence
+
+import numpy as np
+
+from dualenc.errors import DataError
+
+MAX_CAPTION_FILE = 1 << 30
+IMAGE_KEYS = ("image", "file_name", "filename", "filepath", "path")
+CAPTION_KEYS = ("caption", "captions", "text")
+
+
+class PairDataset(NamedTuple):
+    """Images (paths or HWC uint8 arrays), captions, and which image each caption describes."""
+
+    images: list
+    captions: list[str]
+    caption_image: np.ndarray  # (n_captions,) index into images
+    labels: np.ndarray | None = None  # (n_images,) class ids, when the dataset has them
+    classnames: tuple[str, ...] | None = None
+    skipped: collections.Counter = collections.Counter()
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def _resolve(root: str, name: str, allow_outside: bool) -> str | None:
+    """The image path for a caption-file entry; None if it escapes the data folder (unless allowed)."""
+    path = os.path.realpath(os.path.join(root, name))
+    if allow_outside:
+        return path
+    root_real = os.path.realpath(root)
+    return path if os.path.commonpath([path, root_real]) == root_real else None
+
+
+def _rows(path: str) -> Iterator[tuple[int, Any]]:
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"caption file not found: {path}") from None
+    if size > MAX_CAPTION_FILE:
+        raise DataError(f"caption file {path} is over {MAX_CAPTION_FILE >> 20} MiB")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"caption file {path} is not UTF-8 text: {e}") from None
+    if path.lower().endswith((".jsonl", ".json")):
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    yield number, json.loads(line)
+                except (json.JSONDecodeError, RecursionError):
+                    yield number, None
+    elif path.lower().endswith((".csv", ".tsv")):
+        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if path.lower().endswith(".tsv") else ",")
+        if not reader.fieldnames or not (set(reader.fieldnames) & set(IMAGE_KEYS)) \
+                or not (set(reader.fieldnames) & set(CAPTION_KEYS)):
+            raise DataError(f"caption file {path} needs a header with an image column ({', '.join(IMAGE_KEYS)}) "
+                            f"and a caption column ({', '.join(CAPTION_KEYS)}), got {reader.fieldnames}")
+        for number, row in enumerate(reader, 2):
+            yield number, row
+    else:
+        raise DataError(f"caption file {path} must end in .jsonl, .csv or .tsv")
+
+
+def read_pairs(path: str | os.PathLike, *, image_root: str | os.PathLike | None = None,
+               allow_outside: bool = False) -> PairDataset:
+    """Reads image-caption pairs from a JSONL or CSV file.
+
+    Each row names an image (column/key image, file_name, filename, filepath or path; relative to image_root,
+    default the caption file's folder) and a caption (caption or text; in JSONL, "captions" may be a list).
+    Several rows may name one image. Rows with a missing image, an empty caption, or a path escaping the
+    image folder (unless allow_outside) are skipped and counted in `skipped`.
+    """
+    path = os.fspath(path)
+    root = os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(path))
+    index: dict[str, int] = {}
+    images, captions, owner = [], [], []
+    skipped = collections.Counter()
+    for _, row in _rows(path):
+        if not isinstance(row, dict):
+            skipped["malformed row"] += 1
+            continue
+        name = next((row[k] for k in IMAGE_KEYS if isinstance(row.get(k), str) and row[k].strip()), None)
+        texts = next((row[k] for k in CAPTION_KEYS if row.get(k) is not None), None)
+        texts = texts if isinstance(texts, list) else [texts]
+        texts = [t.strip() for t in texts if isinstance(t, str) and t.strip()]
+        if name is None:
+            skipped["no image"] += 1
+            continue
+        if not texts:
+            skipped["empty caption"] += 1
+            continue
+        image = _resolve(root, name.strip(), allow_outside)
+        if image is None:
+            skipped["path outside the data folder"] += 1
+            continue
+        if not os.path.isfile(image):
+            skipped["missing image"] += 1
+            continue
+        if image not in index:
+            index[image] = len(images)
+            images.append(image)
+        captions.extend(texts)
+        owner.extend([index[image]] * len(texts))
+    if not captions:
+        raise DataError(f"caption file {path} has no usable pairs (skipped: {dict(skipped) or 'none'})")
+    return PairDataset(images, captions, np.asarray(owner, np.int64), skipped=skipped)
+
+
+# ------------------------------------------------------------------------------------------------ digits
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# Phrasings used for training captions; held-out prompts may use others.
+DIGIT_TEMPLATES = (
+    "a photo of the digit {word}",
+    "a handwritten {word}",
+    "the number {digit}",
+    "a picture of a {word}",
+    "an image of the number {word}",
+    "a scanned digit {digit}",
+)
+
+
+def load_digits(split: str = "train", *, seed: int = 0, test_fraction: float = 0.2,
+                templates: Sequence[str] = DIGIT_TEMPLATES, image_size: int = 32) -> PairDataset:
+    """scikit-learn's handwritten digits (8x8, shipped in the package) as image-caption pairs.
+
+    Images are upscaled to image_size x image_size RGB uint8; each image gets one caption per template
+    (from the label's word or numeral). The split is stratified and fixed by seed: the test split is never
+    part of train.
+    """
+    from sklearn.datasets import load_digits as sk_digits
+
+    if split not in ("train", "test"):
+        raise DataError(f"split must be 'train' or 'test', got {split!r}")
+    digits = sk_digits()
+    rng = np.random.default_rng(seed)
+    test = np.zeros(len(digits.target), bool)
+    for label in range(10):
+        members = np.flatnonzero(digits.target == label)
+        test[rng.choice(members, int(round(len(members) * test_fraction)), replace=False)] = True
+    chosen = np.flatnonzero(test if split == "test" else ~test)
+    scale = image_size // 8
+    gray = (digits.images[chosen] * (255.0 / 16.0)).round().astype(np.uint8)
+    gray = np.kron(gray, np.ones((1, scale, scale), np.uint8))
+    images = list(np.repeat(gray[..., None], 3, axis=-1))
+    labels = digits.target[chosen].astype(np.int64)
+    captions = [t.format(word=DIGIT_WORDS[y], digit=y) for y in labels for t in templates]
+    owner = np.repeat(np.arange(len(images)), len(templates))
+    return PairDataset(images, captions, owner, labels, DIGIT_WORDS)
+
+
+# ------------------------------------------------------------------------------------------------ batching
+
+class Batches:
+    """Shuffled, fixed-shape training batches with a background prefetch thread.
+
+    Each epoch visits every image once in a seeded random order, with one of its captions chosen at random,
+    so no batch holds the same image twice. The last incomplete batch of an epoch is dropped. The stream is
+    a pure function of (seed, epoch, batch index): start=(epoch, batch) resumes it exactly.
+
+    Args:
+      dataset: a PairDataset.
+      processor: a Processor (its image_processor and tokenizer are used), or None with image_features.
+      image_features: (n_images, D) precomputed pooled outputs of a locked vision tower (LiT cache); the
+        batches then carry "image_features" instead of "pixel_values", and images are never decoded.
+    """
+
+    def __init__(self, dataset: PairDataset, processor, batch_size: int, *, seed: int = 0, max_length: int = 32,
+                 start: tuple[int, int] = (0, 0), prefetch: int = 2, image_features: np.ndarray | None = None):
+        if batch_size < 1 or batch_size > len(dataset.images):
+            raise DataError(f"batch_size {batch_size} must be in [1, {len(dataset.images)}] (the number of images)")
+        self.dataset, self.processor, self.batch_size = dataset, processor, batch_size
+        self.seed, self.max_length, self.prefetch = seed, max_length, prefetch
+        self.image_features = image_features
+        self.position = tuple(start)
+        self.skipped = collections.Counter()
+        self._captions_of = collections.defaultdict(list)
+        for i, image in enumerate(dataset.caption_image):
+            self._captions_of[int(image)].append(i)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.dataset.images) // self.batch_size
+
+    def _order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch])
+        images = rng.permutation(len(self.dataset.images))
+        picks = rng.integers(0, 1 << 31, len(images))
+        captions = np.array([self._captions_of[int(i)][p % len(self._captions_of[int(i)])]
+                             for i, p in zip(images, picks)])
+        return images, captions
+
+    def _load(self, epoch: int, index: int) -> dict:
+        images, captions = self._order(epoch)
+        rows = slice(index * self.batch_size, (index + 1) * self.batch_size)
+        image_ids, caption_ids = images[rows], captions[rows]
+        batch = {"image_index": image_ids}
+        if self.image_features is not None:
+            batch["image_features"] = np.asarray(self.image_features[image_ids], np.float32)
+        else:
+            pixels = []
+            for i in image_ids:
+                try:
+                    pixels.append(self.processor.image_processor([self.dataset.images[i]])[0])
+                except (ValueError, OSError):
+                    # An image that cannot be read is replaced by the next readable one, deterministically.
+                    self.skipped["unreadable image"] += 1
+                    pixels.append(self._fallback_pixels(i))
+            batch["pixel_values"] = np.stack(pixels).astype(np.float32)
+        texts = [self.dataset.captions[c] for c in caption_ids]
+        tokens = self.processor.tokenizer(texts, max_length=self.max_length, padding="max_length")
+        batch.update({k: np.asarray(v, np.int32) for k, v in tokens.items()})
+        return batch
+
+    def _fallback_pixels(self, bad: int) -> np.ndarray:
+        n = len(self.dataset.images)
+        for step in range(1, n):
+            try:
+                return self.processor.image_processor([self.dataset.images[(bad + step) % n]])[0]
+            except (ValueError, OSError):
+                continue
+        raise DataError("no image of the dataset can be read")
+
+    def __iter__(self) -> Iterator[tuple[tuple[int, int], dict]]:
+        """Yields ((epoch, batch index), batch) forever, from self.position on."""
+        out: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
+        stop = threading.Event()
+
+        def produce():
+            epoch, index = self.position
+            try:
+                while not stop.is_set():
+                    if index >= self.batches_per_epoch:
+                        epoch, index = epoch + 1, 0
+                    out.put(((epoch, index), self._load(epoch, index)))
+                    index += 1
+            except BaseException as e:  # surfaced in the consumer
+                out.put(e)
+
+        thread = threading.Thread(target=produce, daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                (epoch, index), batch = item
+                self.position = (epoch, index + 1)
+                yield (epoch, index), batch
+        finally:
+            stop.set()
+            while not out.empty():
+                out.get_nowait()
