@@ -24,6 +24,7 @@ from dualenc.evaluate import (
     zero_shot_predict,
 )
 from dualenc.layers import TowerOutput
+from dualenc.processing import ImageProcessor, Processor, Tokenizer
 from dualenc.model import (
     DualEncoderOutput,
     apply,

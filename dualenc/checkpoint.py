@@ -344,7 +344,7 @@ def save_pretrained(path: str | os.PathLike, config: DualEncoderConfig, params: 
     with files.atomic_directory(os.fspath(path)) as tmp:
         _carry_over(os.fspath(path), tmp)
         files.write_safetensors(os.path.join(tmp, WEIGHTS), tensors, metadata)
-        files.write_json(os.path.join(tmp, CONFIG), config.to_dict())
+        files.write_json_atomic(os.path.join(tmp, CONFIG), config.to_dict())
         if extra_files is not None:
             extra_files(tmp)
     return os.fspath(path)

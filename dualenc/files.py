@@ -18,7 +18,7 @@ import secrets
 import shutil
 import struct
 import sys
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -131,13 +131,34 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Ma
     _fsync(path)
 
 
-def write_json(path: str, data) -> None:
-    """Writes JSON as transformers does (indented, sorted keys) and fsyncs it."""
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+def write_text_atomic(path: str, text: str) -> None:
+    """Writes `text` to `path` through a fsynced temporary file in the same directory and os.replace."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:  # some filesystems do not fsync directories
+        pass
+
+
+def write_json_atomic(path: str, data: Any) -> None:
+    """Writes JSON as transformers does (indented, sorted keys), atomically."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def _fsync(path: str):
