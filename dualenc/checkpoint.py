@@ -320,14 +320,15 @@ def load_pretrained(path: str | os.PathLike) -> tuple[DualEncoderConfig, dict]:
     return config, params
 
 
-def save_pretrained(path: str | os.PathLike, config: DualEncoderConfig, params: dict,
+def save_pretrained(path: str | os.PathLike, config: DualEncoderConfig, params: dict, *, processor=None,
                     extra_files: Callable[[str], None] | None = None) -> str:
     """Writes a directory that transformers.VisionTextDualEncoderModel.from_pretrained loads as is.
 
     The write is atomic (see files.atomic_directory): `path` holds either the old or the new checkpoint,
     whatever moment the process is killed. Files of an existing checkpoint other than weights and config
-    (tokenizer, preprocessor, README, ...) are carried over. `extra_files(tmp_dir)` may add files to the new
-    checkpoint before it is put in place.
+    (tokenizer, preprocessor, README, ...) are carried over. A `processor` (dualenc.Processor) writes its
+    tokenizer and preprocessor files into the same atomic step, so transformers' AutoProcessor loads the
+    directory too; `extra_files(tmp_dir)` may add other files.
     """
     if not isinstance(config, DualEncoderConfig):
         raise ConfigError(f"save_pretrained needs a DualEncoderConfig, got {type(config).__name__}")
@@ -345,6 +346,8 @@ def save_pretrained(path: str | os.PathLike, config: DualEncoderConfig, params: 
         _carry_over(os.fspath(path), tmp)
         files.write_safetensors(os.path.join(tmp, WEIGHTS), tensors, metadata)
         files.write_json_atomic(os.path.join(tmp, CONFIG), config.to_dict())
+        if processor is not None:
+            processor.save_pretrained(tmp)
         if extra_files is not None:
             extra_files(tmp)
     return os.fspath(path)

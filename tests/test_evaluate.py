@@ -147,3 +147,45 @@ def test_retrieval_metrics_by_hand_with_ties_and_several_captions():
         dualenc.retrieval_metrics(images, texts, [0, 0, 1, 1])
     with pytest.raises(ValueError, match="outside"):
         dualenc.retrieval_metrics(images, texts, [0, 0, 1, 3])
+
+
+def test_real_processor_encoding_and_a_complete_saved_directory(tmp_path):
+    """Processor -> encode_* -> save_pretrained(processor=...) -> transformers loads model and processor."""
+    import transformers
+    from conftest import hf_dual_model
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "cat", "dog", "the", "##s"]
+    (tmp_path / "vocab").mkdir()
+    (tmp_path / "vocab" / "vocab.txt").write_text("\n".join(words) + "\n")
+    processor = dualenc.Processor(dualenc.ImageProcessor(size={"height": 30, "width": 30}),
+                                  dualenc.Tokenizer.from_pretrained(tmp_path / "vocab", max_length=16))
+    model = hf_dual_model("vit", "bert", text_kw=dict(vocab_size=len(words)))
+    model.save_pretrained(tmp_path / "hf")
+    config, params = dualenc.load_pretrained(tmp_path / "hf")
+    images = [np.full((40, 50, 3), v, np.uint8) for v in (0, 90, 200)] + random_images(2)
+    texts = ["a photo of a cat", "dogs", "", "the cat of the dog"]
+    image_embeds = dualenc.encode_images(params, config, processor, images, batch_size=2)
+    text_embeds = dualenc.encode_texts(params, config, processor, texts, batch_size=3)
+    inputs = processor(text=texts, images=images)
+    out = dualenc.apply(params, config, **inputs)
+    np.testing.assert_allclose(image_embeds, out.image_embeds, atol=1e-5)
+    np.testing.assert_allclose(text_embeds, out.text_embeds, atol=1e-5)
+
+    dualenc.save_pretrained(tmp_path / "ours", config, params, processor=processor)
+    hf_processor = transformers.VisionTextDualEncoderProcessor.from_pretrained(tmp_path / "ours")
+    hf_inputs = hf_processor(text=texts, images=images, padding="max_length", max_length=16, return_tensors="np")
+    np.testing.assert_array_equal(hf_inputs["input_ids"], inputs["input_ids"])
+    np.testing.assert_allclose(hf_inputs["pixel_values"], inputs["pixel_values"], atol=1e-6)
+    # the default length comes from the model beside it: its 40 positions, under the cap of 64
+    assert dualenc.Processor.from_pretrained(tmp_path / "ours").tokenizer.max_length == 40
+
+
+def test_progress_bar_only_when_asked_or_long_on_a_terminal(capsys, monkeypatch):
+    config, params = tiny(projection_dim=11)
+    dualenc.encode_images(params, config, to_pixels, random_images(6), batch_size=5, progress=True)
+    assert "images" in capsys.readouterr().err
+    dualenc.encode_images(params, config, to_pixels, random_images(30), batch_size=5)
+    assert capsys.readouterr().err == ""  # long, but stderr is not a terminal here
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
+    assert evaluate._progress(30, 5, None, "x") is not None
+    assert evaluate._progress(10, 5, None, "x") is None
