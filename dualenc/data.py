@@ -48,6 +48,8 @@ def _resolve(root: str, name: str, allow_outside: bool) -> str | None:
 
 
 def _rows(path: str) -> Iterator[tuple[int, Any]]:
+    if not path.lower().endswith((".jsonl", ".json", ".csv", ".tsv")):
+        raise DataError(f"caption file {path} must end in .jsonl, .csv or .tsv")
     try:
         size = os.path.getsize(path)
     except FileNotFoundError:
@@ -67,7 +69,7 @@ def _rows(path: str) -> Iterator[tuple[int, Any]]:
                     yield number, json.loads(line)
                 except (json.JSONDecodeError, RecursionError):
                     yield number, None
-    elif path.lower().endswith((".csv", ".tsv")):
+    else:
         reader = csv.DictReader(io.StringIO(text), delimiter="\t" if path.lower().endswith(".tsv") else ",")
         if not reader.fieldnames or not (set(reader.fieldnames) & set(IMAGE_KEYS)) \
                 or not (set(reader.fieldnames) & set(CAPTION_KEYS)):
@@ -75,8 +77,6 @@ def _rows(path: str) -> Iterator[tuple[int, Any]]:
                             f"and a caption column ({', '.join(CAPTION_KEYS)}), got {reader.fieldnames}")
         for number, row in enumerate(reader, 2):
             yield number, row
-    else:
-        raise DataError(f"caption file {path} must end in .jsonl, .csv or .tsv")
 
 
 def read_pairs(path: str | os.PathLike, *, image_root: str | os.PathLike | None = None,
@@ -165,6 +165,19 @@ def load_digits(split: str = "train", *, seed: int = 0, test_fraction: float = 0
     captions = [t.format(word=DIGIT_WORDS[y], digit=y) for y in labels for t in templates]
     owner = np.repeat(np.arange(len(images)), len(templates))
     return PairDataset(images, captions, owner, labels, DIGIT_WORDS)
+
+
+def write_vocab(directory: str | os.PathLike, texts: Sequence[str]) -> str:
+    """Writes a BERT vocab.txt (special tokens, then every lowercased word of `texts`) for a from-scratch text
+    tower; dualenc.Tokenizer.from_pretrained(directory) then builds its WordPiece tokenizer."""
+    import re
+
+    words = sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s]", t.lower())})
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(os.fspath(directory), "vocab.txt")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
+    return path
 
 
 # ------------------------------------------------------------------------------------------------ batching

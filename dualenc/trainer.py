@@ -1,0 +1,192 @@
+"""The training loop: batches in, steps, metrics out; atomic training checkpoints and exact resume.
+
+A training checkpoint is a directory `step_NNNNNNNN` holding `state.safetensors` (params, optimizer state,
+step, RNG; one tensor per state leaf, named by its pytree path) and `state.json` (step, data position,
+settings). It is written atomically (files.atomic_directory); the last `keep` are kept. Resuming restores
+the state and the data stream's position, so an interrupted run ends with the same params as one that was
+never interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from dualenc import files, train
+from dualenc.config import DualEncoderConfig, read_json
+from dualenc.data import Batches, PairDataset
+from dualenc.errors import CheckpointError, ConfigError
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+STATE_FILE, META_FILE = "state.safetensors", "state.json"
+
+
+def _leaf_names(state) -> list[tuple[str, Any]]:
+    return [(jax.tree_util.keystr(path), leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(state)]
+
+
+def _host_array(leaf) -> np.ndarray:
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    return np.asarray(jax.device_get(leaf))
+
+
+def checkpoints(directory: str) -> list[tuple[int, str]]:
+    """(step, path) of the complete training checkpoints in `directory`, oldest first."""
+    if not os.path.isdir(directory):
+        return []
+    found = []
+    for name in os.listdir(directory):
+        m = STEP_DIR.match(name)
+        if m and os.path.isfile(os.path.join(directory, name, META_FILE)):
+            found.append((int(m.group(1)), os.path.join(directory, name)))
+    return sorted(found)
+
+
+def save_state(directory: str, state: train.TrainState, meta: dict, keep: int = 3) -> str | None:
+    """Writes a training checkpoint atomically and removes all but the newest `keep`.
+
+    Every process must call it (arrays sharded across hosts are gathered); only process 0 writes.
+    """
+    arrays = {name: _host_array(leaf) for name, leaf in _leaf_names(state)}
+    if jax.process_index() != 0:
+        return None
+    step = int(arrays[".step"])
+    path = os.path.join(directory, f"step_{step:08d}")
+    os.makedirs(directory, exist_ok=True)
+    with files.atomic_directory(path) as tmp:
+        files.write_safetensors(os.path.join(tmp, STATE_FILE), arrays)
+        files.write_json_atomic(os.path.join(tmp, META_FILE), {**meta, "step": step})
+    for _, old in checkpoints(directory)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def restore_state(path: str, template: train.TrainState) -> tuple[train.TrainState, dict]:
+    """Loads a training checkpoint into the structure (and shardings) of `template`, strictly."""
+    tensors, _ = files.read_safetensors(os.path.join(path, STATE_FILE))
+    meta = read_json(os.path.join(path, META_FILE), "training checkpoint metadata")
+    leaves, treedef = jax.tree_util.tree_flatten(template)
+    names = [name for name, _ in _leaf_names(template)]
+    missing = [n for n in names if n not in tensors]
+    unexpected = [n for n in tensors if n not in set(names)]
+    wrong = [n for n, leaf in zip(names, leaves) if n in tensors and tensors[n].shape != np.shape(leaf)]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"{path} does not match this training setup: missing {missing[:20]}, "
+                              f"unexpected {unexpected[:20]}, wrong shape {wrong[:20]}")
+    restored = []
+    for name, leaf in zip(names, leaves):
+        value = np.asarray(tensors[name], dtype=leaf.dtype)
+        sharding = getattr(leaf, "sharding", None)
+        restored.append(jax.device_put(value, sharding) if sharding is not None else value)
+    return jax.tree_util.tree_unflatten(treedef, restored), meta
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """What a training run does; saved in each checkpoint so a resume can check it matches."""
+
+    steps: int = 1000
+    batch_size: int = 32
+    learning_rate: float = 5e-4
+    warmup_steps: int | None = None
+    weight_decay: float = 0.1
+    loss: str = "clip"
+    locked: tuple[str, ...] = ()
+    unlocked_layers: int = 0
+    cached: bool = False
+    seed: int = 0
+    max_length: int = 32
+    checkpoint_every: int = 0
+    keep: int = 3
+    fsdp: bool = False
+    remat_policy: str | None = None
+    dtype: str | None = None
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        self.locked = tuple(self.locked)
+
+
+def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor, run: TrainConfig, *,
+        checkpoint_dir: str | None = None, resume: bool = True, mesh=None,
+        callback: Callable[[int, dict], None] | None = None) -> tuple[dict, dict]:
+    """Trains contrastively and returns (params, last metrics).
+
+    With checkpoint_dir, a checkpoint is written every run.checkpoint_every steps and at the end, and with
+    resume the newest one is restored first (same data position, same RNG). With a mesh the step is data
+    parallel over its "data" axis; under jax.distributed each process feeds its share of every global batch.
+    """
+    optimizer = train.default_optimizer(run.learning_rate, total_steps=run.steps, warmup_steps=run.warmup_steps,
+                                        weight_decay=run.weight_decay)
+    state = train.init_state(params, optimizer, locked=run.locked, unlocked_layers=run.unlocked_layers,
+                             seed=run.seed)
+    if mesh is not None:
+        state = train.shard_state(state, mesh, run.fsdp)
+    position = (0, 0)
+    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(run).items()
+                if k not in ("steps", "checkpoint_every", "keep")}
+    if checkpoint_dir and resume and checkpoints(checkpoint_dir):
+        _, latest = checkpoints(checkpoint_dir)[-1]
+        state, meta = restore_state(latest, state)
+        if meta.get("settings") != settings:
+            raise CheckpointError(f"{latest} was written by a run with other settings: {meta.get('settings')}; "
+                                  f"this run has {settings}")
+        position = tuple(meta["data_position"])
+    step_fn = train.make_train_step(config, optimizer, loss=run.loss, locked=run.locked,
+                                    unlocked_layers=run.unlocked_layers, cached=run.cached,
+                                    remat_policy=run.remat_policy, dtype=run.dtype, mesh=mesh, fsdp=run.fsdp)
+    features = None
+    if run.cached:
+        tower = run.locked[0]
+        if tower != "vision":
+            raise ConfigError("the LiT cache in fit() covers a locked vision tower")
+        pixels = processor.image_processor(dataset.images)
+        features = train.tower_features(params, config, "vision", {"pixel_values": pixels},
+                                        batch_size=run.batch_size)
+    batches = Batches(dataset, processor, run.batch_size, seed=run.seed, max_length=run.max_length,
+                      start=position, image_features=features)
+    metrics = {}
+    step = int(_host_array(state.step))
+
+    def checkpoint():
+        save_state(checkpoint_dir, state, {"data_position": list(batches.position), "settings": settings},
+                   keep=run.keep)
+
+    for _, batch in batches:
+        if step >= run.steps:
+            break
+        batch = {k: v for k, v in batch.items() if k != "image_index"}
+        if mesh is not None:
+            batch = train.shard_batch(_local_rows(batch), mesh)
+        started = time.perf_counter()
+        state, metrics = step_fn(state, batch)
+        step += 1
+        if callback is not None:
+            callback(step, {**metrics, "step_seconds": time.perf_counter() - started})
+        if checkpoint_dir and run.checkpoint_every and step % run.checkpoint_every == 0:
+            checkpoint()
+    if checkpoint_dir and (not run.checkpoint_every or step % run.checkpoint_every):
+        checkpoint()
+    return train.full_params(state), {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def _local_rows(batch: dict) -> dict:
+    """This process's rows of a global batch (all of it on one host)."""
+    n, count, index = len(next(iter(batch.values()))), jax.process_count(), jax.process_index()
+    if n % count:
+        raise ConfigError(f"the global batch of {n} does not split over {count} processes")
+    share = n // count
+    return {k: v[index * share:(index + 1) * share] for k, v in batch.items()}

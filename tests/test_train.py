@@ -1,0 +1,273 @@
+"""The train step: LiT locking and cache, options, data parallel over a mesh and over processes, resume."""
+
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import TINY
+
+import dualenc
+from dualenc import data, train, trainer
+
+CONFIG = dualenc.DualEncoderConfig(
+    vision=dualenc.ViTConfig(**TINY, image_size=16, patch_size=8),
+    text=dualenc.BertConfig(**TINY, vocab_size=50, max_position_embeddings=16), projection_dim=16)
+
+
+def synthetic_batch(n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return dict(input_ids=rng.integers(1, 50, (n, 6)).astype(np.int32), attention_mask=np.ones((n, 6), np.int32),
+                pixel_values=rng.standard_normal((n, 3, 16, 16)).astype(np.float32))
+
+
+def run(config, params, steps=3, batch=None, **kw):
+    batch = batch if batch is not None else synthetic_batch()
+    optimizer = train.default_optimizer(1e-3, total_steps=10)
+    lock = {k: kw.pop(k) for k in ("locked", "unlocked_layers") if k in kw}
+    state = train.init_state(params, optimizer, **lock)
+    step = train.make_train_step(config, optimizer, **lock, **kw)
+    history = []
+    for _ in range(steps):
+        state, metrics = step(state, batch)
+        history.append({k: float(v) for k, v in metrics.items()})
+    return state, history
+
+
+def close(a, b, atol=1e-5):
+    return all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+        lambda x, y: bool(np.allclose(x, y, atol=atol, rtol=0)), a, b)))
+
+
+@pytest.fixture(scope="module")
+def params():
+    return dualenc.init(jax.random.key(0), CONFIG)
+
+
+@pytest.fixture(scope="module")
+def baseline(params):
+    """Three plain steps, for the variants to compare with."""
+    return run(CONFIG, params, steps=3)
+
+
+def test_step_trains_and_reports_metrics(params):
+    state, history = run(CONFIG, params, steps=8)
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert set(history[0]) == {"loss", "logit_scale", "accuracy_t2i", "accuracy_i2t", "grad_norm"}
+    assert history[0]["logit_scale"] == pytest.approx(np.exp(2.6592), rel=1e-3)
+    assert int(state.step) == 8
+    assert not close(train.full_params(state), params)
+
+
+def test_locked_tower_gets_no_optimizer_state_and_no_backward(params):
+    state, _ = run(CONFIG, params, locked=("vision",))
+    assert close(state.frozen["vision"], params["vision"], atol=0)
+    assert "vision" not in state.trainable
+    opt_leaves = len(jax.tree_util.tree_leaves(state.opt_state))
+    full_leaves = len(jax.tree_util.tree_leaves(run(CONFIG, params, steps=1)[0].opt_state))
+    assert opt_leaves < full_leaves
+    optimizer = train.default_optimizer(1e-3, total_steps=10)
+    programs = {}
+    for locked in ((), ("vision",)):
+        st = train.init_state(params, optimizer, locked=locked)
+        step = train.make_train_step(CONFIG, optimizer, locked=locked)
+        programs[locked] = str(jax.make_jaxpr(lambda s, b: step(s, b)[1]["loss"])(st, synthetic_batch()))
+    # unlocked: each tower's encoder scan runs forward and backward (4 scans); locked: no vision backward (3)
+    assert programs[()].count("scan[") == 4 and programs[("vision",)].count("scan[") == 3
+    assert programs[("vision",)].count("dot_general") < 0.8 * programs[()].count("dot_general")
+
+
+def test_lit_cache_equals_running_the_locked_tower(params):
+    batch = synthetic_batch()
+    features = train.tower_features(params, CONFIG, "vision", {"pixel_values": batch["pixel_values"]},
+                                    batch_size=3)
+    cached_batch = {k: v for k, v in batch.items() if k != "pixel_values"} | {"image_features": features}
+    state_a, hist_a = run(CONFIG, params, steps=4, batch=batch, locked=("vision",))
+    state_b, hist_b = run(CONFIG, params, steps=4, batch=cached_batch, locked=("vision",), cached=True)
+    assert close(state_a.trainable, state_b.trainable)
+    assert abs(hist_a[-1]["loss"] - hist_b[-1]["loss"]) <= 1e-5
+
+
+def test_top_layers_of_a_locked_tower_can_train(params):
+    state, _ = run(CONFIG, params, locked=("text",), unlocked_layers=1)
+    full = train.full_params(state)
+    enc, before = full["text"]["encoder"], params["text"]["encoder"]
+    np.testing.assert_array_equal(enc["mlp"]["fc1"]["kernel"][0], before["mlp"]["fc1"]["kernel"][0])
+    assert not np.allclose(enc["mlp"]["fc1"]["kernel"][1], before["mlp"]["fc1"]["kernel"][1])
+    np.testing.assert_array_equal(full["text"]["embeddings"]["word"], params["text"]["embeddings"]["word"])
+    assert not np.allclose(full["text"]["pooler"]["kernel"], params["text"]["pooler"]["kernel"])
+    with pytest.raises(ValueError, match="unlocked_layers=3 exceeds"):
+        run(CONFIG, params, locked=("text",), unlocked_layers=3)
+
+
+def test_options_remat_bf16_siglip_and_clamp(params, baseline):
+    base, base_history = baseline
+    remat, _ = run(CONFIG, params, remat_policy="nothing_saveable")
+    assert close(base.trainable, remat.trainable, atol=1e-6)
+    chunked, _ = run(CONFIG, params, chunk_size=4)
+    assert close(base.trainable, chunked.trainable, atol=1e-5)
+    _, low = run(CONFIG, params, dtype=jax.numpy.bfloat16)
+    assert np.isfinite(low[-1]["loss"]) and abs(low[0]["loss"] - base_history[0]["loss"]) < 0.1
+    siglip = dataclasses.replace(CONFIG, logit_scale_init_value=float(np.log(10)), logit_bias_init_value=-10.0)
+    state, hist = run(siglip, dualenc.init(jax.random.key(0), siglip), steps=6, loss="siglip")
+    assert hist[-1]["loss"] < hist[0]["loss"] and float(state.trainable["logit_bias"]) != -10.0
+    with pytest.raises(ValueError, match="logit_bias_init_value"):
+        run(CONFIG, params, loss="siglip")
+    hot = dict(params, logit_scale=np.float32(4.7))
+    state, hist = run(CONFIG, hot, steps=1)
+    assert float(state.trainable["logit_scale"]) <= np.log(100) + 1e-6
+
+
+def test_mesh_data_parallel_and_fsdp_equal_one_device(params, baseline):
+    batch = synthetic_batch()
+    single, _ = baseline
+    mesh = train.data_mesh()
+    assert mesh.size == 4
+    optimizer = train.default_optimizer(1e-3, total_steps=10)
+    for fsdp in (False, True):
+        state = train.shard_state(train.init_state(params, optimizer), mesh, fsdp)
+        step = train.make_train_step(CONFIG, optimizer, mesh=mesh, fsdp=fsdp)
+        for _ in range(3):
+            state, _ = step(state, train.shard_batch(batch, mesh))
+        assert close(state.trainable, single.trainable)
+        word = state.trainable["text"]["embeddings"]["word"]
+        assert (len(word.sharding.device_set) == 4) and (word.sharding.spec != () or not fsdp)
+
+
+WORKER = textwrap.dedent("""
+    import os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+    import numpy as np, dualenc
+    sys.path.insert(0, sys.argv[4])
+    from test_train import CONFIG, synthetic_batch
+    from dualenc import train
+    assert jax.device_count() == 4 and jax.process_count() == 2
+    params = dualenc.init(jax.random.key(0), CONFIG)
+    optimizer = train.default_optimizer(1e-3, total_steps=10)
+    mesh = train.data_mesh()
+    state = train.shard_state(train.init_state(params, optimizer), mesh)
+    step = train.make_train_step(CONFIG, optimizer, mesh=mesh)
+    batch = synthetic_batch()
+    mine = {k: v[4 * jax.process_index():4 * (jax.process_index() + 1)] for k, v in batch.items()}
+    for _ in range(3):
+        state, _ = step(state, train.shard_batch(mine, mesh))
+    if jax.process_index() == 0:
+        flat = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(
+            state.trainable)}
+        np.savez(sys.argv[3], **flat)
+""")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_device(baseline, tmp_path):
+    address = f"127.0.0.1:{free_port()}"
+    out = tmp_path / "params.npz"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    here = os.path.dirname(__file__)
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, address, str(i), str(out), here], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+    for p in procs:
+        output, _ = p.communicate(timeout=180)
+        assert p.returncode == 0, output.decode()[-3000:]
+    single, _ = baseline
+    saved = np.load(out)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(single.trainable):
+        np.testing.assert_allclose(saved[jax.tree_util.keystr(path)], leaf, atol=1e-5, rtol=0)
+
+
+FIT = textwrap.dedent("""
+    import sys, jax, numpy as np, dualenc
+    from dualenc import data, trainer
+    out, ckpt, steps_file = sys.argv[1], sys.argv[2], sys.argv[3]
+    train_set = data.load_digits("test", image_size=16)
+    data.write_vocab(out + "_vocab", train_set.captions)
+    processor = dualenc.Processor(dualenc.ImageProcessor(size={"height": 16, "width": 16}),
+                                  dualenc.Tokenizer.from_pretrained(out + "_vocab", max_length=12))
+    config = dualenc.DualEncoderConfig(
+        vision=dualenc.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                                 image_size=16, patch_size=8),
+        text=dualenc.BertConfig(vocab_size=processor.tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                num_attention_heads=4, intermediate_size=64, max_position_embeddings=12),
+        projection_dim=16)
+    params = dualenc.init(jax.random.key(0), config)
+    run = trainer.TrainConfig(steps=40, batch_size=16, checkpoint_every=5, keep=2, max_length=12)
+    def tick(step, metrics):
+        open(steps_file, "a").write(f"{step}\\n")
+    params, _ = trainer.fit(config, params, train_set, processor, run, checkpoint_dir=ckpt or None, callback=tick)
+    np.savez(out, **{jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)})
+""")
+
+
+def test_killed_training_resumes_to_the_same_params(tmp_path):
+    def fit(name, ckpt, kill_after=None):
+        steps = tmp_path / f"{name}.steps"
+        proc = subprocess.Popen([sys.executable, "-c", FIT, str(tmp_path / name), ckpt, str(steps)])
+        if kill_after is None:
+            assert proc.wait(timeout=300) == 0
+            return
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            done = steps.read_text().split() if steps.exists() else []
+            if len(done) >= kill_after:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.05)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+    ckpt = str(tmp_path / "ckpt")
+    fit("killed", ckpt, kill_after=17)
+    assert [s for s, _ in trainer.checkpoints(ckpt)][-1] in (10, 15)
+    fit("resumed", ckpt)
+    fit("straight", "")
+    resumed, straight = np.load(tmp_path / "resumed.npz"), np.load(tmp_path / "straight.npz")
+    assert set(resumed) == set(straight)
+    for name in straight:
+        np.testing.assert_array_equal(resumed[name], straight[name])
+    assert [s for s, _ in trainer.checkpoints(ckpt)] == [35, 40]  # keep=2
+    assert [p for p in os.listdir(tmp_path) if "tmp" in p] == []
+
+
+def test_loss_falls_and_zero_shot_rises_on_digits(tmp_path):
+    train_set, test_set = data.load_digits("train", image_size=16), data.load_digits("test", image_size=16)
+    held_out = "a drawing of the number {}"
+    data.write_vocab(tmp_path, train_set.captions + [held_out])
+    processor = dualenc.Processor(dualenc.ImageProcessor(size={"height": 16, "width": 16}),
+                                  dualenc.Tokenizer.from_pretrained(tmp_path, max_length=16))
+    config = dualenc.DualEncoderConfig(
+        vision=dualenc.ViTConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128,
+                                 image_size=16, patch_size=4),
+        text=dualenc.BertConfig(vocab_size=processor.tokenizer.vocab_size, hidden_size=64, num_hidden_layers=1,
+                                num_attention_heads=4, intermediate_size=128, max_position_embeddings=16,
+                                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), projection_dim=64)
+    params = dualenc.init(jax.random.key(0), config)
+
+    def accuracy(p):
+        classifier = dualenc.zero_shot_classifier(p, config, processor, data.DIGIT_WORDS, [held_out])
+        top, _ = dualenc.zero_shot_predict(dualenc.encode_images(p, config, processor, test_set.images,
+                                                                 batch_size=120), classifier)
+        return float(np.mean(top[:, 0] == test_set.labels))
+
+    losses = []
+    before = accuracy(params)
+    params, _ = trainer.fit(config, params, train_set, processor,
+                            trainer.TrainConfig(steps=600, batch_size=64, learning_rate=3e-3, max_length=16),
+                            callback=lambda step, m: losses.append(float(m["loss"])))
+    after = accuracy(params)
+    assert np.mean(losses[-20:]) < np.mean(losses[:20]) - 0.8
+    assert after >= 0.3 and after > before + 0.15, (before, after)
