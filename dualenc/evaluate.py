@@ -219,43 +219,69 @@ def zero_shot_predict(image_embeds, classifier, k: int = 1, *, logit_scale: floa
     return top, np.take_along_axis(probs, top, axis=1)
 
 
-def retrieval_metrics(image_embeds, text_embeds, text_to_image, ks: Sequence[int] = (1, 5, 10)) -> dict:
+def retrieval_metrics(image_embeds, text_embeds, text_to_image=None, ks: Sequence[int] = (1, 5, 10), *,
+                      image_labels=None, text_labels=None) -> dict:
     """Image-to-text and text-to-image recall at k, mean and median rank.
 
     Args:
       image_embeds: (n_images, d); text_embeds: (n_texts, d) (normalised: scores are dot products).
       text_to_image: (n_texts,) index of each text's image; an image may have several captions.
+      image_labels, text_labels: instead of text_to_image, class ids: a text is relevant to every image of
+        its class (class-level captions, as in zero-shot prompts).
 
-    A rank is 1 + the number of wrong candidates scoring at least as high as the best correct one, so ties
-    count against the model (a constant model does not get perfect recall). Image-to-text uses the best of
-    an image's captions.
+    A rank is 1 + the number of irrelevant candidates scoring at least as high as the best relevant one, so
+    ties count against the model (a constant model does not get perfect recall).
 
     Returns:
-      {"i2t_R@1", "i2t_R@5", "i2t_R@10", "i2t_mean_rank", "i2t_median_rank", and the same for "t2i_"}.
+      {"i2t_R@1", "i2t_R@5", "i2t_R@10", "i2t_mean_rank", "i2t_median_rank", the same for "t2i_", and
+      "i2t_chance_R@k" / "t2i_chance_R@k": the expected recall of a random ranking}.
     """
     images = np.asarray(image_embeds, np.float64)
     texts = np.asarray(text_embeds, np.float64)
-    owner = np.asarray(text_to_image)
     if images.ndim != 2 or texts.ndim != 2 or images.shape[1] != texts.shape[1]:
         raise InputError(f"image_embeds {images.shape} and text_embeds {texts.shape} must be (n, d) and (m, d)")
-    if owner.shape != (texts.shape[0],) or not np.issubdtype(owner.dtype, np.integer):
-        raise InputError(f"text_to_image must be ({texts.shape[0]},) integers, got {owner.shape} {owner.dtype}")
-    if owner.size and (owner.min() < 0 or owner.max() >= images.shape[0]):
-        raise InputError(f"text_to_image holds indices outside [0, {images.shape[0]})")
-    captionless = np.setdiff1d(np.arange(images.shape[0]), owner)
-    if captionless.size:
-        raise InputError(f"{captionless.size} image(s) have no caption in text_to_image, e.g. index "
-                         f"{captionless[0]}")
+    relevant = _relevance(images.shape[0], texts.shape[0], text_to_image, image_labels, text_labels)
+    for axis, who, other in ((1, "image", "text"), (0, "text", "image")):
+        lonely = np.flatnonzero(~relevant.any(axis=axis))
+        if lonely.size:
+            raise InputError(f"{lonely.size} {who}(s) have no relevant {other}, e.g. {who} index {lonely[0]}")
     scores = images @ texts.T  # (n_images, n_texts)
-    correct = owner[None, :] == np.arange(images.shape[0])[:, None]
-    best = np.where(correct, scores, -np.inf).max(axis=1, keepdims=True)
-    i2t = 1 + np.sum(~correct & (scores >= best), axis=1)
-    own = scores[owner, np.arange(texts.shape[0])]
-    t2i = 1 + np.sum(~correct.T & (scores.T >= own[:, None]), axis=1)
     out = {}
-    for name, ranks in (("i2t", i2t), ("t2i", t2i)):
+    for name, s, rel in (("i2t", scores, relevant), ("t2i", scores.T, relevant.T)):
+        best = np.where(rel, s, -np.inf).max(axis=1, keepdims=True)
+        ranks = 1 + np.sum(~rel & (s >= best), axis=1)
+        n_rel, n = rel.sum(axis=1), rel.shape[1]
         for k in ks:
             out[f"{name}_R@{k}"] = float(np.mean(ranks <= k))
         out[f"{name}_mean_rank"] = float(np.mean(ranks))
         out[f"{name}_median_rank"] = float(np.median(ranks))
+        for k in ks:
+            out[f"{name}_chance_R@{k}"] = float(np.mean([chance_recall(n, r, k) for r in n_rel]))
     return out
+
+
+def _relevance(n_images, n_texts, text_to_image, image_labels, text_labels) -> np.ndarray:
+    """(n_images, n_texts) bool: which texts describe which images."""
+    if (text_to_image is None) == (image_labels is None and text_labels is None):
+        raise InputError("give text_to_image, or both image_labels and text_labels")
+    if text_to_image is not None:
+        owner = np.asarray(text_to_image)
+        if owner.shape != (n_texts,) or not np.issubdtype(owner.dtype, np.integer):
+            raise InputError(f"text_to_image must be ({n_texts},) integers, got {owner.shape} {owner.dtype}")
+        if owner.size and (owner.min() < 0 or owner.max() >= n_images):
+            raise InputError(f"text_to_image holds indices outside [0, {n_images})")
+        return owner[None, :] == np.arange(n_images)[:, None]
+    image_labels, text_labels = np.asarray(image_labels), np.asarray(text_labels)
+    if image_labels.shape != (n_images,) or text_labels.shape != (n_texts,):
+        raise InputError(f"image_labels {image_labels.shape} and text_labels {text_labels.shape} must be "
+                         f"({n_images},) and ({n_texts},)")
+    return image_labels[:, None] == text_labels[None, :]
+
+
+def chance_recall(n_candidates: int, n_relevant: int, k: int) -> float:
+    """Probability that a random ranking of n_candidates puts one of n_relevant in the top k."""
+    k = min(k, n_candidates)
+    miss = 1.0
+    for i in range(k):  # all k drawn from the irrelevant ones, without replacement
+        miss *= max(0, n_candidates - n_relevant - i) / (n_candidates - i)
+    return 1.0 - miss

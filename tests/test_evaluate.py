@@ -143,7 +143,7 @@ def test_retrieval_metrics_by_hand_with_ties_and_several_captions():
     assert m["i2t_mean_rank"] == pytest.approx(5 / 3) and m["i2t_median_rank"] == 2.0
     constant = dualenc.retrieval_metrics(np.ones((4, 2)), np.ones((4, 2)), [0, 1, 2, 3])
     assert constant["i2t_R@1"] == 0.0 and constant["t2i_mean_rank"] == 4.0
-    with pytest.raises(ValueError, match="no caption"):
+    with pytest.raises(ValueError, match="no relevant text"):
         dualenc.retrieval_metrics(images, texts, [0, 0, 1, 1])
     with pytest.raises(ValueError, match="outside"):
         dualenc.retrieval_metrics(images, texts, [0, 0, 1, 3])
@@ -189,3 +189,18 @@ def test_progress_bar_only_when_asked_or_long_on_a_terminal(capsys, monkeypatch)
     monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
     assert evaluate._progress(30, 5, None, "x") is not None
     assert evaluate._progress(10, 5, None, "x") is None
+
+
+def test_class_level_retrieval_and_chance():
+    images = np.array([[1.0, 0.0], [0.6, 0.0], [0.0, 1.0]])  # labels 0, 0, 1
+    texts = np.array([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]])  # labels 0, 1, 1
+    m = dualenc.retrieval_metrics(images, texts, image_labels=[0, 0, 1], text_labels=[0, 1, 1], ks=(1, 2))
+    # images: 1 (text 0 best), 1, 1 (text 1 scores 1.0) -> i2t R@1 = 1
+    assert m["i2t_R@1"] == 1.0
+    # texts: text 0 -> image 0 first; text 1 -> image 2 first; text 2: image 2 ties with image 0 at .7 -> 2
+    assert m["t2i_R@1"] == pytest.approx(2 / 3) and m["t2i_mean_rank"] == pytest.approx(4 / 3)
+    assert m["i2t_chance_R@1"] == pytest.approx((1 / 3 + 1 / 3 + 2 / 3) / 3)
+    assert evaluate.chance_recall(10, 1, 5) == pytest.approx(0.5)
+    assert evaluate.chance_recall(20, 2, 5) == pytest.approx(1 - (18 * 17 * 16 * 15 * 14) / (20 * 19 * 18 * 17 * 16))
+    with pytest.raises(ValueError, match="text_to_image, or both"):
+        dualenc.retrieval_metrics(images, texts)
