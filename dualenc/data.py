@@ -30,7 +30,7 @@ class PairDataset(NamedTuple):
     images: list
     captions: list[str]
     caption_image: np.ndarray  # (n_captions,) index into images
-    labels: np.ndarray | None = None  # (n_images,) class ids, when the dataset has them
+    labels: np.ndarray | None = None  # (n_images,) class ids or names, when the dataset has them
     classnames: tuple[str, ...] | None = None
     skipped: collections.Counter = collections.Counter()
 
@@ -85,13 +85,14 @@ def read_pairs(path: str | os.PathLike, *, image_root: str | os.PathLike | None 
 
     Each row names an image (column/key image, file_name, filename, filepath or path; relative to image_root,
     default the caption file's folder) and a caption (caption or text; in JSONL, "captions" may be a list).
-    Several rows may name one image. Rows with a missing image, an empty caption, or a path escaping the
-    image folder (unless allow_outside) are skipped and counted in `skipped`.
+    Several rows may name one image. An optional "label" gives the image's class name (then `labels` holds
+    one string per image, "" where none was given). Rows with a missing image, an empty caption, or a path
+    escaping the image folder (unless allow_outside) are skipped and counted in `skipped`.
     """
     path = os.fspath(path)
     root = os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(path))
     index: dict[str, int] = {}
-    images, captions, owner = [], [], []
+    images, captions, owner, labels = [], [], [], {}
     skipped = collections.Counter()
     for _, row in _rows(path):
         if not isinstance(row, dict):
@@ -117,11 +118,15 @@ def read_pairs(path: str | os.PathLike, *, image_root: str | os.PathLike | None 
         if image not in index:
             index[image] = len(images)
             images.append(image)
+        label = row.get("label")
+        if isinstance(label, (str, int)) and not isinstance(label, bool) and str(label).strip():
+            labels[index[image]] = str(label).strip()
         captions.extend(texts)
         owner.extend([index[image]] * len(texts))
     if not captions:
         raise DataError(f"caption file {path} has no usable pairs (skipped: {dict(skipped) or 'none'})")
-    return PairDataset(images, captions, np.asarray(owner, np.int64), skipped=skipped)
+    image_labels = np.array([labels.get(i, "") for i in range(len(images))], dtype=object) if labels else None
+    return PairDataset(images, captions, np.asarray(owner, np.int64), image_labels, skipped=skipped)
 
 
 # ------------------------------------------------------------------------------------------------ digits
