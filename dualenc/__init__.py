@@ -35,4 +35,6 @@ from dualenc.model import (
     num_params,
 )
 
+from dualenc import data, evaluate, losses, train, trainer  # noqa: E402  (submodules, as dualenc.train etc.)
+
 __version__ = "0.1.0"

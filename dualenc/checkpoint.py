@@ -325,8 +325,8 @@ def save_pretrained(path: str | os.PathLike, config: DualEncoderConfig, params: 
     """Writes a directory that transformers.VisionTextDualEncoderModel.from_pretrained loads as is.
 
     The write is atomic (see files.atomic_directory): `path` holds either the old or the new checkpoint,
-    whatever moment the process is killed. Files of an existing checkpoint other than weights and config
-    (tokenizer, preprocessor, README, ...) are carried over. A `processor` (dualenc.Processor) writes its
+    whatever moment the process is killed. What an existing checkpoint holds besides weights and config
+    (tokenizer, preprocessor, README, subdirectories) is carried over, hard-linked where possible. A `processor` (dualenc.Processor) writes its
     tokenizer and preprocessor files into the same atomic step, so transformers' AutoProcessor loads the
     directory too; `extra_files(tmp_dir)` may add other files.
     """
@@ -361,19 +361,27 @@ def _flat_params(config: DualEncoderConfig, params: dict) -> dict[tuple[str, ...
     return {tuple(k.split("/")): np.asarray(jax.device_get(v), dtype=np.float32) for k, v in flat.items()}
 
 
+def _link_or_copy(src: str, dst: str):
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def _carry_over(old: str, new: str):
-    """Hard-links (or copies) files of the old checkpoint that this save does not rewrite."""
+    """Hard-links (or copies) what the old checkpoint holds besides weights and config: tokenizer and
+    preprocessor files, a README, subdirectories such as training checkpoints. The old directory is left
+    untouched until the swap, so a kill at any point loses nothing."""
     if not os.path.isdir(old):
         return
     replaced = {CONFIG, WEIGHTS, WEIGHTS_INDEX, *UNSAFE_WEIGHTS}
     for entry in os.scandir(old):
-        if entry.name in replaced or entry.name.endswith(".safetensors") or not entry.is_file(follow_symlinks=False):
-            continue
         target = os.path.join(new, entry.name)
-        try:
-            os.link(entry.path, target)
-        except OSError:
-            shutil.copy2(entry.path, target)
+        if entry.is_dir(follow_symlinks=False):
+            shutil.copytree(entry.path, target, symlinks=True, copy_function=_link_or_copy)
+        elif entry.is_file(follow_symlinks=False) and not (entry.name in replaced
+                                                           or entry.name.endswith(".safetensors")):
+            _link_or_copy(entry.path, target)
 
 
 # ------------------------------------------------------------------------------------------------ single towers

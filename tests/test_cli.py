@@ -1,0 +1,156 @@
+"""Every subcommand end to end through the installed `dualenc` console script, on tiny models and data."""
+
+import json
+import os
+import shutil
+import subprocess
+
+
+import numpy as np
+import pytest
+from conftest import hf_text_config, hf_vision_config, randomize
+from PIL import Image
+
+import dualenc
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "the", "red", "green", "blue", "square",
+         "dark", "bright", "picture", "an", "image", "colour", "cat", "dog"]
+
+
+def dualenc_cmd(*args, check=True, timeout=300):
+    exe = shutil.which("dualenc")
+    assert exe, "the dualenc console script is installed with the package"
+    proc = subprocess.run([exe, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "XLA_FLAGS": ""})
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Single-tower directories, a dual encoder directory, and a folder of captioned images."""
+    import transformers
+
+    root = tmp_path_factory.mktemp("cli")
+    vision = randomize(transformers.ViTModel(hf_vision_config("vit")), seed=1)
+    vision.save_pretrained(root / "vision")
+    dualenc.ImageProcessor(size={"height": 30, "width": 30}).save_pretrained(root / "vision")
+    text = randomize(transformers.BertModel(hf_text_config("bert", vocab_size=len(WORDS))), seed=2)
+    text.save_pretrained(root / "text")
+    (root / "text" / "vocab.txt").write_text("\n".join(WORDS) + "\n")
+    images = root / "data" / "images"
+    images.mkdir(parents=True)
+    colours = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+    rows = []
+    for i in range(12):
+        name = list(colours)[i % 3]
+        Image.fromarray(np.full((30, 30, 3), colours[name], np.uint8)).save(images / f"{i}.png")
+        rows.append({"image": f"images/{i}.png", "caption": f"a photo of the {name} square", "label": name})
+    rows.append({"image": "images/missing.png", "caption": "a photo of nothing"})
+    (root / "data" / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (root / "labels.txt").write_text("red\ngreen\nblue\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(workspace):
+    out = workspace / "model"
+    proc = dualenc_cmd("train", "--vision", workspace / "vision", "--text", workspace / "text",
+                       "--data", workspace / "data" / "pairs.jsonl", "--out", out, "--steps", 6, "--batch-size", 4,
+                       "--checkpoint-every", 3, "--projection-dim", 8, "--quiet")
+    assert "trained 6 steps" in proc.stdout and "missing image" in proc.stderr
+    return out
+
+
+def test_train_writes_a_transformers_directory_and_resumes(trained, workspace):
+    import transformers
+
+    assert {"config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"} <= set(
+        os.listdir(trained))
+    model, info = transformers.VisionTextDualEncoderModel.from_pretrained(trained, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    transformers.VisionTextDualEncoderProcessor.from_pretrained(trained)
+    steps = sorted(os.listdir(trained / "checkpoints"))
+    assert steps == ["step_00000003", "step_00000006"]
+    again = dualenc_cmd("train", "--vision", workspace / "vision", "--text", workspace / "text",
+                        "--data", workspace / "data" / "pairs.jsonl", "--out", trained, "--steps", 6, "--quiet",
+                        "--batch-size", 4, "--checkpoint-every", 3, "--projection-dim", 8, check=False)
+    assert again.returncode != 0 and "--resume" in again.stderr and "Traceback" not in again.stderr
+    resumed = dualenc_cmd("train", "--vision", workspace / "vision", "--text", workspace / "text",
+                          "--data", workspace / "data" / "pairs.jsonl", "--out", trained, "--steps", 9, "--quiet",
+                          "--batch-size", 4, "--checkpoint-every", 3, "--projection-dim", 8, "--resume")
+    assert "trained 9 steps" in resumed.stdout
+
+
+def test_zero_shot_embed_search_eval(trained, workspace):
+    images = workspace / "data" / "images"
+    out = dualenc_cmd("zero-shot", "--model", trained, "--labels", "red,green,blue", "--top-k", 2, "--json",
+                      images / "0.png", images / "1.png")
+    results = json.loads(out.stdout)
+    assert [r["image"] for r in results] == [str(images / "0.png"), str(images / "1.png")]
+    assert all(len(r["labels"]) == 2 and 0 < r["probabilities"][0] <= 1 for r in results)
+    plain = dualenc_cmd("zero-shot", "--model", trained, "--labels-file", workspace / "labels.txt", images / "2.png")
+    assert plain.stdout.startswith(str(images / "2.png") + ": ")
+
+    index = workspace / "images.safetensors"
+    dualenc_cmd("embed", "--model", trained, "--images", images, "--out", index)
+    from dualenc import files
+
+    tensors, meta = files.read_safetensors(str(index))
+    assert tensors["embeddings"].shape == (12, 8) and meta["kind"] == "image" and len(json.loads(meta["names"])) == 12
+    np.testing.assert_allclose(np.linalg.norm(tensors["embeddings"], axis=1), 1, rtol=1e-5)
+    found = json.loads(dualenc_cmd("search", "--model", trained, "--index", index, "--top-k", 3, "--json",
+                                   "a photo of the red square").stdout)
+    assert len(found) == 3 and found[0]["score"] >= found[1]["score"] >= found[2]["score"]
+    (workspace / "texts.txt").write_text("a red square\na blue square\n")
+    dualenc_cmd("embed", "--model", trained, "--texts", workspace / "texts.txt", "--out", workspace / "t.safetensors")
+    by_image = json.loads(dualenc_cmd("search", "--model", trained, "--index", workspace / "t.safetensors", "--image",
+                                      "--json", images / "0.png").stdout)
+    assert {r["name"] for r in by_image} == {"a red square", "a blue square"}
+
+    figures = json.loads(dualenc_cmd("eval", "--model", trained, "--data", workspace / "data" / "pairs.jsonl",
+                                     "--labels-file", workspace / "labels.txt", "--json").stdout)
+    assert figures["images"] == 12 and figures["skipped"] == {"missing image": 1}
+    assert 0 <= figures["zero_shot_accuracy"] <= 1 and 0 < figures["i2t_R@10"] <= 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["zero-shot", "--model", "/nowhere", "--labels", "a,b", "x.png"], "image not found: x.png"),
+    (["eval", "--model", "/nowhere", "--data", "/nowhere.jsonl"], "caption file not found"),
+    (["embed", "--model", "/nowhere", "--texts", "t.txt", "--out", "x.npy"], ".safetensors"),
+    (["search", "--model", "/nowhere", "--index", "/nowhere.safetensors", "q"], "index file not found"),
+    (["zero-shot", "--model", "MODEL", "--labels-file", "/no/labels.txt", "IMAGE"], "labels file not found"),
+    (["zero-shot", "--model", "/nowhere/model", "--labels", "a,b", "IMAGE"], "model directory not found"),
+])
+def test_errors_are_one_line_without_traceback(args, message, trained, workspace):
+    args = [str(trained) if a == "MODEL" else str(workspace / "data" / "images" / "0.png") if a == "IMAGE" else a
+            for a in args]
+    proc = dualenc_cmd(*args, check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and lines[0].startswith("dualenc "), proc.stderr
+    debug = dualenc_cmd(*args, "--debug", check=False)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_every_subcommand_has_help_with_an_example():
+    for name in ("demo", "zero-shot", "embed", "search", "train", "eval"):
+        out = dualenc_cmd(name, "--help").stdout
+        assert "example:" in out and f"dualenc {name}" in out
+
+
+def test_demo_short_run_is_deterministic(tmp_path):
+    runs = [json.loads(dualenc_cmd("demo", "--steps", 30, "--seed", 3, "--out", tmp_path / f"d{i}", "--json").stdout)
+            for i in range(2)]
+    for key in ("zero_shot_accuracy", "i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5", "final_train_loss"):
+        assert runs[0][key] == runs[1][key]
+    assert runs[0]["zero_shot_chance"] == 0.1 and runs[0]["held_out_images"] > 300
+    model = tmp_path / "d0" / "model"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"} <= set(os.listdir(model))
+    with Image.open(tmp_path / "d0" / "demo.png") as picture:
+        assert picture.size[0] > 300 and picture.size[1] > 200
+    assert runs[0]["unseen_template"] not in " ".join(dualenc.data.DIGIT_TEMPLATES)
+    config, params = dualenc.load_pretrained(model)
+    assert config.vision.image_size == 16
+
