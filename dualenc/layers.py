@@ -25,7 +25,8 @@ def _gelu_tanh(x):
 
 
 def _gelu(x):
-    return jax.nn.gelu(x, approximate=False)
+    # The erf form, as torch's exact gelu; jax.nn.gelu(approximate=False) goes through erfc and runs 2x slower.
+    return 0.5 * x * (1.0 + lax.erf(x * jnp.asarray(1.0 / math.sqrt(2.0), x.dtype)))
 
 
 ACTIVATIONS: dict[str, Callable] = {
@@ -80,11 +81,15 @@ def lead(v: jax.Array, ndim: int) -> jax.Array:
 
 
 def dense(p: Params, x: jax.Array, dtype) -> jax.Array:
-    """x @ kernel + bias in the compute dtype."""
-    y = jnp.einsum("...i,io->...o", x.astype(dtype), p["kernel"].astype(dtype))
+    """x @ kernel + bias: inputs in the compute dtype, accumulated and biased in float32, returned in dtype.
+
+    Asking for a float32 result also picks the fast path: on CPUs with AMX, XLA runs bfloat16 dots with a
+    float32 result about 6x faster than the same dots with a bfloat16 result.
+    """
+    y = jnp.einsum("...i,io->...o", x.astype(dtype), p["kernel"].astype(dtype), preferred_element_type=jnp.float32)
     if "bias" in p:
-        y = y + lead(p["bias"].astype(dtype), y.ndim)
-    return y
+        y = y + lead(p["bias"].astype(jnp.float32), y.ndim)
+    return y.astype(dtype)
 
 
 def layer_norm(p: Params, x: jax.Array, eps: float, dtype) -> jax.Array:
@@ -177,7 +182,8 @@ def attention(p: Params, x: jax.Array, bias: jax.Array | None, spec: EncoderSpec
     if need_probs or dropping:
         probs = jax.nn.softmax(scores, axis=-1)
         weights = dropout(probs, spec.attention_dropout, key)
-        out = jnp.einsum("bhqs,bhsk->bhqk", weights.astype(dtype), v_BHLK)
+        out = jnp.einsum("bhqs,bhsk->bhqk", weights.astype(dtype), v_BHLK,
+                         preferred_element_type=jnp.float32).astype(dtype)
     else:
         probs = None
         unnormalised = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))

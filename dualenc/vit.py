@@ -144,10 +144,12 @@ def apply(params: layers.Params, config: VisionConfig, pixel_values: jax.Array, 
     with jax.named_scope("embeddings"):
         # A stride-p convolution is a matmul over non-overlapping patches; rows past the last patch are dropped.
         x = pixel_values[:, :, :gh * ph, :gw * pw].reshape(b, c, gh, ph, gw, pw)
-        x = jnp.einsum("bcgpwq,cpqd->bgwd", x.astype(dtype), emb["patch"]["kernel"].astype(dtype))
+        x = jnp.einsum("bcgpwq,cpqd->bgwd", x.astype(dtype), emb["patch"]["kernel"].astype(dtype),
+                       preferred_element_type=jnp.float32)
         x = x.reshape(b, gh * gw, -1)
         if "bias" in emb["patch"]:
-            x = x + layers.lead(emb["patch"]["bias"].astype(dtype), 3)
+            x = x + layers.lead(emb["patch"]["bias"], 3)
+        x = x.astype(dtype)
         cls = jnp.broadcast_to(emb["cls"].astype(dtype), (b, 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1)
         pos = position_embeddings(params, config, (gh, gw), h == w) if interpolate_pos_encoding else emb["position"]

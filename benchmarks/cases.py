@@ -1,0 +1,251 @@
+"""The benchmark cases: each returns a dict of figures (seconds are medians of interleaved runs)."""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import dualenc
+from benchmarks.common import block, build, forward_flops, inputs, interleaved
+
+FORWARD_STATIC = ("dtype",)
+
+
+def _torch_forward(model, batch, autocast=None):
+    import torch
+
+    def run():
+        with torch.inference_mode():
+            tensors = {k: torch.from_numpy(v) for k, v in batch.items()}
+            if autocast is None:
+                return model(**tensors).logits_per_image
+            with torch.autocast("cpu", dtype=autocast):
+                return model(**tensors).logits_per_image
+    return run
+
+
+def _flax_forward(flax_model, batch):
+    fn = jax.jit(lambda params, ids, px, mask: flax_model(ids, px, mask, params=params).logits_per_image)
+
+    def run():
+        return block(fn(flax_model.params, batch["input_ids"], batch["pixel_values"], batch["attention_mask"]))
+    return run, fn
+
+
+def forward(size: str, batch_size: int, length: int, *, repeats: int, peak: float | None = None,
+            dtype: str = "float32") -> dict:
+    """Contrastive forward throughput of dualenc, transformers PyTorch and (if installed) Flax, same weights."""
+    import torch
+
+    side = build(size, flax=dtype == "float32")
+    batch = inputs(side.config, batch_size, length)
+    jax_dtype = None if dtype == "float32" else jnp.dtype(dtype)
+    fwd = jax.jit(dualenc.apply, static_argnames=FORWARD_STATIC)
+
+    def ours():
+        return block(fwd(side.params, side.config, **batch, dtype=jax_dtype).logits_per_image)
+
+    fns = {"dualenc": ours,
+           "torch": _torch_forward(side.torch_model, batch, None if dtype == "float32" else torch.bfloat16)}
+    if side.flax_model is not None:
+        fns["flax"], _ = _flax_forward(side.flax_model, batch)
+    def as_numpy(x):
+        return x.float().numpy() if hasattr(x, "float") else np.asarray(x, np.float32)
+
+    # the reference is PyTorch in float32, also for reduced-precision runs
+    reference = as_numpy(_torch_forward(side.torch_model, batch)())
+    diffs = {name: float(np.max(np.abs(as_numpy(fn()) - reference))) for name, fn in fns.items()}
+    times = interleaved(fns, repeats)
+    flops = forward_flops(side.config, batch_size, batch_size, length)
+    out = {"case": f"forward {size} batch {batch_size} x {length} tokens {dtype}", "flops": flops,
+           "seconds": times, "logits_max_abs_diff_vs_torch": diffs,
+           "gflops_per_s": {k: flops / t / 1e9 for k, t in times.items()},
+           "speedup_vs": {k: times[k] / times["dualenc"] for k in times if k != "dualenc"}}
+    if peak:
+        out["fraction_of_peak"] = {k: flops / t / 1e9 / peak for k, t in times.items()}
+    return out
+
+
+def compile_and_init(size: str = "B16", length: int = 32, batch_size: int = 8) -> dict:
+    """Compile of the jitted forward (dualenc vs Flax), and random init against drawing that many normals."""
+    side = build(size)
+    batch = inputs(side.config, batch_size, length)
+    out = {"case": f"compile and init {size}"}
+    start = time.perf_counter()
+    jax.jit(dualenc.apply).lower(side.params, side.config, **batch).compile()
+    out["compile_forward_s"] = {"dualenc": time.perf_counter() - start}
+    if side.flax_model is not None:
+        _, fn = _flax_forward(side.flax_model, batch)
+        start = time.perf_counter()
+        fn.lower(side.flax_model.params, batch["input_ids"], batch["pixel_values"], batch["attention_mask"]).compile()
+        out["compile_forward_s"]["flax"] = time.perf_counter() - start
+    n = dualenc.num_params(side.params)
+    draw = jax.jit(lambda key: jax.random.normal(key, (n,), jnp.float32))
+    timings = {}
+    for label, fn in (("dualenc.init", lambda k: dualenc.init(k, side.config)), ("jax.random.normal", draw)):
+        start = time.perf_counter()
+        block(fn(jax.random.key(1)))
+        cold = time.perf_counter() - start
+        warm = interleaved({"x": lambda: block(fn(jax.random.key(2)))}, 3, warmup=0)["x"]
+        timings[label] = {"first_call_s": cold, "warm_s": warm}
+    if side.flax_model is not None:
+        tf = __import__("transformers")
+        start = time.perf_counter()
+        tf.FlaxVisionTextDualEncoderModel(side.flax_model.config, seed=3)
+        timings["flax init"] = {"first_call_s": time.perf_counter() - start}
+    out.update(params=n, init=timings,
+               init_over_normal_warm=timings["dualenc.init"]["warm_s"] / timings["jax.random.normal"]["warm_s"])
+    return out
+
+
+def train_step_compile(size: str = "B16", length: int = 32, batch_size: int = 8) -> dict:
+    side = build(size, flax=False)
+    batch = inputs(side.config, batch_size, length)
+    optimizer = dualenc.train.default_optimizer(1e-4, total_steps=100)
+    state = dualenc.train.init_state(side.params, optimizer)
+    step = dualenc.train.make_train_step(side.config, optimizer, donate=False)
+    start = time.perf_counter()
+    block(step(state, batch)[1])
+    return {"case": f"train step first call (trace + compile + 1 step) {size}", "seconds": time.perf_counter() - start}
+
+
+def lit_step(size: str = "B16", batch_size: int = 8, length: int = 32, *, repeats: int) -> dict:
+    """LiT (locked vision, tuned text) step per pair: dualenc with and without the cache, torch frozen vision."""
+    import torch
+
+    side = build(size, flax=False)
+    batch = inputs(side.config, batch_size, length)
+    optimizer = dualenc.train.default_optimizer(1e-4, total_steps=1000)
+    states, steps, batches = {}, {}, {}
+    features = dualenc.train.tower_features(side.params, side.config, "vision",
+                                            {"pixel_values": batch["pixel_values"]}, batch_size=batch_size)
+    for name, cached in (("dualenc cached", True), ("dualenc", False)):
+        states[name] = dualenc.train.init_state(side.params, optimizer, locked=("vision",))
+        steps[name] = dualenc.train.make_train_step(side.config, optimizer, locked=("vision",), cached=cached)
+        batches[name] = ({k: v for k, v in batch.items() if k != "pixel_values"} | {"image_features": features}
+                         if cached else batch)
+
+    def ours(name):
+        def run():
+            states[name], metrics = steps[name](states[name], batches[name])
+            block(metrics["loss"])
+        return run
+
+    model = side.torch_model.train()
+    for p in model.vision_model.parameters():
+        p.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    torch_opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.1)
+    tensors = {k: torch.from_numpy(v) for k, v in batch.items()}
+
+    def theirs():
+        torch_opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            pooled = model.vision_model(pixel_values=tensors["pixel_values"]).pooler_output
+        image = model.visual_projection(pooled)
+        text = model.text_projection(model.text_model(input_ids=tensors["input_ids"],
+                                                      attention_mask=tensors["attention_mask"]).pooler_output)
+        image, text = image / image.norm(dim=-1, keepdim=True), text / text.norm(dim=-1, keepdim=True)
+        logits = model.logit_scale.exp() * text @ image.T
+        labels = torch.arange(len(logits))
+        loss = (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T,
+                                                                                                   labels)) / 2
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        torch_opt.step()
+
+    times = interleaved({"dualenc cached": ours("dualenc cached"), "dualenc": ours("dualenc"), "torch": theirs},
+                        repeats)
+    per_pair = {k: t / batch_size for k, t in times.items()}
+    return {"case": f"LiT step {size} batch {batch_size} x {length} tokens", "seconds_per_pair": per_pair,
+            "speedup_vs_torch": {k: times["torch"] / t for k, t in times.items() if k != "torch"},
+            "cache_speedup": times["dualenc"] / times["dualenc cached"]}
+
+
+def encode_images(size: str = "B16", n: int = 256, batch_size: int = 32, *, repeats: int = 2) -> dict:
+    """encode_images over n generated 256x256 images (host preprocessing included), with transformers beside."""
+    import torch
+
+    side = build(size, flax=False)
+    processor = dualenc.ImageProcessor(size={"height": side.config.vision.image_hw[0],
+                                             "width": side.config.vision.image_hw[1]})
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) for _ in range(n)]
+    tf = __import__("transformers")
+    hf_processor = tf.ViTImageProcessor(size={"height": side.config.vision.image_hw[0],
+                                              "width": side.config.vision.image_hw[1]})
+
+    def theirs():
+        with torch.inference_mode():
+            for i in range(0, n, batch_size):
+                px = hf_processor(images[i:i + batch_size], return_tensors="pt")["pixel_values"]
+                side.torch_model.get_image_features(pixel_values=px)
+
+    times = interleaved({"dualenc": lambda: dualenc.encode_images(side.params, side.config, processor, images,
+                                                                  batch_size=batch_size, progress=False),
+                         "torch": theirs}, repeats)
+    return {"case": f"encode {n} images {size} batch {batch_size}", "images_per_s": {k: n / t for k, t in
+                                                                                     times.items()},
+            "speedup_vs_torch": times["torch"] / times["dualenc"]}
+
+
+def peak_memory(size: str = "B16", batch_size: int = 8, length: int = 32) -> dict:
+    """Peak resident memory of a process that builds the model and runs one forward (each framework alone)."""
+    out = {}
+    for who in ("dualenc", "torch"):
+        code = (f"import resource, sys; sys.path.insert(0, {os.getcwd()!r}); from benchmarks import cases; "
+                f"cases._memory_child({size!r}, {batch_size}, {length}, {who!r}); "
+                f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        out[who] = int(done.stdout.strip().splitlines()[-1]) / 1024
+    return {"case": f"peak RSS, build + one forward, {size} batch {batch_size}", "MiB": out}
+
+
+def _memory_child(size, batch_size, length, who):
+    import torch
+
+    tf = __import__("benchmarks.common", fromlist=["x"]).transformers_module()
+    from benchmarks.common import SIZES
+
+    vision_kw, text_kw, projection_dim = SIZES[size]
+    if who == "torch":
+        config = tf.VisionTextDualEncoderConfig.from_vision_text_configs(
+            tf.ViTConfig(**vision_kw), tf.BertConfig(**text_kw), projection_dim=projection_dim)
+        model = tf.VisionTextDualEncoderModel(config).eval()
+        batch = inputs(dualenc.DualEncoderConfig(dualenc.ViTConfig(**vision_kw), dualenc.BertConfig(**text_kw)),
+                       batch_size, length)
+        with torch.inference_mode():
+            model(**{k: torch.from_numpy(v) for k, v in batch.items()})
+    else:
+        config = dualenc.DualEncoderConfig(dualenc.ViTConfig(**vision_kw), dualenc.BertConfig(**text_kw),
+                                           projection_dim=projection_dim)
+        params = dualenc.init(jax.random.key(0), config)
+        batch = inputs(config, batch_size, length)
+        block(jax.jit(dualenc.apply)(params, config, **batch).logits_per_image)
+
+
+def demo(steps: int = 2000) -> dict:
+    """The full `dualenc demo` run, timed end to end in a fresh process."""
+    import json
+    import shutil
+    import tempfile
+
+    out_dir = tempfile.mkdtemp(prefix="dualenc-demo-")
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "dualenc.cli", "demo", "--steps", str(steps), "--json", "--out",
+                           out_dir], capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - start
+    figures = json.loads(done.stdout)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return {"case": f"dualenc demo ({steps} steps)", "wall_s": wall,
+            **{k: figures[k] for k in ("zero_shot_accuracy", "i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5",
+                                       "train_seconds")},
+            "peak_rss_MiB": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, "ok": math.isfinite(wall)}
