@@ -33,6 +33,8 @@ from dualenc.model import (
     get_text_features,
     init,
     num_params,
+    stack_layers,
+    unstack_layers,
 )
 
 from dualenc import data, evaluate, losses, train, trainer  # noqa: E402  (submodules, as dualenc.train etc.)

@@ -355,10 +355,12 @@ def save_pretrained(path: str | os.PathLike, config: DualEncoderConfig, params: 
 
 def _flat_params(config: DualEncoderConfig, params: dict) -> dict[tuple[str, ...], np.ndarray]:
     try:
-        flat = model.check_params(params, config)
+        model.check_params(params, config)
     except ValueError as e:
         raise CheckpointError(f"cannot save: {e}") from None
-    return {tuple(k.split("/")): np.asarray(jax.device_get(v), dtype=np.float32) for k, v in flat.items()}
+    params = model.stack_layers(params)
+    return {tuple(k.key for k in path): np.asarray(jax.device_get(leaf), dtype=np.float32)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
 
 
 def _link_or_copy(src: str, dst: str):

@@ -44,9 +44,16 @@ def _check_locking(locked: Sequence[str], unlocked_layers: int):
     return locked
 
 
+def _take_layers(encoder, start: int, stop: int | None):
+    if isinstance(encoder, (tuple, list)):
+        return tuple(encoder[start:stop])
+    return jax.tree_util.tree_map(lambda x: x[start:stop], encoder)
+
+
 def partition(params: dict, locked: Sequence[str] = (), unlocked_layers: int = 0) -> tuple[dict, dict]:
     """Splits params into (trainable, frozen). A locked tower is frozen except, with unlocked_layers=k, its
-    top k encoder layers and what follows them (final norm, pooler). Projections and logit scale/bias train."""
+    top k encoder layers and what follows them (final norm, pooler). Projections and logit scale/bias train.
+    Works on either layer layout (stacked, or per-layer tuples)."""
     locked = _check_locking(locked, unlocked_layers)
     trainable, frozen = {}, {}
     for name, value in params.items():
@@ -55,15 +62,15 @@ def partition(params: dict, locked: Sequence[str] = (), unlocked_layers: int = 0
         elif unlocked_layers == 0:
             frozen[name] = value
         else:
-            depth = jax.tree_util.tree_leaves(value["encoder"])[0].shape[0]
+            depth = layers.num_layers(value["encoder"])
             if unlocked_layers > depth:
                 raise ConfigError(f"unlocked_layers={unlocked_layers} exceeds the {depth} layers of the "
                                   f"{name} tower")
             cut = depth - unlocked_layers
             frozen[name] = {k: v for k, v in value.items() if k not in _POST_ENCODER[name]}
-            frozen[name]["encoder"] = jax.tree_util.tree_map(lambda x: x[:cut], value["encoder"])
+            frozen[name]["encoder"] = _take_layers(value["encoder"], 0, cut)
             trainable[name] = {k: v for k, v in value.items() if k in _POST_ENCODER[name]}
-            trainable[name]["encoder"] = jax.tree_util.tree_map(lambda x: x[cut:], value["encoder"])
+            trainable[name]["encoder"] = _take_layers(value["encoder"], cut, None)
     return trainable, frozen
 
 
@@ -72,9 +79,13 @@ def _merge(trainable: dict, frozen: dict, split: bool) -> dict:
     for name in sorted(set(trainable) | set(frozen)):
         if name in trainable and name in frozen:  # a partly unlocked tower
             tower = {**frozen[name], **{k: v for k, v in trainable[name].items() if k != "encoder"}}
-            enc_frozen, enc_top = frozen[name]["encoder"], trainable[name]["encoder"]
-            tower["encoder"] = layers.Split(enc_frozen, enc_top) if split else jax.tree_util.tree_map(
-                lambda a, b: jnp.concatenate([a, b]), enc_frozen, enc_top)
+            bottom, top = frozen[name]["encoder"], trainable[name]["encoder"]
+            if split:
+                tower["encoder"] = layers.Split(bottom, top)
+            elif isinstance(bottom, (tuple, list)):
+                tower["encoder"] = tuple(bottom) + tuple(top)
+            else:
+                tower["encoder"] = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), bottom, top)
             out[name] = tower
         else:
             out[name] = trainable[name] if name in trainable else frozen[name]
@@ -82,8 +93,8 @@ def _merge(trainable: dict, frozen: dict, split: bool) -> dict:
 
 
 def full_params(state: TrainState) -> dict:
-    """The whole params tree of a train state (for save_pretrained, evaluation)."""
-    return _merge(state.trainable, state.frozen, split=False)
+    """The whole params tree of a train state, in the stacked layout (for save_pretrained, evaluation)."""
+    return model.stack_layers(_merge(state.trainable, state.frozen, split=False))
 
 
 def decay_mask(params: dict) -> dict:
@@ -109,8 +120,14 @@ def default_optimizer(learning_rate: float = 5e-4, *, total_steps: int, warmup_s
 
 
 def init_state(params: dict, optimizer, *, locked: Sequence[str] = (), unlocked_layers: int = 0,
-               seed: int = 0) -> TrainState:
-    """A train state: the optimizer state covers the trainable params only."""
+               seed: int = 0, layer_loop: bool = True) -> TrainState:
+    """A train state: the optimizer state covers the trainable params only.
+
+    layer_loop keeps each encoder layer's params (and gradients) as buffers of their own, run as a Python
+    loop instead of lax.scan: on CPU a BERT-base backward runs about 25% faster, for a longer compile.
+    """
+    if layer_loop:
+        params = model.unstack_layers(params)
     trainable, frozen = partition(params, locked, unlocked_layers)
     trainable = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), trainable)  # the step donates these
     return TrainState(jnp.zeros((), jnp.int32), trainable, jax.tree_util.tree_map(jnp.asarray, frozen),
