@@ -53,7 +53,12 @@ def forward(size: str, batch_size: int, length: int, *, repeats: int, peak: floa
     def ours():
         return block(fwd(side.params, side.config, **batch, dtype=jax_dtype).logits_per_image)
 
-    fns = {"dualenc": ours,
+    loop_params = dualenc.unstack_layers(side.params)
+
+    def ours_loop():
+        return block(fwd(loop_params, side.config, **batch, dtype=jax_dtype).logits_per_image)
+
+    fns = {"dualenc": ours, "dualenc layer loop": ours_loop,
            "torch": _torch_forward(side.torch_model, batch, None if dtype == "float32" else torch.bfloat16)}
     if side.flax_model is not None:
         fns["flax"], _ = _flax_forward(side.flax_model, batch)
@@ -68,7 +73,7 @@ def forward(size: str, batch_size: int, length: int, *, repeats: int, peak: floa
     out = {"case": f"forward {size} batch {batch_size} x {length} tokens {dtype}", "flops": flops,
            "seconds": times, "logits_max_abs_diff_vs_torch": diffs,
            "gflops_per_s": {k: flops / t / 1e9 for k, t in times.items()},
-           "speedup_vs": {k: times[k] / times["dualenc"] for k in times if k != "dualenc"}}
+           "torch_time_over": {k: times["torch"] / t for k, t in times.items() if k.startswith("dualenc")}}
     if peak:
         out["fraction_of_peak"] = {k: flops / t / 1e9 / peak for k, t in times.items()}
     return out
@@ -127,9 +132,11 @@ def lit_step(size: str = "B16", batch_size: int = 8, length: int = 32, *, repeat
     states, steps, batches = {}, {}, {}
     features = dualenc.train.tower_features(side.params, side.config, "vision",
                                             {"pixel_values": batch["pixel_values"]}, batch_size=batch_size)
-    for name, cached in (("dualenc cached", True), ("dualenc", False)):
+    for name, cached, dtype in (("dualenc cached", True, None), ("dualenc", False, None),
+                                ("dualenc cached bf16", True, jnp.bfloat16)):
         states[name] = dualenc.train.init_state(side.params, optimizer, locked=("vision",))
-        steps[name] = dualenc.train.make_train_step(side.config, optimizer, locked=("vision",), cached=cached)
+        steps[name] = dualenc.train.make_train_step(side.config, optimizer, locked=("vision",), cached=cached,
+                                                    dtype=dtype)
         batches[name] = ({k: v for k, v in batch.items() if k != "pixel_values"} | {"image_features": features}
                          if cached else batch)
 
@@ -146,27 +153,34 @@ def lit_step(size: str = "B16", batch_size: int = 8, length: int = 32, *, repeat
     torch_opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.1)
     tensors = {k: torch.from_numpy(v) for k, v in batch.items()}
 
-    def theirs():
-        torch_opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            pooled = model.vision_model(pixel_values=tensors["pixel_values"]).pooler_output
-        image = model.visual_projection(pooled)
-        text = model.text_projection(model.text_model(input_ids=tensors["input_ids"],
-                                                      attention_mask=tensors["attention_mask"]).pooler_output)
-        image, text = image / image.norm(dim=-1, keepdim=True), text / text.norm(dim=-1, keepdim=True)
-        logits = model.logit_scale.exp() * text @ image.T
-        labels = torch.arange(len(logits))
-        loss = (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T,
-                                                                                                   labels)) / 2
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        torch_opt.step()
+    def theirs(autocast=None):
+        def step():
+            torch_opt.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast is not None):
+                with torch.no_grad():
+                    pooled = model.vision_model(pixel_values=tensors["pixel_values"]).pooler_output
+                image = model.visual_projection(pooled)
+                text = model.text_projection(model.text_model(input_ids=tensors["input_ids"],
+                                                              attention_mask=tensors["attention_mask"]).pooler_output)
+            image, text = image.float(), text.float()
+            image, text = image / image.norm(dim=-1, keepdim=True), text / text.norm(dim=-1, keepdim=True)
+            logits = model.logit_scale.exp() * text @ image.T
+            labels = torch.arange(len(logits))
+            loss = (torch.nn.functional.cross_entropy(logits, labels)
+                    + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            torch_opt.step()
+        return step
 
-    times = interleaved({"dualenc cached": ours("dualenc cached"), "dualenc": ours("dualenc"), "torch": theirs},
-                        repeats)
+    times = interleaved({"dualenc cached": ours("dualenc cached"), "dualenc": ours("dualenc"), "torch": theirs(),
+                         "dualenc cached bf16": ours("dualenc cached bf16"),
+                         "torch autocast bf16": theirs(torch.bfloat16)}, repeats)
     per_pair = {k: t / batch_size for k, t in times.items()}
-    return {"case": f"LiT step {size} batch {batch_size} x {length} tokens", "seconds_per_pair": per_pair,
-            "speedup_vs_torch": {k: times["torch"] / t for k, t in times.items() if k != "torch"},
+    return {"case": f"LiT step {size} batch {batch_size} x {length} tokens (locked vision)",
+            "seconds_per_pair": per_pair,
+            "speedup_vs_torch_float32": {k: times["torch"] / t for k, t in times.items() if k.startswith("dualenc")},
+            "bf16_speedup_vs_torch_bf16": times["torch autocast bf16"] / times["dualenc cached bf16"],
             "cache_speedup": times["dualenc"] / times["dualenc cached"]}
 
 
