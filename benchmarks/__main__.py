@@ -10,10 +10,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import cases  # noqa: E402
+from benchmarks import cases, load  # noqa: E402
 from benchmarks.common import machine, matmul_peak, torch_matmul_peak  # noqa: E402
 
-ALL = ("peak", "forward", "bf16", "latency", "startup", "lit", "encode", "memory", "demo")
+ALL = ("peak", "forward", "bf16", "latency", "startup", "lit", "encode", "memory", "demo", "load")
 
 
 def run(selected, repeats: int) -> dict:
@@ -45,6 +45,9 @@ def run(selected, repeats: int) -> dict:
         add(cases.peak_memory())
     if "demo" in selected:
         add(cases.demo())
+    if "load" in selected:
+        add(load.encode_many())
+        add(load.train_long())
     return results
 
 

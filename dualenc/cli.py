@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import textwrap
 
@@ -170,6 +171,12 @@ def cmd_train(args) -> int:
     for flag, path in (("--vision", args.vision), ("--text", args.text)):
         if not os.path.isdir(path):
             raise CommandError(f"{flag} model directory not found: {path}")
+    if args.coordinator:
+        if args.num_processes is None or args.process_id is None:
+            raise CommandError("--coordinator needs --num-processes and --process-id")
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # for CPU devices; GPUs use NCCL
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                                   heartbeat_timeout_seconds=args.heartbeat_timeout)
     dataset = data.read_pairs(args.data, image_root=args.image_root)
     locked = () if args.lock == "none" else (args.lock,)
     checkpoints = os.path.join(args.out, "checkpoints")
@@ -197,7 +204,7 @@ def cmd_train(args) -> int:
         raise CommandError(f"{checkpoints} already holds checkpoints: pass --resume to continue, or another --out")
     mesh = dualenc.train.data_mesh() if jax.device_count() > 1 else None
     bar = None
-    if not args.quiet:
+    if not args.quiet and jax.process_index() == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=args.steps, desc="training", unit="step", file=sys.stderr, dynamic_ncols=True)
@@ -207,14 +214,27 @@ def cmd_train(args) -> int:
             bar.n = step
             bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", refresh=True)
 
-    params, last = trainer.fit(config, params, dataset, processor, run, checkpoint_dir=checkpoints,
-                               resume=args.resume, mesh=mesh, callback=progress)
+    try:
+        params, last = trainer.fit(config, params, dataset, processor, run, checkpoint_dir=checkpoints,
+                                   resume=args.resume, mesh=mesh, callback=progress)
+    except jax.errors.JaxRuntimeError as e:
+        if not args.coordinator:
+            raise
+        saved = trainer.checkpoints(checkpoints)
+        last_saved = saved[-1][1] if saved else "none yet"
+        reason = re.sub(r"(Error dispatching computation: )+", r"\1", " ".join(str(e).split()))[:160]
+        print(f"dualenc train: error: process {args.process_id} lost a peer of the distributed run ({reason}); "
+              f"restart all {args.num_processes} processes with --resume (last checkpoint: {last_saved})",
+              file=sys.stderr, flush=True)
+        os._exit(3)  # skip the distributed shutdown barrier, which would wait for the lost process
     if bar is not None:
         bar.close()
     if dataset.skipped:
         print(f"skipped rows of {args.data}: {dict(dataset.skipped)}", file=sys.stderr)
-    dualenc.save_pretrained(args.out, config, params, processor=processor)
-    print(f"trained {args.steps} steps (final loss {last.get('loss', float('nan')):.4f}); model saved to {args.out}")
+    if jax.process_index() == 0:
+        dualenc.save_pretrained(args.out, config, params, processor=processor)
+        print(f"trained {args.steps} steps (final loss {last.get('loss', float('nan')):.4f}); model saved to "
+              f"{args.out}")
     return 0
 
 
@@ -324,6 +344,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoints")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--coordinator", help="HOST:PORT of process 0, to train over several processes/hosts")
+    p.add_argument("--num-processes", type=int, help="with --coordinator: how many processes take part")
+    p.add_argument("--process-id", type=int, help="with --coordinator: this process's index, 0 to N-1")
+    p.add_argument("--heartbeat-timeout", type=int, default=30,
+                   help="seconds without a heartbeat before a lost process stops the run (default: %(default)s)")
 
     p = _sub(subs, "eval", cmd_eval, "retrieval metrics on image-caption pairs, and zero-shot accuracy with labels")
     p.add_argument("--model", required=True)

@@ -444,7 +444,7 @@ def tower_config_from_dict(d: Mapping[str, Any], *, where: str = "config",
         raise ConfigError(f"{where}: expected a JSON object, got {type(d).__name__}")
     allowed = allowed or {**VISION_TYPES, "clip": CLIPVisionConfig, **TEXT_TYPES}
     model_type = d.get("model_type")
-    if model_type not in allowed:
+    if not isinstance(model_type, str) or model_type not in allowed:
         raise ConfigError(f"{where}: field 'model_type' must be one of {sorted(allowed)}, got {model_type!r}")
     if model_type == "clip":
         vision = d.get("vision_config")

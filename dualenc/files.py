@@ -124,10 +124,14 @@ def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
 
 def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None):
     """Writes tensors with the safetensors library (metadata format "pt", which transformers requires)."""
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
     arrays = {k: np.asarray(v, order="C") for k, v in tensors.items()}  # ascontiguousarray makes 0-d 1-d
-    save_file(arrays, path, metadata={"format": "pt", **(metadata or {})})
+    try:
+        save_file(arrays, path, metadata={"format": "pt", **(metadata or {})})
+    except SafetensorError as e:  # the library reports failed writes (a full disk, say) this way
+        raise OSError(errno.EIO, f"writing {path} failed: {e}") from None
     _fsync(path)
 
 
@@ -216,18 +220,17 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_stale(path: str):
-    """Removes temporary siblings of `path` left by saves whose process has died."""
-    parent, name = os.path.split(os.path.abspath(path))
-    prefix = f".{name}{_TMP_MARK}"
+    """Removes the temporary directories that saves killed mid-way left beside `path` (their process is gone)."""
+    parent = os.path.dirname(os.path.abspath(path))
     try:
         siblings = os.listdir(parent)
     except FileNotFoundError:
         return
     for entry in siblings:
-        if not entry.startswith(prefix):
+        if not entry.startswith(".") or _TMP_MARK not in entry:
             continue
         try:
-            pid = int(entry[len(prefix):].split("-")[0])
+            pid = int(entry.rsplit(_TMP_MARK, 1)[1].split("-")[0])
         except ValueError:
             continue
         if not _pid_alive(pid):
@@ -253,7 +256,11 @@ def atomic_directory(path: str) -> Iterator[str]:
     os.makedirs(parent, exist_ok=True)
     clean_stale(path)
     tmp = os.path.join(parent, f".{name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
-    os.mkdir(tmp)
+    try:
+        os.mkdir(tmp)
+    except OSError as e:
+        raise type(e)(e.errno, f"cannot save to {path}: {e.strerror} (creating a temporary directory in "
+                               f"{parent})") from None
     try:
         yield tmp
         _fsync(tmp)
@@ -264,5 +271,10 @@ def atomic_directory(path: str) -> Iterator[str]:
         else:
             os.rename(tmp, path)
         _fsync(parent)
+    except OSError as e:
+        if str(path) in str(e):
+            raise
+        raise type(e)(e.errno, f"saving {path} failed, the previous contents are untouched: "
+                               f"{e.strerror or e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

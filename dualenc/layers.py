@@ -86,9 +86,10 @@ def dense(p: Params, x: jax.Array, dtype) -> jax.Array:
     Asking for a float32 result also picks the fast path: on CPUs with AMX, XLA runs bfloat16 dots with a
     float32 result about 6x faster than the same dots with a bfloat16 result.
     """
-    y = jnp.einsum("...i,io->...o", x.astype(dtype), p["kernel"].astype(dtype), preferred_element_type=jnp.float32)
+    accumulate = jnp.float32 if jax.default_backend() == "cpu" else None  # GPUs accumulate in f32 anyway
+    y = jnp.einsum("...i,io->...o", x.astype(dtype), p["kernel"].astype(dtype), preferred_element_type=accumulate)
     if "bias" in p:
-        y = y + lead(p["bias"].astype(jnp.float32), y.ndim)
+        y = y + lead(p["bias"].astype(y.dtype), y.ndim)
     return y.astype(dtype)
 
 
@@ -169,6 +170,13 @@ def attention(p: Params, x: jax.Array, bias: jax.Array | None, spec: EncoderSpec
     b, l, d = x.shape
     h = spec.num_heads
     head_dim = d // h
+    dropping = key is not None and spec.attention_dropout > 0.0
+    if jax.default_backend() == "gpu" and not (need_probs or dropping):
+        # jax.nn.dot_product_attention picks cuDNN's fused attention where it applies (bf16/fp16), else XLA.
+        q, k, v = (dense(p[n], x, dtype).reshape(b, l, h, head_dim) for n in ("query", "key", "value"))
+        mask = None if bias is None else bias == 0
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask).reshape(b, l, d)
+        return dense(p["out"], out, dtype), None
 
     def heads(name):  # (B, L, D) -> (B, H, L, K)
         return dense(p[name], x, dtype).reshape(b, l, h, head_dim).transpose(0, 2, 1, 3)
@@ -178,7 +186,6 @@ def attention(p: Params, x: jax.Array, bias: jax.Array | None, spec: EncoderSpec
     scores = jnp.einsum("bhqk,bhsk->bhqs", q_BHLK, k_BHLK, preferred_element_type=jnp.float32)
     if bias is not None:
         scores = scores + bias
-    dropping = key is not None and spec.attention_dropout > 0.0
     if need_probs or dropping:
         probs = jax.nn.softmax(scores, axis=-1)
         weights = dropout(probs, spec.attention_dropout, key)

@@ -133,7 +133,7 @@ class ImageProcessor:
         if self.do_center_crop and self.crop_size is None:
             _fail(where, "crop_size", "is required when do_center_crop is true")
         self.resample = s["resample"]
-        if isinstance(self.resample, bool) or self.resample not in RESAMPLE:
+        if type(self.resample) is not int or self.resample not in RESAMPLE:
             _fail(where, "resample", f"must be a pillow filter code {RESAMPLE}, got {self.resample!r}")
         factor = s["rescale_factor"]
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:

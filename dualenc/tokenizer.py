@@ -180,7 +180,15 @@ def _load(path: str | os.PathLike) -> tuple[Any, dict]:
             vocab = tk.models.WordPiece.read_file(files["vocab.txt"])
         except Exception as e:
             raise ConfigError(f"vocabulary {files['vocab.txt']} cannot be read: {e}") from None
-        backend = build_wordpiece(vocab, cfg, specials, cfg_where)
+        unk = specials.get("unk_token", ("[UNK]", None))[0]
+        if unk not in vocab:
+            raise ConfigError(f"vocabulary {files['vocab.txt']} lacks the unknown token {unk!r}")
+        try:
+            backend = build_wordpiece(vocab, cfg, specials, cfg_where)
+        except Exception as e:  # tokenizers raises a bare Exception for an unusable vocabulary
+            if isinstance(e, (ConfigError, InputError)):
+                raise
+            raise ConfigError(f"vocabulary {files['vocab.txt']} cannot be used: {e}") from None
     elif exists["vocab.json"] and family in (None, "roberta"):
         if not exists["merges.txt"]:
             raise FileNotFoundError(f"BPE merges file not found: {files['merges.txt']} (beside vocab.json)")
@@ -189,7 +197,12 @@ def _load(path: str | os.PathLike) -> tuple[Any, dict]:
             vocab, merges = tk.models.BPE.read_file(files["vocab.json"], files["merges.txt"])
         except Exception as e:
             raise ConfigError(f"BPE files {files['vocab.json']} / {files['merges.txt']} cannot be read: {e}") from None
-        backend = build_bytelevel_bpe(vocab, merges, cfg, specials, cfg_where)
+        try:
+            backend = build_bytelevel_bpe(vocab, merges, cfg, specials, cfg_where)
+        except Exception as e:  # e.g. a merge of tokens that are not in the vocabulary
+            if isinstance(e, (ConfigError, InputError)):
+                raise
+            raise ConfigError(f"BPE files {files['vocab.json']} / {files['merges.txt']} cannot be used: {e}") from None
     elif family == "other":
         raise ConfigError(f"{cfg_where}: field 'tokenizer_class' = {cfg['tokenizer_class']!r} cannot be built "
                           f"from vocabulary files; supported: BertTokenizer (vocab.txt), RobertaTokenizer "
@@ -336,7 +349,10 @@ class Tokenizer:
                 self._backend.enable_truncation(**target)
             if self._backend.padding is not None:
                 self._backend.no_padding()
-            encodings = self._backend.encode_batch(list(texts), add_special_tokens=True)
+            try:
+                encodings = self._backend.encode_batch(list(texts), add_special_tokens=True)
+            except Exception as e:  # tokenizers raises a bare Exception when its files cannot encode a text
+                raise ConfigError(f"tokenizer {self.where} cannot encode these texts: {e}") from None
         width = length if padding == "max_length" else max(len(e.ids) for e in encodings)
         out = {"input_ids": np.full((len(texts), width), self.pad_token_id, np.int64),
                "attention_mask": np.zeros((len(texts), width), np.int64),

@@ -180,7 +180,8 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
             checkpoint()
     if checkpoint_dir and (not run.checkpoint_every or step % run.checkpoint_every):
         checkpoint()
-    return train.full_params(state), {k: float(v) for k, v in jax.device_get(metrics).items()}
+    params = jax.tree_util.tree_map(_host_array, train.full_params(state))  # gathered from every host
+    return params, {k: float(_host_array(v)) for k, v in metrics.items()}
 
 
 def _local_rows(batch: dict) -> dict:

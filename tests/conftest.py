@@ -92,3 +92,46 @@ def hf_dir(tmp_path):
         return str(path)
 
     return save
+
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "the", "red", "green", "blue", "square",
+         "dark", "bright", "picture", "an", "image", "colour", "cat", "dog"]
+
+
+def make_workspace(root):
+    """Single-tower model directories (ViT + BERT with processor files) and 12 captioned images, for the CLI."""
+    import json
+
+    from PIL import Image
+
+    import dualenc
+
+    tf = _transformers()
+    vision = randomize(tf.ViTModel(hf_vision_config("vit")), seed=1)
+    vision.save_pretrained(root / "vision")
+    dualenc.ImageProcessor(size={"height": 30, "width": 30}).save_pretrained(root / "vision")
+    text = randomize(tf.BertModel(hf_text_config("bert", vocab_size=len(WORDS))), seed=2)
+    text.save_pretrained(root / "text")
+    (root / "text" / "vocab.txt").write_text("\n".join(WORDS) + "\n")
+    images = root / "data" / "images"
+    images.mkdir(parents=True)
+    colours = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+    rows = []
+    for i in range(12):
+        name = list(colours)[i % 3]
+        Image.fromarray(np.full((30, 30, 3), colours[name], np.uint8)).save(images / f"{i}.png")
+        rows.append({"image": f"images/{i}.png", "caption": f"a photo of the {name} square", "label": name})
+    rows.append({"image": "images/missing.png", "caption": "a photo of nothing"})
+    (root / "data" / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (root / "labels.txt").write_text("red\ngreen\nblue\n")
+    return root
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Records how many inputs each fuzzer of test_fuzz.py tried."""
+    import sys
+
+    fuzz = sys.modules.get("test_fuzz")
+    if fuzz is not None and fuzz.TRIED:
+        terminalreporter.write_line("fuzz inputs tried: " + ", ".join(f"{k} {v}" for k, v in
+                                                                      sorted(fuzz.TRIED.items())))

@@ -8,14 +8,10 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import hf_text_config, hf_vision_config, randomize
+from conftest import make_workspace
 from PIL import Image
 
 import dualenc
-
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "the", "red", "green", "blue", "square",
-         "dark", "bright", "picture", "an", "image", "colour", "cat", "dog"]
-
 
 def dualenc_cmd(*args, check=True, timeout=300):
     exe = shutil.which("dualenc")
@@ -29,28 +25,7 @@ def dualenc_cmd(*args, check=True, timeout=300):
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """Single-tower directories, a dual encoder directory, and a folder of captioned images."""
-    import transformers
-
-    root = tmp_path_factory.mktemp("cli")
-    vision = randomize(transformers.ViTModel(hf_vision_config("vit")), seed=1)
-    vision.save_pretrained(root / "vision")
-    dualenc.ImageProcessor(size={"height": 30, "width": 30}).save_pretrained(root / "vision")
-    text = randomize(transformers.BertModel(hf_text_config("bert", vocab_size=len(WORDS))), seed=2)
-    text.save_pretrained(root / "text")
-    (root / "text" / "vocab.txt").write_text("\n".join(WORDS) + "\n")
-    images = root / "data" / "images"
-    images.mkdir(parents=True)
-    colours = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
-    rows = []
-    for i in range(12):
-        name = list(colours)[i % 3]
-        Image.fromarray(np.full((30, 30, 3), colours[name], np.uint8)).save(images / f"{i}.png")
-        rows.append({"image": f"images/{i}.png", "caption": f"a photo of the {name} square", "label": name})
-    rows.append({"image": "images/missing.png", "caption": "a photo of nothing"})
-    (root / "data" / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    (root / "labels.txt").write_text("red\ngreen\nblue\n")
-    return root
+    return make_workspace(tmp_path_factory.mktemp("cli"))
 
 
 @pytest.fixture(scope="module")

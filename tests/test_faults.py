@@ -1,0 +1,209 @@
+"""Faults: kills during saves, a full disk, a read-only target, a lost worker, and bit-identical reruns."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import dualenc
+from dualenc import trainer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+SAVER = textwrap.dedent("""
+    import os, sys, jax, numpy as np, dualenc
+    from dualenc import train, trainer
+    from dualenc.config import *
+    config = DualEncoderConfig(
+        vision=ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                         image_size=32, patch_size=8),
+        text=BertConfig(vocab_size=20000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64), projection_dim=16)
+    params = dualenc.init(jax.random.key(0), config)
+    optimizer = train.default_optimizer(1e-3, total_steps=10)
+    state = train.init_state(params, optimizer)
+    model_dir, ckpt_dir = sys.argv[1], sys.argv[2]
+    print("ready", flush=True)
+    step = 0
+    while True:
+        step += 1
+        params["logit_scale"] = np.float32(step)
+        dualenc.save_pretrained(model_dir, config, params)
+        state = state._replace(step=np.int32(step))
+        trainer.save_state(ckpt_dir, state, {"data_position": [0, step], "settings": {}}, keep=2)
+""")
+
+
+def test_kills_during_saves_leave_complete_checkpoints(tmp_path):
+    model_dir, ckpt_dir = tmp_path / "model", tmp_path / "ckpt"
+    rng = np.random.default_rng(0)
+    template = None
+    steps_seen, scales_seen = set(), set()
+    for _ in range(8):
+        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(model_dir), str(ckpt_dir)], stdout=subprocess.PIPE)
+        assert proc.stdout.readline().strip() == b"ready"
+        time.sleep(rng.uniform(0.05, 0.6))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if model_dir.exists():
+            _, params = dualenc.load_pretrained(model_dir)
+            scales_seen.add(float(params["logit_scale"]))
+        saved = trainer.checkpoints(str(ckpt_dir))
+        if saved:
+            if template is None:
+                import jax
+
+                config, params = dualenc.load_pretrained(model_dir)
+                optimizer = dualenc.train.default_optimizer(1e-3, total_steps=10)
+                template = dualenc.train.init_state(params, optimizer)
+                del jax
+            state, meta = trainer.restore_state(saved[-1][1], template)
+            assert int(state.step) == meta["step"] == saved[-1][0] == meta["data_position"][1]
+            steps_seen.add(saved[-1][0])
+    assert len(scales_seen) >= 3 and len(steps_seen) >= 3  # the kills landed at many different points
+    dualenc.save_pretrained(model_dir, *dualenc.load_pretrained(model_dir))
+    trainer.save_state(str(ckpt_dir), template, {"data_position": [0, 0], "settings": {}}, keep=2)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "model"]  # the killed saves' temp dirs are cleaned up
+    assert all(name.startswith("step_") for name in os.listdir(ckpt_dir))
+
+
+LIMITED = textwrap.dedent("""
+    import os, resource, signal, sys, jax, numpy as np, dualenc
+    from dualenc import train, trainer
+    config, params = dualenc.load_pretrained(sys.argv[1])
+    params["logit_scale"] = np.float32(99.0)
+    state = train.init_state(params, train.default_optimizer(1e-3, total_steps=10))
+    import safetensors.numpy  # noqa: F401  (imported before dropping privileges: root's site-packages)
+    if sys.argv[3] == "full":
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit then fail with EFBIG, as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+    elif os.geteuid() == 0:
+        os.setgid(65534); os.setuid(65534)  # nobody: the target belongs to root and is not writable
+    try:
+        if sys.argv[4] == "model":
+            dualenc.save_pretrained(sys.argv[1], config, params)
+        else:
+            trainer.save_state(sys.argv[2], state, {"data_position": [0, 0]})
+    except OSError as e:
+        print("OSError:", e)
+        sys.exit(3)
+""")
+
+
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+@pytest.mark.parametrize("what", ["model", "training"])
+def test_full_disk_or_read_only_target(tmp_path, fault, what):
+    import pathlib
+    import shutil
+    import tempfile
+
+    import jax
+
+    # A folder others may enter (pytest's are private), made read-only to the saving process: as root the child
+    # drops to user nobody, otherwise the folder's write bit is removed.
+    tmp_path = pathlib.Path(tempfile.mkdtemp(prefix="dualenc-faults-"))
+    model_dir, ckpt_dir = tmp_path / "model", tmp_path / "ckpt"
+    config = dualenc.DualEncoderConfig(
+        vision=dualenc.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=32,
+                                 image_size=16, patch_size=8),
+        text=dualenc.BertConfig(vocab_size=2000, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                intermediate_size=32), projection_dim=8)
+    params = dualenc.init(jax.random.key(0), config)
+    dualenc.save_pretrained(model_dir, config, params)
+    optimizer = dualenc.train.default_optimizer(1e-3, total_steps=10)
+    trainer.save_state(str(ckpt_dir), dualenc.train.init_state(params, optimizer), {"data_position": [0, 0]})
+    before = sorted(os.listdir(tmp_path)), (model_dir / "model.safetensors").read_bytes()
+    for folder in (tmp_path, model_dir, ckpt_dir):
+        os.chmod(folder, 0o755 if fault == "full" or os.geteuid() == 0 else 0o555)
+    try:
+        done = subprocess.run([sys.executable, "-c", LIMITED, str(model_dir), str(ckpt_dir), fault, what],
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        for folder in (tmp_path, model_dir, ckpt_dir):
+            os.chmod(folder, 0o755)
+    assert done.returncode == 3, done.stdout + done.stderr[-2000:]
+    message = done.stdout
+    assert ("model" if what == "model" else "ckpt") in message and "Traceback" not in message, message
+    assert (sorted(os.listdir(tmp_path)), (model_dir / "model.safetensors").read_bytes()) == before
+    assert float(dualenc.load_pretrained(model_dir)[1]["logit_scale"]) == pytest.approx(2.6592)
+    assert [s for s, _ in trainer.checkpoints(str(ckpt_dir))] == [0]
+    shutil.rmtree(tmp_path)
+
+
+def test_same_seed_same_data_gives_bit_identical_params(tmp_path):
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"run{i}"
+        subprocess.run([sys.executable, "-c", FIT_TWICE, str(out)], check=True, timeout=300)
+        runs.append(np.load(str(out) + ".npz"))
+    assert set(runs[0]) == set(runs[1]) and len(runs[0]) > 10
+    for name in runs[0]:
+        np.testing.assert_array_equal(runs[0][name], runs[1][name])
+
+
+FIT_TWICE = textwrap.dedent("""
+    import sys, jax, numpy as np, dualenc
+    from dualenc import data, trainer
+    out = sys.argv[1]
+    dataset = data.load_digits("test", image_size=16)
+    data.write_vocab(out + "_vocab", dataset.captions)
+    processor = dualenc.Processor(dualenc.ImageProcessor(size={"height": 16, "width": 16}),
+                                  dualenc.Tokenizer.from_pretrained(out + "_vocab", max_length=12))
+    config = dualenc.DualEncoderConfig(
+        vision=dualenc.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                                 image_size=16, patch_size=8),
+        text=dualenc.BertConfig(vocab_size=processor.tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                num_attention_heads=4, intermediate_size=64, max_position_embeddings=12),
+        projection_dim=16)
+    params, _ = trainer.fit(config, dualenc.init(jax.random.key(0), config), dataset, processor,
+                            trainer.TrainConfig(steps=15, batch_size=16, max_length=12, seed=7))
+    np.savez(out, **{jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)})
+""")
+
+
+def test_a_lost_worker_stops_the_run_clearly_and_it_resumes(tmp_path):
+    import shutil as sh
+    import socket
+
+    from conftest import make_workspace
+
+    ws = make_workspace(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+
+    def start(pid, *extra):
+        return subprocess.Popen(
+            [sh.which("dualenc"), "train", "--vision", ws / "vision", "--text", ws / "text", "--data",
+             ws / "data" / "pairs.jsonl", "--out", ws / "out", "--steps", "200", "--batch-size", "4",
+             "--checkpoint-every", "10", "--projection-dim", "8", "--quiet", "--coordinator", f"127.0.0.1:{port}",
+             "--num-processes", "2", "--process-id", str(pid), "--heartbeat-timeout", "5", *extra],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    procs = [start(0), start(1)]
+    deadline = time.time() + 120
+    while time.time() < deadline and len(trainer.checkpoints(str(ws / "out" / "checkpoints"))) < 2:
+        time.sleep(0.2)
+    assert trainer.checkpoints(str(ws / "out" / "checkpoints")), "no checkpoint written"
+    procs[1].send_signal(signal.SIGKILL)
+    _, err = procs[0].communicate(timeout=60)
+    procs[1].wait()
+    assert procs[0].returncode == 3, err[-3000:]
+    message = [line for line in err.splitlines() if line.startswith("dualenc train: error:")]
+    assert len(message) == 1 and "--resume" in message[0] and "last checkpoint" in message[0], err[-3000:]
+    assert "Traceback" not in err
+    last = trainer.checkpoints(str(ws / "out" / "checkpoints"))[-1][0]
+    assert 10 <= last < 200
+    procs = [start(0, "--resume"), start(1, "--resume")]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert "trained 200 steps" in outs[0][0]
+    assert trainer.checkpoints(str(ws / "out" / "checkpoints"))[-1][0] == 200
+    dualenc.load_pretrained(ws / "out")
