@@ -108,6 +108,9 @@ def read_pairs(path: str | os.PathLike, *, image_root: str | os.PathLike | None 
         if not texts:
             skipped["empty caption"] += 1
             continue
+        if "\x00" in name:
+            skipped["invalid path"] += 1
+            continue
         image = _resolve(root, name.strip(), allow_outside)
         if image is None:
             skipped["path outside the data folder"] += 1
