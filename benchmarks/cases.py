@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import dualenc
-from benchmarks.common import block, build, forward_flops, inputs, interleaved
+from benchmarks.common import SIZES, block, build, forward_flops, inputs, interleaved, transformers_module
 
 FORWARD_STATIC = ("dtype",)
 
@@ -105,7 +105,7 @@ def compile_and_init(size: str = "B16", length: int = 32, batch_size: int = 8) -
         warm = interleaved({"x": lambda: block(fn(jax.random.key(2)))}, 3, warmup=0)["x"]
         timings[label] = {"first_call_s": cold, "warm_s": warm}
     if side.flax_model is not None:
-        tf = __import__("transformers")
+        tf = transformers_module()
         start = time.perf_counter()
         tf.FlaxVisionTextDualEncoderModel(side.flax_model.config, seed=3)
         timings["flax init"] = {"first_call_s": time.perf_counter() - start}
@@ -196,7 +196,7 @@ def encode_images(size: str = "B16", n: int = 256, batch_size: int = 32, *, repe
                                              "width": side.config.vision.image_hw[1]})
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) for _ in range(n)]
-    tf = __import__("transformers")
+    tf = transformers_module()
     hf_processor = tf.ViTImageProcessor(size={"height": side.config.vision.image_hw[0],
                                               "width": side.config.vision.image_hw[1]})
 
@@ -230,8 +230,7 @@ def peak_memory(size: str = "B16", batch_size: int = 8, length: int = 32) -> dic
 def _memory_child(size, batch_size, length, who):
     import torch
 
-    tf = __import__("benchmarks.common", fromlist=["x"]).transformers_module()
-    from benchmarks.common import SIZES
+    tf = transformers_module()
 
     vision_kw, text_kw, projection_dim = SIZES[size]
     if who == "torch":

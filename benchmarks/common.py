@@ -84,10 +84,12 @@ def machine() -> dict:
             info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         info["cpu"] = platform.processor()
+    import importlib.metadata
+
     for name in ("torch", "transformers", "flax"):
         try:
-            info[name] = __import__(name).__version__
-        except ImportError:
+            info[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
             info[name] = None
     return info
 

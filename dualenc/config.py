@@ -172,6 +172,8 @@ def _pair(value):
 
 
 class _VisionConfig(_Config):
+    rejected: ClassVar[Mapping[str, Any]] = {"head_dim": _same_head_dim}
+
     def _validate(self):
         for name in ("image_size", "patch_size"):
             value = getattr(self, name)
@@ -219,7 +221,6 @@ class ViTConfig(_VisionConfig):
     """transformers' ViTConfig (model_type "vit"): a ViTModel with its pooler."""
 
     model_types: ClassVar[tuple[str, ...]] = ("vit",)
-    rejected: ClassVar[Mapping[str, Any]] = {"head_dim": _same_head_dim}
 
     hidden_size: int = _int(768)
     num_hidden_layers: int = _int(12, hi=1024)
@@ -258,7 +259,6 @@ class CLIPVisionConfig(_VisionConfig):
     """transformers' CLIPVisionConfig (model_type "clip_vision_model", or the vision_config of a "clip")."""
 
     model_types: ClassVar[tuple[str, ...]] = ("clip_vision_model",)
-    rejected: ClassVar[Mapping[str, Any]] = {"head_dim": _same_head_dim}
 
     hidden_size: int = _int(768)
     intermediate_size: int = _int(3072, hi=1 << 18)
