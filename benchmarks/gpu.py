@@ -54,10 +54,11 @@ def forward_case(side, batch_size: int, length: int, dtype: str, repeats: int) -
             "speedup_vs_torch": times["torch"] / times["dualenc"]}
 
 
-def train_case(side, batch_size: int, length: int, repeats: int, peak_tflops: float, locked=(), cached=False):
+def train_case(side, batch_size: int, length: int, repeats: int, peak_tflops: float, locked=(), cached=False,
+               layer_loop: bool = False):
     batch = {k: jnp.asarray(v) for k, v in inputs(side.config, batch_size, length).items()}
     optimizer = dualenc.train.default_optimizer(1e-4, total_steps=1000)
-    state = dualenc.train.init_state(side.params, optimizer, locked=locked, layer_loop=False)
+    state = dualenc.train.init_state(side.params, optimizer, locked=locked, layer_loop=layer_loop)
     if cached:
         features = dualenc.train.tower_features(side.params, side.config, "vision",
                                                 {"pixel_values": np.asarray(batch["pixel_values"])},
@@ -80,7 +81,8 @@ def train_case(side, batch_size: int, length: int, repeats: int, peak_tflops: fl
     else:  # the locked vision tower runs forward only (or not at all, cached); the text tower fwd + bwd
         text = forward_flops(side.config, 0, batch_size, length)
         flops = 3 * text + (0 if cached else fwd - text)
-    return {"case": f"GPU train step bf16 B16 batch {batch_size} x {length} locked={list(locked)} cached={cached}",
+    return {"case": f"GPU train step bf16 B16 batch {batch_size} x {length} locked={list(locked)} cached={cached} "
+                    f"layer_loop={layer_loop}",
             "seconds": seconds, "pairs_per_s": batch_size / seconds, "model_tflops": flops / seconds / 1e12,
             "mfu_vs_measured_bf16_peak": flops / seconds / 1e12 / peak_tflops, "first_call_s": first}
 
@@ -91,6 +93,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--train-batch", type=int, default=128)
     parser.add_argument("--skip-forward", type=int, default=0, help="skip the first N forward cases")
+    parser.add_argument("--skip-train", type=int, default=0, help="skip the first N train cases")
+    parser.add_argument("--layer-loop", action="store_true", help="train with per-layer params (no scan)")
     args = parser.parse_args(argv)
     results = {"machine": machine(), "cases": []}
     peak = bf16_peak()
@@ -99,8 +103,8 @@ def main(argv=None) -> int:
     side.params = jax.device_put(side.params)
     jobs = [lambda b=b, d=d: forward_case(side, b, 32, d, args.repeats)
             for b, d in ((32, "float32"), (32, "bfloat16"), (256, "bfloat16"))][args.skip_forward:]
-    jobs += [lambda lk=lk, c=c: train_case(side, args.train_batch, 32, args.repeats, peak, lk, c)
-             for lk, c in (((), False), (("vision",), True))]
+    jobs += [lambda lk=lk, c=c: train_case(side, args.train_batch, 32, args.repeats, peak, lk, c, args.layer_loop)
+             for lk, c in (((), False), (("vision",), True))][args.skip_train:]
     for job in jobs:
         try:
             results["cases"].append(job())
