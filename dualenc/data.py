@@ -47,7 +47,7 @@ def _resolve(root: str, name: str, allow_outside: bool) -> str | None:
     return path if os.path.commonpath([path, root_real]) == root_real else None
 
 
-def _rows(path: str) -> Iterator[tuple[int, Any]]:
+def _rows(path: str) -> Iterator[Any]:
     if not path.lower().endswith((".jsonl", ".json", ".csv", ".tsv")):
         raise DataError(f"caption file {path} must end in .jsonl, .csv or .tsv")
     try:
@@ -63,20 +63,19 @@ def _rows(path: str) -> Iterator[tuple[int, Any]]:
     except UnicodeDecodeError as e:
         raise DataError(f"caption file {path} is not UTF-8 text: {e}") from None
     if path.lower().endswith((".jsonl", ".json")):
-        for number, line in enumerate(text.splitlines(), 1):
+        for line in text.splitlines():
             if line.strip():
                 try:
-                    yield number, json.loads(line)
+                    yield json.loads(line)
                 except (json.JSONDecodeError, RecursionError):
-                    yield number, None
+                    yield None
     else:
         reader = csv.DictReader(io.StringIO(text), delimiter="\t" if path.lower().endswith(".tsv") else ",")
         if not reader.fieldnames or not (set(reader.fieldnames) & set(IMAGE_KEYS)) \
                 or not (set(reader.fieldnames) & set(CAPTION_KEYS)):
             raise DataError(f"caption file {path} needs a header with an image column ({', '.join(IMAGE_KEYS)}) "
                             f"and a caption column ({', '.join(CAPTION_KEYS)}), got {reader.fieldnames}")
-        for number, row in enumerate(reader, 2):
-            yield number, row
+        yield from reader
 
 
 def read_pairs(path: str | os.PathLike, *, image_root: str | os.PathLike | None = None,
@@ -94,7 +93,7 @@ def read_pairs(path: str | os.PathLike, *, image_root: str | os.PathLike | None 
     index: dict[str, int] = {}
     images, captions, owner, labels = [], [], [], {}
     skipped = collections.Counter()
-    for _, row in _rows(path):
+    for row in _rows(path):
         if not isinstance(row, dict):
             skipped["malformed row"] += 1
             continue

@@ -8,7 +8,6 @@ import sys
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dualenc import model
@@ -41,17 +40,13 @@ PROGRESS_MIN_BATCHES = 4
 
 @functools.partial(jax.jit, static_argnames=("dtype",))
 def _image_embeds(params, config, pixel_values, dtype=None):
-    return _normalize(model.get_image_features(params, config, pixel_values, dtype=dtype))
+    return model.normalize(model.get_image_features(params, config, pixel_values, dtype=dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("dtype",))
 def _text_embeds(params, config, input_ids, attention_mask, token_type_ids, dtype=None):
-    return _normalize(model.get_text_features(params, config, input_ids, attention_mask, token_type_ids,
+    return model.normalize(model.get_text_features(params, config, input_ids, attention_mask, token_type_ids,
                                               dtype=dtype))
-
-
-def _normalize(x):
-    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
 def _batches(items: Iterable, size: int) -> Iterator[list]:

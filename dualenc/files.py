@@ -150,14 +150,7 @@ def write_text_atomic(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:  # some filesystems do not fsync directories
-        pass
+    _fsync(directory)
 
 
 def write_json_atomic(path: str, data: Any) -> None:

@@ -54,12 +54,7 @@ def init(key: jax.Array, config: DualEncoderConfig) -> layers.Params:
 @functools.lru_cache(maxsize=32)
 def expected_shapes(config: DualEncoderConfig) -> dict[str, tuple[int, ...]]:
     """{"vision/encoder/mlp/fc1/kernel": shape, ...} of the params `init` makes for `config`."""
-    shapes = jax.eval_shape(init, jax.random.key(0), config)
-    return {_path_name(path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(shapes)}
-
-
-def _path_name(path) -> str:
-    return "/".join(str(getattr(k, "key", k)) for k in path)
+    return _shape_table(jax.eval_shape(init, jax.random.key(0), config))
 
 
 def stack_layers(params: dict) -> dict:
@@ -129,7 +124,13 @@ def _static_flags(**flags):
                              f"static_argnames=('{name}', ...)")
 
 
-def _normalize(x: jax.Array) -> jax.Array:
+def project(kernel_params: layers.Params, pooled: jax.Array, dtype=None) -> jax.Array:
+    """A tower's pooled output through its bias-free projection, in float32 (not normalised)."""
+    return layers.dense(kernel_params, pooled, dtype or jnp.float32).astype(jnp.float32)
+
+
+def normalize(x: jax.Array) -> jax.Array:
+    """L2 normalisation over the last axis, in float32."""
     x = x.astype(jnp.float32)
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
@@ -149,7 +150,7 @@ def get_image_features(params: layers.Params, config: DualEncoderConfig, pixel_v
     _static_flags(interpolate_pos_encoding=interpolate_pos_encoding)
     out = vit.apply(params["vision"], config.vision, pixel_values,
                     interpolate_pos_encoding=interpolate_pos_encoding, dtype=dtype)
-    return layers.dense(params["visual_projection"], out.pooler_output, dtype or jnp.float32).astype(jnp.float32)
+    return project(params["visual_projection"], out.pooler_output, dtype)
 
 
 def get_text_features(params: layers.Params, config: DualEncoderConfig, input_ids: jax.Array,
@@ -158,7 +159,7 @@ def get_text_features(params: layers.Params, config: DualEncoderConfig, input_id
     check_params(params, config)
     out = bert.apply(params["text"], config.text, input_ids, attention_mask, token_type_ids, position_ids,
                      dtype=dtype)
-    return layers.dense(params["text_projection"], out.pooler_output, dtype or jnp.float32).astype(jnp.float32)
+    return project(params["text_projection"], out.pooler_output, dtype)
 
 
 def apply(params: layers.Params, config: DualEncoderConfig, *, input_ids: jax.Array, pixel_values: jax.Array,
@@ -195,9 +196,8 @@ def apply(params: layers.Params, config: DualEncoderConfig, *, input_ids: jax.Ar
                                interpolate_pos_encoding=interpolate_pos_encoding, **flags)
     text_outputs = bert.apply(params["text"], config.text, input_ids, attention_mask, token_type_ids,
                               position_ids, dropout_key=text_key, **flags)
-    compute = dtype or jnp.float32
-    image_embeds = _normalize(layers.dense(params["visual_projection"], vision_outputs.pooler_output, compute))
-    text_embeds = _normalize(layers.dense(params["text_projection"], text_outputs.pooler_output, compute))
+    image_embeds = normalize(project(params["visual_projection"], vision_outputs.pooler_output, dtype))
+    text_embeds = normalize(project(params["text_projection"], text_outputs.pooler_output, dtype))
     logit_scale = jnp.exp(params["logit_scale"].astype(jnp.float32))
     logits_per_text = jnp.matmul(text_embeds, image_embeds.T, precision=jax.lax.Precision.HIGHEST) * logit_scale
     if "logit_bias" in params:

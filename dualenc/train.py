@@ -134,11 +134,6 @@ def init_state(params: dict, optimizer, *, locked: Sequence[str] = (), unlocked_
                       optimizer.init(trainable), jax.random.key_data(jax.random.key(seed)))
 
 
-def _project(kernel_params, pooled, dtype):
-    x = layers.dense(kernel_params, pooled, dtype).astype(jnp.float32)
-    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-
-
 def _embeds(params, config: DualEncoderConfig, batch, key, *, locked, cached, remat_policy, dtype):
     keys = dict(zip(TOWERS, jax.random.split(key)))
     drop = {t: None if t in locked else keys[t] for t in TOWERS}  # locked towers run deterministically
@@ -153,8 +148,8 @@ def _embeds(params, config: DualEncoderConfig, batch, key, *, locked, cached, re
         text_pooled = bert.apply(params["text"], config.text, batch["input_ids"], batch.get("attention_mask"),
                                  batch.get("token_type_ids"), dropout_key=drop["text"], remat_policy=remat_policy,
                                  dtype=dtype).pooler_output
-    return (_project(params["visual_projection"], image_pooled, dtype),
-            _project(params["text_projection"], text_pooled, dtype))
+    return (model.normalize(model.project(params["visual_projection"], image_pooled, dtype)),
+            model.normalize(model.project(params["text_projection"], text_pooled, dtype)))
 
 
 def make_train_step(config: DualEncoderConfig, optimizer, *, loss: str = "clip", locked: Sequence[str] = (),

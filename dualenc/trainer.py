@@ -10,12 +10,11 @@ never interrupted.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import shutil
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import numpy as np
