@@ -21,12 +21,16 @@ def encoder_spec(config: TextConfig) -> layers.EncoderSpec:
         init_stds=(config.initializer_range,) * 4)
 
 
+@jax.jit
 def init(key: jax.Array, config: TextConfig) -> layers.Params:
     """Random params for the tower, initialised as transformers does (the padding rows are zero)."""
+    return layers.init_params(key, lambda normal: _build(normal, config))
+
+
+def _build(normal: layers.Normal, config: TextConfig) -> layers.Params:
     d, std = config.hidden_size, config.initializer_range
-    k = jax.random.split(key, 5)
-    word = layers.normal(k[0], (config.vocab_size, d), std)
-    position = layers.normal(k[1], (config.max_position_embeddings, d), std)
+    word = normal((config.vocab_size, d), std)
+    position = normal((config.max_position_embeddings, d), std)
     if config.pad_token_id is not None:
         word = word.at[config.pad_token_id].set(0.0)
         if isinstance(config, RobertaConfig):
@@ -35,11 +39,11 @@ def init(key: jax.Array, config: TextConfig) -> layers.Params:
         "embeddings": {
             "word": word,
             "position": position,
-            "token_type": layers.normal(k[2], (config.type_vocab_size, d), std),
+            "token_type": normal((config.type_vocab_size, d), std),
             "norm": layers.layer_norm_init(d),
         },
-        "encoder": layers.encoder_init(k[3], encoder_spec(config)),
-        "pooler": layers.dense_init(k[4], d, d, std),
+        "encoder": layers.encoder_init(normal, encoder_spec(config)),
+        "pooler": layers.dense_init(normal, d, d, std),
     }
 
 

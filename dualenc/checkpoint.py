@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dualenc import bert, files, model, vit
+from dualenc import bert, files, layers, model, vit
 from dualenc.config import (
     BertConfig, CLIPVisionConfig, DualEncoderConfig, ViTConfig, load_config, read_json,
 )
@@ -432,7 +432,9 @@ def load_tower(path: str | os.PathLike, key: jax.Array):
                       f"not used: {_listed(unused)}", UnusedWeightsWarning, stacklevel=3)
     new = []
     if absent:
-        params["pooler"] = init_fn(key, config)["pooler"]
+        d = config.hidden_size
+        params["pooler"] = layers.init_params(
+            key, lambda normal: layers.dense_init(normal, d, d, config.initializer_range))
         new.append("pooler")
     return config, params, new
 

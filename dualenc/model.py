@@ -27,8 +27,13 @@ class DualEncoderOutput(NamedTuple):
     vision_outputs: layers.TowerOutput
 
 
+def _projection(normal: layers.Normal, d_in: int, projection_dim: int) -> layers.Params:
+    return {"kernel": normal((d_in, projection_dim), PROJECTION_INIT_STD)}
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def projection_init(key: jax.Array, d_in: int, projection_dim: int) -> layers.Params:
-    return {"kernel": layers.normal(key, (d_in, projection_dim), PROJECTION_INIT_STD)}
+    return layers.init_params(key, lambda normal: _projection(normal, d_in, projection_dim))
 
 
 @jax.jit
@@ -36,19 +41,21 @@ def init(key: jax.Array, config: DualEncoderConfig) -> layers.Params:
     """Random params: towers as transformers initialises them, projections N(0, 0.02), logit_scale from config.
 
     Returns a dict with keys "vision", "text", "visual_projection", "text_projection", "logit_scale" (and
-    "logit_bias" when the config has logit_bias_init_value).
+    "logit_bias" when the config has logit_bias_init_value). All random numbers come from one chunked draw
+    (layers.init_params), each param a distinct slice of it.
     """
-    kv, kt, kvp, ktp = jax.random.split(key, 4)
-    params = {
-        "vision": vit.init(kv, config.vision),
-        "text": bert.init(kt, config.text),
-        "visual_projection": projection_init(kvp, config.vision.hidden_size, config.projection_dim),
-        "text_projection": projection_init(ktp, config.text.hidden_size, config.projection_dim),
-        "logit_scale": jnp.asarray(config.logit_scale_init_value, jnp.float32),
-    }
-    if config.logit_bias_init_value is not None:
-        params["logit_bias"] = jnp.asarray(config.logit_bias_init_value, jnp.float32)
-    return params
+    def build(normal):
+        params = {
+            "vision": vit._build(normal, config.vision),
+            "text": bert._build(normal, config.text),
+            "visual_projection": _projection(normal, config.vision.hidden_size, config.projection_dim),
+            "text_projection": _projection(normal, config.text.hidden_size, config.projection_dim),
+            "logit_scale": jnp.asarray(config.logit_scale_init_value, jnp.float32),
+        }
+        if config.logit_bias_init_value is not None:
+            params["logit_bias"] = jnp.asarray(config.logit_bias_init_value, jnp.float32)
+        return params
+    return layers.init_params(key, build)
 
 
 @functools.lru_cache(maxsize=32)

@@ -32,30 +32,34 @@ def encoder_spec(config: VisionConfig) -> layers.EncoderSpec:
         hidden_dropout=hidden_dropout, attention_dropout=attention_dropout, init_stds=stds)
 
 
+@jax.jit
 def init(key: jax.Array, config: VisionConfig) -> layers.Params:
     """Random params for the tower, initialised as transformers does."""
+    return layers.init_params(key, lambda normal: _build(normal, config))
+
+
+def _build(normal: layers.Normal, config: VisionConfig) -> layers.Params:
     d, c = config.hidden_size, config.num_channels
     ph, pw = config.patch_hw
     is_clip = isinstance(config, CLIPVisionConfig)
     std = config.initializer_range * (config.initializer_factor if is_clip else 1.0)
-    k = jax.random.split(key, 5)
-    patch = {"kernel": layers.normal(k[0], (c, ph, pw, d), std)}
+    patch = {"kernel": normal((c, ph, pw, d), std)}
     if not is_clip:
         patch["bias"] = jnp.zeros((d,), jnp.float32)
     cls_std = d ** -0.5 * config.initializer_factor if is_clip else std
     params = {
         "embeddings": {
             "patch": patch,
-            "cls": layers.normal(k[1], (d,), cls_std),
-            "position": layers.normal(k[2], (config.num_patches + 1, d), std),
+            "cls": normal((d,), cls_std),
+            "position": normal((config.num_patches + 1, d), std),
         },
-        "encoder": layers.encoder_init(k[3], encoder_spec(config)),
+        "encoder": layers.encoder_init(normal, encoder_spec(config)),
         "post_norm": layers.layer_norm_init(d),
     }
     if is_clip:
         params["pre_norm"] = layers.layer_norm_init(d)
     else:
-        params["pooler"] = layers.dense_init(k[4], d, d, std)
+        params["pooler"] = layers.dense_init(normal, d, d, std)
     return params
 
 

@@ -195,3 +195,23 @@ def test_init_shapes_and_values():
     assert not np.array_equal(params["text"]["embeddings"]["word"], other["text"]["embeddings"]["word"])
     leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(params["vision"]["encoder"]["attention"])]
     assert all(np.isfinite(x).all() for x in leaves)
+
+
+def test_init_params_cuts_every_normal_from_one_chunked_draw(monkeypatch):
+    from dualenc import layers
+
+    monkeypatch.setattr(layers, "NORMAL_CHUNK", 1000)  # 7 chunks, the lax.map path
+
+    def build(normal):
+        return {"a": normal((300, 20), 0.5), "b": normal((800,), 2.0), "ones": jnp.ones((3,))}
+
+    out = layers.init_params(jax.random.key(0), build)
+    assert out["a"].shape == (300, 20) and out["b"].shape == (800,)
+    np.testing.assert_array_equal(out["ones"], np.ones(3))
+    assert abs(float(np.std(out["a"])) - 0.5) < 0.02 and abs(float(np.mean(out["a"]))) < 0.02
+    assert abs(float(np.std(out["b"])) - 2.0) < 0.15
+    # distinct slices: b is not a rescaled copy of a's first numbers
+    assert abs(np.corrcoef(np.asarray(out["a"]).reshape(-1)[:800], np.asarray(out["b"]))[0, 1]) < 0.15
+    again = layers.init_params(jax.random.key(0), build)
+    np.testing.assert_array_equal(out["a"], again["a"])
+    assert not np.array_equal(out["a"], layers.init_params(jax.random.key(1), build)["a"])
