@@ -92,7 +92,8 @@ def check_text_inputs(config: TextConfig, input_ids, attention_mask=None, token_
 
 def apply(params: layers.Params, config: TextConfig, input_ids: jax.Array, attention_mask=None,
           token_type_ids=None, position_ids=None, *, dropout_key=None, output_hidden_states: bool = False,
-          output_attentions: bool = False, dtype=None, remat_policy: str | None = None) -> layers.TowerOutput:
+          output_attentions: bool = False, dtype=None, remat_policy: str | None = None,
+          pooled_only: bool = False) -> layers.TowerOutput:
     """Runs the text tower.
 
     Args:
@@ -102,6 +103,9 @@ def apply(params: layers.Params, config: TextConfig, input_ids: jax.Array, atten
       position_ids: (B, L) or (L,); default as transformers computes them (see default_position_ids).
       dropout_key: enables dropout (training) when given.
       dtype: compute dtype of the matmuls (default float32).
+      pooled_only: return last_hidden_state for the first token only, (B, 1, D), which is all pooler_output
+        needs. With per-layer params (unstack_layers) the last layer then computes just that token (its
+        attention still reads every token): about 7% less work for a 12-layer tower, same pooler_output.
 
     Returns:
       TowerOutput: last_hidden_state (B, L, D), pooler_output (B, D) = tanh(dense(first token)), and
@@ -129,7 +133,7 @@ def apply(params: layers.Params, config: TextConfig, input_ids: jax.Array, atten
         last, states, probs = layers.encoder(
             params["encoder"], x, bias, encoder_spec(config), dtype=dtype, key=encoder_key,
             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-            remat_policy=remat_policy)
+            remat_policy=remat_policy, first_only=pooled_only)
     with jax.named_scope("pooler"):
         pooled = jnp.tanh(layers.dense(params["pooler"], last[:, 0], dtype))
     return layers.tower_output(last, pooled, x, states, probs)

@@ -156,7 +156,7 @@ def get_image_features(params: layers.Params, config: DualEncoderConfig, pixel_v
     check_params(params, config)
     _static_flags(interpolate_pos_encoding=interpolate_pos_encoding)
     out = vit.apply(params["vision"], config.vision, pixel_values,
-                    interpolate_pos_encoding=interpolate_pos_encoding, dtype=dtype)
+                    interpolate_pos_encoding=interpolate_pos_encoding, dtype=dtype, pooled_only=True)
     return project(params["visual_projection"], out.pooler_output, dtype)
 
 
@@ -165,7 +165,7 @@ def get_text_features(params: layers.Params, config: DualEncoderConfig, input_id
     """Projected (not normalised) text features, float32 (n_texts, projection_dim)."""
     check_params(params, config)
     out = bert.apply(params["text"], config.text, input_ids, attention_mask, token_type_ids, position_ids,
-                     dtype=dtype)
+                     dtype=dtype, pooled_only=True)
     return project(params["text_projection"], out.pooler_output, dtype)
 
 

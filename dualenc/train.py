@@ -141,13 +141,13 @@ def _embeds(params, config: DualEncoderConfig, batch, key, *, locked, cached, re
         image_pooled = batch["image_features"]
     else:
         image_pooled = vit.apply(params["vision"], config.vision, batch["pixel_values"], dropout_key=drop["vision"],
-                                 remat_policy=remat_policy, dtype=dtype).pooler_output
+                                 remat_policy=remat_policy, dtype=dtype, pooled_only=True).pooler_output
     if "text" in cached:
         text_pooled = batch["text_features"]
     else:
         text_pooled = bert.apply(params["text"], config.text, batch["input_ids"], batch.get("attention_mask"),
                                  batch.get("token_type_ids"), dropout_key=drop["text"], remat_policy=remat_policy,
-                                 dtype=dtype).pooler_output
+                                 dtype=dtype, pooled_only=True).pooler_output
     return (model.normalize(model.project(params["visual_projection"], image_pooled, dtype)),
             model.normalize(model.project(params["text_projection"], text_pooled, dtype)))
 
@@ -285,9 +285,10 @@ def tower_features(params: dict, config: DualEncoderConfig, tower: str, inputs: 
     """
     if tower not in TOWERS:
         raise InputError(f"tower must be one of {TOWERS}, got {tower!r}")
-    fn = jax.jit(lambda p, x: (vit.apply(p, config.vision, x["pixel_values"], dtype=dtype) if tower == "vision"
-                               else bert.apply(p, config.text, x["input_ids"], x.get("attention_mask"),
-                                               x.get("token_type_ids"), dtype=dtype)).pooler_output)
+    fn = jax.jit(lambda p, x: (vit.apply(p, config.vision, x["pixel_values"], dtype=dtype, pooled_only=True)
+                               if tower == "vision" else
+                               bert.apply(p, config.text, x["input_ids"], x.get("attention_mask"),
+                                          x.get("token_type_ids"), dtype=dtype, pooled_only=True)).pooler_output)
     n = len(next(iter(inputs.values())))
     out = []
     for start in range(0, n, batch_size):

@@ -126,13 +126,17 @@ def check_pixel_values(config: VisionConfig, pixel_values, interpolate_pos_encod
 
 def apply(params: layers.Params, config: VisionConfig, pixel_values: jax.Array, *, dropout_key=None,
           output_hidden_states: bool = False, output_attentions: bool = False,
-          interpolate_pos_encoding: bool = False, dtype=None, remat_policy: str | None = None) -> layers.TowerOutput:
+          interpolate_pos_encoding: bool = False, dtype=None, remat_policy: str | None = None,
+          pooled_only: bool = False) -> layers.TowerOutput:
     """Runs the vision tower.
 
     Args:
       pixel_values: (B, C, H, W) float images, as transformers' image processors give them.
       dropout_key: enables dropout (training) when given.
       dtype: compute dtype of the matmuls (default float32).
+      pooled_only: return last_hidden_state for the first token only, (B, 1, D), which is all pooler_output
+        needs. With per-layer params (unstack_layers) the last layer then computes just that token (its
+        attention still reads every token): about 7% less work for a 12-layer tower, same pooler_output.
 
     Returns:
       TowerOutput: last_hidden_state (B, 1 + patches, D); pooler_output (B, D) (ViT: tanh(dense(CLS)) after the
@@ -168,7 +172,7 @@ def apply(params: layers.Params, config: VisionConfig, pixel_values: jax.Array, 
         last, states, probs = layers.encoder(
             params["encoder"], x, None, spec, dtype=dtype, key=encoder_key,
             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-            remat_policy=remat_policy)
+            remat_policy=remat_policy, first_only=pooled_only)
     with jax.named_scope("pooler"):
         if is_clip:
             pooled = layers.layer_norm(params["post_norm"], last[:, 0], config.layer_norm_eps, dtype)

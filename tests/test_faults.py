@@ -28,15 +28,15 @@ SAVER = textwrap.dedent("""
     params = dualenc.init(jax.random.key(0), config)
     optimizer = train.default_optimizer(1e-3, total_steps=10)
     state = train.init_state(params, optimizer)
-    model_dir, ckpt_dir = sys.argv[1], sys.argv[2]
+    model_dir, ckpt_dir, step = sys.argv[1], sys.argv[2], int(sys.argv[3])
     print("ready", flush=True)
-    step = 0
     while True:
         step += 1
         params["logit_scale"] = np.float32(step)
         dualenc.save_pretrained(model_dir, config, params)
         state = state._replace(step=np.int32(step))
         trainer.save_state(ckpt_dir, state, {"data_position": [0, step], "settings": {}}, keep=2)
+        print("saved", flush=True)
 """)
 
 
@@ -45,10 +45,15 @@ def test_kills_during_saves_leave_complete_checkpoints(tmp_path):
     rng = np.random.default_rng(0)
     template = None
     steps_seen, scales_seen = set(), set()
-    for _ in range(8):
-        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(model_dir), str(ckpt_dir)], stdout=subprocess.PIPE)
+    for run in range(8):
+        # Each run counts its steps from 1000 * run, so its checkpoints are the newest; it is killed at a random
+        # moment after 1-4 completed saves, somewhere in the next model or training-state save.
+        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(model_dir), str(ckpt_dir), str(1000 * run)],
+                                stdout=subprocess.PIPE)
         assert proc.stdout.readline().strip() == b"ready"
-        time.sleep(rng.uniform(0.05, 0.6))
+        for _ in range(rng.integers(1, 5)):
+            assert proc.stdout.readline().strip() == b"saved"
+        time.sleep(rng.uniform(0.0, 0.05))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         if model_dir.exists():

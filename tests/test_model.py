@@ -65,6 +65,46 @@ def test_features_and_defaults_match(vision, text, hf_dir):
     assert max_diff(out.logits_per_text, ref.logits_per_text) <= 1e-4
 
 
+@pytest.mark.parametrize("vision,text", [("vit", "roberta"), ("clip", "bert")])
+def test_pooled_only_matches_the_full_towers(vision, text, hf_dir):
+    """pooled_only gives the same pooler outputs and gradients, in both layer layouts (per-layer params
+    compute only the first token in the last layer), and matches transformers' get_*_features."""
+    from dualenc import bert, vit
+
+    model = hf_dual_model(vision, text, seed=5, vision_kw=dict(num_hidden_layers=3))
+    config, params = dualenc.load_pretrained(hf_dir(model))
+    batch = text_batch(model.config.text_config, seed=2)
+    px = pixels(2, seed=2)
+    with torch.no_grad():
+        ref_img = model.get_image_features(pixel_values=torch.tensor(px))
+        ref_txt = model.get_text_features(**{k: torch.tensor(v) for k, v in batch.items()})
+    ref_img = getattr(ref_img, "pooler_output", ref_img)
+    ref_txt = getattr(ref_txt, "pooler_output", ref_txt)
+
+    def text_pooled(p, pooled_only, key=None):
+        return bert.apply(p, config.text, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                          pooled_only=pooled_only, dropout_key=key).pooler_output
+
+    for layout in (params, dualenc.unstack_layers(params)):
+        full = vit.apply(layout["vision"], config.vision, px)
+        pooled = vit.apply(layout["vision"], config.vision, px, pooled_only=True)
+        assert pooled.last_hidden_state.shape == (2, 1, config.vision.hidden_size)
+        assert max_diff(pooled.pooler_output, full.pooler_output) <= 1e-6
+        assert max_diff(text_pooled(layout["text"], True), text_pooled(layout["text"], False)) <= 1e-6
+        # in training, the first token is dropped out exactly as inside the full layer
+        assert config.text.hidden_dropout_prob > 0 and config.text.attention_probs_dropout_prob > 0
+        key = jax.random.key(7)
+        assert max_diff(text_pooled(layout["text"], True, key), text_pooled(layout["text"], False, key)) <= 1e-6
+        assert max_diff(text_pooled(layout["text"], True, key), text_pooled(layout["text"], False)) > 1e-3
+        grads = [jax.grad(lambda p, po=po: jnp.sum(text_pooled(p, po) ** 2))(layout["text"]) for po in (True, False)]
+        for a, b in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
+            assert max_diff(a, b) <= 1e-5
+        assert max_diff(dualenc.get_image_features(layout, config, px), ref_img) <= 1e-5
+        assert max_diff(dualenc.get_text_features(layout, config, **batch), ref_txt) <= 1e-5
+    with pytest.raises(dualenc.InputError, match="pooled_only"):
+        vit.apply(params["vision"], config.vision, px, pooled_only=True, output_hidden_states=True)
+
+
 @pytest.mark.parametrize("vision", ["vit", "clip"])
 @pytest.mark.parametrize("size", [(40, 40), (20, 20), (50, 30), (35, 44)])
 def test_interpolate_pos_encoding(vision, size, hf_dir):
@@ -215,3 +255,22 @@ def test_init_params_cuts_every_normal_from_one_chunked_draw(monkeypatch):
     again = layers.init_params(jax.random.key(0), build)
     np.testing.assert_array_equal(out["a"], again["a"])
     assert not np.array_equal(out["a"], layers.init_params(jax.random.key(1), build)["a"])
+
+
+def test_gpu_attention_path_matches(monkeypatch, hf_dir):
+    """The jax.nn.dot_product_attention branch taken on GPU (run here through XLA on CPU) gives the same
+    outputs, padding masks and pooled_only included."""
+    from dualenc import layers
+
+    model = hf_dual_model("vit", "bert", seed=6)
+    config, params = dualenc.load_pretrained(hf_dir(model))
+    batch = text_batch(model.config.text_config, seed=3)
+    px = pixels(2, seed=3)
+    cpu = dualenc.apply(params, config, **batch, pixel_values=px)
+    cpu_features = dualenc.get_text_features(dualenc.unstack_layers(params), config, **batch)
+    monkeypatch.setattr(layers.jax, "default_backend", lambda: "gpu")
+    gpu = dualenc.apply(params, config, **batch, pixel_values=px)
+    gpu_features = dualenc.get_text_features(dualenc.unstack_layers(params), config, **batch)
+    assert max_diff(gpu.logits_per_text, cpu.logits_per_text) <= 1e-5
+    assert max_diff(gpu.text_outputs.last_hidden_state, cpu.text_outputs.last_hidden_state) <= 1e-5
+    assert max_diff(gpu_features, cpu_features) <= 1e-5
