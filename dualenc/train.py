@@ -285,10 +285,14 @@ def tower_features(params: dict, config: DualEncoderConfig, tower: str, inputs: 
     """
     if tower not in TOWERS:
         raise InputError(f"tower must be one of {TOWERS}, got {tower!r}")
-    fn = jax.jit(lambda p, x: (vit.apply(p, config.vision, x["pixel_values"], dtype=dtype, pooled_only=True)
-                               if tower == "vision" else
-                               bert.apply(p, config.text, x["input_ids"], x.get("attention_mask"),
-                                          x.get("token_type_ids"), dtype=dtype, pooled_only=True)).pooler_output)
+    def pooled(p, x):  # per-layer inside the program, as evaluate's bulk encoders (see there)
+        p = {**p, "encoder": layers.unstack_layers(p["encoder"])} if isinstance(p["encoder"], dict) else p
+        out = (vit.apply(p, config.vision, x["pixel_values"], dtype=dtype, pooled_only=True) if tower == "vision"
+               else bert.apply(p, config.text, x["input_ids"], x.get("attention_mask"), x.get("token_type_ids"),
+                               dtype=dtype, pooled_only=True))
+        return out.pooler_output
+
+    fn = jax.jit(pooled)
     n = len(next(iter(inputs.values())))
     out = []
     for start in range(0, n, batch_size):
