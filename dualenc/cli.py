@@ -360,9 +360,33 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _compilation_cache():
+    """Keeps compiled programs across runs in a persistent cache, so a second `dualenc zero-shot` on the same
+    model skips compiling. DUALENC_COMPILATION_CACHE names the folder (default ~/.cache/dualenc/jax) or, set
+    to "off", turns it off; a cache configured through jax's own settings is left as it is."""
+    import jax
+
+    where = os.environ.get("DUALENC_COMPILATION_CACHE")
+    if (where or "").strip().lower() in ("0", "off", "false", "no") or jax.config.jax_compilation_cache_dir:
+        return
+    if not where:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        where = os.path.join(base, "dualenc", "jax")
+    try:
+        os.makedirs(where, exist_ok=True)
+    except OSError:
+        return  # an optimisation only: without a writable folder, compile as usual
+    if not os.access(where, os.W_OK):
+        return
+    jax.config.update("jax_compilation_cache_dir", where)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
+        _compilation_cache()
         return args.func(args)
     except KeyboardInterrupt:
         print("dualenc: interrupted", file=sys.stderr)

@@ -1,12 +1,17 @@
 """Shared fixtures: tiny transformers reference models with fully random weights, saved to temp dirs."""
 
 import os
+import shutil
+import tempfile
 import warnings
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The `dualenc` command's compilation cache: a folder of this session's, not the home directory.
+_CACHE = tempfile.mkdtemp(prefix="dualenc-test-jax-cache-")
+os.environ.setdefault("DUALENC_COMPILATION_CACHE", _CACHE)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -135,3 +140,7 @@ def pytest_terminal_summary(terminalreporter):
     if fuzz is not None and fuzz.TRIED:
         terminalreporter.write_line("fuzz inputs tried: " + ", ".join(f"{k} {v}" for k, v in
                                                                       sorted(fuzz.TRIED.items())))
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_CACHE, ignore_errors=True)

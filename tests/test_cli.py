@@ -13,11 +13,11 @@ from PIL import Image
 
 import dualenc
 
-def dualenc_cmd(*args, check=True, timeout=300):
+def dualenc_cmd(*args, check=True, timeout=300, env=None, cwd=None):
     exe = shutil.which("dualenc")
     assert exe, "the dualenc console script is installed with the package"
     proc = subprocess.run([exe, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "XLA_FLAGS": ""})
+                          env={**os.environ, "XLA_FLAGS": "", **(env or {})}, cwd=cwd)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -107,6 +107,23 @@ def test_errors_are_one_line_without_traceback(args, message, trained, workspace
     assert len(lines) == 1 and message in lines[0] and lines[0].startswith("dualenc "), proc.stderr
     debug = dualenc_cmd(*args, "--debug", check=False)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_compilation_cache_keeps_programs_across_runs(trained, workspace, tmp_path):
+    """The command keeps compiled programs in DUALENC_COMPILATION_CACHE (a second run reads them back and
+    answers the same); "off" writes none."""
+    image = workspace / "data" / "images" / "2.png"
+    runs = []
+    for where in (tmp_path / "cache", tmp_path / "cache", "off"):
+        env = {"DUALENC_COMPILATION_CACHE": str(where), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+        runs.append(dualenc_cmd("zero-shot", "--model", trained, "--labels", "red,green,blue", "--json", image,
+                                env=env, cwd=tmp_path).stdout)
+        if len(runs) == 1:
+            entries = os.listdir(tmp_path / "cache")
+            assert any(name.endswith("-cache") for name in entries), entries
+    assert runs[0] == runs[1] == runs[2]
+    assert sorted(os.listdir(tmp_path / "cache")) == sorted(entries)  # the second run compiled nothing new
+    assert not os.path.exists(tmp_path / "off")
 
 
 def test_every_subcommand_has_help_with_an_example():
