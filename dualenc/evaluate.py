@@ -100,6 +100,14 @@ def _check_batch_size(batch_size):
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
+def _batch_rows(total: int | None, batch_size: int) -> int:
+    """Rows per batch: batch_size, or for fewer items the power of two that holds them (one image is not
+    padded to 32), which still bounds the number of shapes compiled."""
+    if total is None or total >= batch_size:
+        return batch_size
+    return min(batch_size, 1 << max(total - 1, 0).bit_length())
+
+
 def encode_images(params, config: DualEncoderConfig, processor, images: Iterable, *, batch_size: int = 32,
                   dtype=None, progress: bool | None = None) -> np.ndarray:
     """L2-normalised image embeddings for any number of images.
@@ -107,7 +115,8 @@ def encode_images(params, config: DualEncoderConfig, processor, images: Iterable
     Args:
       processor: a Processor or ImageProcessor; each batch of images goes through it on the host.
       images: a list or any iterable (also a generator too large for memory) of PIL images, paths or arrays.
-      batch_size: every batch has this shape (the last one is padded), so the forward compiles once.
+      batch_size: every batch has this shape (the last one is padded), so the forward compiles once; fewer
+        images than that are padded only to the next power of two.
       progress: show a progress bar; default when the input is long and stderr is a terminal.
 
     Returns:
@@ -116,6 +125,7 @@ def encode_images(params, config: DualEncoderConfig, processor, images: Iterable
     _check_batch_size(batch_size)
     image_processor = getattr(processor, "image_processor", processor)
     total = len(images) if hasattr(images, "__len__") else None
+    batch_size = _batch_rows(total, batch_size)
 
     def prepare(batch):
         pixels = np.asarray(image_processor(batch), np.float32)
@@ -156,6 +166,7 @@ def encode_texts(params, config: DualEncoderConfig, tokenizer, texts: Iterable[s
     max_length = max_length or tokenizer.max_length
     buckets = length_buckets(max_length)
     total = len(texts) if hasattr(texts, "__len__") else None
+    batch_size = _batch_rows(total, batch_size)
     pad_id = tokenizer.pad_token_id or 0
 
     def prepare(batch):

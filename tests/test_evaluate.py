@@ -76,6 +76,13 @@ def test_encode_images_compiles_once_and_matches_the_forward():
     direct = direct / np.linalg.norm(direct, axis=1, keepdims=True)
     np.testing.assert_allclose(embeds, direct, atol=1e-5)
     assert dualenc.encode_images(params, config, to_pixels, [], batch_size=5).shape == (0, 11)
+    # fewer images than a batch are padded to the next power of two only: 3 and 4 images share one 4-row program
+    few = dualenc.encode_images(params, config, to_pixels, images[:3], batch_size=32)
+    np.testing.assert_allclose(few, embeds[:3], atol=1e-5)
+    with count_compiles() as compiles:
+        dualenc.encode_images(params, config, to_pixels, images[:4], batch_size=32)
+        dualenc.encode_images(params, config, to_pixels, images[:3], batch_size=32)
+    assert len(compiles) == 0 and evaluate._batch_rows(3, 32) == 4 and evaluate._batch_rows(40, 32) == 32
     with pytest.raises(ValueError, match="batch_size"):
         dualenc.encode_images(params, config, to_pixels, images, batch_size=0)
 
