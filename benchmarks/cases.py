@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import dualenc
-from benchmarks.common import SIZES, block, build, forward_flops, inputs, interleaved, transformers_module
+from benchmarks.common import (block, build, dualenc_config, forward_flops, hf_config, inputs, interleaved,
+                               transformers_module)
 
 FORWARD_STATIC = ("dtype",)
 
@@ -116,25 +117,25 @@ def compile_and_init(size: str = "B16", length: int = 32, batch_size: int = 8) -
     return out
 
 
+def _in_fresh_process(statement: str) -> str:
+    """Runs `statement` (with this module imported as `cases`) in a new Python; returns its last output line."""
+    code = f"import sys; sys.path.insert(0, {os.getcwd()!r}); from benchmarks import cases; {statement}"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return done.stdout.strip().splitlines()[-1]
+
+
 def _fresh_init(size: str, who: str) -> float:
     """Seconds of the first random init (trace, compile, run) in a new process, imports excluded."""
-    code = (f"import sys; sys.path.insert(0, {os.getcwd()!r}); from benchmarks import cases; "
-            f"print(cases._init_child({size!r}, {who!r}))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(done.stdout.strip().splitlines()[-1])
+    return float(_in_fresh_process(f"print(cases._init_child({size!r}, {who!r}))"))
 
 
 def _init_child(size: str, who: str) -> float:
-    vision_kw, text_kw, projection_dim = SIZES[size]
     if who == "flax":
-        tf = transformers_module()
-        config = tf.VisionTextDualEncoderConfig.from_vision_text_configs(
-            tf.ViTConfig(**vision_kw), tf.BertConfig(**text_kw), projection_dim=projection_dim)
+        config = hf_config(size)
         start = time.perf_counter()
-        block(tf.FlaxVisionTextDualEncoderModel(config, seed=3).params)
+        block(transformers_module().FlaxVisionTextDualEncoderModel(config, seed=3).params)
     else:
-        config = dualenc.DualEncoderConfig(dualenc.ViTConfig(**vision_kw), dualenc.BertConfig(**text_kw),
-                                           projection_dim=projection_dim)
+        config = dualenc_config(size)
         start = time.perf_counter()
         block(dualenc.init(jax.random.key(3), config))
     return time.perf_counter() - start
@@ -245,33 +246,23 @@ def peak_memory(size: str = "B16", batch_size: int = 8, length: int = 32) -> dic
     out = {}
     for who in ("dualenc", "torch"):
         # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent into the child.
-        code = (f"import sys; sys.path.insert(0, {os.getcwd()!r}); from benchmarks import cases; "
-                f"cases._memory_child({size!r}, {batch_size}, {length}, {who!r}); "
-                f"print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))")
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        out[who] = int(done.stdout.strip().splitlines()[-1]) / 1024
+        out[who] = int(_in_fresh_process(
+            f"cases._memory_child({size!r}, {batch_size}, {length}, {who!r}); "
+            f"print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))")) / 1024
     return {"case": f"peak RSS, build + one forward, {size} batch {batch_size}", "MiB": out}
 
 
 def _memory_child(size, batch_size, length, who):
     import torch
 
-    tf = transformers_module()
-
-    vision_kw, text_kw, projection_dim = SIZES[size]
+    config = dualenc_config(size)
+    batch = inputs(config, batch_size, length)
     if who == "torch":
-        config = tf.VisionTextDualEncoderConfig.from_vision_text_configs(
-            tf.ViTConfig(**vision_kw), tf.BertConfig(**text_kw), projection_dim=projection_dim)
-        model = tf.VisionTextDualEncoderModel(config).eval()
-        batch = inputs(dualenc.DualEncoderConfig(dualenc.ViTConfig(**vision_kw), dualenc.BertConfig(**text_kw)),
-                       batch_size, length)
+        model = transformers_module().VisionTextDualEncoderModel(hf_config(size)).eval()
         with torch.inference_mode():
             model(**{k: torch.from_numpy(v) for k, v in batch.items()})
     else:
-        config = dualenc.DualEncoderConfig(dualenc.ViTConfig(**vision_kw), dualenc.BertConfig(**text_kw),
-                                           projection_dim=projection_dim)
         params = dualenc.init(jax.random.key(0), config)
-        batch = inputs(config, batch_size, length)
         block(jax.jit(dualenc.apply)(params, config, **batch).logits_per_image)
 
 

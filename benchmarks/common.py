@@ -139,15 +139,28 @@ class SideBySide:
     directory: str
 
 
+def hf_config(size: str):
+    """transformers' VisionTextDualEncoderConfig for one of SIZES."""
+    tf = transformers_module()
+    vision_kw, text_kw, projection_dim = SIZES[size]
+    return tf.VisionTextDualEncoderConfig.from_vision_text_configs(
+        tf.ViTConfig(**vision_kw), tf.BertConfig(**text_kw), projection_dim=projection_dim)
+
+
+def dualenc_config(size: str) -> dualenc.DualEncoderConfig:
+    """The same model as hf_config(size), as a dualenc config."""
+    vision_kw, text_kw, projection_dim = SIZES[size]
+    return dualenc.DualEncoderConfig(dualenc.ViTConfig(**vision_kw), dualenc.BertConfig(**text_kw),
+                                     projection_dim=projection_dim)
+
+
 def build(size: str, seed: int = 0, flax: bool = True) -> SideBySide:
     import torch
 
     tf = transformers_module()
-    vision_kw, text_kw, projection_dim = SIZES[size]
-    hf_config = tf.VisionTextDualEncoderConfig.from_vision_text_configs(
-        tf.ViTConfig(**vision_kw), tf.BertConfig(**text_kw), projection_dim=projection_dim)
+    config = hf_config(size)
     torch.manual_seed(seed)
-    model = tf.VisionTextDualEncoderModel(hf_config).eval()
+    model = tf.VisionTextDualEncoderModel(config).eval()
     directory = tempfile.mkdtemp(prefix=f"dualenc-bench-{size}-")
     model.save_pretrained(directory)
     config, params = dualenc.load_pretrained(directory)
