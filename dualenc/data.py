@@ -228,7 +228,7 @@ class Batches:
                              for i, p in zip(images, picks)])
         return images, captions
 
-    def _load(self, epoch: int, index: int) -> dict:
+    def _load(self, epoch: int, index: int, skipped: collections.Counter) -> dict:
         images, captions = self._order(epoch)
         rows = slice(index * self.batch_size, (index + 1) * self.batch_size)
         image_ids, caption_ids = images[rows], captions[rows]
@@ -242,7 +242,7 @@ class Batches:
                     pixels.append(self.processor.image_processor([self.dataset.images[i]])[0])
                 except (ValueError, OSError):
                     # An image that cannot be read is replaced by the next readable one, deterministically.
-                    self.skipped["unreadable image"] += 1
+                    skipped["unreadable image"] += 1
                     pixels.append(self._fallback_pixels(i))
             batch["pixel_values"] = np.stack(pixels).astype(np.float32)
         texts = [self.dataset.captions[c] for c in caption_ids]
@@ -270,7 +270,8 @@ class Batches:
                 while not stop.is_set():
                     if index >= self.batches_per_epoch:
                         epoch, index = epoch + 1, 0
-                    out.put(((epoch, index), self._load(epoch, index)))
+                    skipped = collections.Counter()
+                    out.put(((epoch, index), self._load(epoch, index, skipped), skipped))
                     index += 1
             except BaseException as e:  # surfaced in the consumer
                 out.put(e)
@@ -282,7 +283,9 @@ class Batches:
                 item = out.get()
                 if isinstance(item, BaseException):
                     raise item
-                (epoch, index), batch = item
+                (epoch, index), batch, skipped = item
+                # Counted when the batch is handed out, so batches prefetched but never used do not count.
+                self.skipped.update(skipped)
                 self.position = (epoch, index + 1)
                 yield (epoch, index), batch
         finally:
