@@ -285,8 +285,8 @@ def tower_features(params: dict, config: DualEncoderConfig, tower: str, inputs: 
     """
     if tower not in TOWERS:
         raise InputError(f"tower must be one of {TOWERS}, got {tower!r}")
-    def pooled(params, x):  # per-layer inside the program, as evaluate's bulk encoders (see there)
-        p = model.unstack_layers(params)[tower]
+    def pooled(params, x):
+        p = params[tower]
         out = (vit.apply(p, config.vision, x["pixel_values"], dtype=dtype, pooled_only=True) if tower == "vision"
                else bert.apply(p, config.text, x["input_ids"], x.get("attention_mask"), x.get("token_type_ids"),
                                dtype=dtype, pooled_only=True))

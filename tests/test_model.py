@@ -99,8 +99,14 @@ def test_pooled_only_matches_the_full_towers(vision, text, hf_dir):
         grads = [jax.grad(lambda p, po=po: jnp.sum(text_pooled(p, po) ** 2))(layout["text"]) for po in (True, False)]
         for a, b in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
             assert max_diff(a, b) <= 1e-5
+        tangent = jax.tree_util.tree_map(lambda x: jnp.full_like(x, 0.01), layout["text"])
+        jvps = [jax.jvp(lambda p, po=po: text_pooled(p, po), (layout["text"],), (tangent,))[1] for po in (True, False)]
+        assert max_diff(jvps[0], jvps[1]) <= 1e-5 and float(jnp.max(jnp.abs(jvps[1]))) > 1e-3
         assert max_diff(dualenc.get_image_features(layout, config, px), ref_img) <= 1e-5
         assert max_diff(dualenc.get_text_features(layout, config, **batch), ref_txt) <= 1e-5
+    # stacked layers too: evaluated, the scan's last step computes the first token only (a cond picks it)
+    assert "cond[" in str(jax.make_jaxpr(lambda p: text_pooled(p, True))(params["text"]))
+    assert "cond[" not in str(jax.make_jaxpr(lambda p: text_pooled(p, False))(params["text"]))
     with pytest.raises(dualenc.InputError, match="pooled_only"):
         vit.apply(params["vision"], config.vision, px, pooled_only=True, output_hidden_states=True)
 
