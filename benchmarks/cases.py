@@ -15,7 +15,7 @@ import dualenc
 from benchmarks.common import (block, build, dualenc_config, forward_flops, hf_config, inputs, interleaved,
                                transformers_module)
 
-FORWARD_STATIC = ("dtype",)
+FORWARD_STATIC = ("dtype", "pooled_only")
 
 
 def _torch_forward(model, batch, autocast=None):
@@ -57,7 +57,11 @@ def forward(size: str, batch_size: int, length: int, *, repeats: int, peak: floa
     def ours_loop():
         return block(fwd(loop_params, side.config, **batch, dtype=jax_dtype).logits_per_image)
 
-    fns = {"dualenc": ours, "dualenc layer loop": ours_loop,
+    def pooled(params):  # the same logits; the towers' last layer computes the first token only
+        return lambda: block(fwd(params, side.config, **batch, dtype=jax_dtype, pooled_only=True).logits_per_image)
+
+    fns = {"dualenc": ours, "dualenc layer loop": ours_loop, "dualenc pooled_only": pooled(side.params),
+           "dualenc layer loop pooled_only": pooled(loop_params),
            "torch": _torch_forward(side.torch_model, batch, None if dtype == "float32" else torch.bfloat16)}
     if side.flax_model is not None:
         fns["flax"], _ = _flax_forward(side.flax_model, batch)

@@ -104,6 +104,15 @@ def test_pooled_only_matches_the_full_towers(vision, text, hf_dir):
         assert max_diff(jvps[0], jvps[1]) <= 1e-5 and float(jnp.max(jnp.abs(jvps[1]))) > 1e-3
         assert max_diff(dualenc.get_image_features(layout, config, px), ref_img) <= 1e-5
         assert max_diff(dualenc.get_text_features(layout, config, **batch), ref_txt) <= 1e-5
+        # the contrastive forward too: same logits and embeddings, first-token tower outputs
+        fwd = jax.jit(dualenc.apply, static_argnames="pooled_only")
+        outs = [fwd(layout, config, **batch, pixel_values=px, pooled_only=po) for po in (True, False)]
+        for name in ("logits_per_image", "text_embeds", "image_embeds"):
+            assert max_diff(getattr(outs[0], name), getattr(outs[1], name)) <= 1e-6
+        assert outs[0].text_outputs.last_hidden_state.shape == (len(batch["input_ids"]), 1, config.text.hidden_size)
+        assert outs[1].text_outputs.last_hidden_state.shape[1] == batch["input_ids"].shape[1]
+    with pytest.raises(dualenc.InputError, match="pooled_only"):
+        jax.jit(dualenc.apply)(params, config, **batch, pixel_values=px, pooled_only=True)
     # stacked layers too: evaluated, the scan's last step computes the first token only (a cond picks it)
     assert "cond[" in str(jax.make_jaxpr(lambda p: text_pooled(p, True))(params["text"]))
     assert "cond[" not in str(jax.make_jaxpr(lambda p: text_pooled(p, False))(params["text"]))
