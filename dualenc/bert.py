@@ -104,8 +104,9 @@ def apply(params: layers.Params, config: TextConfig, input_ids: jax.Array, atten
       dropout_key: enables dropout (training) when given.
       dtype: compute dtype of the matmuls (default float32).
       pooled_only: return last_hidden_state for the first token only, (B, 1, D), which is all pooler_output
-        needs. With per-layer params (unstack_layers) the last layer then computes just that token (its
-        attention still reads every token): about 7% less work for a 12-layer tower, same pooler_output.
+        needs. The last layer then computes just that token (its attention still reads every token):
+        about 7% less work for a 12-layer tower, same pooler_output. Stacked layers do so when evaluated;
+        differentiated, they run the last layer in full (a faster backward).
 
     Returns:
       TowerOutput: last_hidden_state (B, L, D), pooler_output (B, D) = tanh(dense(first token)), and

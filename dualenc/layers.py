@@ -308,8 +308,8 @@ def encoder(p: Params | tuple | Split, x: jax.Array, bias: jax.Array | None, spe
     stop_gradient so the backward pass covers only the top layers.
 
     With first_only (no hidden states or attentions asked for) the last hidden state is the first position
-    only, (B, 1, D): all a pooler reads. Per-layer params then compute just that position in the last layer,
-    about 5/6 of one layer's work less; stacked params compute the whole layer.
+    only, (B, 1, D): all a pooler reads. The last layer then computes just that position, about 5/6 of one
+    layer's work less (stacked params: when evaluated; see _scan_first_only).
 
     Returns (last hidden state, per-layer outputs (depth, B, L, D) or None, attention probs
     (depth, B, H, L, L) or None).
