@@ -113,9 +113,10 @@ def test_pooled_only_matches_the_full_towers(vision, text, hf_dir):
         assert outs[1].text_outputs.last_hidden_state.shape[1] == batch["input_ids"].shape[1]
     with pytest.raises(dualenc.InputError, match="pooled_only"):
         jax.jit(dualenc.apply)(params, config, **batch, pixel_values=px, pooled_only=True)
-    # stacked layers too: evaluated, the scan's last step computes the first token only (a cond picks it)
-    assert "cond[" in str(jax.make_jaxpr(lambda p: text_pooled(p, True))(params["text"]))
-    assert "cond[" not in str(jax.make_jaxpr(lambda p: text_pooled(p, False))(params["text"]))
+    # stacked layers too: evaluated, the last layer's MLP runs on the first token only
+    first_token_mlp = f"[{len(batch['input_ids'])},1,{config.text.intermediate_size}]"
+    assert first_token_mlp in str(jax.make_jaxpr(lambda p: text_pooled(p, True))(params["text"]))
+    assert first_token_mlp not in str(jax.make_jaxpr(lambda p: text_pooled(p, False))(params["text"]))
     with pytest.raises(dualenc.InputError, match="pooled_only"):
         vit.apply(params["vision"], config.vision, px, pooled_only=True, output_hidden_states=True)
 

@@ -82,7 +82,7 @@ def test_locked_tower_gets_no_optimizer_state_and_no_backward(params):
             step = train.make_train_step(CONFIG, optimizer, locked=locked)
             programs[loop, locked] = str(jax.make_jaxpr(lambda s, b: step(s, b)[1]["loss"])(st, synthetic_batch()))
     # scanned layers: each tower's encoder scan runs forward and backward (4 scans); locked: no vision backward
-    # (its forward-only scan holds the last layer twice, in full and first-token-only, so dots are not counted)
+    # (its forward-only loop holds the last layer a second time, first-token-only, so dots are not counted)
     assert programs[False, ()].count("scan[") == 4 and programs[False, ("vision",)].count("scan[") == 3
     assert programs[True, ("vision",)].count("dot_general") < 0.8 * programs[True, ()].count("dot_general")
     assert programs[True, ()].count("scan[") == 0
