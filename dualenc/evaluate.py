@@ -46,7 +46,7 @@ def _image_embeds(params, config, pixel_values, dtype=None):
 @functools.partial(jax.jit, static_argnames=("dtype",))
 def _text_embeds(params, config, input_ids, attention_mask, token_type_ids, dtype=None):
     return model.normalize(model.get_text_features(params, config, input_ids, attention_mask, token_type_ids,
-                                              dtype=dtype))
+                                                   dtype=dtype))
 
 
 def _batches(items: Iterable, size: int) -> Iterator[list]:

@@ -370,9 +370,9 @@ def _scan_first_only(body, step, params: Params, h: jax.Array, keys) -> jax.Arra
 
     @jax.custom_jvp
     def run(params, h):
-        xs = (params, keys)
-        pick = lambda i: jax.tree_util.tree_map(  # noqa: E731
-            lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), xs)
+        def pick(i):  # layer i's params and dropout key
+            return jax.tree_util.tree_map(lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), (params, keys))
+
         h = lax.fori_loop(0, depth - 1, lambda i, h: body(h, pick(i))[0], h)
         return step(h, pick(depth - 1), True)[0]
 

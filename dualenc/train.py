@@ -285,14 +285,10 @@ def tower_features(params: dict, config: DualEncoderConfig, tower: str, inputs: 
     """
     if tower not in TOWERS:
         raise InputError(f"tower must be one of {TOWERS}, got {tower!r}")
-    def pooled(params, x):
-        p = params[tower]
-        out = (vit.apply(p, config.vision, x["pixel_values"], dtype=dtype, pooled_only=True) if tower == "vision"
-               else bert.apply(p, config.text, x["input_ids"], x.get("attention_mask"), x.get("token_type_ids"),
-                               dtype=dtype, pooled_only=True))
-        return out.pooler_output
-
-    fn = jax.jit(pooled)
+    fn = jax.jit(lambda p, x: (
+        vit.apply(p, config.vision, x["pixel_values"], dtype=dtype, pooled_only=True) if tower == "vision"
+        else bert.apply(p, config.text, x["input_ids"], x.get("attention_mask"), x.get("token_type_ids"),
+                        dtype=dtype, pooled_only=True)).pooler_output)
     n = len(next(iter(inputs.values())))
     out = []
     for start in range(0, n, batch_size):
@@ -300,5 +296,5 @@ def tower_features(params: dict, config: DualEncoderConfig, tower: str, inputs: 
         rows = len(next(iter(chunk.values())))
         if rows < batch_size:
             chunk = {k: np.concatenate([v, np.repeat(v[-1:], batch_size - rows, axis=0)]) for k, v in chunk.items()}
-        out.append(np.asarray(fn(params, chunk), np.float32)[:rows])
+        out.append(np.asarray(fn(params[tower], chunk), np.float32)[:rows])
     return np.concatenate(out) if out else np.zeros((0, getattr(config, tower).hidden_size), np.float32)
