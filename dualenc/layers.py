@@ -144,9 +144,40 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None, shape: tuple | Non
     """
     if key is None or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape if shape is None else shape)
+    keep = bernoulli(key, 1.0 - rate, x.shape if shape is None else shape)
     keep = keep[tuple(slice(0, n) for n in x.shape)]
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
+
+
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def bernoulli(key: jax.Array, p: float, shape: tuple) -> jax.Array:
+    """jax.random.bernoulli(key, p, shape): the same draws, made faster on CPU for threefry keys.
+
+    On CPU jax lowers threefry as a loop of its five key injections, to compile quicker; each is a pass over
+    memory and a program step of its own, which made dropout cost BERT-base's training step 80 ms. Here
+    the rounds are unrolled into elementwise ops that XLA fuses into one pass: the same bits (jax's
+    partitionable counter layout), 13x faster. Other keys, and jax's other layout, go to jax.random.
+    """
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    impl = str(jax.random.key_impl(key)) if typed else jax.config.jax_default_prng_impl
+    if (impl != "threefry2x32" or not jax.config.jax_threefry_partitionable or key.shape != (() if typed else (2,))
+            or math.prod(shape) >= 1 << 32):
+        return jax.random.bernoulli(key, p, shape)
+    k1, k2 = jax.random.key_data(key) if typed else key
+    injections = (k1, k2, k1 ^ k2 ^ jnp.uint32(0x1BD11BDA))
+    counts = sum(lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(math.prod(shape[axis + 1:]))
+                 for axis in range(len(shape)))  # the flat index: the low word of jax's 64-bit counter
+    x0, x1 = jnp.full(shape, injections[0], jnp.uint32), counts + injections[1]
+    for i in range(5):
+        for r in _THREEFRY_ROTATIONS[i % 2]:
+            x0 = x0 + x1
+            x1 = x0 ^ ((x1 << jnp.uint32(r)) | (x1 >> jnp.uint32(32 - r)))
+        x0 = x0 + injections[(i + 1) % 3]
+        x1 = x1 + injections[(i + 2) % 3] + jnp.uint32(i + 1)
+    uniform = lax.bitcast_convert_type(((x0 ^ x1) >> 9) | jnp.uint32(0x3F800000), jnp.float32) - 1.0
+    return uniform < jnp.float32(p)
 
 
 def attention_bias(mask: jax.Array | None) -> jax.Array | None:

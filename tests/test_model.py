@@ -10,6 +10,7 @@ import torch
 from conftest import hf_dual_model, max_diff, pixels, text_batch
 
 import dualenc
+from dualenc import layers
 
 COMBOS = [(v, t) for v in ("vit", "clip") for t in ("bert", "roberta")]
 
@@ -209,6 +210,18 @@ def test_reduced_precision_close_to_float32(hf_dir):
     assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda x: x.dtype == jnp.float32, params))
 
 
+@pytest.mark.parametrize("shape", [(8, 12, 7, 7), (3, 1, 5), (), (50,)])
+def test_bernoulli_draws_as_jax_random(shape):
+    for key in (jax.random.fold_in(jax.random.key(3), 5), jax.random.PRNGKey(7)):  # typed and raw keys
+        for p in (0.1, 0.9):
+            ours = jax.jit(layers.bernoulli, static_argnums=(1, 2))(key, p, shape)
+            np.testing.assert_array_equal(ours, jax.random.bernoulli(key, p, shape))
+        assert "threefry2x32" not in str(jax.make_jaxpr(layers.bernoulli, static_argnums=(1, 2))(key, 0.5, shape))
+    assert layers.bernoulli(jax.random.key(0, impl="rbg"), 0.5, (4, 4)).shape == (4, 4)  # jax.random's path
+    if shape == (8, 12, 7, 7):  # and the draws are not trivially equal
+        assert 0.3 < float(jnp.mean(layers.bernoulli(jax.random.key(1), 0.5, shape))) < 0.7
+
+
 def test_dropout_only_in_training(hf_dir):
     config, params = dualenc.load_pretrained(hf_dir(hf_dual_model("vit", "bert", vision_kw=dict(
         hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2))))
@@ -254,7 +267,6 @@ def test_init_shapes_and_values():
 
 
 def test_init_params_cuts_every_normal_from_one_chunked_draw(monkeypatch):
-    from dualenc import layers
 
     monkeypatch.setattr(layers, "NORMAL_CHUNK", 1000)  # 7 chunks, the lax.map path
 
@@ -276,7 +288,6 @@ def test_init_params_cuts_every_normal_from_one_chunked_draw(monkeypatch):
 def test_gpu_attention_path_matches(monkeypatch, hf_dir):
     """The jax.nn.dot_product_attention branch taken on GPU (run here through XLA on CPU) gives the same
     outputs, padding masks and pooled_only included."""
-    from dualenc import layers
 
     model = hf_dual_model("vit", "bert", seed=6)
     config, params = dualenc.load_pretrained(hf_dir(model))

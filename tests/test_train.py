@@ -67,6 +67,42 @@ def test_step_trains_and_reports_metrics(params):
     assert not close(train.full_params(state), params)
 
 
+@pytest.mark.parametrize("clip_norm", [1.0, 1e3])  # clipping on, and a bound the gradients stay under
+def test_clipped_adamw_matches_the_optax_chain(params, clip_norm):
+    import optax
+
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 2, 10, end_value=0.0)
+    ours = train.clipped_adamw(schedule, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1, mask=train.decay_mask,
+                               clip_norm=clip_norm)
+    reference = optax.chain(optax.clip_by_global_norm(clip_norm),
+                            optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1,
+                                        mask=train.decay_mask))
+    rng = np.random.default_rng(0)
+    p_ours = p_ref = params
+    s_ours, s_ref = ours.init(params), reference.init(params)
+    update_ours, update_ref = jax.jit(ours.update), jax.jit(reference.update)
+    clipped = 0
+    for _ in range(4):
+        grads = jax.tree_util.tree_map(lambda x: rng.standard_normal(x.shape).astype(np.float32) * 0.1, params)
+        clipped += float(optax.global_norm(grads)) > clip_norm
+        u_ours, s_ours = update_ours(grads, s_ours, p_ours)
+        u_ref, s_ref = update_ref(grads, s_ref, p_ref)
+        p_ours, p_ref = optax.apply_updates(p_ours, u_ours), optax.apply_updates(p_ref, u_ref)
+    assert clipped == (4 if clip_norm == 1.0 else 0)
+    for a, b in zip(jax.tree_util.tree_leaves(p_ours), jax.tree_util.tree_leaves(p_ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    unmasked = train.clipped_adamw(schedule, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1, clip_norm=clip_norm)
+    u_all, _ = unmasked.update(grads, s_ours, p_ours)  # decays biases too: the mask matters
+    u_masked, _ = ours.update(grads, s_ours, p_ours)
+    assert not np.allclose(u_all["text"]["pooler"]["bias"], u_masked["text"]["pooler"]["bias"])
+    assert int(s_ours.count) == 4
+    chain_mu = s_ref[1][0].mu
+    for a, b in zip(jax.tree_util.tree_leaves(s_ours.mu), jax.tree_util.tree_leaves(chain_mu)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
+    with pytest.raises(dualenc.InputError, match="params"):
+        ours.update(grads, s_ours)
+
+
 def test_locked_tower_gets_no_optimizer_state_and_no_backward(params):
     state, _ = run(CONFIG, params, locked=("vision",))
     assert close(train.full_params(state)["vision"], params["vision"], atol=0)
