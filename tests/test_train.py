@@ -84,13 +84,16 @@ def test_clipped_adamw_matches_the_optax_chain(params, clip_norm):
     clipped = 0
     for _ in range(4):
         grads = jax.tree_util.tree_map(lambda x: rng.standard_normal(x.shape).astype(np.float32) * 0.1, params)
-        clipped += float(optax.global_norm(grads)) > clip_norm
+        clipped += float(optax.tree.norm(grads)) > clip_norm
         u_ours, s_ours = update_ours(grads, s_ours, p_ours)
         u_ref, s_ref = update_ref(grads, s_ref, p_ref)
         p_ours, p_ref = optax.apply_updates(p_ours, u_ours), optax.apply_updates(p_ref, u_ref)
     assert clipped == (4 if clip_norm == 1.0 else 0)
     for a, b in zip(jax.tree_util.tree_leaves(p_ours), jax.tree_util.tree_leaves(p_ref)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        if clip_norm == 1.0:  # the clipping scale is rounded once, not twice as optax does
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        else:  # otherwise the same operations in the same order: the same bits
+            np.testing.assert_array_equal(a, b)
     unmasked = train.clipped_adamw(schedule, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1, clip_norm=clip_norm)
     u_all, _ = unmasked.update(grads, s_ours, p_ours)  # decays biases too: the mask matters
     u_masked, _ = ours.update(grads, s_ours, p_ours)
