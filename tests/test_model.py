@@ -218,6 +218,15 @@ def test_bernoulli_draws_as_jax_random(shape):
             np.testing.assert_array_equal(ours, jax.random.bernoulli(key, p, shape))
         assert "threefry2x32" not in str(jax.make_jaxpr(layers.bernoulli, static_argnums=(1, 2))(key, 0.5, shape))
     assert layers.bernoulli(jax.random.key(0, impl="rbg"), 0.5, (4, 4)).shape == (4, 4)  # jax.random's path
+    keys = jax.random.split(jax.random.key(4), 3)  # under vmap, and with the mask sharded over 4 devices
+    np.testing.assert_array_equal(jax.vmap(lambda k: layers.bernoulli(k, 0.3, shape))(keys),
+                                  jnp.stack([jax.random.bernoulli(k, 0.3, shape) for k in keys]))
+    if shape and shape[0] % jax.device_count() == 0:
+        mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+        split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        sharded = jax.jit(layers.bernoulli, static_argnums=(1, 2), out_shardings=split)(keys[0], 0.3, shape)
+        assert len(sharded.sharding.device_set) == jax.device_count() > 1
+        np.testing.assert_array_equal(sharded, jax.random.bernoulli(keys[0], 0.3, shape))
     if shape == (8, 12, 7, 7):  # and the draws are not trivially equal
         assert 0.3 < float(jnp.mean(layers.bernoulli(jax.random.key(1), 0.5, shape))) < 0.7
 
