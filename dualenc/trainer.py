@@ -77,6 +77,8 @@ def restore_state(path: str, template: train.TrainState) -> tuple[train.TrainSta
     meta = read_json(os.path.join(path, META_FILE), "training checkpoint metadata")
     leaves, treedef = jax.tree_util.tree_flatten(template)
     names = [name for name, _ in _leaf_names(template)]
+    if isinstance(template.opt_state, train.ClippedAdamWState):
+        tensors = _from_optax_chain(tensors, path)
     missing = [n for n in names if n not in tensors]
     unexpected = [n for n in tensors if n not in set(names)]
     wrong = [n for n, leaf in zip(names, leaves) if n in tensors and tensors[n].shape != np.shape(leaf)]
@@ -89,6 +91,20 @@ def restore_state(path: str, template: train.TrainState) -> tuple[train.TrainSta
         sharding = getattr(leaf, "sharding", None)
         restored.append(jax.device_put(value, sharding) if sharding is not None else value)
     return jax.tree_util.tree_unflatten(treedef, restored), meta
+
+
+def _from_optax_chain(tensors: dict, path: str) -> dict:
+    """Checkpoints written before default_optimizer became train.clipped_adamw hold the state of optax's
+    chain(clip_by_global_norm, adamw): Adam's count and moments at opt_state[1][0], the schedule's count at
+    opt_state[1][2]. The same numbers, renamed; anything else is left for the strict check."""
+    old, schedule = ".opt_state[1][0].", ".opt_state[1][2].count"
+    if ".opt_state.count" in tensors or old + "count" not in tensors:
+        return tensors
+    if schedule in tensors and int(tensors[schedule]) != int(tensors[old + "count"]):
+        raise CheckpointError(f"{path}: the optimizer's schedule and Adam counts differ "
+                              f"({int(tensors[schedule])} and {int(tensors[old + 'count'])})")
+    return {(".opt_state." + name[len(old):] if name.startswith(old) else name): value
+            for name, value in tensors.items() if name != schedule}
 
 
 @dataclasses.dataclass

@@ -106,6 +106,32 @@ def test_clipped_adamw_matches_the_optax_chain(params, clip_norm):
         ours.update(grads, s_ours)
 
 
+def test_checkpoints_of_the_optax_chain_resume_into_clipped_adamw(params, tmp_path):
+    import optax
+
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 1, 10, end_value=0.0)
+    chain = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-6,
+                                                                    weight_decay=0.1, mask=train.decay_mask))
+    ours = train.clipped_adamw(schedule, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1, mask=train.decay_mask,
+                               clip_norm=1.0)
+    states = {name: train.init_state(params, opt, locked=("vision",), layer_loop=False)
+              for name, opt in (("chain", chain), ("ours", ours))}
+    steps = {name: train.make_train_step(CONFIG, opt, locked=("vision",))
+             for name, opt in (("chain", chain), ("ours", ours))}
+    batch = synthetic_batch()
+    for _ in range(2):  # as written before default_optimizer changed
+        states["chain"], _ = steps["chain"](states["chain"], batch)
+    saved = trainer.save_state(str(tmp_path), states["chain"], {"data_position": [0, 2]})
+    restored, meta = trainer.restore_state(saved, states["ours"])
+    assert int(restored.opt_state.count) == 2 and meta["step"] == 2
+    assert close(restored.opt_state.nu, states["chain"].opt_state[1][0].nu, atol=0)
+    after_chain, _ = steps["chain"](states["chain"], batch)
+    after_ours, _ = steps["ours"](restored, batch)
+    assert close(after_ours.trainable, after_chain.trainable, atol=1e-6)  # the run goes on as it would have
+    with pytest.raises(dualenc.CheckpointError, match="does not match"):  # other layouts are still refused
+        trainer.restore_state(saved, train.init_state(params, ours, layer_loop=False))
+
+
 def test_locked_tower_gets_no_optimizer_state_and_no_backward(params):
     state, _ = run(CONFIG, params, locked=("vision",))
     assert close(train.full_params(state)["vision"], params["vision"], atol=0)
