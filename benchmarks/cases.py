@@ -49,22 +49,18 @@ def forward(size: str, batch_size: int, length: int, *, repeats: int, peak: floa
     jax_dtype = None if dtype == "float32" else jnp.dtype(dtype)
     fwd = jax.jit(dualenc.apply, static_argnames=FORWARD_STATIC)
 
-    def ours():
-        return block(fwd(side.params, side.config, **batch, dtype=jax_dtype).logits_per_image)
-
     loop_params = dualenc.unstack_layers(side.params)
 
-    def ours_loop():
-        return block(fwd(loop_params, side.config, **batch, dtype=jax_dtype).logits_per_image)
+    def ours(params, pooled_only=False):  # pooled_only: the same logits, the last layers on the first token
+        return lambda: block(fwd(params, side.config, **batch, dtype=jax_dtype,
+                                 pooled_only=pooled_only).logits_per_image)
 
-    def pooled(params):  # the same logits; the towers' last layer computes the first token only
-        return lambda: block(fwd(params, side.config, **batch, dtype=jax_dtype, pooled_only=True).logits_per_image)
-
-    fns = {"dualenc": ours, "dualenc layer loop": ours_loop, "dualenc pooled_only": pooled(side.params),
-           "dualenc layer loop pooled_only": pooled(loop_params),
+    fns = {"dualenc": ours(side.params), "dualenc layer loop": ours(loop_params),
+           "dualenc pooled_only": ours(side.params, True), "dualenc layer loop pooled_only": ours(loop_params, True),
            "torch": _torch_forward(side.torch_model, batch, None if dtype == "float32" else torch.bfloat16)}
     if side.flax_model is not None:
         fns["flax"], _ = _flax_forward(side.flax_model, batch)
+
     def as_numpy(x):
         return x.float().numpy() if hasattr(x, "float") else np.asarray(x, np.float32)
 
