@@ -10,10 +10,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import cases, load  # noqa: E402
+from benchmarks import cases, clip, load  # noqa: E402
 from benchmarks.common import machine, matmul_peak, torch_matmul_peak  # noqa: E402
 
-ALL = ("peak", "forward", "bf16", "latency", "startup", "lit", "encode", "memory", "demo", "load")
+ALL = ("peak", "forward", "bf16", "latency", "startup", "lit", "encode", "memory", "demo", "load", "clip")
 
 
 def run(selected, repeats: int) -> dict:
@@ -45,6 +45,10 @@ def run(selected, repeats: int) -> dict:
         add(cases.peak_memory())
     if "demo" in selected:
         add(cases.demo())
+    if "clip" in selected:
+        for variant in clip.VARIANTS:
+            for batch in (1, 8):
+                add(clip.forward(variant, batch, repeats=repeats))
     if "load" in selected:
         add(load.encode_many())
         add(load.train_long())

@@ -2,13 +2,14 @@
 
 from dualenc.config import (
     BertConfig,
+    CLIPTextConfig,
     CLIPVisionConfig,
     DualEncoderConfig,
     RobertaConfig,
     ViTConfig,
     load_config,
 )
-from dualenc.checkpoint import (
+from dualenc.formats import (
     NewlyInitializedWarning,
     UnusedWeightsWarning,
     from_vision_text_pretrained,
@@ -37,6 +38,7 @@ from dualenc.model import (
     unstack_layers,
 )
 
-from dualenc import data, evaluate, losses, train, trainer  # noqa: E402  (submodules, as dualenc.train etc.)
+from dualenc import data, evaluate, formats, losses, towers, train, trainer  # noqa: E402  (submodules)
+from dualenc.towers import bert, clip_text, vit  # noqa: E402  (the tower families, as dualenc.vit etc.)
 
 __version__ = "0.1.0"

@@ -11,30 +11,11 @@ import jax
 import numpy as np
 
 from dualenc import model
+from dualenc import templates as templates_
 from dualenc.config import DualEncoderConfig
 from dualenc.errors import InputError
 
-# Short prompt ensemble in the spirit of CLIP's; "{}" is the class name.
-DEFAULT_TEMPLATES = (
-    "a photo of a {}.",
-    "a picture of a {}.",
-    "an image of a {}.",
-    "a close-up photo of a {}.",
-    "a cropped photo of a {}.",
-    "a bright photo of a {}.",
-    "a dark photo of a {}.",
-    "a blurry photo of a {}.",
-    "a low resolution photo of a {}.",
-    "a good photo of a {}.",
-    "a photo of the {}.",
-    "a photo of one {}.",
-    "a drawing of a {}.",
-    "a rendering of a {}.",
-    "a black and white photo of a {}.",
-    "itap of a {}.",
-    "a {}.",
-    "{}",
-)
+DEFAULT_TEMPLATES = templates_.DEFAULT
 PROGRESS_MIN_BATCHES = 4
 
 
@@ -169,6 +150,9 @@ def encode_texts(params, config: DualEncoderConfig, tokenizer, texts: Iterable[s
         length = next(b for b in buckets if b >= enc["input_ids"].shape[1])
         arrays = {}
         for name, fill in (("input_ids", pad_id), ("attention_mask", 0), ("token_type_ids", 0)):
+            if name not in enc:  # CLIP-style tokenizers give no token types
+                arrays[name] = None
+                continue
             a = np.asarray(enc[name], np.int32)
             padded = np.full((batch_size, length), fill, np.int32)
             padded[:a.shape[0], :a.shape[1]] = a
@@ -182,20 +166,16 @@ def encode_texts(params, config: DualEncoderConfig, tokenizer, texts: Iterable[s
 
 
 def zero_shot_classifier(params, config: DualEncoderConfig, tokenizer, classnames: Sequence[str],
-                         templates: Sequence[str] = DEFAULT_TEMPLATES, *, batch_size: int = 64) -> np.ndarray:
+                         templates: str | Sequence[str] = DEFAULT_TEMPLATES, *, batch_size: int = 64) -> np.ndarray:
     """Zero-shot weights, float32 (projection_dim, n_classes), as CLIP builds them.
 
     Each class's column is the mean of its L2-normalised template embeddings, renormalised.
-    `templates` are format strings with one "{}" for the class name.
+    `templates` are format strings with one "{}" for the class name, or the name of a set in
+    dualenc.templates.TEMPLATE_SETS ("default", "openai_imagenet": the CLIP paper's 80, "openai_imagenet_7").
     """
-    classnames, templates = list(classnames), list(templates)
+    classnames, templates = list(classnames), templates_.resolve(templates)
     if not classnames:
         raise InputError("classnames is empty")
-    if not templates:
-        raise InputError("templates is empty")
-    for i, t in enumerate(templates):
-        if not isinstance(t, str) or t.count("{}") != 1:
-            raise InputError(f"templates[{i}] = {t!r} must be a string with exactly one '{{}}' for the class name")
     for i, c in enumerate(classnames):
         if not isinstance(c, str) or not c.strip():
             raise InputError(f"classnames[{i}] = {c!r} must be a non-empty string")

@@ -1,4 +1,4 @@
-"""Files on disk: a strict safetensors reader, a safetensors writer, and atomic replacement of a directory.
+"""Files on disk: a strict JSON reader, a strict safetensors reader, a safetensors writer, and atomic replacement of a directory.
 
 The reader parses and checks the header itself (bounds, overlaps, dtypes, sizes) before touching any data,
 so a truncated or hostile file is a CheckpointError naming the file, never a crash inside a library.
@@ -23,7 +23,7 @@ from typing import Any, Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
-from dualenc.errors import CheckpointError
+from dualenc.errors import CheckpointError, ConfigError
 
 MAX_HEADER_BYTES = 100 << 20
 DTYPES = {
@@ -271,3 +271,38 @@ def atomic_directory(path: str) -> Iterator[str]:
                                f"{e.strerror or e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> dict:
+    """Reads a JSON object from `path`; every failure is an error naming the file."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(64 << 20)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a directory, not a file") from None
+    if len(raw) >= 64 << 20:
+        raise ConfigError(f"{what} {path} is over 64 MiB; refusing to parse it")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ConfigError(f"{what} {path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+
+
+def is_open_clip_dir(path: str | os.PathLike) -> bool:
+    """A directory in open_clip's hub layout: open_clip_config.json and no transformers config.json.
+
+    Where both are present (many LAION repositories hold both layouts), config.json wins: the model, its
+    tokenizer and its image processor are then all read as transformers reads them.
+    """
+    path = os.fspath(path)
+    return (os.path.isfile(os.path.join(path, OPEN_CLIP_CONFIG))
+            and not os.path.isfile(os.path.join(path, "config.json")))

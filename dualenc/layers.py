@@ -7,15 +7,16 @@ softmax run in float32. The encoder's per-layer params carry a leading depth axi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dualenc.config import ACTIVATION_NAMES
+from dualenc.fields import ACTIVATION_NAMES
 from dualenc.errors import InputError
 
 Params = dict[str, Any]
@@ -96,6 +97,16 @@ def init_params(key: jax.Array, build: Callable[[Normal], Params]) -> Params:
     return build(replay)
 
 
+def tower_init(build: Callable[[Normal, Any], Params]) -> Callable[[jax.Array, Any], Params]:
+    """The jitted init(key, config) -> params of a tower whose params build(normal, config) declares."""
+    @jax.jit
+    def init(key: jax.Array, config) -> Params:
+        """Random params for the tower, initialised as transformers does."""
+        return init_params(key, lambda normal: build(normal, config))
+
+    return init
+
+
 def dense_init(normal: Normal, d_in: int, d_out: int, std: float, bias: bool = True, depth: tuple = ()) -> Params:
     p = {"kernel": normal((*depth, d_in, d_out), std)}
     if bias:
@@ -136,17 +147,32 @@ def layer_norm(p: Params, x: jax.Array, eps: float, dtype) -> jax.Array:
     return y.astype(dtype)
 
 
-def dropout(x: jax.Array, rate: float, key: jax.Array | None, shape: tuple | None = None) -> jax.Array:
+def dropout(x: jax.Array, rate: float, key: jax.Array | None, shape: tuple | None = None,
+            pick: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
     """Inverted dropout; a no-op when key is None (inference) or rate is 0.
 
-    shape: draw the mask for this larger shape and keep its leading corner, so x (e.g. the first token of a
-    layer's output) is dropped exactly as it would be inside the whole.
+    shape, pick: draw the mask for this larger shape and keep pick(mask) of it, so x (e.g. the pooled token of
+    a layer's output) is dropped exactly as it would be inside the whole.
     """
     if key is None or rate == 0.0:
         return x
     keep = bernoulli(key, 1.0 - rate, x.shape if shape is None else shape)
-    keep = keep[tuple(slice(0, n) for n in x.shape)]
+    if pick is not None:
+        keep = pick(keep)
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
+
+
+Rows = Union[bool, jax.Array]  # which query positions a layer computes: all (False), the first (True), or (B,)
+
+
+def pick_rows(x: jax.Array, rows: Rows, axis: int = 1) -> jax.Array:
+    """One position per batch row along `axis`, the axis kept with size 1: position 0 when rows is True, else
+    rows[b] for batch row b (x's leading axis is the batch)."""
+    if rows is True:
+        return lax.slice_in_dim(x, 0, 1, axis=axis)
+    index = jnp.reshape(rows.astype(jnp.int32), (-1,) + (1,) * (x.ndim - 1))
+    index = jnp.broadcast_to(index, x.shape[:axis] + (1,) + x.shape[axis + 1:])
+    return jnp.take_along_axis(x, index, axis=axis)
 
 
 _THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
@@ -180,11 +206,25 @@ def bernoulli(key: jax.Array, p: float, shape: tuple) -> jax.Array:
     return uniform < jnp.float32(p)
 
 
-def attention_bias(mask: jax.Array | None) -> jax.Array | None:
-    """(B, L) 0/1 key mask -> (B, 1, 1, L) additive float32 bias (torch's finfo.min for masked keys)."""
-    if mask is None:
-        return None
-    return jnp.where(mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+def attention_bias(mask: jax.Array | None, causal_length: int | None = None) -> jax.Array | None:
+    """Additive float32 attention bias: 0 where a query may attend, torch's finfo.min where not.
+
+    Args:
+      mask: (B, L) 0/1 key mask, or None.
+      causal_length: L, to also forbid each query the keys after it (one bias for both rules, so a key masked
+        twice is still finfo.min and never -inf).
+
+    Returns:
+      (B, 1, 1, L) for a key mask alone; (B or 1, 1, L, L) when causal; None for neither.
+    """
+    if causal_length is None:
+        if mask is None:
+            return None
+        return jnp.where(mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+    allowed = jnp.tril(jnp.ones((causal_length, causal_length), jnp.bool_))[None, None]
+    if mask is not None:
+        allowed = allowed & (mask[:, None, None, :] > 0)
+    return jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
 
 
 # ------------------------------------------------------------------------------------------------ encoder
@@ -226,9 +266,10 @@ def encoder_init(normal: Normal, spec: EncoderSpec) -> Params:
 
 def attention(p: Params, x: jax.Array, bias: jax.Array | None, spec: EncoderSpec, dtype,
               key: jax.Array | None, need_probs: bool = False,
-              first_only: bool = False) -> tuple[jax.Array, jax.Array | None]:
-    """Multi-head self-attention. x: (B, L, D); bias: (B, 1, 1, L) or None. With first_only, only the first
-    position queries (keys and values still span the sequence): out is (B, 1, D).
+              first_only: Rows = False) -> tuple[jax.Array, jax.Array | None]:
+    """Multi-head self-attention. x: (B, L, D); bias: (B or 1, 1, 1 or L, L) or None. With first_only, only
+    one position per row queries (the first, or those of a (B,) array; keys and values still span the
+    sequence): out is (B, 1, D).
 
     Returns (out (B, Q, D), probs (B, H, Q, L) when need_probs or dropout needs them, else None). Heads are
     moved ahead of the sequence axis so both attention matmuls are plain batched matmuls (on CPU this layout
@@ -238,8 +279,10 @@ def attention(p: Params, x: jax.Array, bias: jax.Array | None, spec: EncoderSpec
     b, l, d = x.shape
     h = spec.num_heads
     head_dim = d // h
-    queries = x[:, :1] if first_only else x
+    queries = x if first_only is False else pick_rows(x, first_only)
     n_q = queries.shape[1]
+    if first_only is not False and bias is not None and bias.shape[2] > 1:  # a bias row per query (causal)
+        bias = pick_rows(jnp.broadcast_to(bias, (b,) + bias.shape[1:]), first_only, axis=2)
     dropping = key is not None and spec.attention_dropout > 0.0
     if jax.default_backend() == "gpu" and not (need_probs or dropping):
         # jax.nn.dot_product_attention picks cuDNN's fused attention where it applies (bf16/fp16), else XLA.
@@ -259,7 +302,8 @@ def attention(p: Params, x: jax.Array, bias: jax.Array | None, spec: EncoderSpec
         scores = scores + bias
     if need_probs or dropping:
         probs = jax.nn.softmax(scores, axis=-1)
-        weights = dropout(probs, spec.attention_dropout, key, (b, h, l, l))
+        pick = None if first_only is False else functools.partial(pick_rows, rows=first_only, axis=2)
+        weights = dropout(probs, spec.attention_dropout, key, (b, h, l, l), pick)
         out = jnp.einsum("bhqs,bhsk->bhqk", weights.astype(dtype), v_BHLK,
                          preferred_element_type=jnp.float32).astype(dtype)
     else:
@@ -277,16 +321,18 @@ def mlp(p: Params, x: jax.Array, activation: str, dtype) -> jax.Array:
 
 def block(p: Params, x: jax.Array, bias: jax.Array | None, spec: EncoderSpec, dtype,
           key: jax.Array | None, need_probs: bool = False,
-          first_only: bool = False) -> tuple[jax.Array, jax.Array | None]:
+          first_only: Rows = False) -> tuple[jax.Array, jax.Array | None]:
     """One encoder layer, pre- or post-norm. Returns (hidden states, attention probs or None).
 
-    first_only computes the first position's output only, (B, 1, D): all a pooler needs from the last layer.
+    first_only computes one position's output per row only, (B, 1, D): the first (True) or those of a (B,)
+    array; all a pooler needs from the last layer.
     """
     keys = (None,) * 3 if key is None else tuple(jax.random.fold_in(key, i) for i in range(3))
     norm = lambda name, y: layer_norm(p[name], y, spec.eps, dtype)  # noqa: E731
-    residual = x[:, :1] if first_only else x
+    residual = x if first_only is False else pick_rows(x, first_only)
     full = x.shape
-    drop = lambda y, k: dropout(y, spec.hidden_dropout, k, full)  # noqa: E731  (masks as in the full layer)
+    pick = None if first_only is False else functools.partial(pick_rows, rows=first_only)
+    drop = lambda y, k: dropout(y, spec.hidden_dropout, k, full, pick)  # noqa: E731  (masks as in the full layer)
     if spec.prenorm:
         a, probs = attention(p["attention"], norm("attention_norm", x), bias, spec, dtype, keys[0], need_probs,
                              first_only)
@@ -299,6 +345,12 @@ def block(p: Params, x: jax.Array, bias: jax.Array | None, spec: EncoderSpec, dt
         m = mlp(p["mlp"], x, spec.activation, dtype)
         x = norm("mlp_norm", x + drop(m, keys[2]))
     return x, probs
+
+
+def clip_init_stds(hidden: int, depth: int, factor: float) -> tuple[float, float, float, float]:
+    """transformers' CLIP init of an encoder's q/k/v, out, fc1 and fc2 kernels (scaled by width and depth)."""
+    qkv = hidden ** -0.5 * (2 * depth) ** -0.5 * factor
+    return (qkv, hidden ** -0.5 * factor, (2 * hidden) ** -0.5 * factor, qkv)
 
 
 class Split(NamedTuple):
@@ -329,7 +381,7 @@ def num_layers(p) -> int:
 
 def encoder(p: Params | tuple | Split, x: jax.Array, bias: jax.Array | None, spec: EncoderSpec, *, dtype,
             key: jax.Array | None = None, output_hidden_states: bool = False, output_attentions: bool = False,
-            remat_policy: str | None = None, first_only: bool = False):
+            remat_policy: str | None = None, first_only: Rows = False):
     """Runs the encoder layers.
 
     p is either the stacked params (a dict, leading depth axis), run with lax.scan so compile time does not
@@ -338,20 +390,23 @@ def encoder(p: Params | tuple | Split, x: jax.Array, bias: jax.Array | None, spe
     which is faster on CPU (see README, performance); or a Split, whose frozen bottom runs under
     stop_gradient so the backward pass covers only the top layers.
 
-    With first_only (no hidden states or attentions asked for) the last hidden state is the first position
-    only, (B, 1, D): all a pooler reads. The last layer then computes just that position, about 5/6 of one
-    layer's work less (stacked params: when evaluated; see _scan_first_only).
+    With first_only (no hidden states or attentions asked for) the last hidden state is one position per row
+    only, (B, 1, D): the first (True), or those of a (B,) int array (an end-of-text token); all a pooler
+    reads. The last layer then computes just that position, about 5/6 of one layer's work less (stacked
+    params: when evaluated; see _scan_first_only).
 
     Returns (last hidden state, per-layer outputs (depth, B, L, D) or None, attention probs
     (depth, B, H, L, L) or None).
     """
-    if first_only and (output_hidden_states or output_attentions):
+    pooled = first_only is not False
+    if pooled and (output_hidden_states or output_attentions):
         raise InputError("pooled_only leaves out the last layer's other positions: it cannot be combined with "
                          "output_hidden_states or output_attentions")
 
-    def step(h, xs, first):
+    def step(h, xs, first):  # first (static): this layer computes the pooled positions only
         layer_p, layer_key = xs
-        h, probs = block(layer_p, h, bias, spec, dtype, layer_key, output_attentions, first)
+        h, probs = block(layer_p, h, bias, spec, dtype, layer_key, output_attentions,
+                         first_only if first else False)
         return h, (h if output_hidden_states else None, probs if output_attentions else None)
 
     if remat_policy is not None:
@@ -370,23 +425,24 @@ def encoder(p: Params | tuple | Split, x: jax.Array, bias: jax.Array | None, spe
             stack = lambda xs: None if xs[0] is None else jnp.stack(xs)  # noqa: E731
             return h, (stack(states), stack(probs)) if params else (None, None)
         if first:
-            return _scan_first_only(body, step, params, h, keys), (None, None)
+            return _scan_first_only(body, step, params, h, keys, first_only), (None, None)
         return lax.scan(body, h, (params, keys))
 
     keys = None if key is None else jax.random.split(key, spec.num_layers)
     if not isinstance(p, Split):
-        x, (states, probs) = run(p, x, keys, first_only)
+        x, (states, probs) = run(p, x, keys, pooled)
         return x, states, probs
     n_frozen = num_layers(p.frozen)
     bottom_keys, top_keys = (None, None) if keys is None else (keys[:n_frozen], keys[n_frozen:])
     x, (states_b, probs_b) = run(lax.stop_gradient(p.frozen), lax.stop_gradient(x), bottom_keys, False)
-    x, (states_t, probs_t) = run(p.top, lax.stop_gradient(x), top_keys, first_only)
+    x, (states_t, probs_t) = run(p.top, lax.stop_gradient(x), top_keys, pooled)
     join = lambda a, b: None if a is None else jnp.concatenate([a, b])  # noqa: E731
     return x, join(states_b, states_t), join(probs_b, probs_t)
 
 
-def _scan_first_only(body, step, params: Params, h: jax.Array, keys) -> jax.Array:
-    """Stacked layers under lax.scan, returning the first position of the last layer's output, (B, 1, D).
+def _scan_first_only(body, step, params: Params, h: jax.Array, keys, rows: Rows) -> jax.Array:
+    """Stacked layers under lax.scan, returning the pooled position (`rows`) of the last layer's output,
+    (B, 1, D).
 
     Evaluated, the layers but the last run in a loop that indexes the stacks, and the last one computes that
     position only. Differentiated (forward or reverse mode), the rule is that of scanning every layer in full
@@ -397,7 +453,7 @@ def _scan_first_only(body, step, params: Params, h: jax.Array, keys) -> jax.Arra
     depth = jax.tree_util.tree_leaves(params)[0].shape[0]
 
     def full(params, h):
-        return lax.scan(body, h, (params, keys))[0][:, :1]
+        return pick_rows(lax.scan(body, h, (params, keys))[0], rows)
 
     @jax.custom_jvp
     def run(params, h):

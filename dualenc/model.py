@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dualenc import bert, layers, vit
+from dualenc import layers, towers
 from dualenc.config import DualEncoderConfig
+from dualenc.towers.common import check_text_inputs
 from dualenc.errors import InputError
 
 PROJECTION_INIT_STD = 0.02
@@ -46,8 +47,8 @@ def init(key: jax.Array, config: DualEncoderConfig) -> layers.Params:
     """
     def build(normal):
         params = {
-            "vision": vit._build(normal, config.vision),
-            "text": bert._build(normal, config.text),
+            "vision": towers.family(config.vision).build(normal, config.vision),
+            "text": towers.family(config.text).build(normal, config.text),
             "visual_projection": _projection(normal, config.vision.hidden_size, config.projection_dim),
             "text_projection": _projection(normal, config.text.hidden_size, config.projection_dim),
             "logit_scale": jnp.asarray(config.logit_scale_init_value, jnp.float32),
@@ -150,13 +151,32 @@ def _dropout_keys(train: bool, dropout_key):
     return tuple(jax.random.split(dropout_key))
 
 
+TOWER_INPUTS = {"vision": ("pixel_values",), "text": ("input_ids", "attention_mask", "token_type_ids",
+                                                     "position_ids")}
+
+
+def run_tower(params: layers.Params, config: DualEncoderConfig, side: str, inputs: dict, *,
+              pooled: bool = False, **flags) -> layers.TowerOutput:
+    """Runs one tower (side "vision" or "text") on its inputs (pixel_values; or input_ids, attention_mask, ...).
+
+    pooled: only pooler_output will be read, so the tower may skip work that does not reach it (pooled_only,
+    where its family supports it). flags: the tower apply's keyword arguments.
+    """
+    tower_config = getattr(config, side)
+    family = towers.family(tower_config)
+    args = [inputs.get(name) for name in TOWER_INPUTS[side]]
+    if pooled and family.pooled_only:
+        flags["pooled_only"] = True
+    return family.apply(params[side], tower_config, *args, **flags)
+
+
 def get_image_features(params: layers.Params, config: DualEncoderConfig, pixel_values: jax.Array, *,
                        interpolate_pos_encoding: bool = False, dtype=None) -> jax.Array:
     """Projected (not normalised) image features, float32 (n_images, projection_dim)."""
     check_params(params, config)
     _static_flags(interpolate_pos_encoding=interpolate_pos_encoding)
-    out = vit.apply(params["vision"], config.vision, pixel_values,
-                    interpolate_pos_encoding=interpolate_pos_encoding, dtype=dtype, pooled_only=True)
+    out = run_tower(params, config, "vision", {"pixel_values": pixel_values}, pooled=True,
+                    interpolate_pos_encoding=interpolate_pos_encoding, dtype=dtype)
     return project(params["visual_projection"], out.pooler_output, dtype)
 
 
@@ -164,8 +184,9 @@ def get_text_features(params: layers.Params, config: DualEncoderConfig, input_id
                       attention_mask=None, token_type_ids=None, position_ids=None, *, dtype=None) -> jax.Array:
     """Projected (not normalised) text features, float32 (n_texts, projection_dim)."""
     check_params(params, config)
-    out = bert.apply(params["text"], config.text, input_ids, attention_mask, token_type_ids, position_ids,
-                     dtype=dtype, pooled_only=True)
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                  position_ids=position_ids)
+    out = run_tower(params, config, "text", inputs, pooled=True, dtype=dtype)
     return project(params["text_projection"], out.pooler_output, dtype)
 
 
@@ -202,10 +223,18 @@ def apply(params: layers.Params, config: DualEncoderConfig, *, input_ids: jax.Ar
     vision_key, text_key = _dropout_keys(train, dropout_key)
     flags = dict(output_hidden_states=output_hidden_states, output_attentions=output_attentions, dtype=dtype,
                  remat_policy=remat_policy)
-    vision_outputs = vit.apply(params["vision"], config.vision, pixel_values, dropout_key=vision_key,
-                               interpolate_pos_encoding=interpolate_pos_encoding, pooled_only=pooled_only, **flags)
-    text_outputs = bert.apply(params["text"], config.text, input_ids, attention_mask, token_type_ids,
-                              position_ids, dropout_key=text_key, pooled_only=pooled_only, **flags)
+    if pooled_only:
+        for side in ("vision", "text"):
+            family = towers.family(getattr(config, side))
+            if not family.pooled_only:
+                raise InputError(f"pooled_only is not supported by the {side} tower ({family.name}: it pools at "
+                                 f"the {family.pooling} token); leave it False for this model")
+        flags["pooled_only"] = True
+    vision_outputs = run_tower(params, config, "vision", {"pixel_values": pixel_values}, dropout_key=vision_key,
+                               interpolate_pos_encoding=interpolate_pos_encoding, **flags)
+    text_outputs = run_tower(params, config, "text", dict(input_ids=input_ids, attention_mask=attention_mask,
+                                                          token_type_ids=token_type_ids, position_ids=position_ids),
+                             dropout_key=text_key, **flags)
     image_embeds = normalize(project(params["visual_projection"], vision_outputs.pooler_output, dtype))
     text_embeds = normalize(project(params["text_projection"], text_outputs.pooler_output, dtype))
     logit_scale = jnp.exp(params["logit_scale"].astype(jnp.float32))
@@ -228,8 +257,8 @@ def check_inputs(config: DualEncoderConfig, *, input_ids=None, pixel_values=None
         arrays = {k: v if v is None else np.asarray(v) for k, v in dict(
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
             position_ids=position_ids).items()}
-        bert.check_text_inputs(text, **arrays)
-        for name, hi in (("input_ids", text.vocab_size), ("token_type_ids", text.type_vocab_size),
+        check_text_inputs(text, **arrays)
+        for name, hi in (("input_ids", text.vocab_size), ("token_type_ids", getattr(text, "type_vocab_size", 0)),
                          ("position_ids", text.max_position_embeddings), ("attention_mask", 2)):
             value = arrays[name]
             if value is not None and value.size and (value.min() < 0 or value.max() >= hi):
@@ -237,7 +266,7 @@ def check_inputs(config: DualEncoderConfig, *, input_ids=None, pixel_values=None
                 raise InputError(f"{name} holds {bad.size} value(s) outside [0, {hi}), e.g. {bad.flat[0]}")
     if pixel_values is not None:
         pixels = np.asarray(pixel_values)
-        vit.check_pixel_values(config.vision, pixels, interpolate_pos_encoding)
+        towers.family(config.vision).module.check_pixel_values(config.vision, pixels, interpolate_pos_encoding)
         if not np.all(np.isfinite(pixels)):
             raise InputError(f"pixel_values holds {int(np.size(pixels) - np.isfinite(pixels).sum())} "
                              f"non-finite value(s) (NaN or inf)")

@@ -20,7 +20,8 @@ import jax
 import numpy as np
 
 from dualenc import files, train
-from dualenc.config import DualEncoderConfig, read_json
+from dualenc.config import DualEncoderConfig
+from dualenc.files import read_json
 from dualenc.data import Batches, PairDataset
 from dualenc.errors import CheckpointError, ConfigError
 

@@ -13,6 +13,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 _CACHE = tempfile.mkdtemp(prefix="dualenc-test-jax-cache-")
 os.environ.setdefault("DUALENC_COMPILATION_CACHE", _CACHE)
 
+import torchvision_shim  # noqa: E402
+
+torchvision_shim.install()  # before anything imports torchvision (transformers' image processors, open_clip)
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -11,7 +11,7 @@ from conftest import hf_dual_model, hf_text_config, hf_vision_config, max_diff, 
 from safetensors.numpy import load_file, save_file
 
 import dualenc
-from dualenc import checkpoint
+
 
 
 def rewrite(path, rename=lambda k: k, drop=(), add=None, dtype=None):

@@ -1,13 +1,100 @@
-"""The text towers, BERT (BertModel) and RoBERTa (RobertaModel): init / apply on token ids."""
+"""The BERT tower family: BertModel and RobertaModel (XLM-RoBERTa too), init / apply on token ids.
+
+Post-LayerNorm layers, bidirectional attention with the padding mask, pooled at the first token through a
+dense + tanh pooler.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
 
-from dualenc import layers
-from dualenc.config import BertConfig, RobertaConfig
-from dualenc.errors import InputError
+from dualenc import layers, tables
+from dualenc.towers.common import check_text_inputs
+from dualenc.fields import (
+    ACTIVATION_NAMES, _check_int, _choice, _Config, _empty, _fail, _float, _int, _rate, builds,
+)
+
+@dataclasses.dataclass(frozen=True)
+class _TextConfig(_Config):
+    """Fields BERT and RoBERTa share (BERT's defaults)."""
+
+    rejected: ClassVar[Mapping[str, Any]] = {
+        "position_embedding_type": "absolute",
+        "is_decoder": False,
+        "add_cross_attention": False,
+        "pruned_heads": _empty,
+    }
+
+    vocab_size: int = _int(30522, hi=1 << 23)
+    hidden_size: int = _int(768)
+    num_hidden_layers: int = _int(12, hi=1024)
+    num_attention_heads: int = _int(12, hi=4096)
+    intermediate_size: int = _int(3072, hi=1 << 18)
+    hidden_act: str = _choice("gelu", ACTIVATION_NAMES)
+    hidden_dropout_prob: float = _rate(0.1)
+    attention_probs_dropout_prob: float = _rate(0.1)
+    max_position_embeddings: int = _int(512, hi=1 << 20)
+    type_vocab_size: int = _int(2, hi=1 << 12)
+    initializer_range: float = _float(0.02)
+    layer_norm_eps: float = _float(1e-12, hi=1.0, lo_open=True)
+    pad_token_id: int | None = 0
+
+    def _validate(self):
+        if self.pad_token_id is not None:
+            _check_int(self.name, "pad_token_id", self.pad_token_id, 0, self.vocab_size - 1)
+        super()._validate()
+
+    @property
+    def max_length(self) -> int:
+        """The longest input_ids the position table allows."""
+        return self.max_position_embeddings
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class BertConfig(_TextConfig):
+    """transformers' BertConfig (model_type "bert"): a BertModel with its pooler."""
+
+    model_types: ClassVar[tuple[str, ...]] = ("bert",)
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class RobertaConfig(_TextConfig):
+    """transformers' RobertaConfig ("roberta"; "xlm-roberta" loads as the same architecture and keeps its name).
+
+    Position ids start after pad_token_id, so the longest input is max_position_embeddings - pad_token_id - 1.
+    """
+
+    model_types: ClassVar[tuple[str, ...]] = ("roberta", "xlm-roberta")
+
+    vocab_size: int = _int(50265, hi=1 << 23)
+    pad_token_id: int = 1
+    bos_token_id: int | None = 0
+    eos_token_id: int | tuple[int, ...] | None = 2
+    model_type: str = _choice("roberta", ("roberta", "xlm-roberta"))
+
+    def _validate(self):
+        if self.pad_token_id is None:
+            _fail(self.name, "pad_token_id", "is required: RoBERTa's position ids start after it")
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, tuple) else (value,)
+            if not all(i is None or (isinstance(i, int) and not isinstance(i, bool)) for i in ids):
+                _fail(self.name, name, f"must be a token id or null, got {value!r}")
+        super()._validate()
+        if self.max_length < 1:
+            _fail(self.name, "max_position_embeddings",
+                  f"= {self.max_position_embeddings} leaves no positions after pad_token_id {self.pad_token_id}")
+
+    @property
+    def max_length(self) -> int:
+        return self.max_position_embeddings - self.pad_token_id - 1
+
 
 TextConfig = BertConfig | RobertaConfig
 
@@ -21,12 +108,7 @@ def encoder_spec(config: TextConfig) -> layers.EncoderSpec:
         init_stds=(config.initializer_range,) * 4)
 
 
-@jax.jit
-def init(key: jax.Array, config: TextConfig) -> layers.Params:
-    """Random params for the tower, initialised as transformers does (the padding rows are zero)."""
-    return layers.init_params(key, lambda normal: _build(normal, config))
-
-
+@builds(BertConfig, RobertaConfig)
 def _build(normal: layers.Normal, config: TextConfig) -> layers.Params:
     d, std = config.hidden_size, config.initializer_range
     word = normal((config.vocab_size, d), std)
@@ -47,47 +129,15 @@ def _build(normal: layers.Normal, config: TextConfig) -> layers.Params:
     }
 
 
+init = layers.tower_init(_build)  # init(key, config) -> params
+
+
 def default_position_ids(config: TextConfig, input_ids: jax.Array) -> jax.Array:
     """BERT: 0..L-1. RoBERTa: non-padding tokens count up from pad_token_id + 1; padding gets pad_token_id."""
     if isinstance(config, RobertaConfig):
         not_pad = (input_ids != config.pad_token_id).astype(jnp.int32)
         return jnp.cumsum(not_pad, axis=1) * not_pad + config.pad_token_id
     return jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
-
-
-def _check_integer(name, value, shape):
-    if value is None:
-        return
-    if not hasattr(value, "shape") or not hasattr(value, "dtype"):
-        raise InputError(f"{name} must be an array, got {type(value).__name__}")
-    if not (jnp.issubdtype(value.dtype, jnp.integer) or jnp.issubdtype(value.dtype, jnp.bool_)):
-        raise InputError(f"{name} must hold integers, got dtype {value.dtype}")
-    if name == "position_ids":
-        ok = value.ndim in (1, 2) and value.shape[-1] == shape[1] and (value.ndim == 1 or value.shape[0] in (1, shape[0]))
-    else:
-        ok = tuple(value.shape) == tuple(shape)
-    if not ok:
-        raise InputError(f"{name} has shape {tuple(value.shape)}, input_ids has shape {tuple(shape)}")
-
-
-def check_text_inputs(config: TextConfig, input_ids, attention_mask=None, token_type_ids=None, position_ids=None):
-    """Shape and dtype checks that hold under jit (shapes are static)."""
-    if not hasattr(input_ids, "shape") or len(input_ids.shape) != 2:
-        raise InputError(f"input_ids must be a 2-D (batch, sequence) array, got shape "
-                         f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
-    _check_integer("input_ids", input_ids, input_ids.shape)
-    for name, value in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids),
-                        ("position_ids", position_ids)):
-        _check_integer(name, value, input_ids.shape)
-    length = input_ids.shape[1]
-    limit = config.max_length if position_ids is None else config.max_position_embeddings
-    if length > limit:
-        extra = (f" (max_position_embeddings {config.max_position_embeddings} - pad_token_id "
-                 f"{config.pad_token_id} - 1)") if limit != config.max_position_embeddings else ""
-        raise InputError(f"input_ids has sequence length {length}, longer than the {limit} positions the "
-                         f"text tower allows{extra}; truncate the input")
-    if length == 0:
-        raise InputError("input_ids has sequence length 0; the pooler needs at least one token")
 
 
 def apply(params: layers.Params, config: TextConfig, input_ids: jax.Array, attention_mask=None,
@@ -138,3 +188,23 @@ def apply(params: layers.Params, config: TextConfig, input_ids: jax.Array, atten
     with jax.named_scope("pooler"):
         pooled = jnp.tanh(layers.dense(params["pooler"], last[:, 0], dtype))
     return layers.tower_output(last, pooled, x, states, probs)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+_BERT_LAYER = dict(query="attention.self.query", key="attention.self.key", value="attention.self.value",
+                   out="attention.output.dense", attention_norm="attention.output.LayerNorm",
+                   fc1="intermediate.dense", fc2="output.dense", mlp_norm="output.LayerNorm")
+
+
+def table(config: TextConfig) -> list[tables.Entry]:
+    """The tower's transformers key table, names relative to BertModel / RobertaModel."""
+    E = tables.Entry
+    return [
+        E("embeddings.word_embeddings.weight", ("embeddings", "word"), "id"),
+        E("embeddings.position_embeddings.weight", ("embeddings", "position"), "id"),
+        E("embeddings.token_type_embeddings.weight", ("embeddings", "token_type"), "id"),
+        *tables.norm("embeddings.LayerNorm", ("embeddings", "norm")),
+        *tables.layer("encoder.layer.{i}.", _BERT_LAYER),
+        *tables.dense("pooler.dense", ("pooler",)),
+    ]

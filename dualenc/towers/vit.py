@@ -1,25 +1,140 @@
-"""The vision towers, ViT (ViTModel) and CLIP vision (CLIPVisionModel): init / apply on NCHW pixel_values."""
+"""The ViT tower family: ViTModel and CLIPVisionModel (also open_clip's ViT), init / apply on NCHW pixels.
+
+Both pool the first (class) token. ViT applies its final LayerNorm to every token and a dense + tanh pooler;
+CLIP normalises before the encoder (pre_layrnorm) and applies post_layernorm to the pooled token only.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dualenc import layers
-from dualenc.config import CLIPVisionConfig, ViTConfig
+from dualenc import layers, tables
 from dualenc.errors import InputError
+from dualenc.fields import (
+    ACTIVATION_NAMES, _bool, _check_int, _choice, _Config, _fail, _float, _int, _pair, _rate, _same_head_dim,
+    builds,
+)
+
+class _VisionConfig(_Config):
+    rejected: ClassVar[Mapping[str, Any]] = {"head_dim": _same_head_dim}
+
+    def _validate(self):
+        for name in ("image_size", "patch_size"):
+            value = getattr(self, name)
+            parts = value if isinstance(value, tuple) else (value,)
+            if not isinstance(self, ViTConfig) and isinstance(value, tuple):
+                _fail(self.name, name, f"must be an integer, got {value!r}")
+            if isinstance(value, tuple) and len(value) != 2:
+                _fail(self.name, name, f"must be an integer or a pair, got {value!r}")
+            for part in parts:
+                _check_int(self.name, name, part, 1, 8192)
+        for img, patch in zip(self.image_hw, self.patch_hw):
+            if patch > img:
+                _fail(self.name, "patch_size", f"{self.patch_size} is larger than image_size {self.image_size}")
+        if self.num_patches > 1 << 16:
+            _fail(self.name, "image_size", f"gives {self.num_patches} patches, over the limit of {1 << 16}")
+        super()._validate()
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        return _pair(self.image_size)
+
+    @property
+    def patch_hw(self) -> tuple[int, int]:
+        return _pair(self.patch_size)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(i // p for i, p in zip(self.image_hw, self.patch_hw))
+
+    @property
+    def num_patches(self) -> int:
+        gh, gw = self.grid
+        return gh * gw
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class ViTConfig(_VisionConfig):
+    """transformers' ViTConfig (model_type "vit"): a ViTModel with its pooler."""
+
+    model_types: ClassVar[tuple[str, ...]] = ("vit",)
+    # Layout: a patch bias, no LayerNorm before the encoder, the final LayerNorm on every token, then the
+    # pooler's dense + activation on the first token.
+    patch_bias: ClassVar[bool] = True
+    pre_norm: ClassVar[bool] = False
+    pooler: ClassVar[bool] = True
+
+    hidden_size: int = _int(768)
+    num_hidden_layers: int = _int(12, hi=1024)
+    num_attention_heads: int = _int(12, hi=4096)
+    intermediate_size: int = _int(3072, hi=1 << 18)
+    hidden_act: str = _choice("gelu", ACTIVATION_NAMES)
+    hidden_dropout_prob: float = _rate(0.0)
+    attention_probs_dropout_prob: float = _rate(0.0)
+    initializer_range: float = _float(0.02)
+    layer_norm_eps: float = _float(1e-12, hi=1.0, lo_open=True)
+    image_size: int | tuple[int, int] = dataclasses.field(default=224, metadata={"required": True})
+    patch_size: int | tuple[int, int] = dataclasses.field(default=16, metadata={"required": True})
+    num_channels: int = _int(3, hi=64)
+    qkv_bias: bool = _bool(True)
+    encoder_stride: int = _int(16, hi=1 << 16, required=False)
+    pooler_output_size: int | None = _int(None, required=False)
+    pooler_act: str = _choice("tanh", ACTIVATION_NAMES)
+
+    def _validate(self):
+        super()._validate()
+        if self.pooler_output_size is not None and self.pooler_output_size != self.hidden_size:
+            _fail(self.name, "pooler_output_size",
+                  f"= {self.pooler_output_size} is not implemented; supported: None or hidden_size "
+                  f"({self.hidden_size})")
+        object.__setattr__(self, "pooler_output_size", None)  # one spelling of the default, for equality
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out["pooler_output_size"] = self.hidden_size
+        return out
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class CLIPVisionConfig(_VisionConfig):
+    """transformers' CLIPVisionConfig (model_type "clip_vision_model", or the vision_config of a "clip")."""
+
+    model_types: ClassVar[tuple[str, ...]] = ("clip_vision_model",)
+    # Layout: no patch bias, pre_layrnorm before the encoder, post_layernorm on the first token only.
+    patch_bias: ClassVar[bool] = False
+    pre_norm: ClassVar[bool] = True
+    pooler: ClassVar[bool] = False
+
+    hidden_size: int = _int(768)
+    intermediate_size: int = _int(3072, hi=1 << 18)
+    projection_dim: int = _int(512, required=False)
+    num_hidden_layers: int = _int(12, hi=1024)
+    num_attention_heads: int = _int(12, hi=4096)
+    num_channels: int = _int(3, hi=64)
+    image_size: int = dataclasses.field(default=224, metadata={"required": True})
+    patch_size: int = dataclasses.field(default=32, metadata={"required": True})
+    hidden_act: str = _choice("quick_gelu", ACTIVATION_NAMES)
+    layer_norm_eps: float = _float(1e-5, hi=1.0, lo_open=True)
+    attention_dropout: float = _rate(0.0)
+    initializer_range: float = _float(0.02)
+    initializer_factor: float = _float(1.0)
+
+
 
 VisionConfig = ViTConfig | CLIPVisionConfig
 
 
 def encoder_spec(config: VisionConfig) -> layers.EncoderSpec:
     if isinstance(config, CLIPVisionConfig):
-        d, f = config.hidden_size, config.initializer_factor
-        qkv_std = d ** -0.5 * (2 * config.num_hidden_layers) ** -0.5 * f
-        stds = (qkv_std, d ** -0.5 * f, (2 * d) ** -0.5 * f, qkv_std)
+        stds = layers.clip_init_stds(config.hidden_size, config.num_hidden_layers, config.initializer_factor)
         hidden_dropout, attention_dropout, qkv_bias = 0.0, config.attention_dropout, True
     else:
         stds = (config.initializer_range,) * 4
@@ -32,19 +147,14 @@ def encoder_spec(config: VisionConfig) -> layers.EncoderSpec:
         hidden_dropout=hidden_dropout, attention_dropout=attention_dropout, init_stds=stds)
 
 
-@jax.jit
-def init(key: jax.Array, config: VisionConfig) -> layers.Params:
-    """Random params for the tower, initialised as transformers does."""
-    return layers.init_params(key, lambda normal: _build(normal, config))
-
-
+@builds(ViTConfig, CLIPVisionConfig)
 def _build(normal: layers.Normal, config: VisionConfig) -> layers.Params:
     d, c = config.hidden_size, config.num_channels
     ph, pw = config.patch_hw
     is_clip = isinstance(config, CLIPVisionConfig)
     std = config.initializer_range * (config.initializer_factor if is_clip else 1.0)
     patch = {"kernel": normal((c, ph, pw, d), std)}
-    if not is_clip:
+    if config.patch_bias:
         patch["bias"] = jnp.zeros((d,), jnp.float32)
     cls_std = d ** -0.5 * config.initializer_factor if is_clip else std
     params = {
@@ -56,9 +166,9 @@ def _build(normal: layers.Normal, config: VisionConfig) -> layers.Params:
         "encoder": layers.encoder_init(normal, encoder_spec(config)),
         "post_norm": layers.layer_norm_init(d),
     }
-    if is_clip:
+    if config.pre_norm:
         params["pre_norm"] = layers.layer_norm_init(d)
-    else:
+    if config.pooler:
         params["pooler"] = layers.dense_init(normal, d, d, std)
     return params
 
@@ -83,6 +193,9 @@ def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
         for offset, coeff in zip((-1, 0, 1, 2), (far(t + 1), near(t), near(1 - t), far(2 - t))):
             w[i, min(max(base + offset, 0), n_in - 1)] += coeff
     return w.astype(np.float32)
+
+
+init = layers.tower_init(_build)  # init(key, config) -> params
 
 
 def position_embeddings(params: layers.Params, config: VisionConfig, grid: tuple[int, int],
@@ -145,7 +258,6 @@ def apply(params: layers.Params, config: VisionConfig, pixel_values: jax.Array, 
     """
     check_pixel_values(config, pixel_values, interpolate_pos_encoding)
     dtype = jnp.dtype(dtype or jnp.float32)
-    is_clip = isinstance(config, CLIPVisionConfig)
     b, c, h, w = pixel_values.shape
     ph, pw = config.patch_hw
     gh, gw = h // ph, w // pw
@@ -164,7 +276,7 @@ def apply(params: layers.Params, config: VisionConfig, pixel_values: jax.Array, 
         pos = position_embeddings(params, config, (gh, gw), h == w) if interpolate_pos_encoding else emb["position"]
         x = x + pos.astype(dtype)[None]
         embed_key, encoder_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-        if is_clip:
+        if config.pre_norm:
             x = layers.layer_norm(params["pre_norm"], x, config.layer_norm_eps, dtype)
         else:
             x = layers.dropout(x, config.hidden_dropout_prob, embed_key)
@@ -175,9 +287,39 @@ def apply(params: layers.Params, config: VisionConfig, pixel_values: jax.Array, 
             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
             remat_policy=remat_policy, first_only=pooled_only)
     with jax.named_scope("pooler"):
-        if is_clip:
-            pooled = layers.layer_norm(params["post_norm"], last[:, 0], config.layer_norm_eps, dtype)
-        else:
+        if config.pooler:
             last = layers.layer_norm(params["post_norm"], last, config.layer_norm_eps, dtype)
             pooled = layers.ACTIVATIONS[config.pooler_act](layers.dense(params["pooler"], last[:, 0], dtype))
+        else:
+            pooled = layers.layer_norm(params["post_norm"], last[:, 0], config.layer_norm_eps, dtype)
     return layers.tower_output(last, pooled, x, states, probs)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+_VIT_LAYER = dict(query="attention.attention.query", key="attention.attention.key",
+                  value="attention.attention.value", out="attention.output.dense", attention_norm="layernorm_before",
+                  fc1="intermediate.dense", fc2="output.dense", mlp_norm="layernorm_after")
+
+
+def table(config: VisionConfig) -> list[tables.Entry]:
+    """The tower's transformers key table, names relative to ViTModel / CLIPVisionTransformer."""
+    E = tables.Entry
+    if isinstance(config, ViTConfig):
+        return [
+            E("embeddings.cls_token", ("embeddings", "cls"), "cls"),
+            E("embeddings.position_embeddings", ("embeddings", "position"), "pos"),
+            E("embeddings.patch_embeddings.projection.weight", ("embeddings", "patch", "kernel"), "conv"),
+            E("embeddings.patch_embeddings.projection.bias", ("embeddings", "patch", "bias"), "id"),
+            *tables.layer("encoder.layer.{i}.", _VIT_LAYER, config.qkv_bias),
+            *tables.norm("layernorm", ("post_norm",)),
+            *tables.dense("pooler.dense", ("pooler",)),
+        ]
+    return [
+        E("embeddings.class_embedding", ("embeddings", "cls"), "id"),
+        E("embeddings.position_embedding.weight", ("embeddings", "position"), "id"),
+        E("embeddings.patch_embedding.weight", ("embeddings", "patch", "kernel"), "conv"),
+        *tables.norm("pre_layrnorm", ("pre_norm",)),
+        *tables.layer("encoder.layers.{i}.", tables.CLIP_LAYER),
+        *tables.norm("post_layernorm", ("post_norm",)),
+    ]

@@ -1,7 +1,8 @@
-"""Images and texts into the arrays dualenc.apply takes, as transformers' PIL image processors and tokenizers give them.
+"""Images into the pixel values dualenc.apply takes, as transformers' PIL image processors or open_clip give them.
 
 ImageProcessor repeats transformers' PIL backend step by step (the same pillow calls on the same arrays, the same
 float64/float32 casts), so its pixel values are those of ViTImageProcessor / CLIPImageProcessor (use_fast=False).
+Built from an open_clip_config.json, it repeats open_clip's eval transform instead (see OpenClipTransform).
 """
 
 from __future__ import annotations
@@ -12,16 +13,22 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from dualenc.config import read_json
 from dualenc.errors import ConfigError, InputError
-from dualenc.files import write_json_atomic
-from dualenc.tokenizer import Tokenizer
-
-__all__ = ["ImageProcessor", "Processor", "Tokenizer"]
+from dualenc.files import OPEN_CLIP_CONFIG, is_open_clip_dir, read_json, write_json_atomic
+from dualenc.processing.common import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    check_bool,
+    check_side,
+    check_stats,
+    fail,
+    normalize,
+    open_image,
+    pil,
+)
+from dualenc.processing.openclip import OpenClipTransform, as_pil
 
 IMAGENET_STANDARD = (0.5, 0.5, 0.5)
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # transformers' class attributes: what a missing (or null) setting means for each processor type.
 DEFAULTS = {
     "ViTImageProcessor": dict(
@@ -37,36 +44,10 @@ TYPE_ALIASES = {alias: name for name in DEFAULTS for alias in (
     name, name + "Pil", name + "Fast", name.replace("ImageProcessor", "FeatureExtractor"))}
 RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 SIZE_KEYS = ({"height", "width"}, {"shortest_edge"}, {"shortest_edge", "longest_edge"})
-MAX_SIDE = 1 << 14
 # Settings transformers accepts that would change the output in ways not implemented here: the values allowed.
 REJECTED = {"do_pad": (None, False), "data_format": (None, "channels_first"),
             "input_data_format": (None, "channels_last")}
-PROCESSOR_CLASS = "VisionTextDualEncoderProcessor"
-
-
-def _pil():
-    try:
-        import PIL.Image
-        import PIL.ImageOps
-    except ImportError:
-        raise ImportError("dualenc.ImageProcessor needs pillow: pip install dualenc[processing]") from None
-    return PIL.Image, PIL.ImageOps
-
-
-def _fail(where, name, msg):
-    raise ConfigError(f"{where}: field '{name}' {msg}")
-
-
-def _bool(where, name, value):
-    if not isinstance(value, bool):
-        _fail(where, name, f"must be true or false, got {value!r}")
-    return value
-
-
-def _side(where, name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIDE:
-        _fail(where, name, f"sizes must be integers in [1, {MAX_SIDE}], got {value!r}")
-    return value
+OPEN_CLIP_FILE = OPEN_CLIP_CONFIG
 
 
 def _size(where, name, value, default_to_square):
@@ -76,31 +57,25 @@ def _size(where, name, value, default_to_square):
     elif isinstance(value, (list, tuple)) and len(value) == 2:
         value = {"height": value[0], "width": value[1]}
     if not isinstance(value, Mapping) or set(value) not in SIZE_KEYS:
-        _fail(where, name, f"must be an int, [height, width], or a dict with keys height and width, "
+        fail(where, name, f"must be an int, [height, width], or a dict with keys height and width, "
                            f"shortest_edge, or shortest_edge and longest_edge; got {value!r}")
-    return {k: _side(where, name, v) for k, v in value.items()}
-
-
-def _stats(where, name, value, channels):
-    values = (value,) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
-    if (not isinstance(values, (list, tuple)) or len(values) not in channels
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)):
-        _fail(where, name, f"must be a number or a list of {' or '.join(map(str, channels))} finite numbers "
-                           f"(one per channel), got {value!r}")
-    if name == "image_std" and any(v <= 0 for v in values):
-        _fail(where, name, f"must be positive, got {value!r}")
-    return float(value) if len(values) == 1 and not isinstance(value, (list, tuple)) else tuple(map(float, values))
+    return {k: check_side(where, name, v) for k, v in value.items()}
 
 
 class ImageProcessor:
-    """Images into (n, C, H, W) float32 pixel values, as transformers' ViT/CLIP image processors (PIL backend)."""
+    """Images into (n, C, H, W) float32 pixel values, as transformers' ViT/CLIP image processors (PIL backend).
+
+    With `open_clip` set (from_pretrained of an open_clip directory, or from_open_clip), images go through
+    open_clip's eval transform instead, and the other settings are the closest CLIPImageProcessor: what to_dict
+    and save_pretrained write, since transformers has no open_clip transform.
+    """
 
     def __init__(self, *, image_processor_type: str = "ViTImageProcessor", do_resize: bool | None = None,
                  size=None, resample: int | None = None, do_center_crop: bool | None = None, crop_size=None,
                  do_rescale: bool | None = None, rescale_factor: float | None = None,
                  do_normalize: bool | None = None, image_mean=None, image_std=None,
                  do_convert_rgb: bool | None = None, default_to_square: bool | None = None,
-                 where: str = "ImageProcessor"):
+                 open_clip: OpenClipTransform | None = None, where: str = "ImageProcessor"):
         """Args (None takes the default of image_processor_type, as transformers does):
           image_processor_type: "ViTImageProcessor" (default: 224x224 bilinear, mean/std 0.5, no RGB conversion)
             or "CLIPImageProcessor" (shortest edge 224 bicubic, center crop 224, CLIP mean/std, RGB conversion).
@@ -111,37 +86,48 @@ class ImageProcessor:
           do_rescale, rescale_factor: multiply by rescale_factor (1/255).
           do_normalize, image_mean, image_std: (x - mean) / std per channel.
           do_convert_rgb: convert every image to RGB (transparency composited onto white) first.
+          open_clip: process images as open_clip does (see OpenClipTransform); the settings above must then be
+            left unset, as they are derived from it (OpenClipTransform.transformers_settings).
           where: how errors name the source of these settings.
         """
-        type_name = TYPE_ALIASES.get(image_processor_type) if isinstance(image_processor_type, str) else None
-        if type_name is None:
-            _fail(where, "image_processor_type", f"must be one of {sorted(DEFAULTS)}, got {image_processor_type!r}")
         given = dict(do_resize=do_resize, size=size, resample=resample, do_center_crop=do_center_crop,
                      crop_size=crop_size, do_rescale=do_rescale, rescale_factor=rescale_factor,
                      do_normalize=do_normalize, image_mean=image_mean, image_std=image_std,
                      do_convert_rgb=do_convert_rgb, default_to_square=default_to_square)
+        if open_clip is not None:
+            if not isinstance(open_clip, OpenClipTransform):
+                fail(where, "open_clip", f"must be an OpenClipTransform, got {type(open_clip).__name__}")
+            for name, value in given.items():
+                if value is not None:
+                    fail(where, name, "cannot be set with open_clip: the settings are derived from it")
+            given = open_clip.transformers_settings()
+            image_processor_type = given.pop("image_processor_type")
+        self.open_clip = open_clip
+        type_name = TYPE_ALIASES.get(image_processor_type) if isinstance(image_processor_type, str) else None
+        if type_name is None:
+            fail(where, "image_processor_type", f"must be one of {sorted(DEFAULTS)}, got {image_processor_type!r}")
         s = {**DEFAULTS[type_name], **{k: v for k, v in given.items() if v is not None}}
         self.image_processor_type = type_name
         self.where = where
         for name in ("do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_convert_rgb",
                      "default_to_square"):
-            setattr(self, name, _bool(where, name, s[name]))
+            setattr(self, name, check_bool(where, name, s[name]))
         self.size = _size(where, "size", s["size"], self.default_to_square)
         self.crop_size = None if s["crop_size"] is None else _size(where, "crop_size", s["crop_size"], True)
         if self.crop_size is not None and set(self.crop_size) != {"height", "width"}:
-            _fail(where, "crop_size", f"must have keys height and width, got {sorted(self.crop_size)}")
+            fail(where, "crop_size", f"must have keys height and width, got {sorted(self.crop_size)}")
         if self.do_center_crop and self.crop_size is None:
-            _fail(where, "crop_size", "is required when do_center_crop is true")
+            fail(where, "crop_size", "is required when do_center_crop is true")
         self.resample = s["resample"]
         if type(self.resample) is not int or self.resample not in RESAMPLE:
-            _fail(where, "resample", f"must be a pillow filter code {RESAMPLE}, got {self.resample!r}")
+            fail(where, "resample", f"must be a pillow filter code {RESAMPLE}, got {self.resample!r}")
         factor = s["rescale_factor"]
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:
-            _fail(where, "rescale_factor", f"must be a positive finite number, got {factor!r}")
+            fail(where, "rescale_factor", f"must be a positive finite number, got {factor!r}")
         self.rescale_factor = float(factor)
         channels = (3,) if self.do_convert_rgb else (1, 3)
-        self.image_mean = _stats(where, "image_mean", s["image_mean"], channels)
-        self.image_std = _stats(where, "image_std", s["image_std"], channels)
+        self.image_mean = check_stats(where, "image_mean", s["image_mean"], channels)
+        self.image_std = check_stats(where, "image_std", s["image_std"], channels, positive=True)
 
     # ------------------------------------------------------------------------------------- config files
 
@@ -158,29 +144,47 @@ class ImageProcessor:
         type_key = "image_processor_type" if "image_processor_type" in d else "feature_extractor_type"
         type_name = d.get(type_key) or "ViTImageProcessor"
         if not isinstance(type_name, str) or type_name not in TYPE_ALIASES:
-            _fail(where, type_key, f"= {type_name!r} is not implemented; supported: {sorted(DEFAULTS)}")
+            fail(where, type_key, f"= {type_name!r} is not implemented; supported: {sorted(DEFAULTS)}")
         for key, allowed in REJECTED.items():
             if d.get(key) not in allowed:
                 supported = [a for a in allowed if a is not None]
-                _fail(where, key, f"= {d[key]!r} is not implemented; supported: {supported}")
+                fail(where, key, f"= {d[key]!r} is not implemented; supported: {supported}")
         keys = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
                 "do_normalize", "image_mean", "image_std", "do_convert_rgb", "default_to_square")
         return cls(image_processor_type=type_name, where=where, **{k: d[k] for k in keys if k in d})
 
     @classmethod
+    def from_open_clip(cls, d: Mapping[str, Any], *, where: str = "open_clip config") -> "ImageProcessor":
+        """Builds the processor of open_clip's eval transform from an open_clip_config.json dict.
+
+        Args:
+          d: the parsed JSON object ({"model_cfg": {"vision_cfg": {"image_size"...}}, "preprocess_cfg": {...}}).
+          where: how errors name its source.
+
+        Returns:
+          ImageProcessor with `open_clip` set (see OpenClipTransform.from_config).
+        """
+        return cls(open_clip=OpenClipTransform.from_config(d, where=where), where=where)
+
+    @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "ImageProcessor":
         """Reads the image processor settings of a model directory, or of one JSON file.
 
-        In a directory, the "image_processor" entry of processor_config.json comes first (as in transformers 5),
-        then preprocessor_config.json.
+        A directory in open_clip's layout (open_clip_config.json and no config.json, see files.is_open_clip_dir)
+        gives open_clip's eval transform (see from_open_clip), as load_pretrained and Tokenizer read it too.
+        Otherwise the "image_processor" entry of processor_config.json comes first (as in transformers 5), then
+        preprocessor_config.json.
 
         Args:
-          path: a directory, or a preprocessor_config.json / processor_config.json file.
+          path: a directory, or a preprocessor_config.json / processor_config.json / open_clip_config.json file.
 
         Returns:
           ImageProcessor.
         """
         path = os.fspath(path)
+        if os.path.isdir(path) and is_open_clip_dir(path):
+            where = os.path.join(path, OPEN_CLIP_FILE)
+            return cls.from_open_clip(read_json(where, "open_clip config"), where=where)
         if os.path.isdir(path):
             nested = os.path.join(path, "processor_config.json")
             if os.path.isfile(nested):
@@ -191,6 +195,9 @@ class ImageProcessor:
         d = read_json(path, "image processor config")
         if "image_processor_type" not in d and isinstance(d.get("image_processor"), Mapping):
             return cls.from_dict(d["image_processor"], where=f"{path}: image_processor")
+        if os.path.basename(path) == OPEN_CLIP_FILE or (
+                "model_cfg" in d and not {"image_processor_type", "feature_extractor_type"} & set(d)):
+            return cls.from_open_clip(d, where=path)
         return cls.from_dict(d, where=path)
 
     def to_dict(self) -> dict:
@@ -210,7 +217,9 @@ class ImageProcessor:
         """Writes preprocessor_config.json into `path` (created if missing; other files kept), atomically.
 
         An existing processor_config.json that holds image processor settings gets the new ones too, since
-        transformers reads that entry first.
+        transformers reads that entry first. With `open_clip` set, the file is the closest CLIPImageProcessor
+        (see OpenClipTransform.transformers_settings), and from_pretrained of the directory then reads it, not
+        an open_clip_config.json beside it.
         """
         path = os.fspath(path)
         os.makedirs(path, exist_ok=True)
@@ -226,7 +235,8 @@ class ImageProcessor:
                 write_json_atomic(nested, processor_config)
 
     def __repr__(self) -> str:
-        return f"ImageProcessor({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
+        settings = {**self.to_dict(), **({"open_clip": self.open_clip} if self.open_clip else {})}
+        return f"ImageProcessor({', '.join(f'{k}={v!r}' for k, v in settings.items())})"
 
     # ------------------------------------------------------------------------------------------ images
 
@@ -237,6 +247,8 @@ class ImageProcessor:
           images: a PIL image, a path (str or os.PathLike; opened, EXIF-rotated and converted to RGB as
             transformers' load_image does), an (H, W, C) array with 1, 3 or 4 channels or an (H, W) array
             (uint8 0..255; other dtypes as transformers treats them), a list of these, or an (n, H, W, C) array.
+            With `open_clip` set, paths keep their mode until the crop (as open_clip's transform of
+            Image.open(path), EXIF-rotated) and arrays must be uint8 (see openclip.as_pil).
 
         Returns:
           (n, C, H, W) float32 array.
@@ -257,6 +269,12 @@ class ImageProcessor:
         return np.stack(out).astype(np.float32, copy=False)
 
     def _process(self, image, index: int) -> np.ndarray:
+        if self.open_clip is not None:
+            image, name = as_pil(image, index)
+            try:
+                return self.open_clip(image)
+            except (ValueError, OSError, MemoryError, SyntaxError) as e:  # pillow's errors of corrupt data
+                raise InputError(f"image {index} ({name}): {e}") from None
         image, name = self._channels_first(image, index)
         try:
             if self.do_resize:
@@ -266,7 +284,7 @@ class ImageProcessor:
             if self.do_rescale:
                 image = (image.astype(np.float64) * self.rescale_factor).astype(np.float32)
             if self.do_normalize:
-                image = _normalize(image, self.image_mean, self.image_std)
+                image = normalize(image, self.image_mean, self.image_std)
         except (ValueError, OSError, MemoryError) as e:
             raise InputError(f"image {index} ({name}): {e}") from None
         return image
@@ -295,11 +313,11 @@ class ImageProcessor:
 
     def _channels_first(self, image, index: int) -> tuple[np.ndarray, str]:
         """One input as a (C, H, W) array, converted as transformers' PilBackend.process_image does."""
-        Image, _ = _pil()
+        Image, _ = pil()
         name = type(image).__name__
         if isinstance(image, (str, os.PathLike)):
             name = os.fspath(image)
-            image = _open(name, index)
+            image = open_image(name, index)
         if isinstance(image, Image.Image):
             if 0 in image.size:
                 raise InputError(f"image {index} ({name}) is empty: size {image.size}")
@@ -340,26 +358,6 @@ class ImageProcessor:
         return np.moveaxis(array, -1, 0), name
 
 
-def _open(path: str, index: int):
-    """transformers' load_image for a local file: open, EXIF transpose, convert to RGB; the file is closed."""
-    Image, ImageOps = _pil()
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"image {index}: file not found: {path}")
-    if os.path.isdir(path):
-        raise InputError(f"image {index} ({path}) is a directory, not an image file")
-    try:
-        with Image.open(path) as opened:
-            if 0 in opened.size:
-                raise InputError(f"image {index} ({path}) is empty: size {opened.size}")
-            return ImageOps.exif_transpose(opened).convert("RGB")
-    except InputError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise InputError(f"image {index} ({path}) refused: {e}") from None
-    except (OSError, ValueError, SyntaxError) as e:  # UnidentifiedImageError is an OSError; truncated files too
-        raise InputError(f"image {index} ({path}) cannot be read: {e}") from None
-
-
 def _rescale_for_pil(image: np.ndarray) -> bool:
     """transformers' _rescale_for_pil_conversion: whether [0, 1] floats must be scaled to 0..255 for pillow."""
     if image.dtype == np.uint8:
@@ -376,7 +374,7 @@ def _rescale_for_pil(image: np.ndarray) -> bool:
 
 def _resize(image: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarray:
     """transformers' image_transforms.resize of a (C, H, W) array through a pillow image."""
-    Image, _ = _pil()
+    Image, _ = pil()
     height, width = size
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and height * width > 2 * limit:
@@ -406,83 +404,3 @@ def _center_crop(image: np.ndarray, crop_height: int, crop_width: int) -> np.nda
     padded[..., top_pad:top_pad + height, left_pad:left_pad + width] = image
     top, bottom, left, right = top + top_pad, bottom + top_pad, left + left_pad, right + left_pad
     return padded[..., max(0, top):min(new_height, bottom), max(0, left):min(new_width, right)]
-
-
-def _normalize(image: np.ndarray, mean, std) -> np.ndarray:
-    """transformers' image_transforms.normalize: in the image's float dtype (float32 for integer images)."""
-    channels = image.shape[0]
-    if not np.issubdtype(image.dtype, np.floating):
-        image = image.astype(np.float32)
-    for name, value in (("image_mean", mean), ("image_std", std)):
-        if isinstance(value, tuple) and len(value) != channels:
-            raise ValueError(f"{name} has {len(value)} values but the image has {channels} channels "
-                             f"(set do_convert_rgb to convert it to RGB)")
-    mean = np.array(mean if isinstance(mean, tuple) else [mean] * channels, dtype=image.dtype)
-    std = np.array(std if isinstance(std, tuple) else [std] * channels, dtype=image.dtype)
-    return (image - mean[:, None, None]) / std[:, None, None]
-
-
-class Processor:
-    """An ImageProcessor and a Tokenizer together, like transformers' VisionTextDualEncoderProcessor."""
-
-    def __init__(self, image_processor: ImageProcessor, tokenizer: Tokenizer):
-        if not isinstance(image_processor, ImageProcessor):
-            raise InputError(f"image_processor must be an ImageProcessor, got {type(image_processor).__name__}")
-        if not isinstance(tokenizer, Tokenizer):
-            raise InputError(f"tokenizer must be a Tokenizer, got {type(tokenizer).__name__}")
-        self.image_processor = image_processor
-        self.tokenizer = tokenizer
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, max_length: int | None = None) -> "Processor":
-        """Loads the image processor and tokenizer of a model directory.
-
-        Args:
-          path: the directory (preprocessor/processor config, tokenizer files, and config.json for the text length
-            limit).
-          max_length: the tokenizer's default length (see Tokenizer).
-
-        Returns:
-          Processor.
-        """
-        return cls(ImageProcessor.from_pretrained(path), Tokenizer.from_pretrained(path, max_length=max_length))
-
-    def __call__(self, text=None, images=None, max_length: int | None = None,
-                 padding: str | bool = "max_length") -> dict[str, np.ndarray]:
-        """The keyword arguments of dualenc.apply for these texts and/or images.
-
-        Args:
-          text: a string or a list of strings (see Tokenizer.__call__).
-          images: one image or a list (see ImageProcessor.__call__).
-          max_length, padding: as for Tokenizer.__call__.
-
-        Returns:
-          {"input_ids", "attention_mask", "token_type_ids"} (n_texts, L) int64 when text is given, and
-          {"pixel_values"} (n_images, C, H, W) float32 when images are.
-        """
-        if text is None and images is None:
-            raise InputError("give text, images, or both")
-        out = {}
-        if text is not None:
-            out.update(self.tokenizer(text, max_length=max_length, padding=padding))
-        if images is not None:
-            out["pixel_values"] = self.image_processor(images)
-        return out
-
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Writes the tokenizer files, preprocessor_config.json and processor_config.json into `path`.
-
-        Other files in the directory are kept; each written file is replaced atomically. transformers'
-        VisionTextDualEncoderProcessor and AutoProcessor load the result.
-        """
-        path = os.fspath(path)
-        os.makedirs(path, exist_ok=True)
-        self.tokenizer.save_pretrained(path)
-        self.image_processor.save_pretrained(path, processor_class=PROCESSOR_CLASS)
-        nested = os.path.join(path, "processor_config.json")
-        processor_config = read_json(nested, "processor config") if os.path.isfile(nested) else {}
-        processor_config.update(processor_class=PROCESSOR_CLASS, image_processor=self.image_processor.to_dict())
-        write_json_atomic(nested, processor_config)
-
-    def __repr__(self) -> str:
-        return f"Processor({self.image_processor!r}, {self.tokenizer!r})"

@@ -1,0 +1,33 @@
+"""Checkpoints by source: transformers directories (VisionTextDualEncoder, CLIP, single towers) and open_clip.
+
+`load_pretrained` picks the reader from the directory's files; `save_pretrained` writes transformers' layout.
+"""
+
+from __future__ import annotations
+
+import os
+
+from dualenc import files
+from dualenc.config import DualEncoderConfig
+from dualenc.formats import open_clip
+from dualenc.formats.transformers import (
+    NewlyInitializedWarning, UnusedWeightsWarning, from_vision_text_pretrained, load_dir, save_pretrained,
+)
+
+__all__ = ["NewlyInitializedWarning", "UnusedWeightsWarning", "from_vision_text_pretrained", "load_pretrained",
+           "save_pretrained"]
+
+
+def load_pretrained(path: str | os.PathLike) -> tuple[DualEncoderConfig, dict]:
+    """Loads a whole dual encoder from a directory as (config, params).
+
+    Reads transformers' VisionTextDualEncoderModel and CLIPModel directories (config.json + model.safetensors
+    or a sharded index), and open_clip's hub layout (open_clip_config.json + open_clip_model.safetensors).
+    A directory holding both layouts (as many LAION repositories do) is read as transformers'.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    if files.is_open_clip_dir(path):
+        return open_clip.load_dir(path)
+    return load_dir(path)

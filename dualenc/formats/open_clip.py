@@ -1,0 +1,240 @@
+"""open_clip checkpoints: `open_clip_config.json` + `open_clip_model.safetensors` (open_clip's hub layout).
+
+The ViT image tower + text transformer models (OpenAI, LAION and most open_clip CLIPs) load as a CLIP
+DualEncoderConfig: their configs map onto transformers' CLIPConfig and their tensors onto CLIPModel's names
+(q/k/v split out of the fused in_proj, right-multiplied projections transposed), so `save_pretrained`
+converts them to a transformers CLIPModel directory. Anything else open_clip builds (timm or ModifiedResNet
+image towers, HF text towers, CoCa, layer scale, other pooling) is refused with a ConfigError naming the field.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+
+from dualenc import files
+from dualenc.config import CLIPTextConfig, CLIPVisionConfig, DualEncoderConfig
+from dualenc.errors import CheckpointError, ConfigError
+from dualenc.formats.transformers import _shapes, dual_table
+from dualenc.formats.weights import Weights, listed, load_table
+
+CONFIG = files.OPEN_CLIP_CONFIG
+WEIGHTS = "open_clip_model.safetensors"
+PICKLED = ("open_clip_pytorch_model.bin",)
+OPENAI_LOGIT_SCALE = float(np.log(1 / 0.07))  # open_clip's init_logit_scale default
+
+# open_clip config fields dualenc reads, with their defaults (open_clip's CLIPVisionCfg / CLIPTextCfg).
+_VISION_DEFAULTS = dict(layers=12, width=768, head_width=64, mlp_ratio=4.0, patch_size=16, image_size=224)
+_TEXT_DEFAULTS = dict(context_length=77, vocab_size=49408, width=512, heads=8, layers=12, mlp_ratio=4.0, pad_id=0,
+                      eos_id=2, pool_type="argmax")
+# Fields that change the computation: the values dualenc implements (None, False, 0 or missing are defaults).
+_OFF = (None, False, 0, 0.0, {}, "")
+_VISION_ACCEPTED = {
+    "ls_init_value": (None,), "attentional_pool": _OFF, "no_ln_pre": _OFF, "pos_embed_type": ("learnable",),
+    "pool_type": ("tok",), "act_kwargs": _OFF, "block_type": _OFF + ("default",), "qk_norm": _OFF,
+    "scaled_cosine_attn": _OFF, "scale_heads": _OFF, "scale_attn_inner": _OFF, "scale_attn": _OFF,
+    "scale_fc": _OFF, "timm_model_name": _OFF, "output_tokens": _OFF,
+}
+_TEXT_ACCEPTED = {
+    "ls_init_value": (None,), "embed_cls": _OFF, "no_causal_mask": _OFF, "pool_type": ("argmax", "eos"),
+    "proj_bias": _OFF, "proj_type": ("linear", None), "act_kwargs": _OFF, "block_type": _OFF + ("default",),
+    "qk_norm": _OFF, "scaled_cosine_attn": _OFF, "scale_heads": _OFF, "scale_attn_inner": _OFF, "scale_attn": _OFF,
+    "scale_fc": _OFF, "hf_model_name": _OFF, "output_tokens": _OFF,
+}
+_MODEL_ACCEPTED = {"multimodal_cfg": _OFF, "nonscalar_logit_scale": _OFF + (True,)}
+# patch_dropout only acts in training, where dualenc does not implement it; final_ln_after_pool gives the same
+# pooled output (the LayerNorm is per token); the tokenizer fields are the tokenizer's business.
+_IGNORED = {"patch_dropout", "final_ln_after_pool", "hf_tokenizer_name", "tokenizer_mode", "tokenizer_kwargs",
+            "attn_pooler_queries", "attn_pooler_heads", "timm_model_pretrained", "timm_pool", "timm_proj",
+            "timm_proj_bias", "timm_drop", "timm_drop_path", "hf_model_pretrained", "hf_proj_type",
+            "hf_pooler_type", "norm_kwargs"}
+
+
+def _check_fields(cfg: Mapping, accepted: Mapping, known: Mapping, where: str):
+    for key, value in cfg.items():
+        if key in accepted:
+            if not any(value == ok for ok in accepted[key]):
+                supported = [ok for ok in accepted[key] if ok not in ({}, "")]
+                raise ConfigError(f"{where}: field '{key}' = {value!r} is not implemented; supported: {supported}")
+        elif key not in known and key not in _IGNORED:
+            raise ConfigError(f"{where}: field '{key}' is not implemented (unknown to dualenc's open_clip reader)")
+
+
+def _eps(cfg: Mapping, where: str) -> float:
+    kwargs = cfg.get("norm_kwargs") or {}
+    if not isinstance(kwargs, Mapping) or set(kwargs) - {"eps"}:
+        raise ConfigError(f"{where}: field 'norm_kwargs' = {kwargs!r} is not implemented; supported: {{'eps': x}}")
+    return kwargs.get("eps", 1e-5)
+
+
+def _int_field(cfg: Mapping, key: str, where: str) -> int:
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}: field '{key}' must be an integer, got {value!r}")
+    return value
+
+
+def _mlp(width: int, ratio: Any, where: str) -> int:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1 << 10:
+        raise ConfigError(f"{where}: field 'mlp_ratio' must be a positive number, got {ratio!r}")
+    return int(width * ratio)
+
+
+def config_from_dict(d: Mapping[str, Any], where: str = CONFIG) -> DualEncoderConfig:
+    """The CLIP DualEncoderConfig an open_clip_config.json (its "model_cfg") describes."""
+    if not isinstance(d, Mapping) or not isinstance(d.get("model_cfg"), Mapping):
+        raise ConfigError(f"{where}: missing field 'model_cfg' (an object)")
+    m = d["model_cfg"]
+    where_m = f"{where}: model_cfg"
+    for key in ("embed_dim", "vision_cfg", "text_cfg"):
+        if key not in m:
+            raise ConfigError(f"{where_m}: missing field '{key}'")
+    _check_fields({k: v for k, v in m.items() if k not in ("embed_dim", "vision_cfg", "text_cfg")},
+                  _MODEL_ACCEPTED, {"quick_gelu": 0, "init_logit_scale": 0, "init_logit_bias": 0,
+                                    "custom_text": 0, "cast_dtype": 0}, where_m)
+    v, t = m["vision_cfg"], m["text_cfg"]
+    for name, cfg in (("vision_cfg", v), ("text_cfg", t)):
+        if not isinstance(cfg, Mapping):
+            raise ConfigError(f"{where_m}: field '{name}' must be an object, got {type(cfg).__name__}")
+    wv, wt = f"{where_m}: vision_cfg", f"{where_m}: text_cfg"
+    if isinstance(v.get("layers"), (list, tuple)):
+        raise ConfigError(f"{wv}: field 'layers' = {v['layers']!r} is a ModifiedResNet image tower, not implemented; "
+                          f"supported: ViT towers (an integer)")
+    _check_fields(v, _VISION_ACCEPTED, _VISION_DEFAULTS, wv)
+    _check_fields(t, _TEXT_ACCEPTED, _TEXT_DEFAULTS, wt)
+    v, t = {**_VISION_DEFAULTS, **v}, {**_TEXT_DEFAULTS, **t}
+    image_size = v["image_size"]
+    if isinstance(image_size, (list, tuple)):
+        if len(image_size) != 2 or image_size[0] != image_size[1]:
+            raise ConfigError(f"{wv}: field 'image_size' = {image_size!r} is not implemented; supported: square")
+        image_size = image_size[0]
+    act = "quick_gelu" if m.get("quick_gelu", False) else "gelu"
+    if not isinstance(m.get("quick_gelu", False), bool):
+        raise ConfigError(f"{where_m}: field 'quick_gelu' must be true or false, got {m['quick_gelu']!r}")
+    width = _int_field(v, "width", wv)
+    head_width = _int_field(v, "head_width", wv)
+    if head_width < 1 or width % head_width:
+        raise ConfigError(f"{wv}: field 'head_width' = {head_width} must divide width {width}")
+    if t["pool_type"] == "eos" and t["eos_id"] == 2:
+        raise ConfigError(f"{wt}: field 'eos_id' = 2 with pool_type 'eos' cannot be expressed: transformers reads "
+                          f"eos_token_id 2 as the argmax rule")
+    embed_dim = m["embed_dim"]
+    try:
+        vision = CLIPVisionConfig(
+            hidden_size=width, intermediate_size=_mlp(width, v["mlp_ratio"], wv),
+            num_hidden_layers=v["layers"], num_attention_heads=width // head_width, image_size=image_size,
+            patch_size=v["patch_size"], hidden_act=act, layer_norm_eps=_eps(v, wv), projection_dim=embed_dim)
+        text = CLIPTextConfig(
+            vocab_size=t["vocab_size"], hidden_size=t["width"], intermediate_size=_mlp(t["width"], t["mlp_ratio"], wt),
+            num_hidden_layers=t["layers"], num_attention_heads=t["heads"], max_position_embeddings=t["context_length"],
+            hidden_act=act, layer_norm_eps=_eps(t, wt), projection_dim=embed_dim, pad_token_id=t["pad_id"],
+            eos_token_id=2 if t["pool_type"] == "argmax" else t["eos_id"])
+        return DualEncoderConfig(vision=vision, text=text, projection_dim=embed_dim, model_type="clip",
+                                 logit_scale_init_value=float(m.get("init_logit_scale", OPENAI_LOGIT_SCALE)),
+                                 logit_bias_init_value=m.get("init_logit_bias"))
+    except (ConfigError, TypeError) as e:
+        raise ConfigError(f"{where_m}: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------------ weights
+
+_BLOCK = re.compile(r"^(?P<tower>visual\.|text\.|)transformer\.resblocks\.(?P<i>\d+)\.(?P<rest>.+)$")
+_BLOCK_NAMES = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+                "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+_TOP = {
+    "visual.class_embedding": ("vision_model.embeddings.class_embedding", None),
+    "visual.positional_embedding": ("vision_model.embeddings.position_embedding.weight", None),
+    "visual.conv1.weight": ("vision_model.embeddings.patch_embedding.weight", None),
+    "visual.ln_pre.weight": ("vision_model.pre_layrnorm.weight", None),
+    "visual.ln_pre.bias": ("vision_model.pre_layrnorm.bias", None),
+    "visual.ln_post.weight": ("vision_model.post_layernorm.weight", None),
+    "visual.ln_post.bias": ("vision_model.post_layernorm.bias", None),
+    "visual.proj": ("visual_projection.weight", "T"),
+    "token_embedding.weight": ("text_model.embeddings.token_embedding.weight", None),
+    "positional_embedding": ("text_model.embeddings.position_embedding.weight", None),
+    "ln_final.weight": ("text_model.final_layer_norm.weight", None),
+    "ln_final.bias": ("text_model.final_layer_norm.bias", None),
+    "text_projection": ("text_projection.weight", "T"),
+    "logit_scale": ("logit_scale", "scalar"),
+}
+
+
+def to_transformers_names(tensors: Mapping[str, np.ndarray], where: str) -> tuple[dict, np.ndarray | None]:
+    """open_clip tensors renamed (and split, transposed) as transformers' CLIPModel names them.
+
+    Returns (tensors, logit_bias or None). Raises CheckpointError listing names it does not know.
+    """
+    out, unknown, logit_bias = {}, [], None
+    for name, value in tensors.items():
+        plain = name[len("text."):] if name.startswith("text.") and not name.startswith("text.transformer.") \
+            else name  # CustomTextCLIP keeps the text tower under "text."
+        block = _BLOCK.match(name)
+        if block:
+            tower = "vision_model" if block["tower"] == "visual." else "text_model"
+            prefix = f"{tower}.encoder.layers.{block['i']}."
+            rest = block["rest"]
+            if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
+                kind = rest.rsplit("_", 1)[1]
+                if value.shape[0] % 3:
+                    raise CheckpointError(f"{where}: {name} has shape {value.shape}, not 3 stacked projections")
+                for part, chunk in zip(("q_proj", "k_proj", "v_proj"), np.split(value, 3, axis=0)):
+                    out[f"{prefix}self_attn.{part}.{kind}"] = chunk
+                continue
+            stem, _, leaf = rest.rpartition(".")
+            if stem in _BLOCK_NAMES and leaf in ("weight", "bias"):
+                out[f"{prefix}{_BLOCK_NAMES[stem]}.{leaf}"] = value
+                continue
+        elif plain in _TOP:
+            target, how = _TOP[plain]
+            if how == "T":
+                if value.ndim != 2:
+                    raise CheckpointError(f"{where}: {name} has shape {value.shape}, expected a matrix")
+                value = value.T
+            elif how == "scalar":
+                if value.size != 1:
+                    raise CheckpointError(f"{where}: {name} has shape {value.shape}, expected a scalar")
+                value = value.reshape(())
+            out[target] = value
+            continue
+        elif plain == "logit_bias" and value.size == 1:
+            logit_bias = value.reshape(())
+            continue
+        elif name == "attn_mask" or name.endswith(".attn_mask"):
+            continue  # a buffer (the causal mask), not a weight
+        unknown.append(name)
+    if unknown:
+        raise CheckpointError(f"{where}: {len(unknown)} tensor(s) dualenc's open_clip reader does not know (layer "
+                              f"scale, attention pooling or another architecture): {listed(unknown)}")
+    return out, logit_bias
+
+
+def load_dir(path: str) -> tuple[DualEncoderConfig, dict]:
+    """Loads an open_clip hub directory as (CLIP config, params)."""
+    config_path = os.path.join(path, CONFIG)
+    config = config_from_dict(files.read_json(config_path, "open_clip config"), where=config_path)
+    weights_path = os.path.join(path, WEIGHTS)
+    if not os.path.isfile(weights_path):
+        present = [f for f in PICKLED if os.path.exists(os.path.join(path, f))]
+        if present:
+            raise CheckpointError(f"{path} holds only {', '.join(present)}; dualenc reads safetensors only and never "
+                                  f"unpickles. If you trust the file, convert it with open_clip: "
+                                  f"open_clip.push_to_hf_hub.save_for_hf(model, tokenizer, cfg, DIR, "
+                                  f"safe_serialization=True) writes {WEIGHTS}")
+        raise CheckpointError(f"{path} has no {WEIGHTS}")
+    tensors, _ = files.read_safetensors(weights_path)
+    renamed, logit_bias = to_transformers_names(tensors, weights_path)
+    weights = Weights(renamed, dict.fromkeys(renamed, weights_path),
+                      f"{weights_path} (names as transformers' CLIPModel has them)", {})
+    if (logit_bias is None) != (config.logit_bias_init_value is None):
+        raise CheckpointError(f"{weights_path}: {'has' if logit_bias is not None else 'lacks'} a logit_bias, but "
+                              f"{config_path} {'lacks' if logit_bias is not None else 'has'} init_logit_bias")
+    params, _ = load_table(weights, dual_table(config), _shapes(config))
+    if logit_bias is not None:
+        if logit_bias.dtype not in files.FLOATING:
+            raise CheckpointError(f"{weights_path}: logit_bias of dtype {logit_bias.dtype} (expected floating point)")
+        params["logit_bias"] = jnp.asarray(np.asarray(logit_bias, np.float32))
+    return config, params

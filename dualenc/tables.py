@@ -1,0 +1,67 @@
+"""Checkpoint key tables: how a transformers tensor name maps to a param path, and the layout transforms.
+
+Each tower module declares its table with these helpers; dualenc.formats reads and writes through them.
+A "{i}" in a name marks the layer index, which scatters into the stacked depth axis.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+
+class Entry(NamedTuple):
+    hf: str  # transformers name; "{i}" marks the layer index
+    path: tuple[str, ...]  # where it lives in the params tree (layers stacked on axis 0)
+    kind: str  # layout transform, see TO_PARAM
+
+
+TO_PARAM: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "id": lambda a: a,
+    "linear": lambda a: a.T,  # torch Linear (out, in) -> kernel (in, out)
+    "conv": lambda a: a.transpose(1, 2, 3, 0),  # torch Conv2d (D, C, p, p) -> (C, p, p, D)
+    "cls": lambda a: a.reshape(a.shape[-1]),  # ViT cls_token (1, 1, D) -> (D,)
+    "pos": lambda a: a.reshape(a.shape[1:]),  # ViT position_embeddings (1, N, D) -> (N, D)
+}
+TO_HF: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "id": lambda a: a,
+    "linear": lambda a: a.T,
+    "conv": lambda a: a.transpose(3, 0, 1, 2),
+    "cls": lambda a: a.reshape(1, 1, -1),
+    "pos": lambda a: a[None],
+}
+
+
+def dense(hf: str, path: tuple[str, ...], bias: bool = True) -> list[Entry]:
+    out = [Entry(f"{hf}.weight", path + ("kernel",), "linear")]
+    return out + [Entry(f"{hf}.bias", path + ("bias",), "id")] if bias else out
+
+
+def norm(hf: str, path: tuple[str, ...]) -> list[Entry]:
+    return [Entry(f"{hf}.weight", path + ("scale",), "id"), Entry(f"{hf}.bias", path + ("bias",), "id")]
+
+
+def layer(prefix: str, names: dict[str, str], qkv_bias: bool = True) -> list[Entry]:
+    """One encoder layer's entries (layers.encoder_init's params), named by `names`."""
+    enc = ("encoder",)
+    out = []
+    for param in ("query", "key", "value"):
+        out += dense(prefix + names[param], enc + ("attention", param), qkv_bias)
+    out += dense(prefix + names["out"], enc + ("attention", "out"))
+    out += norm(prefix + names["attention_norm"], enc + ("attention_norm",))
+    out += dense(prefix + names["fc1"], enc + ("mlp", "fc1"))
+    out += dense(prefix + names["fc2"], enc + ("mlp", "fc2"))
+    out += norm(prefix + names["mlp_norm"], enc + ("mlp_norm",))
+    return out
+
+
+def prefixed(prefix: str, path: tuple[str, ...], table: list[Entry]) -> list[Entry]:
+    """The same entries under a name prefix and a param path prefix."""
+    return [Entry(prefix + e.hf, path + e.path, e.kind) for e in table]
+
+
+# CLIP's encoder layer, shared by its vision and text towers.
+CLIP_LAYER = dict(query="self_attn.q_proj", key="self_attn.k_proj", value="self_attn.v_proj",
+                  out="self_attn.out_proj", attention_norm="layer_norm1", fc1="mlp.fc1", fc2="mlp.fc2",
+                  mlp_norm="layer_norm2")

@@ -1,0 +1,160 @@
+"""The CLIP text tower family: CLIPTextModel (also open_clip's text transformer), init / apply on token ids.
+
+Token + position embeddings, pre-LayerNorm layers under a causal mask combined with the padding mask, a final
+LayerNorm, pooled at the end-of-text token. Which position that is follows transformers' two rules: configs
+with eos_token_id 2 (the OpenAI checkpoints' legacy value) take the argmax of the ids, the end-of-text token
+being the largest id; others take the first position holding eos_token_id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from dualenc import layers, tables
+from dualenc.fields import ACTIVATION_NAMES, _check_int, _choice, _Config, _fail, _float, _int, _rate, \
+    _same_head_dim, builds
+from dualenc.towers.common import check_text_inputs
+
+LEGACY_EOS = 2  # transformers: an eos_token_id of 2 means "pool at the argmax of the ids"
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class CLIPTextConfig(_Config):
+    """transformers' CLIPTextConfig (model_type "clip_text_model", or the text_config of a "clip")."""
+
+    model_types: ClassVar[tuple[str, ...]] = ("clip_text_model",)
+    rejected: ClassVar[Mapping[str, Any]] = {"head_dim": _same_head_dim}
+
+    vocab_size: int = _int(49408, hi=1 << 23)
+    hidden_size: int = _int(512)
+    intermediate_size: int = _int(2048, hi=1 << 18)
+    projection_dim: int = _int(512, required=False)
+    num_hidden_layers: int = _int(12, hi=1024)
+    num_attention_heads: int = _int(8, hi=4096)
+    max_position_embeddings: int = _int(77, hi=1 << 20)
+    hidden_act: str = _choice("quick_gelu", ACTIVATION_NAMES)
+    layer_norm_eps: float = _float(1e-5, hi=1.0, lo_open=True)
+    attention_dropout: float = _rate(0.0)
+    initializer_range: float = _float(0.02)
+    initializer_factor: float = _float(1.0)
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 49406
+    eos_token_id: int = 49407
+
+    def _validate(self):
+        for name in ("pad_token_id", "bos_token_id"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                _fail(self.name, name, f"must be a token id or null, got {value!r}")
+        _check_int(self.name, "eos_token_id", self.eos_token_id, 0, 1 << 31)
+        super()._validate()
+
+    @property
+    def max_length(self) -> int:
+        """The longest input_ids the position table allows."""
+        return self.max_position_embeddings
+
+    @property
+    def pooling(self) -> str:
+        """"argmax" (the legacy eos_token_id 2) or "eos" (the first eos_token_id)."""
+        return "argmax" if self.eos_token_id == LEGACY_EOS else "eos"
+
+
+TextConfig = CLIPTextConfig
+
+
+def encoder_spec(config: CLIPTextConfig) -> layers.EncoderSpec:
+    return layers.EncoderSpec(
+        num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
+        num_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
+        activation=config.hidden_act, eps=config.layer_norm_eps, prenorm=True,
+        attention_dropout=config.attention_dropout,
+        init_stds=layers.clip_init_stds(config.hidden_size, config.num_hidden_layers, config.initializer_factor))
+
+
+@builds(CLIPTextConfig)
+def _build(normal: layers.Normal, config: CLIPTextConfig) -> layers.Params:
+    d, std = config.hidden_size, 0.02 * config.initializer_factor
+    return {
+        "embeddings": {
+            "word": normal((config.vocab_size, d), std),
+            "position": normal((config.max_position_embeddings, d), std),
+        },
+        "encoder": layers.encoder_init(normal, encoder_spec(config)),
+        "final_norm": layers.layer_norm_init(d),
+    }
+
+
+init = layers.tower_init(_build)  # init(key, config) -> params
+
+
+def pooled_positions(config: CLIPTextConfig, input_ids: jax.Array) -> jax.Array:
+    """(B,) the position each row is pooled at: the end-of-text token, by the config's rule."""
+    if config.pooling == "argmax":
+        return jnp.argmax(input_ids, axis=-1)
+    return jnp.argmax((input_ids == config.eos_token_id).astype(jnp.int32), axis=-1)
+
+
+def apply(params: layers.Params, config: CLIPTextConfig, input_ids: jax.Array, attention_mask=None,
+          token_type_ids=None, position_ids=None, *, dropout_key=None, output_hidden_states: bool = False,
+          output_attentions: bool = False, dtype=None, remat_policy: str | None = None,
+          pooled_only: bool = False) -> layers.TowerOutput:
+    """Runs the text tower.
+
+    Args:
+      input_ids: (B, L) token ids, with an end-of-text token in every row (the tokenizer adds it).
+      attention_mask: (B, L), 1 for tokens to attend to, 0 for padding; default all ones. The causal mask
+        applies on top of it.
+      token_type_ids: must be None: CLIP has no token types.
+      position_ids: (B, L) or (L,); default 0..L-1.
+      dropout_key: enables attention dropout (training) when given.
+      dtype: compute dtype of the matmuls (default float32).
+      pooled_only: return last_hidden_state for the end-of-text token only, (B, 1, D), which is all
+        pooler_output needs. The last layer then computes just that token (its attention still reads the
+        tokens before it); same pooler_output.
+
+    Returns:
+      TowerOutput: last_hidden_state (B, L, D) after the final LayerNorm; pooler_output (B, D) at the
+      end-of-text position; hidden_states/attentions as tuples when requested.
+    """
+    check_text_inputs(config, input_ids, attention_mask, token_type_ids, position_ids)
+    dtype = jnp.dtype(dtype or jnp.float32)
+    emb = params["embeddings"]
+    length = input_ids.shape[1]
+    if position_ids is None:
+        position_ids = jnp.arange(length, dtype=jnp.int32)
+    with jax.named_scope("embeddings"):
+        # Out-of-range ids read NaN instead of a clamped row; check_inputs reports them outside jit.
+        x = jnp.take(emb["word"], input_ids, axis=0, mode="fill", fill_value=jnp.nan)
+        x = x + jnp.take(emb["position"], jnp.broadcast_to(position_ids, input_ids.shape), axis=0, mode="fill",
+                         fill_value=jnp.nan)
+        x = x.astype(dtype)
+    bias = layers.attention_bias(attention_mask, causal_length=length)
+    rows = pooled_positions(config, input_ids)
+    with jax.named_scope("encoder"):
+        last, states, probs = layers.encoder(
+            params["encoder"], x, bias, encoder_spec(config), dtype=dtype, key=dropout_key,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            remat_policy=remat_policy, first_only=rows if pooled_only else False)
+    with jax.named_scope("pooler"):
+        last = layers.layer_norm(params["final_norm"], last, config.layer_norm_eps, dtype)
+        pooled = (last if pooled_only else layers.pick_rows(last, rows))[:, 0]
+    return layers.tower_output(last, pooled, x, states, probs)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+def table(config: CLIPTextConfig) -> list[tables.Entry]:
+    """The tower's transformers key table, names relative to CLIPTextTransformer."""
+    E = tables.Entry
+    return [
+        E("embeddings.token_embedding.weight", ("embeddings", "word"), "id"),
+        E("embeddings.position_embedding.weight", ("embeddings", "position"), "id"),
+        *tables.layer("encoder.layers.{i}.", tables.CLIP_LAYER),
+        *tables.norm("final_layer_norm", ("final_norm",)),
+    ]

@@ -1,0 +1,103 @@
+"""The train state: trainable and frozen params (LiT locking), the optimizer state, the step's key."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from dualenc import layers, model
+from dualenc.errors import ConfigError
+
+TOWERS = ("vision", "text")
+# Tower params that come before the encoder; the rest (final norms, poolers) follow it, and train with
+# unlocked top layers.
+_PRE_ENCODER = ("embeddings", "pre_norm")
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 scalar
+    trainable: dict
+    frozen: dict
+    opt_state: Any
+    rng: jax.Array  # uint32 key data, so the state is plain arrays
+
+
+def _check_locking(locked: Sequence[str], unlocked_layers: int):
+    locked = tuple(locked)
+    if any(t not in TOWERS for t in locked) or len(set(locked)) != len(locked):
+        raise ConfigError(f"locked must name towers among {TOWERS}, got {locked!r}")
+    if isinstance(unlocked_layers, bool) or not isinstance(unlocked_layers, int) or unlocked_layers < 0:
+        raise ConfigError(f"unlocked_layers must be a non-negative integer, got {unlocked_layers!r}")
+    if unlocked_layers and not locked:
+        raise ConfigError("unlocked_layers needs a locked tower")
+    return locked
+
+
+def _take_layers(encoder, start: int, stop: int | None):
+    if isinstance(encoder, (tuple, list)):
+        return tuple(encoder[start:stop])
+    return jax.tree_util.tree_map(lambda x: x[start:stop], encoder)
+
+
+def partition(params: dict, locked: Sequence[str] = (), unlocked_layers: int = 0) -> tuple[dict, dict]:
+    """Splits params into (trainable, frozen). A locked tower is frozen except, with unlocked_layers=k, its
+    top k encoder layers and what follows them (final norm, pooler). Projections and logit scale/bias train.
+    Works on either layer layout (stacked, or per-layer tuples)."""
+    locked = _check_locking(locked, unlocked_layers)
+    trainable, frozen = {}, {}
+    for name, value in params.items():
+        if name not in locked:
+            trainable[name] = value
+        elif unlocked_layers == 0:
+            frozen[name] = value
+        else:
+            depth = layers.num_layers(value["encoder"])
+            if unlocked_layers > depth:
+                raise ConfigError(f"unlocked_layers={unlocked_layers} exceeds the {depth} layers of the "
+                                  f"{name} tower")
+            cut = depth - unlocked_layers
+            frozen[name] = {k: v for k, v in value.items() if k in _PRE_ENCODER}
+            frozen[name]["encoder"] = _take_layers(value["encoder"], 0, cut)
+            trainable[name] = {k: v for k, v in value.items() if k not in _PRE_ENCODER + ("encoder",)}
+            trainable[name]["encoder"] = _take_layers(value["encoder"], cut, None)
+    return trainable, frozen
+
+
+def _merge(trainable: dict, frozen: dict, split: bool) -> dict:
+    out = {}
+    for name in sorted(set(trainable) | set(frozen)):
+        if name in trainable and name in frozen:  # a partly unlocked tower
+            tower = {**frozen[name], **{k: v for k, v in trainable[name].items() if k != "encoder"}}
+            bottom, top = frozen[name]["encoder"], trainable[name]["encoder"]
+            if split:
+                tower["encoder"] = layers.Split(bottom, top)
+            elif isinstance(bottom, (tuple, list)):
+                tower["encoder"] = tuple(bottom) + tuple(top)
+            else:
+                tower["encoder"] = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), bottom, top)
+            out[name] = tower
+        else:
+            out[name] = trainable[name] if name in trainable else frozen[name]
+    return out
+
+
+def full_params(state: TrainState) -> dict:
+    """The whole params tree of a train state, in the stacked layout (for save_pretrained, evaluation)."""
+    return model.stack_layers(_merge(state.trainable, state.frozen, split=False))
+
+
+def init_state(params: dict, optimizer, *, locked: Sequence[str] = (), unlocked_layers: int = 0,
+               seed: int = 0, layer_loop: bool = True) -> TrainState:
+    """A train state: the optimizer state covers the trainable params only.
+
+    layer_loop keeps each encoder layer's params (and gradients) as buffers of their own, run as a Python
+    loop instead of lax.scan: on CPU a BERT-base backward runs about 25% faster, for a longer compile.
+    """
+    if layer_loop:
+        params = model.unstack_layers(params)
+    trainable, frozen = partition(params, locked, unlocked_layers)
+    trainable = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), trainable)  # the step donates these
+    return TrainState(jnp.zeros((), jnp.int32), trainable, jax.tree_util.tree_map(jnp.asarray, frozen),
+                      optimizer.init(trainable), jax.random.key_data(jax.random.key(seed)))

@@ -1,0 +1,146 @@
+"""The jitted contrastive train step (state, batch) -> (state, metrics), and LiT's cache of a locked tower.
+
+A locked tower's params live in `state.frozen`: they get no optimizer state and no backward pass. With
+`cached=True` the locked tower is not run at all: the batch carries its pooled outputs, computed once with
+`tower_features`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dualenc import losses, model
+from dualenc.config import DualEncoderConfig
+from dualenc.errors import ConfigError, InputError
+from dualenc.train.sharding import state_sharding
+from dualenc.train.state import TOWERS, TrainState, _check_locking, _merge
+
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps exp(logit_scale) at 100
+
+
+def _embeds(params, config: DualEncoderConfig, batch, key, *, locked, cached, remat_policy, dtype):
+    keys = dict(zip(TOWERS, jax.random.split(key)))
+    drop = {t: None if t in locked else keys[t] for t in TOWERS}  # locked towers run deterministically
+    pooled = {}
+    for side, cache_key in (("vision", "image_features"), ("text", "text_features")):
+        pooled[side] = batch[cache_key] if side in cached else model.run_tower(
+            params, config, side, batch, pooled=True, dropout_key=drop[side], remat_policy=remat_policy,
+            dtype=dtype).pooler_output
+    image_pooled, text_pooled = pooled["vision"], pooled["text"]
+    return (model.normalize(model.project(params["visual_projection"], image_pooled, dtype)),
+            model.normalize(model.project(params["text_projection"], text_pooled, dtype)))
+
+
+def make_train_step(config: DualEncoderConfig, optimizer, *, loss: str = "clip", locked: Sequence[str] = (),
+                    unlocked_layers: int = 0, cached: bool = False, remat_policy: str | None = None, dtype=None,
+                    chunk_size: int | None = None, donate: bool = True, mesh: Mesh | None = None,
+                    fsdp: bool = False) -> Callable:
+    """A pure train step (state, batch) -> (state, metrics), jit-compiled on first call.
+
+    Args:
+      optimizer: an optax GradientTransformation (see default_optimizer); used with init_state's partition.
+      loss: "clip" (softmax) or "siglip" (sigmoid; the config needs logit_bias_init_value).
+      locked: towers to lock, e.g. ("vision",) for LiT; unlocked_layers keeps their top k layers trainable.
+      cached: the batch carries the locked tower's pooled outputs ("image_features" / "text_features") instead
+        of its inputs, so the locked tower is not run (see tower_features).
+      remat_policy: a jax.checkpoint_policies name, to rematerialise encoder layers in the backward pass.
+      dtype: compute dtype of the matmuls (e.g. jnp.bfloat16); params and optimizer state stay float32.
+      chunk_size: compute the loss in row chunks of this size.
+      donate: donate the input state's buffers to the output state.
+      mesh: data-parallel over the mesh's "data" axis: place state with shard_state and batches with
+        shard_batch; the loss then spans the global batch. fsdp: also shard params and optimizer state.
+
+    The batch holds input_ids, attention_mask (and token_type_ids), and pixel_values, each with the global
+    batch on axis 0. Metrics: loss, logit_scale (exp), accuracy_t2i, accuracy_i2t, grad_norm.
+    """
+    import optax
+
+    locked = _check_locking(locked, unlocked_layers)
+    if loss not in ("clip", "siglip"):
+        raise ConfigError(f"loss must be 'clip' or 'siglip', got {loss!r}")
+    if loss == "siglip" and config.logit_bias_init_value is None:
+        raise ConfigError("loss='siglip' needs a learnable logit bias: set the config's logit_bias_init_value "
+                          "(SigLIP uses -10 with logit_scale_init_value log 10)")
+    cached_towers = tuple(locked) if cached else ()
+    if cached and (len(locked) != 1 or unlocked_layers):
+        raise ConfigError("cached=True needs exactly one fully locked tower (locked=('vision',) or ('text',), "
+                          "unlocked_layers=0)")
+    if remat_policy is not None and not hasattr(jax.checkpoint_policies, remat_policy):
+        raise ConfigError(f"remat_policy {remat_policy!r} is not in jax.checkpoint_policies")
+
+    def core(step_count, trainable, opt_state, rng, frozen, batch):
+        key = jax.random.fold_in(jax.random.wrap_key_data(rng), step_count)
+
+        def loss_fn(trainable):
+            params = _merge(trainable, frozen, split=True)
+            images, texts = _embeds(params, config, batch, key, locked=locked, cached=cached_towers,
+                                    remat_policy=remat_policy, dtype=dtype)
+            if loss == "clip":
+                value = losses.clip_loss(texts, images, params["logit_scale"], chunk_size=chunk_size)
+            else:
+                value = losses.siglip_loss(texts, images, params["logit_scale"], params["logit_bias"],
+                                           chunk_size=chunk_size)
+            return value, (images, texts)
+
+        (value, (images, texts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        trainable["logit_scale"] = jnp.clip(trainable["logit_scale"], 0.0, MAX_LOGIT_SCALE)
+        t2i, i2t = losses.in_batch_accuracy(texts, images)
+        metrics = {"loss": value, "logit_scale": jnp.exp(trainable["logit_scale"]), "accuracy_t2i": t2i,
+                   "accuracy_i2t": i2t, "grad_norm": optax.tree.norm(grads)}
+        return step_count + 1, trainable, opt_state, metrics
+
+    # The step count, trainable params and optimizer state are donated; frozen params (often the caller's own
+    # arrays) and the batch are not.
+    donate_argnums = (0, 1, 2) if donate else ()
+    compiled = {}
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        if mesh is None:
+            fn = compiled.get(None) or compiled.setdefault(None, jax.jit(core, donate_argnums=donate_argnums))
+        else:
+            treedef = jax.tree_util.tree_structure(state)
+            if treedef not in compiled:
+                s = state_sharding(state, mesh, fsdp)
+                data, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+                compiled[treedef] = jax.jit(
+                    core, donate_argnums=donate_argnums,
+                    in_shardings=(s.step, s.trainable, s.opt_state, s.rng, s.frozen, data),
+                    out_shardings=(s.step, s.trainable, s.opt_state, replicated))
+            fn = compiled[treedef]
+        count, trainable, opt_state, metrics = fn(state.step, state.trainable, state.opt_state, state.rng,
+                                                  state.frozen, batch)
+        return TrainState(count, trainable, state.frozen, opt_state, state.rng), metrics
+
+    return step
+
+
+def tower_features(params: dict, config: DualEncoderConfig, tower: str, inputs: dict, *, batch_size: int = 64,
+                   dtype=None) -> np.ndarray:
+    """Pooled outputs of one tower for a whole dataset, computed once (LiT's cache of the locked tower).
+
+    Args:
+      inputs: for "vision", {"pixel_values": (N, C, H, W)}; for "text", {"input_ids": (N, L), ...}.
+
+    Returns:
+      float32 (N, hidden_size), in fixed-size batches so the tower compiles once.
+    """
+    if tower not in TOWERS:
+        raise InputError(f"tower must be one of {TOWERS}, got {tower!r}")
+    fn = jax.jit(lambda p, x: model.run_tower({tower: p}, config, tower, x, pooled=True, dtype=dtype).pooler_output)
+    n = len(next(iter(inputs.values())))
+    out = []
+    for start in range(0, n, batch_size):
+        chunk = {k: np.asarray(v[start:start + batch_size]) for k, v in inputs.items()}
+        rows = len(next(iter(chunk.values())))
+        if rows < batch_size:
+            chunk = {k: np.concatenate([v, np.repeat(v[-1:], batch_size - rows, axis=0)]) for k, v in chunk.items()}
+        out.append(np.asarray(fn(params[tower], chunk), np.float32)[:rows])
+    return np.concatenate(out) if out else np.zeros((0, getattr(config, tower).hidden_size), np.float32)
