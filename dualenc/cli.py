@@ -338,7 +338,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--max-length", type=int, default=None)
-    p.add_argument("--projection-dim", type=int, default=512)
+    p.add_argument("--projection-dim", type=int, default=None,
+                   help="size of new projections (default: keep the towers' own trained projections when both "
+                        "carry one of the same size, as CLIP directories do; else new ones of 512)")
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--keep", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)

@@ -75,7 +75,13 @@ def _rows(path: str) -> Iterator[Any]:
                 or not (set(reader.fieldnames) & set(CAPTION_KEYS)):
             raise DataError(f"caption file {path} needs a header with an image column ({', '.join(IMAGE_KEYS)}) "
                             f"and a caption column ({', '.join(CAPTION_KEYS)}), got {reader.fieldnames}")
-        yield from reader
+        while True:
+            try:
+                yield next(reader)
+            except StopIteration:
+                return
+            except csv.Error:  # e.g. a bare carriage return inside an unquoted field: this row is malformed
+                yield None
 
 
 def read_pairs(path: str | os.PathLike, *, image_root: str | os.PathLike | None = None,

@@ -146,3 +146,39 @@ def test_demo_short_run_is_deterministic(tmp_path):
     config, params = dualenc.load_pretrained(model)
     assert config.vision.image_size == 16
 
+
+
+def test_every_subcommand_on_open_clip_and_clip_models(workspace, tmp_path):
+    """An open_clip directory (no tokenizer files: open_clip's own vocabulary) runs zero-shot, embed, search and
+    eval; converted with save_pretrained, the transformers CLIP directory trains with its projections kept."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    cfg = {"embed_dim": 8, "quick_gelu": True,
+           "vision_cfg": {"image_size": 30, "patch_size": 10, "width": 32, "layers": 1, "head_width": 8},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 1}}
+    model = open_clip.CLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"], quick_gelu=True)
+    oc = tmp_path / "oc"
+    oc.mkdir()
+    (oc / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {"resize_mode": "squash"}}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(oc / "open_clip_model.safetensors"))
+    images, pairs = workspace / "data" / "images", workspace / "data" / "pairs.jsonl"
+    results = json.loads(dualenc_cmd("zero-shot", "--model", oc, "--labels", "red,green,blue", "--json",
+                                     images / "0.png").stdout)
+    assert len(results) == 1 and abs(sum(results[0]["probabilities"]) - 1) < 1e-4
+    dualenc_cmd("embed", "--model", oc, "--images", images, "--out", tmp_path / "index.safetensors")
+    found = json.loads(dualenc_cmd("search", "--model", oc, "--index", tmp_path / "index.safetensors", "--json",
+                                   "a photo of the red square").stdout)
+    assert found and found[0]["score"] >= found[-1]["score"]
+    figures = json.loads(dualenc_cmd("eval", "--model", oc, "--data", pairs, "--labels-file",
+                                     workspace / "labels.txt", "--json").stdout)
+    assert figures["images"] == 12 and 0 <= figures["zero_shot_accuracy"] <= 1
+
+    config, params = dualenc.load_pretrained(oc)
+    dualenc.save_pretrained(tmp_path / "hf", config, params, processor=dualenc.Processor.from_pretrained(oc))
+    dualenc_cmd("train", "--vision", tmp_path / "hf", "--text", tmp_path / "hf", "--data", pairs, "--lock", "vision",
+                "--out", tmp_path / "tuned", "--steps", 2, "--batch-size", 4, "--quiet")
+    tuned_config, tuned = dualenc.load_pretrained(tmp_path / "tuned")
+    assert tuned_config.projection_dim == 8 and tuned_config.text == config.text  # the CLIP's own projections
+    np.testing.assert_array_equal(tuned["vision"]["embeddings"]["patch"]["kernel"],
+                                  params["vision"]["embeddings"]["patch"]["kernel"])  # locked

@@ -137,3 +137,13 @@ def test_unreadable_images_are_counted_and_features_skip_decoding(folder):
     np.testing.assert_array_equal(batch["image_features"], features[batch["image_index"]])
     with pytest.raises(dualenc.DataError, match="batch_size"):
         data.Batches(ds, FakeProcessor(), 5)
+
+
+def test_a_csv_row_the_csv_module_cannot_parse_is_skipped_and_counted(tmp_path):
+    """A bare carriage return inside an unquoted field made csv raise and the whole read fail."""
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "b.png")
+    (tmp_path / "pairs.csv").write_bytes(b"image,caption\na.png,\r0\nb.png,a caption\n")
+    dataset = data.read_pairs(tmp_path / "pairs.csv")
+    assert dataset.captions == ["a caption"] and dataset.skipped["malformed row"] == 1

@@ -180,6 +180,92 @@ def test_huge_sizes_refused_before_allocating(tmp_path, sizes):
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB: nothing big allocated
 
 
+CLIP_CONFIG = dualenc.DualEncoderConfig(
+    vision=dualenc.CLIPVisionConfig(**TINY, image_size=16, patch_size=8),
+    text=dualenc.CLIPTextConfig(**TINY, vocab_size=40, max_position_embeddings=16, eos_token_id=2),
+    projection_dim=8, model_type="clip")
+CLIP_FIELDS = SIZE_FIELDS + ["hidden_act", "layer_norm_eps", "model_type", "eos_token_id", "bos_token_id",
+                             "pad_token_id", "attention_dropout", "initializer_factor", "head_dim"]
+
+
+@FUZZ
+@given(where=st.sampled_from(["vision_config", "text_config", "text_config_dict", "vision_config_dict", None]),
+       field=st.sampled_from(CLIP_FIELDS), value=JUNK, drop=st.booleans())
+def test_fuzzed_clip_config_json(tmp_path, where, field, value, drop):
+    TRIED["CLIP config.json"] += 1
+    d = CLIP_CONFIG.to_dict()
+    if where is not None and where.endswith("_dict"):
+        d[where] = dict(d[where.removesuffix("_dict")])
+    target = d if where is None else d[where]
+    if drop:
+        target.pop(field, None)
+    else:
+        target[field] = value
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    expect_documented(lambda: dualenc.load_config(tmp_path), "config.json")
+
+
+OPEN_CLIP_CFG = {"embed_dim": 8, "quick_gelu": True,
+                 "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 2, "head_width": 8},
+                 "text_cfg": {"context_length": 16, "vocab_size": 40, "width": 32, "heads": 4, "layers": 2}}
+OPEN_CLIP_FIELDS = ["image_size", "patch_size", "width", "layers", "head_width", "mlp_ratio", "context_length",
+                    "vocab_size", "heads", "pool_type", "eos_id", "ls_init_value", "norm_kwargs", "act_kwargs",
+                    "timm_model_name", "hf_tokenizer_name", "tokenizer_kwargs", "embed_dim", "quick_gelu",
+                    "init_logit_bias", "mean", "std", "interpolation", "resize_mode", "fill_color"]
+
+
+@FUZZ
+@given(where=st.sampled_from(["model_cfg", "vision_cfg", "text_cfg", "preprocess_cfg"]),
+       field=st.sampled_from(OPEN_CLIP_FIELDS), value=JUNK, drop=st.booleans())
+def test_fuzzed_open_clip_config(tmp_path, where, field, value, drop):
+    """open_clip_config.json as the model, the tokenizer and the image processor read it."""
+    TRIED["open_clip_config.json"] += 1
+    d = {"model_cfg": json.loads(json.dumps(OPEN_CLIP_CFG)), "preprocess_cfg": {}}
+    target = d[where] if where in d else d["model_cfg"][where]
+    if drop:
+        target.pop(field, None)
+    else:
+        target[field] = value
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(d))
+    (tmp_path / "vocab.json").write_text(json.dumps({"a</w>": 0, "b</w>": 1, "a": 2, "b": 3}))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    for load in (dualenc.load_pretrained, dualenc.ImageProcessor.from_pretrained, dualenc.Tokenizer.from_pretrained):
+        expect_documented(lambda: load(tmp_path), str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def open_clip_blob():
+    import open_clip
+    from safetensors.torch import save_file
+
+    cfg = OPEN_CLIP_CFG
+    model = open_clip.CLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"], quick_gelu=True)
+    path = tempfile.mkdtemp(prefix="dualenc-fuzz-oc-")
+    with open(os.path.join(path, "open_clip_config.json"), "w") as f:
+        json.dump({"model_cfg": cfg}, f)
+    weights = os.path.join(path, "open_clip_model.safetensors")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    dualenc.load_pretrained(path)  # the unmutated file loads
+    with open(weights, "rb") as f:
+        blob = f.read()
+    yield Checkpoint((path, blob))
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@FUZZ
+@given(cut=st.floats(0.0, 1.0), flip=st.integers(0, 1 << 20))
+def test_mutated_open_clip_weights(open_clip_blob, tmp_path, cut, flip):
+    TRIED["open_clip safetensors"] += 1
+    path, blob = open_clip_blob
+    target = tmp_path / "oc"
+    if not target.exists():
+        shutil.copytree(path, target)
+    data_ = bytearray(blob[:max(1, int(cut * len(blob)))])
+    data_[flip % len(data_)] ^= 0xFF
+    (target / "open_clip_model.safetensors").write_bytes(bytes(data_))
+    expect_documented(lambda: dualenc.load_pretrained(target), "open_clip_model.safetensors")
+
+
 # ------------------------------------------------------------------------------------------------ processors
 
 @FUZZ
@@ -211,6 +297,32 @@ def test_fuzzed_tokenizer_files(tmp_path, kind, content):
         (tmp_path / "merges.txt").write_text("#version: 0.2\nh e\n")
     (tmp_path / kind).write_bytes(content)
     error = expect_documented(lambda: dualenc.Tokenizer.from_pretrained(tmp_path)(["hello world"]))
+    if error is not None:
+        assert str(tmp_path) in str(error) or kind in str(error), str(error)
+
+
+@FUZZ
+@given(layout=st.sampled_from(["clip", "open_clip"]),
+       kind=st.sampled_from(["vocab.json", "merges.txt", "bpe_simple_vocab_16e6.txt.gz", "tokenizer_config.json"]),
+       content=st.binary(max_size=200) | st.sampled_from([b"{}", b"[]", b'{"a</w>": 0}', b"#version: 0.2\na b\n",
+                                                         b"\x1f\x8b\x08\x00", b"", b'{"model_max_length": 0}']))
+def test_fuzzed_clip_tokenizer_files(tmp_path, layout, kind, content):
+    """CLIP's BPE files (transformers' CLIPTokenizer layout, or an open_clip directory's) end in documented errors."""
+    TRIED["CLIP tokenizer files"] += 1
+    for f in tmp_path.iterdir():
+        f.unlink()
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "b</w>": 3, "a": 4, "b": 5, "ab</w>": 6}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\na b</w>\n")
+    if layout == "clip":
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "CLIPTokenizer"}))
+    else:
+        (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": OPEN_CLIP_CFG}))
+        if kind == "bpe_simple_vocab_16e6.txt.gz":
+            for name in ("vocab.json", "merges.txt"):
+                (tmp_path / name).unlink()
+    (tmp_path / kind).write_bytes(content)
+    error = expect_documented(lambda: dualenc.Tokenizer.from_pretrained(tmp_path)(["ab ba"]))
     if error is not None:
         assert str(tmp_path) in str(error) or kind in str(error), str(error)
 
