@@ -71,11 +71,11 @@ def forward(variant: str, batch: int, *, repeats: int) -> dict:
 
     config, params, hf, oc = build(variant)
     x = inputs(batch)
-    fwd = jax.jit(dualenc.apply, static_argnames=("pooled_only",))
+    fwd = jax.jit(dualenc.apply, static_argnames=("pooled_only", "dtype"))
     loop_params = dualenc.unstack_layers(params)
 
-    def ours(p, pooled_only=False):
-        return lambda: block(fwd(p, config, **x, pooled_only=pooled_only).logits_per_image)
+    def ours(p, pooled_only=False, dtype=None):
+        return lambda: block(fwd(p, config, **x, pooled_only=pooled_only, dtype=dtype).logits_per_image)
 
     def transformers_run():
         with torch.inference_mode():
@@ -88,6 +88,7 @@ def forward(variant: str, batch: int, *, repeats: int) -> dict:
 
     fns = {"dualenc": ours(params), "dualenc pooled_only": ours(params, True),
            "dualenc layer loop pooled_only": ours(loop_params, True),
+           "dualenc bfloat16 (report)": ours(params, dtype=jax.numpy.bfloat16),
            "transformers": transformers_run, "open_clip": open_clip_run}
     reference = open_clip_run().numpy()
     diffs = {k: float(np.max(np.abs(np.asarray(fn()) - reference))) for k, fn in fns.items()}
@@ -95,4 +96,13 @@ def forward(variant: str, batch: int, *, repeats: int) -> dict:
     return {"case": f"CLIP ViT-{variant[0]}/{variant[1:]} forward, batch {batch} x {CONTEXT} tokens, float32",
             "seconds": times, "logits_max_abs_diff_vs_open_clip": diffs,
             "transformers_time_over": {k: times["transformers"] / t for k, t in times.items() if "dualenc" in k},
-            "open_clip_time_over": {k: times["open_clip"] / t for k, t in times.items() if "dualenc" in k}}
+            "open_clip_time_over": {k: times["open_clip"] / t for k, t in times.items() if "dualenc" in k},
+            "bfloat16_embeds_cosine_to_float32": _bf16_cosines(params, config, x)}
+
+
+def _bf16_cosines(params, config, x) -> dict:
+    """How close bfloat16 compute keeps the normalised embeddings: the least cosine to float32's, per tower."""
+    f32 = dualenc.apply(params, config, **x)
+    bf16 = dualenc.apply(params, config, **x, dtype=jax.numpy.bfloat16)
+    return {side: float(np.min(np.sum(np.asarray(getattr(f32, side)) * np.asarray(getattr(bf16, side)), -1)))
+            for side in ("image_embeds", "text_embeds")}

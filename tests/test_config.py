@@ -151,3 +151,23 @@ def test_config_json_file_errors(tmp_path):
 def test_roberta_max_length():
     config = dualenc.RobertaConfig(**TINY, vocab_size=99, max_position_embeddings=40, pad_token_id=1)
     assert config.max_length == 38
+
+
+@pytest.mark.parametrize("config", [
+    dualenc.ViTConfig(**TINY, image_size=30, patch_size=10), dualenc.CLIPVisionConfig(**TINY, image_size=30, patch_size=10),
+    dualenc.ViTConfig(**TINY, image_size=30, patch_size=10, qkv_bias=False),
+    dualenc.BertConfig(**TINY, vocab_size=99), dualenc.RobertaConfig(**TINY, vocab_size=99),
+    dualenc.CLIPTextConfig(**TINY, vocab_size=99, max_position_embeddings=20)], ids=lambda c: type(c).__name__)
+def test_num_params_is_what_init_makes(config):
+    """Counted from the shapes init declares (jax.eval_shape), not a formula (the old one said 24,714 for both
+    tiny ViT towers), and equal to the reference PyTorch model's count."""
+    import jax
+    import transformers
+
+    family = dualenc.towers.family(config)
+    made = sum(x.size for x in jax.tree_util.tree_leaves(family.init(jax.random.key(0), config)))
+    assert config.num_params() == made
+    name = type(config).__name__.replace("Config", "")
+    d = {k: v for k, v in config.to_dict().items() if k != "model_type"}
+    reference = getattr(transformers, name + "Model")(getattr(transformers, name + "Config")(**d))
+    assert made == sum(p.numel() for p in reference.parameters())
