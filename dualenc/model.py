@@ -195,13 +195,14 @@ def apply(params: layers.Params, config: DualEncoderConfig, *, input_ids: jax.Ar
           output_hidden_states: bool = False, output_attentions: bool = False,
           interpolate_pos_encoding: bool = False, dtype=None, remat_policy: str | None = None,
           pooled_only: bool = False) -> DualEncoderOutput:
-    """The contrastive forward of transformers' VisionTextDualEncoderModel.
+    """The contrastive forward of transformers' VisionTextDualEncoderModel and CLIPModel (and open_clip's CLIP).
 
     Args:
       params: from `init` or `load_pretrained`.
       config: a DualEncoderConfig (static: it hashes, and jit treats it as part of the function).
-      input_ids: (n_texts, L) int token ids; attention_mask / token_type_ids (n_texts, L), default ones / zeros;
-        position_ids default to the text tower's own (arange, or RoBERTa's padding-aware count).
+      input_ids: (n_texts, L) int token ids; attention_mask / token_type_ids (n_texts, L), default ones / zeros
+        (CLIP text towers take no token_type_ids); position_ids default to the text tower's own (arange, or
+        RoBERTa's padding-aware count).
       pixel_values: (n_images, C, H, W) float images.
       train: run dropout (hidden and attention probabilities); needs dropout_key.
       output_hidden_states / output_attentions: add per-layer tuples to the tower outputs.
@@ -209,8 +210,9 @@ def apply(params: layers.Params, config: DualEncoderConfig, *, input_ids: jax.Ar
       dtype: compute dtype of the matmuls (float32 default; bfloat16/float16 keep float32 params), softmax,
         LayerNorm statistics, normalisation and logits stay float32.
       remat_policy: a name in jax.checkpoint_policies to rematerialise each encoder layer under grad.
-      pooled_only: the towers' last_hidden_state is the first token only, (B, 1, D), so their last layer
-        computes just that token: the same logits and embeddings for less work (B/16 forward: about 6%).
+      pooled_only: the towers' last_hidden_state is the pooled token only (the first; CLIP text: the
+        end-of-text token), (B, 1, D), so their last layer computes just that token: the same logits and
+        embeddings for less work.
 
     The flags, dtype, remat_policy and pooled_only choose the computation: under jit pass them as static_argnames.
 

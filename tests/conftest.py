@@ -1,7 +1,9 @@
 """Shared fixtures: tiny transformers reference models with fully random weights, saved to temp dirs."""
 
+import collections
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 
@@ -136,14 +138,29 @@ def make_workspace(root):
     return root
 
 
-def pytest_terminal_summary(terminalreporter):
-    """Records how many inputs each fuzzer of test_fuzz.py tried."""
-    import sys
+_WORKERS_TRIED = collections.Counter()  # what pytest-xdist's workers' fuzzers tried, gathered here
 
+
+def _tried():
     fuzz = sys.modules.get("test_fuzz")
-    if fuzz is not None and fuzz.TRIED:
-        terminalreporter.write_line("fuzz inputs tried: " + ", ".join(f"{k} {v}" for k, v in
-                                                                      sorted(fuzz.TRIED.items())))
+    return collections.Counter(fuzz.TRIED) if fuzz is not None else collections.Counter()
+
+
+def pytest_sessionfinish(session):
+    if hasattr(session.config, "workeroutput"):  # an xdist worker: hand the counts to the controller
+        session.config.workeroutput["fuzz_tried"] = dict(_tried())
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    _WORKERS_TRIED.update(getattr(node, "workeroutput", {}).get("fuzz_tried", {}))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Records how many inputs each fuzzer of test_fuzz.py tried (in this process and in xdist's workers)."""
+    tried = _tried() + _WORKERS_TRIED
+    if tried:
+        terminalreporter.write_line("fuzz inputs tried: " + ", ".join(f"{k} {v}" for k, v in sorted(tried.items())))
 
 
 def pytest_unconfigure(config):
