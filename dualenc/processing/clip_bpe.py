@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import gzip
 import html
-import importlib.util
 import json
 import os
 import string
+import sys
 import threading
 import zlib
 from typing import Any, Callable, Mapping, Sequence
@@ -40,12 +40,20 @@ CACHE_LIMIT = 1 << 17
 CLEAN_MODES = ("lower", "whitespace", "canonicalize")
 
 
-def _optional(module: str, purpose: str):
-    """Imports `module`, or raises an ImportError saying what needs it and how to install it."""
+def _ftfy():
     try:
-        return importlib.import_module(module)
+        import ftfy
     except ImportError:
-        raise ImportError(f"{purpose} needs the {module} library: pip install {module}") from None
+        raise ImportError("open_clip's tokenizer needs the ftfy library: pip install ftfy") from None
+    return ftfy
+
+
+def _regex():
+    try:
+        import regex
+    except ImportError:
+        raise ImportError("open_clip's tokenizer needs the regex library: pip install regex") from None
+    return regex
 
 
 def byte_symbols() -> list[str]:
@@ -203,7 +211,7 @@ def open_clip_cleaner(mode: str = "lower") -> Callable[[str], str]:
     "lower": whitespace runs collapsed to one space, lowercased; "whitespace": collapsed only; "canonicalize":
     underscores to spaces, ASCII punctuation removed, lowercased, collapsed.
     """
-    ftfy = _optional("ftfy", "open_clip's tokenizer")
+    ftfy = _ftfy()
     after = {"lower": lambda t: _collapse(t).lower(), "whitespace": _collapse, "canonicalize": _canonicalize}[mode]
     return lambda text: after(_basic_clean(ftfy, text))
 
@@ -221,7 +229,7 @@ class OpenClipEncoder:
           sot_id, eot_id: the start and end of text ids.
           clean: open_clip's clean mode (see open_clip_cleaner).
         """
-        regex = _optional("regex", "open_clip's tokenizer")
+        regex = _regex()
         self.clean = open_clip_cleaner(clean)
         self._pattern = regex.compile(OPEN_CLIP_SPLIT, regex.IGNORECASE)
         self._backend = backend
@@ -286,12 +294,8 @@ def open_clip_backend(vocab: dict, merges: list, where: str):
 
 def _package_bpe() -> str | None:
     """The bpe_simple_vocab_16e6.txt.gz inside the installed open_clip package, found without importing it."""
-    try:
-        spec = importlib.util.find_spec("open_clip")
-    except (ImportError, ValueError):
-        return None
-    for location in (spec.submodule_search_locations or []) if spec else []:
-        path = os.path.join(location, BPE_GZ)
+    for entry in sys.path:  # where Python would find the package; nothing of it is imported or run
+        path = os.path.join(entry or os.curdir, "open_clip", BPE_GZ)
         if os.path.isfile(path):
             return path
     return None
