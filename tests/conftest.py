@@ -146,6 +146,7 @@ def _tried():
     return collections.Counter(fuzz.TRIED) if fuzz is not None else collections.Counter()
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which sends workeroutput to the controller
 def pytest_sessionfinish(session):
     if hasattr(session.config, "workeroutput"):  # an xdist worker: hand the counts to the controller
         session.config.workeroutput["fuzz_tried"] = dict(_tried())
