@@ -270,3 +270,24 @@ def test_pooled_only_drops_out_the_pooled_row_as_the_full_layer_does():
         np.testing.assert_allclose(short.pooler_output, full.pooler_output, atol=2e-6)
     no_drop = dualenc.clip_text.apply(params, config, **text)
     assert max_diff(no_drop.pooler_output, np.asarray(full.pooler_output)) > 1e-3  # dropout did act
+
+
+def test_processor_of_a_transformers_clip_directory(tmp_path):
+    """What transformers' CLIPProcessor saves (processor_config.json, tokenizer.json) gives its ids and pixels."""
+    from sklearn.datasets import load_sample_images
+    from test_clip_tokenizer import hub_files
+
+    tf = _transformers()
+    for name, content in hub_files().items():
+        (tmp_path / name).write_text(content, encoding="utf-8")
+    tokenizer = tf.CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    reference = tf.CLIPProcessor(image_processor=tf.CLIPImageProcessorPil(), tokenizer=tokenizer)
+    reference.save_pretrained(tmp_path / "saved")
+    ours = dualenc.Processor.from_pretrained(tmp_path / "saved")
+    photos, texts = list(load_sample_images().images), ["a photo of a cat", "Two DOGS playing in the snow!"]
+    got = ours(text=texts, images=photos)
+    want = reference(text=texts, images=photos, padding="max_length", max_length=77, return_tensors="np")
+    assert set(got) == {"input_ids", "attention_mask", "pixel_values"}
+    np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
+    np.testing.assert_array_equal(got["attention_mask"], want["attention_mask"])
+    assert max_diff(got["pixel_values"], want["pixel_values"]) < 1e-5

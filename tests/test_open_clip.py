@@ -165,3 +165,17 @@ def test_openai_template_sets_are_open_clips():
     assert templates.resolve("openai_imagenet_7") == [t("{}") for t in SIMPLE_IMAGENET_TEMPLATES]
     with pytest.raises(dualenc.InputError, match="known template set"):
         templates.resolve("imagenet")
+
+
+def test_custom_text_layout_loads(tmp_path):
+    """CustomTextCLIP (custom_text: true) keeps the text tower under "text."; the numbers are the same."""
+    import open_clip
+
+    cfg = model_cfg(custom_text=True)
+    model = open_clip.CustomTextCLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"], quick_gelu=True).eval()
+    assert any(k.startswith("text.transformer.") for k in model.state_dict())
+    config, params = dualenc.load_pretrained(save(model, cfg, tmp_path / "m"))
+    ids, images = text_ids(), pixels(2)
+    with torch.no_grad():
+        ref = model.get_logits(torch.tensor(images), torch.tensor(ids))[0]
+    assert max_diff(dualenc.apply(params, config, input_ids=ids, pixel_values=images).logits_per_image, ref) < 1e-5
