@@ -54,7 +54,8 @@ _IGNORED = {"patch_dropout", "final_ln_after_pool", "hf_tokenizer_name", "tokeni
             "hf_pooler_type", "norm_kwargs"}
 
 
-def _check_fields(cfg: Mapping, accepted: Mapping, known: Mapping, where: str):
+def _check_fields(cfg: Mapping, accepted: Mapping, known, where: str):
+    """Refuses a field outside `known` (names) and `accepted`, or an accepted field at a value not implemented."""
     for key, value in cfg.items():
         if key in accepted:
             if not any(value == ok for ok in accepted[key]):
@@ -94,8 +95,8 @@ def config_from_dict(d: Mapping[str, Any], where: str = CONFIG) -> DualEncoderCo
         if key not in m:
             raise ConfigError(f"{where_m}: missing field '{key}'")
     _check_fields({k: v for k, v in m.items() if k not in ("embed_dim", "vision_cfg", "text_cfg")},
-                  _MODEL_ACCEPTED, {"quick_gelu": 0, "init_logit_scale": 0, "init_logit_bias": 0,
-                                    "custom_text": 0, "cast_dtype": 0}, where_m)
+                  _MODEL_ACCEPTED, {"quick_gelu", "init_logit_scale", "init_logit_bias", "custom_text", "cast_dtype"},
+                  where_m)
     v, t = m["vision_cfg"], m["text_cfg"]
     for name, cfg in (("vision_cfg", v), ("text_cfg", t)):
         if not isinstance(cfg, Mapping):

@@ -163,12 +163,13 @@ def load_tower(path: str | os.PathLike, key: jax.Array, side: str | None = None)
     if whole_clip:
         extra_table.append(Entry("logit_scale", ("logit_scale",), "id"))
     extra_table = [e for e in extra_table if e.hf in names]
+    extra_names = {e.hf for e in extra_table}
     shapes = jax.eval_shape(family.init, jax.random.key(0), config)
     optional = tuple(prefix + name + "." for name in family.optional)
     unused = {n for n in names if not n.startswith(prefix) and not BUFFERS.search(n)} if prefix else set()
-    unused -= {e.hf for e in extra_table}
+    unused -= extra_names
     params, absent = load_table(weights, table, shapes, allowed_missing=lambda n: n.startswith(optional),
-                                ignored=lambda n: n in unused or n in {e.hf for e in extra_table})
+                                ignored=lambda n: n in unused or n in extra_names)
     extras = _load_extras(weights, extra_table, config)
     if unused:
         warnings.warn(f"{weights.where}: {len(unused)} tensor(s) outside the {type(config).__name__} tower were "
@@ -224,18 +225,18 @@ def from_vision_text_pretrained(vision_path: str | os.PathLike, text_path: str |
     if keep and projection_dim is not None and projection_dim != trained[0].shape[1]:
         keep = False  # an explicit other size asks for new projections
     dim = trained[0].shape[1] if keep else (512 if projection_dim is None else projection_dim)
-    logit_scale = loaded["vision"][3]["logit_scale"] if keep and same_clip else \
-        jnp.asarray(logit_scale_init_value, jnp.float32)
+    keep_scale = keep and same_clip
+    logit_scale = loaded["vision"][3]["logit_scale"] if keep_scale else jnp.asarray(logit_scale_init_value,
+                                                                                     jnp.float32)
     config = DualEncoderConfig(vision=loaded["vision"][0], text=loaded["text"][0], projection_dim=dim,
-                               logit_scale_init_value=float(logit_scale) if keep and same_clip
-                               else logit_scale_init_value)
+                               logit_scale_init_value=float(logit_scale) if keep_scale else logit_scale_init_value)
     params = {"vision": loaded["vision"][1], "text": loaded["text"][1], "logit_scale": logit_scale}
     for (side, name), k, kernel in zip(_PROJECTION.items(), (kvp, ktp), trained):
         params[name] = {"kernel": kernel} if keep else model.projection_init(
             k, getattr(config, side).hidden_size, dim)
     new = [f"{side}/{n}" for side in SIDES for n in loaded[side][2]]
     new += [] if keep else ["visual_projection", "text_projection"]
-    new += [] if keep and same_clip else ["logit_scale"]
+    new += [] if keep_scale else ["logit_scale"]
     if new:
         warnings.warn(f"newly initialised params (train them before use): {', '.join(new)}",
                       NewlyInitializedWarning, stacklevel=2)

@@ -24,7 +24,6 @@ class Family:
     module: Any  # the family's module: init, apply, _build, table
     pooling: str  # "first" (class token), "eos" (end-of-text token, by the config's rule)
     pooled_only: bool  # apply(pooled_only=True) is supported (the pooled position is known before the encoder)
-    post_encoder: tuple[str, ...]  # params after the encoder, trained with unlocked top layers
     # Single-tower checkpoints: where the tower sits in each transformers class's names, a tensor every one of
     # its checkpoints holds (to find the prefix), and params such a checkpoint may lack (initialised anew).
     prefixes: tuple[str, ...]
@@ -48,15 +47,15 @@ class Family:
 
 
 FAMILIES = (
-    Family("vit", "vision", {"vit": vit.ViTConfig}, vit, "first", True, ("post_norm", "pooler"),
+    Family("vit", "vision", {"vit": vit.ViTConfig}, vit, "first", True,
            prefixes=("", "vit."), anchor="embeddings.patch_embeddings.projection.weight", optional=("pooler",)),
     Family("clip_vision", "vision", {"clip_vision_model": vit.CLIPVisionConfig}, vit, "first", True,
-           ("post_norm",), prefixes=("", "vision_model."), anchor="embeddings.patch_embedding.weight"),
+           prefixes=("", "vision_model."), anchor="embeddings.patch_embedding.weight"),
     Family("bert", "text", {"bert": bert.BertConfig, "roberta": bert.RobertaConfig,
-                            "xlm-roberta": bert.RobertaConfig}, bert, "first", True, ("pooler",),
+                            "xlm-roberta": bert.RobertaConfig}, bert, "first", True,
            prefixes=("", "bert.", "roberta."), anchor="embeddings.word_embeddings.weight", optional=("pooler",)),
     Family("clip_text", "text", {"clip_text_model": clip_text.CLIPTextConfig}, clip_text, "eos", True,
-           ("final_norm",), prefixes=("", "text_model."), anchor="embeddings.token_embedding.weight"),
+           prefixes=("", "text_model."), anchor="embeddings.token_embedding.weight"),
 )
 _BY_CLASS = {cls: f for f in FAMILIES for cls in f.configs.values()}
 VISION_TYPES = {t: cls for f in FAMILIES if f.side == "vision" for t, cls in f.configs.items()}
@@ -72,7 +71,3 @@ def family(config) -> Family:
     except (KeyError, TypeError):
         raise ConfigError(f"{type(config).__name__} is not a tower config; known: "
                           f"{sorted(c.__name__ for c in _BY_CLASS)}") from None
-
-
-def side(config) -> str:
-    return family(config).side

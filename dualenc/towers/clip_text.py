@@ -65,9 +65,6 @@ class CLIPTextConfig(_Config):
         return "argmax" if self.eos_token_id == LEGACY_EOS else "eos"
 
 
-TextConfig = CLIPTextConfig
-
-
 def encoder_spec(config: CLIPTextConfig) -> layers.EncoderSpec:
     return layers.EncoderSpec(
         num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
