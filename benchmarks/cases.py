@@ -49,14 +49,14 @@ def forward(size: str, batch_size: int, length: int, *, repeats: int, peak: floa
     jax_dtype = None if dtype == "float32" else jnp.dtype(dtype)
     fwd = jax.jit(dualenc.apply, static_argnames=FORWARD_STATIC)
 
-    loop_params = dualenc.unstack_layers(side.params)
+    stacked = dualenc.stack_layers(side.params)  # load_pretrained's default is per-layer
 
     def ours(params, pooled_only=False):  # pooled_only: the same logits, the last layers on the first token
         return lambda: block(fwd(params, side.config, **batch, dtype=jax_dtype,
                                  pooled_only=pooled_only).logits_per_image)
 
-    fns = {"dualenc": ours(side.params), "dualenc layer loop": ours(loop_params),
-           "dualenc pooled_only": ours(side.params, True), "dualenc layer loop pooled_only": ours(loop_params, True),
+    fns = {"dualenc": ours(side.params), "dualenc stacked": ours(stacked),
+           "dualenc pooled_only": ours(side.params, True), "dualenc stacked pooled_only": ours(stacked, True),
            "torch": _torch_forward(side.torch_model, batch, None if dtype == "float32" else torch.bfloat16)}
     if side.flax_model is not None:
         fns["flax"], _ = _flax_forward(side.flax_model, batch)

@@ -72,7 +72,7 @@ def forward(variant: str, batch: int, *, repeats: int) -> dict:
     config, params, hf, oc = build(variant)
     x = inputs(batch)
     fwd = jax.jit(dualenc.apply, static_argnames=("pooled_only", "dtype"))
-    loop_params = dualenc.unstack_layers(params)
+    stacked = dualenc.stack_layers(params)  # load_pretrained's default is per-layer
 
     def ours(p, pooled_only=False, dtype=None):
         return lambda: block(fwd(p, config, **x, pooled_only=pooled_only, dtype=dtype).logits_per_image)
@@ -87,7 +87,7 @@ def forward(variant: str, batch: int, *, repeats: int) -> dict:
             return oc.get_logits(torch.from_numpy(x["pixel_values"]), torch.from_numpy(x["input_ids"]))[0]
 
     fns = {"dualenc": ours(params), "dualenc pooled_only": ours(params, True),
-           "dualenc layer loop pooled_only": ours(loop_params, True),
+           "dualenc stacked": ours(stacked), "dualenc stacked pooled_only": ours(stacked, True),
            "dualenc bfloat16 (report)": ours(params, dtype=jax.numpy.bfloat16),
            "transformers": transformers_run, "open_clip": open_clip_run}
     reference = open_clip_run().numpy()

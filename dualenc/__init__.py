@@ -6,6 +6,10 @@ from dualenc.config import (
     CLIPVisionConfig,
     DualEncoderConfig,
     RobertaConfig,
+    Siglip2TextConfig,
+    Siglip2VisionConfig,
+    SiglipTextConfig,
+    SiglipVisionConfig,
     ViTConfig,
     load_config,
 )
@@ -22,10 +26,11 @@ from dualenc.evaluate import (
     encode_texts,
     retrieval_metrics,
     zero_shot_classifier,
+    zero_shot_logit_rule,
     zero_shot_predict,
 )
 from dualenc.layers import TowerOutput
-from dualenc.processing import ImageProcessor, Processor, Tokenizer
+from dualenc.processing import ImageProcessor, NaFlexImageProcessor, Processor, Tokenizer
 from dualenc.model import (
     DualEncoderOutput,
     apply,
@@ -39,6 +44,6 @@ from dualenc.model import (
 )
 
 from dualenc import data, evaluate, formats, losses, templates, towers, train, trainer  # noqa: E402
-from dualenc.towers import bert, clip_text, vit  # noqa: E402  (the tower families, as dualenc.vit etc.)
+from dualenc.towers import bert, clip_text, naflex, siglip, vit  # noqa: E402  (the tower families, as dualenc.vit etc.)
 
 __version__ = "0.1.0"

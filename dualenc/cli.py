@@ -82,7 +82,8 @@ def cmd_zero_shot(args) -> int:
     config, params, processor = _load_model(args.model)
     classifier = dualenc.zero_shot_classifier(params, config, processor, labels, templates)
     embeds = dualenc.encode_images(params, config, processor, images, batch_size=args.batch_size)
-    top, probs = dualenc.zero_shot_predict(embeds, classifier, k=min(args.top_k, len(labels)))
+    top, probs = dualenc.zero_shot_predict(embeds, classifier, k=min(args.top_k, len(labels)),
+                                           **dualenc.evaluate.zero_shot_logit_rule(params, config))
     results = [{"image": path, "labels": [labels[j] for j in row], "probabilities": [round(float(p), 6) for p in ps]}
                for path, row, ps in zip(images, top, probs)]
     if args.json:
@@ -333,7 +334,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lock", choices=("vision", "text", "none"), default="vision")
     p.add_argument("--unlocked-layers", type=int, default=0, help="train the top N layers of the locked tower")
     p.add_argument("--cache", action="store_true", help="compute the locked vision tower once (LiT cache)")
-    p.add_argument("--loss", choices=("clip", "siglip"), default="clip")
+    p.add_argument("--loss", choices=("clip", "siglip"), default=None,
+                   help="contrastive loss (default: the model's own: siglip for SigLIP models, else clip)")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)

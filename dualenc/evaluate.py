@@ -186,10 +186,14 @@ def zero_shot_classifier(params, config: DualEncoderConfig, tokenizer, classname
     return np.ascontiguousarray(mean.T, np.float32)
 
 
-def zero_shot_predict(image_embeds, classifier, k: int = 1, *, logit_scale: float = 100.0):
+def zero_shot_predict(image_embeds, classifier, k: int = 1, *, logit_scale: float = 100.0,
+                      logit_bias: float | None = None):
     """Top-k classes per image: (indices (n, k) int, probabilities (n, k) float32).
 
-    Probabilities are softmax(logit_scale * image_embeds @ classifier) over all classes (CLIP uses 100).
+    Probabilities are softmax(logit_scale * image_embeds @ classifier) over all classes (CLIP uses 100), or,
+    with a logit_bias (SigLIP models), each label's own sigmoid(logit_scale * image_embeds @ classifier +
+    logit_bias): independent yes/no probabilities that need not sum to 1. zero_shot_logit_rule(params,
+    config) gives the model's own logit_scale and logit_bias for these arguments.
     """
     image_embeds, classifier = np.asarray(image_embeds, np.float32), np.asarray(classifier, np.float32)
     if image_embeds.ndim != 2 or classifier.ndim != 2 or image_embeds.shape[1] != classifier.shape[0]:
@@ -198,11 +202,23 @@ def zero_shot_predict(image_embeds, classifier, k: int = 1, *, logit_scale: floa
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= classifier.shape[1]:
         raise InputError(f"k must be an integer in [1, {classifier.shape[1]}], got {k!r}")
     logits = logit_scale * image_embeds @ classifier
-    logits -= logits.max(axis=1, keepdims=True)
-    probs = np.exp(logits)
-    probs /= probs.sum(axis=1, keepdims=True)
+    if logit_bias is not None:
+        probs = 1.0 / (1.0 + np.exp(-(logits + np.float32(logit_bias))))
+    else:
+        logits -= logits.max(axis=1, keepdims=True)
+        probs = np.exp(logits)
+        probs /= probs.sum(axis=1, keepdims=True)
     top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return top, np.take_along_axis(probs, top, axis=1)
+    return top, np.take_along_axis(probs, top, axis=1).astype(np.float32)
+
+
+def zero_shot_logit_rule(params, config: DualEncoderConfig) -> dict:
+    """zero_shot_predict's logit_scale / logit_bias for a model: SigLIP models' own exp(logit_scale) and
+    logit_bias (per-label sigmoids, as they were trained); for CLIP-style models, {} (softmax at CLIP's 100)."""
+    if config.default_loss != "siglip":
+        return {}
+    return {"logit_scale": float(np.exp(np.asarray(params["logit_scale"], np.float64))),
+            "logit_bias": float(np.asarray(params["logit_bias"]))}
 
 
 def retrieval_metrics(image_embeds, text_embeds, text_to_image=None, ks: Sequence[int] = (1, 5, 10), *,

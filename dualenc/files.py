@@ -137,12 +137,17 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Ma
 
 def write_text_atomic(path: str, text: str) -> None:
     """Writes `text` to `path` through a fsynced temporary file in the same directory and os.replace."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """Writes `data` to `path` through a fsynced temporary file in the same directory and os.replace."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -97,12 +97,15 @@ def init_params(key: jax.Array, build: Callable[[Normal], Params]) -> Params:
     return build(replay)
 
 
-def tower_init(build: Callable[[Normal, Any], Params]) -> Callable[[jax.Array, Any], Params]:
-    """The jitted init(key, config) -> params of a tower whose params build(normal, config) declares."""
-    @jax.jit
-    def init(key: jax.Array, config) -> Params:
-        """Random params for the tower, initialised as transformers does."""
-        return init_params(key, lambda normal: build(normal, config))
+def tower_init(build: Callable[[Normal, Any], Params]) -> Callable[..., Params]:
+    """The jitted init(key, config, *, stacked=False) -> params of a tower whose params build(normal, config)
+    declares (its encoder stacked)."""
+    @functools.partial(jax.jit, static_argnames=("stacked",))
+    def init(key: jax.Array, config, *, stacked: bool = False) -> Params:
+        """Random params for the tower, initialised as transformers does; the encoder a tuple of per-layer
+        dicts, or with stacked=True one dict with a leading depth axis."""
+        params = init_params(key, lambda normal: build(normal, config))
+        return params if stacked else {**params, "encoder": unstack_layers(params["encoder"])}
 
     return init
 
@@ -265,11 +268,12 @@ def encoder_init(normal: Normal, spec: EncoderSpec) -> Params:
 
 
 def attention(p: Params, x: jax.Array, bias: jax.Array | None, spec: EncoderSpec, dtype,
-              key: jax.Array | None, need_probs: bool = False,
-              first_only: Rows = False) -> tuple[jax.Array, jax.Array | None]:
+              key: jax.Array | None, need_probs: bool = False, first_only: Rows = False,
+              queries: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
     """Multi-head self-attention. x: (B, L, D); bias: (B or 1, 1, 1 or L, L) or None. With first_only, only
     one position per row queries (the first, or those of a (B,) array; keys and values still span the
-    sequence): out is (B, 1, D).
+    sequence): out is (B, 1, D). queries (B, Q, D), when given, attend over x instead (cross-attention, as a
+    pooling head's probe does).
 
     Returns (out (B, Q, D), probs (B, H, Q, L) when need_probs or dropout needs them, else None). Heads are
     moved ahead of the sequence axis so both attention matmuls are plain batched matmuls (on CPU this layout
@@ -279,7 +283,8 @@ def attention(p: Params, x: jax.Array, bias: jax.Array | None, spec: EncoderSpec
     b, l, d = x.shape
     h = spec.num_heads
     head_dim = d // h
-    queries = x if first_only is False else pick_rows(x, first_only)
+    if queries is None:
+        queries = x if first_only is False else pick_rows(x, first_only)
     n_q = queries.shape[1]
     if first_only is not False and bias is not None and bias.shape[2] > 1:  # a bias row per query (causal)
         bias = pick_rows(jnp.broadcast_to(bias, (b,) + bias.shape[1:]), first_only, axis=2)
@@ -345,6 +350,12 @@ def block(p: Params, x: jax.Array, bias: jax.Array | None, spec: EncoderSpec, dt
         m = mlp(p["mlp"], x, spec.activation, dtype)
         x = norm("mlp_norm", x + drop(m, keys[2]))
     return x, probs
+
+
+def xavier_stds(hidden: int, intermediate: int) -> tuple[float, float, float, float]:
+    """Glorot-scaled stds of an encoder's q/k/v, out, fc1 and fc2 kernels (SigLIP's xavier init, as normals)."""
+    square, wide = (1.0 / hidden) ** 0.5, (2.0 / (hidden + intermediate)) ** 0.5
+    return (square, square, wide, wide)
 
 
 def clip_init_stds(hidden: int, depth: int, factor: float) -> tuple[float, float, float, float]:

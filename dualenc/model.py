@@ -37,32 +37,43 @@ def projection_init(key: jax.Array, d_in: int, projection_dim: int) -> layers.Pa
     return layers.init_params(key, lambda normal: _projection(normal, d_in, projection_dim))
 
 
-@jax.jit
-def init(key: jax.Array, config: DualEncoderConfig) -> layers.Params:
+@functools.partial(jax.jit, static_argnames=("stacked",))
+def init(key: jax.Array, config: DualEncoderConfig, *, stacked: bool = False) -> layers.Params:
     """Random params: towers as transformers initialises them, projections N(0, 0.02), logit_scale from config.
 
-    Returns a dict with keys "vision", "text", "visual_projection", "text_projection", "logit_scale" (and
-    "logit_bias" when the config has logit_bias_init_value). All random numbers come from one chunked draw
-    (layers.init_params), each param a distinct slice of it.
+    Returns a dict with keys "vision", "text", "visual_projection", "text_projection" (not for SigLIP, whose
+    towers end in their own heads), "logit_scale" (and "logit_bias" when the config has
+    logit_bias_init_value). All random numbers come from one chunked draw
+    (layers.init_params), each param a distinct slice of it. Each tower's "encoder" is a tuple of per-layer
+    dicts, or with stacked=True one dict whose leaves carry a leading depth axis (see unstack_layers); the
+    numbers are the same in both layouts.
     """
     def build(normal):
         params = {
             "vision": towers.family(config.vision).build(normal, config.vision),
             "text": towers.family(config.text).build(normal, config.text),
-            "visual_projection": _projection(normal, config.vision.hidden_size, config.projection_dim),
-            "text_projection": _projection(normal, config.text.hidden_size, config.projection_dim),
             "logit_scale": jnp.asarray(config.logit_scale_init_value, jnp.float32),
         }
+        if config.projections:
+            params["visual_projection"] = _projection(normal, config.vision.hidden_size, config.projection_dim)
+            params["text_projection"] = _projection(normal, _pooled_size(config.text), config.projection_dim)
         if config.logit_bias_init_value is not None:
             params["logit_bias"] = jnp.asarray(config.logit_bias_init_value, jnp.float32)
         return params
-    return layers.init_params(key, build)
+    params = layers.init_params(key, build)
+    return params if stacked else unstack_layers(params)
 
 
 @functools.lru_cache(maxsize=32)
 def expected_shapes(config: DualEncoderConfig) -> dict[str, tuple[int, ...]]:
-    """{"vision/encoder/mlp/fc1/kernel": shape, ...} of the params `init` makes for `config`."""
-    return _shape_table(jax.eval_shape(init, jax.random.key(0), config))
+    """{"vision/encoder/mlp/fc1/kernel": shape, ...} of the params `init` makes for `config` (a per-layer
+    encoder shown as the stacked shapes it stands for)."""
+    return _shape_table(jax.eval_shape(functools.partial(init, stacked=True), jax.random.key(0), config))
+
+
+def with_layout(params: dict, stacked: bool) -> dict:
+    """params in the stacked layout or the per-layer one (see unstack_layers), whichever they are in now."""
+    return stack_layers(params) if stacked else unstack_layers(params)
 
 
 def stack_layers(params: dict) -> dict:
@@ -73,10 +84,11 @@ def stack_layers(params: dict) -> dict:
 def unstack_layers(params: dict) -> dict:
     """The same params with each tower's encoder as a tuple of per-layer dicts.
 
-    apply and the towers accept either layout. The stacked one (the default, and the checkpoint's) runs the
-    layers under lax.scan: compile time flat in depth. The unstacked one runs them as a Python loop: a longer
-    compile, but on CPU a faster forward (each layer's weights are buffers of their own, not slices copied
-    out of a stacked array) and, in training, a faster backward.
+    init and load_pretrained return this layout unless asked for the stacked one, and apply and the towers
+    accept either. The per-layer one runs the layers as a Python loop: each layer's weights are buffers of
+    their own, which on CPU makes the forward faster (B/32 CLIP at batch 1: about 30 ms less than copying
+    each layer's slice out of a stacked array) and, in training, the backward. The stacked one runs them
+    under lax.scan: compile time flat in depth, for deep models or when compile time matters more.
     """
     return _map_encoders(params, lambda enc: layers.unstack_layers(enc) if isinstance(enc, dict) else enc)
 
@@ -132,8 +144,20 @@ def _static_flags(**flags):
                              f"static_argnames=('{name}', ...)")
 
 
-def project(kernel_params: layers.Params, pooled: jax.Array, dtype=None) -> jax.Array:
-    """A tower's pooled output through its bias-free projection, in float32 (not normalised)."""
+PROJECTIONS = {"vision": "visual_projection", "text": "text_projection"}
+
+
+def _pooled_size(tower) -> int:
+    """The size of a tower's pooled output (a SigLIP text tower's head may change it)."""
+    return getattr(tower, "projection_size", tower.hidden_size)
+
+
+def project(params: layers.Params, side: str, pooled: jax.Array, dtype=None) -> jax.Array:
+    """A tower's pooled output through its bias-free projection, in float32 (not normalised); models without
+    projections (SigLIP) embed with the pooled output itself."""
+    kernel_params = params.get(PROJECTIONS[side])
+    if kernel_params is None:
+        return pooled.astype(jnp.float32)
     return layers.dense(kernel_params, pooled, dtype or jnp.float32).astype(jnp.float32)
 
 
@@ -151,33 +175,46 @@ def _dropout_keys(train: bool, dropout_key):
     return tuple(jax.random.split(dropout_key))
 
 
-TOWER_INPUTS = {"vision": ("pixel_values",), "text": ("input_ids", "attention_mask", "token_type_ids",
-                                                     "position_ids")}
-
-
 def run_tower(params: layers.Params, config: DualEncoderConfig, side: str, inputs: dict, *,
               pooled: bool = False, **flags) -> layers.TowerOutput:
-    """Runs one tower (side "vision" or "text") on its inputs (pixel_values; or input_ids, attention_mask, ...).
+    """Runs one tower (side "vision" or "text") on its inputs (pixel_values; or input_ids, attention_mask, ...):
+    a dict that may hold the other side's inputs too; an input of this side the tower does not take is an error.
 
     pooled: only pooler_output will be read, so the tower may skip work that does not reach it (pooled_only,
     where its family supports it). flags: the tower apply's keyword arguments.
     """
     tower_config = getattr(config, side)
     family = towers.family(tower_config)
-    args = [inputs.get(name) for name in TOWER_INPUTS[side]]
+    extra = sorted(k for k in towers.SIDE_ALL_INPUTS[side]
+                   if inputs.get(k) is not None and k not in family.input_names)
+    if extra:
+        raise InputError(f"{', '.join(extra)} given, but the {side} tower ({family.name}) takes no such input")
+    args = [inputs.get(name) for name in family.input_names]
     if pooled and family.pooled_only:
         flags["pooled_only"] = True
     return family.apply(params[side], tower_config, *args, **flags)
 
 
-def get_image_features(params: layers.Params, config: DualEncoderConfig, pixel_values: jax.Array, *,
-                       interpolate_pos_encoding: bool = False, dtype=None) -> jax.Array:
-    """Projected (not normalised) image features, float32 (n_images, projection_dim)."""
+def _vision_flags(config: DualEncoderConfig, interpolate_pos_encoding: bool) -> dict:
+    if "spatial_shapes" in towers.family(config.vision).input_names:  # NaFlex: positions resized per image
+        if interpolate_pos_encoding:
+            raise InputError("interpolate_pos_encoding does not apply to a NaFlex vision tower: it resizes its "
+                             "positions to every image's own grid (spatial_shapes)")
+        return {}
+    return {"interpolate_pos_encoding": interpolate_pos_encoding}
+
+
+def get_image_features(params: layers.Params, config: DualEncoderConfig, pixel_values: jax.Array,
+                       pixel_attention_mask=None, spatial_shapes=None, *, interpolate_pos_encoding: bool = False,
+                       dtype=None) -> jax.Array:
+    """Projected (not normalised) image features, float32 (n_images, projection_dim). NaFlex models (SigLIP 2)
+    also take pixel_attention_mask and spatial_shapes, as dualenc.NaFlexImageProcessor gives them."""
     check_params(params, config)
     _static_flags(interpolate_pos_encoding=interpolate_pos_encoding)
-    out = run_tower(params, config, "vision", {"pixel_values": pixel_values}, pooled=True,
-                    interpolate_pos_encoding=interpolate_pos_encoding, dtype=dtype)
-    return project(params["visual_projection"], out.pooler_output, dtype)
+    inputs = dict(pixel_values=pixel_values, pixel_attention_mask=pixel_attention_mask, spatial_shapes=spatial_shapes)
+    out = run_tower(params, config, "vision", inputs, pooled=True, dtype=dtype,
+                    **_vision_flags(config, interpolate_pos_encoding))
+    return project(params, "vision", out.pooler_output, dtype)
 
 
 def get_text_features(params: layers.Params, config: DualEncoderConfig, input_ids: jax.Array,
@@ -187,11 +224,12 @@ def get_text_features(params: layers.Params, config: DualEncoderConfig, input_id
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                   position_ids=position_ids)
     out = run_tower(params, config, "text", inputs, pooled=True, dtype=dtype)
-    return project(params["text_projection"], out.pooler_output, dtype)
+    return project(params, "text", out.pooler_output, dtype)
 
 
 def apply(params: layers.Params, config: DualEncoderConfig, *, input_ids: jax.Array, pixel_values: jax.Array,
-          attention_mask=None, token_type_ids=None, position_ids=None, train: bool = False, dropout_key=None,
+          attention_mask=None, token_type_ids=None, position_ids=None, pixel_attention_mask=None,
+          spatial_shapes=None, train: bool = False, dropout_key=None,
           output_hidden_states: bool = False, output_attentions: bool = False,
           interpolate_pos_encoding: bool = False, dtype=None, remat_policy: str | None = None,
           pooled_only: bool = False) -> DualEncoderOutput:
@@ -203,7 +241,9 @@ def apply(params: layers.Params, config: DualEncoderConfig, *, input_ids: jax.Ar
       input_ids: (n_texts, L) int token ids; attention_mask / token_type_ids (n_texts, L), default ones / zeros
         (CLIP text towers take no token_type_ids); position_ids default to the text tower's own (arange, or
         RoBERTa's padding-aware count).
-      pixel_values: (n_images, C, H, W) float images.
+      pixel_values: (n_images, C, H, W) float images; for NaFlex models (SigLIP 2), patchified images
+        (n_images, N, C * p * p) with pixel_attention_mask (n_images, N) and spatial_shapes (n_images, 2),
+        as dualenc.NaFlexImageProcessor gives them.
       train: run dropout (hidden and attention probabilities); needs dropout_key.
       output_hidden_states / output_attentions: add per-layer tuples to the tower outputs.
       interpolate_pos_encoding: resize the vision position table for images of another size.
@@ -229,16 +269,20 @@ def apply(params: layers.Params, config: DualEncoderConfig, *, input_ids: jax.Ar
         for side in ("vision", "text"):
             family = towers.family(getattr(config, side))
             if not family.pooled_only:
-                raise InputError(f"pooled_only is not supported by the {side} tower ({family.name}: it pools at "
-                                 f"the {family.pooling} token); leave it False for this model")
+                how = "an attention-pooling head that reads every token" if family.pooling == "map" else \
+                    f"the {family.pooling} token"
+                raise InputError(f"pooled_only is not supported by the {side} tower ({family.name}: it pools with "
+                                 f"{how}); leave it False for this model")
         flags["pooled_only"] = True
-    vision_outputs = run_tower(params, config, "vision", {"pixel_values": pixel_values}, dropout_key=vision_key,
-                               interpolate_pos_encoding=interpolate_pos_encoding, **flags)
+    vision_outputs = run_tower(params, config, "vision", dict(pixel_values=pixel_values,
+                                                              pixel_attention_mask=pixel_attention_mask,
+                                                              spatial_shapes=spatial_shapes),
+                               dropout_key=vision_key, **_vision_flags(config, interpolate_pos_encoding), **flags)
     text_outputs = run_tower(params, config, "text", dict(input_ids=input_ids, attention_mask=attention_mask,
                                                           token_type_ids=token_type_ids, position_ids=position_ids),
                              dropout_key=text_key, **flags)
-    image_embeds = normalize(project(params["visual_projection"], vision_outputs.pooler_output, dtype))
-    text_embeds = normalize(project(params["text_projection"], text_outputs.pooler_output, dtype))
+    image_embeds = normalize(project(params, "vision", vision_outputs.pooler_output, dtype))
+    text_embeds = normalize(project(params, "text", text_outputs.pooler_output, dtype))
     logit_scale = jnp.exp(params["logit_scale"].astype(jnp.float32))
     logits_per_text = jnp.matmul(text_embeds, image_embeds.T, precision=jax.lax.Precision.HIGHEST) * logit_scale
     if "logit_bias" in params:
@@ -248,7 +292,8 @@ def apply(params: layers.Params, config: DualEncoderConfig, *, input_ids: jax.Ar
 
 
 def check_inputs(config: DualEncoderConfig, *, input_ids=None, pixel_values=None, attention_mask=None,
-                 token_type_ids=None, position_ids=None, interpolate_pos_encoding: bool = False) -> None:
+                 token_type_ids=None, position_ids=None, pixel_attention_mask=None, spatial_shapes=None,
+                 interpolate_pos_encoding: bool = False) -> None:
     """Checks inputs' shapes and values outside jit, where a gather would silently misread bad ids.
 
     Raises InputError naming the argument: token ids outside [0, vocab_size), token types outside
@@ -268,7 +313,12 @@ def check_inputs(config: DualEncoderConfig, *, input_ids=None, pixel_values=None
                 raise InputError(f"{name} holds {bad.size} value(s) outside [0, {hi}), e.g. {bad.flat[0]}")
     if pixel_values is not None:
         pixels = np.asarray(pixel_values)
-        towers.family(config.vision).module.check_pixel_values(config.vision, pixels, interpolate_pos_encoding)
+        family = towers.family(config.vision)
+        if "spatial_shapes" in family.input_names:
+            family.module.check_pixel_values(config.vision, pixels, pixel_attention_mask, spatial_shapes)
+            family.module.check_values(config.vision, pixel_attention_mask, spatial_shapes)
+        else:
+            family.module.check_pixel_values(config.vision, pixels, interpolate_pos_encoding)
         if not np.all(np.isfinite(pixels)):
             raise InputError(f"pixel_values holds {int(np.size(pixels) - np.isfinite(pixels).sum())} "
                              f"non-finite value(s) (NaN or inf)")

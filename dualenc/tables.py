@@ -23,6 +23,7 @@ TO_PARAM: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "conv": lambda a: a.transpose(1, 2, 3, 0),  # torch Conv2d (D, C, p, p) -> (C, p, p, D)
     "cls": lambda a: a.reshape(a.shape[-1]),  # ViT cls_token (1, 1, D) -> (D,)
     "pos": lambda a: a.reshape(a.shape[1:]),  # ViT position_embeddings (1, N, D) -> (N, D)
+    "scalar": lambda a: a.reshape(()),  # SigLIP's logit_scale / logit_bias (1,) -> ()
 }
 TO_HF: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "id": lambda a: a,
@@ -30,12 +31,14 @@ TO_HF: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "conv": lambda a: a.transpose(3, 0, 1, 2),
     "cls": lambda a: a.reshape(1, 1, -1),
     "pos": lambda a: a[None],
+    "scalar": lambda a: a.reshape(1),
 }
 
 
-def dense(hf: str, path: tuple[str, ...], bias: bool = True) -> list[Entry]:
-    out = [Entry(f"{hf}.weight", path + ("kernel",), "linear")]
-    return out + [Entry(f"{hf}.bias", path + ("bias",), "id")] if bias else out
+def dense(hf: str, path: tuple[str, ...], bias: bool = True, sep: str = ".") -> list[Entry]:
+    """A torch Linear's weight and bias (sep "_": MultiheadAttention's in_proj_weight / in_proj_bias)."""
+    out = [Entry(f"{hf}{sep}weight", path + ("kernel",), "linear")]
+    return out + [Entry(f"{hf}{sep}bias", path + ("bias",), "id")] if bias else out
 
 
 def norm(hf: str, path: tuple[str, ...]) -> list[Entry]:

@@ -117,7 +117,7 @@ class TrainConfig:
     learning_rate: float = 5e-4
     warmup_steps: int | None = None
     weight_decay: float = 0.1
-    loss: str = "clip"
+    loss: str | None = None  # "clip" or "siglip"; None: the model's own (config.default_loss)
     locked: tuple[str, ...] = ()
     unlocked_layers: int = 0
     cached: bool = False
@@ -145,6 +145,7 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
     resume the newest one is restored first (same data position, same RNG). With a mesh the step is data
     parallel over its "data" axis; under jax.distributed each process feeds its share of every global batch.
     """
+    run = dataclasses.replace(run, loss=run.loss or config.default_loss)
     optimizer = train.default_optimizer(run.learning_rate, total_steps=run.steps, warmup_steps=run.warmup_steps,
                                         weight_decay=run.weight_decay)
     state = train.init_state(params, optimizer, locked=run.locked, unlocked_layers=run.unlocked_layers,

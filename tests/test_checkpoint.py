@@ -50,8 +50,11 @@ def test_dualenc_saves_transformers_loads(vision, text, tmp_path):
     assert max_diff(out.image_embeds, ref.image_embeds) <= 1e-5
     config2, params2 = dualenc.load_pretrained(tmp_path / "ours")
     assert config2 == config
-    np.testing.assert_allclose(params2["text"]["encoder"]["mlp"]["fc1"]["kernel"],
-                               params["text"]["encoder"]["mlp"]["fc1"]["kernel"], rtol=0, atol=0)
+    assert isinstance(params2["text"]["encoder"], tuple)  # the per-layer layout, as init's
+    for a, b in zip(params2["text"]["encoder"], params["text"]["encoder"]):
+        np.testing.assert_allclose(a["mlp"]["fc1"]["kernel"], b["mlp"]["fc1"]["kernel"], rtol=0, atol=0)
+    _, stacked = dualenc.load_pretrained(tmp_path / "ours", stacked=True)
+    assert tree_equal(stacked, dualenc.stack_layers(params2))
 
 
 def test_transformers_4x_clip_layout_and_half_precision(hf_dir):
@@ -65,9 +68,9 @@ def test_transformers_4x_clip_layout_and_half_precision(hf_dir):
         half = hf_dir(model)
         rewrite(half, dtype=dtype)
         _, p = dualenc.load_pretrained(half)
-        leaf = p["vision"]["encoder"]["mlp"]["fc1"]["kernel"]
+        leaf = p["vision"]["encoder"][0]["mlp"]["fc1"]["kernel"]
         assert leaf.dtype == np.float32
-        assert 0 < max_diff(leaf, params["vision"]["encoder"]["mlp"]["fc1"]["kernel"]) < 2e-3
+        assert 0 < max_diff(leaf, params["vision"]["encoder"][0]["mlp"]["fc1"]["kernel"]) < 2e-3
 
 
 def test_sharded_checkpoint(hf_dir, tmp_path):

@@ -263,7 +263,7 @@ def test_pooled_only_drops_out_the_pooled_row_as_the_full_layer_does():
                                     eos_token_id=EOS_RULE)
     params = dualenc.clip_text.init(jax.random.key(0), config)
     text = clip_text_batch(EOS_RULE)
-    for layout in (params["encoder"], dualenc.layers.unstack_layers(params["encoder"])):
+    for layout in (params["encoder"], dualenc.layers.stack_layers(params["encoder"])):
         p = {**params, "encoder": layout}
         full, short = (dualenc.clip_text.apply(p, config, **text, dropout_key=jax.random.key(1), pooled_only=flag)
                        for flag in (False, True))

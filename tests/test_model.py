@@ -259,7 +259,12 @@ def test_init_shapes_and_values():
                                    intermediate_size=37, max_position_embeddings=40),
         projection_dim=16, logit_scale_init_value=1.5)
     params = dualenc.init(jax.random.key(0), config)
-    assert params["vision"]["encoder"]["attention"]["query"]["kernel"].shape == (3, 32, 32)
+    assert len(params["vision"]["encoder"]) == 3
+    assert params["vision"]["encoder"][2]["attention"]["query"]["kernel"].shape == (32, 32)
+    stacked = dualenc.init(jax.random.key(0), config, stacked=True)  # the same numbers, one array per leaf
+    assert stacked["vision"]["encoder"]["attention"]["query"]["kernel"].shape == (3, 32, 32)
+    assert all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+        np.array_equal, stacked, dualenc.stack_layers(params))))
     assert params["vision"]["embeddings"]["patch"]["kernel"].shape == (3, 10, 10, 32)
     assert "bias" not in params["vision"]["embeddings"]["patch"]
     assert params["text"]["embeddings"]["word"].shape == (99, 32)
@@ -271,7 +276,7 @@ def test_init_shapes_and_values():
     chex_equal = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)), params, again)
     assert all(jax.tree_util.tree_leaves(chex_equal))
     assert not np.array_equal(params["text"]["embeddings"]["word"], other["text"]["embeddings"]["word"])
-    leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(params["vision"]["encoder"]["attention"])]
+    leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(params["vision"]["encoder"])]
     assert all(np.isfinite(x).all() for x in leaves)
 
 

@@ -196,7 +196,7 @@ def test_bad_images_name_input_and_index(tmp_path, monkeypatch):
     ("image_mean", [0.5, 0.5], "image_mean"), ("image_std", [0.5, 0.0, 0.5], "image_std"),
     ("image_mean", "big", "image_mean"), ("resample", 7, "resample"), ("resample", True, "resample"),
     ("rescale_factor", -1.0, "rescale_factor"), ("do_resize", "yes", "do_resize"), ("do_pad", True, "do_pad"),
-    ("image_processor_type", "SiglipImageProcessor", "image_processor_type"),
+    ("image_processor_type", "Siglip2ImageProcessor", "image_processor_type"),
     ("data_format", "channels_last", "data_format"),
 ])
 def test_invalid_config_names_field_and_file(field, value, match, tmp_path):

@@ -174,8 +174,8 @@ def test_top_layers_of_a_locked_tower_can_train(params):
     state, _ = run(CONFIG, params, locked=("text",), unlocked_layers=1)
     full = train.full_params(state)
     enc, before = full["text"]["encoder"], params["text"]["encoder"]
-    np.testing.assert_array_equal(enc["mlp"]["fc1"]["kernel"][0], before["mlp"]["fc1"]["kernel"][0])
-    assert not np.allclose(enc["mlp"]["fc1"]["kernel"][1], before["mlp"]["fc1"]["kernel"][1])
+    np.testing.assert_array_equal(enc[0]["mlp"]["fc1"]["kernel"], before[0]["mlp"]["fc1"]["kernel"])
+    assert not np.allclose(enc[1]["mlp"]["fc1"]["kernel"], before[1]["mlp"]["fc1"]["kernel"])
     np.testing.assert_array_equal(full["text"]["embeddings"]["word"], params["text"]["embeddings"]["word"])
     assert not np.allclose(full["text"]["pooler"]["kernel"], params["text"]["pooler"]["kernel"])
     with pytest.raises(ValueError, match="unlocked_layers=3 exceeds"):

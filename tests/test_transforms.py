@@ -1,6 +1,7 @@
 """jit, grad, vmap, pmap and mesh sharding give the same numbers as the plain forward; scan keeps HLO flat."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -55,9 +56,9 @@ def test_grad_matches_torch_backward(loaded):
         (grads["text_projection"]["kernel"], named["text_projection.weight"].grad.T),
         (grads["vision"]["embeddings"]["patch"]["kernel"],
          named["vision_model.embeddings.patch_embeddings.projection.weight"].grad.permute(1, 2, 3, 0)),
-        (grads["text"]["encoder"]["attention"]["query"]["kernel"][1],
+        (grads["text"]["encoder"][1]["attention"]["query"]["kernel"],
          named["text_model.encoder.layer.1.attention.self.query.weight"].grad.T),
-        (grads["vision"]["encoder"]["mlp_norm"]["scale"][0],
+        (grads["vision"]["encoder"][0]["mlp_norm"]["scale"],
          named["vision_model.layers.0.layernorm_after.weight"].grad),
     ]
     for ours, theirs in pairs:
@@ -128,7 +129,7 @@ def test_scan_keeps_compiled_program_flat_in_depth(loaded):
     for depth in (2, 12):
         deep = dataclasses.replace(config, vision=dataclasses.replace(config.vision, num_hidden_layers=depth),
                                    text=dataclasses.replace(config.text, num_hidden_layers=depth))
-        params = jax.eval_shape(dualenc.init, jax.random.key(0), deep)
+        params = jax.eval_shape(functools.partial(dualenc.init, stacked=True), jax.random.key(0), deep)
         batch = {k: jax.ShapeDtypeStruct(v.shape, jnp.int32) for k, v in text_batch(deep.text).items()}
         lowered = jax.jit(dualenc.apply).lower(params, deep, **batch,
                                                 pixel_values=jax.ShapeDtypeStruct((2, 3, 30, 30), jnp.float32))

@@ -18,8 +18,9 @@ __all__ = ["NewlyInitializedWarning", "UnusedWeightsWarning", "from_vision_text_
            "save_pretrained"]
 
 
-def load_pretrained(path: str | os.PathLike) -> tuple[DualEncoderConfig, dict]:
-    """Loads a whole dual encoder from a directory as (config, params).
+def load_pretrained(path: str | os.PathLike, *, stacked: bool = False) -> tuple[DualEncoderConfig, dict]:
+    """Loads a whole dual encoder from a directory as (config, params), each tower's encoder a tuple of
+    per-layer dicts, or with stacked=True one dict with a leading depth axis (see dualenc.init).
 
     Reads transformers' VisionTextDualEncoderModel and CLIPModel directories (config.json + model.safetensors
     or a sharded index), and open_clip's hub layout (open_clip_config.json + open_clip_model.safetensors).
@@ -29,5 +30,5 @@ def load_pretrained(path: str | os.PathLike) -> tuple[DualEncoderConfig, dict]:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
     if files.is_open_clip_dir(path):
-        return open_clip.load_dir(path)
-    return load_dir(path)
+        return open_clip.load_dir(path, stacked)
+    return load_dir(path, stacked)

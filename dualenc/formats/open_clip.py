@@ -13,13 +13,12 @@ import os
 import re
 from typing import Any, Mapping
 
-import jax.numpy as jnp
 import numpy as np
 
 from dualenc import files
 from dualenc.config import CLIPTextConfig, CLIPVisionConfig, DualEncoderConfig
 from dualenc.errors import CheckpointError, ConfigError
-from dualenc.formats.transformers import _shapes, dual_table
+from dualenc.formats.transformers import _shapes, dual_table, to_device
 from dualenc.formats.weights import Weights, listed, load_table
 
 CONFIG = files.OPEN_CLIP_CONFIG
@@ -213,7 +212,7 @@ def to_transformers_names(tensors: Mapping[str, np.ndarray], where: str) -> tupl
     return out, logit_bias
 
 
-def load_dir(path: str) -> tuple[DualEncoderConfig, dict]:
+def load_dir(path: str, stacked: bool = False) -> tuple[DualEncoderConfig, dict]:
     """Loads an open_clip hub directory as (CLIP config, params)."""
     config_path = os.path.join(path, CONFIG)
     config = config_from_dict(files.read_json(config_path, "open_clip config"), where=config_path)
@@ -237,5 +236,5 @@ def load_dir(path: str) -> tuple[DualEncoderConfig, dict]:
     if logit_bias is not None:
         if logit_bias.dtype not in files.FLOATING:
             raise CheckpointError(f"{weights_path}: logit_bias of dtype {logit_bias.dtype} (expected floating point)")
-        params["logit_bias"] = jnp.asarray(np.asarray(logit_bias, np.float32))
-    return config, params
+        params["logit_bias"] = np.asarray(logit_bias, np.float32)
+    return config, to_device(params, stacked)

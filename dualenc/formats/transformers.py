@@ -6,6 +6,7 @@ transformers uses, reads strictly and writes atomically.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from typing import Callable
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dualenc import files, layers, model, tables, towers
-from dualenc.config import DualEncoderConfig, load_config, tower_config_from_dict
+from dualenc.config import SIGLIP_TYPES, DualEncoderConfig, load_config, tower_config_from_dict
 from dualenc.errors import CheckpointError, ConfigError
 from dualenc.formats.weights import (
     BUFFERS, CONFIG, WEIGHTS, Weights, carry_over, dump_table, listed, load_table, read_weights,
@@ -36,17 +37,17 @@ class UnusedWeightsWarning(UserWarning):
 
 
 def dual_table(config: DualEncoderConfig, prefixes: dict[str, str] | None = None) -> list[Entry]:
-    """The key table of a VisionTextDualEncoderModel or CLIPModel checkpoint."""
+    """The key table of a VisionTextDualEncoderModel, CLIPModel or SiglipModel checkpoint."""
     prefixes = prefixes or _MODULE
     out = []
     for side in SIDES:
         tower = getattr(config, side)
         out += tables.prefixed(prefixes[side], (side,), towers.family(tower).table(tower))
-    return out + [
-        Entry("visual_projection.weight", ("visual_projection", "kernel"), "linear"),
-        Entry("text_projection.weight", ("text_projection", "kernel"), "linear"),
-        Entry("logit_scale", ("logit_scale",), "id"),
-    ]
+    if config.projections:
+        out += [Entry(f"{name}.weight", (name, "kernel"), "linear") for name in model.PROJECTIONS.values()]
+    if config.model_type in SIGLIP_TYPES:  # (1,)-shaped scalars, and the logit bias is the model's own
+        return out + [Entry("logit_scale", ("logit_scale",), "scalar"), Entry("logit_bias", ("logit_bias",), "scalar")]
+    return out + [Entry("logit_scale", ("logit_scale",), "id")]
 
 
 def _dual_prefixes(config: DualEncoderConfig, names: set[str]) -> dict[str, str]:
@@ -61,35 +62,43 @@ def _dual_prefixes(config: DualEncoderConfig, names: set[str]) -> dict[str, str]
 
 
 def _shapes(config: DualEncoderConfig) -> dict:
-    shapes = jax.eval_shape(model.init, jax.random.key(0), config)
-    shapes.pop("logit_bias", None)
+    shapes = jax.eval_shape(functools.partial(model.init, stacked=True), jax.random.key(0), config)
+    if config.model_type not in SIGLIP_TYPES:
+        shapes.pop("logit_bias", None)  # kept in the weights' metadata, see load_dir
     return shapes
 
 
-def load_dir(path: str) -> tuple[DualEncoderConfig, dict]:
-    """Loads a transformers VisionTextDualEncoder or CLIP directory (config.json + safetensors)."""
+def to_device(params: dict, stacked: bool) -> dict:
+    """Loaded (numpy, stacked) params as jax arrays in the layout asked for; per-layer arrays are cut from
+    the host copy, so the device never holds two copies of the encoder."""
+    return jax.tree_util.tree_map(jnp.asarray, model.with_layout(params, stacked))
+
+
+def load_dir(path: str, stacked: bool = False) -> tuple[DualEncoderConfig, dict]:
+    """Loads a transformers VisionTextDualEncoder, CLIP or SigLIP directory (config.json + safetensors)."""
     config = load_config(path)
     if not isinstance(config, DualEncoderConfig):
         raise ConfigError(f"{os.path.join(path, CONFIG)}: is a single {type(config).__name__} tower, not a "
-                          f"dual encoder ('vision-text-dual-encoder' or 'clip'); combine towers with "
+                          f"dual encoder ('vision-text-dual-encoder', 'clip', 'siglip' or 'siglip2'); combine towers with "
                           f"from_vision_text_pretrained")
     weights = read_weights(path)
     table = dual_table(config, _dual_prefixes(config, set(weights.tensors)))
     params, _ = load_table(weights, table, _shapes(config))
-    if config.logit_bias_init_value is not None:
-        # transformers' models have no logit bias: dualenc keeps a learned one in the safetensors metadata.
+    if config.logit_bias_init_value is not None and config.model_type not in SIGLIP_TYPES:
+        # transformers' VisionTextDualEncoder and CLIP have no logit bias: dualenc keeps a learned one in the
+        # safetensors metadata.
         try:
             params["logit_bias"] = jnp.asarray(float(weights.metadata[LOGIT_BIAS]), jnp.float32)
         except (KeyError, ValueError):
             raise CheckpointError(f"{weights.where}: config.json has logit_bias_init_value but the weights' "
                                   f"metadata has no valid '{LOGIT_BIAS}'") from None
-    return config, params
+    return config, to_device(params, stacked)
 
 
 def save_pretrained(path: str | os.PathLike, config: DualEncoderConfig, params: dict, *, processor=None,
                     extra_files: Callable[[str], None] | None = None) -> str:
-    """Writes a directory that transformers loads as is: a CLIPModel for model_type "clip", else a
-    VisionTextDualEncoderModel.
+    """Writes a directory that transformers loads as is: a CLIPModel for model_type "clip", a SiglipModel /
+    Siglip2Model for "siglip" / "siglip2", else a VisionTextDualEncoderModel.
 
     The write is atomic (see files.atomic_directory): `path` holds either the old or the new checkpoint,
     whatever moment the process is killed. What an existing checkpoint holds besides weights and config
@@ -100,7 +109,8 @@ def save_pretrained(path: str | os.PathLike, config: DualEncoderConfig, params: 
     if not isinstance(config, DualEncoderConfig):
         raise ConfigError(f"save_pretrained needs a DualEncoderConfig, got {type(config).__name__}")
     flat = _flat_params(config, params)
-    metadata = {LOGIT_BIAS: repr(float(flat[("logit_bias",)]))} if ("logit_bias",) in flat else {}
+    metadata = {LOGIT_BIAS: repr(float(flat[("logit_bias",)]))} \
+        if ("logit_bias",) in flat and config.model_type not in SIGLIP_TYPES else {}
     tensors = dump_table(dual_table(config), flat)
     with files.atomic_directory(os.fspath(path)) as tmp:
         carry_over(os.fspath(path), tmp)
@@ -143,7 +153,7 @@ def load_tower(path: str | os.PathLike, key: jax.Array, side: str | None = None)
         raise FileNotFoundError(f"model directory not found: {path}")
     raw = files.read_json(os.path.join(path, CONFIG), "config")
     whole_clip = raw.get("model_type") == "clip"
-    if whole_clip:
+    if whole_clip or raw.get("model_type") in SIGLIP_TYPES:  # one tower of a whole model
         config = tower_config_from_dict(raw, where=os.path.join(path, CONFIG), side=side or "vision")
     else:
         config = load_config(path)
@@ -153,7 +163,7 @@ def load_tower(path: str | os.PathLike, key: jax.Array, side: str | None = None)
     family = towers.family(config)
     weights = read_weights(path)
     names = set(weights.tensors)
-    candidates = (_MODULE[family.side],) if whole_clip else family.prefixes
+    candidates = (_MODULE[family.side],) if raw.get("model_type") in ("clip", *SIGLIP_TYPES) else family.prefixes
     prefix = next((p for p in candidates if p + family.anchor in names), None)
     if prefix is None:
         raise CheckpointError(f"{weights.where}: no {type(config).__name__} weights found "
@@ -164,7 +174,7 @@ def load_tower(path: str | os.PathLike, key: jax.Array, side: str | None = None)
         extra_table.append(Entry("logit_scale", ("logit_scale",), "id"))
     extra_table = [e for e in extra_table if e.hf in names]
     extra_names = {e.hf for e in extra_table}
-    shapes = jax.eval_shape(family.init, jax.random.key(0), config)
+    shapes = jax.eval_shape(functools.partial(family.init, stacked=True), jax.random.key(0), config)
     optional = tuple(prefix + name + "." for name in family.optional)
     unused = {n for n in names if not n.startswith(prefix) and not BUFFERS.search(n)} if prefix else set()
     unused -= extra_names
@@ -198,7 +208,8 @@ def _load_extras(weights: Weights, table: list[Entry], config) -> dict:
 
 
 def from_vision_text_pretrained(vision_path: str | os.PathLike, text_path: str | os.PathLike, *, key: jax.Array,
-                                projection_dim: int | None = None, logit_scale_init_value: float = 2.6592):
+                                projection_dim: int | None = None, logit_scale_init_value: float = 2.6592,
+                                stacked: bool = False):
     """A dual encoder from two single-tower directories (or one CLIPModel for either side).
 
     Projections: when both sides come from the same CLIPModel directory, its trained projections and
@@ -206,7 +217,8 @@ def from_vision_text_pretrained(vision_path: str | os.PathLike, text_path: str |
     projection of the same size (CLIPVisionModelWithProjection + CLIPTextModelWithProjection), those are kept
     and logit_scale is new. Otherwise both projections are new (N(0, 0.02)) of projection_dim (default 512).
 
-    Returns (config, params). Every newly initialised param is reported with a NewlyInitializedWarning.
+    Returns (config, params), the encoders per-layer unless stacked (see init). Every newly initialised param
+    is reported with a NewlyInitializedWarning.
     """
     kv, kt, kvp, ktp = jax.random.split(key, 4)
     one_dir = os.path.realpath(vision_path) == os.path.realpath(text_path)
@@ -240,4 +252,4 @@ def from_vision_text_pretrained(vision_path: str | os.PathLike, text_path: str |
     if new:
         warnings.warn(f"newly initialised params (train them before use): {', '.join(new)}",
                       NewlyInitializedWarning, stacklevel=2)
-    return config, params
+    return config, to_device(params, stacked)

@@ -10,7 +10,6 @@ import re
 import shutil
 from typing import Callable, Iterable, NamedTuple
 
-import jax.numpy as jnp
 import numpy as np
 
 from dualenc import files
@@ -125,7 +124,8 @@ def load_table(weights: Weights, table: list[Entry], shapes, *,
     """Loads `weights` into a params tree shaped like `shapes` through `table`, strictly.
 
     shapes: the params' abstract shapes (jax.eval_shape of the init); layers are stacked on axis 0.
-    Returns (params, names of allowed-missing tensors that were absent). Raises CheckpointError listing
+    Returns (params as numpy arrays, layers stacked; names of allowed-missing tensors that were absent).
+    Raises CheckpointError listing
     missing, unexpected and mis-shaped tensors.
     """
     expected = {}
@@ -169,7 +169,7 @@ def load_table(weights: Weights, table: list[Entry], shapes, *,
             if e.hf in absent_ok:
                 continue
             value = TO_PARAM[e.kind](weights.tensors[e.hf])
-        _set(params, e.path, jnp.asarray(np.asarray(value, dtype=leaf.dtype)))
+        _set(params, e.path, np.asarray(value, dtype=leaf.dtype))
     return params, absent_ok
 
 

@@ -1,15 +1,20 @@
-"""Tokenizer backends: transformers' BERT, RoBERTa and CLIP pipelines built in `tokenizers` from vocabulary files,
-with special and added tokens resolved as transformers resolves them."""
+"""Tokenizer backends: transformers' BERT, RoBERTa, CLIP and Gemma (SigLIP 2) pipelines built in `tokenizers` from
+vocabulary files, with special and added tokens resolved as transformers resolves them."""
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Mapping
 
 from dualenc.errors import ConfigError
+from dualenc.files import read_json
 
 DEFAULT_MAX_LENGTH = 64
 CLIP_MAX_LENGTH = 77  # CLIP's context length, the default where the model's limit is unknown
+# SigLIP and SigLIP 2 pool the last position and were trained on text padded to this length.
+SIGLIP_MAX_LENGTH = 64
+METASPACE = "\u2581"  # "▁", SentencePiece's stand-in for a space
 # Above this a tokenizer_config's model_max_length is transformers' "no limit" sentinel, not a model limit.
 SANE_MAX_LENGTH = 1 << 20
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -20,13 +25,22 @@ FAMILY_SPECIALS = {
                 "pad_token": "<pad>", "cls_token": "<s>", "mask_token": "<mask>"},
     "clip": {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
              "pad_token": "<|endoftext|>"},
+    "siglip": {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"},
+    "gemma": {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>",
+              "mask_token": "<mask>"},
 }
-FAMILY_CLASSES = {"bert": "BertTokenizer", "roberta": "RobertaTokenizer", "clip": "CLIPTokenizer"}
+FAMILY_SPECIALS["siglip2"] = FAMILY_SPECIALS["gemma"]
+FAMILY_CLASSES = {"bert": "BertTokenizer", "roberta": "RobertaTokenizer", "clip": "CLIPTokenizer",
+                  "siglip": "SiglipTokenizer", "gemma": "GemmaTokenizer", "siglip2": "Siglip2Tokenizer"}
+GEMMA_FAMILIES = ("gemma", "siglip2")  # Siglip2Tokenizer is GemmaTokenizer with lowercased text
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 CLIP_INPUTS = ("input_ids", "attention_mask")  # transformers' CLIPTokenizer returns no token types
 AS_IS_CLASS = "PreTrainedTokenizerFast"  # transformers loads tokenizer.json unchanged for this class
 _CLIP_CONFIG_TYPES = ("clip", "clip_text_model")
 _TEXT_CONFIG_TYPES = ("vision-text-dual-encoder", "bert", "roberta", "xlm-roberta", *_CLIP_CONFIG_TYPES)
+# config.json model types whose tokenizer class AutoTokenizer takes from the model: SigLIP's where
+# tokenizer_config.json names none, and Siglip2Tokenizer for a siglip2 model whatever the file names.
+_SIGLIP_CONFIG_TYPES = ("siglip", "siglip2")
 
 
 def _tokenizers():
@@ -150,3 +164,98 @@ def read_bpe_files(vocab_path: str, merges_path: str) -> tuple[dict, list]:
         return _tokenizers().models.BPE.read_file(vocab_path, merges_path)
     except Exception as e:  # tokenizers raises a bare Exception for malformed files
         raise ConfigError(f"BPE files {vocab_path} / {merges_path} cannot be read: {e}") from None
+
+
+def read_tokenizer_json(path: str, model_type: str, what: str) -> tuple[dict, list | None, list, Any]:
+    """(vocab, merges, added tokens, post_processor object or None) of a tokenizer.json holding a `model_type` model.
+
+    Args:
+      path: the tokenizer.json.
+      model_type: "BPE" (merges are returned as pairs) or another model type (merges None).
+      what: the tokenizer the file is read for, as errors name it.
+    """
+    data = read_json(path, "tokenizer file")
+    model = data.get("model")
+    if not isinstance(model, Mapping) or model.get("type") != model_type:
+        got = model.get("type") if isinstance(model, Mapping) else model
+        raise ConfigError(f"tokenizer file {path}: field 'model' must be a {model_type} model for {what}, "
+                          f"got {got!r}")
+    vocab, merges = model.get("vocab"), model.get("merges")
+    if not isinstance(vocab, Mapping) or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                                                 for k, v in vocab.items()):
+        raise ConfigError(f"tokenizer file {path}: field 'model.vocab' must map tokens to integer ids")
+    pairs = None
+    if model_type == "BPE":
+        pairs = []
+        for merge in merges if isinstance(merges, list) else [None]:
+            pair = (tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) if isinstance(merge, list)
+                    else ())
+            if len(pair) != 2 or not all(isinstance(p, str) for p in pair):
+                raise ConfigError(f"tokenizer file {path}: field 'model.merges' must list pairs of tokens, got "
+                                  f"{merge!r:.80}")
+            pairs.append(pair)
+    added = data.get("added_tokens") or []
+    if not isinstance(added, list) or not all(isinstance(t, Mapping) for t in added):
+        raise ConfigError(f"tokenizer file {path}: field 'added_tokens' must be a list of objects")
+    return dict(vocab), pairs, added, post_processor(data.get("post_processor"), f"tokenizer file {path}")
+
+
+def post_processor(section: Any, where: str):
+    """The `tokenizers` post-processor of a tokenizer.json's "post_processor" section (None for none)."""
+    if section is None:
+        return None
+    shell = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+             "pre_tokenizer": None, "post_processor": section, "decoder": None,
+             "model": {"type": "BPE", "vocab": {}, "merges": []}}
+    try:  # parsed by `tokenizers` itself, in an otherwise empty tokenizer
+        return _tokenizers().Tokenizer.from_str(json.dumps(shell)).post_processor
+    except Exception as e:  # tokenizers raises a bare Exception for a malformed section
+        raise ConfigError(f"{where}: field 'post_processor' cannot be used: {e}") from None
+
+
+def added_tokens_from_file(cfg: Mapping, added: list) -> Mapping:
+    """tokenizer_config.json's fields, with tokenizer.json's added tokens as its added_tokens_decoder where it lists
+    none (transformers then takes them from tokenizer.json)."""
+    if "added_tokens_decoder" in cfg:
+        return cfg
+    keys = ("content", "single_word", "lstrip", "rstrip", "normalized", "special")
+    return {**cfg, "added_tokens_decoder": {t.get("id"): {k: t[k] for k in keys if k in t} for t in added}}
+
+
+def build_gemma(vocab: dict, merges: list, post_processor, cfg: Mapping, specials: Mapping, where: str,
+                lowercase: bool = False):
+    """transformers' GemmaTokenizer pipeline (Siglip2Tokenizer's with `lowercase`) around a vocabulary and merges.
+
+    As transformers (v5) does for these classes, only the BPE model's vocabulary and merges and the post-processor
+    come from tokenizer.json: spaces become "\u2581", one BPE over the text with byte fallback, no dummy prefix.
+    tokenizer_config.json's add_bos_token / add_eos_token are not read: transformers drops them where a
+    tokenizer.json is present, so its post-processor alone adds <bos> / <eos> (SigLIP 2's appends <eos>).
+
+    Args:
+      vocab, merges: the BPE model ({token: id}, [(left, right)]).
+      post_processor: a `tokenizers` post-processor, or None for none.
+      cfg: tokenizer_config.json's fields (added_tokens_decoder, extra special tokens).
+      specials: {name: (content, AddedToken properties or None)}, as _special_tokens gives them.
+      where: how errors name the files.
+      lowercase: lowercase the text first (Siglip2Tokenizer: SigLIP 2 was trained on lowercased text).
+
+    Returns:
+      tokenizers.Tokenizer.
+    """
+    tk = _tokenizers()
+    unk = specials.get("unk_token", ("<unk>", None))[0]
+    try:
+        model = tk.models.BPE(vocab=vocab, merges=merges, dropout=None, fuse_unk=True, unk_token=unk,
+                              byte_fallback=True)
+    except Exception as e:  # e.g. a merge of tokens that are not in the vocabulary
+        raise ConfigError(f"{where}: the BPE vocabulary and merges cannot be used: {e}") from None
+    backend = tk.Tokenizer(model)
+    spaces = tk.normalizers.Replace(" ", METASPACE)
+    backend.normalizer = tk.normalizers.Sequence([tk.normalizers.Lowercase(), spaces]) if lowercase else spaces
+    backend.pre_tokenizer = tk.pre_tokenizers.Split(" ", behavior="merged_with_previous", invert=False)
+    backend.decoder = tk.decoders.Sequence([tk.decoders.Replace(METASPACE, " "), tk.decoders.ByteFallback(),
+                                            tk.decoders.Fuse()])
+    _add_tokens(backend, cfg, specials, where)
+    if post_processor is not None:
+        backend.post_processor = post_processor
+    return backend

@@ -1,17 +1,21 @@
-"""Setting checks and pixel steps shared by the transformers and open_clip image pipelines."""
+"""Setting checks, config files and pixel steps shared by the image pipelines (images.py, naflex.py, openclip.py)."""
 
 from __future__ import annotations
 
 import math
 import os
+from typing import Any, Mapping
 
 import numpy as np
 
 from dualenc.errors import ConfigError, InputError
+from dualenc.files import read_json, write_json_atomic
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_STANDARD = (0.5, 0.5, 0.5)
 MAX_SIDE = 1 << 14
+RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
 def pil():
@@ -43,6 +47,18 @@ def check_side(where, name, value):
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIDE:
         fail(where, name, f"sizes must be integers in [1, {MAX_SIDE}], got {value!r}")
     return value
+
+
+def check_resample(where, name, value) -> int:
+    if type(value) is not int or value not in RESAMPLE:
+        fail(where, name, f"must be a pillow filter code {RESAMPLE}, got {value!r}")
+    return value
+
+
+def check_rescale_factor(where, name, value) -> float:
+    if not is_number(value) or value <= 0:
+        fail(where, name, f"must be a positive finite number, got {value!r}")
+    return float(value)
 
 
 def check_stats(where, name, value, channels, positive=False):
@@ -102,3 +118,162 @@ def open_image(path: str, index: int, mode: str | None = "RGB"):
         raise InputError(f"image {index} ({path}) refused: {e}") from None
     except (OSError, ValueError, SyntaxError) as e:  # UnidentifiedImageError is an OSError; truncated files too
         raise InputError(f"image {index} ({path}) cannot be read: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------- config files
+
+
+def read_settings(path: str | os.PathLike) -> tuple[dict, str]:
+    """The image processor settings of a transformers directory or JSON file, and how errors should name them.
+
+    In a directory the "image_processor" entry of processor_config.json comes first (as in transformers 5), then
+    preprocessor_config.json; a file holding such an entry (and no image_processor_type) gives the entry.
+
+    Returns:
+      (settings dict, where): `where` is the file, with ": image_processor" appended for a nested entry.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        nested = os.path.join(path, "processor_config.json")
+        if os.path.isfile(nested):
+            entry = read_json(nested, "processor config").get("image_processor")
+            if isinstance(entry, Mapping):
+                return dict(entry), f"{nested}: image_processor"
+        path = os.path.join(path, "preprocessor_config.json")
+    d = read_json(path, "image processor config")
+    if "image_processor_type" not in d and isinstance(d.get("image_processor"), Mapping):
+        return dict(d["image_processor"]), f"{path}: image_processor"
+    return d, path
+
+
+def save_settings(path: str | os.PathLike, settings: Mapping[str, Any], processor_class: str | None = None) -> None:
+    """Writes `settings` as preprocessor_config.json into `path` (created if missing; other files kept), atomically.
+
+    An existing processor_config.json that holds image processor settings gets the new ones too, since
+    transformers reads that entry first.
+    """
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    d = dict(settings)
+    if processor_class:
+        d["processor_class"] = processor_class
+    write_json_atomic(os.path.join(path, "preprocessor_config.json"), d)
+    nested = os.path.join(path, "processor_config.json")
+    if os.path.isfile(nested):
+        processor_config = read_json(nested, "processor config")
+        if "image_processor" in processor_config:
+            processor_config["image_processor"] = dict(settings)
+            write_json_atomic(nested, processor_config)
+
+
+# ----------------------------------------------------------------------------------------------- images
+
+
+def as_batch(images) -> list:
+    """One image, a list of them or an (n, H, W, C) array, as a non-empty list."""
+    if isinstance(images, (list, tuple)):
+        batch = list(images)
+    elif isinstance(images, np.ndarray) and images.ndim == 4:
+        batch = list(images)
+    else:
+        batch = [images]
+    if not batch:
+        raise InputError("images is an empty list")
+    return batch
+
+
+def channels_first(image, index: int, convert_rgb: bool) -> tuple[np.ndarray, str]:
+    """One input as a (C, H, W) array, converted as transformers' PilBackend.process_image does.
+
+    Args:
+      image: a PIL image, a path (opened as transformers' load_image does), an (H, W) array or an (H, W, C)
+        array with 1, 3 or 4 channels.
+      index: its place in the batch, for errors.
+      convert_rgb: convert to RGB, compositing transparency onto white (transformers' do_convert_rgb).
+
+    Returns:
+      ((C, H, W) array, a name for the input in errors).
+    """
+    Image, _ = pil()
+    name = type(image).__name__
+    if isinstance(image, (str, os.PathLike)):
+        name = os.fspath(image)
+        image = open_image(name, index)
+    if isinstance(image, Image.Image):
+        if 0 in image.size:
+            raise InputError(f"image {index} ({name}) is empty: size {image.size}")
+        try:
+            if convert_rgb:
+                if "A" in image.getbands() or image.info.get("transparency") is not None:
+                    background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+                    image = Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+                else:
+                    image = image.convert("RGB")
+            array = np.array(image)
+        except (OSError, ValueError, SyntaxError) as e:
+            raise InputError(f"image {index} ({name}) cannot be read: {e}") from None
+        return (array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)), name
+    if not isinstance(image, np.ndarray):
+        raise InputError(f"image {index}: expected a PIL image, a path or a numpy array, got {name}")
+    array = image[..., None] if image.ndim == 2 else image
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        raise InputError(f"image {index}: expected an (H, W) array or (H, W, C) with 1, 3 or 4 channels, "
+                         f"got shape {image.shape}")
+    if array.size == 0:
+        raise InputError(f"image {index} is empty: shape {image.shape}")
+    if not (array.dtype == bool or np.issubdtype(array.dtype, np.integer)
+            or np.issubdtype(array.dtype, np.floating)):
+        raise InputError(f"image {index}: unsupported dtype {array.dtype}")
+    if convert_rgb:
+        if array.shape[-1] == 1:
+            array = np.repeat(array, 3, axis=-1)
+        elif array.shape[-1] == 4:
+            floating = np.issubdtype(array.dtype, np.floating)
+            if floating and (array.min() < 0.0 or array.max() > 1.0):
+                raise InputError(f"image {index}: an RGBA float array must lie in [0, 1], got "
+                                 f"[{array.min()}, {array.max()}]")
+            white = 1.0 if floating else 255
+            alpha = array[..., 3:4] / white
+            composite = alpha * array[..., :3] + (1 - alpha) * white
+            array = (composite if floating else np.round(composite)).astype(array.dtype)
+    return np.moveaxis(array, -1, 0), name
+
+
+def _rescale_for_pil(image: np.ndarray) -> bool:
+    """transformers' _rescale_for_pil_conversion: whether [0, 1] floats must be scaled to 0..255 for pillow."""
+    if image.dtype == np.uint8:
+        return False
+    if np.allclose(image, image.astype(int)):
+        if np.all(image >= 0) and np.all(image <= 255):
+            return False
+        raise ValueError(f"pixel values outside [0, 255] ([{image.min()}, {image.max()}]) cannot be resized "
+                         f"with pillow")
+    if np.all(image >= 0) and np.all(image <= 1):
+        return True
+    raise ValueError(f"pixel values outside [0, 1] ([{image.min()}, {image.max()}]) cannot be resized with pillow")
+
+
+def resize(image: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarray:
+    """transformers' image_transforms.resize of a (C, H, W) array through a pillow image, to (height, width)."""
+    Image, _ = pil()
+    height, width = size
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and height * width > 2 * limit:
+        raise ValueError(f"resizing to {height}x{width} exceeds pillow's decompression bomb limit "
+                         f"({2 * limit} pixels)")
+    rescale_ = _rescale_for_pil(image)
+    hwc = np.moveaxis(image, 0, -1)
+    if hwc.shape[-1] == 1:
+        hwc = hwc[..., 0]
+    if rescale_:
+        hwc = (hwc.astype(np.float64) * 255).astype(np.float32)
+    resized = np.array(Image.fromarray(hwc.astype(np.uint8)).resize((width, height), resample=resample))
+    resized = np.moveaxis(resized[..., None] if resized.ndim == 2 else resized, -1, 0)
+    return (resized.astype(np.float64) * (1 / 255)).astype(np.float32) if rescale_ else resized
+
+
+def rescale(image: np.ndarray, factor: float) -> np.ndarray:
+    """image * factor, computed in float64 and returned as float32 (transformers' image_transforms.rescale)."""
+    return (image.astype(np.float64) * factor).astype(np.float32)
+
+

@@ -1,8 +1,9 @@
 """Images into the pixel values dualenc.apply takes, as transformers' PIL image processors or open_clip give them.
 
 ImageProcessor repeats transformers' PIL backend step by step (the same pillow calls on the same arrays, the same
-float64/float32 casts), so its pixel values are those of ViTImageProcessor / CLIPImageProcessor (use_fast=False).
-Built from an open_clip_config.json, it repeats open_clip's eval transform instead (see OpenClipTransform).
+float64/float32 casts), so its pixel values are those of ViTImageProcessor / CLIPImageProcessor /
+SiglipImageProcessor (use_fast=False). Built from an open_clip_config.json, it repeats open_clip's eval transform
+instead (see OpenClipTransform). SigLIP 2's NaFlex processor (patches, not images) is NaFlexImageProcessor (naflex.py).
 """
 
 from __future__ import annotations
@@ -14,21 +15,28 @@ from typing import Any, Mapping
 import numpy as np
 
 from dualenc.errors import ConfigError, InputError
-from dualenc.files import OPEN_CLIP_CONFIG, is_open_clip_dir, read_json, write_json_atomic
+from dualenc.files import OPEN_CLIP_CONFIG, is_open_clip_dir, read_json
 from dualenc.processing.common import (
+    IMAGENET_STANDARD,
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
+    as_batch,
+    channels_first,
     check_bool,
+    check_resample,
+    check_rescale_factor,
     check_side,
     check_stats,
     fail,
     normalize,
-    open_image,
-    pil,
+    read_settings,
+    rescale,
+    resize,
+    save_settings,
 )
+from dualenc.processing.naflex import TYPE_NAMES as NAFLEX_TYPES
 from dualenc.processing.openclip import OpenClipTransform, as_pil
 
-IMAGENET_STANDARD = (0.5, 0.5, 0.5)
 # transformers' class attributes: what a missing (or null) setting means for each processor type.
 DEFAULTS = {
     "ViTImageProcessor": dict(
@@ -39,15 +47,20 @@ DEFAULTS = {
         do_resize=True, size={"shortest_edge": 224}, resample=3, do_center_crop=True,
         crop_size={"height": 224, "width": 224}, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
         image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, do_convert_rgb=True, default_to_square=False),
+    "SiglipImageProcessor": dict(
+        do_resize=True, size={"height": 224, "width": 224}, resample=3, do_center_crop=False, crop_size=None,
+        do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=IMAGENET_STANDARD,
+        image_std=IMAGENET_STANDARD, do_convert_rgb=True, default_to_square=False),
 }
 TYPE_ALIASES = {alias: name for name in DEFAULTS for alias in (
     name, name + "Pil", name + "Fast", name.replace("ImageProcessor", "FeatureExtractor"))}
-RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 SIZE_KEYS = ({"height", "width"}, {"shortest_edge"}, {"shortest_edge", "longest_edge"})
 # Settings transformers accepts that would change the output in ways not implemented here: the values allowed.
 REJECTED = {"do_pad": (None, False), "data_format": (None, "channels_first"),
             "input_data_format": (None, "channels_last")}
 OPEN_CLIP_FILE = OPEN_CLIP_CONFIG
+_NAFLEX_HINT = ("; SigLIP 2's NaFlex processor gives patches, not images: read it with "
+                "dualenc.processing.NaFlexImageProcessor.from_pretrained")
 
 
 def _size(where, name, value, default_to_square):
@@ -63,7 +76,7 @@ def _size(where, name, value, default_to_square):
 
 
 class ImageProcessor:
-    """Images into (n, C, H, W) float32 pixel values, as transformers' ViT/CLIP image processors (PIL backend).
+    """Images into (n, C, H, W) float32 pixel values, as transformers' ViT/CLIP/SigLIP image processors (PIL backend).
 
     With `open_clip` set (from_pretrained of an open_clip directory, or from_open_clip), images go through
     open_clip's eval transform instead, and the other settings are the closest CLIPImageProcessor: what to_dict
@@ -77,10 +90,12 @@ class ImageProcessor:
                  do_convert_rgb: bool | None = None, default_to_square: bool | None = None,
                  open_clip: OpenClipTransform | None = None, where: str = "ImageProcessor"):
         """Args (None takes the default of image_processor_type, as transformers does):
-          image_processor_type: "ViTImageProcessor" (default: 224x224 bilinear, mean/std 0.5, no RGB conversion)
-            or "CLIPImageProcessor" (shortest edge 224 bicubic, center crop 224, CLIP mean/std, RGB conversion).
+          image_processor_type: "ViTImageProcessor" (default: 224x224 bilinear, mean/std 0.5, no RGB conversion),
+            "CLIPImageProcessor" (shortest edge 224 bicubic, center crop 224, CLIP mean/std, RGB conversion) or
+            "SiglipImageProcessor" (224x224 bicubic, no crop, mean/std 0.5, RGB conversion).
           do_resize, size: resize to {"height", "width"}, or the shortest edge to {"shortest_edge"} keeping the
-            aspect ratio (optionally with "longest_edge"); an int means a square (ViT) or the shortest edge (CLIP).
+            aspect ratio (optionally with "longest_edge"); an int means a square (ViT) or the shortest edge (CLIP,
+            SigLIP).
           resample: pillow filter code (0 nearest, 1 lanczos, 2 bilinear, 3 bicubic, 4 box, 5 hamming).
           do_center_crop, crop_size: crop the middle {"height", "width"}, zero-padding smaller images.
           do_rescale, rescale_factor: multiply by rescale_factor (1/255).
@@ -105,7 +120,8 @@ class ImageProcessor:
         self.open_clip = open_clip
         type_name = TYPE_ALIASES.get(image_processor_type) if isinstance(image_processor_type, str) else None
         if type_name is None:
-            fail(where, "image_processor_type", f"must be one of {sorted(DEFAULTS)}, got {image_processor_type!r}")
+            fail(where, "image_processor_type", f"must be one of {sorted(DEFAULTS)}, got {image_processor_type!r}"
+                 + _NAFLEX_HINT * (image_processor_type in NAFLEX_TYPES))
         s = {**DEFAULTS[type_name], **{k: v for k, v in given.items() if v is not None}}
         self.image_processor_type = type_name
         self.where = where
@@ -118,13 +134,8 @@ class ImageProcessor:
             fail(where, "crop_size", f"must have keys height and width, got {sorted(self.crop_size)}")
         if self.do_center_crop and self.crop_size is None:
             fail(where, "crop_size", "is required when do_center_crop is true")
-        self.resample = s["resample"]
-        if type(self.resample) is not int or self.resample not in RESAMPLE:
-            fail(where, "resample", f"must be a pillow filter code {RESAMPLE}, got {self.resample!r}")
-        factor = s["rescale_factor"]
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:
-            fail(where, "rescale_factor", f"must be a positive finite number, got {factor!r}")
-        self.rescale_factor = float(factor)
+        self.resample = check_resample(where, "resample", s["resample"])
+        self.rescale_factor = check_rescale_factor(where, "rescale_factor", s["rescale_factor"])
         channels = (3,) if self.do_convert_rgb else (1, 3)
         self.image_mean = check_stats(where, "image_mean", s["image_mean"], channels)
         self.image_std = check_stats(where, "image_std", s["image_std"], channels, positive=True)
@@ -135,6 +146,9 @@ class ImageProcessor:
     def from_dict(cls, d: Mapping[str, Any], *, where: str = "image processor config") -> "ImageProcessor":
         """Builds the processor from a preprocessor_config.json dict (unknown keys are ignored, as transformers does).
 
+        A SigLIP 2 config (image_processor_type "Siglip2ImageProcessor") is refused with a ConfigError naming
+        NaFlexImageProcessor, which reads it: its output is patches with a mask, not (n, C, H, W) pixel values.
+
         Args:
           d: the parsed JSON object.
           where: how errors name its source.
@@ -144,7 +158,8 @@ class ImageProcessor:
         type_key = "image_processor_type" if "image_processor_type" in d else "feature_extractor_type"
         type_name = d.get(type_key) or "ViTImageProcessor"
         if not isinstance(type_name, str) or type_name not in TYPE_ALIASES:
-            fail(where, type_key, f"= {type_name!r} is not implemented; supported: {sorted(DEFAULTS)}")
+            fail(where, type_key, f"= {type_name!r} is not implemented; supported: {sorted(DEFAULTS)}"
+                 + _NAFLEX_HINT * (type_name in NAFLEX_TYPES))
         for key, allowed in REJECTED.items():
             if d.get(key) not in allowed:
                 supported = [a for a in allowed if a is not None]
@@ -173,7 +188,7 @@ class ImageProcessor:
         A directory in open_clip's layout (open_clip_config.json and no config.json, see files.is_open_clip_dir)
         gives open_clip's eval transform (see from_open_clip), as load_pretrained and Tokenizer read it too.
         Otherwise the "image_processor" entry of processor_config.json comes first (as in transformers 5), then
-        preprocessor_config.json.
+        preprocessor_config.json (see common.read_settings). SigLIP 2 settings are refused (see from_dict).
 
         Args:
           path: a directory, or a preprocessor_config.json / processor_config.json / open_clip_config.json file.
@@ -185,20 +200,11 @@ class ImageProcessor:
         if os.path.isdir(path) and is_open_clip_dir(path):
             where = os.path.join(path, OPEN_CLIP_FILE)
             return cls.from_open_clip(read_json(where, "open_clip config"), where=where)
-        if os.path.isdir(path):
-            nested = os.path.join(path, "processor_config.json")
-            if os.path.isfile(nested):
-                entry = read_json(nested, "processor config").get("image_processor")
-                if isinstance(entry, Mapping):
-                    return cls.from_dict(entry, where=f"{nested}: image_processor")
-            path = os.path.join(path, "preprocessor_config.json")
-        d = read_json(path, "image processor config")
-        if "image_processor_type" not in d and isinstance(d.get("image_processor"), Mapping):
-            return cls.from_dict(d["image_processor"], where=f"{path}: image_processor")
-        if os.path.basename(path) == OPEN_CLIP_FILE or (
-                "model_cfg" in d and not {"image_processor_type", "feature_extractor_type"} & set(d)):
-            return cls.from_open_clip(d, where=path)
-        return cls.from_dict(d, where=path)
+        d, where = read_settings(path)
+        if os.path.isfile(where) and (os.path.basename(where) == OPEN_CLIP_FILE or (
+                "model_cfg" in d and not {"image_processor_type", "feature_extractor_type"} & set(d))):
+            return cls.from_open_clip(d, where=where)
+        return cls.from_dict(d, where=where)
 
     def to_dict(self) -> dict:
         """The settings as transformers writes them in preprocessor_config.json."""
@@ -221,18 +227,7 @@ class ImageProcessor:
         (see OpenClipTransform.transformers_settings), and from_pretrained of the directory then reads it, not
         an open_clip_config.json beside it.
         """
-        path = os.fspath(path)
-        os.makedirs(path, exist_ok=True)
-        d = self.to_dict()
-        if processor_class:
-            d["processor_class"] = processor_class
-        write_json_atomic(os.path.join(path, "preprocessor_config.json"), d)
-        nested = os.path.join(path, "processor_config.json")
-        if os.path.isfile(nested):
-            processor_config = read_json(nested, "processor config")
-            if "image_processor" in processor_config:
-                processor_config["image_processor"] = self.to_dict()
-                write_json_atomic(nested, processor_config)
+        save_settings(path, self.to_dict(), processor_class)
 
     def __repr__(self) -> str:
         settings = {**self.to_dict(), **({"open_clip": self.open_clip} if self.open_clip else {})}
@@ -253,15 +248,7 @@ class ImageProcessor:
         Returns:
           (n, C, H, W) float32 array.
         """
-        if isinstance(images, (list, tuple)):
-            batch = list(images)
-        elif isinstance(images, np.ndarray) and images.ndim == 4:
-            batch = list(images)
-        else:
-            batch = [images]
-        if not batch:
-            raise InputError("images is an empty list")
-        out = [self._process(image, i) for i, image in enumerate(batch)]
+        out = [self._process(image, i) for i, image in enumerate(as_batch(images))]
         shapes = {o.shape for o in out}
         if len(shapes) > 1:
             raise InputError(f"the images have different shapes after processing ({sorted(shapes)}); set "
@@ -275,14 +262,14 @@ class ImageProcessor:
                 return self.open_clip(image)
             except (ValueError, OSError, MemoryError, SyntaxError) as e:  # pillow's errors of corrupt data
                 raise InputError(f"image {index} ({name}): {e}") from None
-        image, name = self._channels_first(image, index)
+        image, name = channels_first(image, index, self.do_convert_rgb)
         try:
             if self.do_resize:
-                image = _resize(image, self._output_size(image.shape[-2:]), self.resample)
+                image = resize(image, self._output_size(image.shape[-2:]), self.resample)
             if self.do_center_crop:
                 image = _center_crop(image, self.crop_size["height"], self.crop_size["width"])
             if self.do_rescale:
-                image = (image.astype(np.float64) * self.rescale_factor).astype(np.float32)
+                image = rescale(image, self.rescale_factor)
             if self.do_normalize:
                 image = normalize(image, self.image_mean, self.image_std)
         except (ValueError, OSError, MemoryError) as e:
@@ -310,85 +297,6 @@ class ImageProcessor:
         short, long = (width, height) if width <= height else (height, width)
         new_short, new_long = size["shortest_edge"], int(size["shortest_edge"] * long / short)
         return (new_long, new_short) if width <= height else (new_short, new_long)
-
-    def _channels_first(self, image, index: int) -> tuple[np.ndarray, str]:
-        """One input as a (C, H, W) array, converted as transformers' PilBackend.process_image does."""
-        Image, _ = pil()
-        name = type(image).__name__
-        if isinstance(image, (str, os.PathLike)):
-            name = os.fspath(image)
-            image = open_image(name, index)
-        if isinstance(image, Image.Image):
-            if 0 in image.size:
-                raise InputError(f"image {index} ({name}) is empty: size {image.size}")
-            try:
-                if self.do_convert_rgb:
-                    if "A" in image.getbands() or image.info.get("transparency") is not None:
-                        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-                        image = Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
-                    else:
-                        image = image.convert("RGB")
-                array = np.array(image)
-            except (OSError, ValueError, SyntaxError) as e:
-                raise InputError(f"image {index} ({name}) cannot be read: {e}") from None
-            return (array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)), name
-        if not isinstance(image, np.ndarray):
-            raise InputError(f"image {index}: expected a PIL image, a path or a numpy array, got {name}")
-        array = image[..., None] if image.ndim == 2 else image
-        if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
-            raise InputError(f"image {index}: expected an (H, W) array or (H, W, C) with 1, 3 or 4 channels, "
-                             f"got shape {image.shape}")
-        if array.size == 0:
-            raise InputError(f"image {index} is empty: shape {image.shape}")
-        if not (array.dtype == bool or np.issubdtype(array.dtype, np.integer)
-                or np.issubdtype(array.dtype, np.floating)):
-            raise InputError(f"image {index}: unsupported dtype {array.dtype}")
-        if self.do_convert_rgb:
-            if array.shape[-1] == 1:
-                array = np.repeat(array, 3, axis=-1)
-            elif array.shape[-1] == 4:
-                floating = np.issubdtype(array.dtype, np.floating)
-                if floating and (array.min() < 0.0 or array.max() > 1.0):
-                    raise InputError(f"image {index}: an RGBA float array must lie in [0, 1], got "
-                                     f"[{array.min()}, {array.max()}]")
-                white = 1.0 if floating else 255
-                alpha = array[..., 3:4] / white
-                composite = alpha * array[..., :3] + (1 - alpha) * white
-                array = (composite if floating else np.round(composite)).astype(array.dtype)
-        return np.moveaxis(array, -1, 0), name
-
-
-def _rescale_for_pil(image: np.ndarray) -> bool:
-    """transformers' _rescale_for_pil_conversion: whether [0, 1] floats must be scaled to 0..255 for pillow."""
-    if image.dtype == np.uint8:
-        return False
-    if np.allclose(image, image.astype(int)):
-        if np.all(image >= 0) and np.all(image <= 255):
-            return False
-        raise ValueError(f"pixel values outside [0, 255] ([{image.min()}, {image.max()}]) cannot be resized "
-                         f"with pillow")
-    if np.all(image >= 0) and np.all(image <= 1):
-        return True
-    raise ValueError(f"pixel values outside [0, 1] ([{image.min()}, {image.max()}]) cannot be resized with pillow")
-
-
-def _resize(image: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarray:
-    """transformers' image_transforms.resize of a (C, H, W) array through a pillow image."""
-    Image, _ = pil()
-    height, width = size
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit is not None and height * width > 2 * limit:
-        raise ValueError(f"resizing to {height}x{width} exceeds pillow's decompression bomb limit "
-                         f"({2 * limit} pixels)")
-    rescale = _rescale_for_pil(image)
-    hwc = np.moveaxis(image, 0, -1)
-    if hwc.shape[-1] == 1:
-        hwc = hwc[..., 0]
-    if rescale:
-        hwc = (hwc.astype(np.float64) * 255).astype(np.float32)
-    resized = np.array(Image.fromarray(hwc.astype(np.uint8)).resize((width, height), resample=resample))
-    resized = np.moveaxis(resized[..., None] if resized.ndim == 2 else resized, -1, 0)
-    return (resized.astype(np.float64) * (1 / 255)).astype(np.float32) if rescale else resized
 
 
 def _center_crop(image: np.ndarray, crop_height: int, crop_width: int) -> np.ndarray:

@@ -31,7 +31,8 @@ class Processor:
 
         Args:
           path: the directory (preprocessor/processor config, or open_clip_config.json: see
-            ImageProcessor.from_pretrained; tokenizer files, and config.json for the text length limit).
+            ImageProcessor.from_pretrained; tokenizer files, and config.json for the text length limit). A SigLIP 2
+            (NaFlex) image processor is refused with a ConfigError naming NaFlexImageProcessor, which reads it.
           max_length: the tokenizer's default length (see Tokenizer).
 
         Returns:

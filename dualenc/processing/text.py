@@ -1,5 +1,6 @@
-"""Text into token ids: a `tokenizers` backend, loaded or built as transformers' fast BERT/RoBERTa/CLIP tokenizers
-are, or open_clip's tokenizer for an open_clip directory (dualenc.processing.clip_bpe)."""
+"""Text into token ids: a `tokenizers` backend, loaded or built as transformers' fast BERT/RoBERTa/CLIP/Gemma
+(SigLIP 2) tokenizers are, SigLIP's SentencePiece tokenizer (dualenc.processing.spiece), or open_clip's tokenizer
+for an open_clip directory (dualenc.processing.clip_bpe)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,30 @@ import numpy as np
 from dualenc.config import load_config
 from dualenc.files import is_open_clip_dir, read_json, write_json_atomic, write_text_atomic
 from dualenc.errors import ConfigError, InputError
+from dualenc.processing import spiece
 from dualenc.processing.backends import (
-    AS_IS_CLASS, CLIP_INPUTS, CLIP_MAX_LENGTH, DEFAULT_MAX_LENGTH, FAMILY_CLASSES, FAMILY_SPECIALS, MODEL_INPUTS, SANE_MAX_LENGTH, SPECIAL_NAMES, _CLIP_CONFIG_TYPES, _TEXT_CONFIG_TYPES, _add_tokens, _family, _flag, _special_tokens, _tokenizers, build_bytelevel_bpe, build_wordpiece, read_bpe_files,
+    AS_IS_CLASS, CLIP_INPUTS, CLIP_MAX_LENGTH, DEFAULT_MAX_LENGTH, FAMILY_CLASSES, FAMILY_SPECIALS, GEMMA_FAMILIES,
+    METASPACE, MODEL_INPUTS, SANE_MAX_LENGTH, SIGLIP_MAX_LENGTH, SPECIAL_NAMES, _CLIP_CONFIG_TYPES, _SIGLIP_CONFIG_TYPES,
+    _TEXT_CONFIG_TYPES, _add_tokens, _family, _flag, _special_tokens, _tokenizers, added_tokens_from_file,
+    build_bytelevel_bpe, build_gemma, build_wordpiece, post_processor, read_bpe_files, read_tokenizer_json,
 )
+
+
+def _siglip_limit(path: str, model_type: str) -> int:
+    """A SigLIP / SigLIP 2 config.json's text length: text_config's max_position_embeddings (transformers' default,
+    64, where it is not given)."""
+    text = read_json(path, "config").get("text_config") or {}
+    value = text.get("max_position_embeddings", SIGLIP_MAX_LENGTH) if isinstance(text, Mapping) else text
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= SANE_MAX_LENGTH:
+        raise ConfigError(f"{path}: field 'text_config.max_position_embeddings' of a {model_type} config must be an "
+                          f"integer in [1, {SANE_MAX_LENGTH}], got {value!r}")
+    return value
 
 
 def _model_limit(directory: str, cfg: Mapping, model_type: Any) -> int | None:
     """The longest input the text tower takes: config.json's, else a sane tokenizer_config model_max_length."""
+    if model_type in _SIGLIP_CONFIG_TYPES:
+        return _siglip_limit(os.path.join(directory, "config.json"), model_type)
     if model_type in _TEXT_CONFIG_TYPES:
         try:
             config = load_config(os.path.join(directory, "config.json"))
@@ -64,9 +82,31 @@ def _load(path: str | os.PathLike) -> tuple[Any, dict]:
     specials_map = (read_json(files["special_tokens_map.json"], "special tokens map")
                     if exists["special_tokens_map.json"] else None)
     family = _family(cfg.get("tokenizer_class"))
-    if family is None and model_type in _CLIP_CONFIG_TYPES:  # as AutoTokenizer, the model's own class
-        family = "clip"
-    if family == "clip":
+    if family is None and model_type in (*_CLIP_CONFIG_TYPES, "siglip"):  # as AutoTokenizer, the model's own class
+        family = "clip" if model_type in _CLIP_CONFIG_TYPES else "siglip"
+    if model_type == "siglip2":  # AutoTokenizer's Siglip2Tokenizer, whatever class the file names
+        family = "siglip2"
+    sides = {}
+    for key in ("padding_side", "truncation_side"):
+        # GemmaTokenizer and Siglip2Tokenizer pad on the left unless the config says otherwise
+        sides[key] = cfg.get(key, "left" if key == "padding_side" and family in GEMMA_FAMILIES else "right")
+        if sides[key] not in ("right", "left"):
+            raise ConfigError(f"{cfg_where}: field '{key}' must be 'right' or 'left', got {sides[key]!r}")
+    encode_specials = _flag(cfg, "split_special_tokens", False, cfg_where)
+    if family == "siglip":
+        specials = _special_tokens(cfg, family, specials_map, cfg_where)
+        backend = spiece.load_siglip(directory, cfg, specials, cfg_where, truncation_side=sides["truncation_side"],
+                                     split_special_tokens=encode_specials)
+    elif family in GEMMA_FAMILIES:
+        if not exists["tokenizer.json"]:
+            raise FileNotFoundError(f"no tokenizer.json in {directory}: {FAMILY_CLASSES[family]} is read from "
+                                    f"tokenizer.json")
+        where = files["tokenizer.json"]
+        vocab, merges, added, post = read_tokenizer_json(where, "BPE", f"a {FAMILY_CLASSES[family]}")
+        specials = _special_tokens(cfg, family, specials_map, cfg_where)
+        backend = build_gemma(vocab, merges, post, added_tokens_from_file(cfg, added), specials, where,
+                              lowercase=family == "siglip2")
+    elif family == "clip":
         from dualenc.processing import clip_bpe
 
         specials = _special_tokens(cfg, "clip", specials_map, cfg_where)
@@ -110,28 +150,52 @@ def _load(path: str | os.PathLike) -> tuple[Any, dict]:
     else:
         raise FileNotFoundError(f"no tokenizer files in {directory}: expected tokenizer.json, vocab.txt, "
                                 f"or vocab.json + merges.txt")
-    padding = backend.padding
+    padding = getattr(backend, "padding", None)
     pad_token = specials.get("pad_token", (None,))[0] or (padding or {}).get("pad_token")
-    sides = {}
-    for key in ("padding_side", "truncation_side"):
-        sides[key] = cfg.get(key, "right")
-        if sides[key] not in ("right", "left"):
-            raise ConfigError(f"{cfg_where}: field '{key}' must be 'right' or 'left', got {sides[key]!r}")
-    encode_specials = _flag(cfg, "split_special_tokens", False, cfg_where)
-    backend.encode_special_tokens = encode_specials
     limit = _model_limit(directory, cfg, model_type)
-    extra = dict(model_input_names=CLIP_INPUTS, default_max_length=limit or CLIP_MAX_LENGTH) if family == "clip" else {}
+    if family == "clip":
+        extra = dict(model_input_names=CLIP_INPUTS, default_max_length=limit or CLIP_MAX_LENGTH)
+    elif family in ("siglip", *GEMMA_FAMILIES):
+        names = cfg.get("model_input_names", CLIP_INPUTS)
+        if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+            raise ConfigError(f"{cfg_where}: field 'model_input_names' must be a list of names, got {names!r:.80}")
+        extra = dict(model_input_names=tuple(names), default_max_length=limit or SIGLIP_MAX_LENGTH)
+        if family == "siglip":
+            extra["encoder"] = backend
+    else:
+        extra = {}
+    if family != "siglip":
+        backend.encode_special_tokens = encode_specials
     return backend, dict(
         pad_token=pad_token, model_max_length=limit, **sides, **extra,
         special_tokens={name: content for name, (content, _) in specials.items()},
         tokenizer_class=cfg.get("tokenizer_class") or FAMILY_CLASSES.get(family), where=directory)
 
 
+def _bos_eos_flags(section: Any, special_tokens: Mapping[str, str]) -> dict:
+    """add_bos_token / add_eos_token for tokenizer_config.json, where a post-processor adds just those tokens."""
+    if section is None:
+        return dict(add_bos_token=False, add_eos_token=False)
+    if section.get("type") != "TemplateProcessing":
+        return {}
+    single = [None if "Sequence" in part else part.get("SpecialToken", {}).get("id") for part in section["single"]]
+    bos, eos = [special_tokens.get("bos_token")], [special_tokens.get("eos_token")]
+    if single.count(None) != 1 or single[:single.index(None)] not in ([], bos) or \
+            single[single.index(None) + 1:] not in ([], eos):
+        return {}
+    return dict(add_bos_token=single[0] is not None, add_eos_token=single[-1] is not None)
+
+
 class Tokenizer:
-    """Texts into padded int64 id arrays, identical to transformers' fast tokenizer on the same files.
+    """Texts into padded int64 id arrays, identical to transformers' tokenizer on the same files.
 
     Build it with `Tokenizer.from_pretrained(path)` (or `Tokenizer(path)`), or around a `tokenizers.Tokenizer`.
     For an open_clip directory it gives open_clip's ids instead (see from_pretrained).
+
+    SigLIP and SigLIP 2 tokenizers pad to 64 by default (the text model's max_position_embeddings where the
+    directory's config.json gives it): their text towers pool the last position and were trained on text padded
+    to that length, so ids must be padded to it ("max_length" padding, as their processors are used); "longest"
+    padding or another length gives other embeddings.
     """
 
     def __init__(self, backend, *, max_length: int | None = None, pad_token: str | None = None,
@@ -149,10 +213,12 @@ class Tokenizer:
           tokenizer_class: the transformers class named in tokenizer_config.json, if any.
           where: how errors name the tokenizer.
           default_max_length: the default length where max_length is not given (default: model_max_length
-            capped at 64, or 64 where the limit is unknown; CLIP tokenizers load with their model's limit).
+            capped at 64, or 64 where the limit is unknown; CLIP tokenizers load with their model's limit, 77
+            where unknown, SigLIP / SigLIP 2 ones with their model's text length, 64 where unknown).
           model_input_names: the arrays __call__ returns, of "input_ids", "attention_mask", "token_type_ids".
           encoder: a function (texts, max_length) -> one list of ids per text, special tokens included and
-            truncated, used instead of the backend's own encoding (open_clip's text cleaning).
+            truncated, used instead of the backend's own encoding (open_clip's text cleaning, SigLIP's
+            SentencePiece tokenizer).
         """
         if isinstance(backend, (str, os.PathLike)):
             backend, loaded = _load(backend)
@@ -164,7 +230,7 @@ class Tokenizer:
         self.model_input_names = names = tuple(model_input_names)
         if "input_ids" not in names or not set(names) <= set(MODEL_INPUTS):
             raise ConfigError(f"model_input_names must hold input_ids, of {list(MODEL_INPUTS)}, got {list(names)}")
-        self._encoder = encoder
+        self._encoder = backend if encoder is None and isinstance(backend, spiece.SiglipSentencePiece) else encoder
         self._backend = backend
         self._lock = threading.Lock()
         self.where = where or "tokenizer"
@@ -190,7 +256,18 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, max_length: int | None = None) -> "Tokenizer":
-        """Loads tokenizer.json, else builds the tokenizer from vocab.txt or vocab.json + merges.txt.
+        """Loads tokenizer.json, else builds the tokenizer from vocab.txt, vocab.json + merges.txt or spiece.model.
+
+        SiglipTokenizer (named by tokenizer_config.json, or by a "siglip" config.json where the file names no
+        class) reads spiece.model with the sentencepiece library and gives SiglipTokenizer's ids: text
+        lowercased (do_lower_case), ASCII punctuation removed, whitespace collapsed, "</s>" appended, padded with
+        the pad token ("</s>" on the hub). GemmaTokenizer is built as transformers v5 builds it, from tokenizer.json's
+        vocabulary, merges and post-processor; Siglip2Tokenizer, which transformers uses for any directory whose
+        config.json is a "siglip2" one (the class the file names aside) and which SigLIP 2's processor therefore
+        uses, is the same on lowercased text. SigLIP 2's tokenizer.json appends "<eos>" and adds no "<bos>".
+        A GemmaTokenizer directory without a siglip2 config.json is not lowercased, as in transformers. These
+        return input_ids and attention_mask, or the model_input_names tokenizer_config.json lists (the hub's
+        SigLIP checkpoints list input_ids alone: the models were trained without a padding mask).
 
         CLIPTokenizer (named by tokenizer_config.json, or by a CLIP config.json) is built as transformers v5
         builds it, from tokenizer.json's vocabulary and merges or vocab.json + merges.txt; it returns no
@@ -211,7 +288,8 @@ class Tokenizer:
 
     @property
     def backend(self):
-        """The underlying `tokenizers.Tokenizer`."""
+        """The underlying `tokenizers.Tokenizer` (for SigLIP's tokenizer, a
+        dualenc.processing.spiece.SiglipSentencePiece, which looks tokens up the same way)."""
         return self._backend
 
     @property
@@ -305,8 +383,8 @@ class Tokenizer:
         return data
 
     def _transformers_config(self, data: dict, special_tokens: Mapping[str, str]) -> dict:
-        """tokenizer_config.json: the BERT/RoBERTa/CLIP class where transformers would rebuild this exact
-        tokenizer."""
+        """tokenizer_config.json: the BERT/RoBERTa/CLIP/Gemma/SigLIP 2 class where transformers would rebuild this
+        exact tokenizer."""
         added = {str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word",
                                                  "special")} for t in data.get("added_tokens", [])}
         base: dict[str, Any] = {**special_tokens, "added_tokens_decoder": added,
@@ -316,8 +394,14 @@ class Tokenizer:
         as_is = {**base, "tokenizer_class": AS_IS_CLASS}
         model, norm = data.get("model") or {}, data.get("normalizer") or {}
         pre, post = data.get("pre_tokenizer") or {}, data.get("post_processor") or {}
+        spaces = {"type": "Replace", "pattern": {"String": " "}, "content": METASPACE}
         if model.get("type") == "BPE" and model.get("end_of_word_suffix") == "</w>":
             family, flags = "clip", {}
+        elif model.get("type") == "BPE" and model.get("byte_fallback") and norm in (
+                spaces, {"type": "Sequence", "normalizers": [{"type": "Lowercase"}, spaces]}):
+            family = "gemma" if norm == spaces else "siglip2"
+            flags = dict(_bos_eos_flags(data.get("post_processor"), special_tokens),
+                         model_input_names=list(self.model_input_names))
         elif model.get("type") == "WordPiece" and norm.get("type") == "BertNormalizer":
             family = "bert"
             flags = dict(do_lower_case=norm.get("lowercase"), strip_accents=norm.get("strip_accents"),
@@ -340,6 +424,9 @@ class Tokenizer:
                     from dualenc.processing import clip_bpe
 
                     rebuilt = clip_bpe.build_clip(dict(model["vocab"]), merges, cfg, specials, "")
+                elif family in GEMMA_FAMILIES:
+                    rebuilt = build_gemma(dict(model["vocab"]), merges, post_processor(data.get("post_processor"), ""),
+                                          cfg, specials, "", lowercase=family == "siglip2")
                 else:
                     rebuilt = build_bytelevel_bpe(dict(model["vocab"]), merges, cfg, specials, "")
         except Exception:  # noqa: BLE001 - anything tokenizers refuses is simply not rebuildable
@@ -351,14 +438,23 @@ class Tokenizer:
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Writes tokenizer.json and tokenizer_config.json into `path` (created if missing; other files kept).
 
-        transformers' AutoTokenizer loads the directory as an equivalent fast tokenizer. Each file is replaced
-        atomically. An open_clip tokenizer is written as transformers' CLIPTokenizer on the same vocabulary, the
+        transformers' AutoTokenizer loads the directory as an equivalent tokenizer. Each file is replaced
+        atomically. SigLIP's tokenizer is written as spiece.model and tokenizer_config.json (SiglipTokenizer); a
+        SigLIP 2 tokenizer as Siglip2Tokenizer, so that the directory lowercases without the model's config.json.
+        An open_clip tokenizer is written as transformers' CLIPTokenizer on the same vocabulary, the
         form transformers' CLIP checkpoints take: transformers does not clean texts as open_clip does (ftfy,
         HTML unescaping) and pads with the end of text token, so its ids differ where those do; loading the
         files back beside an open_clip_config.json (and no config.json) gives open_clip's tokenizer again.
         """
         path = os.fspath(path)
         os.makedirs(path, exist_ok=True)
+        if isinstance(self._backend, spiece.SiglipSentencePiece):
+            config = {**self.special_tokens, "padding_side": self.padding_side, "truncation_side": self.truncation_side,
+                      "model_input_names": list(self.model_input_names)}
+            if self.model_max_length is not None:
+                config["model_max_length"] = self.model_max_length
+            self._backend.save_pretrained(path, config)
+            return
         if self._encoder is None:
             backend, special_tokens = self._backend, self.special_tokens
         else:

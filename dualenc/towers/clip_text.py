@@ -1,9 +1,13 @@
-"""The CLIP text tower family: CLIPTextModel (also open_clip's text transformer), init / apply on token ids.
+"""The CLIP-style text towers: CLIPTextModel (also open_clip's text transformer), SiglipTextModel and
+Siglip2TextModel.
 
-Token + position embeddings, pre-LayerNorm layers under a causal mask combined with the padding mask, a final
-LayerNorm, pooled at the end-of-text token. Which position that is follows transformers' two rules: configs
-with eos_token_id 2 (the OpenAI checkpoints' legacy value) take the argmax of the ids, the end-of-text token
-being the largest id; others take the first position holding eos_token_id.
+Token + position embeddings, pre-LayerNorm layers, a final LayerNorm, one pooled position.
+- CLIP: a causal mask combined with the padding mask; pooled at the end-of-text token. Which position that is
+  follows transformers' two rules: configs with eos_token_id 2 (the OpenAI checkpoints' legacy value) take
+  the argmax of the ids, the end-of-text token being the largest id; others take the first position holding
+  eos_token_id.
+- SigLIP (and SigLIP 2): bidirectional attention with the optional padding mask; pooled at the last position (the text is
+  padded to a fixed length, 64 on the hub), then a linear `head` with bias.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ class CLIPTextConfig(_Config):
 
     model_types: ClassVar[tuple[str, ...]] = ("clip_text_model",)
     rejected: ClassVar[Mapping[str, Any]] = {"head_dim": _same_head_dim}
+    causal: ClassVar[bool] = True
 
     vocab_size: int = _int(49408, hi=1 << 23)
     hidden_size: int = _int(512)
@@ -48,9 +53,7 @@ class CLIPTextConfig(_Config):
 
     def _validate(self):
         for name in ("pad_token_id", "bos_token_id"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                _fail(self.name, name, f"must be a token id or null, got {value!r}")
+            _token_id(self.name, name, getattr(self, name))
         _check_int(self.name, "eos_token_id", self.eos_token_id, 0, 1 << 31)
         super()._validate()
 
@@ -65,19 +68,78 @@ class CLIPTextConfig(_Config):
         return "argmax" if self.eos_token_id == LEGACY_EOS else "eos"
 
 
-def encoder_spec(config: CLIPTextConfig) -> layers.EncoderSpec:
+def _token_id(where, name, value):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        _fail(where, name, f"must be a token id or null, got {value!r}")
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class SiglipTextConfig(_Config):
+    """transformers' SiglipTextConfig (model_type "siglip_text_model", or the text_config of a "siglip")."""
+
+    model_types: ClassVar[tuple[str, ...]] = ("siglip_text_model",)
+    rejected: ClassVar[Mapping[str, Any]] = {"head_dim": _same_head_dim}
+    causal: ClassVar[bool] = False
+    pooling: ClassVar[str] = "last"
+
+    vocab_size: int = _int(32000, hi=1 << 23)
+    hidden_size: int = _int(768)
+    intermediate_size: int = _int(3072, hi=1 << 18)
+    num_hidden_layers: int = _int(12, hi=1024)
+    num_attention_heads: int = _int(12, hi=4096)
+    max_position_embeddings: int = _int(64, hi=1 << 20)
+    hidden_act: str = _choice("gelu_pytorch_tanh", ACTIVATION_NAMES)
+    layer_norm_eps: float = _float(1e-6, hi=1.0, lo_open=True)
+    attention_dropout: float = _rate(0.0)
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 49406
+    eos_token_id: int | tuple[int, ...] | None = 49407  # not read: SigLIP pools the last position
+    projection_size: int | None = _int(None, required=False)  # the head's output size; None: hidden_size
+
+    def _validate(self):
+        for name in ("pad_token_id", "bos_token_id"):
+            _token_id(self.name, name, getattr(self, name))
+        for value in self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,):
+            _token_id(self.name, "eos_token_id", value)
+        if self.projection_size is None:
+            object.__setattr__(self, "projection_size", self.hidden_size)  # one spelling of the default
+        super()._validate()
+
+    @property
+    def max_length(self) -> int:
+        return self.max_position_embeddings
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class Siglip2TextConfig(SiglipTextConfig):
+    """transformers' Siglip2TextConfig (model_type "siglip2_text_model"): SigLIP's text tower, the same fields."""
+
+    model_types: ClassVar[tuple[str, ...]] = ("siglip2_text_model",)
+
+
+TextConfig = CLIPTextConfig | SiglipTextConfig
+
+
+def encoder_spec(config: TextConfig) -> layers.EncoderSpec:
+    if isinstance(config, CLIPTextConfig):
+        stds = layers.clip_init_stds(config.hidden_size, config.num_hidden_layers, config.initializer_factor)
+    else:
+        stds = layers.xavier_stds(config.hidden_size, config.intermediate_size)
     return layers.EncoderSpec(
         num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
         num_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
         activation=config.hidden_act, eps=config.layer_norm_eps, prenorm=True,
-        attention_dropout=config.attention_dropout,
-        init_stds=layers.clip_init_stds(config.hidden_size, config.num_hidden_layers, config.initializer_factor))
+        attention_dropout=config.attention_dropout, init_stds=stds)
 
 
-@builds(CLIPTextConfig)
-def _build(normal: layers.Normal, config: CLIPTextConfig) -> layers.Params:
-    d, std = config.hidden_size, 0.02 * config.initializer_factor
-    return {
+@builds(CLIPTextConfig, SiglipTextConfig)
+def _build(normal: layers.Normal, config: TextConfig) -> layers.Params:
+    d = config.hidden_size
+    # CLIP: N(0, 0.02) embeddings; SigLIP: flax's default embedding init, N(0, 1/d).
+    std = 0.02 * config.initializer_factor if isinstance(config, CLIPTextConfig) else d ** -0.5
+    params = {
         "embeddings": {
             "word": normal((config.vocab_size, d), std),
             "position": normal((config.max_position_embeddings, d), std),
@@ -85,13 +147,18 @@ def _build(normal: layers.Normal, config: CLIPTextConfig) -> layers.Params:
         "encoder": layers.encoder_init(normal, encoder_spec(config)),
         "final_norm": layers.layer_norm_init(d),
     }
+    if isinstance(config, SiglipTextConfig):
+        params["head"] = layers.dense_init(normal, d, config.projection_size, d ** -0.5)
+    return params
 
 
 init = layers.tower_init(_build)  # init(key, config) -> params
 
 
-def pooled_positions(config: CLIPTextConfig, input_ids: jax.Array) -> jax.Array:
-    """(B,) the position each row is pooled at: the end-of-text token, by the config's rule."""
+def pooled_positions(config: TextConfig, input_ids: jax.Array) -> jax.Array:
+    """(B,) the position each row is pooled at: the end-of-text token by the config's rule, or the last."""
+    if config.pooling == "last":
+        return jnp.full(input_ids.shape[:1], input_ids.shape[1] - 1, jnp.int32)
     if config.pooling == "argmax":
         return jnp.argmax(input_ids, axis=-1)
     return jnp.argmax((input_ids == config.eos_token_id).astype(jnp.int32), axis=-1)
@@ -105,8 +172,8 @@ def apply(params: layers.Params, config: CLIPTextConfig, input_ids: jax.Array, a
 
     Args:
       input_ids: (B, L) token ids, with an end-of-text token in every row (the tokenizer adds it).
-      attention_mask: (B, L), 1 for tokens to attend to, 0 for padding; default all ones. The causal mask
-        applies on top of it.
+      attention_mask: (B, L), 1 for tokens to attend to, 0 for padding; default all ones. CLIP's causal mask
+        applies on top of it. (SigLIP checkpoints were trained without one, on text padded to 64.)
       token_type_ids: must be None: CLIP has no token types.
       position_ids: (B, L) or (L,); default 0..L-1.
       dropout_key: enables attention dropout (training) when given.
@@ -117,7 +184,8 @@ def apply(params: layers.Params, config: CLIPTextConfig, input_ids: jax.Array, a
 
     Returns:
       TowerOutput: last_hidden_state (B, L, D) after the final LayerNorm; pooler_output (B, D) at the
-      end-of-text position; hidden_states/attentions as tuples when requested.
+      end-of-text position (SigLIP: the last position, through the head); hidden_states/attentions as tuples
+      when requested.
     """
     check_text_inputs(config, input_ids, attention_mask, token_type_ids, position_ids)
     dtype = jnp.dtype(dtype or jnp.float32)
@@ -131,7 +199,7 @@ def apply(params: layers.Params, config: CLIPTextConfig, input_ids: jax.Array, a
         x = x + jnp.take(emb["position"], jnp.broadcast_to(position_ids, input_ids.shape), axis=0, mode="fill",
                          fill_value=jnp.nan)
         x = x.astype(dtype)
-    bias = layers.attention_bias(attention_mask, causal_length=length)
+    bias = layers.attention_bias(attention_mask, causal_length=length if config.causal else None)
     rows = pooled_positions(config, input_ids)
     with jax.named_scope("encoder"):
         last, states, probs = layers.encoder(
@@ -141,17 +209,21 @@ def apply(params: layers.Params, config: CLIPTextConfig, input_ids: jax.Array, a
     with jax.named_scope("pooler"):
         last = layers.layer_norm(params["final_norm"], last, config.layer_norm_eps, dtype)
         pooled = (last if pooled_only else layers.pick_rows(last, rows))[:, 0]
+        if "head" in params:
+            pooled = layers.dense(params["head"], pooled, dtype)
     return layers.tower_output(last, pooled, x, states, probs)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 
-def table(config: CLIPTextConfig) -> list[tables.Entry]:
-    """The tower's transformers key table, names relative to CLIPTextTransformer."""
+def table(config: TextConfig) -> list[tables.Entry]:
+    """The tower's transformers key table, names relative to CLIPTextTransformer / SiglipTextTransformer."""
     E = tables.Entry
+    head = tables.dense("head", ("head",)) if isinstance(config, SiglipTextConfig) else []
     return [
         E("embeddings.token_embedding.weight", ("embeddings", "word"), "id"),
         E("embeddings.position_embedding.weight", ("embeddings", "position"), "id"),
         *tables.layer("encoder.layers.{i}.", tables.CLIP_LAYER),
         *tables.norm("final_layer_norm", ("final_norm",)),
+        *head,
     ]

@@ -198,20 +198,40 @@ def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
 init = layers.tower_init(_build)  # init(key, config) -> params
 
 
-def position_embeddings(params: layers.Params, config: VisionConfig, grid: tuple[int, int],
-                        square_input: bool) -> jax.Array:
-    """(1 + gh * gw, D) position table for a patch grid, resized bicubically as transformers does."""
-    table = params["embeddings"]["position"]
-    n = config.num_patches
+def resize_positions(patch_table: jax.Array, config, grid: tuple[int, int], square_input: bool) -> jax.Array:
+    """(gh * gw, D): a square grid's (n, D) patch position table resized bicubically to `grid`, as transformers'
+    interpolate_pos_encoding does (unchanged when the grid and input are the config's)."""
+    n = patch_table.shape[0]
     if grid[0] * grid[1] == n and square_input:
-        return table
+        return patch_table
     side = int(round(n ** 0.5))
     if side * side != n:
         raise InputError(f"interpolate_pos_encoding needs a square patch grid in the config, got {config.grid}")
-    patch_table = table[1:].reshape(side, side, -1)
-    resized = jnp.einsum("hi,ijd,wj->hwd", bicubic_matrix(side, grid[0]), patch_table,
+    resized = jnp.einsum("hi,ijd,wj->hwd", bicubic_matrix(side, grid[0]), patch_table.reshape(side, side, -1),
                          bicubic_matrix(side, grid[1]), precision=jax.lax.Precision.HIGHEST)
-    return jnp.concatenate([table[:1], resized.reshape(grid[0] * grid[1], -1)], axis=0)
+    return resized.reshape(grid[0] * grid[1], -1)
+
+
+def position_embeddings(params: layers.Params, config: VisionConfig, grid: tuple[int, int],
+                        square_input: bool) -> jax.Array:
+    """(1 + gh * gw, D) position table (class token first) for a patch grid, resized as transformers does."""
+    table = params["embeddings"]["position"]
+    return jnp.concatenate([table[:1], resize_positions(table[1:], config, grid, square_input)], axis=0)
+
+
+def embed_patches(patch: layers.Params, pixel_values: jax.Array, patch_hw: tuple[int, int], dtype) -> jax.Array:
+    """(B, gh * gw, D) patch embeddings in `dtype`: the stride-p convolution as a matmul over non-overlapping
+    patches (rows and columns past the last whole patch are dropped, as the convolution does)."""
+    b, c, h, w = pixel_values.shape
+    ph, pw = patch_hw
+    gh, gw = h // ph, w // pw
+    x = pixel_values[:, :, :gh * ph, :gw * pw].reshape(b, c, gh, ph, gw, pw)
+    x = jnp.einsum("bcgpwq,cpqd->bgwd", x.astype(dtype), patch["kernel"].astype(dtype),
+                   preferred_element_type=jnp.float32)
+    x = x.reshape(b, gh * gw, -1)
+    if "bias" in patch:
+        x = x + layers.lead(patch["bias"], 3)
+    return x.astype(dtype)
 
 
 def check_pixel_values(config: VisionConfig, pixel_values, interpolate_pos_encoding: bool = False):
@@ -263,14 +283,7 @@ def apply(params: layers.Params, config: VisionConfig, pixel_values: jax.Array, 
     gh, gw = h // ph, w // pw
     emb = params["embeddings"]
     with jax.named_scope("embeddings"):
-        # A stride-p convolution is a matmul over non-overlapping patches; rows past the last patch are dropped.
-        x = pixel_values[:, :, :gh * ph, :gw * pw].reshape(b, c, gh, ph, gw, pw)
-        x = jnp.einsum("bcgpwq,cpqd->bgwd", x.astype(dtype), emb["patch"]["kernel"].astype(dtype),
-                       preferred_element_type=jnp.float32)
-        x = x.reshape(b, gh * gw, -1)
-        if "bias" in emb["patch"]:
-            x = x + layers.lead(emb["patch"]["bias"], 3)
-        x = x.astype(dtype)
+        x = embed_patches(emb["patch"], pixel_values, (ph, pw), dtype)
         cls = jnp.broadcast_to(emb["cls"].astype(dtype), (b, 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1)
         pos = position_embeddings(params, config, (gh, gw), h == w) if interpolate_pos_encoding else emb["position"]

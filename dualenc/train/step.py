@@ -33,11 +33,11 @@ def _embeds(params, config: DualEncoderConfig, batch, key, *, locked, cached, re
             params, config, side, batch, pooled=True, dropout_key=drop[side], remat_policy=remat_policy,
             dtype=dtype).pooler_output
     image_pooled, text_pooled = pooled["vision"], pooled["text"]
-    return (model.normalize(model.project(params["visual_projection"], image_pooled, dtype)),
-            model.normalize(model.project(params["text_projection"], text_pooled, dtype)))
+    return (model.normalize(model.project(params, "vision", image_pooled, dtype)),
+            model.normalize(model.project(params, "text", text_pooled, dtype)))
 
 
-def make_train_step(config: DualEncoderConfig, optimizer, *, loss: str = "clip", locked: Sequence[str] = (),
+def make_train_step(config: DualEncoderConfig, optimizer, *, loss: str | None = None, locked: Sequence[str] = (),
                     unlocked_layers: int = 0, cached: bool = False, remat_policy: str | None = None, dtype=None,
                     chunk_size: int | None = None, donate: bool = True, mesh: Mesh | None = None,
                     fsdp: bool = False) -> Callable:
@@ -45,7 +45,9 @@ def make_train_step(config: DualEncoderConfig, optimizer, *, loss: str = "clip",
 
     Args:
       optimizer: an optax GradientTransformation (see default_optimizer); used with init_state's partition.
-      loss: "clip" (softmax) or "siglip" (sigmoid; the config needs logit_bias_init_value).
+      loss: "clip" (softmax; exp(logit_scale) is clamped at 100 as CLIP does) or "siglip" (sigmoid, with the
+        logit bias; the config needs logit_bias_init_value; no clamp, as big_vision). None, the default: the
+        model's own (config.default_loss: "siglip" for SigLIP models, else "clip").
       locked: towers to lock, e.g. ("vision",) for LiT; unlocked_layers keeps their top k layers trainable.
       cached: the batch carries the locked tower's pooled outputs ("image_features" / "text_features") instead
         of its inputs, so the locked tower is not run (see tower_features).
@@ -62,6 +64,7 @@ def make_train_step(config: DualEncoderConfig, optimizer, *, loss: str = "clip",
     import optax
 
     locked = _check_locking(locked, unlocked_layers)
+    loss = loss or config.default_loss
     if loss not in ("clip", "siglip"):
         raise ConfigError(f"loss must be 'clip' or 'siglip', got {loss!r}")
     if loss == "siglip" and config.logit_bias_init_value is None:
@@ -91,7 +94,8 @@ def make_train_step(config: DualEncoderConfig, optimizer, *, loss: str = "clip",
         (value, (images, texts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        trainable["logit_scale"] = jnp.clip(trainable["logit_scale"], 0.0, MAX_LOGIT_SCALE)
+        if loss == "clip":
+            trainable["logit_scale"] = jnp.clip(trainable["logit_scale"], 0.0, MAX_LOGIT_SCALE)
         t2i, i2t = losses.in_batch_accuracy(texts, images)
         metrics = {"loss": value, "logit_scale": jnp.exp(trainable["logit_scale"]), "accuracy_t2i": t2i,
                    "accuracy_i2t": i2t, "grad_norm": optax.tree.norm(grads)}

@@ -1,0 +1,181 @@
+"""The SigLIP 2 NaFlex vision tower: Siglip2VisionModel, init / apply on patchified images of any shape.
+
+Images come patchified and padded to a fixed number of patches (dualenc.NaFlexImageProcessor, as transformers'
+Siglip2ImageProcessor): pixel_values (B, N, C * p * p), pixel_attention_mask (B, N) marking real patches and
+spatial_shapes (B, 2), each image's patch grid (rows, columns). A linear patch embedding; the square
+position-embedding grid resized to each image's grid with antialiased bilinear interpolation (padding positions
+take the first resized position, as transformers does); SigLIP's encoder under the padding mask; then
+post_layernorm and the attention-pooling head, which ignores the padding too. Shapes stay static for a given
+N, so a batch of mixed aspect ratios compiles once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dualenc import layers, tables
+from dualenc.errors import InputError
+from dualenc.fields import ACTIVATION_NAMES, _bool, _choice, _Config, _fail, _float, _int, _rate, _same_head_dim, \
+    builds
+from dualenc.towers import siglip
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class Siglip2VisionConfig(_Config):
+    """transformers' Siglip2VisionConfig (model_type "siglip2_vision_model", or the vision_config of a "siglip2")."""
+
+    model_types: ClassVar[tuple[str, ...]] = ("siglip2_vision_model",)
+    rejected: ClassVar[Mapping[str, Any]] = {"head_dim": _same_head_dim}
+
+    hidden_size: int = _int(768)
+    intermediate_size: int = _int(3072, hi=1 << 18)
+    num_hidden_layers: int = _int(12, hi=1024)
+    num_attention_heads: int = _int(12, hi=4096)
+    num_channels: int = _int(3, hi=64)
+    patch_size: int = _int(16, hi=8192)
+    hidden_act: str = _choice("gelu_pytorch_tanh", ACTIVATION_NAMES)
+    layer_norm_eps: float = _float(1e-6, hi=1.0, lo_open=True)
+    attention_dropout: float = _rate(0.0)
+    vision_use_head: bool = _bool(True)
+    num_patches: int = _int(256, hi=1 << 16)  # the position grid's size: a square number
+
+    def _validate(self):
+        side = int(round(self.num_patches ** 0.5))
+        if side * side != self.num_patches:
+            _fail(self.name, "num_patches", f"must be a square number (the position grid), got {self.num_patches}")
+        super()._validate()
+
+    @property
+    def patch_dim(self) -> int:
+        return self.num_channels * self.patch_size * self.patch_size
+
+
+encoder_spec = siglip.encoder_spec
+
+
+@builds(Siglip2VisionConfig)
+def _build(normal: layers.Normal, config: Siglip2VisionConfig) -> layers.Params:
+    d = config.hidden_size
+    spec = encoder_spec(config)
+    params = {
+        "embeddings": {
+            "patch": layers.dense_init(normal, config.patch_dim, d, config.patch_dim ** -0.5),
+            "position": normal((config.num_patches, d), d ** -0.5),
+        },
+        "encoder": layers.encoder_init(normal, spec),
+        "post_norm": layers.layer_norm_init(d),
+    }
+    if config.vision_use_head:
+        params["head"] = siglip.head_init(normal, spec)
+    return params
+
+
+init = layers.tower_init(_build)  # init(key, config) -> params
+
+
+def _axis_weights(grid: int, sizes: jax.Array, index: jax.Array) -> jax.Array:
+    """(B, N, grid): antialiased bilinear weights (torch's interpolate, align_corners=False) that resize a
+    `grid`-long axis to `sizes` (B, 1) and read output positions `index` (B, N)."""
+    scale = grid / sizes
+    support = jnp.maximum(scale, 1.0)
+    center = (index + 0.5) * scale - 0.5
+    source = jnp.arange(grid, dtype=jnp.float32)[None, None, :]
+    w = jnp.maximum(1.0 - jnp.abs(source - center[..., None]) / support[..., None], 0.0)
+    return w / jnp.sum(w, axis=-1, keepdims=True)
+
+
+def resize_positions(table: jax.Array, spatial_shapes: jax.Array, length: int) -> jax.Array:
+    """(B, length, D): the (s * s, D) position table resized to each image's (rows, columns) grid, in row-major
+    order, padded to `length` with the first resized position (transformers' resize_positional_embeddings)."""
+    grid = int(round(table.shape[0] ** 0.5))
+    sizes = spatial_shapes.astype(jnp.float32)  # (B, 2)
+    positions = jnp.arange(length, dtype=jnp.float32)[None, :]  # (1, N)
+    rows = jnp.floor(positions / sizes[:, 1:])
+    cols = positions - rows * sizes[:, 1:]
+    inside = positions < (sizes[:, :1] * sizes[:, 1:])
+    rows, cols = rows * inside, cols * inside
+    weights = jnp.einsum("bnh,bnw->bnhw", _axis_weights(grid, sizes[:, :1], rows),
+                         _axis_weights(grid, sizes[:, 1:], cols)).reshape(*rows.shape, grid * grid)
+    return jnp.einsum("bnk,kd->bnd", weights, table.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+
+
+def check_pixel_values(config: Siglip2VisionConfig, pixel_values, pixel_attention_mask=None, spatial_shapes=None):
+    """Shape and dtype checks that hold under jit (shapes are static)."""
+    shape = getattr(pixel_values, "shape", None)
+    if shape is None or len(shape) != 3 or shape[2] != config.patch_dim:
+        raise InputError(f"pixel_values must be patchified images (batch, patches, {config.patch_dim} = channels x "
+                         f"patch_size^2) for a NaFlex model (dualenc.NaFlexImageProcessor makes them), got shape "
+                         f"{shape}")
+    if not jnp.issubdtype(pixel_values.dtype, jnp.floating):
+        raise InputError(f"pixel_values must be floating point (processed images), got {pixel_values.dtype}")
+    for name, value, want in (("pixel_attention_mask", pixel_attention_mask, tuple(shape[:2])),
+                              ("spatial_shapes", spatial_shapes, (shape[0], 2))):
+        if value is None:
+            raise InputError(f"a NaFlex model needs {name} (dualenc.NaFlexImageProcessor gives it with the pixels)")
+        if tuple(getattr(value, "shape", ())) != want or not jnp.issubdtype(value.dtype, jnp.integer) and \
+                not jnp.issubdtype(value.dtype, jnp.bool_):
+            raise InputError(f"{name} must be an integer array of shape {want}, got "
+                             f"{getattr(value, 'dtype', type(value).__name__)} {tuple(getattr(value, 'shape', ()))}")
+
+
+def check_values(config: Siglip2VisionConfig, pixel_attention_mask, spatial_shapes) -> None:
+    """The value checks (outside jit): each grid fits the patches, and the mask marks exactly its patches."""
+    mask, shapes = np.asarray(pixel_attention_mask), np.asarray(spatial_shapes)
+    counts = shapes.prod(-1)
+    if (shapes <= 0).any() or (counts > mask.shape[1]).any():
+        bad = int(np.argmax((shapes <= 0).any(-1) | (counts > mask.shape[1])))
+        raise InputError(f"spatial_shapes[{bad}] = {shapes[bad].tolist()} must be positive and hold at most "
+                         f"{mask.shape[1]} patches")
+    if not np.array_equal(mask.astype(bool), np.arange(mask.shape[1])[None] < counts[:, None]):
+        raise InputError("pixel_attention_mask must mark each image's first rows x columns patches (as "
+                         "spatial_shapes says) and nothing else")
+
+
+def apply(params: layers.Params, config: Siglip2VisionConfig, pixel_values: jax.Array, pixel_attention_mask=None,
+          spatial_shapes=None, *, dropout_key=None, output_hidden_states: bool = False,
+          output_attentions: bool = False, dtype=None, remat_policy: str | None = None,
+          pooled_only: bool = False) -> layers.TowerOutput:
+    """Runs the vision tower on patchified images (see the module docstring for the inputs).
+
+    Returns:
+      TowerOutput: last_hidden_state (B, N, D) after post_layernorm (padding rows included, as transformers
+      computes them); pooler_output (B, D) from the head over the real patches (None with vision_use_head
+      false); hidden_states/attentions as tuples when requested.
+    """
+    if pooled_only:
+        raise InputError("pooled_only is not supported by the SigLIP 2 vision tower: its attention-pooling head "
+                         "reads every token")
+    check_pixel_values(config, pixel_values, pixel_attention_mask, spatial_shapes)
+    dtype = jnp.dtype(dtype or jnp.float32)
+    emb = params["embeddings"]
+    with jax.named_scope("embeddings"):
+        x = layers.dense(emb["patch"], pixel_values, dtype).astype(jnp.float32)
+        x = (x + resize_positions(emb["position"], spatial_shapes, pixel_values.shape[1])).astype(dtype)
+    bias = layers.attention_bias(pixel_attention_mask)
+    spec = encoder_spec(config)
+    with jax.named_scope("encoder"):
+        last, states, probs = layers.encoder(
+            params["encoder"], x, bias, spec, dtype=dtype, key=dropout_key,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            remat_policy=remat_policy)
+    with jax.named_scope("head"):
+        last = layers.layer_norm(params["post_norm"], last, config.layer_norm_eps, dtype)
+        pooled = siglip.attention_pool(params["head"], last, bias, spec, dtype) if config.vision_use_head else None
+    return layers.tower_output(last, pooled, x, states, probs)
+
+
+def table(config: Siglip2VisionConfig) -> list[tables.Entry]:
+    """The tower's transformers key table, names relative to Siglip2VisionTransformer."""
+    return [
+        *tables.dense("embeddings.patch_embedding", ("embeddings", "patch")),
+        tables.Entry("embeddings.position_embedding.weight", ("embeddings", "position"), "id"),
+        *tables.layer("encoder.layers.{i}.", tables.CLIP_LAYER),
+        *tables.norm("post_layernorm", ("post_norm",)),
+        *(siglip.head_table("head.") if config.vision_use_head else []),
+    ]
