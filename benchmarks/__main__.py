@@ -10,10 +10,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import cases, clip, load  # noqa: E402
+from benchmarks import cases, clip, load, siglip  # noqa: E402
 from benchmarks.common import machine, matmul_peak, torch_matmul_peak  # noqa: E402
 
-ALL = ("peak", "forward", "bf16", "latency", "startup", "lit", "encode", "memory", "demo", "load", "clip")
+ALL = ("peak", "forward", "bf16", "latency", "startup", "lit", "encode", "memory", "demo", "load", "clip", "siglip")
 
 
 def run(selected, repeats: int) -> dict:
@@ -49,6 +49,10 @@ def run(selected, repeats: int) -> dict:
         for variant in clip.VARIANTS:
             for batch in (1, 8):
                 add(clip.forward(variant, batch, repeats=repeats))
+    if "siglip" in selected:
+        for naflex in (False, True):
+            for batch in (1, 8):
+                add(siglip.forward(batch, naflex, repeats=repeats))
     if "load" in selected:
         add(load.encode_many())
         add(load.train_long())

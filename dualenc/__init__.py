@@ -17,6 +17,7 @@ from dualenc.formats import (
     NewlyInitializedWarning,
     UnusedWeightsWarning,
     from_vision_text_pretrained,
+    load_big_vision,
     load_pretrained,
     save_pretrained,
 )

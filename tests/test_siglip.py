@@ -219,3 +219,17 @@ def test_zero_shot_probabilities_are_per_label_sigmoids(siglip_dir):
     expected = jax.nn.sigmoid(out.logits_per_image)  # the model's own logits, one sigmoid per label
     np.testing.assert_allclose(probs, np.take_along_axis(np.asarray(expected), top, axis=1), atol=1e-5)
     assert not np.allclose(probs.sum(axis=1), 1.0)
+
+
+def test_towers_of_a_siglip_model_compose(siglip_dir):
+    """from_vision_text_pretrained takes either side from a SiglipModel directory (new projections)."""
+    model, path = siglip_dir
+    with pytest.warns(dualenc.NewlyInitializedWarning, match="visual_projection"):
+        config, params = dualenc.from_vision_text_pretrained(path, path, key=jax.random.key(0), projection_dim=8)
+    assert config.model_type == "vision-text-dual-encoder" and config.projection_dim == 8
+    assert isinstance(config.vision, dualenc.SiglipVisionConfig) and isinstance(config.text, dualenc.SiglipTextConfig)
+    text, images = siglip_text(), pixels(2)
+    out = dualenc.apply(params, config, **text, pixel_values=images)
+    ref = torch_out(model, text, images)
+    assert max_diff(out.vision_outputs.pooler_output, ref.vision_model_output.pooler_output) < 1e-5
+    assert max_diff(out.text_outputs.pooler_output, ref.text_model_output.pooler_output) < 1e-5

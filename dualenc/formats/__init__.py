@@ -1,4 +1,5 @@
-"""Checkpoints by source: transformers directories (VisionTextDualEncoder, CLIP, single towers) and open_clip.
+"""Checkpoints by source: transformers directories (VisionTextDualEncoder, CLIP, single towers), open_clip, and
+big_vision's SigLIP .npz files (`load_big_vision`).
 
 `load_pretrained` picks the reader from the directory's files; `save_pretrained` writes transformers' layout.
 """
@@ -10,12 +11,13 @@ import os
 from dualenc import files
 from dualenc.config import DualEncoderConfig
 from dualenc.formats import open_clip
+from dualenc.formats.big_vision import load_big_vision
 from dualenc.formats.transformers import (
     NewlyInitializedWarning, UnusedWeightsWarning, from_vision_text_pretrained, load_dir, save_pretrained,
 )
 
-__all__ = ["NewlyInitializedWarning", "UnusedWeightsWarning", "from_vision_text_pretrained", "load_pretrained",
-           "save_pretrained"]
+__all__ = ["NewlyInitializedWarning", "UnusedWeightsWarning", "from_vision_text_pretrained", "load_big_vision",
+           "load_pretrained", "save_pretrained"]
 
 
 def load_pretrained(path: str | os.PathLike, *, stacked: bool = False) -> tuple[DualEncoderConfig, dict]:

@@ -167,7 +167,8 @@ def read_bpe_files(vocab_path: str, merges_path: str) -> tuple[dict, list]:
 
 
 def read_tokenizer_json(path: str, model_type: str, what: str) -> tuple[dict, list | None, list, Any]:
-    """(vocab, merges, added tokens, post_processor object or None) of a tokenizer.json holding a `model_type` model.
+    """(vocab, merges, added tokens, the raw "post_processor" section (see post_processor) or None) of a
+    tokenizer.json holding a `model_type` model.
 
     Args:
       path: the tokenizer.json.
@@ -197,7 +198,7 @@ def read_tokenizer_json(path: str, model_type: str, what: str) -> tuple[dict, li
     added = data.get("added_tokens") or []
     if not isinstance(added, list) or not all(isinstance(t, Mapping) for t in added):
         raise ConfigError(f"tokenizer file {path}: field 'added_tokens' must be a list of objects")
-    return dict(vocab), pairs, added, post_processor(data.get("post_processor"), f"tokenizer file {path}")
+    return dict(vocab), pairs, added, data.get("post_processor")
 
 
 def post_processor(section: Any, where: str):

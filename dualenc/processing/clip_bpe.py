@@ -22,7 +22,7 @@ from dualenc.errors import ConfigError
 from dualenc.fields import _check_int
 from dualenc.files import OPEN_CLIP_CONFIG, read_json
 from dualenc.processing.backends import CLIP_MAX_LENGTH, FAMILY_SPECIALS, SANE_MAX_LENGTH, _add_tokens, _tokenizers, \
-    read_bpe_files
+    read_bpe_files, read_tokenizer_json
 
 CLIP_SPECIALS = FAMILY_SPECIALS["clip"]
 BOS, EOS = CLIP_SPECIALS["bos_token"], CLIP_SPECIALS["eos_token"]
@@ -100,33 +100,6 @@ def read_bpe_gz(path: str) -> tuple[dict, list]:
     return vocab, merges
 
 
-def read_tokenizer_json_bpe(path: str) -> tuple[dict, list, list]:
-    """(vocab, merges, added tokens) of the BPE model in a tokenizer.json."""
-    data = read_json(path, "tokenizer file")
-    model = data.get("model")
-    if not isinstance(model, Mapping) or model.get("type") != "BPE":
-        raise ConfigError(f"tokenizer file {path}: field 'model' must be a BPE model for a CLIP tokenizer, got "
-                          f"{(model or {}).get('type') if isinstance(model, Mapping) else model!r}")
-    vocab, merges = model.get("vocab"), model.get("merges")
-    if not isinstance(vocab, Mapping) or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
-                                                 for k, v in vocab.items()):
-        raise ConfigError(f"tokenizer file {path}: field 'model.vocab' must map tokens to integer ids")
-    pairs = []
-    for merge in merges if isinstance(merges, list) else [None]:
-        pair = tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) if isinstance(merge, list) else ()
-        if len(pair) != 2 or not all(isinstance(p, str) for p in pair):
-            raise ConfigError(f"tokenizer file {path}: field 'model.merges' must list pairs of tokens, got "
-                              f"{merge!r:.80}")
-        pairs.append(pair)
-    added = data.get("added_tokens") or []
-    if not isinstance(added, list) or not all(isinstance(t, Mapping) for t in added):
-        raise ConfigError(f"tokenizer file {path}: field 'added_tokens' must be a list of objects")
-    return dict(vocab), pairs, added
-
-
-# ------------------------------------------------------------------------------------ transformers' CLIPTokenizer
-
-
 def build_clip(vocab: dict, merges: list, cfg: Mapping, specials: Mapping, where: str):
     """transformers' CLIPTokenizer pipeline around a vocabulary and merges, with the config's added tokens.
 
@@ -172,7 +145,7 @@ def load_clip(files: Mapping[str, str], exists: Mapping[str, bool], cfg: Mapping
     lists no added_tokens_decoder, its added tokens; the pipeline around them is always CLIP's.
     """
     if exists["tokenizer.json"]:
-        vocab, merges, added = read_tokenizer_json_bpe(files["tokenizer.json"])
+        vocab, merges, added, _ = read_tokenizer_json(files["tokenizer.json"], "BPE", "a CLIP tokenizer")
         where = files["tokenizer.json"]
         if "added_tokens_decoder" not in cfg:
             keys = ("content", "single_word", "lstrip", "rstrip", "normalized", "special")
@@ -365,7 +338,7 @@ def load_open_clip(directory: str) -> tuple[Any, dict]:
         vocab, merges = read_bpe_files(names["vocab.json"], names["merges.txt"])
         where = f"{names['vocab.json']} / {names['merges.txt']}"
     elif os.path.isfile(names["tokenizer.json"]):
-        vocab, merges, _ = read_tokenizer_json_bpe(names["tokenizer.json"])
+        vocab, merges, _, _ = read_tokenizer_json(names["tokenizer.json"], "BPE", "a CLIP tokenizer")
         where = names["tokenizer.json"]
     else:
         where = names[BPE_GZ] if os.path.isfile(names[BPE_GZ]) else _package_bpe()

@@ -103,6 +103,7 @@ def _load(path: str | os.PathLike) -> tuple[Any, dict]:
                                     f"tokenizer.json")
         where = files["tokenizer.json"]
         vocab, merges, added, post = read_tokenizer_json(where, "BPE", f"a {FAMILY_CLASSES[family]}")
+        post = post_processor(post, f"tokenizer file {where}")
         specials = _special_tokens(cfg, family, specials_map, cfg_where)
         backend = build_gemma(vocab, merges, post, added_tokens_from_file(cfg, added), specials, where,
                               lowercase=family == "siglip2")
