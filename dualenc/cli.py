@@ -164,7 +164,6 @@ def cmd_search(args) -> int:
 
 def cmd_train(args) -> int:
     import jax
-    import numpy as np
 
     import dualenc
     from dualenc import data, trainer
@@ -181,22 +180,9 @@ def cmd_train(args) -> int:
     dataset = data.read_pairs(args.data, image_root=args.image_root)
     locked = () if args.lock == "none" else (args.lock,)
     checkpoints = os.path.join(args.out, "checkpoints")
-    siglip = dict(logit_scale_init_value=float(np.log(10)), logit_bias_init_value=-10.0) if args.loss == "siglip" \
-        else {}
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", dualenc.NewlyInitializedWarning)
-        config, params = dualenc.from_vision_text_pretrained(
-            args.vision, args.text, key=jax.random.key(args.seed), projection_dim=args.projection_dim,
-            **({"logit_scale_init_value": siglip["logit_scale_init_value"]} if siglip else {}))
-    if siglip:
-        import dataclasses
-
-        config = dataclasses.replace(config, logit_bias_init_value=siglip["logit_bias_init_value"])
-        params["logit_bias"] = jax.numpy.asarray(siglip["logit_bias_init_value"], jax.numpy.float32)
-    processor = dualenc.Processor(dualenc.ImageProcessor.from_pretrained(args.vision),
-                                  dualenc.Tokenizer.from_pretrained(args.text, max_length=args.max_length))
+    config, params, processor = trainer.start_from(args.vision, args.text, key=jax.random.key(args.seed),
+                                                   projection_dim=args.projection_dim, loss=args.loss,
+                                                   max_length=args.max_length)
     run = trainer.TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, loss=args.loss,
                               locked=locked, unlocked_layers=args.unlocked_layers, cached=args.cache,
                               seed=args.seed, max_length=processor.tokenizer.max_length,
@@ -259,7 +245,7 @@ def cmd_eval(args) -> int:
         if unknown:
             raise CommandError(f"{args.data} has labels missing from {args.labels_file}: {', '.join(unknown[:10])}")
         classifier = dualenc.zero_shot_classifier(params, config, processor, labels)
-        top, _ = dualenc.zero_shot_predict(image_embeds, classifier)
+        top, _ = dualenc.zero_shot_predict(image_embeds, classifier, **dualenc.zero_shot_logit_rule(params, config))
         figures["zero_shot_accuracy"] = float(np.mean([labels[t] == y for t, y in zip(top[:, 0], truth)]))
     figures.update(images=len(dataset.images), texts=len(dataset.captions), skipped=dict(dataset.skipped))
     if args.json:
@@ -326,8 +312,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("query")
 
     p = _sub(subs, "train", cmd_train, "train contrastively from a vision and a text model (LiT or both towers)")
-    p.add_argument("--vision", required=True, help="a vision model directory (ViT, CLIP) with preprocessor_config.json")
-    p.add_argument("--text", required=True, help="a text model directory (BERT, RoBERTa) with tokenizer files")
+    p.add_argument("--vision", required=True,
+                   help="a vision model directory (ViT, CLIP, SigLIP, SigLIP 2) with its image processor settings")
+    p.add_argument("--text", required=True, help="a text model directory (BERT, RoBERTa, CLIP, SigLIP) with tokenizer "
+                                                 "files; the same SigLIP directory as --vision trains that whole model")
     p.add_argument("--data", required=True, help="image-caption pairs: .jsonl or .csv")
     p.add_argument("--image-root", help="folder the pairs' image paths are relative to (default: the file's)")
     p.add_argument("--out", required=True, help="where the trained model (and checkpoints/) go")
@@ -342,7 +330,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=None)
     p.add_argument("--projection-dim", type=int, default=None,
                    help="size of new projections (default: keep the towers' own trained projections when both "
-                        "carry one of the same size, as CLIP directories do; else new ones of 512)")
+                        "carry one of the same size, as CLIP directories do; else new ones of 512; a whole SigLIP "
+                        "model has none)")
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--keep", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)

@@ -18,6 +18,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 import numpy as np
 
 from dualenc.errors import DataError
+from dualenc.processing.processor import image_inputs
 
 MAX_CAPTION_FILE = 1 << 30
 IMAGE_KEYS = ("image", "file_name", "filename", "filepath", "path")
@@ -204,9 +205,10 @@ class Batches:
 
     Args:
       dataset: a PairDataset.
-      processor: a Processor (its image_processor and tokenizer are used), or None with image_features.
+      processor: a Processor (its image_processor and tokenizer are used; a NaFlex image processor's batches
+        carry "pixel_values", "pixel_attention_mask" and "spatial_shapes").
       image_features: (n_images, D) precomputed pooled outputs of a locked vision tower (LiT cache); the
-        batches then carry "image_features" instead of "pixel_values", and images are never decoded.
+        batches then carry "image_features" instead of the images' arrays, and images are never decoded.
     """
 
     def __init__(self, dataset: PairDataset, processor, batch_size: int, *, seed: int = 0, max_length: int = 32,
@@ -242,25 +244,30 @@ class Batches:
         if self.image_features is not None:
             batch["image_features"] = np.asarray(self.image_features[image_ids], np.float32)
         else:
-            pixels = []
+            rows = []
             for i in image_ids:
                 try:
-                    pixels.append(self.processor.image_processor([self.dataset.images[i]])[0])
+                    rows.append(self._image_row(i))
                 except (ValueError, OSError):
                     # An image that cannot be read is replaced by the next readable one, deterministically.
                     skipped["unreadable image"] += 1
-                    pixels.append(self._fallback_pixels(i))
-            batch["pixel_values"] = np.stack(pixels).astype(np.float32)
+                    rows.append(self._fallback_row(i))
+            batch.update({k: np.stack([row[k] for row in rows]) for k in rows[0]})
+            batch["pixel_values"] = batch["pixel_values"].astype(np.float32)
         texts = [self.dataset.captions[c] for c in caption_ids]
         tokens = self.processor.tokenizer(texts, max_length=self.max_length, padding="max_length")
         batch.update({k: np.asarray(v, np.int32) for k, v in tokens.items()})
         return batch
 
-    def _fallback_pixels(self, bad: int) -> np.ndarray:
+    def _image_row(self, i: int) -> dict:
+        """One image's vision inputs: {"pixel_values"}, or a NaFlex processor's three arrays, without the batch axis."""
+        return {k: v[0] for k, v in image_inputs(self.processor, [self.dataset.images[i]]).items()}
+
+    def _fallback_row(self, bad: int) -> dict:
         n = len(self.dataset.images)
         for step in range(1, n):
             try:
-                return self.processor.image_processor([self.dataset.images[(bad + step) % n]])[0]
+                return self._image_row((bad + step) % n)
             except (ValueError, OSError):
                 continue
         raise DataError("no image of the dataset can be read")

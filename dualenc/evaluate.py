@@ -10,18 +10,19 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import jax
 import numpy as np
 
-from dualenc import model
+from dualenc import model, towers
 from dualenc import templates as templates_
 from dualenc.config import DualEncoderConfig
 from dualenc.errors import InputError
+from dualenc.processing.processor import image_inputs
 
 DEFAULT_TEMPLATES = templates_.DEFAULT
 PROGRESS_MIN_BATCHES = 4
 
 
 @functools.partial(jax.jit, static_argnames=("dtype",))
-def _image_embeds(params, config, pixel_values, dtype=None):
-    return model.normalize(model.get_image_features(params, config, pixel_values, dtype=dtype))
+def _image_embeds(params, config, inputs, dtype=None):
+    return model.normalize(model.get_image_features(params, config, **inputs, dtype=dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("dtype",))
@@ -76,6 +77,13 @@ def _check_batch_size(batch_size):
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
+def pad_rows(arrays: dict, rows: int) -> dict:
+    """Each array (n, ...) padded to `rows` rows by repeating its last row, so every padding row is a valid input
+    (a NaFlex image keeps a mask and a patch grid that agree; a text keeps a token to attend to)."""
+    return {k: v if len(v) >= rows else np.concatenate([v, np.repeat(v[-1:], rows - len(v), axis=0)])
+            for k, v in arrays.items()}
+
+
 def _batch_rows(total: int | None, batch_size: int) -> int:
     """Rows per batch: batch_size, or for fewer items the power of two that holds them (one image is not
     padded to 32), which still bounds the number of shapes compiled."""
@@ -89,7 +97,8 @@ def encode_images(params, config: DualEncoderConfig, processor, images: Iterable
     """L2-normalised image embeddings for any number of images.
 
     Args:
-      processor: a Processor or ImageProcessor; each batch of images goes through it on the host.
+      processor: a Processor, ImageProcessor or NaFlexImageProcessor (whose patch sequences, masks and grids go
+        to the NaFlex vision tower); each batch of images goes through it on the host.
       images: a list or any iterable (also a generator too large for memory) of PIL images, paths or arrays.
       batch_size: every batch has this shape (the last one is padded), so the forward compiles once; fewer
         images than that are padded only to the next power of two.
@@ -99,15 +108,14 @@ def encode_images(params, config: DualEncoderConfig, processor, images: Iterable
       float32 (n_images, projection_dim).
     """
     _check_batch_size(batch_size)
-    image_processor = getattr(processor, "image_processor", processor)
     total = len(images) if hasattr(images, "__len__") else None
     batch_size = _batch_rows(total, batch_size)
 
     def prepare(batch):
-        pixels = np.asarray(image_processor(batch), np.float32)
-        if len(batch) < batch_size:
-            pixels = np.concatenate([pixels, np.zeros((batch_size - len(batch),) + pixels.shape[1:], np.float32)])
-        return len(batch), lambda: _image_embeds(params, config, pixels, dtype=dtype)
+        inputs = image_inputs(processor, batch)
+        inputs["pixel_values"] = np.asarray(inputs["pixel_values"], np.float32)
+        inputs = pad_rows(inputs, batch_size)
+        return len(batch), lambda: _image_embeds(params, config, inputs, dtype=dtype)
 
     out = _run(_batches(images, batch_size), prepare, _progress(total, batch_size, progress, "images"))
     return np.zeros((0, config.projection_dim), np.float32) if out is None else out
@@ -127,7 +135,9 @@ def encode_texts(params, config: DualEncoderConfig, tokenizer, texts: Iterable[s
     """L2-normalised text embeddings for any number of texts.
 
     Each batch is padded to `batch_size` rows and to the smallest length bucket (powers of two up to
-    max_length) that holds its longest text, so there is one compilation per bucket, not per batch.
+    max_length) that holds its longest text, so there is one compilation per bucket, not per batch. A text
+    tower that pools the last position (SigLIP, SigLIP 2) gets every text padded to max_length instead, as it
+    was trained: a shorter padding would give other embeddings.
 
     Args:
       tokenizer: a Processor or Tokenizer.
@@ -140,24 +150,26 @@ def encode_texts(params, config: DualEncoderConfig, tokenizer, texts: Iterable[s
     _check_batch_size(batch_size)
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
     max_length = max_length or tokenizer.max_length
-    buckets = length_buckets(max_length)
+    last = towers.family(config.text).pooling == "last"
+    buckets = (max_length,) if last else length_buckets(max_length)
     total = len(texts) if hasattr(texts, "__len__") else None
     batch_size = _batch_rows(total, batch_size)
     pad_id = tokenizer.pad_token_id or 0
 
     def prepare(batch):
-        enc = tokenizer(batch, max_length=max_length, padding="longest")
+        enc = tokenizer(batch, max_length=max_length, padding="max_length" if last else "longest")
         length = next(b for b in buckets if b >= enc["input_ids"].shape[1])
         arrays = {}
         for name, fill in (("input_ids", pad_id), ("attention_mask", 0), ("token_type_ids", 0)):
-            if name not in enc:  # CLIP-style tokenizers give no token types
+            if name not in enc:  # CLIP-style tokenizers give no token types, SigLIP's hub ones no mask
                 arrays[name] = None
                 continue
             a = np.asarray(enc[name], np.int32)
             padded = np.full((batch_size, length), fill, np.int32)
             padded[:a.shape[0], :a.shape[1]] = a
             arrays[name] = padded
-        arrays["attention_mask"][len(batch):, 0] = 1  # padding rows attend to one token, not to none
+        if arrays["attention_mask"] is not None:
+            arrays["attention_mask"][len(batch):, 0] = 1  # padding rows attend to one token, not to none
         return len(batch), lambda: _text_embeds(params, config, arrays["input_ids"], arrays["attention_mask"],
                                                 arrays["token_type_ids"], dtype=dtype)
 

@@ -14,19 +14,23 @@ import os
 import re
 import shutil
 import time
+import warnings
 from typing import Any, Callable
 
 import jax
 import numpy as np
 
-from dualenc import files, train
-from dualenc.config import DualEncoderConfig
+from dualenc import files, formats, towers, train
+from dualenc.config import SIGLIP_LOGIT_INIT, SIGLIP_TYPES, DualEncoderConfig, load_config
 from dualenc.files import read_json
 from dualenc.data import Batches, PairDataset
 from dualenc.errors import CheckpointError, ConfigError
+from dualenc.processing import Processor, Tokenizer
+from dualenc.processing.processor import image_inputs, load_image_processor
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 STATE_FILE, META_FILE = "state.safetensors", "state.json"
+CACHE_CHUNK = 1024  # images decoded at once for the LiT cache
 
 
 def _leaf_names(state) -> list[tuple[str, Any]]:
@@ -136,6 +140,43 @@ class TrainConfig:
         self.locked = tuple(self.locked)
 
 
+def start_from(vision_path: str, text_path: str, *, key: jax.Array, projection_dim: int | None = None,
+               loss: str | None = None, max_length: int | None = None):
+    """The model and processor a training run starts from, as `dualenc train --vision V --text T` builds them.
+
+    One SigLIP or SigLIP 2 directory for both towers is the whole model: its heads, logit scale and logit bias
+    are kept (it has no projections, so projection_dim must not be given). Otherwise the towers are combined
+    with from_vision_text_pretrained (new projections of projection_dim unless both carry trained ones); with
+    loss "siglip" a new logit scale takes SigLIP's init, log 10, and a logit bias of -10 is added.
+
+    Returns:
+      (config, params, processor): the processor is the vision directory's image processor (a
+      NaFlexImageProcessor for SigLIP 2) with the text directory's tokenizer.
+    """
+    processor = Processor(load_image_processor(vision_path), Tokenizer.from_pretrained(text_path,
+                                                                                       max_length=max_length))
+    whole = None
+    if os.path.realpath(vision_path) == os.path.realpath(text_path) and \
+            os.path.isfile(os.path.join(vision_path, "config.json")):
+        whole = load_config(vision_path)
+    if isinstance(whole, DualEncoderConfig) and whole.model_type in SIGLIP_TYPES:
+        if projection_dim is not None:
+            raise ConfigError(f"{vision_path} is a whole {whole.model_type} model, which embeds with its towers' own "
+                              f"heads: a projection_dim does not apply to it")
+        config, params = formats.load_pretrained(vision_path)
+        return config, params, processor
+    scale, bias = SIGLIP_LOGIT_INIT
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", formats.NewlyInitializedWarning)
+        config, params = formats.from_vision_text_pretrained(
+            vision_path, text_path, key=key, projection_dim=projection_dim,
+            **({"logit_scale_init_value": scale} if loss == "siglip" else {}))
+    if loss == "siglip":
+        config = dataclasses.replace(config, logit_bias_init_value=bias)
+        params["logit_bias"] = jax.numpy.asarray(bias, jax.numpy.float32)
+    return config, params, processor
+
+
 def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor, run: TrainConfig, *,
         checkpoint_dir: str | None = None, resume: bool = True, mesh=None,
         callback: Callable[[int, dict], None] | None = None) -> tuple[dict, dict]:
@@ -146,6 +187,11 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
     parallel over its "data" axis; under jax.distributed each process feeds its share of every global batch.
     """
     run = dataclasses.replace(run, loss=run.loss or config.default_loss)
+    text = config.text
+    if towers.family(text).pooling == "last" and run.max_length != text.max_position_embeddings:
+        raise ConfigError(f"max_length is {run.max_length}, but the text tower ({type(text).__name__}) pools the "
+                          f"last position and is used on text padded to its {text.max_position_embeddings} "
+                          f"positions: train with max_length={text.max_position_embeddings}")
     optimizer = train.default_optimizer(run.learning_rate, total_steps=run.steps, warmup_steps=run.warmup_steps,
                                         weight_decay=run.weight_decay)
     state = train.init_state(params, optimizer, locked=run.locked, unlocked_layers=run.unlocked_layers,
@@ -170,9 +216,7 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
         tower = run.locked[0]
         if tower != "vision":
             raise ConfigError("the LiT cache in fit() covers a locked vision tower")
-        pixels = processor.image_processor(dataset.images)
-        features = train.tower_features(params, config, "vision", {"pixel_values": pixels},
-                                        batch_size=run.batch_size)
+        features = _image_features(params, config, processor, dataset.images, run.batch_size)
     batches = Batches(dataset, processor, run.batch_size, seed=run.seed, max_length=run.max_length,
                       start=position, image_features=features)
     metrics = {}
@@ -199,6 +243,14 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
         checkpoint()
     params = jax.tree_util.tree_map(_host_array, train.full_params(state))  # gathered from every host
     return params, {k: float(_host_array(v)) for k, v in metrics.items()}
+
+
+def _image_features(params, config: DualEncoderConfig, processor, images, batch_size: int,
+                    chunk: int = CACHE_CHUNK) -> np.ndarray:
+    """The locked vision tower's pooled outputs for every image (LiT cache), decoding `chunk` images at a time."""
+    parts = [train.tower_features(params, config, "vision", image_inputs(processor, images[start:start + chunk]),
+                                  batch_size=batch_size) for start in range(0, len(images), chunk)]
+    return np.concatenate(parts)
 
 
 def _local_rows(batch: dict) -> dict:

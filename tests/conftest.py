@@ -11,9 +11,14 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# The `dualenc` command's compilation cache: a folder of this session's, not the home directory.
+# The `dualenc` command's compilation cache: a folder of this session's, not the home directory. The test
+# processes (xdist's workers and the subprocesses tests start) share it through jax's own settings too, so a
+# program compiled once (the same train step in several tests, or in each process of a resume test) is read
+# back instead of compiled again.
 _CACHE = tempfile.mkdtemp(prefix="dualenc-test-jax-cache-")
 os.environ.setdefault("DUALENC_COMPILATION_CACHE", _CACHE)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import torchvision_shim  # noqa: E402
 

@@ -1,5 +1,6 @@
 """big_vision SigLIP .npz checkpoints: parity with open_clip's load_big_vision_weights (a timm MAP ViT + open_clip
-text tower), the transformers SiglipModel it converts to, and strict refusal of bad files."""
+text tower), the transformers SiglipModel it converts to, and strict refusal of bad files; SigLIP 2 NaFlex files
+against timm's NaFlexVit (its own big_vision .npz loader) and the transformers Siglip2Model they convert to."""
 
 import pickle
 import unittest.mock
@@ -20,6 +21,7 @@ from dualenc import load_big_vision
 D, HEADS, MLP, DEPTH, PATCH, GRID = 32, 4, 37, 2, 8, 3
 TD, THEADS, TMLP, TDEPTH, VOCAB, LENGTH = 24, 2, 36, 3, 50, 8
 IMAGE = PATCH * GRID
+NAFLEX_GRID = 4  # the NaFlex position grid: resized up and down to the images' grids
 
 
 def _block(rng, d, heads, m):
@@ -58,6 +60,25 @@ def big_vision_tensors(seed=0, scanned=False, prefix="", d=D, heads=HEADS, mlp=M
         else:
             out.update({f"{enc}encoderblock_{i}/{k}": v for i, b in enumerate(blocks) for k, v in b.items()})
     return {prefix + k: v for k, v in out.items()}
+
+
+def naflex_tensors(seed=0, scanned=True, prefix="params/"):
+    """A random SigLIP 2 NaFlex checkpoint (big_vision naflex_vit.py): a Dense patch embedding over (row, column,
+    channel)-flattened patches and a (G, G, D) learn_2d position grid; the rest as SigLIP's."""
+    out = big_vision_tensors(seed, scanned, prefix)
+    rng = np.random.default_rng(seed + 100)
+    out[f"{prefix}img/embedding/kernel"] = (0.1 * rng.standard_normal((PATCH * PATCH * 3, D))).astype(np.float32)
+    out[f"{prefix}img/pos_embedding"] = (0.3 * rng.standard_normal((NAFLEX_GRID, NAFLEX_GRID, D))).astype(np.float32)
+    return out
+
+
+def naflex_batch(seed=0):
+    """Random photos of four aspect ratios (wide, tall, square, tiny) patchified by dualenc's NaFlex processor."""
+    rng = np.random.default_rng(seed)
+    images = [rng.integers(0, 256, s, dtype=np.uint8) for s in [(20, 70, 3), (50, 13, 3), (33, 33, 3), (7, 9, 3)]]
+    batch = dualenc.NaFlexImageProcessor(patch_size=PATCH, max_num_patches=30)(images)
+    assert len({tuple(s) for s in batch["spatial_shapes"]}) == 4
+    return batch
 
 
 def fused(tensors):
@@ -317,9 +338,6 @@ def test_unreadable_files_refused(tmp_path, monkeypatch):
 
 def test_unsupported_checkpoints_refused(tmp_path):
     tensors = big_vision_tensors()
-    naflex = {**tensors, "img/embedding/kernel": np.zeros((PATCH * PATCH * 3, D), np.float32)}
-    with pytest.raises(ConfigError, match=r"naflex.npz: 'img/embedding/kernel' is a Dense patch embedding .*NaFlex"):
-        load_big_vision(save(tmp_path, naflex, "naflex.npz"))
     both = {**tensors, **{k: v for k, v in big_vision_tensors(scanned=True).items() if "encoderblock/" in k}}
     with pytest.raises(CheckpointError, match=r"both.npz: holds both per-layer .* and scanned"):
         load_big_vision(save(tmp_path, both, "both.npz"))
@@ -332,3 +350,129 @@ def test_unsupported_checkpoints_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"wide.npz: the text head projects to 40 .'txt/head/kernel'. but the image "
                                           r"tower is 32 wide"):
         load_big_vision(save(tmp_path, wide, "wide.npz"))
+
+
+def timm_naflex_embeds(path, batch):
+    """timm's NaFlexVit (SigLIP 2 settings: MAP pooling, tanh GELU, bilinear antialiased position resizing) loading
+    the .npz with its own big_vision reader (vision_transformer._load_weights), on the same patches: NaFlexVit
+    takes (row, column) coordinates and a validity mask for dualenc's spatial_shapes and pixel_attention_mask."""
+    from timm.models.naflexvit import NaFlexVit, NaFlexVitCfg
+
+    cfg = NaFlexVitCfg(patch_size=PATCH, embed_dim=D, depth=DEPTH, num_heads=HEADS, mlp_ratio=MLP / D,
+                       act_layer="gelu_tanh", global_pool="map", pos_embed_interp_mode="bilinear",
+                       pos_embed_grid_size=(NAFLEX_GRID, NAFLEX_GRID))
+    model = NaFlexVit(cfg=cfg, in_chans=3, num_classes=0).eval()
+    model.load_pretrained(path, prefix="params/img/")
+    index = np.arange(batch["pixel_values"].shape[1])
+    coord = np.stack([np.stack([index // w, index % w], -1) * (index < h * w)[:, None]
+                      for h, w in batch["spatial_shapes"]])
+    with torch.no_grad():
+        pooled = model({"patches": torch.tensor(batch["pixel_values"]), "patch_coord": torch.tensor(coord),
+                        "patch_valid": torch.tensor(batch["pixel_attention_mask"].astype(bool))})
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def test_naflex_matches_timm_and_transformers(tmp_path):
+    """A NaFlex file loads as a "siglip2" model whose image embeddings are timm's NaFlexVit's on a batch of four
+    aspect ratios (grids above and below the 4x4 position grid), and whose saved directory is a transformers
+    Siglip2Model with the same logits."""
+    path = save(tmp_path, naflex_tensors(), "naflex.npz")
+    config, params = load_big_vision(path, stacked=True)
+    v = config.vision
+    assert config.model_type == "siglip2" and isinstance(v, dualenc.Siglip2VisionConfig)
+    assert isinstance(config.text, dualenc.Siglip2TextConfig) and config.text.projection_size == D
+    assert (v.hidden_size, v.num_attention_heads, v.intermediate_size, v.num_hidden_layers) == (D, HEADS, MLP, DEPTH)
+    assert (v.patch_size, v.num_channels, v.num_patches) == (PATCH, 3, NAFLEX_GRID ** 2)
+    batch, ids = naflex_batch(), inputs()[0]
+    out = jax.jit(dualenc.apply)(params, config, input_ids=ids, **batch)
+    timm_diff = max_diff(out.image_embeds, timm_naflex_embeds(path, batch))
+
+    tf = _transformers()
+    hf = dualenc.save_pretrained(tmp_path / "hf", config, params)
+    model, info = tf.Siglip2Model.from_pretrained(hf, output_loading_info=True, attn_implementation="eager")
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    with torch.no_grad():
+        ref = model.eval()(input_ids=torch.tensor(ids), **{k: torch.tensor(v) for k, v in batch.items()})
+    diffs = {k: max_diff(getattr(out, k), getattr(ref, k)) for k in ("logits_per_image", "image_embeds",
+                                                                      "text_embeds")}
+    print(f"max |dualenc - timm NaFlexVit| image embeds {timm_diff}; max |dualenc - transformers| {diffs}")
+    assert timm_diff < 1e-5 and all(d < 1e-5 for d in diffs.values()), (timm_diff, diffs)
+    assert float(params["logit_scale"]) == pytest.approx(2.1) and float(params["logit_bias"]) == pytest.approx(-1.7)
+
+
+def test_naflex_kernel_is_the_conv_kernel_flattened(files, reference, tmp_path):
+    """big_vision's patchify flattens each patch (row, column, channel), so the conv's HWIO kernel reshaped to
+    (p * p * C, D) embeds a patch as the conv does: a NaFlex file made so from the fixed-resolution one, on the
+    same pixels patchified by dualenc's NaFlexImageProcessor at the native grid, gives open_clip's conv numbers."""
+    tensors = big_vision_tensors()
+    tensors["img/embedding/kernel"] = tensors["img/embedding/kernel"].reshape(-1, D)
+    tensors["img/pos_embedding"] = tensors["img/pos_embedding"].reshape(GRID, GRID, D)
+    config, params = load_big_vision(save(tmp_path, tensors, "naflex.npz"))
+    ids, images = inputs()
+    processor = dualenc.NaFlexImageProcessor(patch_size=PATCH, max_num_patches=GRID * GRID, do_resize=False,
+                                             do_rescale=False, do_normalize=False)
+    batch = processor(list(images.transpose(0, 2, 3, 1)))
+    forward = jax.jit(dualenc.apply)
+    out = forward(params, config, input_ids=ids, **batch)
+    ref = reference["per-layer"]
+    diffs = {k: max_diff(getattr(out, k), ref[k]) for k in ref}
+    print(f"NaFlex from the conv file: max |dualenc - open_clip| {diffs}")
+    assert all(d < 1e-5 for d in diffs.values()), diffs
+    # The layout matters: the kernel read as (C, p, p) rows would embed other numbers.
+    swapped = {**tensors, "img/embedding/kernel": tensors["img/embedding/kernel"].reshape(PATCH, PATCH, 3, D)
+               .transpose(2, 0, 1, 3).reshape(-1, D)}
+    _, wrong = load_big_vision(save(tmp_path, swapped, "swapped.npz"))
+    assert max_diff(forward(wrong, config, input_ids=ids, **batch).image_embeds, ref["image_embeds"]) > 1e-2
+
+
+def test_naflex_positions_resize_as_big_vision():
+    """big_vision's naflex_vit resizes the (G, G, D) grid with jax.image.scale_and_translate (antialiased bilinear,
+    scale = grid / G) and reads each patch's (row, column), padding reading (0, 0); dualenc (as transformers)
+    resizes with torch's antialiased bilinear interpolate: the same numbers, up, down and mixed."""
+    from dualenc.towers.naflex import resize_positions
+
+    table = np.random.default_rng(0).standard_normal((NAFLEX_GRID, NAFLEX_GRID, D)).astype(np.float32)
+    shapes, length = np.array([[3, 10], [10, 3], [2, 2], [1, 7], [4, 4], [6, 6]]), 40
+    ours = resize_positions(table.reshape(-1, D), shapes, length)
+    grids = jax.jit(jax.vmap(lambda scale: jax.image.scale_and_translate(
+        table, (64, 64, D), (0, 1), scale, np.zeros(2, np.float32), method="bilinear", antialias=True)))(
+        (shapes / NAFLEX_GRID).astype(np.float32))
+    index = np.arange(length)
+    for (h, w), grid, got in zip(shapes, np.asarray(grids), np.asarray(ours)):
+        inside = index < h * w
+        np.testing.assert_allclose(got, grid[index // w * inside, index % w * inside], atol=1e-6,
+                                   err_msg=f"grid {h}x{w}")
+
+
+def test_naflex_files_refused(tmp_path):
+    tensors = naflex_tensors()
+    p = "params/img/"
+    del tensors[p + "embedding/bias"]
+    tensors[p + "MAPHead_0/probe"] = np.zeros((1, 2, D), np.float32)
+    tensors[p + "patchln_pre/scale"] = np.ones(PATCH * PATCH * 3, np.float32)  # naflex_vit's optional patch norm
+    path = save(tmp_path, tensors)
+    with pytest.raises(CheckpointError) as e:
+        load_big_vision(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path} does not match the big_vision SigLIP 2 NaFlex model"), msg
+    assert f"missing 1 tensor(s): {p}embedding/bias" in msg and f"unexpected 1 tensor(s): {p}patchln_pre/scale" in msg
+    assert f"{p}MAPHead_0/probe (1, 2, {D}) (expected (1, 1, {D}))" in msg
+
+    good = naflex_tensors(prefix="")
+    path = save(tmp_path, good, "good.npz")
+    with pytest.raises(ConfigError, match=r"unknown argument\(s\) \['vision_image_size'\]; .*vision_num_patches"):
+        load_big_vision(path, vision_image_size=32)
+    with pytest.raises(ConfigError, match=r"vision_num_patches=25 disagrees .*: 16 \(from 'img/pos_embedding'\)"):
+        load_big_vision(path, vision_num_patches=25)
+    with pytest.raises(ConfigError, match=r"variant 'B' has vision hidden_size 768, but the checkpoint's is 32"):
+        load_big_vision(path, variant="B")
+    flat = {**good, "img/pos_embedding": good["img/pos_embedding"].reshape(1, -1, D)}
+    with pytest.raises(ConfigError, match=r"flat.npz: 'img/pos_embedding' \(1, 16, 32\) is not a square \(G, G, D\)"):
+        load_big_vision(save(tmp_path, flat, "flat.npz"))
+    gray = {**good, "img/embedding/kernel": np.zeros((PATCH * PATCH, D), np.float32)}
+    path = save(tmp_path, gray, "gray.npz")
+    with pytest.raises(ConfigError, match=r"gray.npz: 'img/embedding/kernel' has 64 rows, not channels x patch\^2 "
+                                          r"for 3 channels: pass the image's vision_num_channels="):
+        load_big_vision(path)
+    config, _ = load_big_vision(path, vision_num_channels=1)
+    assert (config.vision.num_channels, config.vision.patch_size) == (1, PATCH)

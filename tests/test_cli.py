@@ -115,7 +115,8 @@ def test_compilation_cache_keeps_programs_across_runs(trained, workspace, tmp_pa
     image = workspace / "data" / "images" / "2.png"
     runs = []
     for where in (tmp_path / "cache", tmp_path / "cache", "off"):
-        env = {"DUALENC_COMPILATION_CACHE": str(where), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+        env = {"DUALENC_COMPILATION_CACHE": str(where), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+               "JAX_COMPILATION_CACHE_DIR": ""}  # the command's own choice, not the test session's
         runs.append(dualenc_cmd("zero-shot", "--model", trained, "--labels", "red,green,blue", "--json", image,
                                 env=env, cwd=tmp_path).stdout)
         if len(runs) == 1:

@@ -1,4 +1,4 @@
-"""big_vision SigLIP and SigLIP 2 checkpoints (`.npz`) as a "siglip" DualEncoderConfig and its params.
+"""big_vision SigLIP and SigLIP 2 checkpoints (`.npz`) as a "siglip" or "siglip2" DualEncoderConfig and params.
 
 big_vision's two_towers saves params flattened with "/", optionally all under "params/": the image tower `img/`
 (models/vit.py: `embedding` conv kernel HWIO, `pos_embedding` (1, N, D), `Transformer/encoderblock*`,
@@ -9,18 +9,21 @@ i18n file) is an identity head, as transformers' conversion makes it. Encoder bl
 (`encoderblock_{i}`) or scanned (`encoderblock`, a leading depth axis on every tensor), each tower its own way;
 attention kernels are big_vision's (D, heads, head_dim) for query/key/value and (heads, head_dim, D) for out,
 or fused (D, D). SigLIP files (webli_en_*, webli_i18n_*) and SigLIP 2 fixed-resolution files (siglip2_*: the
-same names, a 256k vocabulary) load; SigLIP 2 NaFlex files (naflex_vit: a Dense patch embedding) are refused
-with a ConfigError.
+same names, a 256k vocabulary) load as "siglip". SigLIP 2 NaFlex files (siglip2_*_naflex, models/proj/image_text/
+naflex_vit.py), told by their Dense patch embedding `img/embedding/kernel` (p * p * C, D) over patches flattened
+(row, column, channel) as ops_naflex's patchify makes them (transformers' Siglip2ImageProcessor's order, so
+the kernel loads as it is) and their (G, G, D) `img/pos_embedding` grid (flattened row-major), load as "siglip2".
 
 Read from shapes: widths, MLP sizes, depths, heads (from per-head kernels), patch size and channels (the conv
-kernel), image size (the square position grid times the patch; any size giving that grid may be passed, e.g.
-vision_image_size=384 for So400m/14 at 384), vocabulary, text length, the text head's size.
+kernel; NaFlex: 3 channels unless vision_num_channels= says otherwise), image size (the square position grid
+times the patch; any size giving that grid may be passed, e.g. vision_image_size=384 for So400m/14 at 384) or,
+NaFlex, num_patches (the grid's G * G), vocabulary, text length, the text head's size.
 `variant` ("B/16", "So400m/14", ...: big_vision's decode_variant names in VARIANTS, "/patch" optional) checks
 them and gives the heads of fused kernels; the text tower is checked against `text_variant`, by default the
 variant's name (SigLIP 2 g-opt/16 pairs with text "So400m"). The computation is big_vision's: LayerNorm eps
 1e-6, flax's GELU (tanh approximation: "gelu_pytorch_tanh"), MAP pooling of the image, the text's last token.
-`dualenc.save_pretrained(dir, *load_big_vision(path))` writes a transformers SiglipModel: a big_vision ->
-transformers converter in one call.
+`dualenc.save_pretrained(dir, *load_big_vision(path))` writes a transformers SiglipModel (Siglip2Model): a
+big_vision -> transformers converter in one call.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ import zlib
 import jax.numpy as jnp
 import numpy as np
 
-from dualenc.config import SIGLIP_LOGIT_INIT, DualEncoderConfig, SiglipTextConfig, SiglipVisionConfig
+from dualenc.config import SIGLIP_LOGIT_INIT, DualEncoderConfig, Siglip2TextConfig, Siglip2VisionConfig, \
+    SiglipTextConfig, SiglipVisionConfig
 from dualenc.errors import CheckpointError, ConfigError
 from dualenc.formats.transformers import _shapes, to_device
 from dualenc.formats.weights import listed
@@ -55,6 +59,9 @@ _FROM_SHAPES = {
     "text": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "max_position_embeddings", "projection_size"),
 }
+_NAFLEX_FROM_SHAPES = {**_FROM_SHAPES, "vision": ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                    "num_attention_heads", "num_channels", "patch_size",
+                                                    "num_patches")}
 # Fields that are not in the checkpoint and do not change what it computes.
 _FREE = {"vision": ("attention_dropout",), "text": ("attention_dropout", "pad_token_id", "bos_token_id",
                                                     "eos_token_id")}
@@ -137,6 +144,11 @@ class _Reader:
                                   f"encoderblock_0/... (per layer) or {self.prefix}{enc}encoderblock/... (scanned)")
         return False, max(indices) + 1
 
+    @property
+    def naflex(self) -> bool:
+        """A SigLIP 2 NaFlex image tower: a Dense patch embedding (p * p * C, D) instead of the conv's HWIO."""
+        return len(self.shape("img/embedding/kernel", (2, 4))) == 2
+
 
 @dataclasses.dataclass
 class _Tower:
@@ -147,7 +159,8 @@ class _Tower:
     headless: bool = False  # a text tower without txt/head (out_dim None): the identity
 
 
-def _tower(r: _Reader, side: str) -> _Tower:
+def _tower(r: _Reader, side: str, channels: int = 3) -> _Tower:
+    """A tower's layout and shape-read fields; `channels` splits a NaFlex kernel's p * p * C rows."""
     scanned, depth = r.blocks(side)
     enc, lead = _ENCODER[side], int(scanned)
     block = enc + ("encoderblock/" if scanned else "encoderblock_0/")
@@ -159,13 +172,21 @@ def _tower(r: _Reader, side: str) -> _Tower:
                   intermediate_size=block + "MlpBlock_0/Dense_0/kernel",
                   num_attention_heads=block + "MultiHeadDotProductAttention_0/query/kernel")
     headless = False
-    if side == "vision":
-        kernel = r.shape("img/embedding/kernel", (2, 4))
-        if len(kernel) == 2:
-            raise ConfigError(f"{r.path}: {r.show('img/embedding/kernel')} is a Dense patch embedding {kernel}: a "
-                              f"SigLIP 2 NaFlex checkpoint (big_vision naflex_vit), not implemented here; convert "
-                              f"it with transformers' convert_siglip2_to_hf.py, then dualenc.load_pretrained")
-        ph, pw, channels, width = kernel
+    if side == "vision" and r.naflex:
+        rows, width = r.shape("img/embedding/kernel", (2,))
+        patch = math.isqrt(rows // channels)
+        if patch * patch * channels != rows:
+            raise ConfigError(f"{r.path}: {r.show('img/embedding/kernel')} has {rows} rows, not channels x patch^2 "
+                              f"for {channels} channels: pass the image's vision_num_channels=")
+        grid = r.shape("img/pos_embedding", (3,))
+        if grid[0] != grid[1]:
+            raise ConfigError(f"{r.path}: {r.show('img/pos_embedding')} {grid} is not a square (G, G, D) grid, as "
+                              f"big_vision naflex_vit's learn_2d position embedding is")
+        fields.update(hidden_size=width, num_channels=channels, patch_size=patch, num_patches=grid[0] * grid[1])
+        source.update(dict.fromkeys(("hidden_size", "patch_size", "num_channels"), "img/embedding/kernel"),
+                      num_patches="img/pos_embedding")
+    elif side == "vision":
+        ph, pw, channels, width = r.shape("img/embedding/kernel", (4,))
         positions = r.shape("img/pos_embedding", (3,))[1]
         grid = math.isqrt(positions)
         if ph != pw or grid * grid != positions:
@@ -185,9 +206,11 @@ def _tower(r: _Reader, side: str) -> _Tower:
                       max_position_embeddings="txt/pos_embedding",
                       projection_size="txt/Embed_0/embedding" if headless else "txt/head/kernel")
     source = {k: r.show(v) for k, v in source.items()}
-    if side == "vision":
+    if side == "vision" and "image_size" in fields:
         p, g = fields["patch_size"], fields["image_size"]
         source["image_size"] += f" (a {g // p}x{g // p} grid of {p}-pixel patches: {g} to {g + p - 1} pixels)"
+    elif side == "vision":
+        source["num_channels"] += f" (its p * p * C rows, read with C = {channels})"
     return _Tower(scanned, fused, fields, source, headless)
 
 
@@ -201,7 +224,8 @@ def _parse_variant(variant: str, argument: str, where: str) -> tuple[tuple[int, 
     return VARIANTS[name], int(patch) if patch else None
 
 
-def _resolve(tower: _Tower, side: str, variant, variant_arg: str, hint: str, overrides: dict, where: str) -> dict:
+def _resolve(tower: _Tower, side: str, variant, variant_arg: str, hint: str, overrides: dict, where: str,
+             names: tuple[str, ...]) -> dict:
     """The tower's config fields: shapes, checked against the variant and overrides; heads filled in if fused."""
     fields = dict(tower.fields)
     if variant is not None:
@@ -215,7 +239,7 @@ def _resolve(tower: _Tower, side: str, variant, variant_arg: str, hint: str, ove
             elif fields[key] != value:
                 raise ConfigError(f"{where}: {variant_arg} {variant!r} has {side} {key} {value}, but the "
                                   f"checkpoint's is {fields[key]} (from {tower.source[key]}); {hint}, or none")
-    for key in _FROM_SHAPES[side]:
+    for key in names:
         given = overrides.get(f"{side}_{key}", fields[key])
         same = given == fields[key]
         if key == "image_size":  # the convolution drops a remainder under a patch (So400m/14 at 384: 27x27)
@@ -232,32 +256,40 @@ def _resolve(tower: _Tower, side: str, variant, variant_arg: str, hint: str, ove
 
 
 def _config(r: _Reader, variant=None, text_variant=None, **overrides) -> tuple[DualEncoderConfig, dict]:
-    """The SigLIP config the tensors' shapes (and a variant, overrides) describe, and each tower's layout."""
-    accepted = {f"{s}_{k}" for s in _FROM_SHAPES for k in _FROM_SHAPES[s] + _FREE[s]}
+    """The SigLIP (SigLIP 2 NaFlex) config the tensors' shapes (a variant, overrides) describe; each tower's layout."""
+    naflex = r.naflex
+    names = _NAFLEX_FROM_SHAPES if naflex else _FROM_SHAPES
+    accepted = {f"{s}_{k}" for s in names for k in names[s] + _FREE[s]}
     accepted |= {"logit_scale_init_value", "logit_bias_init_value"}
     unknown = sorted(set(overrides) - accepted)
     if unknown:
         raise ConfigError(f"load_big_vision: unknown argument(s) {unknown}; accepted: variant, text_variant, "
                           f"stacked, {', '.join(sorted(accepted))} (the rest is big_vision's, fixed)")
-    towers = {side: _tower(r, side) for side in _FROM_SHAPES}
+    channels = overrides.get("vision_num_channels", 3)
+    channels = channels if isinstance(channels, int) and not isinstance(channels, bool) and channels > 0 else 3
+    towers = {side: _tower(r, side, channels) for side in names}
     text_arg, text_hint = "text_variant", "pass the matching text_variant="
     if text_variant is None and isinstance(variant, str):  # big_vision pairs e.g. g-opt/16 with text So400m
         text_variant = variant.partition("/")[0]
         text_arg, text_hint = "variant (its name, for the text tower)", "pass text_variant= (the text tower's own)"
     fields = {"vision": _resolve(towers["vision"], "vision", variant, "variant", "pass the matching variant=",
-                                 overrides, r.path),
-              "text": _resolve(towers["text"], "text", text_variant, text_arg, text_hint, overrides, r.path)}
+                                 overrides, r.path, names["vision"]),
+              "text": _resolve(towers["text"], "text", text_variant, text_arg, text_hint, overrides, r.path,
+                               names["text"])}
     width, projection = fields["vision"]["hidden_size"], fields["text"]["projection_size"]
     if width != projection:
         raise ConfigError(f"{r.path}: the text head projects to {projection} ("
                           f"{towers['text'].source['projection_size']}) but the image tower is {width} wide ("
                           f"{towers['vision'].source['hidden_size']}): SigLIP compares the two directly")
     scale, bias = SIGLIP_LOGIT_INIT
+    vision_cls, text_cls = (Siglip2VisionConfig, Siglip2TextConfig) if naflex else (SiglipVisionConfig,
+                                                                                    SiglipTextConfig)
     try:
-        vision = SiglipVisionConfig(**fields["vision"], hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
-        text = SiglipTextConfig(**fields["text"], hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+        vision = vision_cls(**fields["vision"], hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+        text = text_cls(**fields["text"], hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
         config = DualEncoderConfig(
-            vision=vision, text=text, projection_dim=vision.hidden_size, model_type="siglip",
+            vision=vision, text=text, projection_dim=vision.hidden_size,
+            model_type="siglip2" if naflex else "siglip",
             logit_scale_init_value=overrides.get("logit_scale_init_value", scale),
             logit_bias_init_value=overrides.get("logit_bias_init_value", bias))
     except ConfigError as e:
@@ -293,10 +325,15 @@ def _table(config: DualEncoderConfig, towers: dict) -> list[tuple[str, tuple[str
     the block's name (encoderblock_{i}, or the scanned encoderblock) and its shape is one layer's."""
     v, t = config.vision, config.text
     d, p, head = v.hidden_size, v.patch_size, ("vision", "head")
+    if isinstance(v, Siglip2VisionConfig):  # NaFlex: rows of (p, p, C)-flattened patches; a (G, G, D) grid
+        g = math.isqrt(v.num_patches)
+        kernel, positions = (v.patch_dim, d), (g, g, d)
+    else:
+        kernel, positions = (p, p, v.num_channels, d), (1, v.num_patches, d)
     rows = [
-        ("img/embedding/kernel", ("vision", "embeddings", "patch", "kernel"), (p, p, v.num_channels, d)),
+        ("img/embedding/kernel", ("vision", "embeddings", "patch", "kernel"), kernel),
         ("img/embedding/bias", ("vision", "embeddings", "patch", "bias"), (d,)),
-        ("img/pos_embedding", ("vision", "embeddings", "position"), (1, v.num_patches, d)),
+        ("img/pos_embedding", ("vision", "embeddings", "position"), positions),
         *_norm("img/Transformer/encoder_norm/", ("vision", "post_norm"), d),
         ("img/MAPHead_0/probe", head + ("probe",), (1, 1, d)),
         *_attention("img/MAPHead_0/MultiHeadDotProductAttention_0/", head + ("attention",), d,
@@ -351,7 +388,8 @@ def _check(r: _Reader, table, towers: dict, config: DualEncoderConfig):
     if problems:
         layouts = ", ".join(f"{s} {'scanned' if t.scanned else 'per-layer'}" + (" fused" if t.fused else "")
                             for s, t in towers.items())
-        raise CheckpointError(f"{r.path} does not match the big_vision SigLIP model its shapes describe "
+        kind = "SigLIP 2 NaFlex" if isinstance(config.vision, Siglip2VisionConfig) else "SigLIP"
+        raise CheckpointError(f"{r.path} does not match the big_vision {kind} model its shapes describe "
                               f"({layouts}): " + "; ".join(problems))
 
 
@@ -366,7 +404,7 @@ def _params(r: _Reader, table, towers, config) -> dict:
         else:
             depth = getattr(config, path[0]).num_hidden_layers
             value = np.stack([_float32(r.tensors[name.format(blk=f"encoderblock_{i}")]) for i in range(depth)])
-        if name == "img/embedding/kernel":
+        if name == "img/embedding/kernel" and value.ndim == 4:
             value = value.transpose(2, 0, 1, 3)  # HWIO on NHWC images -> (C, p, p, D) on NCHW pixel_values
         pieces[path].append(value)
     params: dict = {}
@@ -393,26 +431,27 @@ def _params(r: _Reader, table, towers, config) -> dict:
 
 def load_big_vision(path: str | os.PathLike, *, variant: str | None = None, text_variant: str | None = None,
                     stacked: bool = False, **overrides) -> tuple[DualEncoderConfig, dict]:
-    """Loads a big_vision SigLIP / SigLIP 2 (fixed resolution) `.npz` as (config, params), strictly.
+    """Loads a big_vision SigLIP / SigLIP 2 (fixed resolution or NaFlex) `.npz` as (config, params), strictly.
 
     Args:
       path: the .npz file, read with allow_pickle=False only.
-      variant: big_vision's image variant ("B/16", "L/16", "So400m/14", ...): checks the shapes, gives the heads
+      variant: big_vision's image variant ("B/16", "So400m/14", "B" for NaFlex, ...): checks shapes, gives the heads
         of fused kernels. text_variant: the text tower's (default: the variant's name).
       stacked: each encoder stacked on a leading depth axis (see dualenc.init); default per layer.
       **overrides: `vision_<field>` / `text_<field>` config fields. Those read from shapes (hidden_size,
-        num_attention_heads, image_size, vocab_size, ...) must agree with them; text_pad_token_id,
+        num_attention_heads, image_size or NaFlex num_patches, vocab_size, ...) must agree; text_pad_token_id,
         text_bos_token_id, text_eos_token_id (the tokenizer's), vision_/text_attention_dropout,
         logit_scale_init_value and logit_bias_init_value are set.
 
     Returns:
-      (a model_type "siglip" DualEncoderConfig, params) giving big_vision's embeddings and logits;
-      `dualenc.save_pretrained(dir, config, params)` makes it a transformers SiglipModel directory.
+      (a model_type "siglip" DualEncoderConfig, or "siglip2" for NaFlex, params) giving big_vision's embeddings
+      and logits; `dualenc.save_pretrained(dir, config, params)` makes it a transformers SiglipModel (Siglip2Model)
+      directory.
 
     Raises:
       CheckpointError: an unreadable, truncated or pickled file; missing, unexpected or mis-shaped tensors, all
         listed with the file. ConfigError: shapes that disagree with the variant or an override, heads that
-        cannot be read (fused kernels and no variant), NaFlex and other architectures.
+        cannot be read (fused kernels and no variant), other architectures.
     """
     path = os.fspath(path)
     tensors = read_npz(path)

@@ -1,4 +1,5 @@
-"""Processor: an ImageProcessor and a Tokenizer together, like transformers' VisionTextDualEncoderProcessor."""
+"""Processor: an image processor and a Tokenizer together, like transformers' VisionTextDualEncoderProcessor,
+SiglipProcessor and Siglip2Processor."""
 
 from __future__ import annotations
 
@@ -7,19 +8,61 @@ import os
 import numpy as np
 
 from dualenc.errors import InputError
-from dualenc.files import read_json, write_json_atomic
+from dualenc.files import is_open_clip_dir, read_json, write_json_atomic
+from dualenc.processing import naflex
+from dualenc.processing.common import read_settings
 from dualenc.processing.images import ImageProcessor
+from dualenc.processing.naflex import NaFlexImageProcessor
 from dualenc.processing.text import Tokenizer
 
 PROCESSOR_CLASS = "VisionTextDualEncoderProcessor"
+# transformers' Siglip2Processor passes its own patch_size / max_num_patches (these) to the image processor,
+# over the image processor's settings: other settings are saved under the generic processor class, which keeps them.
+SIGLIP2_PROCESSOR_PATCHES = (16, 256)
+
+
+def load_image_processor(path: str | os.PathLike) -> ImageProcessor | NaFlexImageProcessor:
+    """The image processor of a model directory (or settings file): a NaFlexImageProcessor where the settings
+    name SigLIP 2's Siglip2ImageProcessor, else an ImageProcessor (see ImageProcessor.from_pretrained)."""
+    path = os.fspath(path)
+    if not (os.path.isdir(path) and is_open_clip_dir(path)):
+        settings, where = read_settings(path)
+        if settings.get("image_processor_type") in naflex.TYPE_NAMES:
+            return NaFlexImageProcessor.from_dict(settings, where=where)
+    return ImageProcessor.from_pretrained(path)
+
+
+def image_inputs(processor, images) -> dict[str, np.ndarray]:
+    """The vision tower's keyword arrays for images: {"pixel_values"} (n, C, H, W), or a NaFlex processor's
+    {"pixel_values", "pixel_attention_mask", "spatial_shapes"}.
+
+    Args:
+      processor: a Processor, ImageProcessor or NaFlexImageProcessor (or anything that maps images to an array
+        or to such a dict).
+      images: as the image processor takes them.
+    """
+    image_processor = getattr(processor, "image_processor", processor)
+    out = image_processor(images)
+    return dict(out) if isinstance(out, dict) else {"pixel_values": out}
+
+
+def processor_class(image_processor) -> str:
+    """The transformers processor class to save with an image processor: SiglipProcessor / Siglip2Processor for
+    SigLIP's, else VisionTextDualEncoderProcessor (which calls both parts with their own settings)."""
+    if isinstance(image_processor, NaFlexImageProcessor):
+        patches = (image_processor.patch_size, image_processor.max_num_patches)
+        return "Siglip2Processor" if patches == SIGLIP2_PROCESSOR_PATCHES else PROCESSOR_CLASS
+    return "SiglipProcessor" if image_processor.image_processor_type == "SiglipImageProcessor" else PROCESSOR_CLASS
 
 
 class Processor:
-    """An ImageProcessor and a Tokenizer together, like transformers' VisionTextDualEncoderProcessor."""
+    """An image processor (ImageProcessor, or NaFlexImageProcessor for SigLIP 2) and a Tokenizer together, like
+    transformers' VisionTextDualEncoderProcessor, SiglipProcessor and Siglip2Processor."""
 
-    def __init__(self, image_processor: ImageProcessor, tokenizer: Tokenizer):
-        if not isinstance(image_processor, ImageProcessor):
-            raise InputError(f"image_processor must be an ImageProcessor, got {type(image_processor).__name__}")
+    def __init__(self, image_processor: ImageProcessor | NaFlexImageProcessor, tokenizer: Tokenizer):
+        if not isinstance(image_processor, (ImageProcessor, NaFlexImageProcessor)):
+            raise InputError(f"image_processor must be an ImageProcessor or NaFlexImageProcessor, got "
+                             f"{type(image_processor).__name__}")
         if not isinstance(tokenizer, Tokenizer):
             raise InputError(f"tokenizer must be a Tokenizer, got {type(tokenizer).__name__}")
         self.image_processor = image_processor
@@ -31,14 +74,14 @@ class Processor:
 
         Args:
           path: the directory (preprocessor/processor config, or open_clip_config.json: see
-            ImageProcessor.from_pretrained; tokenizer files, and config.json for the text length limit). A SigLIP 2
-            (NaFlex) image processor is refused with a ConfigError naming NaFlexImageProcessor, which reads it.
+            load_image_processor; tokenizer files, and config.json for the text length limit), as transformers'
+            processors save it. SigLIP 2 (Siglip2ImageProcessor) settings give a NaFlexImageProcessor.
           max_length: the tokenizer's default length (see Tokenizer).
 
         Returns:
           Processor.
         """
-        return cls(ImageProcessor.from_pretrained(path), Tokenizer.from_pretrained(path, max_length=max_length))
+        return cls(load_image_processor(path), Tokenizer.from_pretrained(path, max_length=max_length))
 
     def __call__(self, text=None, images=None, max_length: int | None = None,
                  padding: str | bool = "max_length") -> dict[str, np.ndarray]:
@@ -50,8 +93,9 @@ class Processor:
           max_length, padding: as for Tokenizer.__call__.
 
         Returns:
-          {"input_ids", "attention_mask", "token_type_ids"} (n_texts, L) int64 when text is given, and
-          {"pixel_values"} (n_images, C, H, W) float32 when images are.
+          {"input_ids", "attention_mask", "token_type_ids"} (n_texts, L) int64 when text is given (those the
+          tokenizer returns), and {"pixel_values"} (n_images, C, H, W) float32 when images are; with a NaFlex
+          image processor, {"pixel_values", "pixel_attention_mask", "spatial_shapes"} as it gives them.
         """
         if text is None and images is None:
             raise InputError("give text, images, or both")
@@ -59,22 +103,23 @@ class Processor:
         if text is not None:
             out.update(self.tokenizer(text, max_length=max_length, padding=padding))
         if images is not None:
-            out["pixel_values"] = self.image_processor(images)
+            out.update(image_inputs(self.image_processor, images))
         return out
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Writes the tokenizer files, preprocessor_config.json and processor_config.json into `path`.
 
         Other files in the directory are kept; each written file is replaced atomically. transformers'
-        VisionTextDualEncoderProcessor and AutoProcessor load the result.
+        AutoProcessor loads the result as the processor_class(...) named there, which gives the same arrays.
         """
         path = os.fspath(path)
         os.makedirs(path, exist_ok=True)
+        name = processor_class(self.image_processor)
         self.tokenizer.save_pretrained(path)
-        self.image_processor.save_pretrained(path, processor_class=PROCESSOR_CLASS)
+        self.image_processor.save_pretrained(path, processor_class=name)
         nested = os.path.join(path, "processor_config.json")
         processor_config = read_json(nested, "processor config") if os.path.isfile(nested) else {}
-        processor_config.update(processor_class=PROCESSOR_CLASS, image_processor=self.image_processor.to_dict())
+        processor_config.update(processor_class=name, image_processor=self.image_processor.to_dict())
         write_json_atomic(nested, processor_config)
 
     def __repr__(self) -> str:

@@ -7,6 +7,7 @@ A locked tower's params live in `state.frozen`: they get no optimizer state and 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -18,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from dualenc import losses, model
 from dualenc.config import DualEncoderConfig
 from dualenc.errors import ConfigError, InputError
+from dualenc.evaluate import pad_rows
 from dualenc.train.sharding import state_sharding
 from dualenc.train.state import TOWERS, TrainState, _check_locking, _merge
 
@@ -126,25 +128,36 @@ def make_train_step(config: DualEncoderConfig, optimizer, *, loss: str | None = 
     return step
 
 
+@functools.partial(jax.jit, static_argnames=("tower", "dtype"))
+def _pooled(params, config: DualEncoderConfig, tower: str, inputs: dict, dtype=None) -> jax.Array:
+    return model.run_tower({tower: params}, config, tower, inputs, pooled=True, dtype=dtype).pooler_output
+
+
 def tower_features(params: dict, config: DualEncoderConfig, tower: str, inputs: dict, *, batch_size: int = 64,
                    dtype=None) -> np.ndarray:
     """Pooled outputs of one tower for a whole dataset, computed once (LiT's cache of the locked tower).
 
     Args:
-      inputs: for "vision", {"pixel_values": (N, C, H, W)}; for "text", {"input_ids": (N, L), ...}.
+      inputs: the tower's inputs, each (N, ...): for "vision", {"pixel_values": (N, C, H, W)}, or for a NaFlex
+        tower (SigLIP 2) the NaFlexImageProcessor's {"pixel_values", "pixel_attention_mask", "spatial_shapes"};
+        for "text", {"input_ids": (N, L), ...}.
 
     Returns:
-      float32 (N, hidden_size), in fixed-size batches so the tower compiles once.
+      float32 (N, hidden_size), in fixed-size batches (the last one padded with copies of its last row) so the
+      tower compiles once, also across calls.
     """
     if tower not in TOWERS:
         raise InputError(f"tower must be one of {TOWERS}, got {tower!r}")
-    fn = jax.jit(lambda p, x: model.run_tower({tower: p}, config, tower, x, pooled=True, dtype=dtype).pooler_output)
-    n = len(next(iter(inputs.values())))
+    sizes = {k: len(v) for k, v in inputs.items()}
+    if len(set(sizes.values())) > 1:
+        raise InputError(f"the inputs have different numbers of rows: {sizes}")
+    n = next(iter(sizes.values()), 0)
     out = []
     for start in range(0, n, batch_size):
-        chunk = {k: np.asarray(v[start:start + batch_size]) for k, v in inputs.items()}
-        rows = len(next(iter(chunk.values())))
-        if rows < batch_size:
-            chunk = {k: np.concatenate([v, np.repeat(v[-1:], batch_size - rows, axis=0)]) for k, v in chunk.items()}
-        out.append(np.asarray(fn(params[tower], chunk), np.float32)[:rows])
-    return np.concatenate(out) if out else np.zeros((0, getattr(config, tower).hidden_size), np.float32)
+        chunk = pad_rows({k: np.asarray(v[start:start + batch_size]) for k, v in inputs.items()}, batch_size)
+        rows = min(batch_size, n - start)
+        out.append(np.asarray(_pooled(params[tower], config, tower, chunk, dtype=dtype), np.float32)[:rows])
+    if out:
+        return np.concatenate(out)
+    tower_config = getattr(config, tower)
+    return np.zeros((0, getattr(tower_config, "projection_size", tower_config.hidden_size)), np.float32)
