@@ -168,8 +168,13 @@ def cmd_train(args) -> int:
     import dualenc
     from dualenc import data, trainer
 
-    for flag, path in (("--vision", args.vision), ("--text", args.text)):
-        if not os.path.isdir(path):
+    if args.model is not None and (args.vision or args.text):
+        raise CommandError("give --model DIR (fine-tune a whole model) or --vision DIR --text DIR (compose towers), "
+                           "not both")
+    if args.model is None and not (args.vision and args.text):
+        raise CommandError("give --model DIR (fine-tune a whole model) or both --vision DIR and --text DIR")
+    for flag, path in (("--model", args.model), ("--vision", args.vision), ("--text", args.text)):
+        if path is not None and not os.path.isdir(path):
             raise CommandError(f"{flag} model directory not found: {path}")
     if args.coordinator:
         if args.num_processes is None or args.process_id is None:
@@ -180,9 +185,9 @@ def cmd_train(args) -> int:
     dataset = data.read_pairs(args.data, image_root=args.image_root)
     locked = () if args.lock == "none" else (args.lock,)
     checkpoints = os.path.join(args.out, "checkpoints")
-    config, params, processor = trainer.start_from(args.vision, args.text, key=jax.random.key(args.seed),
-                                                   projection_dim=args.projection_dim, loss=args.loss,
-                                                   max_length=args.max_length)
+    config, params, processor = trainer.start_from(args.vision, args.text, model_path=args.model,
+                                                   key=jax.random.key(args.seed), projection_dim=args.projection_dim,
+                                                   loss=args.loss, max_length=args.max_length)
     run = trainer.TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, loss=args.loss,
                               locked=locked, unlocked_layers=args.unlocked_layers, cached=args.cache,
                               seed=args.seed, max_length=processor.tokenizer.max_length,
@@ -312,10 +317,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("query")
 
     p = _sub(subs, "train", cmd_train, "train contrastively from a vision and a text model (LiT or both towers)")
-    p.add_argument("--vision", required=True,
-                   help="a vision model directory (ViT, CLIP, SigLIP, SigLIP 2) with its image processor settings")
-    p.add_argument("--text", required=True, help="a text model directory (BERT, RoBERTa, CLIP, SigLIP) with tokenizer "
-                                                 "files; the same SigLIP directory as --vision trains that whole model")
+    p.add_argument("--model", help="a whole dual encoder to fine-tune (VisionTextDualEncoder, CLIP, open_clip, "
+                                   "SigLIP, SigLIP 2), keeping its projections and logit scale")
+    p.add_argument("--vision", help="or: a vision model directory (ViT, CLIP, SigLIP, SigLIP 2) with its image "
+                                    "processor settings")
+    p.add_argument("--text", help="and a text model directory (BERT, RoBERTa, CLIP, SigLIP) with tokenizer files; the "
+                                  "same SigLIP directory as --vision trains that whole model")
     p.add_argument("--data", required=True, help="image-caption pairs: .jsonl or .csv")
     p.add_argument("--image-root", help="folder the pairs' image paths are relative to (default: the file's)")
     p.add_argument("--out", required=True, help="where the trained model (and checkpoints/) go")

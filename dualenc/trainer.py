@@ -140,9 +140,14 @@ class TrainConfig:
         self.locked = tuple(self.locked)
 
 
-def start_from(vision_path: str, text_path: str, *, key: jax.Array, projection_dim: int | None = None,
-               loss: str | None = None, max_length: int | None = None):
-    """The model and processor a training run starts from, as `dualenc train --vision V --text T` builds them.
+def start_from(vision_path: str | None = None, text_path: str | None = None, *, key: jax.Array,
+               model_path: str | None = None, projection_dim: int | None = None, loss: str | None = None,
+               max_length: int | None = None):
+    """The model and processor a training run starts from, as `dualenc train` builds them.
+
+    model_path: a whole dual encoder (any directory load_pretrained reads: VisionTextDualEncoder, CLIP, open_clip,
+    SigLIP, SigLIP 2) to fine-tune with its projections, logit scale (and bias) and its processor files; with
+    loss "siglip" a model without a logit bias gets one at SigLIP's init, -10. Or vision_path and text_path:
 
     One SigLIP or SigLIP 2 directory for both towers is the whole model: its heads, logit scale and logit bias
     are kept (it has no projections, so projection_dim must not be given). Otherwise the towers are combined
@@ -153,6 +158,20 @@ def start_from(vision_path: str, text_path: str, *, key: jax.Array, projection_d
       (config, params, processor): the processor is the vision directory's image processor (a
       NaFlexImageProcessor for SigLIP 2) with the text directory's tokenizer.
     """
+    scale, bias = SIGLIP_LOGIT_INIT
+    if model_path is not None:
+        if vision_path is not None or text_path is not None:
+            raise ConfigError("give either a whole model (model_path) or two towers (vision_path, text_path)")
+        config, params = formats.load_pretrained(model_path)
+        if projection_dim is not None and projection_dim != config.projection_dim:
+            raise ConfigError(f"{model_path} embeds with projection_dim {config.projection_dim}; a projection_dim "
+                              f"of {projection_dim} does not apply to a whole model (compose towers for new ones)")
+        if loss == "siglip" and "logit_bias" not in params:
+            config = dataclasses.replace(config, logit_bias_init_value=bias)
+            params["logit_bias"] = jax.numpy.asarray(bias, jax.numpy.float32)
+        return config, params, Processor.from_pretrained(model_path, max_length=max_length)
+    if vision_path is None or text_path is None:
+        raise ConfigError("give a whole model (model_path) or both towers (vision_path and text_path)")
     processor = Processor(load_image_processor(vision_path), Tokenizer.from_pretrained(text_path,
                                                                                        max_length=max_length))
     whole = None
@@ -165,7 +184,6 @@ def start_from(vision_path: str, text_path: str, *, key: jax.Array, projection_d
                               f"heads: a projection_dim does not apply to it")
         config, params = formats.load_pretrained(vision_path)
         return config, params, processor
-    scale, bias = SIGLIP_LOGIT_INIT
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", formats.NewlyInitializedWarning)
         config, params = formats.from_vision_text_pretrained(

@@ -58,6 +58,28 @@ def test_train_writes_a_transformers_directory_and_resumes(trained, workspace):
     assert "trained 9 steps" in resumed.stdout
 
 
+def test_train_fine_tunes_a_whole_model(trained, workspace, tmp_path):
+    """--model DIR fine-tunes a whole dual encoder: its projections and logit scale are the starting point, the
+    locked tower stays as it was, and the processor files come along."""
+    import jax
+
+    out = tmp_path / "tuned"
+    dualenc_cmd("train", "--model", trained, "--data", workspace / "data" / "pairs.jsonl", "--out", out,
+                "--steps", 2, "--batch-size", 4, "--lock", "vision", "--quiet")
+    (_, before), (config, after) = dualenc.load_pretrained(trained), dualenc.load_pretrained(out)
+    assert config.projection_dim == 8 and {"tokenizer.json", "preprocessor_config.json"} <= set(os.listdir(out))
+    same = jax.tree_util.tree_map(np.array_equal, before["vision"], after["vision"])
+    assert all(jax.tree_util.tree_leaves(same))  # locked
+    assert np.abs(np.asarray(after["text_projection"]["kernel"]) - before["text_projection"]["kernel"]).max() < 0.05
+    assert not np.array_equal(after["text_projection"]["kernel"], before["text_projection"]["kernel"])
+    for args, message in ((("--model", trained, "--vision", workspace / "vision"), "not both"),
+                          (("--vision", workspace / "vision"), "both --vision DIR and --text DIR"),
+                          (("--model", trained, "--projection-dim", 16), "projection_dim 8")):
+        bad = dualenc_cmd("train", *args, "--data", workspace / "data" / "pairs.jsonl", "--out", tmp_path / "x",
+                          "--steps", 1, "--quiet", check=False)
+        assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
 def test_zero_shot_embed_search_eval(trained, workspace):
     images = workspace / "data" / "images"
     out = dualenc_cmd("zero-shot", "--model", trained, "--labels", "red,green,blue", "--top-k", 2, "--json",
