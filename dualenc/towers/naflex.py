@@ -157,17 +157,9 @@ def apply(params: layers.Params, config: Siglip2VisionConfig, pixel_values: jax.
     with jax.named_scope("embeddings"):
         x = layers.dense(emb["patch"], pixel_values, dtype).astype(jnp.float32)
         x = (x + resize_positions(emb["position"], spatial_shapes, pixel_values.shape[1])).astype(dtype)
-    bias = layers.attention_bias(pixel_attention_mask)
-    spec = encoder_spec(config)
-    with jax.named_scope("encoder"):
-        last, states, probs = layers.encoder(
-            params["encoder"], x, bias, spec, dtype=dtype, key=dropout_key,
-            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-            remat_policy=remat_policy)
-    with jax.named_scope("head"):
-        last = layers.layer_norm(params["post_norm"], last, config.layer_norm_eps, dtype)
-        pooled = siglip.attention_pool(params["head"], last, bias, spec, dtype) if config.vision_use_head else None
-    return layers.tower_output(last, pooled, x, states, probs)
+    return siglip.encode(params, config, x, layers.attention_bias(pixel_attention_mask), dtype=dtype,
+                         dropout_key=dropout_key, output_hidden_states=output_hidden_states,
+                         output_attentions=output_attentions, remat_policy=remat_policy)
 
 
 def table(config: Siglip2VisionConfig) -> list[tables.Entry]:

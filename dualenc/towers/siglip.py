@@ -133,15 +133,24 @@ def apply(params: layers.Params, config: SiglipVisionConfig, pixel_values: jax.A
         if interpolate_pos_encoding:
             pos = vit.resize_positions(pos, config, (h // ph, w // pw), h == w)
         x = x + pos.astype(dtype)[None]
+    return encode(params, config, x, None, dtype=dtype, dropout_key=dropout_key,
+                  output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                  remat_policy=remat_policy)
+
+
+def encode(params: layers.Params, config, x: jax.Array, bias: jax.Array | None, *, dtype, dropout_key,
+           output_hidden_states: bool, output_attentions: bool, remat_policy: str | None) -> layers.TowerOutput:
+    """What SigLIP's vision towers (this one and NaFlex's) run after their embeddings x: the encoder under the
+    key mask `bias`, post_layernorm on every token, and the pooling head (None without vision_use_head)."""
     spec = encoder_spec(config)
     with jax.named_scope("encoder"):
         last, states, probs = layers.encoder(
-            params["encoder"], x, None, spec, dtype=dtype, key=dropout_key,
+            params["encoder"], x, bias, spec, dtype=dtype, key=dropout_key,
             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
             remat_policy=remat_policy)
     with jax.named_scope("head"):
         last = layers.layer_norm(params["post_norm"], last, config.layer_norm_eps, dtype)
-        pooled = attention_pool(params["head"], last, None, spec, dtype) if config.vision_use_head else None
+        pooled = attention_pool(params["head"], last, bias, spec, dtype) if config.vision_use_head else None
     return layers.tower_output(last, pooled, x, states, probs)
 
 
