@@ -40,12 +40,21 @@ class PairDataset(NamedTuple):
 
 
 def _resolve(root: str, name: str, allow_outside: bool) -> str | None:
-    """The image path for a caption-file entry; None if it escapes the data folder (unless allowed)."""
-    path = os.path.realpath(os.path.join(root, name))
-    if allow_outside:
+    """The image path for a caption-file entry; None if it escapes the data folder (unless allowed).
+
+    The path is inside when it is, as written (".." resolved, symlinks not), or once both it and the folder
+    are resolved: a caption file cannot climb out of the folder, a symlinked image folder that the data's owner
+    put inside it is followed, and a data folder reached through a symlink still holds its own files.
+    """
+    root = os.path.abspath(root)
+    path = os.path.normpath(os.path.join(root, name))
+    if allow_outside or _inside(path, root) or _inside(os.path.realpath(path), os.path.realpath(root)):
         return path
-    root_real = os.path.realpath(root)
-    return path if os.path.commonpath([path, root_real]) == root_real else None
+    return None
+
+
+def _inside(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
 
 
 def _rows(path: str) -> Iterator[Any]:
@@ -72,6 +81,10 @@ def _rows(path: str) -> Iterator[Any]:
                     yield None
     else:
         reader = csv.DictReader(io.StringIO(text), delimiter="\t" if path.lower().endswith(".tsv") else ",")
+        try:
+            reader.fieldnames
+        except csv.Error as e:  # e.g. a bare carriage return inside an unquoted header field
+            raise DataError(f"caption file {path}: its header line cannot be parsed as CSV ({e})") from None
         if not reader.fieldnames or not (set(reader.fieldnames) & set(IMAGE_KEYS)) \
                 or not (set(reader.fieldnames) & set(CAPTION_KEYS)):
             raise DataError(f"caption file {path} needs a header with an image column ({', '.join(IMAGE_KEYS)}) "

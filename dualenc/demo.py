@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -10,12 +11,15 @@ import jax
 import numpy as np
 
 import dualenc
-from dualenc import data, trainer
+from dualenc import data, files, trainer
+from dualenc import figures as drawing
 
 # Prompts for the held-out evaluation: the first phrasing never appears in training captions.
 EVAL_TEMPLATES = ("a drawing of the number {}", "a photo of the digit {}")
 IMAGE_SIZE = 16
 MAX_LENGTH = 16
+LOG_EVERY = 200  # steps between plain progress lines when stderr is not a terminal
+HISTORY_EVERY = 10  # training steps between the loss / accuracy points drawn in demo.png (and step 1)
 
 
 def build(vocab_dir: str, seed: int):
@@ -36,11 +40,15 @@ def build(vocab_dir: str, seed: int):
 
 
 def evaluate(params, config, processor, test_set) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
-    """Held-out zero-shot accuracy and class-level retrieval; returns (figures, probs, image embeds, class embeds)."""
+    """Held-out zero-shot accuracy and class-level retrieval.
+
+    Returns (figures, predictions (n,), their probabilities (n,) at the model's own logit scale, and the
+    cosine similarity (shown, classes) of the first images to each class's prompts).
+    """
     classes = list(data.DIGIT_WORDS)
     image_embeds = dualenc.encode_images(params, config, processor, test_set.images, batch_size=128)
     classifier = dualenc.zero_shot_classifier(params, config, processor, classes, EVAL_TEMPLATES)
-    top, probs = dualenc.zero_shot_predict(image_embeds, classifier, k=len(classes))
+    top, probs = dualenc.zero_shot_predict(image_embeds, classifier, k=1, params=params)
     texts = [t.format(c) for t in EVAL_TEMPLATES for c in classes]
     text_embeds = dualenc.encode_texts(params, config, processor, texts)
     retrieval = dualenc.retrieval_metrics(image_embeds, text_embeds, ks=(1, 5), image_labels=test_set.labels,
@@ -53,65 +61,58 @@ def evaluate(params, config, processor, test_set) -> tuple[dict, np.ndarray, np.
         "templates": list(EVAL_TEMPLATES),
         "unseen_template": EVAL_TEMPLATES[0],
     }
-    order = np.argsort(top, axis=1)
-    class_probs = np.take_along_axis(probs, order, axis=1)  # (n, classes) in class order
-    return figures, class_probs, image_embeds, classifier
+    similarity = image_embeds[:drawing.MAX_IMAGES] @ classifier
+    return figures, top[:, 0], probs[:, 0], similarity
 
 
-def draw(path: str, images, labels, class_probs, image_embeds, classifier, n: int = 20):
-    """A PNG: held-out images with their top predicted caption, and their similarity to each class prompt."""
-    from PIL import Image, ImageDraw
+def export(folder: str, splits: dict) -> None:
+    """Writes the digits as files the other subcommands read: images/<split>/NNNN.png, <split>.jsonl (one row
+    per caption, with the image's label) and labels.txt (the class names), so every `dualenc COMMAND --help`
+    example runs on them."""
+    from PIL import Image
 
-    cell, cols = 72, 5
-    rows = (n + cols - 1) // cols
-    heat_cell = 18
-    width = cols * cell + 40 + 10 * heat_cell + 20
-    height = max(rows * (cell + 16), 30 + n * heat_cell) + 40
-    canvas = Image.new("RGB", (width, height), "white")
-    pen = ImageDraw.Draw(canvas)
-    pen.text((4, 4), "held-out digits: top zero-shot caption", fill="black")
-    for i in range(n):
-        x, y = (i % cols) * cell, 20 + (i // cols) * (cell + 16)
-        canvas.paste(Image.fromarray(np.asarray(images[i])).resize((cell - 12, cell - 12), Image.NEAREST), (x + 6, y))
-        guess = int(np.argmax(class_probs[i]))
-        ok = guess == int(labels[i])
-        pen.text((x + 6, y + cell - 10), f"{data.DIGIT_WORDS[guess]} {class_probs[i, guess]:.2f}",
-                 fill=(0, 130, 0) if ok else (200, 0, 0))
-    sims = np.asarray(image_embeds[:n]) @ np.asarray(classifier)  # (n, classes)
-    lo, hi = float(sims.min()), float(sims.max())
-    left = cols * cell + 40
-    pen.text((left, 4), "image x class-prompt similarity", fill="black")
-    for j, word in enumerate(data.DIGIT_WORDS):
-        pen.text((left + j * heat_cell + 4, 18), str(j), fill="black")
-    for i in range(n):
-        for j in range(sims.shape[1]):
-            t = (sims[i, j] - lo) / max(hi - lo, 1e-9)
-            color = (int(255 * t), int(80 + 100 * (1 - abs(t - 0.5) * 2)), int(255 * (1 - t)))
-            x0, y0 = left + j * heat_cell, 32 + i * heat_cell
-            pen.rectangle([x0, y0, x0 + heat_cell - 2, y0 + heat_cell - 2], fill=color)
-    tmp = path + ".tmp"
-    canvas.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    for split, dataset in splits.items():
+        os.makedirs(os.path.join(folder, "images", split), exist_ok=True)
+        names = [f"images/{split}/{i:04d}.png" for i in range(len(dataset.images))]
+        for name, image in zip(names, dataset.images):
+            Image.fromarray(np.asarray(image)).save(os.path.join(folder, name), format="PNG")
+        rows = [json.dumps({"image": names[owner], "caption": caption,
+                            "label": data.DIGIT_WORDS[int(dataset.labels[owner])]})
+                for caption, owner in zip(dataset.captions, dataset.caption_image)]
+        files.write_text_atomic(os.path.join(folder, f"{split}.jsonl"), "\n".join(rows) + "\n")
+    files.write_text_atomic(os.path.join(folder, "labels.txt"), "\n".join(data.DIGIT_WORDS) + "\n")
 
 
 def run(out: str, steps: int, seed: int, quiet: bool = False) -> dict:
     """Trains, evaluates and saves; returns the figures."""
+    drawing.require_matplotlib()  # before training, not after it
     started = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     train_set, processor, config, params = build(os.path.join(out, "vocab"), seed)
     test_set = data.load_digits("test", seed=0, image_size=IMAGE_SIZE)
     bar = None
-    if not quiet:
+    if not quiet and sys.stderr.isatty():
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc="training", unit="step", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
 
+    history = []
+
     def progress(step, metrics):
+        if step == 1 or step % HISTORY_EVERY == 0 or step == steps:
+            i2t, t2i = float(metrics["accuracy_i2t"]), float(metrics["accuracy_t2i"])
+            history.append({"kind": "train", "step": step, "loss": float(metrics["loss"]),
+                            "accuracy": (i2t + t2i) / 2, "accuracy_i2t": i2t, "accuracy_t2i": t2i,
+                            "grad_norm": float(metrics["grad_norm"]), "logit_scale": float(metrics["logit_scale"]),
+                            **{k: float(metrics[k]) for k in ("learning_rate", "epoch") if k in metrics}})
         if bar is not None:
             bar.update(1)
             if step % 10 == 0 or step == steps:
                 bar.set_postfix(loss=f"{float(metrics['loss']):.3f}",
                                 acc=f"{float(metrics['accuracy_i2t']):.2f}")
+        elif not quiet and (step % LOG_EVERY == 0 or step == steps):  # plain lines when stderr is not a terminal
+            print(f"step {step}/{steps}  loss {float(metrics['loss']):.4f}  "
+                  f"acc {float(metrics['accuracy_i2t']):.3f}", file=sys.stderr, flush=True)
 
     run_config = trainer.TrainConfig(steps=steps, batch_size=64, learning_rate=1e-3, seed=seed,
                                      max_length=MAX_LENGTH)
@@ -119,13 +120,16 @@ def run(out: str, steps: int, seed: int, quiet: bool = False) -> dict:
     if bar is not None:
         bar.close()
     trained = time.perf_counter() - started
-    figures, class_probs, image_embeds, classifier = evaluate(params, config, processor, test_set)
+    figures, predictions, probabilities, similarity = evaluate(params, config, processor, test_set)
     model_dir = os.path.join(out, "model")
     dualenc.save_pretrained(model_dir, config, params, processor=processor)
+    export(os.path.join(out, "data"), {"train": train_set, "test": test_set})
     picture = os.path.join(out, "demo.png")
-    draw(picture, test_set.images, test_set.labels, class_probs, image_embeds, classifier)
+    drawing.demo(picture, headline=figures, images=test_set.images, labels=test_set.labels, predictions=predictions,
+                 probabilities=probabilities, classnames=data.DIGIT_WORDS, similarity=similarity, history=history)
     figures.update(steps=steps, seed=seed, final_train_loss=last.get("loss"), train_seconds=round(trained, 1),
-                   total_seconds=round(time.perf_counter() - started, 1), model_dir=model_dir, picture=picture)
+                   total_seconds=round(time.perf_counter() - started, 1), model_dir=model_dir, picture=picture,
+                   data_dir=os.path.join(out, "data"))
     return figures
 
 
@@ -140,5 +144,7 @@ def table(figures: dict) -> str:
     lines.append(f"({figures['held_out_images']} held-out images; prompts {figures['templates']}, "
                  f"'{figures['unseen_template']}' never seen in training)")
     lines.append(f"trained {figures['steps']} steps in {figures['train_seconds']} s; model saved to "
-                 f"{figures['model_dir']}, picture {figures['picture']}")
+                 f"{figures['model_dir']}, picture {figures['picture']}, images and caption files in "
+                 f"{figures['data_dir']}")
+    lines.append("next: `dualenc zero-shot --help` (and embed, search, train, eval): each example runs on these files")
     return "\n".join(lines)

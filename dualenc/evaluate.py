@@ -13,7 +13,7 @@ import numpy as np
 from dualenc import model, towers
 from dualenc import templates as templates_
 from dualenc.config import DualEncoderConfig
-from dualenc.errors import InputError
+from dualenc.errors import DualEncError, InputError
 from dualenc.processing.processor import image_inputs
 
 DEFAULT_TEMPLATES = templates_.DEFAULT
@@ -57,6 +57,8 @@ def _run(batches: Iterator[Any], prepare: Callable[[Any], tuple[int, Callable[[]
     outputs, pending = [], None
     for batch in batches:
         n, launch = prepare(batch)
+        if not n:
+            continue
         result = launch()  # dispatched asynchronously; the next batch is prepared meanwhile
         if pending is not None:
             outputs.append(np.asarray(pending[1])[:pending[0]])
@@ -93,7 +95,7 @@ def _batch_rows(total: int | None, batch_size: int) -> int:
 
 
 def encode_images(params, config: DualEncoderConfig, processor, images: Iterable, *, batch_size: int = 32,
-                  dtype=None, progress: bool | None = None) -> np.ndarray:
+                  dtype=None, progress: bool | None = None, skipped: list | None = None) -> np.ndarray:
     """L2-normalised image embeddings for any number of images.
 
     Args:
@@ -103,22 +105,52 @@ def encode_images(params, config: DualEncoderConfig, processor, images: Iterable
       batch_size: every batch has this shape (the last one is padded), so the forward compiles once; fewer
         images than that are padded only to the next power of two.
       progress: show a progress bar; default when the input is long and stderr is a terminal.
+      skipped: a list to collect the images that cannot be read instead of raising: (index, message) pairs are
+        appended, and the rows returned are the readable images' only, in order. Without it the first
+        unreadable image raises an error naming its index among all the images.
 
     Returns:
-      float32 (n_images, projection_dim).
+      float32 (n_images, projection_dim), or (n_readable, projection_dim) with `skipped`.
     """
     _check_batch_size(batch_size)
     total = len(images) if hasattr(images, "__len__") else None
     batch_size = _batch_rows(total, batch_size)
+    seen = [0]
 
     def prepare(batch):
-        inputs = image_inputs(processor, batch)
+        start, seen[0] = seen[0], seen[0] + len(batch)
+        try:
+            inputs = image_inputs(processor, batch)
+        except (DualEncError, OSError, ValueError):
+            inputs = _readable_inputs(processor, batch, start, skipped)
+        if inputs is None:
+            return 0, None
+        n = len(inputs["pixel_values"])
         inputs["pixel_values"] = np.asarray(inputs["pixel_values"], np.float32)
         inputs = pad_rows(inputs, batch_size)
-        return len(batch), lambda: _image_embeds(params, config, inputs, dtype=dtype)
+        return n, lambda: _image_embeds(params, config, inputs, dtype=dtype)
 
     out = _run(_batches(images, batch_size), prepare, _progress(total, batch_size, progress, "images"))
     return np.zeros((0, config.projection_dim), np.float32) if out is None else out
+
+
+def _readable_inputs(processor, batch: list, start: int, skipped: list | None) -> dict | None:
+    """A batch that failed as a whole, one image at a time: the unreadable ones are named by their index among
+    all images and raised (skipped None) or collected; returns the readable ones' inputs, or None."""
+    rows = []
+    for j, image in enumerate(batch):
+        try:
+            rows.append(image_inputs(processor, [image]))
+        except (DualEncError, OSError, ValueError) as e:
+            message = str(e) or type(e).__name__
+            if message.startswith("image 0"):  # the processor numbers its own one-image batch
+                message = f"image {start + j}" + message[len("image 0"):]
+            if skipped is None:
+                raise type(e)(message) from None
+            skipped.append((start + j, message))
+    if not rows:
+        return None
+    return {k: np.concatenate([row[k] for row in rows]) for k in rows[0]}
 
 
 def length_buckets(max_length: int, smallest: int = 8) -> tuple[int, ...]:
@@ -198,22 +230,35 @@ def zero_shot_classifier(params, config: DualEncoderConfig, tokenizer, classname
     return np.ascontiguousarray(mean.T, np.float32)
 
 
-def zero_shot_predict(image_embeds, classifier, k: int = 1, *, logit_scale: float = 100.0,
+def zero_shot_predict(image_embeds, classifier, k: int = 1, *, params=None, logit_scale: float | None = None,
                       logit_bias: float | None = None):
-    """Top-k classes per image: (indices (n, k) int, probabilities (n, k) float32).
+    """Top-k classes per image: (indices (n, min(k, n_classes)) int, probabilities (n, min(k, n_classes)) float32).
 
-    Probabilities are softmax(logit_scale * image_embeds @ classifier) over all classes (CLIP uses 100), or,
-    with a logit_bias (SigLIP models), each label's own sigmoid(logit_scale * image_embeds @ classifier +
-    logit_bias): independent yes/no probabilities that need not sum to 1. zero_shot_logit_rule(params,
-    config) gives the model's own logit_scale and logit_bias for these arguments.
+    The logits are logit_scale * image_embeds @ classifier, at the model's own scale: pass `params` (its
+    exp(logit_scale), and its logit_bias when it has one), or an explicit logit_scale (CLIP's papers use 100).
+    Probabilities are the softmax over all classes or, with a logit bias (SigLIP models, or any model trained
+    with the sigmoid loss), each label's own sigmoid(logits + logit_bias): independent yes/no probabilities
+    that need not sum to 1. A k larger than the number of classes gives every class, best first.
     """
     image_embeds, classifier = np.asarray(image_embeds, np.float32), np.asarray(classifier, np.float32)
     if image_embeds.ndim != 2 or classifier.ndim != 2 or image_embeds.shape[1] != classifier.shape[0]:
         raise InputError(f"image_embeds {image_embeds.shape} and classifier {classifier.shape} must be "
                          f"(n, d) and (d, n_classes)")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= classifier.shape[1]:
-        raise InputError(f"k must be an integer in [1, {classifier.shape[1]}], got {k!r}")
-    logits = logit_scale * image_embeds @ classifier
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise InputError(f"k must be a positive integer, got {k!r}")
+    if params is not None:
+        if logit_scale is not None or logit_bias is not None:
+            raise InputError("give params (the model's own logit scale and bias) or logit_scale / logit_bias, "
+                             "not both")
+        rule = zero_shot_logit_rule(params)
+        logit_scale, logit_bias = rule["logit_scale"], rule.get("logit_bias")
+    elif logit_scale is None:
+        raise InputError("zero_shot_predict needs the model's params (its own exp(logit_scale) and logit bias) "
+                         "or an explicit logit_scale")
+    if isinstance(logit_scale, bool) or not np.isfinite(logit_scale) or logit_scale <= 0:
+        raise InputError(f"logit_scale must be a positive finite number, got {logit_scale!r}")
+    k = min(k, classifier.shape[1])
+    logits = np.float32(logit_scale) * image_embeds @ classifier
     if logit_bias is not None:
         probs = 1.0 / (1.0 + np.exp(-(logits + np.float32(logit_bias))))
     else:
@@ -224,13 +269,16 @@ def zero_shot_predict(image_embeds, classifier, k: int = 1, *, logit_scale: floa
     return top, np.take_along_axis(probs, top, axis=1).astype(np.float32)
 
 
-def zero_shot_logit_rule(params, config: DualEncoderConfig) -> dict:
-    """zero_shot_predict's logit_scale / logit_bias for a model: SigLIP models' own exp(logit_scale) and
-    logit_bias (per-label sigmoids, as they were trained); for CLIP-style models, {} (softmax at CLIP's 100)."""
-    if config.default_loss != "siglip":
-        return {}
-    return {"logit_scale": float(np.exp(np.asarray(params["logit_scale"], np.float64))),
-            "logit_bias": float(np.asarray(params["logit_bias"]))}
+def zero_shot_logit_rule(params, config: DualEncoderConfig | None = None) -> dict:
+    """A model's own zero-shot rule as zero_shot_predict's keywords: {"logit_scale": exp(params["logit_scale"])},
+    plus "logit_bias" when the model has one (then labels get independent sigmoids, as it was trained).
+    The rule follows from params alone; config is accepted for callers of earlier versions."""
+    if not isinstance(params, dict) or "logit_scale" not in params:
+        raise InputError("params must be a dual encoder's params, with a logit_scale")
+    rule = {"logit_scale": float(np.exp(np.asarray(params["logit_scale"], np.float64)))}
+    if "logit_bias" in params:
+        rule["logit_bias"] = float(np.asarray(params["logit_bias"]))
+    return rule
 
 
 def retrieval_metrics(image_embeds, text_embeds, text_to_image=None, ks: Sequence[int] = (1, 5, 10), *,

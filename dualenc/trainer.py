@@ -13,6 +13,8 @@ import dataclasses
 import os
 import re
 import shutil
+import signal
+import threading
 import time
 import warnings
 from typing import Any, Callable
@@ -195,14 +197,95 @@ def start_from(vision_path: str | None = None, text_path: str | None = None, *, 
     return config, params, processor
 
 
+class Interrupted(KeyboardInterrupt):
+    """fit() stopped on Ctrl-C (SIGINT) after its last completed step.
+
+    Attributes:
+      step: the last completed step.
+      checkpoint: the training checkpoint holding that step (written on the interrupt, or the newest one when no
+        step completed since it), or None without a checkpoint_dir.
+    """
+
+    def __init__(self, step: int, checkpoint: str | None):
+        super().__init__(f"interrupted after step {step}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class _InterruptAfterStep:
+    """While active (in the main thread), a first Ctrl-C only asks the loop to stop after the current step; a
+    second one interrupts at once."""
+
+    def __init__(self):
+        self.requested, self._previous = False, None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def checkpoint_meta(path: str) -> dict:
+    """A training checkpoint's state.json: its step, the run's total steps ("steps", absent in checkpoints of
+    earlier versions), data position and settings."""
+    return read_json(os.path.join(path, META_FILE), "training checkpoint metadata")
+
+
+def settings_of(run: TrainConfig) -> dict:
+    """The settings a resumed run must share with the checkpoint's (all but steps, checkpoint_every and keep)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(run).items()
+            if k not in ("steps", "checkpoint_every", "keep")}
+
+
+def check_resume(path: str, meta: dict, run: TrainConfig) -> None:
+    """Raises CheckpointError when a run cannot continue from the checkpoint at `path`: other settings (naming
+    the keys that differ) or fewer total steps than the checkpoint's run."""
+    ours, theirs = settings_of(run), meta.get("settings") or {}
+    differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k, "<unset>") != theirs.get(k, "<unset>"))
+    if differ:
+        raise CheckpointError(f"{path} was written by a run with other settings: " + "; ".join(
+            f"{k} {theirs.get(k, '<unset>')!r} there, {ours.get(k, '<unset>')!r} here" for k in differ))
+    done = int(meta["step"])
+    planned = int(meta.get("steps", done))
+    if run.steps < planned:
+        raise CheckpointError(f"steps {run.steps} is fewer than the {planned} steps of the run that wrote {path} "
+                              f"(at step {done}): resume with steps {planned}, or more to extend it")
+
+
 def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor, run: TrainConfig, *,
         checkpoint_dir: str | None = None, resume: bool = True, mesh=None,
-        callback: Callable[[int, dict], None] | None = None) -> tuple[dict, dict]:
+        callback: Callable[[int, dict], None] | None = None,
+        evaluate: Callable[[int, dict], Any] | None = None, eval_every: int = 0,
+        on_checkpoint: Callable[[int, str], None] | None = None) -> tuple[dict, dict]:
     """Trains contrastively and returns (params, last metrics).
 
     With checkpoint_dir, a checkpoint is written every run.checkpoint_every steps and at the end, and with
-    resume the newest one is restored first (same data position, same RNG). With a mesh the step is data
-    parallel over its "data" axis; under jax.distributed each process feeds its share of every global batch.
+    resume the newest one is restored first (same data position, same RNG). A checkpoint's run may be extended
+    (run.steps larger than its steps): the learning-rate schedule is then the one of the new total (warmup,
+    then cosine decay to zero at run.steps), followed from the checkpoint's step on. Fewer steps than the
+    checkpoint's run, or other settings, raise CheckpointError; a finished run resumed with its own steps
+    trains no step and returns empty metrics.
+
+    With a mesh the step is data parallel over its "data" axis; under jax.distributed each process feeds its
+    share of every global batch.
+
+    Ctrl-C (SIGINT, in the main thread) stops after the current step: the step is saved as a checkpoint (with
+    checkpoint_dir) and Interrupted is raised; a second Ctrl-C interrupts at once.
+
+    Args:
+      callback: called after every step with (step, metrics): the step's loss, logit_scale, accuracy_i2t,
+        accuracy_t2i, grad_norm (device scalars: converting one waits for the step) and, as floats,
+        learning_rate (the rate of that update), epoch (epochs of data consumed) and step_seconds (dispatch).
+      evaluate: called with (step, params) every eval_every steps and after the last step.
+      on_checkpoint: called with (step, path) after each checkpoint is written.
     """
     run = dataclasses.replace(run, loss=run.loss or config.default_loss)
     text = config.text
@@ -210,25 +293,26 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
         raise ConfigError(f"max_length is {run.max_length}, but the text tower ({type(text).__name__}) pools the "
                           f"last position and is used on text padded to its {text.max_position_embeddings} "
                           f"positions: train with max_length={text.max_position_embeddings}")
+    schedule = train.learning_rate_schedule(run.learning_rate, total_steps=run.steps, warmup_steps=run.warmup_steps)
     optimizer = train.default_optimizer(run.learning_rate, total_steps=run.steps, warmup_steps=run.warmup_steps,
                                         weight_decay=run.weight_decay)
     state = train.init_state(params, optimizer, locked=run.locked, unlocked_layers=run.unlocked_layers,
                              seed=run.seed)
     if mesh is not None:
         state = train.shard_state(state, mesh, run.fsdp)
-    position = (0, 0)
-    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(run).items()
-                if k not in ("steps", "checkpoint_every", "keep")}
+    position, latest = (0, 0), None
+    settings = settings_of(run)
     if checkpoint_dir and resume and checkpoints(checkpoint_dir):
         _, latest = checkpoints(checkpoint_dir)[-1]
+        check_resume(latest, checkpoint_meta(latest), run)
         state, meta = restore_state(latest, state)
-        if meta.get("settings") != settings:
-            raise CheckpointError(f"{latest} was written by a run with other settings: {meta.get('settings')}; "
-                                  f"this run has {settings}")
         position = tuple(meta["data_position"])
     step_fn = train.make_train_step(config, optimizer, loss=run.loss, locked=run.locked,
                                     unlocked_layers=run.unlocked_layers, cached=run.cached,
                                     remat_policy=run.remat_policy, dtype=run.dtype, mesh=mesh, fsdp=run.fsdp)
+    step = int(_host_array(state.step))
+    if step >= run.steps:
+        return jax.tree_util.tree_map(_host_array, train.full_params(state)), {}
     features = None
     if run.cached:
         tower = run.locked[0]
@@ -238,28 +322,46 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
     batches = Batches(dataset, processor, run.batch_size, seed=run.seed, max_length=run.max_length,
                       start=position, image_features=features)
     metrics = {}
-    step = int(_host_array(state.step))
 
     def checkpoint():
-        save_state(checkpoint_dir, state, {"data_position": list(batches.position), "settings": settings},
-                   keep=run.keep)
+        path = save_state(checkpoint_dir, state, {"data_position": list(batches.position), "settings": settings,
+                                                  "steps": run.steps}, keep=run.keep)
+        if path is not None and on_checkpoint is not None:
+            on_checkpoint(step, path)
+        return path
 
-    for _, batch in batches:
-        if step >= run.steps:
-            break
-        batch = {k: v for k, v in batch.items() if k != "image_index"}
-        if mesh is not None:
-            batch = train.shard_batch(_local_rows(batch), mesh)
-        started = time.perf_counter()
-        state, metrics = step_fn(state, batch)
-        step += 1
-        if callback is not None:
-            callback(step, {**metrics, "step_seconds": time.perf_counter() - started})
-        if checkpoint_dir and run.checkpoint_every and step % run.checkpoint_every == 0:
+    def params_now():
+        return jax.tree_util.tree_map(_host_array, train.full_params(state))  # gathered from every host
+
+    with _InterruptAfterStep() as interrupt:
+        for _, batch in batches:
+            if step >= run.steps:
+                break
+            batch = {k: v for k, v in batch.items() if k != "image_index"}
+            if mesh is not None:
+                batch = train.shard_batch(_local_rows(batch), mesh)
+            started = time.perf_counter()
+            state, metrics = step_fn(state, batch)
+            step += 1
+            if callback is not None:
+                epoch, index = batches.position
+                callback(step, {**metrics, "step_seconds": time.perf_counter() - started,
+                                "learning_rate": float(schedule(step - 1)),
+                                "epoch": epoch + index / batches.batches_per_epoch})
+            saved = checkpoint_dir and run.checkpoint_every and step % run.checkpoint_every == 0
+            if saved:
+                latest = checkpoint()
+            if evaluate is not None and eval_every and step % eval_every == 0 and step < run.steps:
+                evaluate(step, params_now())
+            if interrupt.requested and step < run.steps:  # (after the last step, the run ends as usual)
+                if checkpoint_dir and not saved:
+                    latest = checkpoint()
+                raise Interrupted(step, latest if checkpoint_dir else None)
+        if checkpoint_dir and (not run.checkpoint_every or step % run.checkpoint_every):
             checkpoint()
-    if checkpoint_dir and (not run.checkpoint_every or step % run.checkpoint_every):
-        checkpoint()
-    params = jax.tree_util.tree_map(_host_array, train.full_params(state))  # gathered from every host
+        params = params_now()
+        if evaluate is not None:
+            evaluate(step, params)
     return params, {k: float(_host_array(v)) for k, v in metrics.items()}
 
 

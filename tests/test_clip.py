@@ -185,6 +185,8 @@ def test_towers_from_clip_single_tower_classes(vision_cls, text_cls, kept, tmp_p
                                                              key=jax.random.key(0))
     message = str(record[0].message)
     assert "logit_scale" in message and (("projection" in message) != kept)
+    # new projections take the size the CLIP towers suggest (their configs' projection_dim), not a fixed 512
+    assert config.projection_dim == whole.config.vision_config.projection_dim == 16
     text, images = clip_text_batch(EOS_RULE), pixels(2)
     out = dualenc.apply(params, config, **text, pixel_values=images)
     ref, towers = torch_out(whole, text, images), tower_pooled(whole, text, images)

@@ -147,3 +147,6 @@ def test_a_csv_row_the_csv_module_cannot_parse_is_skipped_and_counted(tmp_path):
     (tmp_path / "pairs.csv").write_bytes(b"image,caption\na.png,\r0\nb.png,a caption\n")
     dataset = data.read_pairs(tmp_path / "pairs.csv")
     assert dataset.captions == ["a caption"] and dataset.skipped["malformed row"] == 1
+    (tmp_path / "header.csv").write_bytes(b"\r0\nimage,caption\nb.png,a caption\n")  # in the header: the file
+    with pytest.raises(dualenc.DataError, match="header.csv"):
+        data.read_pairs(tmp_path / "header.csv")

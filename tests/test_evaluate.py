@@ -133,8 +133,29 @@ def test_zero_shot_predict_by_hand():
     np.testing.assert_allclose(probs[0], [e(1) / (e(1) + 2), 1 / (e(1) + 2)], rtol=1e-6)
     np.testing.assert_allclose(probs[1], [e(0.8) / (1 + e(0.6) + e(0.8)), e(0.6) / (1 + e(0.6) + e(0.8))],
                                rtol=1e-6)
-    with pytest.raises(ValueError, match="k must be"):
-        dualenc.zero_shot_predict(images, classifier, k=4)
+    every, _ = dualenc.zero_shot_predict(images, classifier, k=5, logit_scale=1.0)  # k past the classes: all
+    np.testing.assert_array_equal(every[:, :2], top)
+    assert every.shape == (2, 3)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="k must be"):
+            dualenc.zero_shot_predict(images, classifier, k=bad, logit_scale=1.0)
+
+
+def test_zero_shot_predict_uses_the_models_own_logit_scale_and_bias():
+    """With params, the probabilities come from the model's exp(logit_scale) (and its logit_bias: sigmoids),
+    not a fixed 100; with neither params nor a scale it refuses rather than guess."""
+    classifier = np.eye(3, dtype=np.float32)
+    images = np.array([[0.6, 0.8, 0.0]], np.float32)
+    params = {"logit_scale": np.float32(np.log(2.0))}
+    _, probs = dualenc.zero_shot_predict(images, classifier, k=3, params=params)
+    logits = 2.0 * np.array([0.8, 0.6, 0.0])
+    np.testing.assert_allclose(probs[0], np.exp(logits) / np.exp(logits).sum(), rtol=1e-5)
+    _, sig = dualenc.zero_shot_predict(images, classifier, k=3, params={**params, "logit_bias": np.float32(-1.0)})
+    np.testing.assert_allclose(sig[0], 1 / (1 + np.exp(-(logits - 1.0))), rtol=1e-5)
+    with pytest.raises(ValueError, match="params"):
+        dualenc.zero_shot_predict(images, classifier)
+    with pytest.raises(ValueError, match="not both"):
+        dualenc.zero_shot_predict(images, classifier, params=params, logit_scale=100.0)
 
 
 def test_retrieval_metrics_by_hand_with_ties_and_several_captions():

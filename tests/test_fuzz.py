@@ -19,7 +19,11 @@ import dualenc
 from dualenc import data
 
 TRIED = collections.Counter()
-FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
+# 150 derandomized inputs per fuzzer. A campaign (python -m benchmarks.fuzz) sets DUALENC_FUZZ_EXAMPLES and
+# DUALENC_FUZZ_RANDOM=1: random inputs, seeded by pytest's --hypothesis-seed; no example database either way.
+_RANDOM = bool(int(os.environ.get("DUALENC_FUZZ_RANDOM") or 0))
+FUZZ = settings(max_examples=int(os.environ.get("DUALENC_FUZZ_EXAMPLES") or 150), deadline=None,
+                derandomize=not _RANDOM, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 DOCUMENTED = (dualenc.DualEncError, FileNotFoundError)
 
@@ -277,10 +281,15 @@ def test_fuzzed_preprocessor_config(tmp_path, field, value):
     d = dualenc.ImageProcessor().to_dict()
     d[field] = value
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(d))
+    pixels = []
+    image = np.zeros((4, 4, 3), np.uint8)
+    image[::2] = 255  # both ends of the pixel range
     error = expect_documented(
-        lambda: dualenc.ImageProcessor.from_pretrained(tmp_path)([np.zeros((4, 4, 3), np.uint8)]))
+        lambda: pixels.append(dualenc.ImageProcessor.from_pretrained(tmp_path)([image])))
     if error is not None:  # a bad setting names the file; one the image cannot meet names the image
         assert "preprocessor_config.json" in str(error) or "image 0" in str(error), str(error)
+    else:  # settings that are accepted give finite pixels (none overflowing float32)
+        assert np.isfinite(pixels[0]).all(), (field, value)
 
 
 @FUZZ
@@ -386,8 +395,10 @@ def test_zero_sized_and_bomb_images(tmp_path):
     st.fixed_dictionaries({"image": st.sampled_from(["a.png", "../a.png", "/etc/passwd", "sub/../a.png", "b.png",
                                                      "", "a.png\x00"]),
                            "caption": st.one_of(st.text(max_size=20), st.none(), st.integers())}),
-    st.text(max_size=30), st.binary(max_size=30)), max_size=12), fmt=st.sampled_from(["jsonl", "csv"]))
-def test_fuzzed_caption_files(tmp_path, rows, fmt):
+    st.text(max_size=30), st.binary(max_size=30)), max_size=12), fmt=st.sampled_from(["jsonl", "csv"]),
+       header=st.one_of(st.sampled_from([b"image,caption", b"image,caption\r0", b"\r0"]), st.binary(max_size=20),
+                        st.text(max_size=20).map(lambda t: t.encode("utf-8", "surrogatepass"))))
+def test_fuzzed_caption_files(tmp_path, rows, fmt, header):
     TRIED["caption files"] += 1
     folder = tmp_path / "data"
     folder.mkdir(exist_ok=True)
@@ -401,7 +412,7 @@ def test_fuzzed_caption_files(tmp_path, rows, fmt):
         else:
             lines.append(row.encode("utf-8", "surrogatepass") if isinstance(row, str) else row)
     if fmt == "csv":
-        lines.insert(0, b"image,caption")
+        lines.insert(0, header)  # a CSV's header line is fuzzed too
     path = folder / f"pairs.{fmt}"
     path.write_bytes(b"\n".join(lines))
     try:

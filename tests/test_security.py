@@ -125,10 +125,18 @@ def test_caption_paths_cannot_escape_the_data_folder(tmp_path):
     folder.mkdir()
     Image.new("RGB", (4, 4)).save(folder / "ok.png")
     (folder / "link.png").symlink_to(outside)
-    rows = ["ok.png,fine", "../secret.png,up", f"{outside},absolute", "link.png,symlink out", "./../data/ok.png,in"]
+    (tmp_path / "elsewhere").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "elsewhere" / "far.png")
+    (folder / "images").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    rows = ["ok.png,fine", "../secret.png,up", f"{outside},absolute", "link.png,symlink out", "./../data/ok.png,in",
+            "images/far.png,through a symlinked folder", "images/../../secret.png,climbs out"]
     (folder / "pairs.csv").write_text("image,caption\n" + "\n".join(rows) + "\n")
+    # The caption file cannot climb out; symlinks placed inside the folder (by whoever owns it) are followed.
     dataset = data.read_pairs(folder / "pairs.csv")
-    assert dataset.captions == ["fine", "in"]
+    assert dataset.captions == ["fine", "symlink out", "in", "through a symlinked folder"]
     assert dataset.skipped["path outside the data folder"] == 3
+    (tmp_path / "link-to-data").symlink_to(folder, target_is_directory=True)
+    via_link = data.read_pairs(tmp_path / "link-to-data" / "pairs.csv")
+    assert via_link.captions == dataset.captions  # the data folder reached through a symlink
     allowed = data.read_pairs(folder / "pairs.csv", allow_outside=True)
-    assert len(allowed.captions) == 5
+    assert len(allowed.captions) == 7

@@ -196,7 +196,7 @@ def test_every_subcommand_on_siglip_directories(kind, models, workspace, tmp_pat
     # (batches of 4 rows throughout: one compilation serves every subcommand)
     files = [images / f"{i}.png" for i in range(4)]
     results = json.loads(run_cli(capsys, "zero-shot", "--model", path, "--labels", "red,green,blue", "--templates",
-                                 tmp_path / "templates.txt", "--json", *files))
+                                 tmp_path / "templates.txt", "--json", *files))["results"]
     pictures = [np.asarray(Image.open(f)) for f in files]
     want = torch.sigmoid(torch_forward(model, reference(ref, ["red", "green", "blue"], pictures)).logits_per_image)
     for row, result in zip(want.numpy(), results):
@@ -206,10 +206,10 @@ def test_every_subcommand_on_siglip_directories(kind, models, workspace, tmp_pat
     run_cli(capsys, "embed", "--model", path, "--images", images, "--out", tmp_path / "index.safetensors",
             "--batch-size", 4)
     found = json.loads(run_cli(capsys, "search", "--model", path, "--index", tmp_path / "index.safetensors",
-                               "--top-k", 3, "--json", "a photo of the red square"))
+                               "--top-k", 3, "--json", "a photo of the red square"))[0]["results"]
     assert len(found) == 3 and found[0]["score"] >= found[2]["score"]
     figures = json.loads(run_cli(capsys, "eval", "--model", path, "--data", pairs, "--labels-file", labels, "--json",
-                                 "--batch-size", 4))
+                                 "--batch-size", 4, "--out", tmp_path / "report"))
     assert figures["images"] == 12 and 0 <= figures["zero_shot_accuracy"] <= 1
 
     out = tmp_path / "tuned"

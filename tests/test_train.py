@@ -338,7 +338,7 @@ def test_loss_falls_and_zero_shot_rises_on_digits(tmp_path):
     def accuracy(p):
         classifier = dualenc.zero_shot_classifier(p, config, processor, data.DIGIT_WORDS, [held_out])
         top, _ = dualenc.zero_shot_predict(dualenc.encode_images(p, config, processor, test_set.images,
-                                                                 batch_size=120), classifier)
+                                                                 batch_size=120), classifier, params=p)
         return float(np.mean(top[:, 0] == test_set.labels))
 
     losses = []

@@ -207,6 +207,18 @@ def _load_extras(weights: Weights, table: list[Entry], config) -> dict:
     return out
 
 
+def _suggested_dim(loaded: dict, trained: list) -> int:
+    """The projection size the towers suggest for new projections (see from_vision_text_pretrained)."""
+    for kernel in trained:
+        if kernel is not None:
+            return int(kernel.shape[1])
+    for side in SIDES:
+        dim = getattr(loaded[side][0], "projection_dim", None)
+        if isinstance(dim, int) and dim > 0:
+            return dim
+    return 512
+
+
 def from_vision_text_pretrained(vision_path: str | os.PathLike, text_path: str | os.PathLike, *, key: jax.Array,
                                 projection_dim: int | None = None, logit_scale_init_value: float = 2.6592,
                                 stacked: bool = False):
@@ -215,7 +227,9 @@ def from_vision_text_pretrained(vision_path: str | os.PathLike, text_path: str |
     Projections: when both sides come from the same CLIPModel directory, its trained projections and
     logit_scale are kept, so the result gives that CLIP's logits exactly. When both sides carry a trained
     projection of the same size (CLIPVisionModelWithProjection + CLIPTextModelWithProjection), those are kept
-    and logit_scale is new. Otherwise both projections are new (N(0, 0.02)) of projection_dim (default 512).
+    and logit_scale is new. Otherwise both projections are new (N(0, 0.02)) of projection_dim, by default the size
+    the towers suggest: a tower's trained projection (CLIP*ModelWithProjection), else a CLIP tower config's own
+    projection_dim (vision side first), else 512.
 
     Returns (config, params), the encoders per-layer unless stacked (see init). Every newly initialised param
     is reported with a NewlyInitializedWarning.
@@ -236,7 +250,7 @@ def from_vision_text_pretrained(vision_path: str | os.PathLike, text_path: str |
     keep = all(p is not None for p in trained) and trained[0].shape[1] == trained[1].shape[1]
     if keep and projection_dim is not None and projection_dim != trained[0].shape[1]:
         keep = False  # an explicit other size asks for new projections
-    dim = trained[0].shape[1] if keep else (512 if projection_dim is None else projection_dim)
+    dim = trained[0].shape[1] if keep else (projection_dim or _suggested_dim(loaded, trained))
     keep_scale = keep and same_clip
     logit_scale = loaded["vision"][3]["logit_scale"] if keep_scale else jnp.asarray(logit_scale_init_value,
                                                                                      jnp.float32)

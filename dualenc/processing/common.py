@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Any, Mapping
 
 import numpy as np
@@ -15,6 +16,7 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_STANDARD = (0.5, 0.5, 0.5)
 MAX_SIDE = 1 << 14
+F32_MAX = float(np.finfo(np.float32).max)
 RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
@@ -72,6 +74,39 @@ def check_stats(where, name, value, channels, positive=False):
     return float(value) if len(values) == 1 and not isinstance(value, (list, tuple)) else tuple(map(float, values))
 
 
+def check_float32(where, mean, std, top: float, names=("image_mean", "image_std", "rescale_factor")) -> None:
+    """Refuses settings whose normalised pixels, (x - mean) / std for x in [0, top], are not finite in float32.
+
+    Args:
+      where: how errors name the source of the settings.
+      mean, std: as check_stats returns them (a float or a tuple of floats).
+      top: the largest pixel value before normalising (255 * rescale_factor, or 255 without rescaling).
+      names: the fields of mean, std and of what sets `top` (None where nothing does), for errors.
+    """
+    mean_name, std_name, scale_name = names
+    means, stds = (v if isinstance(v, tuple) else (v,) for v in (mean, std))
+    with np.errstate(over="ignore", under="ignore"):
+        means32, stds32 = ([float(np.float32(v)) for v in values] for values in (means, stds))
+    for name, value, values in ((mean_name, mean, means32), (std_name, std, stds32)):
+        if not all(map(math.isfinite, values)):
+            fail(where, name, f"must lie within float32's range (+-{F32_MAX:.4g}), got {value!r}")
+    if 0.0 in stds32:
+        fail(where, std_name, f"rounds to 0 in float32, got {std!r}")
+    if top > F32_MAX:
+        fail(where, scale_name, f"scales pixel values up to {top:.4g}, beyond float32's range ({F32_MAX:.4g})")
+    n = max(len(means32), len(stds32))
+    pairs = list(zip(means32 * n if len(means32) == 1 else means32, stds32 * n if len(stds32) == 1 else stds32))
+    bound = max(max(abs(m), abs(top - m)) / s for m, s in pairs)  # computed in float64
+    if bound > F32_MAX:
+        # Name the setting that contributes most to the overflow; the message gives all three.
+        culprits = {mean_name: max(map(abs, means32)), std_name: 1 / min(stds32)}
+        if scale_name is not None:
+            culprits[scale_name] = top
+        fail(where, max(culprits, key=culprits.get),
+             f"normalises pixel values to up to {bound:.4g}, beyond float32's range ({F32_MAX:.4g}): "
+             f"{mean_name} {mean!r}, {std_name} {std!r}, pixels in [0, {top:.4g}]")
+
+
 def normalize(image: np.ndarray, mean, std) -> np.ndarray:
     """(image - mean) / std per channel of a (C, H, W) array, in its float dtype (float32 for integer images)."""
     channels = image.shape[0]
@@ -79,8 +114,8 @@ def normalize(image: np.ndarray, mean, std) -> np.ndarray:
         image = image.astype(np.float32)
     for name, value in (("image_mean", mean), ("image_std", std)):
         if isinstance(value, tuple) and len(value) != channels:
-            raise ValueError(f"{name} has {len(value)} values but the image has {channels} channels "
-                             f"(set do_convert_rgb to convert it to RGB)")
+            hint = " (one value: pass grayscale images, PIL mode \"L\")" if len(value) == 1 else ""
+            raise ValueError(f"{name} has {len(value)} values but the image has {channels} channels{hint}")
     mean = np.array(mean if isinstance(mean, tuple) else [mean] * channels, dtype=image.dtype)
     std = np.array(std if isinstance(std, tuple) else [std] * channels, dtype=image.dtype)
     return (image - mean[:, None, None]) / std[:, None, None]
@@ -88,6 +123,10 @@ def normalize(image: np.ndarray, mean, std) -> np.ndarray:
 
 def open_image(path: str, index: int, mode: str | None = "RGB"):
     """Opens a local image file as transformers' load_image does: EXIF transpose, then convert to `mode`.
+
+    16- and 32-bit grayscale files are scaled to 8 bits first (see to_8bit) when `mode` is given. A file over
+    PIL.Image.MAX_IMAGE_PIXELS (but within pillow's limit of twice that) is opened with one UserWarning naming
+    it, in place of pillow's DecompressionBombWarning; beyond twice the limit it is an InputError.
 
     Args:
       path: the file.
@@ -103,21 +142,79 @@ def open_image(path: str, index: int, mode: str | None = "RGB"):
         raise FileNotFoundError(f"image {index}: file not found: {path}")
     if os.path.isdir(path):
         raise InputError(f"image {index} ({path}) is a directory, not an image file")
+    limit = Image.MAX_IMAGE_PIXELS
     try:
-        with Image.open(path) as opened:
-            if 0 in opened.size:
-                raise InputError(f"image {index} ({path}) is empty: size {opened.size}")
-            image = ImageOps.exif_transpose(opened)
-            if mode is not None:
-                return image.convert(mode)
-            image.load()
-            return image
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                if 0 in opened.size:
+                    raise InputError(f"image {index} ({path}) is empty: size {opened.size}")
+                pixels = opened.width * opened.height
+                image = ImageOps.exif_transpose(opened)
+                if mode is not None:
+                    image = to_8bit(image).convert(mode)
+                image.load()
     except InputError:
         raise
     except Image.DecompressionBombError as e:
         raise InputError(f"image {index} ({path}) refused: {e}") from None
     except (OSError, ValueError, SyntaxError) as e:  # UnidentifiedImageError is an OSError; truncated files too
         raise InputError(f"image {index} ({path}) cannot be read: {e}") from None
+    if limit is not None and pixels > limit:
+        warnings.warn(f"image {index} ({path}) has {pixels} pixels, more than PIL.Image.MAX_IMAGE_PIXELS "
+                      f"({limit}); it was opened, as pillow opens images below twice that", UserWarning,
+                      stacklevel=2)
+    return image
+
+
+def to_8bit(image):
+    """A 16- or 32-bit grayscale PIL image as an 8-bit "L" one; images of other modes as they are.
+
+    "I;16", "I;16B", "I;16L" and "I;16N" (16-bit PNGs): 0..65535 onto 0..255, rounded. "I" and "F" by the values
+    they hold: within 0..255 as pillow converts them ("F" truncated), except "F" within [0, 1], which is scaled
+    by 255 and rounded (as float arrays in [0, 1] are); else within 0..65535 as a 16-bit image; else the image's
+    own min..max onto 0..255 (a constant image gives 0). A 16-bit or 32-bit value marked transparent
+    (info["transparency"]) gives an "LA" image, that value transparent. NaN or infinite "F" values are a
+    ValueError.
+    """
+    mode = image.mode
+    if not (mode.startswith("I;16") or mode in ("I", "F")):
+        return image
+    Image, _ = pil()
+    values = np.asarray(image)
+    if mode.startswith("I;16"):
+        lo, hi = 0.0, 65535.0
+    else:
+        if not np.isfinite(values).all():
+            raise ValueError(f"a mode {mode} image with NaN or infinite values")
+        lo, hi = float(values.min()), float(values.max())
+        if mode == "F" and lo >= 0 and hi <= 1:
+            lo, hi = 0.0, 1.0
+        elif lo >= 0 and hi <= 255:
+            return image.convert("L")
+        elif lo >= 0 and hi <= 65535:
+            lo, hi = 0.0, 65535.0
+    scale = 255 / (hi - lo) if hi > lo else 0.0
+    gray = np.clip(np.round((values.astype(np.float64) - lo) * scale), 0, 255).astype(np.uint8)
+    transparent = image.info.get("transparency")
+    if isinstance(transparent, (int, float)) and not isinstance(transparent, bool):
+        alpha = np.where(values == transparent, 0, 255).astype(np.uint8)
+        return Image.fromarray(np.stack([gray, alpha], axis=-1), "LA")
+    return Image.fromarray(gray, "L")
+
+
+def to_rgb(image):
+    """transformers' convert_to_rgb of a PIL image: transparency composited onto white."""
+    Image, _ = pil()
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def three_channels(mean, std) -> bool:
+    """Whether image_mean or image_std (as check_stats returns them) has 3 values: the images must be RGB."""
+    return any(isinstance(v, tuple) and len(v) == 3 for v in (mean, std))
 
 
 # ----------------------------------------------------------------------------------------- config files
@@ -182,14 +279,21 @@ def as_batch(images) -> list:
     return batch
 
 
-def channels_first(image, index: int, convert_rgb: bool) -> tuple[np.ndarray, str]:
-    """One input as a (C, H, W) array, converted as transformers' PilBackend.process_image does.
+def channels_first(image, index: int, convert_rgb: bool, rgb: bool = False) -> tuple[np.ndarray, str]:
+    """One input as a (C, H, W) array, converted as transformers' PilBackend.process_image does, and to RGB.
+
+    PIL images of 16- or 32-bit modes ("I;16*", "I", "F") are first scaled to 8 bits (see to_8bit). Conversion
+    to RGB composites transparency (an alpha band, or a palette or grayscale transparent value) onto white, as
+    transformers' convert_to_rgb; (H, W, 1) arrays are repeated and (H, W, 4) arrays composited (floats must lie
+    in [0, 1], integers are 0..255 whatever their dtype).
 
     Args:
       image: a PIL image, a path (opened as transformers' load_image does), an (H, W) array or an (H, W, C)
         array with 1, 3 or 4 channels.
       index: its place in the batch, for errors.
-      convert_rgb: convert to RGB, compositing transparency onto white (transformers' do_convert_rgb).
+      convert_rgb: convert every image to RGB (transformers' do_convert_rgb).
+      rgb: convert to RGB the images that do not have 3 channels (the settings need 3: see three_channels);
+        those that do (RGB, and YCbCr, LAB or HSV images) are kept as they are.
 
     Returns:
       ((C, H, W) array, a name for the input in errors).
@@ -203,12 +307,9 @@ def channels_first(image, index: int, convert_rgb: bool) -> tuple[np.ndarray, st
         if 0 in image.size:
             raise InputError(f"image {index} ({name}) is empty: size {image.size}")
         try:
-            if convert_rgb:
-                if "A" in image.getbands() or image.info.get("transparency") is not None:
-                    background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-                    image = Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
-                else:
-                    image = image.convert("RGB")
+            image = to_8bit(image)
+            if convert_rgb or (rgb and len(image.getbands()) != 3):
+                image = to_rgb(image)
             array = np.array(image)
         except (OSError, ValueError, SyntaxError) as e:
             raise InputError(f"image {index} ({name}) cannot be read: {e}") from None
@@ -224,7 +325,7 @@ def channels_first(image, index: int, convert_rgb: bool) -> tuple[np.ndarray, st
     if not (array.dtype == bool or np.issubdtype(array.dtype, np.integer)
             or np.issubdtype(array.dtype, np.floating)):
         raise InputError(f"image {index}: unsupported dtype {array.dtype}")
-    if convert_rgb:
+    if convert_rgb or rgb:
         if array.shape[-1] == 1:
             array = np.repeat(array, 3, axis=-1)
         elif array.shape[-1] == 4:

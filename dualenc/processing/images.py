@@ -23,6 +23,7 @@ from dualenc.processing.common import (
     as_batch,
     channels_first,
     check_bool,
+    check_float32,
     check_resample,
     check_rescale_factor,
     check_side,
@@ -33,6 +34,7 @@ from dualenc.processing.common import (
     rescale,
     resize,
     save_settings,
+    three_channels,
 )
 from dualenc.processing.naflex import TYPE_NAMES as NAFLEX_TYPES
 from dualenc.processing.openclip import OpenClipTransform, as_pil
@@ -81,6 +83,21 @@ class ImageProcessor:
     With `open_clip` set (from_pretrained of an open_clip directory, or from_open_clip), images go through
     open_clip's eval transform instead, and the other settings are the closest CLIPImageProcessor: what to_dict
     and save_pretrained write, since transformers has no open_clip transform.
+
+    Channels and modes, where this departs from transformers (which refuses such images with a channel
+    mismatch, or clips 16-bit ones): image_mean or image_std with 3 values means the model takes RGB, so
+    images without 3 channels are converted to RGB even when do_convert_rgb is false (the ViT default):
+    grayscale ("1", "L", "I", "F", 16-bit), palette ("P", with or without transparency, "PA"), CMYK, alpha
+    ("LA", "RGBA") and (H, W), (H, W, 1) or (H, W, 4) arrays. There is no opt-out: a 3-value mean/std means 3
+    channels. Images with 3 channels (RGB, YCbCr...) are kept as they are, as before. With one value for both
+    (a number or a one-value list), images keep their channels: grayscale stays one channel. Every conversion
+    to RGB composites transparency onto white. PIL images of 16- and 32-bit modes are first scaled to 8 bits:
+    "I;16*" (16-bit PNGs) from 0..65535 to 0..255, rounded; "I" and "F" by the values they hold (within 0..255
+    as they are, "F" within [0, 1] times 255, within 0..65535 as 16 bits, else their own min..max; see
+    common.to_8bit). Paths are read as transformers' load_image does: EXIF-rotated and converted to RGB,
+    alpha dropped, not composited. Arrays keep transformers' meaning: integers are 0..255 whatever their
+    dtype (a 16-bit array is refused when resized if it holds values over 255; Image.fromarray of it gives
+    an "I;16" image, which is scaled).
     """
 
     def __init__(self, *, image_processor_type: str = "ViTImageProcessor", do_resize: bool | None = None,
@@ -100,7 +117,8 @@ class ImageProcessor:
           do_center_crop, crop_size: crop the middle {"height", "width"}, zero-padding smaller images.
           do_rescale, rescale_factor: multiply by rescale_factor (1/255).
           do_normalize, image_mean, image_std: (x - mean) / std per channel.
-          do_convert_rgb: convert every image to RGB (transparency composited onto white) first.
+          do_convert_rgb: convert every image to RGB (transparency composited onto white) first; when false,
+            images without 3 channels are still converted if image_mean or image_std has 3 values.
           open_clip: process images as open_clip does (see OpenClipTransform); the settings above must then be
             left unset, as they are derived from it (OpenClipTransform.transformers_settings).
           where: how errors name the source of these settings.
@@ -139,6 +157,7 @@ class ImageProcessor:
         channels = (3,) if self.do_convert_rgb else (1, 3)
         self.image_mean = check_stats(where, "image_mean", s["image_mean"], channels)
         self.image_std = check_stats(where, "image_std", s["image_std"], channels, positive=True)
+        check_float32(where, self.image_mean, self.image_std, 255 * (self.rescale_factor if self.do_rescale else 1))
 
     # ------------------------------------------------------------------------------------- config files
 
@@ -242,6 +261,7 @@ class ImageProcessor:
           images: a PIL image, a path (str or os.PathLike; opened, EXIF-rotated and converted to RGB as
             transformers' load_image does), an (H, W, C) array with 1, 3 or 4 channels or an (H, W) array
             (uint8 0..255; other dtypes as transformers treats them), a list of these, or an (n, H, W, C) array.
+            Converted to RGB or scaled to 8 bits as the class docstring says.
             With `open_clip` set, paths keep their mode until the crop (as open_clip's transform of
             Image.open(path), EXIF-rotated) and arrays must be uint8 (see openclip.as_pil).
 
@@ -262,7 +282,8 @@ class ImageProcessor:
                 return self.open_clip(image)
             except (ValueError, OSError, MemoryError, SyntaxError) as e:  # pillow's errors of corrupt data
                 raise InputError(f"image {index} ({name}): {e}") from None
-        image, name = channels_first(image, index, self.do_convert_rgb)
+        rgb = three_channels(self.image_mean, self.image_std)
+        image, name = channels_first(image, index, self.do_convert_rgb, rgb)
         try:
             if self.do_resize:
                 image = resize(image, self._output_size(image.shape[-2:]), self.resample)

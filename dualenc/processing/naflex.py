@@ -19,6 +19,7 @@ from dualenc.processing.common import (
     as_batch,
     channels_first,
     check_bool,
+    check_float32,
     check_resample,
     check_rescale_factor,
     check_side,
@@ -29,6 +30,7 @@ from dualenc.processing.common import (
     rescale,
     resize,
     save_settings,
+    three_channels,
 )
 
 TYPE_NAME = "Siglip2ImageProcessor"
@@ -77,6 +79,13 @@ class NaFlexImageProcessor:
 
     ImageProcessor refuses a SigLIP 2 preprocessor_config.json and names this class: its output is a dict of
     patches, mask and patch grid shapes, not one (n, C, H, W) array.
+
+    Images are read as ImageProcessor reads them (see its docstring), where this departs from transformers:
+    with image_mean or image_std of 3 values (the default) images without 3 channels (grayscale, palette,
+    CMYK, alpha; (H, W), (H, W, 1) or (H, W, 4) arrays) are converted to RGB although do_convert_rgb is false
+    by default, transparency composited onto white; there is no opt-out, a 3-value mean/std means 3 channels.
+    With one value for both, grayscale stays one channel. 16- and 32-bit PIL images are scaled to 8 bits by
+    their range ("I;16*": 0..65535 to 0..255, rounded; "I" and "F": see common.to_8bit).
     """
 
     def __init__(self, *, patch_size: int | None = None, max_num_patches: int | None = None,
@@ -92,7 +101,8 @@ class NaFlexImageProcessor:
           resample: pillow filter code (0 nearest, 1 lanczos, 2 bilinear (default), 3 bicubic, 4 box, 5 hamming).
           do_rescale, rescale_factor: multiply by rescale_factor (1/255).
           do_normalize, image_mean, image_std: (x - mean) / std per channel (0.5 and 0.5).
-          do_convert_rgb: convert every image to RGB (transparency composited onto white) first (false).
+          do_convert_rgb: convert every image to RGB (transparency composited onto white) first (false); when
+            false, images without 3 channels are still converted if image_mean or image_std has 3 values.
           where: how errors name the source of these settings.
         """
         given = dict(patch_size=patch_size, max_num_patches=max_num_patches, do_resize=do_resize,
@@ -113,6 +123,7 @@ class NaFlexImageProcessor:
         channels = (3,) if self.do_convert_rgb else (1, 3)
         self.image_mean = check_stats(where, "image_mean", s["image_mean"], channels)
         self.image_std = check_stats(where, "image_std", s["image_std"], channels, positive=True)
+        check_float32(where, self.image_mean, self.image_std, 255 * (self.rescale_factor if self.do_rescale else 1))
 
     # ------------------------------------------------------------------------------------- config files
 
@@ -199,7 +210,8 @@ class NaFlexImageProcessor:
                 "spatial_shapes": np.array([shape for _, shape in rows], np.int32).reshape(len(rows), 2)}
 
     def _process(self, image, index: int) -> tuple[np.ndarray, tuple[int, int]]:
-        image, name = channels_first(image, index, self.do_convert_rgb)
+        rgb = three_channels(self.image_mean, self.image_std)
+        image, name = channels_first(image, index, self.do_convert_rgb, rgb)
         p = self.patch_size
         try:
             if self.do_resize:

@@ -1,7 +1,8 @@
 """open_clip's eval image transform (`open_clip.image_transform(..., is_train=False)`) read from open_clip_config.json.
 
 The steps are those of open_clip and torchvision on PIL images, in their order: resize in the image's own mode,
-center crop (or pad), convert to RGB, to float32 / 255, normalize.
+center crop (or pad), convert to RGB, to float32 / 255, normalize. Unlike open_clip, 16- and 32-bit grayscale
+images ("I;16*", "I", "F") are first scaled to 8-bit "L" by their range (common.to_8bit) rather than clipped.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dualenc.errors import ConfigError, InputError
 from dualenc.processing.common import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
+    check_float32,
     check_side,
     check_stats,
     fail,
@@ -23,6 +25,7 @@ from dualenc.processing.common import (
     normalize,
     open_image,
     pil,
+    to_8bit,
 )
 
 RESIZE_MODES = ("shortest", "longest", "squash")
@@ -86,6 +89,7 @@ class OpenClipTransform:
         set_(self, "size", _image_size(where, "size", self.size))
         set_(self, "mean", _stats(where, "mean", self.mean, OPENAI_CLIP_MEAN))
         set_(self, "std", _stats(where, "std", self.std, OPENAI_CLIP_STD))
+        check_float32(where, self.mean, self.std, 1.0, names=("mean", "std", None))
         _choice(where, "interpolation", self.interpolation, INTERPOLATIONS)
         _choice(where, "resize_mode", self.resize_mode, RESIZE_MODES)
         _fill(where, "fill_color", self.fill_color)
@@ -124,10 +128,13 @@ class OpenClipTransform:
             fail(where, "preprocess_cfg", f"must be an object, got {pp!r}")
         pp = {k: v for k, v in pp.items() if v is not None}
         _choice(where, "preprocess_cfg.mode", pp.get("mode", "RGB"), ("RGB",))
+        mean = _stats(where, "preprocess_cfg.mean", pp.get("mean"), OPENAI_CLIP_MEAN)
+        std = _stats(where, "preprocess_cfg.std", pp.get("std"), OPENAI_CLIP_STD)
+        check_float32(where, mean, std, 1.0, names=("preprocess_cfg.mean", "preprocess_cfg.std", None))
         return cls(
             size=size,
-            mean=_stats(where, "preprocess_cfg.mean", pp.get("mean"), OPENAI_CLIP_MEAN),
-            std=_stats(where, "preprocess_cfg.std", pp.get("std"), OPENAI_CLIP_STD),
+            mean=mean,
+            std=std,
             interpolation=_choice(where, "preprocess_cfg.interpolation", pp.get("interpolation", "bicubic"),
                                   INTERPOLATIONS),
             resize_mode=_choice(where, "preprocess_cfg.resize_mode", pp.get("resize_mode", "shortest"),
@@ -237,7 +244,7 @@ def as_pil(image, index: int):
     Args:
       image: a PIL image (used as it is), a path (opened and EXIF-rotated as transformers' load_image, its mode
         kept), or a uint8 (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array (the L, RGB or RGBA image
-        PIL.Image.fromarray makes of it).
+        PIL.Image.fromarray makes of it). 16- and 32-bit grayscale images become 8-bit (common.to_8bit).
       index: its place in the batch, for errors.
 
     Returns:
@@ -260,4 +267,7 @@ def as_pil(image, index: int):
         raise InputError(f"image {index}: expected a PIL image, a path or a numpy array, got {name}")
     if 0 in image.size:
         raise InputError(f"image {index} ({name}) is empty: size {image.size}")
-    return image, name
+    try:
+        return to_8bit(image), name
+    except (OSError, ValueError, SyntaxError) as e:
+        raise InputError(f"image {index} ({name}) cannot be read: {e}") from None

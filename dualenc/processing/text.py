@@ -298,6 +298,25 @@ class Tokenizer:
         return self._backend.token_to_id(self.pad_token)
 
     @property
+    def unk_token_id(self) -> int | None:
+        """The unknown token's id, or None for a tokenizer without one (byte-level BPE never needs it)."""
+        unk = self.special_tokens.get("unk_token")
+        return None if unk is None else self._backend.token_to_id(unk)
+
+    def unknown_words(self, texts: Sequence[str]) -> dict[str, list[str]]:
+        """The texts whose words the vocabulary maps to the unknown token: {text: [those words]} (empty when the
+        tokenizer has no unknown token or knows every word)."""
+        unk = self.unk_token_id
+        if unk is None:
+            return {}
+        found = {}
+        for text in texts:
+            if unk in self([text], padding="longest")["input_ids"][0]:
+                words = [w for w in text.split() if unk in self([w], padding="longest")["input_ids"][0]]
+                found[text] = words or [text]
+        return found
+
+    @property
     def vocab_size(self) -> int:
         """The number of ids, added tokens included (transformers' len(tokenizer))."""
         return self._backend.get_vocab_size(with_added_tokens=True)

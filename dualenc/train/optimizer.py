@@ -18,16 +18,24 @@ def decay_mask(params: dict) -> dict:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def default_optimizer(learning_rate: float = 5e-4, *, total_steps: int, warmup_steps: int | None = None,
-                      weight_decay: float = 0.1, clip_norm: float = 1.0, b2: float = 0.98):
-    """AdamW with linear warmup and cosine decay to zero, after clipping the global gradient norm."""
+def learning_rate_schedule(learning_rate: float, *, total_steps: int, warmup_steps: int | None = None):
+    """The default optimizer's schedule of the update count: linear warmup from 0 over warmup_steps (default
+    total_steps // 20, at least 1), then cosine decay to zero at total_steps."""
     import optax
 
     if total_steps < 1:
         raise ConfigError(f"total_steps must be at least 1, got {total_steps}")
     warmup = max(1, total_steps // 20) if warmup_steps is None else warmup_steps
-    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(warmup, total_steps),
-                                                  max(total_steps, warmup + 1), end_value=0.0)
+    return optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(warmup, total_steps),
+                                              max(total_steps, warmup + 1), end_value=0.0)
+
+
+def default_optimizer(learning_rate: float = 5e-4, *, total_steps: int, warmup_steps: int | None = None,
+                      weight_decay: float = 0.1, clip_norm: float = 1.0, b2: float = 0.98):
+    """AdamW with linear warmup and cosine decay to zero, after clipping the global gradient norm."""
+    import optax
+
+    schedule = learning_rate_schedule(learning_rate, total_steps=total_steps, warmup_steps=warmup_steps)
     return clipped_adamw(schedule, b1=0.9, b2=b2, eps=1e-6, weight_decay=weight_decay, mask=decay_mask,
                          clip_norm=clip_norm)
 

@@ -1,0 +1,5 @@
+import sys
+
+from dualenc.cli import main
+
+sys.exit(main())

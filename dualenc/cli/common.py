@@ -1,0 +1,113 @@
+"""What the subcommands share: their error type, model loading, image folders, text files and printed names."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class CommandError(Exception):
+    """A problem with the command's arguments or files, reported as one line."""
+
+
+def shown(name: str) -> str:
+    """A file name as every output prints it, text and JSON alike: bytes of a name that is not UTF-8 (which
+    Python holds as surrogate escapes) as \\xNN."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def print_json(obj) -> None:
+    print(json.dumps(obj, indent=None, sort_keys=True))
+
+
+def note(command: str, message: str) -> None:
+    print(f"dualenc {command}: {message}", file=sys.stderr, flush=True)
+
+
+def load_model(path: str):
+    """(config, params, processor) of a model directory; the demo's output folder points at its model/."""
+    import dualenc
+
+    if not os.path.isdir(path):
+        raise CommandError(f"model directory not found: {path}")
+    inner = os.path.join(path, "model")
+    if not any(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "open_clip_config.json")) \
+            and os.path.isfile(os.path.join(inner, "config.json")):
+        raise CommandError(f"{path} holds a model in its model/ folder (as `dualenc demo` writes it): "
+                           f"use --model {os.path.join(path, 'model')}")
+    config, params = dualenc.load_pretrained(path)
+    return config, params, dualenc.Processor.from_pretrained(path)
+
+
+def read_lines(path: str, what: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise CommandError(f"{what} file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f]
+    except UnicodeDecodeError:
+        raise CommandError(f"{what} file {path} is not UTF-8 text") from None
+    lines = [line for line in lines if line]
+    if not lines:
+        raise CommandError(f"{what} file {path} is empty")
+    return lines
+
+
+def image_files(items: list[str]) -> list[str]:
+    """The image files named: files as given, folders walked recursively (img2dataset's 00000/000000001.jpg),
+    each folder's images in sorted path order; hidden files and folders are left out."""
+    found = []
+    for item in items:
+        if os.path.isdir(item):
+            found += _walk(item)
+        elif os.path.isfile(item):
+            found.append(item)
+        else:
+            raise CommandError(f"image not found: {shown(item)}")
+    if not found:
+        raise CommandError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {' '.join(map(shown, items))} or its "
+                           f"subfolders")
+    return found
+
+
+def _walk(folder: str) -> list[str]:
+    out, visited = [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in visited:  # a symlink loop
+            dirs[:] = []
+            continue
+        visited.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        out += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith(".")]
+    return sorted(out, key=lambda p: os.path.relpath(p, folder).split(os.sep))
+
+
+def encode_readable(params, config, processor, images: list[str], *, batch_size: int, strict: bool, command: str):
+    """Embeddings of the readable images, skipping and listing the others (all of them on stderr, with their
+    paths); with strict, the first unreadable image is an error. Returns (embeds, kept paths, skipped), skipped
+    being [{"image": path, "error": message}]."""
+    import dualenc
+
+    failures = None if strict else []
+    embeds = dualenc.encode_images(params, config, processor, images, batch_size=batch_size, skipped=failures)
+    if not failures:
+        return embeds, list(images), []
+    bad = {i for i, _ in failures}
+    skipped = [{"image": shown(images[i]), "error": shown(message)} for i, message in failures]
+    note(command, f"skipped {len(skipped)} unreadable image(s) of {len(images)} (--strict stops at the first):")
+    for item in skipped:
+        print(f"  {item['image']}: {item['error']}", file=sys.stderr)
+    return embeds, [p for i, p in enumerate(images) if i not in bad], skipped
+
+
+def warn_unknown_words(processor, texts: list[str], what: str, command: str) -> None:
+    """One warning naming the labels or queries with words the tokenizer maps to its unknown token."""
+    unknown = processor.tokenizer.unknown_words(texts)
+    if unknown:
+        listed = "; ".join(f"{text!r} ({', '.join(words)})" for text, words in list(unknown.items())[:10])
+        note(command, f"warning: {len(unknown)} {what} hold words the tokenizer does not know (read as its unknown "
+                      f"token): {listed}")

@@ -1,0 +1,262 @@
+"""`dualenc train`: a run's start summary, progress and log lines, metrics.jsonl / TensorBoard, held-out
+evaluation, training.png, resume and Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import sys
+import time
+
+import numpy as np
+
+from dualenc.cli.common import CommandError, note
+
+OUTSIDE = "path outside the data folder"
+
+
+def _check_args(args) -> None:
+    if args.model is not None and (args.vision or args.text):
+        raise CommandError("give --model DIR (fine-tune a whole model) or --vision DIR --text DIR (compose towers), "
+                           "not both")
+    if args.model is None and not (args.vision and args.text):
+        raise CommandError("give --model DIR (fine-tune a whole model) or both --vision DIR and --text DIR")
+    for flag, path in (("--model", args.model), ("--vision", args.vision), ("--text", args.text)):
+        if path is not None and not os.path.isdir(path):
+            raise CommandError(f"{flag} model directory not found: {path}")
+    for flag in ("log_every", "eval_every"):
+        if getattr(args, flag) < 0:
+            raise CommandError(f"--{flag.replace('_', '-')} must be 0 or more, got {getattr(args, flag)}")
+
+
+def _resume_point(args, checkpoints: str) -> bool:
+    """Checks --resume against the newest checkpoint before anything loads; True when the run is finished."""
+    from dualenc import trainer
+
+    saved = trainer.checkpoints(checkpoints)
+    if not args.resume:
+        if saved:
+            raise CommandError(f"{checkpoints} already holds checkpoints: pass --resume to continue, or another "
+                               f"--out")
+        return False
+    if not saved:
+        return False
+    step, path = saved[-1]
+    planned = int(trainer.checkpoint_meta(path).get("steps", step))
+    if args.steps < planned:
+        raise CommandError(f"--steps {args.steps} is fewer than the {planned} steps of the run in {args.out} "
+                           f"(checkpoint at step {step}): resume with --steps {planned}, or more to extend it")
+    if args.steps == step:
+        return True
+    if args.steps > planned:
+        note("train", f"extending the run in {args.out} from {planned} to {args.steps} steps: the learning-rate "
+                      f"schedule (warmup, then cosine decay to 0) is recomputed for {args.steps} steps and followed "
+                      f"from step {step} on")
+    return False
+
+
+def _summary(args, dataset, run, params, devices: int, resumed_from) -> str:
+    import jax
+
+    from dualenc import train
+
+    images, pairs = len(dataset.images), len(dataset.captions)
+    per_epoch = images // run.batch_size
+    trainable, frozen = train.partition(params, run.locked, run.unlocked_layers)
+    count = lambda tree: sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(dataset.skipped.items())) or "none"
+    locking = ""
+    if run.locked:
+        locking = f" ({run.locked[0]} tower locked" + (f", its top {run.unlocked_layers} layers trained"
+                                                       if run.unlocked_layers else "") \
+                  + (", its outputs cached" if run.cached else "") + ")"
+    lines = [f"{pairs} pairs of {images} images from {args.data} (rows skipped: {skipped})",
+             f"{run.steps} steps of batch {run.batch_size} = {run.steps / max(per_epoch, 1):.2f} epochs "
+             f"({per_epoch} batches per epoch); {devices} device(s)",
+             f"params: {count(trainable):,} trainable, {count(frozen):,} locked{locking}",
+             f"loss {run.loss}; learning rate {run.learning_rate:g} (warmup, cosine decay to 0); checkpoints every "
+             f"{run.checkpoint_every or 'end of'} steps in {os.path.join(args.out, 'checkpoints')}"]
+    if resumed_from is not None:
+        lines.append(f"resuming from step {resumed_from[0]} ({resumed_from[1]})")
+    if dataset.skipped.get(OUTSIDE):
+        root = args.image_root or os.path.dirname(os.path.abspath(args.data))
+        lines.append(f"{dataset.skipped[OUTSIDE]} row(s) name images outside {root} (the data folder): pass "
+                     f"--image-root DIR to read paths relative to another folder, or --allow-outside to accept "
+                     f"them")
+    return "\n  ".join(lines)
+
+
+class Progress:
+    """Log lines every N steps (to a progress bar's line when stderr is a terminal, plain lines otherwise),
+    records for metrics.jsonl / TensorBoard, and steps/s measured after the first step (the compile)."""
+
+    def __init__(self, log, total: int, every: int, quiet: bool, start: int):
+        self.log, self.total, self.every, self.quiet = log, total, every, quiet
+        self.mark = None  # (step, time) after the first step of this process
+        self.bar = None
+        if not quiet and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="training", unit="step", file=sys.stderr,
+                            dynamic_ncols=True, mininterval=0.5)
+
+    def _line(self, text: str) -> None:
+        if self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def step(self, step: int, metrics: dict) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+        now = time.perf_counter()
+        if self.mark is None:
+            self.mark = (step, now)
+        if not (self.every and (step % self.every == 0 or step == self.total)):
+            return
+        rate = (step - self.mark[0]) / (now - self.mark[1]) if step > self.mark[0] else float("nan")
+        values = {k: float(metrics[k]) for k in ("loss", "accuracy_i2t", "accuracy_t2i", "grad_norm", "logit_scale")}
+        record = {"kind": "train", "step": step, "epoch": round(metrics["epoch"], 4), **values,
+                  "accuracy": (values["accuracy_i2t"] + values["accuracy_t2i"]) / 2,
+                  "learning_rate": metrics["learning_rate"], "steps_per_second": rate}
+        self.log.write(record)
+        self._line(f"step {step}/{self.total}  loss {record['loss']:.4f}  acc {record['accuracy']:.3f}  "
+                   f"lr {record['learning_rate']:.3g}  grad {record['grad_norm']:.3g}  "
+                   f"scale {record['logit_scale']:.2f}  {rate:.2f} steps/s  epoch {record['epoch']:.2f}")
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+
+    def evaluation(self, step: int, figures: dict) -> None:
+        self.log.write({"kind": "eval", "step": step, **figures})
+        self._line(f"eval at step {step}  " + "  ".join(f"{k} {v:.4f}" for k, v in figures.items()))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _evaluator(args, config, processor, progress):
+    """Held-out retrieval (and zero-shot accuracy when every image has a label) on --eval-data."""
+    import numpy as np
+
+    import dualenc
+    from dualenc import data
+
+    held_out = data.read_pairs(args.eval_data, image_root=args.eval_image_root, allow_outside=args.allow_outside)
+    labelled = held_out.labels is not None and all(held_out.labels)
+    relevance = ({"image_labels": np.asarray(held_out.labels),
+                  "text_labels": np.asarray(held_out.labels)[held_out.caption_image]}
+                 if labelled else {"text_to_image": held_out.caption_image})
+    classes = sorted(set(held_out.labels)) if labelled and len(set(held_out.labels)) > 1 else None
+
+    def evaluate(step, params):
+        images = dualenc.encode_images(params, config, processor, held_out.images, batch_size=args.batch_size)
+        texts = dualenc.encode_texts(params, config, processor, held_out.captions, batch_size=args.batch_size)
+        found = dualenc.retrieval_metrics(images, texts, ks=(1, 5), **relevance)
+        figures = {k: v for k, v in found.items() if "_R@" in k and "chance" not in k}
+        if classes:
+            classifier = dualenc.zero_shot_classifier(params, config, processor, classes)
+            top, _ = dualenc.zero_shot_predict(images, classifier, params=params)
+            figures["zero_shot_accuracy"] = float(np.mean(np.asarray(classes)[top[:, 0]] == held_out.labels))
+        progress.evaluation(step, figures)
+
+    return evaluate
+
+
+def _draw(out: str, log_path: str, warned: list) -> None:
+    from dualenc import runlog
+
+    try:
+        from dualenc import figures
+        figures.training(os.path.join(out, "training.png"), runlog.read(log_path))
+    except ImportError as e:
+        if not warned:
+            warned.append(True)
+            note("train", f"no training.png: {e}")
+    except ValueError:
+        pass  # nothing logged yet
+
+
+def cmd_train(args) -> int:
+    import jax
+
+    import dualenc
+    from dualenc import data, runlog, trainer
+
+    _check_args(args)
+    checkpoints = os.path.join(args.out, "checkpoints")
+    finished = _resume_point(args, checkpoints)
+    if finished and os.path.isfile(os.path.join(args.out, "config.json")):
+        note("train", f"the run in {args.out} already finished at step {args.steps}: nothing to train (pass a "
+                      f"larger --steps with --resume to extend it)")
+        return 0
+    if args.coordinator:
+        if args.num_processes is None or args.process_id is None:
+            raise CommandError("--coordinator needs --num-processes and --process-id")
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # for CPU devices; GPUs use NCCL
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                                   heartbeat_timeout_seconds=args.heartbeat_timeout)
+    dataset = data.read_pairs(args.data, image_root=args.image_root, allow_outside=args.allow_outside)
+    locked = () if args.lock == "none" else (args.lock,)
+    config, params, processor = trainer.start_from(args.vision, args.text, model_path=args.model,
+                                                   key=jax.random.key(args.seed), projection_dim=args.projection_dim,
+                                                   loss=args.loss, max_length=args.max_length)
+    run = trainer.TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
+                              loss=args.loss or config.default_loss, locked=locked,
+                              unlocked_layers=args.unlocked_layers, cached=args.cache, seed=args.seed,
+                              max_length=processor.tokenizer.max_length, checkpoint_every=args.checkpoint_every,
+                              keep=args.keep)
+    main = jax.process_index() == 0
+    saved = trainer.checkpoints(checkpoints) if args.resume else []
+    start = saved[-1][0] if saved else 0
+    if main:
+        note("train", _summary(args, dataset, run, params, jax.device_count(), saved[-1] if saved else None))
+    log = runlog.RunLog(args.out, tensorboard=args.tensorboard) if main else None
+    progress = Progress(log, args.steps, args.log_every, args.quiet or not main, start) if main else None
+    warned = []
+    hooks = {}
+    if main:
+        hooks = dict(callback=progress.step,
+                     on_checkpoint=lambda step, path: _draw(args.out, log.path, warned))
+    if args.eval_data:
+        evaluate = _evaluator(args, config, processor, progress)
+        hooks.update(evaluate=evaluate if main else (lambda step, params: None), eval_every=args.eval_every)
+    mesh = dualenc.train.data_mesh() if jax.device_count() > 1 else None
+    try:
+        params, last = trainer.fit(config, params, dataset, processor, run, checkpoint_dir=checkpoints,
+                                   resume=args.resume, mesh=mesh, **hooks)
+    except trainer.Interrupted as e:
+        if progress is not None:
+            progress.close()
+        if main:
+            _draw(args.out, log.path, warned)
+            command = shlex.join(["dualenc", *args.argv] + ([] if args.resume else ["--resume"]))
+            where = f"saved in {e.checkpoint}" if e.checkpoint else "no checkpoint"
+            note("train", f"interrupted after step {e.step} ({where}); continue with:\n  {command}")
+        return 130
+    except jax.errors.JaxRuntimeError as e:
+        if not args.coordinator:
+            raise
+        saved = trainer.checkpoints(checkpoints)
+        last_saved = saved[-1][1] if saved else "none yet"
+        reason = re.sub(r"(Error dispatching computation: )+", r"\1", " ".join(str(e).split()))[:160]
+        print(f"dualenc train: error: process {args.process_id} lost a peer of the distributed run ({reason}); "
+              f"restart all {args.num_processes} processes with --resume (last checkpoint: {last_saved})",
+              file=sys.stderr, flush=True)
+        os._exit(3)  # skip the distributed shutdown barrier, which would wait for the lost process
+    finally:
+        if log is not None:
+            log.close()
+    if progress is not None:
+        progress.close()
+    if main:
+        _draw(args.out, log.path, warned)
+        dualenc.save_pretrained(args.out, config, params, processor=processor)
+        if last:
+            print(f"trained {args.steps} steps (final loss {last['loss']:.4f}); model saved to {args.out}")
+        else:
+            print(f"the run had finished at step {args.steps}; model saved to {args.out}")
+    return 0
