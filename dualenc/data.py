@@ -220,11 +220,13 @@ class Batches:
       dataset: a PairDataset.
       processor: a Processor (its image_processor and tokenizer are used; a NaFlex image processor's batches
         carry "pixel_values", "pixel_attention_mask" and "spatial_shapes").
+      max_length: tokens per caption (default: the tokenizer's own max_length).
       image_features: (n_images, D) precomputed pooled outputs of a locked vision tower (LiT cache); the
         batches then carry "image_features" instead of the images' arrays, and images are never decoded.
     """
 
-    def __init__(self, dataset: PairDataset, processor, batch_size: int, *, seed: int = 0, max_length: int = 32,
+    def __init__(self, dataset: PairDataset, processor, batch_size: int, *, seed: int = 0,
+                 max_length: int | None = None,
                  start: tuple[int, int] = (0, 0), prefetch: int = 2, image_features: np.ndarray | None = None):
         if batch_size < 1 or batch_size > len(dataset.images):
             raise DataError(f"batch_size {batch_size} must be in [1, {len(dataset.images)}] (the number of images)")

@@ -23,7 +23,7 @@ EXAMPLES = {
     "search": 'dualenc search --model dualenc-demo/model --index digits.safetensors "a photo of the digit seven" '
               '"the number 3"',
     "train": "dualenc train --model dualenc-demo/model --data dualenc-demo/data/train.jsonl --eval-data "
-             "dualenc-demo/data/test.jsonl --steps 200 --eval-every 100 --out dualenc-tuned",
+             "dualenc-demo/data/test.jsonl --steps 100 --eval-every 50 --out dualenc-tuned",
     "eval": "dualenc eval --model dualenc-demo/model --data dualenc-demo/data/test.jsonl --labels-file "
             "dualenc-demo/data/labels.txt --out dualenc-eval",
 }
@@ -34,7 +34,7 @@ class _Formatter(argparse.RawTextHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "%(default)" in text or action.default is argparse.SUPPRESS or action.required \
+        if "default" in text or action.default is argparse.SUPPRESS or action.required \
                 or not action.option_strings or isinstance(action, argparse._HelpAction):
             return text
         if isinstance(action, argparse._StoreTrueAction):

@@ -111,3 +111,17 @@ def warn_unknown_words(processor, texts: list[str], what: str, command: str) -> 
         listed = "; ".join(f"{text!r} ({', '.join(words)})" for text, words in list(unknown.items())[:10])
         note(command, f"warning: {len(unknown)} {what} hold words the tokenizer does not know (read as its unknown "
                       f"token): {listed}")
+
+
+OUTSIDE = "path outside the data folder"  # data.read_pairs' reason for such rows
+
+
+def outside_hint(dataset, data_path: str, image_root: str | None) -> str | None:
+    """What to do about rows naming images outside the data folder, when there are any."""
+    if not dataset.skipped.get(OUTSIDE):
+        return None
+    root = image_root or os.path.dirname(os.path.abspath(data_path))
+    return (f"{dataset.skipped[OUTSIDE]} row(s) of {data_path} name images outside {root} (the data folder) and were "
+            f"skipped: pass --image-root DIR to read the paths relative to another folder, or --allow-outside to "
+            f"accept them")
+

@@ -6,8 +6,8 @@ import json
 import os
 import sys
 
-from dualenc.cli.common import (CommandError, encode_readable, image_files, load_model, note, print_json,
-                                read_lines, shown, warn_unknown_words)
+from dualenc.cli.common import (CommandError, encode_readable, image_files, load_model, note, outside_hint,
+                                print_json, read_lines, shown, warn_unknown_words)
 
 RECALL_CURVE = (1, 2, 3, 5, 10, 20, 50, 100)
 
@@ -144,6 +144,9 @@ def cmd_eval(args) -> int:
     from dualenc import data, files
 
     dataset = data.read_pairs(args.data, image_root=args.image_root, allow_outside=args.allow_outside)
+    hint = outside_hint(dataset, args.data, args.image_root)
+    if hint:
+        note("eval", hint)
     config, params, processor = load_model(args.model)
     image_embeds, kept, unreadable = encode_readable(params, config, processor, dataset.images,
                                                      batch_size=args.batch_size, strict=args.strict, command="eval")

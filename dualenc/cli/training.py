@@ -11,9 +11,7 @@ import time
 
 import numpy as np
 
-from dualenc.cli.common import CommandError, note
-
-OUTSIDE = "path outside the data folder"
+from dualenc.cli.common import CommandError, note, outside_hint
 
 
 def _check_args(args) -> None:
@@ -79,11 +77,9 @@ def _summary(args, dataset, run, params, devices: int, resumed_from) -> str:
              f"{run.checkpoint_every or 'end of'} steps in {os.path.join(args.out, 'checkpoints')}"]
     if resumed_from is not None:
         lines.append(f"resuming from step {resumed_from[0]} ({resumed_from[1]})")
-    if dataset.skipped.get(OUTSIDE):
-        root = args.image_root or os.path.dirname(os.path.abspath(args.data))
-        lines.append(f"{dataset.skipped[OUTSIDE]} row(s) name images outside {root} (the data folder): pass "
-                     f"--image-root DIR to read paths relative to another folder, or --allow-outside to accept "
-                     f"them")
+    hint = outside_hint(dataset, args.data, args.image_root)
+    if hint:
+        lines.append(hint)
     return "\n  ".join(lines)
 
 
