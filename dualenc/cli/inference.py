@@ -7,7 +7,7 @@ import os
 import sys
 
 from dualenc.cli.common import (CommandError, encode_readable, image_files, load_model, note, outside_hint,
-                                print_json, read_lines, shown, warn_unknown_words)
+                                print_json, read_lines, relevance, shown, warn_unknown_words)
 
 RECALL_CURVE = (1, 2, 3, 5, 10, 20, 50, 100)
 
@@ -152,12 +152,11 @@ def cmd_eval(args) -> int:
                                                      batch_size=args.batch_size, strict=args.strict, command="eval")
     dataset = _keep_images(dataset, kept)
     text_embeds = dualenc.encode_texts(params, config, processor, dataset.captions, batch_size=args.batch_size)
-    labelled = dataset.labels is not None and all(dataset.labels)
-    relevance = ({"image_labels": np.asarray(dataset.labels), "text_labels": np.asarray(dataset.labels)[
-        dataset.caption_image]} if labelled else {"text_to_image": dataset.caption_image})
-    figures = dualenc.retrieval_metrics(image_embeds, text_embeds, **relevance)
+    relevant = relevance(dataset)
+    labelled = "image_labels" in relevant
+    figures = dualenc.retrieval_metrics(image_embeds, text_embeds, **relevant)
     figures["relevance"] = "same label" if labelled else "own image"
-    curve = dualenc.retrieval_metrics(image_embeds, text_embeds, ks=RECALL_CURVE, **relevance)
+    curve = dualenc.retrieval_metrics(image_embeds, text_embeds, ks=RECALL_CURVE, **relevant)
     per_class = confusion = None
     labels = read_lines(args.labels_file, "labels") if args.labels_file else None
     if labels:

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from dualenc.cli.common import CommandError, note, outside_hint
+from dualenc.cli.common import CommandError, note, outside_hint, relevance
 
 
 def _check_args(args) -> None:
@@ -142,16 +142,14 @@ def _evaluator(args, config, processor, progress):
     from dualenc import data
 
     held_out = data.read_pairs(args.eval_data, image_root=args.eval_image_root, allow_outside=args.allow_outside)
-    labelled = held_out.labels is not None and all(held_out.labels)
-    relevance = ({"image_labels": np.asarray(held_out.labels),
-                  "text_labels": np.asarray(held_out.labels)[held_out.caption_image]}
-                 if labelled else {"text_to_image": held_out.caption_image})
+    relevant = relevance(held_out)
+    labelled = "image_labels" in relevant
     classes = sorted(set(held_out.labels)) if labelled and len(set(held_out.labels)) > 1 else None
 
     def evaluate(step, params):
         images = dualenc.encode_images(params, config, processor, held_out.images, batch_size=args.batch_size)
         texts = dualenc.encode_texts(params, config, processor, held_out.captions, batch_size=args.batch_size)
-        found = dualenc.retrieval_metrics(images, texts, ks=(1, 5), **relevance)
+        found = dualenc.retrieval_metrics(images, texts, ks=(1, 5), **relevant)
         figures = {k: v for k, v in found.items() if "_R@" in k and "chance" not in k}
         if classes:
             classifier = dualenc.zero_shot_classifier(params, config, processor, classes)
