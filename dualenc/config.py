@@ -16,6 +16,7 @@ import jax
 from dualenc.errors import ConfigError
 from dualenc.fields import _check_int, _fail, _int
 from dualenc.files import read_json
+from dualenc.hub import resolve
 from dualenc.towers import TEXT_CONFIGS, TEXT_TYPES, VISION_CONFIGS, VISION_TYPES
 from dualenc.towers.bert import BertConfig, RobertaConfig
 from dualenc.towers.clip_text import CLIPTextConfig, Siglip2TextConfig, SiglipTextConfig
@@ -199,8 +200,8 @@ def tower_config_from_dict(d: Mapping[str, Any], *, where: str = "config",
 
 def load_config(path: str | os.PathLike) -> DualEncoderConfig | VisionConfig | TextConfig:
     """Reads a config.json (or the directory holding one): a dual encoder (VisionTextDualEncoder, CLIP or
-    SigLIP) config, or a single tower's."""
-    path = os.fspath(path)
+    SigLIP) config, or a single tower's; or a Hugging Face Hub model id's (see dualenc.hub.resolve)."""
+    path = resolve(path)
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
     d = read_json(path, "config")

@@ -27,6 +27,7 @@ from dualenc.config import SIGLIP_LOGIT_INIT, SIGLIP_TYPES, DualEncoderConfig, l
 from dualenc.files import read_json
 from dualenc.data import Batches, PairDataset
 from dualenc.errors import CheckpointError, ConfigError
+from dualenc.hub import resolve
 from dualenc.processing import Processor, Tokenizer
 from dualenc.processing.processor import image_inputs, load_image_processor
 
@@ -156,11 +157,14 @@ def start_from(vision_path: str | None = None, text_path: str | None = None, *, 
     with from_vision_text_pretrained (new projections of projection_dim unless both carry trained ones); with
     loss "siglip" a new logit scale takes SigLIP's init, log 10, and a logit bias of -10 is added.
 
+    Each path may also be a Hugging Face Hub model id (see dualenc.hub.resolve).
+
     Returns:
       (config, params, processor): the processor is the vision directory's image processor (a
       NaFlexImageProcessor for SigLIP 2) with the text directory's tokenizer.
     """
     scale, bias = SIGLIP_LOGIT_INIT
+    vision_path, text_path, model_path = (p if p is None else resolve(p) for p in (vision_path, text_path, model_path))
     if model_path is not None:
         if vision_path is not None or text_path is not None:
             raise ConfigError("give either a whole model (model_path) or two towers (vision_path, text_path)")

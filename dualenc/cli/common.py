@@ -28,9 +28,12 @@ def note(command: str, message: str) -> None:
 
 
 def load_model(path: str):
-    """(config, params, processor) of a model directory; the demo's output folder points at its model/."""
+    """(config, params, processor) of a model directory or Hugging Face Hub model id; the demo's output folder
+    points at its model/."""
     import dualenc
+    from dualenc.hub import resolve
 
+    path = resolve(path)
     if not os.path.isdir(path):
         raise CommandError(f"model directory not found: {path}")
     inner = os.path.join(path, "model")

@@ -15,13 +15,15 @@ from dualenc.cli.common import CommandError, note, outside_hint, relevance
 
 
 def _check_args(args) -> None:
+    from dualenc import hub
+
     if args.model is not None and (args.vision or args.text):
         raise CommandError("give --model DIR (fine-tune a whole model) or --vision DIR --text DIR (compose towers), "
                            "not both")
     if args.model is None and not (args.vision and args.text):
         raise CommandError("give --model DIR (fine-tune a whole model) or both --vision DIR and --text DIR")
     for flag, path in (("--model", args.model), ("--vision", args.vision), ("--text", args.text)):
-        if path is not None and not os.path.isdir(path):
+        if path is not None and not os.path.isdir(hub.resolve(path)):
             raise CommandError(f"{flag} model directory not found: {path}")
     for flag in ("log_every", "eval_every"):
         if getattr(args, flag) < 0:

@@ -18,6 +18,7 @@ import numpy as np
 from dualenc import files, layers, model, tables, towers
 from dualenc.config import SIGLIP_TYPES, DualEncoderConfig, load_config, tower_config_from_dict
 from dualenc.errors import CheckpointError, ConfigError
+from dualenc.hub import resolve
 from dualenc.formats.weights import (
     BUFFERS, CONFIG, WEIGHTS, Weights, carry_over, dump_table, listed, load_table, read_weights,
 )
@@ -222,7 +223,8 @@ def _suggested_dim(loaded: dict, trained: list) -> int:
 def from_vision_text_pretrained(vision_path: str | os.PathLike, text_path: str | os.PathLike, *, key: jax.Array,
                                 projection_dim: int | None = None, logit_scale_init_value: float = 2.6592,
                                 stacked: bool = False):
-    """A dual encoder from two single-tower directories (or one CLIPModel for either side).
+    """A dual encoder from two single-tower directories (or one CLIPModel for either side); either may be a
+    Hugging Face Hub model id (see dualenc.hub.resolve).
 
     Projections: when both sides come from the same CLIPModel directory, its trained projections and
     logit_scale are kept, so the result gives that CLIP's logits exactly. When both sides carry a trained
@@ -234,6 +236,7 @@ def from_vision_text_pretrained(vision_path: str | os.PathLike, text_path: str |
     Returns (config, params), the encoders per-layer unless stacked (see init). Every newly initialised param
     is reported with a NewlyInitializedWarning.
     """
+    vision_path, text_path = resolve(vision_path), resolve(text_path)
     kv, kt, kvp, ktp = jax.random.split(key, 4)
     one_dir = os.path.realpath(vision_path) == os.path.realpath(text_path)
     loaded = {}

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from dualenc.errors import ConfigError, InputError
+from dualenc.hub import resolve
 from dualenc.files import OPEN_CLIP_CONFIG, is_open_clip_dir, read_json
 from dualenc.processing.common import (
     IMAGENET_STANDARD,
@@ -210,12 +211,13 @@ class ImageProcessor:
         preprocessor_config.json (see common.read_settings). SigLIP 2 settings are refused (see from_dict).
 
         Args:
-          path: a directory, or a preprocessor_config.json / processor_config.json / open_clip_config.json file.
+          path: a directory, or a preprocessor_config.json / processor_config.json / open_clip_config.json file,
+            or a Hugging Face Hub model id (see dualenc.hub.resolve).
 
         Returns:
           ImageProcessor.
         """
-        path = os.fspath(path)
+        path = resolve(path)
         if os.path.isdir(path) and is_open_clip_dir(path):
             where = os.path.join(path, OPEN_CLIP_FILE)
             return cls.from_open_clip(read_json(where, "open_clip config"), where=where)

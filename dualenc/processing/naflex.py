@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from dualenc.errors import ConfigError, InputError
+from dualenc.hub import resolve
 from dualenc.processing.common import (
     IMAGENET_STANDARD,
     as_batch,
@@ -155,12 +156,13 @@ class NaFlexImageProcessor:
         preprocessor_config.json (see common.read_settings).
 
         Args:
-          path: a directory, or a preprocessor_config.json / processor_config.json file.
+          path: a directory, or a preprocessor_config.json / processor_config.json file, or a Hugging Face Hub
+            model id (see dualenc.hub.resolve).
 
         Returns:
           NaFlexImageProcessor.
         """
-        d, where = read_settings(path)
+        d, where = read_settings(resolve(path))
         return cls.from_dict(d, where=where)
 
     def to_dict(self) -> dict:

@@ -9,6 +9,7 @@ import numpy as np
 
 from dualenc.errors import InputError
 from dualenc.files import is_open_clip_dir, read_json, write_json_atomic
+from dualenc.hub import resolve
 from dualenc.processing import naflex
 from dualenc.processing.common import read_settings
 from dualenc.processing.images import ImageProcessor
@@ -23,8 +24,9 @@ SIGLIP2_PROCESSOR_PATCHES = (16, 256)
 
 def load_image_processor(path: str | os.PathLike) -> ImageProcessor | NaFlexImageProcessor:
     """The image processor of a model directory (or settings file): a NaFlexImageProcessor where the settings
-    name SigLIP 2's Siglip2ImageProcessor, else an ImageProcessor (see ImageProcessor.from_pretrained)."""
-    path = os.fspath(path)
+    name SigLIP 2's Siglip2ImageProcessor, else an ImageProcessor (see ImageProcessor.from_pretrained); or of a
+    Hugging Face Hub model id (see dualenc.hub.resolve)."""
+    path = resolve(path)
     if not (os.path.isdir(path) and is_open_clip_dir(path)):
         settings, where = read_settings(path)
         if settings.get("image_processor_type") in naflex.TYPE_NAMES:
@@ -69,18 +71,22 @@ class Processor:
         self.tokenizer = tokenizer
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, max_length: int | None = None) -> "Processor":
+    def from_pretrained(cls, path: str | os.PathLike, *, max_length: int | None = None,
+                        revision: str | None = None) -> "Processor":
         """Loads the image processor and tokenizer of a model directory.
 
         Args:
           path: the directory (preprocessor/processor config, or open_clip_config.json: see
             load_image_processor; tokenizer files, and config.json for the text length limit), as transformers'
-            processors save it. SigLIP 2 (Siglip2ImageProcessor) settings give a NaFlexImageProcessor.
+            processors save it. SigLIP 2 (Siglip2ImageProcessor) settings give a NaFlexImageProcessor. Or a
+            Hugging Face Hub model id (see dualenc.hub.resolve).
           max_length: the tokenizer's default length (see Tokenizer).
+          revision: the hub repository's branch, tag or commit, for an id.
 
         Returns:
           Processor.
         """
+        path = resolve(path, revision=revision)
         return cls(load_image_processor(path), Tokenizer.from_pretrained(path, max_length=max_length))
 
     def __call__(self, text=None, images=None, max_length: int | None = None,

@@ -14,6 +14,7 @@ import numpy as np
 from dualenc.config import load_config
 from dualenc.files import is_open_clip_dir, read_json, write_json_atomic, write_text_atomic
 from dualenc.errors import ConfigError, InputError
+from dualenc.hub import resolve
 from dualenc.processing import spiece
 from dualenc.processing.backends import (
     AS_IS_CLASS, CLIP_INPUTS, CLIP_MAX_LENGTH, DEFAULT_MAX_LENGTH, FAMILY_CLASSES, FAMILY_SPECIALS, GEMMA_FAMILIES,
@@ -279,13 +280,13 @@ class Tokenizer:
 
         Args:
           path: a directory holding the tokenizer files (and optionally the model's config.json, which sets the
-            length limit).
+            length limit), or a Hugging Face Hub model id (see dualenc.hub.resolve).
           max_length: overrides the default length (see Tokenizer).
 
         Returns:
           Tokenizer.
         """
-        return cls(path, max_length=max_length)
+        return cls(resolve(path), max_length=max_length)
 
     @property
     def backend(self):
