@@ -17,6 +17,9 @@ from PIL import Image
 import dualenc
 from dualenc import cli
 
+# One worker runs this module, so its module fixtures (a training run, a demo run) run once under xdist.
+pytestmark = pytest.mark.xdist_group("cli")
+
 
 def dualenc_run(*args, check=True):
     """The command in this process (its compiled programs stay cached between calls): (returncode, stdout,

@@ -13,6 +13,9 @@ import pytest
 
 from dualenc.cli import EXAMPLES
 
+# One worker runs this module, so its module fixtures (a training run, a demo run) run once under xdist.
+pytestmark = pytest.mark.xdist_group("readme")
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 ENV = {**os.environ, "XLA_FLAGS": ""}  # one CPU device, as a user's shell has
 

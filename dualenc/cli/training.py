@@ -162,18 +162,32 @@ def _evaluator(args, config, processor, progress):
     return evaluate
 
 
-def _draw(out: str, log_path: str, warned: list) -> None:
-    from dualenc import runlog
+class Figure:
+    """training.png, redrawn from metrics.jsonl at checkpoints (at most every REDRAW_SECONDS, so a run with
+    checkpoints seconds apart does not spend its time drawing) and always at the end."""
 
-    try:
-        from dualenc import figures
-        figures.training(os.path.join(out, "training.png"), runlog.read(log_path))
-    except ImportError as e:
-        if not warned:
-            warned.append(True)
-            note("train", f"no training.png: {e}")
-    except ValueError:
-        pass  # nothing logged yet
+    REDRAW_SECONDS = 30.0
+
+    def __init__(self, out: str, log_path: str):
+        self.path, self.log_path = os.path.join(out, "training.png"), log_path
+        self.last, self.warned = None, False
+
+    def draw(self, *, force: bool = True) -> None:
+        from dualenc import runlog
+
+        now = time.monotonic()
+        if not force and self.last is not None and now - self.last < self.REDRAW_SECONDS:
+            return
+        self.last = now
+        try:
+            from dualenc import figures
+            figures.training(self.path, runlog.read(self.log_path))
+        except ImportError as e:
+            if not self.warned:
+                self.warned = True
+                note("train", f"no training.png: {e}")
+        except ValueError:
+            pass  # nothing logged yet
 
 
 def cmd_train(args) -> int:
@@ -212,11 +226,11 @@ def cmd_train(args) -> int:
         note("train", _summary(args, dataset, run, params, jax.device_count(), saved[-1] if saved else None))
     log = runlog.RunLog(args.out, tensorboard=args.tensorboard) if main else None
     progress = Progress(log, args.steps, args.log_every, args.quiet or not main, start) if main else None
-    warned = []
+    figure = Figure(args.out, log.path) if main else None
     hooks = {}
     if main:
         hooks = dict(callback=progress.step,
-                     on_checkpoint=lambda step, path: _draw(args.out, log.path, warned))
+                     on_checkpoint=lambda step, path: figure.draw(force=False))
     if args.eval_data:
         evaluate = _evaluator(args, config, processor, progress)
         hooks.update(evaluate=evaluate if main else (lambda step, params: None), eval_every=args.eval_every)
@@ -228,7 +242,7 @@ def cmd_train(args) -> int:
         if progress is not None:
             progress.close()
         if main:
-            _draw(args.out, log.path, warned)
+            figure.draw()
             command = shlex.join(["dualenc", *args.argv] + ([] if args.resume else ["--resume"]))
             where = f"saved in {e.checkpoint}" if e.checkpoint else "no checkpoint"
             note("train", f"interrupted after step {e.step} ({where}); continue with:\n  {command}")
@@ -249,7 +263,7 @@ def cmd_train(args) -> int:
     if progress is not None:
         progress.close()
     if main:
-        _draw(args.out, log.path, warned)
+        figure.draw()
         dualenc.save_pretrained(args.out, config, params, processor=processor)
         if last:
             print(f"trained {args.steps} steps (final loss {last['loss']:.4f}); model saved to {args.out}")
