@@ -17,7 +17,7 @@ from PIL import Image
 import dualenc
 from dualenc import cli
 
-# One worker runs this module, so its module fixtures (a training run, a demo run) run once under xdist.
+# One worker runs this module under `-n 2 --dist loadgroup` (the test command), so its module fixtures run once.
 pytestmark = pytest.mark.xdist_group("cli")
 
 

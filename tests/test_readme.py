@@ -13,7 +13,7 @@ import pytest
 
 from dualenc.cli import EXAMPLES
 
-# One worker runs this module, so its module fixtures (a training run, a demo run) run once under xdist.
+# One worker runs this module under `-n 2 --dist loadgroup` (the test command), so its module fixtures run once.
 pytestmark = pytest.mark.xdist_group("readme")
 
 README = Path(__file__).resolve().parent.parent / "README.md"
