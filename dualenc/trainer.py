@@ -297,7 +297,9 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
         raise ConfigError(f"max_length is {run.max_length}, but the text tower ({type(text).__name__}) pools the "
                           f"last position and is used on text padded to its {text.max_position_embeddings} "
                           f"positions: train with max_length={text.max_position_embeddings}")
-    schedule = train.learning_rate_schedule(run.learning_rate, total_steps=run.steps, warmup_steps=run.warmup_steps)
+    # The rate of every update, computed once: a schedule call per step would wait for that step's computation.
+    rates = np.asarray(train.learning_rate_schedule(run.learning_rate, total_steps=run.steps,
+                                                    warmup_steps=run.warmup_steps)(np.arange(run.steps)))
     optimizer = train.default_optimizer(run.learning_rate, total_steps=run.steps, warmup_steps=run.warmup_steps,
                                         weight_decay=run.weight_decay)
     state = train.init_state(params, optimizer, locked=run.locked, unlocked_layers=run.unlocked_layers,
@@ -350,7 +352,7 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
             if callback is not None:
                 epoch, index = batches.position
                 callback(step, {**metrics, "step_seconds": time.perf_counter() - started,
-                                "learning_rate": float(schedule(step - 1)),
+                                "learning_rate": float(rates[step - 1]),
                                 "epoch": epoch + index / batches.batches_per_epoch})
             saved = checkpoint_dir and run.checkpoint_every and step % run.checkpoint_every == 0
             if saved:
