@@ -192,11 +192,24 @@ def test_zero_shot_embed_search_eval(trained, workspace):
     from dualenc import files
 
     tensors, meta = files.read_safetensors(str(index))
-    assert tensors["embeddings"].shape == (12, 8) and meta["kind"] == "image" and len(json.loads(meta["names"])) == 12
+    assert tensors["embeddings"].shape == (12, 8) and meta["kind"] == "image" and meta["count"] == "12"
+    sidecar = workspace / meta["names_file"]  # the names beside it, not in the header
+    assert sidecar.name == "images.names.jsonl" and len(sidecar.read_text().splitlines()) == 12
+    old_style = workspace / "old.safetensors"  # as earlier versions wrote it: the names in the header
+    names = [json.loads(line) for line in sidecar.read_text().splitlines()]
+    files.write_safetensors(str(old_style), tensors, {"kind": "image", "names": json.dumps(names)})
     np.testing.assert_allclose(np.linalg.norm(tensors["embeddings"], axis=1), 1, rtol=1e-5)
     found = json.loads(dualenc_run("search", "--model", trained, "--index", index, "--top-k", 3, "--json",
                                    "a photo of the red square", "a blue square").stdout)
     assert [f["query"] for f in found] == ["a photo of the red square", "a blue square"]
+    again = json.loads(dualenc_run("search", "--model", trained, "--index", old_style, "--top-k", 3, "--json",
+                                   "a photo of the red square", "a blue square").stdout)
+    assert again == found
+    scores = tensors["embeddings"] @ dualenc.encode_texts(params, dualenc.load_config(trained),
+                                                          dualenc.Processor.from_pretrained(trained),
+                                                          ["a blue square"])[0]
+    order = np.argsort(-scores, kind="stable")[:3]  # the exact, fully sorted reference
+    assert [r["name"] for r in found[1]["results"]] == [names[i] for i in order]
     for f in found:
         scores = [r["score"] for r in f["results"]]
         assert len(scores) == 3 and scores == sorted(scores, reverse=True)
