@@ -51,27 +51,31 @@ def _progress(total: int | None, batch_size: int, progress: bool | None, desc: s
     return tqdm(total=total, desc=desc, unit="item", file=sys.stderr)
 
 
-def _run(batches: Iterator[Any], prepare: Callable[[Any], tuple[int, Callable[[], jax.Array]]],
-         bar) -> np.ndarray:
-    """Runs `prepare` on the host for batch k+1 while the device computes batch k (async dispatch)."""
-    outputs, pending = [], None
+def _stream(batches: Iterator[Any], prepare: Callable[[Any], tuple], bar) -> Iterator[tuple[Any, np.ndarray]]:
+    """Runs `prepare` on the host for batch k+1 while the device computes batch k (async dispatch); yields
+    (tag, rows) per batch, `prepare` returning (rows, launch, tag)."""
+    pending = None
     for batch in batches:
-        n, launch = prepare(batch)
+        n, launch, tag = prepare(batch)
         if not n:
             continue
         result = launch()  # dispatched asynchronously; the next batch is prepared meanwhile
         if pending is not None:
-            outputs.append(np.asarray(pending[1])[:pending[0]])
+            yield pending[2], np.asarray(pending[1])[:pending[0]].astype(np.float32)
             if bar is not None:
                 bar.update(pending[0])
-        pending = (n, result)
+        pending = (n, result, tag)
     if pending is not None:
-        outputs.append(np.asarray(pending[1])[:pending[0]])
+        yield pending[2], np.asarray(pending[1])[:pending[0]].astype(np.float32)
         if bar is not None:
             bar.update(pending[0])
     if bar is not None:
         bar.close()
-    return np.concatenate(outputs).astype(np.float32) if outputs else None
+
+
+def _run(batches: Iterator[Any], prepare: Callable[[Any], tuple], bar) -> np.ndarray | None:
+    outputs = [rows for _, rows in _stream(batches, prepare, bar)]
+    return np.concatenate(outputs) if outputs else None
 
 
 def _check_batch_size(batch_size):
@@ -103,7 +107,7 @@ def encode_images(params, config: DualEncoderConfig, processor, images: Iterable
         to the NaFlex vision tower); each batch of images goes through it on the host.
       images: a list or any iterable (also a generator too large for memory) of PIL images, paths or arrays.
       batch_size: every batch has this shape (the last one is padded), so the forward compiles once; fewer
-        images than that are padded only to the next power of two.
+        images than that (in a list) are padded only to the next power of two.
       progress: show a progress bar; default when the input is long and stderr is a terminal.
       skipped: a list to collect the images that cannot be read instead of raising: (index, message) pairs are
         appended, and the rows returned are the readable images' only, in order. Without it the first
@@ -112,6 +116,24 @@ def encode_images(params, config: DualEncoderConfig, processor, images: Iterable
     Returns:
       float32 (n_images, projection_dim), or (n_readable, projection_dim) with `skipped`.
     """
+    parts = [rows for _, rows in stream_images(params, config, processor, images, batch_size=batch_size, dtype=dtype,
+                                               progress=progress, skipped=skipped)]
+    return np.concatenate(parts) if parts else np.zeros((0, config.projection_dim), np.float32)
+
+
+def stream_images(params, config: DualEncoderConfig, processor, images: Iterable, *, batch_size: int = 32,
+                  dtype=None, progress: bool | None = None,
+                  skipped: list | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """encode_images batch by batch, for inputs too large to hold their embeddings in memory.
+
+    Arguments as encode_images'; an iterable without a length (a generator) is always cut into batches of
+    exactly `batch_size` rows.
+
+    Yields:
+      (positions int64 (n,), embeddings float32 (n, projection_dim)) per batch: the positions in `images` of
+      the rows (with `skipped`, the unreadable images' are absent; they are appended to `skipped` before the
+      batch holding them is yielded).
+    """
     _check_batch_size(batch_size)
     total = len(images) if hasattr(images, "__len__") else None
     batch_size = _batch_rows(total, batch_size)
@@ -119,19 +141,23 @@ def encode_images(params, config: DualEncoderConfig, processor, images: Iterable
 
     def prepare(batch):
         start, seen[0] = seen[0], seen[0] + len(batch)
+        failures = None if skipped is None else []
         try:
             inputs = image_inputs(processor, batch)
         except (DualEncError, OSError, ValueError):
-            inputs = _readable_inputs(processor, batch, start, skipped)
+            inputs = _readable_inputs(processor, batch, start, failures)
+        if failures:
+            skipped.extend(failures)
         if inputs is None:
-            return 0, None
+            return 0, None, None
+        bad = {i for i, _ in failures or ()}
+        positions = np.asarray([i for i in range(start, start + len(batch)) if i not in bad], np.int64)
         n = len(inputs["pixel_values"])
         inputs["pixel_values"] = np.asarray(inputs["pixel_values"], np.float32)
         inputs = pad_rows(inputs, batch_size)
-        return n, lambda: _image_embeds(params, config, inputs, dtype=dtype)
+        return n, lambda: _image_embeds(params, config, inputs, dtype=dtype), positions
 
-    out = _run(_batches(images, batch_size), prepare, _progress(total, batch_size, progress, "images"))
-    return np.zeros((0, config.projection_dim), np.float32) if out is None else out
+    yield from _stream(_batches(images, batch_size), prepare, _progress(total, batch_size, progress, "images"))
 
 
 def _readable_inputs(processor, batch: list, start: int, skipped: list | None) -> dict | None:
@@ -203,7 +229,7 @@ def encode_texts(params, config: DualEncoderConfig, tokenizer, texts: Iterable[s
         if arrays["attention_mask"] is not None:
             arrays["attention_mask"][len(batch):, 0] = 1  # padding rows attend to one token, not to none
         return len(batch), lambda: _text_embeds(params, config, arrays["input_ids"], arrays["attention_mask"],
-                                                arrays["token_type_ids"], dtype=dtype)
+                                                arrays["token_type_ids"], dtype=dtype), None
 
     out = _run(_batches(texts, batch_size), prepare, _progress(total, batch_size, progress, "texts"))
     return np.zeros((0, config.projection_dim), np.float32) if out is None else out

@@ -1,17 +1,21 @@
-"""The training loop: batches in, steps, metrics out; atomic training checkpoints and exact resume.
+"""The training loop: batches in, steps, metrics out; training checkpoints and exact resume.
 
-A training checkpoint is a directory `step_NNNNNNNN` holding `state.safetensors` (params, optimizer state,
-step, RNG; one tensor per state leaf, named by its pytree path) and `state.json` (step, data position,
-settings). It is written atomically (files.atomic_directory); the last `keep` are kept. Resuming restores
-the state and the data stream's position, so an interrupted run ends with the same params as one that was
-never interrupted.
+Batches come from dualenc.datasets.Pipeline (grain): their order is a function of the seed and the step alone,
+each process decoding only its rows of every global batch. A training checkpoint is a directory
+`step_NNNNNNNN` written with orbax (dualenc.train.checkpoint): each process writes its own shards of the
+trainable params, optimizer state, step and RNG, asynchronously; the frozen (locked) tower is not written,
+it is the one the run starts from. `state.json` holds the step, the run's total steps and its settings.
+Resuming restores the state onto the current mesh (any number of processes), so an interrupted run ends
+with the same params as one that was never interrupted. Checkpoints of earlier versions (state.safetensors)
+still restore.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import tempfile
 import os
-import re
 import shutil
 import signal
 import threading
@@ -22,97 +26,20 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from dualenc import files, formats, towers, train
+from dualenc import formats, towers, train
 from dualenc.config import SIGLIP_LOGIT_INIT, SIGLIP_TYPES, DualEncoderConfig, load_config
-from dualenc.files import read_json
-from dualenc.data import Batches, PairDataset
+from dualenc.data import PairDataset
+from dualenc.datasets import features as lit_cache
+from dualenc.datasets.pipeline import Pipeline
 from dualenc.errors import CheckpointError, ConfigError
 from dualenc.hub import resolve
 from dualenc.processing import Processor, Tokenizer
-from dualenc.processing.processor import image_inputs, load_image_processor
+from dualenc.processing.processor import load_image_processor
 
-STEP_DIR = re.compile(r"^step_(\d{8})$")
-STATE_FILE, META_FILE = "state.safetensors", "state.json"
-CACHE_CHUNK = 1024  # images decoded at once for the LiT cache
+from dualenc.train.checkpoint import (META_FILE, STATE_FILE, STEP_DIR, checkpoint_meta, checkpoints,  # noqa: F401
+                                      latest_checkpoint, restore_state, save_state, wait_for_save)
+from dualenc.train.sharding import host_array as _host_array
 
-
-def _leaf_names(state) -> list[tuple[str, Any]]:
-    return [(jax.tree_util.keystr(path), leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(state)]
-
-
-def _host_array(leaf) -> np.ndarray:
-    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
-    return np.asarray(jax.device_get(leaf))
-
-
-def checkpoints(directory: str) -> list[tuple[int, str]]:
-    """(step, path) of the complete training checkpoints in `directory`, oldest first."""
-    if not os.path.isdir(directory):
-        return []
-    found = []
-    for name in os.listdir(directory):
-        m = STEP_DIR.match(name)
-        if m and os.path.isfile(os.path.join(directory, name, META_FILE)):
-            found.append((int(m.group(1)), os.path.join(directory, name)))
-    return sorted(found)
-
-
-def save_state(directory: str, state: train.TrainState, meta: dict, keep: int = 3) -> str | None:
-    """Writes a training checkpoint atomically and removes all but the newest `keep`.
-
-    Every process must call it (arrays sharded across hosts are gathered); only process 0 writes.
-    """
-    arrays = {name: _host_array(leaf) for name, leaf in _leaf_names(state)}
-    if jax.process_index() != 0:
-        return None
-    step = int(arrays[".step"])
-    path = os.path.join(directory, f"step_{step:08d}")
-    os.makedirs(directory, exist_ok=True)
-    with files.atomic_directory(path) as tmp:
-        files.write_safetensors(os.path.join(tmp, STATE_FILE), arrays)
-        files.write_json_atomic(os.path.join(tmp, META_FILE), {**meta, "step": step})
-    for _, old in checkpoints(directory)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return path
-
-
-def restore_state(path: str, template: train.TrainState) -> tuple[train.TrainState, dict]:
-    """Loads a training checkpoint into the structure (and shardings) of `template`, strictly."""
-    tensors, _ = files.read_safetensors(os.path.join(path, STATE_FILE))
-    meta = read_json(os.path.join(path, META_FILE), "training checkpoint metadata")
-    leaves, treedef = jax.tree_util.tree_flatten(template)
-    names = [name for name, _ in _leaf_names(template)]
-    if isinstance(template.opt_state, train.ClippedAdamWState):
-        tensors = _from_optax_chain(tensors, path)
-    missing = [n for n in names if n not in tensors]
-    unexpected = [n for n in tensors if n not in set(names)]
-    wrong = [n for n, leaf in zip(names, leaves) if n in tensors and tensors[n].shape != np.shape(leaf)]
-    if missing or unexpected or wrong:
-        raise CheckpointError(f"{path} does not match this training setup: missing {missing[:20]}, "
-                              f"unexpected {unexpected[:20]}, wrong shape {wrong[:20]}")
-    restored = []
-    for name, leaf in zip(names, leaves):
-        value = np.asarray(tensors[name], dtype=leaf.dtype)
-        sharding = getattr(leaf, "sharding", None)
-        restored.append(jax.device_put(value, sharding) if sharding is not None else value)
-    return jax.tree_util.tree_unflatten(treedef, restored), meta
-
-
-def _from_optax_chain(tensors: dict, path: str) -> dict:
-    """Checkpoints written before default_optimizer became train.clipped_adamw hold the state of optax's
-    chain(clip_by_global_norm, adamw): Adam's count and moments at opt_state[1][0], the schedule's count at
-    opt_state[1][2]. The same numbers, renamed; anything else is left for the strict check."""
-    old, schedule = ".opt_state[1][0].", ".opt_state[1][2].count"
-    if ".opt_state.count" in tensors or old + "count" not in tensors:
-        return tensors
-    if schedule in tensors and int(tensors[schedule]) != int(tensors[old + "count"]):
-        raise CheckpointError(f"{path}: the optimizer's schedule and Adam counts differ "
-                              f"({int(tensors[schedule])} and {int(tensors[old + 'count'])})")
-    return {(".opt_state." + name[len(old):] if name.startswith(old) else name): value
-            for name, value in tensors.items() if name != schedule}
 
 
 @dataclasses.dataclass
@@ -237,12 +164,6 @@ class _InterruptAfterStep:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def checkpoint_meta(path: str) -> dict:
-    """A training checkpoint's state.json: its step, the run's total steps ("steps", absent in checkpoints of
-    earlier versions), data position and settings."""
-    return read_json(os.path.join(path, META_FILE), "training checkpoint metadata")
-
-
 def settings_of(run: TrainConfig) -> dict:
     """The settings a resumed run must share with the checkpoint's (all but steps, checkpoint_every and keep)."""
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(run).items()
@@ -268,8 +189,14 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
         checkpoint_dir: str | None = None, resume: bool = True, mesh=None,
         callback: Callable[[int, dict], None] | None = None,
         evaluate: Callable[[int, dict], Any] | None = None, eval_every: int = 0,
-        on_checkpoint: Callable[[int, str], None] | None = None) -> tuple[dict, dict]:
+        on_checkpoint: Callable[[int, str], None] | None = None, workers: int = 0, cache_dir: str | None = None,
+        skipped: collections.Counter | None = None) -> tuple[dict, dict]:
     """Trains contrastively and returns (params, last metrics).
+
+    The data is a PairDataset (a caption file over an image folder, read by data.read_pairs) or a random-access
+    source of records (dualenc.datasets.RecordSource: webdataset shards or caption files that `prepare`
+    converted); dualenc.datasets.Pipeline (grain) draws the batches: a seeded global order, each process
+    decoding only its rows of every global batch, the position a function of the step alone.
 
     With checkpoint_dir, a checkpoint is written every run.checkpoint_every steps and at the end, and with
     resume the newest one is restored first (same data position, same RNG). A checkpoint's run may be extended
@@ -290,7 +217,13 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
         learning_rate (the rate of that update), epoch (epochs of data consumed) and step_seconds (dispatch).
       evaluate: called with (step, params) every eval_every steps and after the last step.
       on_checkpoint: called with (step, path) after each checkpoint is written.
+      workers: grain worker processes decoding images (0: threads of this process).
+      cache_dir: where the LiT cache (run.cached) is written and found again, keyed by a fingerprint of the
+        locked tower, the preprocessing and the data (default: checkpoint_dir/lit-cache; without either, a
+        temporary folder removed at the end).
+      skipped: a Counter to which the records replaced in the batches used are added, by reason.
     """
+    skipped = skipped if skipped is not None else collections.Counter()
     run = dataclasses.replace(run, loss=run.loss or config.default_loss)
     text = config.text
     if towers.family(text).pooling == "last" and run.max_length != text.max_position_embeddings:
@@ -306,13 +239,13 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
                              seed=run.seed)
     if mesh is not None:
         state = train.shard_state(state, mesh, run.fsdp)
-    position, latest = (0, 0), None
+    latest, scratch = None, None
     settings = settings_of(run)
-    if checkpoint_dir and resume and checkpoints(checkpoint_dir):
-        _, latest = checkpoints(checkpoint_dir)[-1]
+    found = latest_checkpoint(checkpoint_dir) if checkpoint_dir and resume else None  # one answer for all processes
+    if found is not None:
+        _, latest = found
         check_resume(latest, checkpoint_meta(latest), run)
         state, meta = restore_state(latest, state)
-        position = tuple(meta["data_position"])
     step_fn = train.make_train_step(config, optimizer, loss=run.loss, locked=run.locked,
                                     unlocked_layers=run.unlocked_layers, cached=run.cached,
                                     remat_policy=run.remat_policy, dtype=run.dtype, mesh=mesh, fsdp=run.fsdp)
@@ -321,17 +254,24 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
         return jax.tree_util.tree_map(_host_array, train.full_params(state)), {}
     features = None
     if run.cached:
-        tower = run.locked[0]
-        if tower != "vision":
+        if run.locked[:1] != ("vision",):
             raise ConfigError("the LiT cache in fit() covers a locked vision tower")
-        features = _image_features(params, config, processor, dataset.images, run.batch_size)
-    batches = Batches(dataset, processor, run.batch_size, seed=run.seed, max_length=run.max_length,
-                      start=position, image_features=features)
+        if cache_dir is None and checkpoint_dir is None:
+            cache_dir = scratch = tempfile.mkdtemp(prefix="dualenc-lit-")
+        features, _ = lit_cache.build(cache_dir or os.path.join(checkpoint_dir, "lit-cache"), params, config,
+                                      processor, dataset, batch_size=run.batch_size, workers=workers)
+    local = mesh is not None  # with a mesh, this process reads its share of each global batch; else all of it
+    batches = Pipeline(dataset, processor, run.batch_size, seed=run.seed, max_length=run.max_length, start=step,
+                       steps=run.steps, workers=workers, features=features,
+                       process_index=jax.process_index() if local else 0,
+                       process_count=jax.process_count() if local else 1)
     metrics = {}
 
     def checkpoint():
-        path = save_state(checkpoint_dir, state, {"data_position": list(batches.position), "settings": settings,
-                                                  "steps": run.steps}, keep=run.keep)
+        # Asynchronous: each process writes its shards while training goes on (the next save, a resume and the
+        # end of fit wait for it); the frozen tower is not saved, it comes from `params` again on resume.
+        path = save_state(checkpoint_dir, state, {"data_step": step, "settings": settings, "steps": run.steps},
+                          keep=run.keep, wait=False)
         if path is not None and on_checkpoint is not None:
             on_checkpoint(step, path)
         return path
@@ -339,50 +279,38 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
     def params_now():
         return jax.tree_util.tree_map(_host_array, train.full_params(state))  # gathered from every host
 
-    with _InterruptAfterStep() as interrupt:
-        for _, batch in batches:
-            if step >= run.steps:
-                break
-            batch = {k: v for k, v in batch.items() if k != "image_index"}
-            if mesh is not None:
-                batch = train.shard_batch(_local_rows(batch), mesh)
-            started = time.perf_counter()
-            state, metrics = step_fn(state, batch)
-            step += 1
-            if callback is not None:
-                epoch, index = batches.position
-                callback(step, {**metrics, "step_seconds": time.perf_counter() - started,
-                                "learning_rate": float(rates[step - 1]),
-                                "epoch": epoch + index / batches.batches_per_epoch})
-            saved = checkpoint_dir and run.checkpoint_every and step % run.checkpoint_every == 0
-            if saved:
-                latest = checkpoint()
-            if evaluate is not None and eval_every and step % eval_every == 0 and step < run.steps:
-                evaluate(step, params_now())
-            if interrupt.requested and step < run.steps:  # (after the last step, the run ends as usual)
-                if checkpoint_dir and not saved:
+    try:
+        with _InterruptAfterStep() as interrupt:
+            for _, batch in batches:
+                batch = {k: v for k, v in batch.items() if not k.startswith("_")}
+                if mesh is not None:
+                    batch = train.shard_batch(batch, mesh)
+                started = time.perf_counter()
+                state, metrics = step_fn(state, batch)
+                step += 1
+                if callback is not None:
+                    callback(step, {**metrics, "step_seconds": time.perf_counter() - started,
+                                    "learning_rate": float(rates[step - 1]), "epoch": batches.epoch(step)})
+                saved = checkpoint_dir and run.checkpoint_every and step % run.checkpoint_every == 0
+                if saved:
                     latest = checkpoint()
-                raise Interrupted(step, latest if checkpoint_dir else None)
-        if checkpoint_dir and (not run.checkpoint_every or step % run.checkpoint_every):
-            checkpoint()
-        params = params_now()
-        if evaluate is not None:
-            evaluate(step, params)
+                if evaluate is not None and eval_every and step % eval_every == 0 and step < run.steps:
+                    evaluate(step, params_now())
+                if interrupt.requested and step < run.steps:  # (after the last step, the run ends as usual)
+                    if checkpoint_dir and not saved:
+                        latest = checkpoint()
+                    wait_for_save()
+                    raise Interrupted(step, latest if checkpoint_dir else None)
+            if checkpoint_dir and (not run.checkpoint_every or step % run.checkpoint_every):
+                checkpoint()
+            wait_for_save()
+            params = params_now()
+            if evaluate is not None:
+                evaluate(step, params)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    skipped.update(batches.skipped)
     return params, {k: float(_host_array(v)) for k, v in metrics.items()}
 
 
-def _image_features(params, config: DualEncoderConfig, processor, images, batch_size: int,
-                    chunk: int = CACHE_CHUNK) -> np.ndarray:
-    """The locked vision tower's pooled outputs for every image (LiT cache), decoding `chunk` images at a time."""
-    parts = [train.tower_features(params, config, "vision", image_inputs(processor, images[start:start + chunk]),
-                                  batch_size=batch_size) for start in range(0, len(images), chunk)]
-    return np.concatenate(parts)
-
-
-def _local_rows(batch: dict) -> dict:
-    """This process's rows of a global batch (all of it on one host)."""
-    n, count, index = len(next(iter(batch.values()))), jax.process_count(), jax.process_index()
-    if n % count:
-        raise ConfigError(f"the global batch of {n} does not split over {count} processes")
-    share = n // count
-    return {k: v[index * share:(index + 1) * share] for k, v in batch.items()}

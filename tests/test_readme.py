@@ -96,7 +96,7 @@ def test_readme_python_blocks_run_top_to_bottom(demo_folder):
 
 def test_every_cli_example_runs_as_written(demo_folder):
     demo_folder = demo_folder[0]
-    order = ["zero-shot", "embed", "search", "eval", "train"]  # search reads what embed wrote
+    order = ["zero-shot", "embed", "search", "merge", "eval", "train"]  # search and merge read what embed wrote
     assert set(EXAMPLES) == {"demo", *order}
     flat = " ".join(README.read_text().replace("\\\n", " ").split())  # README.md may wrap them with backslashes
     missing = [name for name in order if " ".join(EXAMPLES[name].split()) not in flat]
@@ -114,6 +114,7 @@ def test_every_cli_example_runs_as_written(demo_folder):
     results = re.findall(r"^(.+):\n((?:\S+  dualenc-demo/data/images/test/\d+\.png\n)+)", out["search"].stdout, re.M)
     assert [(query, hits.count("\n")) for query, hits in results] == [
         ("a photo of the digit seven", 5), ("the number 3", 5)], out["search"].stdout
+    assert (demo_folder / "digits-all.faiss").is_file() and "recall@10" in out["merge"].stderr
 
     metrics = json.loads((demo_folder / "dualenc-eval/metrics.json").read_text())
     assert metrics["images"] == len(test_images) and 0 <= metrics["i2t_R@1"] <= 1

@@ -11,7 +11,9 @@ import sys
 import textwrap
 
 from dualenc.cli.common import CommandError
-from dualenc.cli.inference import cmd_demo, cmd_embed, cmd_eval, cmd_search, cmd_zero_shot
+from dualenc.cli.index import cmd_embed, cmd_merge, cmd_search
+from dualenc.cli.inference import cmd_demo, cmd_eval, cmd_zero_shot
+from dualenc.cli.prepare import cmd_prepare
 from dualenc.cli.training import cmd_train
 
 # Each runs as written after `dualenc demo` (its default --out, dualenc-demo), in the same folder.
@@ -22,10 +24,12 @@ EXAMPLES = {
     "embed": "dualenc embed --model dualenc-demo/model --images dualenc-demo/data/images/test --out digits.safetensors",
     "search": 'dualenc search --model dualenc-demo/model --index digits.safetensors "a photo of the digit seven" '
               '"the number 3"',
+    "merge": "dualenc merge digits.safetensors --out digits-all.safetensors --ann",
     "train": "dualenc train --model dualenc-demo/model --data dualenc-demo/data/train.jsonl --eval-data "
              "dualenc-demo/data/test.jsonl --steps 100 --eval-every 50 --out dualenc-tuned",
     "eval": "dualenc eval --model dualenc-demo/model --data dualenc-demo/data/test.jsonl --labels-file "
             "dualenc-demo/data/labels.txt --out dualenc-eval",
+    "prepare": "dualenc prepare dualenc-demo/data/train.jsonl --out dualenc-prepared --records-per-shard 500",
 }
 
 
@@ -88,11 +92,18 @@ def parser() -> argparse.ArgumentParser:
                                                        "scale used")
     p.add_argument("images", nargs="+", help="image files or folders (walked recursively, in sorted order)")
 
-    p = _sub(subs, "embed", cmd_embed, "write normalised embeddings of images or texts to a safetensors file")
+    p = _sub(subs, "embed", cmd_embed, "write normalised embeddings of images or texts to a safetensors file (and "
+                                       "their names beside it), streamed a batch at a time")
     p.add_argument("--model", required=True, help="a dual encoder directory")
     p.add_argument("--images", nargs="+", help="image files or folders (walked recursively, in sorted order)")
     p.add_argument("--texts", help="or: a file with one text per line")
-    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.add_argument("--out", required=True, help="the .safetensors file to write (NAME.names.jsonl goes beside it)")
+    p.add_argument("--shard", metavar="I/N", help="embed only the I-th (from 0) of N contiguous slices of the "
+                                                  "sorted inputs; `dualenc merge` joins the N parts (default: all; "
+                                                  "under jax.distributed, this process's slice, written to "
+                                                  "NAME-0000I-of-0000N.safetensors)")
+    p.add_argument("--ann", action="store_true", help="also build the approximate-search index NAME.faiss "
+                                                      "(needs dualenc[search]) and print its recall@10")
     _images_options(p, "images or texts")
     p.add_argument("--json", action="store_true", help="print one JSON object: what was written and skipped")
 
@@ -101,8 +112,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--index", required=True, help="an embedding file written by `dualenc embed`")
     p.add_argument("--image", action="store_true", help="the queries are image paths, not texts")
     p.add_argument("--top-k", type=int, default=5, help="results per query")
-    p.add_argument("--json", action="store_true", help="print a JSON list: each query with its results")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--ann", action="store_true", help="search the ANN index NAME.faiss (built by embed or merge "
+                                                        "--ann; default: it is used when there is one, the index "
+                                                        "holds 200,000 rows or more and the ANN's measured recall@10 "
+                                                        "is at least 0.9)")
+    how.add_argument("--exact", action="store_true", help="search every row, even where an ANN index would be used")
+    p.add_argument("--json", action="store_true", help="print a JSON list: each query with its results and the "
+                                                       "search used")
     p.add_argument("query", nargs="+", help="one or more queries (the model loads once)")
+
+    p = _sub(subs, "merge", cmd_merge, "join embedding files (the shards of `dualenc embed --shard`, in order) into "
+                                       "one, streamed")
+    p.add_argument("parts", nargs="+", metavar="PART", help="embedding files; shards all N of them, 0 to N-1")
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.add_argument("--ann", action="store_true", help="also build the approximate-search index NAME.faiss "
+                                                      "(needs dualenc[search]) and print its recall@10")
+    p.add_argument("--json", action="store_true", help="print one JSON object: what was written")
 
     p = _sub(subs, "train", cmd_train, "train contrastively: fine-tune a whole dual encoder, or compose one from a "
                                        "vision and a text model (LiT, or both towers)")
@@ -112,8 +138,13 @@ def parser() -> argparse.ArgumentParser:
                                     "processor settings")
     p.add_argument("--text", help="and a text model directory (BERT, RoBERTa, CLIP, SigLIP) with tokenizer files; the "
                                   "same SigLIP directory as --vision trains that whole model")
-    p.add_argument("--data", required=True, help="image-caption pairs: .jsonl or .csv")
+    p.add_argument("--data", required=True, nargs="+", help="image-caption pairs: a .jsonl, .csv or .tsv file over "
+                                                             "an image folder, a folder written by `dualenc "
+                                                             "prepare`, or webdataset tars (converted once into "
+                                                             "OUT/prepared, as a caption file over 1 GiB is)")
     _data_options(p)
+    p.add_argument("--workers", type=int, default=0, help="processes decoding images (0: threads of the training "
+                                                          "process)")
     p.add_argument("--out", required=True, help="where the trained model, checkpoints/, metrics.jsonl and "
                                                 "training.png go")
     p.add_argument("--lock", choices=("vision", "text", "none"), default="vision", help="the tower kept as it is")
@@ -161,6 +192,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="dualenc-eval", help="folder for metrics.json and eval.png")
     _images_options(p, "images or texts")
     p.add_argument("--json", action="store_true", help="print one JSON object with the figures")
+
+    p = _sub(subs, "prepare", cmd_prepare, "convert webdataset tars and caption files (.jsonl, .csv, .tsv) to "
+                                           "ArrayRecord shards with a manifest, for fast random access; a rerun "
+                                           "resumes")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="tar shards (patterns such as 'data/{00000..00009}.tar' "
+                                                              "or 'data/*.tar') and caption files")
+    p.add_argument("--out", required=True, help="the folder for the shards and manifest.json (new, empty, or an "
+                                                "unfinished run of the same inputs)")
+    p.add_argument("--records-per-shard", type=int, default=50_000, help="records per shard of a caption file (each "
+                                                                         "tar becomes one shard)")
+    _data_options(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object: records, skipped, shards")
     return top
 
 

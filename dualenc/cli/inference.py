@@ -1,10 +1,8 @@
-"""The subcommands that use a model: demo, zero-shot, embed, search, eval."""
+"""The subcommands that use a model: demo, zero-shot, eval (embed and search are in index.py)."""
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 
 from dualenc.cli.common import (CommandError, encode_readable, image_files, load_model, note, outside_hint,
                                 print_json, read_lines, relevance, shown, warn_unknown_words)
@@ -51,122 +49,6 @@ def cmd_zero_shot(args) -> int:
         if skipped:
             print(f"({len(results)} of {len(images)} images classified; {len(skipped)} unreadable, listed on stderr)")
     return 0
-
-
-def cmd_embed(args) -> int:
-    import numpy as np
-
-    import dualenc
-    from dualenc import files
-
-    if bool(args.images) == bool(args.texts):
-        raise CommandError("give either --images or --texts")
-    if not args.out.endswith(".safetensors"):
-        raise CommandError(f"--out must name a .safetensors file, got {args.out}")
-    config, params, processor = load_model(args.model)
-    skipped = []
-    if args.images:
-        names = image_files(args.images)
-        embeds, names, skipped = encode_readable(params, config, processor, names, batch_size=args.batch_size,
-                                                 strict=args.strict, command="embed")
-        kind = "image"
-    else:
-        names = read_lines(args.texts, "texts")
-        embeds = dualenc.encode_texts(params, config, processor, names, batch_size=args.batch_size)
-        kind = "text"
-    if not len(names):
-        raise CommandError("no image could be read: nothing to write")
-    names = [shown(n) for n in names]
-    # The names go to a sidecar file (one JSON string per line): in the safetensors header, millions of them
-    # would pass its size limit only after all the encoding.
-    sidecar = names_file(args.out)
-    files.write_text_atomic(sidecar, "".join(json.dumps(n) + "\n" for n in names))
-    tmp = f"{args.out}.tmp-{os.getpid()}"
-    try:
-        files.write_safetensors(tmp, {"embeddings": np.asarray(embeds, np.float32)},
-                                {"kind": kind, "names_file": os.path.basename(sidecar), "count": str(len(names))})
-        os.replace(tmp, args.out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    if args.json:
-        print_json({"out": args.out, "kind": kind, "written": len(names), "dims": int(embeds.shape[1]),
-                    "skipped": skipped})
-    print(f"wrote {len(names)} {kind} embeddings ({embeds.shape[1]} dims) to {args.out}"
-          + (f"; skipped {len(skipped)} unreadable" if skipped else ""), file=sys.stderr)
-    return 0
-
-
-def cmd_search(args) -> int:
-    import numpy as np
-
-    import dualenc
-    from dualenc import files
-
-    if not os.path.isfile(args.index):
-        raise CommandError(f"index file not found: {args.index}")
-    tensors, meta = files.read_safetensors(args.index)
-    if "embeddings" not in tensors or not ("names" in meta or "names_file" in meta):
-        raise CommandError(f"{args.index} is not an embedding file written by `dualenc embed`")
-    names = _read_names(args.index, meta)
-    index = np.asarray(tensors["embeddings"], np.float32)
-    if index.ndim != 2 or len(names) != len(index):
-        raise CommandError(f"{args.index}: {len(names)} names for embeddings of shape {index.shape}")
-    config, params, processor = load_model(args.model)
-    if index.shape[1] != config.projection_dim:
-        raise CommandError(f"{args.index} holds {index.shape[1]}-dim embeddings, the model makes "
-                           f"{config.projection_dim}")
-    if args.image:
-        queries = dualenc.encode_images(params, config, processor, image_files(args.query))
-    else:
-        warn_unknown_words(processor, args.query, "queries", "search")
-        queries = dualenc.encode_texts(params, config, processor, args.query)
-    if args.top_k < 1:
-        raise CommandError(f"--top-k must be at least 1, got {args.top_k}")
-    found = []
-    k = min(args.top_k, len(names))
-    for query, embed in zip(args.query, queries):
-        scores = index @ embed
-        best = np.argpartition(-scores, k - 1)[:k]  # the top k without sorting every score
-        best = best[np.lexsort((best, -scores[best]))]  # best first; ties by position, as a stable sort
-        found.append({"query": shown(query), "results": [{"name": names[i], "score": round(float(scores[i]), 6)}
-                                                         for i in best]})
-    if args.json:
-        print_json(found)
-    else:
-        for i, item in enumerate(found):
-            if len(found) > 1:
-                print(("\n" if i else "") + f"{item['query']}:")
-            for r in item["results"]:
-                print(f"{r['score']:.4f}  {r['name']}")
-    return 0
-
-
-def names_file(index: str) -> str:
-    """The sidecar file of an embedding file's names: photos.safetensors -> photos.names.jsonl."""
-    return index[:-len(".safetensors")] + ".names.jsonl"
-
-
-def _read_names(index: str, meta: dict) -> list[str]:
-    """An embedding file's names: from its sidecar (named in its metadata, beside it), or from the header, where
-    earlier versions kept them."""
-    try:
-        if "names" in meta:
-            names = json.loads(meta["names"])
-        else:
-            sidecar = meta["names_file"]
-            if os.path.basename(sidecar) != sidecar or not sidecar.endswith(".names.jsonl"):
-                raise CommandError(f"{index}: its names_file {sidecar!r} must be a .names.jsonl file beside it")
-            path = os.path.join(os.path.dirname(os.path.abspath(index)), sidecar)
-            if not os.path.isfile(path):
-                raise CommandError(f"{index}: its names file {path} is missing")
-            with open(path, encoding="utf-8") as f:
-                names = [json.loads(line) for line in f if line.strip()]
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CommandError(f"{index}: its names are not valid JSON") from None
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise CommandError(f"{index}: its names must be a list of strings")
-    return names
 
 
 def cmd_eval(args) -> int:

@@ -56,22 +56,45 @@ def _resume_point(args, checkpoints: str) -> bool:
     return False
 
 
+def training_data(inputs: list[str], prepared: str, *, image_root=None, allow_outside=False):
+    """What --data names, as fit() takes it: a caption file (.jsonl/.csv/.tsv) up to data.MAX_CAPTION_FILE read
+    into a PairDataset; a folder written by `dualenc prepare` as a RecordSource; webdataset tars, or a larger
+    caption file, converted once (streamed, resumably) into `prepared` and read from there."""
+    from dualenc import data
+    from dualenc.datasets import RecordSource, prepare
+    from dualenc.datasets.records import MANIFEST
+
+    if len(inputs) == 1 and os.path.isfile(os.path.join(inputs[0], MANIFEST)):
+        return RecordSource(inputs[0])
+    captions = len(inputs) == 1 and inputs[0].lower().endswith((".jsonl", ".json", ".csv", ".tsv"))
+    if captions and os.path.isfile(inputs[0]) and os.path.getsize(inputs[0]) <= data.MAX_CAPTION_FILE:
+        return data.read_pairs(inputs[0], image_root=image_root, allow_outside=allow_outside)
+    if captions and not os.path.isfile(inputs[0]):
+        raise FileNotFoundError(f"caption file not found: {inputs[0]}")
+    note("train", f"converting {' '.join(inputs)} into {prepared} (once; a rerun resumes or reuses it)")
+    prepare(inputs, prepared, image_root=image_root, allow_outside=allow_outside)
+    return RecordSource(prepared)
+
+
 def _summary(args, dataset, run, params, devices: int, resumed_from) -> str:
     import jax
 
     from dualenc import train
 
-    images, pairs = len(dataset.images), len(dataset.captions)
+    images = len(dataset.images) if hasattr(dataset, "images") else len(dataset)
     per_epoch = images // run.batch_size
     trainable, frozen = train.partition(params, run.locked, run.unlocked_layers)
     count = lambda tree: sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
-    skipped = ", ".join(f"{k} {v}" for k, v in sorted(dataset.skipped.items())) or "none"
+    counts = dataset.skipped if hasattr(dataset, "skipped") else dataset.manifest.get("skipped", {})
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
     locking = ""
     if run.locked:
         locking = f" ({run.locked[0]} tower locked" + (f", its top {run.unlocked_layers} layers trained"
                                                        if run.unlocked_layers else "") \
                   + (", its outputs cached" if run.cached else "") + ")"
-    lines = [f"{pairs} pairs of {images} images from {args.data} (rows skipped: {skipped})",
+    what = f"{len(dataset.captions)} pairs of {images} images" if hasattr(dataset, "captions") else \
+        f"{images} records (images with their captions)"
+    lines = [f"{what} from {' '.join(args.data)} (rows skipped: {skipped})",
              f"{run.steps} steps of batch {run.batch_size} = {run.steps / max(per_epoch, 1):.2f} epochs "
              f"({per_epoch} batches per epoch); {devices} device(s)",
              f"params: {count(trainable):,} trainable, {count(frozen):,} locked{locking}",
@@ -79,7 +102,7 @@ def _summary(args, dataset, run, params, devices: int, resumed_from) -> str:
              f"{run.checkpoint_every or 'end of'} steps in {os.path.join(args.out, 'checkpoints')}"]
     if resumed_from is not None:
         lines.append(f"resuming from step {resumed_from[0]} ({resumed_from[1]})")
-    hint = outside_hint(dataset, args.data, args.image_root)
+    hint = outside_hint(dataset, args.data[0], args.image_root) if hasattr(dataset, "skipped") else None
     if hint:
         lines.append(hint)
     return "\n  ".join(lines)
@@ -194,7 +217,7 @@ def cmd_train(args) -> int:
     import jax
 
     import dualenc
-    from dualenc import data, runlog, trainer
+    from dualenc import runlog, trainer
 
     _check_args(args)
     checkpoints = os.path.join(args.out, "checkpoints")
@@ -209,7 +232,8 @@ def cmd_train(args) -> int:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # for CPU devices; GPUs use NCCL
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                                    heartbeat_timeout_seconds=args.heartbeat_timeout)
-    dataset = data.read_pairs(args.data, image_root=args.image_root, allow_outside=args.allow_outside)
+    dataset = training_data(args.data, os.path.join(args.out, "prepared"), image_root=args.image_root,
+                            allow_outside=args.allow_outside)
     locked = () if args.lock == "none" else (args.lock,)
     config, params, processor = trainer.start_from(args.vision, args.text, model_path=args.model,
                                                    key=jax.random.key(args.seed), projection_dim=args.projection_dim,
@@ -237,7 +261,7 @@ def cmd_train(args) -> int:
     mesh = dualenc.train.data_mesh() if jax.device_count() > 1 else None
     try:
         params, last = trainer.fit(config, params, dataset, processor, run, checkpoint_dir=checkpoints,
-                                   resume=args.resume, mesh=mesh, **hooks)
+                                   resume=args.resume, mesh=mesh, workers=args.workers, **hooks)
     except trainer.Interrupted as e:
         if progress is not None:
             progress.close()

@@ -212,6 +212,13 @@ class OpenClipEncoder:
         self._cache = dict(self._seed)
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict:  # picklable (e.g. for grain's decoding workers): a lock is not
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def words(self, text: str) -> list[str]:
         """The words open_clip's SimpleTokenizer splits `text` into, after cleaning."""
         return self._pattern.findall(self.clean(text))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import warnings
@@ -121,7 +122,7 @@ def normalize(image: np.ndarray, mean, std) -> np.ndarray:
     return (image - mean[:, None, None]) / std[:, None, None]
 
 
-def open_image(path: str, index: int, mode: str | None = "RGB"):
+def open_image(path: str, index: int, mode: str | None = "RGB", *, data: bytes | None = None):
     """Opens a local image file as transformers' load_image does: EXIF transpose, then convert to `mode`.
 
     16- and 32-bit grayscale files are scaled to 8 bits first (see to_8bit) when `mode` is given. A file over
@@ -133,20 +134,22 @@ def open_image(path: str, index: int, mode: str | None = "RGB"):
       index: its place in the batch, for errors.
       mode: the PIL mode to convert to, or None to keep the file's own (the image is loaded either way, and
         the file closed).
+      data: the encoded file's bytes (e.g. a webdataset or ArrayRecord sample), read instead of `path`, which
+        then only names the image in messages.
 
     Returns:
       PIL.Image.Image.
     """
     Image, ImageOps = pil()
-    if not os.path.exists(path):
+    if data is None and not os.path.exists(path):
         raise FileNotFoundError(f"image {index}: file not found: {path}")
-    if os.path.isdir(path):
+    if data is None and os.path.isdir(path):
         raise InputError(f"image {index} ({path}) is a directory, not an image file")
     limit = Image.MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
+            with Image.open(path if data is None else io.BytesIO(data)) as opened:
                 if 0 in opened.size:
                     raise InputError(f"image {index} ({path}) is empty: size {opened.size}")
                 pixels = opened.width * opened.height

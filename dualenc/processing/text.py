@@ -256,6 +256,13 @@ class Tokenizer:
         else:
             self.max_length = self._check_max_length(default_max_length if max_length is None else max_length)
 
+    def __getstate__(self) -> dict:  # picklable (e.g. for grain's decoding workers): a lock is not
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, max_length: int | None = None) -> "Tokenizer":
         """Loads tokenizer.json, else builds the tokenizer from vocab.txt, vocab.json + merges.txt or spiece.model.

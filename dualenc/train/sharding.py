@@ -36,6 +36,16 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
+def host_array(leaf) -> np.ndarray:
+    """A leaf's whole value as a numpy array on this host (gathered from every process when sharded across
+    hosts; every process must then call it)."""
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    return np.asarray(jax.device_get(leaf))
+
+
 def data_mesh(devices=None) -> Mesh:
     """A one-axis ("data") mesh over all devices of all processes."""
     return Mesh(np.array(devices if devices is not None else jax.devices()), ("data",))

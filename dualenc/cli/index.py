@@ -1,0 +1,235 @@
+"""The subcommands of embedding indexes: embed (streamed, in shards), merge, search (exact or ANN)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Iterator, NamedTuple
+
+from dualenc.cli.common import (CommandError, image_files, load_model, note, print_json, read_lines, shown,
+                                warn_unknown_words)
+
+TEXT_CHUNK_BATCHES = 32  # batches of texts encoded per call (their embeddings are written before the next)
+
+
+class ImageSource(NamedTuple):
+    """What `dualenc embed --images` encodes: (name, image) pairs in order (an image being anything the image
+    processor reads: a path, a PIL image, an array), the rows of every forward batch, and header fields saying
+    which slice of the inputs this is."""
+
+    pairs: Iterator[tuple[str, Any]]
+    batch_rows: int
+    metadata: dict[str, str]
+    total: int | None
+
+
+def image_source(inputs: list[str], *, batch_size: int, shard: tuple[int, int] | None) -> ImageSource:
+    """The images of `dualenc embed --images INPUT...`: files as given and folders walked recursively, in
+    sorted order, or with `shard` (i, n) the i-th of n contiguous slices of that list.
+
+    The slices hold whole batches, so every image is encoded in the same batch, at the same place, as by one
+    process: shards 0..n-1 merged in order give one process's index bit for bit. Other kinds of input (tar
+    shards, ArrayRecord) plug in here, giving their own pairs and slices.
+    """
+    paths = image_files(inputs)
+    rows = _batch_rows(len(paths), batch_size)
+    start, stop, metadata = _slice(len(paths), rows, shard)
+    return ImageSource(((shown(p), p) for p in paths[start:stop]), rows, metadata, stop - start)
+
+
+def _slice(total: int, rows: int, shard: tuple[int, int] | None) -> tuple[int, int, dict[str, str]]:
+    """The [start, stop) of the shard's contiguous slice of `total` inputs, cut between batches of `rows`."""
+    if shard is None:
+        return 0, total, {}
+    i, n = shard
+    batches = -(-total // rows)
+    start, stop = i * batches // n * rows, min((i + 1) * batches // n * rows, total)
+    return start, max(start, stop), {"shard": f"{i}/{n}", "shard_rows": f"{start}:{max(start, stop)}",
+                                     "shard_of": str(total)}
+
+
+def _shard(args) -> tuple[tuple[int, int] | None, bool]:
+    """(i, n) from --shard i/n, else from jax.distributed when it runs several processes; and whether it came
+    from jax.distributed."""
+    if args.shard:
+        try:
+            i, n = (int(x) for x in args.shard.split("/"))
+        except ValueError:
+            raise CommandError(f"--shard must be I/N (this process's slice I of N, from 0), got {args.shard!r}") \
+                from None
+        if not 0 <= i < n:
+            raise CommandError(f"--shard {args.shard}: I must be from 0 to N-1")
+        return (i, n), False
+    import jax
+
+    if jax.process_count() > 1:  # only where jax.distributed was initialised: the command never does it
+        return (jax.process_index(), jax.process_count()), True
+    return None, False
+
+
+def cmd_embed(args) -> int:
+    from dualenc import index
+
+    if bool(args.images) == bool(args.texts):
+        raise CommandError("give either --images or --texts")
+    if not args.out.endswith(".safetensors"):
+        raise CommandError(f"--out must name a .safetensors file, got {args.out}")
+    if args.batch_size < 1:
+        raise CommandError(f"--batch-size must be at least 1, got {args.batch_size}")
+    shard, distributed = _shard(args)
+    if shard is not None and args.ann:
+        raise CommandError("--ann indexes a whole collection, not a shard: give it to `dualenc merge`")
+    kind = "image" if args.images else "text"
+    if args.images:
+        source = image_source(args.images, batch_size=args.batch_size, shard=shard)
+        sliced = source.metadata
+    else:
+        texts = read_lines(args.texts, "texts")
+        rows = _batch_rows(len(texts), args.batch_size)
+        start, stop, sliced = _slice(len(texts), rows, shard)
+    config, params, processor = load_model(args.model)
+    out = args.out
+    if distributed:  # every process was given the same --out
+        out = f"{out[:-len('.safetensors')]}-{shard[0]:05d}-of-{shard[1]:05d}.safetensors"
+    metadata = {"model": args.model, "model_sha256": index.model_fingerprint(params), **sliced}
+    skipped = []
+    with index.IndexWriter(out, config.projection_dim, kind, metadata) as writer:
+        if args.images:
+            skipped = _write_images(writer, params, config, processor, source, args.strict)
+        else:
+            _write_texts(writer, params, config, processor, texts[start:stop], rows)
+        if not writer.count and shard is None:
+            raise CommandError("no image could be read: nothing to write")
+    if skipped:
+        note("embed", f"skipped {len(skipped)} unreadable image(s) of {source.total} (--strict stops at the "
+                      f"first):")
+        for item in skipped:
+            print(f"  {item['image']}: {item['error']}", file=sys.stderr)
+    where = f" (shard {shard[0]}/{shard[1]}: inputs {sliced['shard_rows']} of {sliced['shard_of']})" if shard else ""
+    print(f"wrote {writer.count} {kind} embeddings ({config.projection_dim} dims) to {out}{where}"
+          + (f"; skipped {len(skipped)} unreadable" if skipped else ""), file=sys.stderr)
+    ann = _build_ann(out, "embed") if args.ann else None
+    if args.json:
+        print_json({"out": out, "kind": kind, "written": writer.count, "dims": config.projection_dim,
+                    "skipped": skipped, **({"shard": f"{shard[0]}/{shard[1]}"} if shard else {}),
+                    **({"ann": ann} if ann else {})})
+    return 0
+
+
+def _write_images(writer, params, config, processor, source: ImageSource, strict: bool) -> list[dict]:
+    """Streams the source's images through the model into the writer; returns the unreadable ones."""
+    from dualenc import evaluate
+
+    pending, failures, skipped = {}, None if strict else [], []
+
+    def images():
+        for i, (name, image) in enumerate(source.pairs):
+            pending[i] = name
+            yield image
+
+    def drain():
+        while failures and len(skipped) < len(failures):
+            i, message = failures[len(skipped)]
+            skipped.append({"image": pending.pop(i), "error": shown(message)})
+
+    for positions, embeds in evaluate.stream_images(params, config, processor, images(),
+                                                    batch_size=source.batch_rows, skipped=failures):
+        drain()
+        writer.add(embeds, [pending.pop(int(p)) for p in positions])
+    drain()
+    return skipped
+
+
+def _batch_rows(total: int, batch_size: int) -> int:
+    """Rows per forward batch: batch_size, or for fewer inputs the power of two that holds them."""
+    from dualenc import evaluate
+
+    return evaluate._batch_rows(total, batch_size)
+
+
+def _write_texts(writer, params, config, processor, texts: list[str], rows: int) -> None:
+    """Encodes the texts a chunk of batches at a time into the writer, every batch `rows` rows."""
+    from dualenc import evaluate
+
+    step = rows * TEXT_CHUNK_BATCHES
+    for at in range(0, len(texts), step):
+        chunk = texts[at:at + step]
+        embeds = evaluate.encode_texts(params, config, processor, iter(chunk), batch_size=rows, progress=False)
+        writer.add(embeds, [shown(t) for t in chunk])
+
+
+def _build_ann(path: str, command: str) -> dict:
+    from dualenc import index
+
+    info = index.build_ann(path)
+    note(command,
+         f"built the ANN index {index.ann_files(path)[0]} (faiss HNSW{info['hnsw_m']}, efSearch "
+         f"{info['ef_search']}) in {info['build_seconds']:.1f} s: recall@10 against exact search "
+         f"{info['recall_at_10']:.3f} on {info['sample_queries']} of its rows as queries")
+    return info
+
+
+def cmd_merge(args) -> int:
+    from dualenc import index
+
+    if not args.out.endswith(".safetensors"):
+        raise CommandError(f"--out must name a .safetensors file, got {args.out}")
+    for part in args.parts:
+        if not os.path.isfile(part):
+            raise CommandError(f"index file not found: {part}")
+    merged = index.merge(args.parts, args.out)
+    print(f"merged {len(args.parts)} indexes into {args.out}: {merged.count} {merged.kind} embeddings "
+          f"({merged.dims} dims)", file=sys.stderr)
+    ann = _build_ann(args.out, "merge") if args.ann else None
+    if args.json:
+        print_json({"out": args.out, "kind": merged.kind, "written": merged.count, "dims": merged.dims,
+                    "parts": len(args.parts), **({"ann": ann} if ann else {})})
+    return 0
+
+
+def cmd_search(args) -> int:
+    import numpy as np
+
+    import dualenc
+    from dualenc import index
+
+    if not os.path.isfile(args.index):
+        raise CommandError(f"index file not found: {args.index}")
+    if args.top_k < 1:
+        raise CommandError(f"--top-k must be at least 1, got {args.top_k}")
+    opened = index.open_index(args.index)
+    config, params, processor = load_model(args.model)
+    if opened.dims != config.projection_dim:
+        raise CommandError(f"{args.index} holds {opened.dims}-dim embeddings, the model makes "
+                           f"{config.projection_dim}")
+    if args.image:
+        queries = dualenc.encode_images(params, config, processor, image_files(args.query))
+    else:
+        warn_unknown_words(processor, args.query, "queries", "search")
+        queries = dualenc.encode_texts(params, config, processor, args.query)
+    result = index.search(opened, queries, args.top_k, ann=True if args.ann else False if args.exact else None)
+    if result.method == "ann":
+        note("search", f"approximate search (ANN index {index.ann_files(args.index)[0]}) of {opened.count} "
+                       f"embeddings; its recall@10 against exact search, measured when it was built: "
+                       f"{result.recall_at_10:.3f} (--exact for the exact search)")
+    else:
+        note("search", f"exact search of {opened.count} embeddings" + (f" ({result.note})" if result.note else ""))
+    rows = np.unique(result.rows[result.rows >= 0])
+    names = dict(zip(rows.tolist(), opened.names(rows.tolist())))
+    found = []
+    for query, scores, hits in zip(args.query, result.scores, result.rows):
+        item = {"query": shown(query), "search": result.method,
+                "results": [{"name": names[i], "score": round(float(s), 6)}
+                            for s, i in zip(scores.tolist(), hits.tolist()) if i >= 0]}
+        if result.method == "ann":
+            item["ann_recall_at_10"] = result.recall_at_10
+        found.append(item)
+    if args.json:
+        print_json(found)
+    else:
+        for i, item in enumerate(found):
+            if len(found) > 1:
+                print(("\n" if i else "") + f"{item['query']}:")
+            for r in item["results"]:
+                print(f"{r['score']:.4f}  {r['name']}")
+    return 0

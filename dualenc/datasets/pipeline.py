@@ -1,0 +1,282 @@
+"""Training batches over a random-access source, on grain: a global order in O(1) memory, per-process rows.
+
+The stream is a pure function of (seed, step). Global batch k holds the records at global positions
+k*B .. (k+1)*B - 1; position p lies in epoch p // (N//B*B), and within it at a place that
+`grain.experimental.index_shuffle` maps to a record (a seeded permutation of the N records computed one index
+at a time, so no permutation is ever stored: 400M records cost nothing). Each epoch drops the B-remainder of
+its permutation, as `drop_remainder` does. Process i of P reads, decodes and tokenizes only rows
+i*B/P .. (i+1)*B/P - 1 of every global batch, so the union over processes is the one-process batch whatever P
+is, and resuming at step s (on any number of processes) is exact: the pipeline's whole state is the step.
+
+A record that cannot be used (corrupt, truncated, its image missing or unreadable) is replaced by the next
+usable record of the same epoch's permutation, and counted: later rows never shift.
+
+Decoding runs in grain worker processes (workers > 0: `mp_prefetch`) or in threads of this process (0).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+from typing import Iterator
+
+import numpy as np
+
+from dualenc.errors import ConfigError, DataError, InputError
+from dualenc.processing.processor import image_inputs
+
+# Why a record was replaced; a batch carries the counts under "_skipped" (per row, in this order).
+SKIP_REASONS = ("corrupt record", "missing image", "unreadable image", "path outside the data folder")
+ROUNDS = 4  # index_shuffle's rounds (grain's own default for its global shuffle)
+
+
+def _grain():
+    try:
+        import grain
+    except ImportError:
+        raise ImportError('the training input pipeline needs grain: pip install "dualenc[train]"') from None
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; outside absl.app, the defaults
+        flags.FLAGS.mark_as_parsed()
+    return grain
+
+
+class PairSource:
+    """An in-memory PairDataset (caption file over an image folder, or the digits) as a random-access source:
+    item i is (image i: a path or an HWC array, its captions)."""
+
+    def __init__(self, dataset):
+        self.images = dataset.images
+        owners = np.asarray(dataset.caption_image)
+        order = np.argsort(owners, kind="stable")
+        self._starts = np.searchsorted(owners[order], np.arange(len(self.images) + 1))
+        self._order, self._captions = order, dataset.captions
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        rows = self._order[self._starts[i]:self._starts[i + 1]]
+        return self.images[i], tuple(self._captions[j] for j in rows)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's permutation (a 32-bit mix of the run's seed and the epoch)."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0] >> 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalOrder:
+    """Which record sits at each global position: epochs of seeded permutations, the remainder dropped."""
+
+    size: int  # records in the source
+    batch_size: int  # global batch
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.batch_size > self.size:
+            raise DataError(f"batch_size {self.batch_size} must be in [1, {self.size}] (the number of records)")
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.size // self.batch_size
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """(epoch, place in that epoch's permutation) of a global position."""
+        return divmod(position, self.batches_per_epoch * self.batch_size)
+
+    def record(self, epoch: int, place: int) -> int:
+        from grain.experimental import index_shuffle
+
+        if self.size == 1:
+            return 0
+        return int(index_shuffle(place % self.size, max_index=self.size - 1, seed=epoch_seed(self.seed, epoch),
+                                 rounds=ROUNDS))
+
+    def batch(self, step: int) -> np.ndarray:
+        """The records of global batch `step` (before any replacement of unusable ones)."""
+        return np.array([self.record(*self.locate(step * self.batch_size + j)) for j in range(self.batch_size)])
+
+
+class RecordReader:
+    """A record's captions and vision inputs, from either kind of source item. Picklable, so grain can send it
+    to its worker processes; raises Unusable (with one of SKIP_REASONS) for a record that cannot be used."""
+
+    def __init__(self, source, processor, *, image_root: str | None = None, allow_outside: bool = False):
+        self.source, self.processor = source, processor
+        self.image_root = image_root if image_root is not None else getattr(source, "image_root", None)
+        self.allow_outside = allow_outside
+
+    def read(self, record: int):
+        """(image: a path, an array, or (name, encoded bytes); captions)."""
+        item = self.source[record]
+        if not isinstance(item, (bytes, bytearray, memoryview)):
+            return item
+        from dualenc.datasets.records import decode_record, record_image_path
+
+        try:
+            parsed = decode_record(bytes(item))
+        except DataError:
+            raise Unusable("corrupt record") from None
+        if parsed.image is not None:
+            return (f"record {record} ({parsed.key})", parsed.image), parsed.captions
+        path = record_image_path(parsed, self.image_root, allow_outside=self.allow_outside)
+        if path is None:
+            raise Unusable("path outside the data folder")
+        return path, parsed.captions
+
+    def vision(self, image) -> dict:
+        """The vision tower's inputs for one image as `read` gives it, without the batch axis."""
+        try:
+            if isinstance(image, (str, tuple)):
+                name, data = image if isinstance(image, tuple) else (image, None)
+                if data is None and not os.path.isfile(name):
+                    raise Unusable("missing image")
+                from dualenc.processing.common import open_image
+
+                clip = getattr(getattr(self.processor, "image_processor", None), "open_clip", None)
+                image = open_image(name, 0, mode=None if clip is not None else "RGB", data=data)
+            inputs = image_inputs(self.processor, [image])
+        except (InputError, OSError, ValueError):
+            raise Unusable("unreadable image") from None
+        out = {k: v[0] for k, v in inputs.items()}
+        out["pixel_values"] = out["pixel_values"].astype(np.float32, copy=False)
+        return out
+
+
+class Decoder:
+    """Turns a global position into one training row: the record's vision inputs (or its cached features) and
+    one of its captions, tokenized. Picklable (grain's worker processes)."""
+
+    def __init__(self, reader: RecordReader, order: GlobalOrder, *, max_length: int | None = None,
+                 features=None):
+        self.reader, self.order, self.max_length, self.features = reader, order, max_length, features
+
+    def __call__(self, position: int) -> dict:
+        epoch, place = self.order.locate(position)
+        skipped = np.zeros(len(SKIP_REASONS), np.int32)
+        for attempt in range(self.order.size):
+            record = self.order.record(epoch, place + attempt)
+            try:
+                image, captions = self.reader.read(record)
+                if self.features is None:
+                    vision = self.reader.vision(image)
+                else:
+                    vision = {"image_features": self.features.row(record)}
+                    if vision["image_features"] is None:
+                        raise Unusable("unreadable image")
+            except Unusable as e:
+                skipped[SKIP_REASONS.index(e.reason)] += 1
+                continue
+            pick = np.random.default_rng([self.order.seed, epoch, record]).integers(1 << 31)
+            tokens = self.reader.processor.tokenizer([captions[pick % len(captions)]], max_length=self.max_length,
+                                                     padding="max_length")
+            row = {k: np.asarray(v, np.int32)[0] for k, v in tokens.items()}
+            row.update(vision)
+            row.update({"_record": np.int64(record), "_skipped": skipped})
+            return row
+        raise DataError(f"no record of the {self.order.size} in the data source can be used "
+                        f"(skipped: {dict(zip(SKIP_REASONS, skipped.tolist()))})")
+
+
+class Unusable(Exception):
+    """A record that cannot be used; `reason` is one of SKIP_REASONS."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Pipeline:
+    """This process's share of every global training batch, from `start` (a step) on, through grain.
+
+    Args:
+      source: random access to records: `len(source)` and `source[i]`, each item either the bytes of a
+        dualenc record (dualenc.datasets.RecordSource: webdataset shards or caption files converted by
+        `dualenc prepare`) or an (image, captions) pair (PairSource over a PairDataset). A PairDataset is
+        wrapped in a PairSource.
+      processor: a Processor (image processor and tokenizer).
+      batch_size: the global batch (split evenly over `process_count`).
+      seed, max_length, features: see Decoder (features: a LiT cache, dualenc.datasets.FeatureCache).
+      start, steps: global batches start .. steps - 1 are produced (steps None: without end).
+      process_index, process_count: this process's place (default: jax's).
+      workers: decoding worker processes (0: threads of this process).
+      threads: decoding threads per worker (or of this process).
+    """
+
+    def __init__(self, source, processor, batch_size: int, *, seed: int = 0, max_length: int | None = None,
+                 start: int = 0, steps: int | None = None, process_index: int | None = None,
+                 process_count: int | None = None, workers: int = 0, threads: int = 8, features=None,
+                 image_root: str | None = None, allow_outside: bool = False, prefetch: int = 2):
+        if not hasattr(source, "__getitem__") or not hasattr(source, "__len__"):
+            raise ConfigError("source must be a random-access data source (len() and [i])")
+        if hasattr(source, "caption_image"):  # a PairDataset
+            source = PairSource(source)
+        if process_index is None or process_count is None:
+            import jax
+
+            process_index, process_count = jax.process_index(), jax.process_count()
+        if batch_size % process_count:
+            raise ConfigError(f"the global batch of {batch_size} does not split over {process_count} processes")
+        for name, value in (("workers", workers), ("threads", threads), ("start", start)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "threads" else 0):
+                raise ConfigError(f"{name} must be a {'positive' if name == 'threads' else 'non-negative'} "
+                                  f"integer, got {value!r}")
+        self.order = GlobalOrder(len(source), batch_size, seed)
+        self.reader = RecordReader(source, processor, image_root=image_root, allow_outside=allow_outside)
+        self.decoder = Decoder(self.reader, self.order, max_length=max_length, features=features)
+        self.local_batch = batch_size // process_count
+        self.process_index, self.process_count = process_index, process_count
+        self.start, self.steps = start, steps
+        self.workers, self.threads, self.prefetch = workers, threads, prefetch
+        self.skipped = collections.Counter()
+        self.step = start
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.order.batches_per_epoch
+
+    def epoch(self, step: int) -> float:
+        """Epochs of data consumed after `step` global batches."""
+        return step / self.order.batches_per_epoch
+
+    def positions(self, step: int) -> range:
+        """The global positions this process reads for global batch `step`."""
+        first = step * self.order.batch_size + self.process_index * self.local_batch
+        return range(first, first + self.local_batch)
+
+    def _dataset(self):
+        grain = _grain()
+        b, big, mine = self.local_batch, self.order.batch_size, self.process_index * self.local_batch
+        stop = (self.steps if self.steps is not None else 1 << 40) * b
+        ds = grain.MapDataset.range(self.start * b, max(stop, self.start * b))
+        ds = ds.map(_Position(b, big, mine)).map(self.decoder).batch(b, drop_remainder=True)
+        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.threads, prefetch_buffer_size=2 * b))
+        if self.workers:
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers,
+                                                             per_worker_buffer_size=self.prefetch))
+        return ds
+
+    def __iter__(self) -> Iterator[tuple[int, dict]]:
+        """Yields (step, this process's rows of global batch `step`) from `start` on; `skipped` counts the
+        records replaced in the batches handed out."""
+        step = self.start
+        for batch in self._dataset():
+            skipped = batch.pop("_skipped").sum(axis=0)
+            self.skipped.update({r: int(n) for r, n in zip(SKIP_REASONS, skipped) if n})
+            self.step = step + 1
+            yield step, batch
+            step += 1
+
+
+class _Position:
+    """Local index j of this process's stream -> the global position it reads (picklable)."""
+
+    def __init__(self, local: int, batch: int, offset: int):
+        self.local, self.batch, self.offset = local, batch, offset
+
+    def __call__(self, j: int) -> int:
+        step, row = divmod(j, self.local)
+        return step * self.batch + self.offset + row

@@ -1,0 +1,603 @@
+"""Embedding indexes: a streaming writer, a memory-mapped reader, exact and approximate (faiss HNSW) top-k search,
+and the merge of shard indexes into one.
+
+An index is a safetensors file NAME.safetensors holding one float32 tensor "embeddings" (count, dims), its names
+in a sidecar NAME.names.jsonl (one JSON string per line) and, optionally, an approximate-search index beside it:
+NAME.faiss (faiss' own binary format) with NAME.faiss.json (how it was built, and its recall@10 against exact
+search measured then).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import secrets
+import struct
+import time
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from dualenc import files
+from dualenc.errors import CheckpointError, InputError
+
+TENSOR = "embeddings"
+SUFFIX = ".safetensors"
+# search(ann=None) uses the ANN index from this many rows on, where one was built: below it exact search is
+# fast enough beside loading a model (benchmarks/README.md, "Embedding search"), and exact.
+ANN_MIN_ROWS = 200_000
+ANN_MIN_RECALL = 0.9  # nor below this recall@10: rows without structure (random vectors) defeat the graph
+ANN_SAMPLE = 1000  # the index's own rows used as queries to measure the ANN's recall@10 when it is built
+ANN_TARGET_RECALL = 0.95  # build_ann picks the smallest efSearch of EF_SEARCH reaching it on that sample
+EF_SEARCH = (16, 32, 64, 128, 256, 512)
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 40
+RECALL_K = 10
+_CHUNK_BYTES = 64 << 20  # the most of an index (and of its scores) read or computed at once
+_HEADER_SLACK = 64
+
+
+def names_file(path: str) -> str:
+    """The sidecar file of an index's names: photos.safetensors -> photos.names.jsonl."""
+    return _stem(path) + ".names.jsonl"
+
+
+def ann_files(path: str) -> tuple[str, str]:
+    """The ANN index of an index and its description: photos.safetensors -> (photos.faiss, photos.faiss.json)."""
+    return _stem(path) + ".faiss", _stem(path) + ".faiss.json"
+
+
+def _stem(path: str) -> str:
+    path = os.fspath(path)
+    if not path.endswith(SUFFIX):
+        raise InputError(f"an embedding index must be a {SUFFIX} file, got {path}")
+    return path[:-len(SUFFIX)]
+
+
+def model_fingerprint(params) -> str:
+    """SHA-256 of a model's params (every leaf's path, dtype, shape and bytes): the same weights give the same
+    fingerprint whatever directory or format they were loaded from."""
+    import jax
+
+    digest = hashlib.sha256()
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{jax.tree_util.keystr(path)}:{a.dtype.str}:{a.shape};".encode())
+        digest.update(a.view(np.uint8).reshape(-1).data)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+class IndexWriter:
+    """Writes an index batch by batch, holding one batch at a time.
+
+    Rows go straight to a temporary file beside `path`, behind a slot kept for the safetensors header, names
+    to a temporary sidecar; close() writes the header (count and checksums) into its slot and moves both files
+    into place with os.replace (the names first). On an error, or abort(), both temporary files are removed and
+    an existing index at `path` is left as it was. Use it as a context manager:
+
+        with IndexWriter("photos.safetensors", dims=512, kind="image") as writer:
+            for names, embeds in batches:
+                writer.add(embeds, names)
+
+    Args:
+      path: the .safetensors file to write.
+      dims: the embeddings' width.
+      kind: what the rows embed ("image" or "text").
+      metadata: more string fields for the header (the model, a shard's place...).
+    """
+
+    def __init__(self, path: str | os.PathLike, dims: int, kind: str, metadata: dict[str, str] | None = None):
+        self.path = os.fspath(path)
+        self.names_path = names_file(self.path)
+        if isinstance(dims, bool) or not isinstance(dims, int) or dims < 1:
+            raise InputError(f"dims must be a positive integer, got {dims!r}")
+        extra = dict(metadata or {})
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
+            raise InputError("metadata must map strings to strings")
+        self.dims, self.count = dims, 0
+        self._metadata = {"format": "pt", **extra, "kind": kind, "names_file": os.path.basename(self.names_path)}
+        self._sha, self._names_sha = hashlib.sha256(), hashlib.sha256()
+        self._slot = _round8(len(self._header(10 ** 15, "0" * 64, "0" * 64)) + _HEADER_SLACK)
+        directory, token = os.path.dirname(os.path.abspath(self.path)), secrets.token_hex(4)
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"cannot write {self.path}: the folder {directory} does not exist")
+        self._tmp = os.path.join(directory, f".{os.path.basename(self.path)}.{token}.tmp")
+        self._tmp_names = os.path.join(directory, f".{os.path.basename(self.names_path)}.{token}.tmp")
+        self._data = self._names = None
+        try:
+            self._data = open(self._tmp, "xb")
+            self._names = open(self._tmp_names, "xb")
+            self._data.write(bytes(8 + self._slot))
+        except BaseException:
+            self.abort()
+            raise
+
+    def _header(self, count: int, sha: str, names_sha: str) -> bytes:
+        metadata = {**self._metadata, "count": str(count), "embeddings_sha256": sha, "names_sha256": names_sha}
+        header = {"__metadata__": metadata,
+                  TENSOR: {"dtype": "F32", "shape": [count, self.dims], "data_offsets": [0, count * self.dims * 4]}}
+        return json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+    def add(self, embeds, names: Sequence[str]) -> None:
+        """Appends rows: embeds (n, dims), written as float32, and their n names."""
+        if self._data is None:
+            raise InputError(f"{self.path}: the writer is closed")
+        embeds = np.asarray(embeds)
+        if embeds.ndim != 2 or embeds.shape[1] != self.dims:
+            raise InputError(f"embeddings must be (n, {self.dims}), got shape {embeds.shape}")
+        names = list(names)
+        if len(names) != len(embeds):
+            raise InputError(f"{len(names)} names for {len(embeds)} embeddings")
+        bad = next((n for n in names if not isinstance(n, str)), None)
+        if bad is not None:
+            raise InputError(f"names must be strings, got {type(bad).__name__}")
+        rows = memoryview(np.ascontiguousarray(embeds, "<f4")).cast("B")
+        self._data.write(rows)
+        self._sha.update(rows)
+        text = "".join(json.dumps(n) + "\n" for n in names).encode("utf-8")
+        self._names.write(text)
+        self._names_sha.update(text)
+        self.count += len(names)
+
+    def close(self) -> "EmbeddingIndex":
+        """Fills in the header, moves the index and its names into place; returns the index, opened."""
+        if self._data is None:
+            raise InputError(f"{self.path}: the writer is closed")
+        try:
+            header = self._header(self.count, self._sha.hexdigest(), self._names_sha.hexdigest())
+            self._data.seek(0)
+            self._data.write(struct.pack("<Q", self._slot) + header.ljust(self._slot, b" "))
+            for f in (self._data, self._names):
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+            os.replace(self._tmp_names, self.names_path)
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        self._data = self._names = None
+        files._fsync(os.path.dirname(os.path.abspath(self.path)))
+        _drop_stale_ann(self.path, self._sha.hexdigest())
+        return open_index(self.path)
+
+    def abort(self) -> None:
+        """Removes the temporary files; `path` keeps what it held."""
+        for f in (self._data, self._names):
+            if f is not None:
+                f.close()
+        self._data = self._names = None
+        for tmp in (self._tmp, self._tmp_names):
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def __enter__(self) -> "IndexWriter":
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _round8(n: int) -> int:
+    return (n + 7) // 8 * 8
+
+
+def _drop_stale_ann(path: str, sha: str) -> None:
+    """Removes an ANN index built for what `path` held before (it would not match the new rows)."""
+    graph, info = ann_files(path)
+    if not os.path.exists(info) and not os.path.exists(graph):
+        return
+    try:
+        built_for = files.read_json(info).get("embeddings_sha256")
+    except (OSError, ValueError):
+        built_for = None
+    if built_for != sha:
+        for p in (graph, info):
+            if os.path.exists(p):
+                os.remove(p)
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingIndex:
+    """An opened index: its rows memory-mapped (read-only float32 (count, dims)), its header metadata, and where
+    its names are (a sidecar file, or the header in files written before the sidecar)."""
+
+    path: str
+    embeddings: np.ndarray
+    metadata: dict
+    names_path: str | None
+    header_names: tuple | None = None
+
+    @property
+    def kind(self) -> str | None:
+        return self.metadata.get("kind")
+
+    @property
+    def count(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    @property
+    def dims(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    def names(self, rows: Iterable[int] | None = None) -> list[str]:
+        """All the names, or those of `rows` (in that order; the sidecar is scanned once, only they are kept)."""
+        if self.header_names is not None:
+            return list(self.header_names) if rows is None else [self.header_names[int(r)] for r in rows]
+        if rows is None:
+            return list(_names_of(self))
+        rows = [int(r) for r in rows]
+        wanted, found = set(rows), {}
+        with open(self.names_path, "rb") as f:
+            for i, line in enumerate(f):
+                if i in wanted:
+                    found[i] = _name(self, line)
+        return [found[r] for r in rows]
+
+
+def _name(index: EmbeddingIndex, line: bytes) -> str:
+    try:
+        name = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{index.names_path}: a line is not a JSON string") from None
+    if not isinstance(name, str):
+        raise CheckpointError(f"{index.names_path}: a line holds a {type(name).__name__}, not a string")
+    return name
+
+
+def _names_of(index: EmbeddingIndex) -> Iterator[str]:
+    if index.header_names is not None:
+        yield from index.header_names
+        return
+    with open(index.names_path, "rb") as f:
+        for line in f:
+            yield _name(index, line)
+
+
+def open_index(path: str | os.PathLike) -> EmbeddingIndex:
+    """Opens an index: validates its header and names (their count, and checksum where recorded) and
+    memory-maps its rows; every problem is an error naming the file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"index file not found: {path}")
+    entries, start, metadata = files.read_safetensors_header(path)
+    if TENSOR not in entries or not ("names_file" in metadata or "names" in metadata):
+        raise CheckpointError(f"{path} is not an embedding index (as `dualenc embed` writes): it needs a tensor "
+                              f"{TENSOR!r} and names")
+    dtype, shape, begin, _ = entries[TENSOR]
+    if dtype != "F32" or len(shape) != 2:
+        raise CheckpointError(f"{path}: {TENSOR!r} must be float32 (count, dims), got {dtype} {list(shape)}")
+    if "count" in metadata and metadata["count"] != str(shape[0]):
+        raise CheckpointError(f"{path}: its header counts {metadata['count']} rows, its tensor holds {shape[0]}")
+    if shape[0] * shape[1]:
+        embeddings = np.memmap(path, dtype="<f4", mode="r", offset=start + begin, shape=shape)
+    else:
+        embeddings = np.zeros(shape, np.float32)
+    if "names" in metadata:
+        names = _header_names(path, metadata["names"])
+        if len(names) != shape[0]:
+            raise CheckpointError(f"{path}: {len(names)} names for {shape[0]} embeddings")
+        return EmbeddingIndex(path, embeddings, metadata, None, tuple(names))
+    sidecar = metadata["names_file"]
+    if os.path.basename(sidecar) != sidecar or not sidecar.endswith(".names.jsonl"):
+        raise CheckpointError(f"{path}: its names_file {sidecar!r} must be a .names.jsonl file beside it")
+    names_path = os.path.join(os.path.dirname(os.path.abspath(path)), sidecar)
+    if not os.path.isfile(names_path):
+        raise CheckpointError(f"{path}: its names file {names_path} is missing")
+    lines, digest = 0, hashlib.sha256()
+    with open(names_path, "rb") as f:
+        while chunk := f.read(1 << 18):
+            lines += chunk.count(b"\n")
+            digest.update(chunk)
+    if lines != shape[0]:
+        raise CheckpointError(f"{path}: its names file {names_path} holds {lines} names for {shape[0]} embeddings")
+    if metadata.get("names_sha256", digest.hexdigest()) != digest.hexdigest():
+        raise CheckpointError(f"{path}: its names file {names_path} is not the one written with it (checksum)")
+    return EmbeddingIndex(path, embeddings, metadata, names_path)
+
+
+def _header_names(path: str, text: str) -> list[str]:
+    try:
+        names = json.loads(text)
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: its names are not valid JSON") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise CheckpointError(f"{path}: its names must be a list of strings")
+    return names
+
+
+def embeddings_sha256(index: EmbeddingIndex) -> str:
+    """SHA-256 of the rows' bytes: from the header, or computed (files written before it was recorded)."""
+    if "embeddings_sha256" in index.metadata:
+        return index.metadata["embeddings_sha256"]
+    digest = hashlib.sha256()
+    for start, stop in _chunks(index.count, index.dims):
+        digest.update(np.ascontiguousarray(index.embeddings[start:stop]).data)
+    return digest.hexdigest()
+
+
+def _chunks(count: int, dims: int) -> Iterator[tuple[int, int]]:
+    step = max(1, _CHUNK_BYTES // max(4 * dims, 1))
+    for start in range(0, count, step):
+        yield start, min(start + step, count)
+
+
+# ------------------------------------------------------------------------------------------------ merging
+
+def merge(parts: Sequence[str | os.PathLike], out: str | os.PathLike) -> EmbeddingIndex:
+    """Concatenates indexes in the order given into `out`, streamed (a chunk of rows at a time).
+
+    The parts must agree on kind, dims and model. Parts written by `dualenc embed --shard i/n` must be all n of
+    them, in order: the merge then equals the index one process would have written, row for row.
+    """
+    parts, out = [os.fspath(p) for p in parts], os.fspath(out)
+    if not parts:
+        raise InputError("give at least one index to merge")
+    opened = [open_index(p) for p in parts]
+    if any(os.path.exists(out) and os.path.samefile(p, out) for p in parts):
+        raise InputError(f"{out} is one of the parts: merge into a new file")
+    for what, values in (("kind", [ix.kind for ix in opened]), ("dims", [ix.dims for ix in opened]),
+                         ("model", [_model(ix) for ix in opened])):
+        if len(set(values)) > 1:
+            listed = ", ".join(f"{p}: {v}" for p, v in zip(parts, values))
+            raise InputError(f"the parts disagree on their {what} ({listed})")
+    _check_shards(opened)
+    keep = {k: opened[0].metadata[k] for k in ("model", "model_sha256")
+            if k in opened[0].metadata and len({ix.metadata.get(k) for ix in opened}) == 1}
+    with IndexWriter(out, opened[0].dims, opened[0].kind or "unknown", keep) as writer:
+        for ix in opened:
+            names = _names_of(ix)
+            for start, stop in _chunks(ix.count, ix.dims):
+                writer.add(ix.embeddings[start:stop], [next(names) for _ in range(stop - start)])
+    return open_index(out)
+
+
+def _model(index: EmbeddingIndex) -> str | None:
+    return index.metadata.get("model_sha256") or index.metadata.get("model")
+
+
+def _check_shards(opened: list[EmbeddingIndex]) -> None:
+    shards = [ix.metadata.get("shard") for ix in opened]
+    if not any(shards):
+        return
+    if not all(shards):
+        raise InputError(f"{opened[shards.index(None)].path} is not a shard: merge shards only with their siblings")
+    splits = {s.partition("/")[2] for s in shards}
+    if len(splits) > 1 or not splits.pop().isdigit():
+        raise InputError(f"the parts are shards of different splits ({', '.join(shards)})")
+    expected = [f"{i}/{shards[0].partition('/')[2]}" for i in range(int(shards[0].partition("/")[2]))]
+    if shards != expected:
+        raise InputError(f"shards must be given all and in order ({', '.join(expected)}); got {', '.join(shards)}")
+    ranges = [ix.metadata.get("shard_rows", "") for ix in opened]
+    bounds = [r.split(":") for r in ranges]
+    total = opened[0].metadata.get("shard_of")
+    contiguous = all(len(b) == 2 for b in bounds) and bounds[0][0] == "0" and bounds[-1][1] == total \
+        and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:])) \
+        and all(ix.metadata.get("shard_of") == total for ix in opened)
+    if not contiguous:
+        raise InputError(f"the shards do not cover one input list contiguously (rows {', '.join(ranges)}): were "
+                         f"they written from the same inputs and --batch-size?")
+
+
+# ------------------------------------------------------------------------------------------------ searching
+
+@dataclasses.dataclass(frozen=True)
+class SearchResult:
+    """Top-k rows per query, best first: scores float32 (q, k) and rows int64 (q, k) (-1 where an approximate
+    search found fewer than k); method "exact" or "ann", with the ANN's build-time recall@10; why an ANN index
+    was passed over."""
+
+    scores: np.ndarray
+    rows: np.ndarray
+    method: str
+    recall_at_10: float | None = None
+    note: str | None = None
+
+
+def search_exact(embeddings, queries, k: int, *, leave_out=None) -> tuple[np.ndarray, np.ndarray]:
+    """The k rows of `embeddings` with the largest inner product with each query, best first, ties by position
+    (the order a stable sort of every score gives), reading `embeddings` (a memmap is fine) a chunk at a time.
+
+    Args:
+      embeddings: (n, dims).
+      queries: (q, dims).
+      k: results per query (at most n are returned).
+      leave_out: rows never returned (int array).
+
+    Returns:
+      (scores float32 (q, min(k, n)), rows int64 (q, min(k, n))), n not counting the rows left out.
+    """
+    n, dims = embeddings.shape
+    leave_out = np.unique(np.asarray([] if leave_out is None else leave_out, np.int64))
+    queries, k = _check_query(queries, k, dims, n - len(leave_out[(leave_out >= 0) & (leave_out < n)]))
+    q = len(queries)
+    best_scores, best_rows = np.zeros((q, 0), np.float32), np.zeros((q, 0), np.int64)
+    step = max(1, min(_CHUNK_BYTES // (4 * dims), _CHUNK_BYTES // (12 * max(q, 1))))
+    for start in range(0, n, step):
+        block = np.asarray(embeddings[start:start + step], np.float32)
+        scores = queries @ block.T
+        scores[:, leave_out[(leave_out >= start) & (leave_out < start + len(block))] - start] = -np.inf
+        rows = np.broadcast_to(np.arange(start, start + len(block), dtype=np.int64), scores.shape)
+        scores, rows = _top(scores, rows, k)
+        best_scores, best_rows = _top(np.concatenate([best_scores, scores], 1),
+                                      np.concatenate([best_rows, rows], 1), k)
+    return best_scores, best_rows
+
+
+def _top(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per query, the k best of scores/rows (q, m): score descending, then row ascending."""
+    q, m = scores.shape
+    if m > k:
+        kth = np.partition(scores, m - k, axis=1)[:, m - k]  # the k-th largest score of each query
+        keep = scores >= kth[:, None]
+        exact = keep.sum(1) == k  # else a tie at the k-th score (or a NaN)
+        picked = np.empty((q, k), np.int64)
+        picked[exact] = np.nonzero(keep[exact])[1].reshape(-1, k)
+        for i in np.flatnonzero(~exact):
+            cols = np.flatnonzero(keep[i]) if keep[i].sum() > k else np.arange(m)
+            picked[i] = cols[np.lexsort((rows[i, cols], -scores[i, cols]))[:k]]
+        scores, rows = np.take_along_axis(scores, picked, 1), np.take_along_axis(rows, picked, 1)
+    order = np.lexsort((rows, -scores), axis=1)
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
+
+
+def _check_query(queries, k, dims: int, count: int) -> tuple[np.ndarray, int]:
+    queries = np.asarray(queries, np.float32)
+    if queries.ndim != 2 or queries.shape[1] != dims:
+        raise InputError(f"queries must be (q, {dims}), got shape {queries.shape}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise InputError(f"k must be a positive integer, got {k!r}")
+    return np.ascontiguousarray(queries), min(int(k), count)
+
+
+def search(index: EmbeddingIndex, queries, k: int, *, ann: bool | None = None) -> SearchResult:
+    """Top-k rows of an index for each query.
+
+    Args:
+      index: from open_index.
+      queries: (q, dims).
+      k: results per query (at most the index's count).
+      ann: True: the ANN index beside it (an error without one); False: exact search; None: the ANN index
+        when there is one, the index has at least ANN_MIN_ROWS rows and the ANN's measured recall@10 is at
+        least ANN_MIN_RECALL, else exact (the result's `note` says why, when there is an ANN index).
+
+    Returns:
+      A SearchResult. An ANN search's scores are recomputed from the stored rows, as exact search computes them.
+    """
+    queries, k = _check_query(queries, k, index.dims, index.count)
+    loaded, note = None, None
+    if ann or (ann is None and index.count >= ANN_MIN_ROWS and os.path.exists(ann_files(index.path)[1])):
+        loaded = load_ann(index)
+        if ann is None and loaded[1]["recall_at_10"] < ANN_MIN_RECALL:
+            note = (f"its ANN index's recall@10, {loaded[1]['recall_at_10']:.3f}, is under {ANN_MIN_RECALL}: the "
+                    f"rows have too little structure for it")
+            loaded = None
+    if loaded is None:
+        return SearchResult(*search_exact(index.embeddings, queries, k), "exact", note=note)
+    graph, info = loaded
+    _, found = graph.search(queries, k, params=_faiss().SearchParametersHNSW(efSearch=max(info["ef_search"], k)))
+    found = found.astype(np.int64)
+    present = found >= 0
+    rows = np.where(present, found, 0)
+    scores = np.einsum("qkd,qd->qk", np.asarray(index.embeddings[rows.reshape(-1)]).reshape(*rows.shape, -1),
+                       queries).astype(np.float32)
+    scores, rows = np.where(present, scores, -np.inf).astype(np.float32), np.where(present, rows, -1)
+    order = np.lexsort((np.where(present, rows, np.iinfo(np.int64).max), -scores), axis=1)
+    return SearchResult(np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1), "ann",
+                        info["recall_at_10"])
+
+
+# ------------------------------------------------------------------------------------------------ ANN
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise ImportError("approximate search needs faiss: pip install 'dualenc[search]'") from None
+    return faiss
+
+
+def build_ann(index: EmbeddingIndex | str, *, m: int = HNSW_M, ef_construction: int = HNSW_EF_CONSTRUCTION,
+              sample: int = ANN_SAMPLE, target_recall: float = ANN_TARGET_RECALL, seed: int = 0) -> dict:
+    """Builds the ANN index of an index (faiss IndexHNSWFlat, inner product, in an IndexIDMap) and writes it
+    beside it (NAME.faiss, then NAME.faiss.json, each atomically).
+
+    Its recall@10 against exact search is measured on `sample` of the index's own rows (at most a tenth of
+    them) held out of the graph: queries it was not built around, as real queries are (rows in the graph, as
+    queries, find their neighbours more easily). For each efSearch of EF_SEARCH, up to the first reaching
+    `target_recall`; that efSearch is kept for searching. The held-out rows are added to the graph afterwards.
+
+    Returns:
+      The description written to NAME.faiss.json: ef_search, recall_at_10, the recall of each efSearch tried,
+      build_seconds...
+    """
+    faiss = _faiss()
+    if not isinstance(index, EmbeddingIndex):
+        index = open_index(index)
+    if not index.count:
+        raise InputError(f"{index.path} has no rows: nothing to index")
+    started = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    held = np.sort(rng.choice(index.count, min(sample, index.count // 10), replace=False))
+    hnsw = faiss.IndexHNSWFlat(index.dims, m, faiss.METRIC_INNER_PRODUCT)
+    hnsw.hnsw.efConstruction = ef_construction
+    graph = faiss.IndexIDMap(hnsw)  # ids: the rows' positions (the held-out rows go in last)
+    kept = np.ones(index.count, bool)
+    kept[held] = False
+    for start, stop in _chunks(index.count, index.dims):
+        rows = np.flatnonzero(kept[start:stop]) + start
+        if len(rows):
+            graph.add_with_ids(np.ascontiguousarray(index.embeddings[rows], np.float32), rows)
+    held_out = len(held) > 0
+    if not held_out:  # under 10 rows: they query the graph they are in
+        held = np.arange(index.count)
+    queries = np.ascontiguousarray(index.embeddings[held], np.float32)
+    exact = search_exact(index.embeddings, queries, RECALL_K, leave_out=held if held_out else None)[1]
+    k = exact.shape[1]
+    tried = {}
+    for ef in EF_SEARCH:
+        found = graph.search(queries, k, params=faiss.SearchParametersHNSW(efSearch=max(ef, k)))[1]
+        tried[ef] = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found.tolist(), exact.tolist())]))
+        if tried[ef] >= target_recall:
+            break
+    ef = next((e for e, r in tried.items() if r >= target_recall), max(tried, key=tried.get))
+    if held_out:
+        graph.add_with_ids(queries, held)
+    built = time.perf_counter() - started
+    path, info_path = ann_files(index.path)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
+    try:
+        faiss.write_index(graph, tmp)
+        files._fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    info = {"index": os.path.basename(index.path), "embeddings_sha256": embeddings_sha256(index),
+            "count": index.count, "dims": index.dims, "faiss_index": "IndexIDMap(IndexHNSWFlat)",
+            "metric": "inner_product", "hnsw_m": m, "ef_construction": ef_construction, "ef_search": ef,
+            "recall_at_10": tried[ef], "recall_k": k, "sample_queries": len(held),
+            "queries": "rows held out of the graph" if held_out else "rows in the graph",
+            "target_recall": target_recall, "recall_by_ef_search": {str(e): r for e, r in tried.items()},
+            "build_seconds": round(built, 3), "faiss_version": faiss.__version__, "file_bytes": os.path.getsize(path)}
+    files.write_json_atomic(info_path, info)
+    return info
+
+
+def load_ann(index: EmbeddingIndex):
+    """The ANN index beside an index, checked against it: (faiss index, its description); errors name the file."""
+    faiss = _faiss()
+    path, info_path = ann_files(index.path)
+    if not os.path.isfile(info_path):
+        raise FileNotFoundError(f"no ANN index beside {index.path} ({info_path} is missing): build it with "
+                                f"`dualenc embed --ann` or `dualenc merge --ann`")
+    info = files.read_json(info_path, "ANN index description")
+    needed = {"embeddings_sha256": str, "count": int, "dims": int, "ef_search": int, "recall_at_10": float}
+    wrong = [k for k, t in needed.items() if not isinstance(info.get(k), t) or isinstance(info.get(k), bool)]
+    if wrong:
+        raise CheckpointError(f"{info_path}: missing or mistyped {', '.join(wrong)}")
+    if (info["count"], info["dims"]) != (index.count, index.dims) \
+            or info["embeddings_sha256"] != embeddings_sha256(index):
+        raise CheckpointError(f"{path} was built for other rows than {index.path} now holds: build it again "
+                              f"(`dualenc merge {index.path} --out NEW --ann`), or search exactly")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"ANN index file not found: {path} (described by {info_path})")
+    try:
+        graph = faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} is not a readable faiss index: {str(e).splitlines()[0][-200:]}") from None
+    inner = faiss.downcast_index(graph.index) if isinstance(graph, faiss.IndexIDMap) else None
+    if not isinstance(inner, faiss.IndexHNSWFlat) or graph.ntotal != index.count or graph.d != index.dims \
+            or graph.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise CheckpointError(f"{path} is not an inner-product HNSW index of {index.count} x {index.dims} rows")
+    return graph, info

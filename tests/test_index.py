@@ -1,0 +1,242 @@
+"""Embedding indexes: the streaming writer, the memory-mapped reader, exact and ANN search, merging shards, and
+`dualenc embed --shard` / `merge` / `search` on a tiny model."""
+
+import contextlib
+import io
+import json
+import os
+import sys
+import tracemalloc
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import dualenc
+from dualenc import cli, data, index
+from dualenc.errors import CheckpointError, InputError
+
+
+def run(*args, check=True):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main([str(a) for a in args])
+    if check:
+        assert code == 0, err.getvalue()[-3000:]
+    return code, out.getvalue(), err.getvalue()
+
+
+def write(path, embeds, names, batch=256, **kw):
+    with index.IndexWriter(path, embeds.shape[1], "image", **kw) as writer:
+        for start in range(0, len(embeds), batch):
+            writer.add(embeds[start:start + batch], names[start:start + batch])
+    return index.open_index(path)
+
+
+def unit_rows(n, d, seed=0):
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A tiny random dual encoder saved as a model directory, and a folder of 13 images and 1 unreadable file."""
+    root = tmp_path_factory.mktemp("index")
+    data.write_vocab(root / "vocab", ["a photo of a red square", "a blue square"])
+    processor = dualenc.Processor(dualenc.ImageProcessor(size={"height": 16, "width": 16}),
+                                  dualenc.Tokenizer.from_pretrained(root / "vocab", max_length=8))
+    size = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    config = dualenc.DualEncoderConfig(dualenc.ViTConfig(**size, image_size=16, patch_size=8),
+                                       dualenc.BertConfig(**size, vocab_size=processor.tokenizer.vocab_size,
+                                                          max_position_embeddings=8), projection_dim=8)
+    import jax
+
+    dualenc.save_pretrained(root / "model", config, dualenc.init(jax.random.key(0), config), processor=processor)
+    rng = np.random.default_rng(0)
+    for i in range(13):
+        path = root / "photos" / f"{i % 3}" / f"{i:02d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(path)
+    (root / "photos" / "1" / "05b.png").write_bytes(b"not an image")
+    return root
+
+
+def test_writer_round_trip_and_safetensors_layout(tmp_path):
+    x = unit_rows(1000, 16)
+    names = [f"img/{i}.jpg" for i in range(999)] + ["caf\\xe9 \"quoted\"\nnewline.png"]
+    ix = write(tmp_path / "a.safetensors", x, names, batch=77, metadata={"model": "m"})
+    assert sorted(os.listdir(tmp_path)) == ["a.names.jsonl", "a.safetensors"]  # no temporary file left
+    assert isinstance(ix.embeddings, np.memmap) and not ix.embeddings.flags.writeable
+    np.testing.assert_array_equal(ix.embeddings, x)
+    assert ix.names() == names and ix.names([999, 3]) == [names[999], "img/3.jpg"]
+    assert (ix.count, ix.dims, ix.kind, ix.metadata["count"], ix.metadata["model"]) == (1000, 16, "image", "1000", "m")
+    from safetensors.numpy import load_file
+
+    np.testing.assert_array_equal(load_file(str(tmp_path / "a.safetensors"))["embeddings"], x)  # the library reads it
+    empty = write(tmp_path / "e.safetensors", x[:0], [])
+    assert empty.embeddings.shape == (0, 16) and empty.names() == []
+    assert index.search_exact(empty.embeddings, x[:2], 5)[1].shape == (2, 0)
+
+
+def test_an_error_leaves_nothing_behind_and_the_old_index_as_it_was(tmp_path):
+    x = unit_rows(10, 4)
+    write(tmp_path / "a.safetensors", x, [str(i) for i in range(10)])
+    before = {p: (tmp_path / p).read_bytes() for p in os.listdir(tmp_path)}
+    with pytest.raises(RuntimeError):
+        with index.IndexWriter(tmp_path / "a.safetensors", 4, "image") as writer:
+            writer.add(x[:5] * 2, list("abcde"))
+            raise RuntimeError("stopped mid-way")
+    with pytest.raises(InputError, match="2 names for 3"):
+        with index.IndexWriter(tmp_path / "a.safetensors", 4, "image") as writer:
+            writer.add(x[:3], ["a", "b"])
+    assert {p: (tmp_path / p).read_bytes() for p in os.listdir(tmp_path)} == before
+
+
+def test_the_writer_holds_one_batch_at_a_time(tmp_path):
+    """20,000 x 64 float32 rows (5 MB) written 256 at a time: the writer's peak allocation stays near a batch."""
+    batch = unit_rows(256, 64)
+    names = [f"{i:08d}.jpg" for i in range(256)]
+    tracemalloc.start()
+    try:
+        with index.IndexWriter(tmp_path / "big.safetensors", 64, "image") as writer:
+            for _ in range(20_000 // 256 + 1):
+                writer.add(batch, names)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert writer.count == 20_224 and peak < 1 << 20, peak  # under 1 MiB against the 5.2 MB matrix
+
+
+def test_exact_search_equals_a_full_stable_sort(monkeypatch):
+    x = unit_rows(3000, 8)
+    x[[100, 2000, 2999]] = x[7]  # ties, also across chunks
+    queries = np.concatenate([x[[7, 3]], unit_rows(4, 8, seed=1)])
+    monkeypatch.setattr(index, "_CHUNK_BYTES", 4096)  # 128-row chunks
+    for k in (1, 3, 4, 10, 2999, 5000):
+        scores, rows = index.search_exact(x, queries, k)
+        full = queries @ x.T
+        expected = np.argsort(-full, axis=1, kind="stable")[:, :k]
+        np.testing.assert_array_equal(rows, expected)
+        np.testing.assert_allclose(scores, np.take_along_axis(full, expected, 1), rtol=1e-5, atol=1e-6)
+    assert index.search_exact(x, queries, 4)[1][0].tolist() == [7, 100, 2000, 2999]
+    with pytest.raises(InputError, match="k must be"):
+        index.search_exact(x, queries, 0)
+
+
+def test_ann_recall_and_search(tmp_path, monkeypatch):
+    x = unit_rows(5000, 32)
+    ix = write(tmp_path / "v.safetensors", x, [str(i) for i in range(5000)])
+    info = index.build_ann(ix)
+    assert info["recall_at_10"] >= 0.9 and info["count"] == 5000
+    assert info["sample_queries"] == 500 and info["queries"] == "rows held out of the graph"  # a tenth of them
+    assert json.loads((tmp_path / "v.faiss.json").read_text())["ef_search"] == info["ef_search"]
+    queries = unit_rows(200, 32, seed=1)
+    ann = index.search(ix, queries, 10, ann=True)
+    exact = index.search(ix, queries, 10, ann=False)
+    assert (ann.method, exact.method, ann.recall_at_10) == ("ann", "exact", info["recall_at_10"])
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ann.rows.tolist(), exact.rows.tolist())])
+    assert overlap >= 0.9 and np.mean(ann.rows[:, 0] == exact.rows[:, 0]) >= 0.95
+    assert (np.diff(ann.scores, axis=1) <= 0).all()
+    assert index.search(ix, queries, 10).method == "exact"  # below ANN_MIN_ROWS
+    monkeypatch.setattr(index, "ANN_MIN_ROWS", 5000)
+    assert index.search(ix, queries, 10).method == "ann"
+    monkeypatch.setattr(index, "ANN_MIN_RECALL", 1.01)  # a graph measured below it is passed over, saying why
+    passed = index.search(ix, queries, 10)
+    assert passed.method == "exact" and "recall@10" in passed.note
+    assert index.search(ix, queries, 10, ann=True).method == "ann"
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    with pytest.raises(ImportError, match=r"dualenc\[search\]"):
+        index.search(ix, queries, 10)
+
+
+def test_missing_corrupt_and_stale_files_are_errors_naming_them(tmp_path):
+    x = unit_rows(300, 8)
+    path = tmp_path / "a.safetensors"
+    ix = write(path, x, [str(i) for i in range(300)])
+    with pytest.raises(FileNotFoundError, match="index file not found: .*nothing.safetensors"):
+        index.open_index(tmp_path / "nothing.safetensors")
+    index.build_ann(ix)
+    (tmp_path / "a.faiss").write_bytes(b"garbage" * 100)
+    with pytest.raises(CheckpointError, match="a.faiss is not a readable faiss index"):
+        index.search(ix, x[:1], 3, ann=True)
+    index.build_ann(ix)
+    info = json.loads((tmp_path / "a.faiss.json").read_text())
+    (tmp_path / "a.faiss.json").write_text(json.dumps({**info, "embeddings_sha256": "0" * 64}))
+    with pytest.raises(CheckpointError, match="a.faiss was built for other rows than .*a.safetensors"):
+        index.search(ix, x[:1], 3, ann=True)
+    write(path, x[::-1].copy(), [str(i) for i in range(300)])  # new rows: the stale ANN index goes
+    assert not (tmp_path / "a.faiss").exists() and not (tmp_path / "a.faiss.json").exists()
+    with pytest.raises(FileNotFoundError, match="no ANN index beside .*a.safetensors"):
+        index.search(index.open_index(path), x[:1], 3, ann=True)
+    sidecar = tmp_path / "a.names.jsonl"
+    lines = sidecar.read_text()
+    sidecar.write_text(lines.replace('"7"', '"x"'))
+    with pytest.raises(CheckpointError, match="a.names.jsonl is not the one written with it"):
+        index.open_index(path)
+    sidecar.write_text(lines + '"extra"\n')
+    with pytest.raises(CheckpointError, match="a.names.jsonl holds 301 names for 300 embeddings"):
+        index.open_index(path)
+    sidecar.unlink()
+    with pytest.raises(CheckpointError, match="a.safetensors: its names file .*a.names.jsonl is missing"):
+        index.open_index(path)
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(CheckpointError, match="a.safetensors"):
+        index.open_index(path)
+
+
+def test_embed_in_shards_merges_to_one_process_bit_for_bit(model, tmp_path):
+    photos, m = model / "photos", model / "model"
+    code, out, err = run("embed", "--model", m, "--images", photos, "--out", tmp_path / "all.safetensors",
+                         "--batch-size", 4, "--json")
+    whole = json.loads(out)
+    assert whole["written"] == 13 and [s["image"] for s in whole["skipped"]] == [str(photos / "1" / "05b.png")]
+    assert "skipped 1 unreadable image(s) of 14" in err
+    code, _, err = run("embed", "--model", m, "--images", photos, "--out", tmp_path / "s.safetensors", "--strict",
+                       check=False)
+    assert code == 2 and "05b.png" in err and not (tmp_path / "s.safetensors").exists()
+    parts = []
+    for i in range(3):
+        parts.append(tmp_path / f"part{i}.safetensors")
+        written = json.loads(run("embed", "--model", m, "--images", photos, "--out", parts[-1], "--batch-size", 4,
+                                 "--shard", f"{i}/3", "--json")[1])
+        assert written["shard"] == f"{i}/3"
+    assert [index.open_index(p).metadata["shard_rows"] for p in parts] == ["0:4", "4:8", "8:14"]
+    _, _, err = run("merge", *parts, "--out", tmp_path / "merged.safetensors", "--ann")
+    assert "recall@10 against exact search" in err
+    one, merged = index.open_index(tmp_path / "all.safetensors"), index.open_index(tmp_path / "merged.safetensors")
+    assert merged.names() == one.names() and len(one.names()) == 13
+    assert np.asarray(merged.embeddings).tobytes() == np.asarray(one.embeddings).tobytes()
+    assert merged.metadata["embeddings_sha256"] == one.metadata["embeddings_sha256"]
+    assert merged.metadata["model_sha256"] == one.metadata["model_sha256"]
+
+    code, _, err = run("merge", parts[1], parts[0], parts[2], "--out", tmp_path / "x.safetensors", check=False)
+    assert code == 2 and "shards must be given all and in order (0/3, 1/3, 2/3)" in err
+    code, _, err = run("merge", *parts[:2], "--out", tmp_path / "x.safetensors", check=False)
+    assert code == 2 and "in order (0/3, 1/3, 2/3); got 0/3, 1/3" in err
+    (tmp_path / "t.txt").write_text("a red square\na blue square\n")
+    run("embed", "--model", m, "--texts", tmp_path / "t.txt", "--out", tmp_path / "t.safetensors")
+    code, _, err = run("merge", tmp_path / "all.safetensors", tmp_path / "t.safetensors", "--out",
+                       tmp_path / "x.safetensors", check=False)
+    assert code == 2 and "disagree on their kind" in err and not (tmp_path / "x.safetensors").exists()
+
+    found = json.loads(run("search", "--model", m, "--index", tmp_path / "merged.safetensors", "--json", "--top-k",
+                           3, "--ann", "a red square")[1])
+    exact = json.loads(run("search", "--model", m, "--index", tmp_path / "merged.safetensors", "--json", "--top-k",
+                           3, "a red square")[1])
+    assert found[0]["search"] == "ann" and 0 <= found[0]["ann_recall_at_10"] <= 1
+    assert exact[0]["search"] == "exact" and "ann_recall_at_10" not in exact[0]
+    assert [r["name"] for r in found[0]["results"]] == [r["name"] for r in exact[0]["results"]]  # 13 rows: all seen
+
+
+def test_jax_distributed_processes_write_numbered_parts(model, tmp_path, monkeypatch):
+    import jax
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    written = json.loads(run("embed", "--model", model / "model", "--images", model / "photos", "--batch-size", 4,
+                             "--out", tmp_path / "p.safetensors", "--json")[1])
+    assert written["out"] == str(tmp_path / "p-00001-of-00002.safetensors") and written["shard"] == "1/2"
+    assert index.open_index(written["out"]).metadata["shard_rows"] == "8:14"
+    code, _, err = run("embed", "--model", model / "model", "--images", model / "photos", "--out",
+                       tmp_path / "q.safetensors", "--ann", check=False)
+    assert code == 2 and "not a shard" in err

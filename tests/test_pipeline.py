@@ -1,0 +1,190 @@
+"""dualenc.datasets.Pipeline (grain): global order, per-process rows, exact resume, skips; the LiT cache on disk."""
+
+import io
+import os
+import tarfile
+import time
+import tracemalloc
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import dualenc
+from dualenc import data, trainer
+from dualenc.datasets import RecordSource, features as lit_cache, prepare
+from dualenc.datasets.pipeline import GlobalOrder, PairSource, Pipeline
+
+SIZE = 8
+
+
+@pytest.fixture(scope="module")
+def processor(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vocab")
+    data.write_vocab(folder, [f"caption {i} of a digit" for i in range(10)] + list(data.DIGIT_TEMPLATES))
+    return dualenc.Processor(dualenc.ImageProcessor(size={"height": SIZE, "width": SIZE}),
+                             dualenc.Tokenizer.from_pretrained(folder, max_length=8))
+
+
+class Virtual:
+    """A synthetic source of any length: record i is a tiny image whose pixels encode i, and one caption."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        image = np.full((SIZE, SIZE, 3), i % 251, np.uint8)
+        return image, (f"caption {i % 10}",)
+
+
+def records(pipeline, steps):
+    it = iter(pipeline)
+    return [next(it)[1] for _ in range(steps)]
+
+
+def test_400m_records_build_and_draw_in_constant_memory(processor):
+    tracemalloc.start()
+    started = time.perf_counter()
+    pipe = Pipeline(Virtual(400_000_000), processor, 256, seed=1, max_length=8, process_index=0, process_count=1)
+    batches = records(pipe, 3)
+    took = time.perf_counter() - started
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 100 * 2**20, f"peak {peak / 2**20:.1f} MiB"
+    assert took < 60  # an O(N) step (a stored permutation, a pass over the records) takes minutes at 400M
+    seen = np.concatenate([b["_record"] for b in batches])
+    assert len(set(seen.tolist())) == 768 and seen.max() > 1_000_000  # spread over the whole source
+    assert batches[0]["pixel_values"].shape == (256, 3, SIZE, SIZE)
+    np.testing.assert_array_equal(batches[2]["_record"], GlobalOrder(400_000_000, 256, 1).batch(2))
+
+
+def test_an_epoch_is_a_permutation_and_epochs_differ(processor):
+    n, b = 37, 6
+    order = GlobalOrder(n, b, seed=3)
+    first = np.concatenate([order.batch(k) for k in range(order.batches_per_epoch)])
+    second = np.concatenate([order.batch(k) for k in range(order.batches_per_epoch, 2 * order.batches_per_epoch)])
+    assert len(first) == 36 and len(set(first.tolist())) == 36 and set(first.tolist()) <= set(range(n))
+    assert len(set(second.tolist())) == 36 and not np.array_equal(first, second)
+    exact = GlobalOrder(36, 6, seed=3)
+    assert sorted(np.concatenate([exact.batch(k) for k in range(6)]).tolist()) == list(range(36))
+
+
+def test_processes_read_their_rows_and_resume_anywhere(processor):
+    source = PairSource(data.load_digits("test", image_size=SIZE))
+    whole = records(Pipeline(source, processor, 12, seed=2, max_length=8, process_index=0, process_count=1), 5)
+    for count in (2, 3):
+        parts = [records(Pipeline(source, processor, 12, seed=2, max_length=8, process_index=i,
+                                  process_count=count), 5) for i in range(count)]
+        for k in range(5):
+            for key in ("_record", "pixel_values", "input_ids"):
+                joined = np.concatenate([part[k][key] for part in parts])
+                np.testing.assert_array_equal(joined, whole[k][key])
+    resumed = records(Pipeline(source, processor, 12, seed=2, max_length=8, start=3, process_index=1,
+                               process_count=2), 2)
+    np.testing.assert_array_equal(resumed[1]["pixel_values"], whole[4]["pixel_values"][6:])
+
+
+def test_unusable_records_are_replaced_counted_and_shift_nothing(processor, tmp_path):
+    digits = data.load_digits("test", image_size=SIZE)
+    paths = []
+    for i, image in enumerate(digits.images[:40]):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(image).save(paths[-1])
+    captions = [f"caption {i % 10}" for i in range(40)]
+    dataset = data.PairDataset(paths, captions, np.arange(40))
+    good = records(Pipeline(dataset, processor, 8, max_length=8, process_index=0, process_count=1), 5)
+    bad = set(range(0, 40, 7))
+    for i in bad:
+        if i % 2:
+            os.remove(paths[i])
+        else:
+            open(paths[i], "wb").write(b"not a png")
+    pipe = Pipeline(dataset, processor, 8, max_length=8, process_index=0, process_count=1)
+    damaged = records(pipe, 5)
+    replaced = 0
+    for g, d in zip(good, damaged):
+        keep = ~np.isin(g["_record"], list(bad))
+        np.testing.assert_array_equal(g["_record"][keep], d["_record"][keep])
+        assert not np.isin(d["_record"], list(bad)).any()
+        replaced += int((~keep).sum())
+    assert replaced and sum(pipe.skipped.values()) >= replaced
+    assert set(pipe.skipped) == {"missing image", "unreadable image"}
+
+
+def _tar(path, samples):
+    with tarfile.open(path, "w") as tar:
+        for name, payload in samples:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
+def png(value):
+    out = io.BytesIO()
+    Image.fromarray(np.full((SIZE, SIZE, 3), value, np.uint8)).save(out, "PNG")
+    return out.getvalue()
+
+
+def test_webdataset_shards_through_prepare_and_worker_processes(processor, tmp_path):
+    for shard in range(2):
+        _tar(tmp_path / f"{shard}.tar", [item for i in range(10) for item in
+                                         ((f"{shard}{i:02d}.png", png(10 * i + shard)),
+                                          (f"{shard}{i:02d}.txt", f"caption {i}".encode()))])
+    prepare([str(tmp_path / "0.tar"), str(tmp_path / "1.tar")], str(tmp_path / "prepared"))
+    source = RecordSource(str(tmp_path / "prepared"))
+    inline = records(Pipeline(source, processor, 4, max_length=8, process_index=0, process_count=1), 6)
+    workers = records(Pipeline(source, processor, 4, max_length=8, process_index=0, process_count=1,
+                               workers=1), 6)
+    for a, b in zip(inline, workers):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    assert len(set(np.concatenate([b["_record"] for b in inline[:5]]).tolist())) == 20
+
+
+CONFIG = dualenc.DualEncoderConfig(
+    vision=dualenc.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                             image_size=SIZE, patch_size=4),
+    text=dualenc.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=32, max_position_embeddings=8),
+    projection_dim=8)
+
+
+def test_lit_cache_streams_to_disk_and_is_reused(processor, tmp_path, monkeypatch):
+    from dualenc.train import step as step_module
+
+    processor = dualenc.Processor(processor.image_processor, processor.tokenizer)
+    params = dualenc.init(jax.random.key(0), CONFIG)
+    source = PairSource(data.load_digits("test", image_size=SIZE))
+    pooled, rows = step_module._pooled, []
+
+    def counting(tower_params, config, tower, inputs, dtype=None):
+        rows.append(len(inputs["pixel_values"]))
+        return pooled(tower_params, config, tower, inputs, dtype=dtype)
+
+    monkeypatch.setattr(step_module, "_pooled", counting)
+    cache, computed = lit_cache.build(str(tmp_path), params, CONFIG, processor, source, batch_size=32)
+    assert computed and max(rows) == 32 and sum(rows) == 32 * -(-len(source) // 32)  # one batch at a time
+    expected = dualenc.train.tower_features(params, CONFIG, "vision", {"pixel_values": np.stack(
+        [processor.image_processor(source[i][0])[0] for i in range(len(source))])})
+    np.testing.assert_allclose(np.stack([cache.row(i) for i in range(len(source))]), expected, atol=1e-5)
+    rows.clear()
+    again, computed = lit_cache.build(str(tmp_path), params, CONFIG, processor, source, batch_size=32)
+    assert not computed and not rows and again.folder == cache.folder
+    other = jax.tree_util.tree_map(lambda x: x + 1e-3, params)
+    moved, computed = lit_cache.build(str(tmp_path), other, CONFIG, processor, source, batch_size=32)
+    assert computed and moved.folder != cache.folder  # other weights: another fingerprint
+
+
+def test_fit_reuses_its_lit_cache(processor, tmp_path, monkeypatch):
+    params = dualenc.init(jax.random.key(0), CONFIG)
+    digits = data.load_digits("test", image_size=SIZE)
+    run = trainer.TrainConfig(steps=3, batch_size=8, max_length=8, cached=True, locked=("vision",))
+    first, _ = trainer.fit(CONFIG, params, digits, processor, run, cache_dir=str(tmp_path))
+    monkeypatch.setattr(lit_cache, "_encode_part", lambda *a, **k: pytest.fail("features were computed again"))
+    second, _ = trainer.fit(CONFIG, params, digits, processor, run, cache_dir=str(tmp_path))
+    for a, b in zip(jax.tree_util.tree_leaves(first), jax.tree_util.tree_leaves(second)):
+        np.testing.assert_array_equal(a, b)
