@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dualenc import index  # noqa: E402
+from dualenc import ann, index  # noqa: E402
 
 DIMS = 512
 LATENT = 32
@@ -136,12 +136,12 @@ def ann_cases(kind: str, rows: int, work: str, libraries: list[str], repeats: in
 
     if "faiss-hnsw" in libraries:
         def build_hnsw():
-            graph = faiss.IndexHNSWFlat(DIMS, index.HNSW_M, faiss.METRIC_INNER_PRODUCT)
-            graph.hnsw.efConstruction = index.HNSW_EF_CONSTRUCTION
+            graph = faiss.IndexHNSWFlat(DIMS, ann.HNSW_M, faiss.METRIC_INNER_PRODUCT)
+            graph.hnsw.efConstruction = ann.HNSW_EF_CONSTRUCTION
             graph.add(data)
             return graph
 
-        measure(f"faiss IndexHNSWFlat M={index.HNSW_M} efConstruction={index.HNSW_EF_CONSTRUCTION} "
+        measure(f"faiss IndexHNSWFlat M={ann.HNSW_M} efConstruction={ann.HNSW_EF_CONSTRUCTION} "
                 f"(dualenc's; width = efSearch)", build_hnsw,
                 lambda g, q, w: g.search(q, K, params=faiss.SearchParametersHNSW(efSearch=w))[1], EF,
                 faiss.write_index, lambda p: faiss.read_index(p, faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY))
@@ -163,8 +163,8 @@ def ann_cases(kind: str, rows: int, work: str, libraries: list[str], repeats: in
         from usearch.index import Index
 
         def build_usearch():
-            graph = Index(ndim=DIMS, metric="ip", dtype=dtype, connectivity=index.HNSW_M,
-                          expansion_add=index.HNSW_EF_CONSTRUCTION)
+            graph = Index(ndim=DIMS, metric="ip", dtype=dtype, connectivity=ann.HNSW_M,
+                          expansion_add=ann.HNSW_EF_CONSTRUCTION)
             graph.add(np.arange(rows), data, threads=os.cpu_count())
             return graph
 
@@ -172,7 +172,7 @@ def ann_cases(kind: str, rows: int, work: str, libraries: list[str], repeats: in
             graph.expansion_search = w
             return graph.search(q, K, threads=os.cpu_count()).keys
 
-        measure(f"usearch HNSW {dtype} connectivity={index.HNSW_M} expansion_add={index.HNSW_EF_CONSTRUCTION} "
+        measure(f"usearch HNSW {dtype} connectivity={ann.HNSW_M} expansion_add={ann.HNSW_EF_CONSTRUCTION} "
                 f"(width = expansion_search)", build_usearch, search_usearch, EF, lambda g, p: g.save(p),
                 lambda p: Index.restore(p, view=True))
     return cases

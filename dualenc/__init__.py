@@ -44,7 +44,7 @@ from dualenc.model import (
     unstack_layers,
 )
 
-from dualenc import data, evaluate, formats, index, losses, templates, towers, train, trainer  # noqa: E402
+from dualenc import ann, data, evaluate, formats, index, losses, templates, towers, train, trainer  # noqa: E402
 from dualenc.towers import bert, clip_text, naflex, siglip, vit  # noqa: E402  (the tower families, as dualenc.vit etc.)
 
 __version__ = "0.1.0"

@@ -1,10 +1,9 @@
-"""Embedding indexes: a streaming writer, a memory-mapped reader, exact and approximate (faiss HNSW) top-k search,
-and the merge of shard indexes into one.
+"""Embedding indexes: a streaming writer, a memory-mapped reader, exact top-k search (or approximate, through
+dualenc.ann), and the merge of shard indexes into one.
 
 An index is a safetensors file NAME.safetensors holding one float32 tensor "embeddings" (count, dims), its names
-in a sidecar NAME.names.jsonl (one JSON string per line) and, optionally, an approximate-search index beside it:
-NAME.faiss (faiss' own binary format) with NAME.faiss.json (how it was built, and its recall@10 against exact
-search measured then).
+in a sidecar NAME.names.jsonl (one JSON string per line) and, optionally, an approximate-search index beside it
+(NAME.faiss and NAME.faiss.json, written by dualenc.ann.build).
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import json
 import os
 import secrets
 import struct
-import time
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -29,12 +27,6 @@ SUFFIX = ".safetensors"
 # fast enough beside loading a model (benchmarks/README.md, "Embedding search"), and exact.
 ANN_MIN_ROWS = 200_000
 ANN_MIN_RECALL = 0.9  # nor below this recall@10: rows without structure (random vectors) defeat the graph
-ANN_SAMPLE = 1000  # the index's own rows used as queries to measure the ANN's recall@10 when it is built
-ANN_TARGET_RECALL = 0.95  # build_ann picks the smallest efSearch of EF_SEARCH reaching it on that sample
-EF_SEARCH = (16, 32, 64, 128, 256, 512)
-HNSW_M = 32
-HNSW_EF_CONSTRUCTION = 40
-RECALL_K = 10
 _CHUNK_BYTES = 64 << 20  # the most of an index (and of its scores) read or computed at once
 _HEADER_SLACK = 64
 
@@ -42,11 +34,6 @@ _HEADER_SLACK = 64
 def names_file(path: str) -> str:
     """The sidecar file of an index's names: photos.safetensors -> photos.names.jsonl."""
     return _stem(path) + ".names.jsonl"
-
-
-def ann_files(path: str) -> tuple[str, str]:
-    """The ANN index of an index and its description: photos.safetensors -> (photos.faiss, photos.faiss.json)."""
-    return _stem(path) + ".faiss", _stem(path) + ".faiss.json"
 
 
 def _stem(path: str) -> str:
@@ -163,7 +150,9 @@ class IndexWriter:
             raise
         self._data = self._names = None
         files._fsync(os.path.dirname(os.path.abspath(self.path)))
-        _drop_stale_ann(self.path, self._sha.hexdigest())
+        from dualenc import ann
+
+        ann.drop_stale(self.path, self._sha.hexdigest())
         return open_index(self.path)
 
     def abort(self) -> None:
@@ -188,21 +177,6 @@ class IndexWriter:
 
 def _round8(n: int) -> int:
     return (n + 7) // 8 * 8
-
-
-def _drop_stale_ann(path: str, sha: str) -> None:
-    """Removes an ANN index built for what `path` held before (it would not match the new rows)."""
-    graph, info = ann_files(path)
-    if not os.path.exists(info) and not os.path.exists(graph):
-        return
-    try:
-        built_for = files.read_json(info).get("embeddings_sha256")
-    except (OSError, ValueError):
-        built_for = None
-    if built_for != sha:
-        for p in (graph, info):
-            if os.path.exists(p):
-                os.remove(p)
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -475,129 +449,16 @@ def search(index: EmbeddingIndex, queries, k: int, *, ann: bool | None = None) -
       A SearchResult. An ANN search's scores are recomputed from the stored rows, as exact search computes them.
     """
     queries, k = _check_query(queries, k, index.dims, index.count)
+    from dualenc import ann as ann_
+
     loaded, note = None, None
-    if ann or (ann is None and index.count >= ANN_MIN_ROWS and os.path.exists(ann_files(index.path)[1])):
-        loaded = load_ann(index)
+    if ann or (ann is None and index.count >= ANN_MIN_ROWS and os.path.exists(ann_.paths(index.path)[1])):
+        loaded = ann_.load(index)
         if ann is None and loaded[1]["recall_at_10"] < ANN_MIN_RECALL:
             note = (f"its ANN index's recall@10, {loaded[1]['recall_at_10']:.3f}, is under {ANN_MIN_RECALL}: the "
                     f"rows have too little structure for it")
             loaded = None
     if loaded is None:
         return SearchResult(*search_exact(index.embeddings, queries, k), "exact", note=note)
-    graph, info = loaded
-    _, found = graph.search(queries, k, params=_faiss().SearchParametersHNSW(efSearch=max(info["ef_search"], k)))
-    found = found.astype(np.int64)
-    present = found >= 0
-    rows = np.where(present, found, 0)
-    scores = np.einsum("qkd,qd->qk", np.asarray(index.embeddings[rows.reshape(-1)]).reshape(*rows.shape, -1),
-                       queries).astype(np.float32)
-    scores, rows = np.where(present, scores, -np.inf).astype(np.float32), np.where(present, rows, -1)
-    order = np.lexsort((np.where(present, rows, np.iinfo(np.int64).max), -scores), axis=1)
-    return SearchResult(np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1), "ann",
-                        info["recall_at_10"])
-
-
-# ------------------------------------------------------------------------------------------------ ANN
-
-def _faiss():
-    try:
-        import faiss
-    except ImportError:
-        raise ImportError("approximate search needs faiss: pip install 'dualenc[search]'") from None
-    return faiss
-
-
-def build_ann(index: EmbeddingIndex | str, *, m: int = HNSW_M, ef_construction: int = HNSW_EF_CONSTRUCTION,
-              sample: int = ANN_SAMPLE, target_recall: float = ANN_TARGET_RECALL, seed: int = 0) -> dict:
-    """Builds the ANN index of an index (faiss IndexHNSWFlat, inner product, in an IndexIDMap) and writes it
-    beside it (NAME.faiss, then NAME.faiss.json, each atomically).
-
-    Its recall@10 against exact search is measured on `sample` of the index's own rows (at most a tenth of
-    them) held out of the graph: queries it was not built around, as real queries are (rows in the graph, as
-    queries, find their neighbours more easily). For each efSearch of EF_SEARCH, up to the first reaching
-    `target_recall`; that efSearch is kept for searching. The held-out rows are added to the graph afterwards.
-
-    Returns:
-      The description written to NAME.faiss.json: ef_search, recall_at_10, the recall of each efSearch tried,
-      build_seconds...
-    """
-    faiss = _faiss()
-    if not isinstance(index, EmbeddingIndex):
-        index = open_index(index)
-    if not index.count:
-        raise InputError(f"{index.path} has no rows: nothing to index")
-    started = time.perf_counter()
-    rng = np.random.default_rng(seed)
-    held = np.sort(rng.choice(index.count, min(sample, index.count // 10), replace=False))
-    hnsw = faiss.IndexHNSWFlat(index.dims, m, faiss.METRIC_INNER_PRODUCT)
-    hnsw.hnsw.efConstruction = ef_construction
-    graph = faiss.IndexIDMap(hnsw)  # ids: the rows' positions (the held-out rows go in last)
-    kept = np.ones(index.count, bool)
-    kept[held] = False
-    for start, stop in _chunks(index.count, index.dims):
-        rows = np.flatnonzero(kept[start:stop]) + start
-        if len(rows):
-            graph.add_with_ids(np.ascontiguousarray(index.embeddings[rows], np.float32), rows)
-    held_out = len(held) > 0
-    if not held_out:  # under 10 rows: they query the graph they are in
-        held = np.arange(index.count)
-    queries = np.ascontiguousarray(index.embeddings[held], np.float32)
-    exact = search_exact(index.embeddings, queries, RECALL_K, leave_out=held if held_out else None)[1]
-    k = exact.shape[1]
-    tried = {}
-    for ef in EF_SEARCH:
-        found = graph.search(queries, k, params=faiss.SearchParametersHNSW(efSearch=max(ef, k)))[1]
-        tried[ef] = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found.tolist(), exact.tolist())]))
-        if tried[ef] >= target_recall:
-            break
-    ef = next((e for e, r in tried.items() if r >= target_recall), max(tried, key=tried.get))
-    if held_out:
-        graph.add_with_ids(queries, held)
-    built = time.perf_counter() - started
-    path, info_path = ann_files(index.path)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
-    try:
-        faiss.write_index(graph, tmp)
-        files._fsync(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    info = {"index": os.path.basename(index.path), "embeddings_sha256": embeddings_sha256(index),
-            "count": index.count, "dims": index.dims, "faiss_index": "IndexIDMap(IndexHNSWFlat)",
-            "metric": "inner_product", "hnsw_m": m, "ef_construction": ef_construction, "ef_search": ef,
-            "recall_at_10": tried[ef], "recall_k": k, "sample_queries": len(held),
-            "queries": "rows held out of the graph" if held_out else "rows in the graph",
-            "target_recall": target_recall, "recall_by_ef_search": {str(e): r for e, r in tried.items()},
-            "build_seconds": round(built, 3), "faiss_version": faiss.__version__, "file_bytes": os.path.getsize(path)}
-    files.write_json_atomic(info_path, info)
-    return info
-
-
-def load_ann(index: EmbeddingIndex):
-    """The ANN index beside an index, checked against it: (faiss index, its description); errors name the file."""
-    faiss = _faiss()
-    path, info_path = ann_files(index.path)
-    if not os.path.isfile(info_path):
-        raise FileNotFoundError(f"no ANN index beside {index.path} ({info_path} is missing): build it with "
-                                f"`dualenc embed --ann` or `dualenc merge --ann`")
-    info = files.read_json(info_path, "ANN index description")
-    needed = {"embeddings_sha256": str, "count": int, "dims": int, "ef_search": int, "recall_at_10": float}
-    wrong = [k for k, t in needed.items() if not isinstance(info.get(k), t) or isinstance(info.get(k), bool)]
-    if wrong:
-        raise CheckpointError(f"{info_path}: missing or mistyped {', '.join(wrong)}")
-    if (info["count"], info["dims"]) != (index.count, index.dims) \
-            or info["embeddings_sha256"] != embeddings_sha256(index):
-        raise CheckpointError(f"{path} was built for other rows than {index.path} now holds: build it again "
-                              f"(`dualenc merge {index.path} --out NEW --ann`), or search exactly")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"ANN index file not found: {path} (described by {info_path})")
-    try:
-        graph = faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path} is not a readable faiss index: {str(e).splitlines()[0][-200:]}") from None
-    inner = faiss.downcast_index(graph.index) if isinstance(graph, faiss.IndexIDMap) else None
-    if not isinstance(inner, faiss.IndexHNSWFlat) or graph.ntotal != index.count or graph.d != index.dims \
-            or graph.metric_type != faiss.METRIC_INNER_PRODUCT:
-        raise CheckpointError(f"{path} is not an inner-product HNSW index of {index.count} x {index.dims} rows")
-    return graph, info
+    scores, rows = ann_.search(index, loaded, queries, k)
+    return SearchResult(scores, rows, "ann", loaded[1]["recall_at_10"])

@@ -176,9 +176,4 @@ def test_a_lost_worker_stops_the_run_clearly_and_it_resumes(tmp_path):
     assert "Traceback" not in err
     last = trainer.checkpoints(str(ws / "out" / "checkpoints"))[-1][0]
     assert 10 <= last < 80
-    procs = [start(0, "--resume"), start(1, "--resume")]
-    outs = [p.communicate(timeout=240) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
-    assert "trained 80 steps" in outs[0][0]
-    assert trainer.checkpoints(str(ws / "out" / "checkpoints"))[-1][0] == 80
-    dualenc.load_pretrained(ws / "out")
+    # Restarting both with --resume finishes the run bit for bit: tests/test_multihost.py (through fit).

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import dualenc
-from dualenc import cli, data, index
+from dualenc import ann, cli, data, index
 from dualenc.errors import CheckpointError, InputError
 
 
@@ -126,17 +126,17 @@ def test_exact_search_equals_a_full_stable_sort(monkeypatch):
 def test_ann_recall_and_search(tmp_path, monkeypatch):
     x = unit_rows(5000, 32)
     ix = write(tmp_path / "v.safetensors", x, [str(i) for i in range(5000)])
-    info = index.build_ann(ix)
+    info = ann.build(ix)
     assert info["recall_at_10"] >= 0.9 and info["count"] == 5000
     assert info["sample_queries"] == 500 and info["queries"] == "rows held out of the graph"  # a tenth of them
     assert json.loads((tmp_path / "v.faiss.json").read_text())["ef_search"] == info["ef_search"]
     queries = unit_rows(200, 32, seed=1)
-    ann = index.search(ix, queries, 10, ann=True)
+    approx = index.search(ix, queries, 10, ann=True)
     exact = index.search(ix, queries, 10, ann=False)
-    assert (ann.method, exact.method, ann.recall_at_10) == ("ann", "exact", info["recall_at_10"])
-    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ann.rows.tolist(), exact.rows.tolist())])
-    assert overlap >= 0.9 and np.mean(ann.rows[:, 0] == exact.rows[:, 0]) >= 0.95
-    assert (np.diff(ann.scores, axis=1) <= 0).all()
+    assert (approx.method, exact.method, approx.recall_at_10) == ("ann", "exact", info["recall_at_10"])
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(approx.rows.tolist(), exact.rows.tolist())])
+    assert overlap >= 0.9 and np.mean(approx.rows[:, 0] == exact.rows[:, 0]) >= 0.95
+    assert (np.diff(approx.scores, axis=1) <= 0).all()
     assert index.search(ix, queries, 10).method == "exact"  # below ANN_MIN_ROWS
     monkeypatch.setattr(index, "ANN_MIN_ROWS", 5000)
     assert index.search(ix, queries, 10).method == "ann"
@@ -155,11 +155,11 @@ def test_missing_corrupt_and_stale_files_are_errors_naming_them(tmp_path):
     ix = write(path, x, [str(i) for i in range(300)])
     with pytest.raises(FileNotFoundError, match="index file not found: .*nothing.safetensors"):
         index.open_index(tmp_path / "nothing.safetensors")
-    index.build_ann(ix)
+    ann.build(ix)
     (tmp_path / "a.faiss").write_bytes(b"garbage" * 100)
     with pytest.raises(CheckpointError, match="a.faiss is not a readable faiss index"):
         index.search(ix, x[:1], 3, ann=True)
-    index.build_ann(ix)
+    ann.build(ix)
     info = json.loads((tmp_path / "a.faiss.json").read_text())
     (tmp_path / "a.faiss.json").write_text(json.dumps({**info, "embeddings_sha256": "0" * 64}))
     with pytest.raises(CheckpointError, match="a.faiss was built for other rows than .*a.safetensors"):

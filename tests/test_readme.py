@@ -96,7 +96,7 @@ def test_readme_python_blocks_run_top_to_bottom(demo_folder):
 
 def test_every_cli_example_runs_as_written(demo_folder):
     demo_folder = demo_folder[0]
-    order = ["zero-shot", "embed", "search", "merge", "eval", "train"]  # search and merge read what embed wrote
+    order = ["zero-shot", "embed", "search", "merge", "eval", "train", "prepare"]  # search and merge read what embed wrote
     assert set(EXAMPLES) == {"demo", *order}
     flat = " ".join(README.read_text().replace("\\\n", " ").split())  # README.md may wrap them with backslashes
     missing = [name for name in order if " ".join(EXAMPLES[name].split()) not in flat]

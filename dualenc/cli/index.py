@@ -159,11 +159,11 @@ def _write_texts(writer, params, config, processor, texts: list[str], rows: int)
 
 
 def _build_ann(path: str, command: str) -> dict:
-    from dualenc import index
+    from dualenc import ann
 
-    info = index.build_ann(path)
+    info = ann.build(path)
     note(command,
-         f"built the ANN index {index.ann_files(path)[0]} (faiss HNSW{info['hnsw_m']}, efSearch "
+         f"built the ANN index {ann.paths(path)[0]} (faiss HNSW{info['hnsw_m']}, efSearch "
          f"{info['ef_search']}) in {info['build_seconds']:.1f} s: recall@10 against exact search "
          f"{info['recall_at_10']:.3f} on {info['sample_queries']} of its rows as queries")
     return info
@@ -191,7 +191,7 @@ def cmd_search(args) -> int:
     import numpy as np
 
     import dualenc
-    from dualenc import index
+    from dualenc import ann, index
 
     if not os.path.isfile(args.index):
         raise CommandError(f"index file not found: {args.index}")
@@ -209,7 +209,7 @@ def cmd_search(args) -> int:
         queries = dualenc.encode_texts(params, config, processor, args.query)
     result = index.search(opened, queries, args.top_k, ann=True if args.ann else False if args.exact else None)
     if result.method == "ann":
-        note("search", f"approximate search (ANN index {index.ann_files(args.index)[0]}) of {opened.count} "
+        note("search", f"approximate search (ANN index {ann.paths(args.index)[0]}) of {opened.count} "
                        f"embeddings; its recall@10 against exact search, measured when it was built: "
                        f"{result.recall_at_10:.3f} (--exact for the exact search)")
     else:
