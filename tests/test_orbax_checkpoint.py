@@ -11,7 +11,8 @@ import threading
 import jax
 import numpy as np
 import pytest
-from test_train import CONFIG, free_port
+from test_multihost import _free_port as free_port
+from test_train import CONFIG
 
 import dualenc
 from dualenc import train

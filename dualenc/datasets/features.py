@@ -83,8 +83,8 @@ class FeatureCache:
         self._features, self._valid = [], []
         for part in self.meta["parts"]:
             base = os.path.join(self.folder, part["name"])
-            self._features.append(np.load(base + ".npy", mmap_mode="r"))
-            self._valid.append(np.load(base + ".valid.npy", mmap_mode="r"))
+            self._features.append(np.load(base + ".npy", mmap_mode="r", allow_pickle=False))
+            self._valid.append(np.load(base + ".valid.npy", mmap_mode="r", allow_pickle=False))
 
     def __getstate__(self):
         return {"folder": self.folder, "meta": self.meta}
@@ -149,7 +149,8 @@ def build(root: str, params: dict, config, processor, source, *, batch_size: int
         if not _part_done(folder, part["name"], part["start"], part["stop"], key):
             raise CheckpointError(f"LiT cache part {os.path.join(folder, part['name'])} is missing: with several "
                                   f"processes the cache folder must be on storage they share")
-    dim = max(int(np.load(os.path.join(folder, part["name"] + ".npy"), mmap_mode="r").shape[-1]) for part in parts)
+    dim = max(int(np.load(os.path.join(folder, part["name"] + ".npy"), mmap_mode="r",
+                          allow_pickle=False).shape[-1]) for part in parts)
     if process_index == 0:
         write_json_atomic(done, {"fingerprint": key, "records": n, "dim": dim, "parts": parts})
     if process_count > 1:

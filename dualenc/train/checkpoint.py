@@ -260,6 +260,8 @@ def save_state(directory: str, state: TrainState, meta: dict, keep: int = 3, *, 
     if exclude_frozen and format == "safetensors":
         raise ConfigError("the safetensors format holds every leaf of the state: exclude_frozen needs orbax")
     ocp = _orbax() if format == "orbax" else None
+    if ocp is not None:
+        directory = os.path.abspath(directory)  # orbax takes absolute paths only
     started = time.perf_counter()
     previous = wait_for_save()
     waited = time.perf_counter() - started if previous is not None else 0.0
