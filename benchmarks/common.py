@@ -17,6 +17,16 @@ import numpy as np
 import dualenc
 
 
+def write_results(path: str, results: dict) -> None:
+    """Writes a benchmark's results as JSON (through a temporary file) and says where."""
+    import json
+
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}")
+
+
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
     """Median seconds of each function, run in turns (a, b, a, b, ...) so drift hits them alike."""
     for fn in fns.values():

@@ -132,10 +132,9 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     results = run(args.sizes, args.batch_size)
     results["wall_seconds"] = round(time.perf_counter() - start, 1)
-    with open(args.json + ".tmp", "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(args.json + ".tmp", args.json)
-    print(f"wrote {args.json}")
+    from benchmarks.common import write_results  # (jax loads with it: only now, after measuring)
+
+    write_results(args.json, results)
     return 0
 
 

@@ -212,10 +212,9 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
-    with open(args.json + ".tmp", "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(args.json + ".tmp", args.json)
-    print(f"wrote {args.json}")
+    from benchmarks.common import write_results  # (jax loads with it: only now, after measuring)
+
+    write_results(args.json, results)
     return 0
 
 

@@ -24,13 +24,9 @@ from dualenc.datasets import RecordSource, prepare
 from dualenc.datasets.pipeline import GlobalOrder
 from dualenc.train import checkpoint
 
-SIZE, RECORDS, BATCH, STEPS = 8, 96, 8, 15
-CONFIG = dualenc.DualEncoderConfig(
-    vision=dualenc.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                             image_size=SIZE, patch_size=4),
-    text=dualenc.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                            intermediate_size=32, max_position_embeddings=8),
-    projection_dim=8)
+from test_pipeline import CONFIG, SIZE  # noqa: E402  (the same tiny model)
+
+RECORDS, BATCH, STEPS = 96, 8, 15
 RUN = trainer.TrainConfig(steps=STEPS, batch_size=BATCH, max_length=8, locked=("vision",), fsdp=True,
                           checkpoint_every=5, keep=5)
 
