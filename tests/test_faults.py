@@ -163,10 +163,13 @@ def test_a_lost_worker_stops_the_run_clearly_and_it_resumes(tmp_path):
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     procs = [start(0), start(1)]
+    folder = ws / "out" / "checkpoints"
     deadline = time.time() + 120
-    while time.time() < deadline and len(trainer.checkpoints(str(ws / "out" / "checkpoints"))) < 2:
-        time.sleep(0.2)
-    assert trainer.checkpoints(str(ws / "out" / "checkpoints")), "no checkpoint written"
+    # Kill while the second checkpoint is being written: process 0 then waits in orbax's commit barrier, not in a
+    # collective, and only the heartbeats can tell it that its peer is gone.
+    while time.time() < deadline and len(os.listdir(folder) if folder.is_dir() else ()) < 2:
+        time.sleep(0.05)
+    assert trainer.checkpoints(str(folder)), "no checkpoint written"
     procs[1].send_signal(signal.SIGKILL)
     _, err = procs[0].communicate(timeout=60)
     procs[1].wait()
@@ -177,3 +180,48 @@ def test_a_lost_worker_stops_the_run_clearly_and_it_resumes(tmp_path):
     last = trainer.checkpoints(str(ws / "out" / "checkpoints"))[-1][0]
     assert 10 <= last < 80
     # Restarting both with --resume finishes the run bit for bit: tests/test_multihost.py (through fit).
+
+
+def test_peer_watch_reports_a_silent_peer_or_service_and_not_a_finished_one():
+    import threading
+
+    from dualenc.cli.peers import PREFIX, PeerWatch
+
+    class Store:  # the coordination service's key-value store, as the jaxlib client sees it
+        def __init__(self):
+            self.values, self.broken = {}, False
+
+        def key_value_increment(self, key, n):
+            if self.broken:
+                raise RuntimeError("UNAVAILABLE: Socket closed")
+            self.values[key] = str(int(self.values.get(key, 0)) + n)
+
+        def key_value_dir_get(self, prefix):
+            return [(k, v) for k, v in self.values.items() if k.startswith(prefix)]
+
+        def key_value_set(self, key, value, allow_overwrite=False):
+            self.values[key] = value
+
+    def watch(store, pid):
+        lost, event = [], threading.Event()
+        w = PeerWatch(store, pid, 2, timeout=0.3, interval=0.01, on_lost=lambda r: (lost.append(r), event.set()))
+        return w, lost, event
+
+    store = Store()
+    a, lost_a, event_a = watch(store, 0)
+    b, lost_b, _ = watch(store, 1)
+    time.sleep(0.5)
+    assert not lost_a and not lost_b  # both beat
+    b.finish()
+    assert store.values[f"{PREFIX}1"] == "done"
+    time.sleep(0.6)
+    assert not lost_a  # a finished peer is not a lost one
+    a.finish()
+
+    store = Store()
+    a, lost_a, event_a = watch(store, 0)
+    assert event_a.wait(5) and lost_a[0].startswith("process 1 sent no heartbeat for"), lost_a
+    store = Store()
+    store.broken = True
+    a, lost_a, event_a = watch(store, 1)
+    assert event_a.wait(5) and "coordination service did not answer" in lost_a[0] and "UNAVAILABLE" in lost_a[0]

@@ -213,11 +213,25 @@ class Figure:
             pass  # nothing logged yet
 
 
+def _lost_peer(args, checkpoints: str, error) -> None:
+    """Ends this process of a distributed run whose peer is gone: one line saying how to resume, exit status 3."""
+    from dualenc import trainer
+
+    saved = trainer.checkpoints(checkpoints)
+    last_saved = saved[-1][1] if saved else "none yet"
+    reason = re.sub(r"(Error dispatching computation: )+", r"\1", " ".join(str(error).split()))[:160]
+    print(f"dualenc train: error: process {args.process_id} lost a peer of the distributed run ({reason}); "
+          f"restart all {args.num_processes} processes with --resume (last checkpoint: {last_saved})",
+          file=sys.stderr, flush=True)
+    os._exit(3)  # skip the distributed shutdown barrier, which would wait for the lost process
+
+
 def cmd_train(args) -> int:
     import jax
 
     import dualenc
     from dualenc import runlog, trainer
+    from dualenc.cli import peers
 
     _check_args(args)
     checkpoints = os.path.join(args.out, "checkpoints")
@@ -226,12 +240,12 @@ def cmd_train(args) -> int:
         note("train", f"the run in {args.out} already finished at step {args.steps}: nothing to train (pass a "
                       f"larger --steps with --resume to extend it)")
         return 0
+    watch = None
     if args.coordinator:
         if args.num_processes is None or args.process_id is None:
             raise CommandError("--coordinator needs --num-processes and --process-id")
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # for CPU devices; GPUs use NCCL
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
-                                   heartbeat_timeout_seconds=args.heartbeat_timeout)
+        watch = peers.join(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout,
+                           on_lost=lambda reason: _lost_peer(args, checkpoints, reason))
     dataset = training_data(args.data, os.path.join(args.out, "prepared"), image_root=args.image_root,
                             allow_outside=args.allow_outside)
     locked = () if args.lock == "none" else (args.lock,)
@@ -274,14 +288,10 @@ def cmd_train(args) -> int:
     except jax.errors.JaxRuntimeError as e:
         if not args.coordinator:
             raise
-        saved = trainer.checkpoints(checkpoints)
-        last_saved = saved[-1][1] if saved else "none yet"
-        reason = re.sub(r"(Error dispatching computation: )+", r"\1", " ".join(str(e).split()))[:160]
-        print(f"dualenc train: error: process {args.process_id} lost a peer of the distributed run ({reason}); "
-              f"restart all {args.num_processes} processes with --resume (last checkpoint: {last_saved})",
-              file=sys.stderr, flush=True)
-        os._exit(3)  # skip the distributed shutdown barrier, which would wait for the lost process
+        _lost_peer(args, checkpoints, e)
     finally:
+        if watch is not None:
+            watch.finish()
         if log is not None:
             log.close()
     if progress is not None:

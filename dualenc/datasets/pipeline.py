@@ -253,7 +253,8 @@ class Pipeline:
         stop = (self.steps if self.steps is not None else 1 << 40) * b
         ds = grain.MapDataset.range(self.start * b, max(stop, self.start * b))
         ds = ds.map(_Position(b, big, mine)).map(self.decoder).batch(b, drop_remainder=True)
-        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.threads, prefetch_buffer_size=2 * b))
+        # Each element is a whole local batch, decoded by one thread: `threads` batches in flight, no more buffered.
+        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.threads, prefetch_buffer_size=self.threads))
         if self.workers:
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers,
                                                              per_worker_buffer_size=self.prefetch))
