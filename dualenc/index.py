@@ -352,14 +352,17 @@ def _check_shards(opened: list[EmbeddingIndex]) -> None:
     expected = [f"{i}/{shards[0].partition('/')[2]}" for i in range(int(shards[0].partition("/")[2]))]
     if shards != expected:
         raise InputError(f"shards must be given all and in order ({', '.join(expected)}); got {', '.join(shards)}")
-    ranges = [ix.metadata.get("shard_rows", "") for ix in opened]
+    # Slices of the inputs (shard_rows of shard_of), or of a list of webdataset tars (shard_tars of shard_of_tars).
+    unit = "tars" if "shard_tars" in opened[0].metadata else "rows"
+    span, of = ("shard_tars", "shard_of_tars") if unit == "tars" else ("shard_rows", "shard_of")
+    ranges = [ix.metadata.get(span, "") for ix in opened]
     bounds = [r.split(":") for r in ranges]
-    total = opened[0].metadata.get("shard_of")
+    total = opened[0].metadata.get(of)
     contiguous = all(len(b) == 2 for b in bounds) and bounds[0][0] == "0" and bounds[-1][1] == total \
         and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:])) \
-        and all(ix.metadata.get("shard_of") == total for ix in opened)
+        and all(ix.metadata.get(of) == total for ix in opened)
     if not contiguous:
-        raise InputError(f"the shards do not cover one input list contiguously (rows {', '.join(ranges)}): were "
+        raise InputError(f"the shards do not cover one input list contiguously ({unit} {', '.join(ranges)}): were "
                          f"they written from the same inputs and --batch-size?")
 
 

@@ -253,6 +253,25 @@ def test_truncated_large_file_gives_only_the_clean_error(tmp_path, monkeypatch):
         assert caught == [], [str(w.message) for w in caught]
 
 
+def test_encoded_images_read_as_their_files(tmp_path):
+    from dualenc.processing import EncodedImage
+
+    path = tmp_path / "photo.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: the EXIF transpose applies to bytes as to files
+    Image.fromarray(rng().integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(path, exif=exif)
+    for processor in (ImageProcessor(size=8), ImageProcessor(open_clip=OpenClipTransform(size=8)),
+                      NaFlexImageProcessor(patch_size=4, max_num_patches=4)):
+        from_file = processor([str(path), str(path)])
+        from_bytes = processor([EncodedImage("sample 7", path.read_bytes()), str(path)])
+        pairs = [(from_bytes[k], from_file[k]) for k in from_file] if isinstance(from_file, dict) \
+            else [(from_bytes, from_file)]
+        for a, b in pairs:
+            np.testing.assert_array_equal(a, b)
+        with pytest.raises(InputError, match=r"image 1 \(sample 9\)"):
+            processor([str(path), EncodedImage("sample 9", b"not an image")])
+
+
 # -------------------------------------------------------------------------------- float32-safe settings
 
 

@@ -240,3 +240,66 @@ def test_jax_distributed_processes_write_numbered_parts(model, tmp_path, monkeyp
     code, _, err = run("embed", "--model", model / "model", "--images", model / "photos", "--out",
                        tmp_path / "q.safetensors", "--ann", check=False)
     assert code == 2 and "not a shard" in err
+
+
+def test_embed_reads_webdataset_tars_and_prepared_records(model, tmp_path):
+    import tarfile
+
+    from dualenc.datasets import prepare
+
+    m, files = model / "model", sorted((model / "photos").rglob("*.png"))
+    good = [f for f in files if f.name != "05b.png"]
+
+    def add(tar, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    tars = [tmp_path / f"shard-{i:05d}.tar" for i in range(3)]
+    keys = []
+    for t, chunk in zip(tars, (good[:5], good[5:9], good[9:])):
+        with tarfile.open(t, "w") as tar:
+            for f in chunk:
+                key = f"{f.parent.name}{f.stem}"
+                keys.append(key)
+                add(tar, f"{key}.png", f.read_bytes())
+                if key != keys[0]:  # the first sample has no caption: embed keeps it, prepare does not
+                    add(tar, f"{key}.txt", b"a red square")
+            if t == tars[1]:
+                add(tar, "bad.png", b"not an image")
+                add(tar, "bad.txt", b"a blue square")
+                add(tar, "textonly.txt", b"no image here")
+
+    def embed(out, *inputs, extra=()):
+        code, text, err = run("embed", "--model", m, "--images", *inputs, "--out", out, "--batch-size", 4, "--json",
+                              *extra)
+        return json.loads(text), err, index.open_index(out)
+
+    reference = embed(tmp_path / "files.safetensors", *good)[2]
+    result, err, whole = embed(tmp_path / "tars.safetensors", str(tmp_path / "shard-{00000..00002}.tar"))
+    assert whole.names() == keys and result["written"] == len(good) == 13
+    assert result["skipped"] == [{"image": "bad", "error": result["skipped"][0]["error"]}]
+    assert result["left_out"] == [{"image": str(tars[1]), "error": "samples skipped: no image 1"}]
+    np.testing.assert_allclose(whole.embeddings, reference.embeddings, atol=1e-6)
+    parts = [tmp_path / f"t{i}.safetensors" for i in range(2)]
+    for i, part in enumerate(parts):
+        assert embed(part, *tars, extra=("--shard", f"{i}/2"))[2].metadata["shard_tars"] == ["0:1", "1:3"][i]
+    run("merge", *parts, "--out", tmp_path / "tm.safetensors")
+    merged = index.open_index(tmp_path / "tm.safetensors")
+    assert merged.names() == keys
+    np.testing.assert_allclose(merged.embeddings, whole.embeddings, atol=1e-6)
+    code, _, err = run("embed", "--model", m, "--images", *tars, "--out", tmp_path / "s.safetensors", "--strict",
+                       check=False)
+    assert code == 2 and "shard-00001.tar" in err and not (tmp_path / "s.safetensors").exists()
+
+    prepare(tars, tmp_path / "prepared")
+    result, _, records = embed(tmp_path / "records.safetensors", tmp_path / "prepared")
+    assert records.names() == keys[1:] and [s["image"] for s in result["skipped"]] == ["bad"]
+    np.testing.assert_allclose(records.embeddings, reference.embeddings[1:], atol=1e-6)
+    parts = [tmp_path / f"r{i}.safetensors" for i in range(2)]
+    for i, part in enumerate(parts):
+        embed(part, tmp_path / "prepared", extra=("--shard", f"{i}/2"))
+    run("merge", *parts, "--out", tmp_path / "rm.safetensors")
+    merged = index.open_index(tmp_path / "rm.safetensors")
+    assert merged.names() == records.names()
+    assert np.asarray(merged.embeddings).tobytes() == np.asarray(records.embeddings).tobytes()

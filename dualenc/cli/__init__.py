@@ -95,7 +95,9 @@ def parser() -> argparse.ArgumentParser:
     p = _sub(subs, "embed", cmd_embed, "write normalised embeddings of images or texts to a safetensors file (and "
                                        "their names beside it), streamed a batch at a time")
     p.add_argument("--model", required=True, help="a dual encoder directory")
-    p.add_argument("--images", nargs="+", help="image files or folders (walked recursively, in sorted order)")
+    p.add_argument("--images", nargs="+", help="image files or folders (walked recursively, in sorted order); or "
+                                               "webdataset tars ('data/{00000..00009}.tar', 'data/*.tar'); or a "
+                                               "folder written by `dualenc prepare` (ArrayRecord)")
     p.add_argument("--texts", help="or: a file with one text per line")
     p.add_argument("--out", required=True, help="the .safetensors file to write (NAME.names.jsonl goes beside it)")
     p.add_argument("--shard", metavar="I/N", help="embed only the I-th (from 0) of N contiguous slices of the "

@@ -14,27 +14,103 @@ TEXT_CHUNK_BATCHES = 32  # batches of texts encoded per call (their embeddings a
 
 class ImageSource(NamedTuple):
     """What `dualenc embed --images` encodes: (name, image) pairs in order (an image being anything the image
-    processor reads: a path, a PIL image, an array), the rows of every forward batch, and header fields saying
-    which slice of the inputs this is."""
+    processor reads: a path, an EncodedImage, a PIL image, an array), the rows of every forward batch, header fields
+    saying which slice of the inputs this is, the number of inputs (None where unknown before reading: tars), and
+    a list the pairs' generator fills with the inputs it could not even hand over ({"image", "error"})."""
 
     pairs: Iterator[tuple[str, Any]]
     batch_rows: int
     metadata: dict[str, str]
     total: int | None
+    problems: list
 
 
-def image_source(inputs: list[str], *, batch_size: int, shard: tuple[int, int] | None) -> ImageSource:
-    """The images of `dualenc embed --images INPUT...`: files as given and folders walked recursively, in
-    sorted order, or with `shard` (i, n) the i-th of n contiguous slices of that list.
+def image_source(inputs: list[str], *, batch_size: int, shard: tuple[int, int] | None,
+                 strict: bool = False) -> ImageSource:
+    """The images of `dualenc embed --images INPUT...`, or with `shard` (i, n) the i-th of n contiguous slices of
+    them, from one of three kinds of input:
 
-    The slices hold whole batches, so every image is encoded in the same batch, at the same place, as by one
-    process: shards 0..n-1 merged in order give one process's index bit for bit. Other kinds of input (tar
-    shards, ArrayRecord) plug in here, giving their own pairs and slices.
+    - image files as given and folders walked recursively, in sorted order;
+    - a folder written by `dualenc prepare` (ArrayRecord shards), its records in order, named by their keys;
+    - webdataset tars (paths, globs or brace patterns such as 'data/{00000..00009}.tar'), their samples in order,
+      named by their keys; samples need an image, not a caption.
+
+    File and record slices hold whole batches, so every image is encoded in the same batch, at the same place, as
+    by one process: shards 0..n-1 merged in order give one process's index bit for bit. Tars are split by whole
+    tars (contiguous runs of them, as a tar's samples are not counted before it is read): the merged index then
+    names the same images in the same order as one process's.
     """
+    from dualenc.datasets import expand_shards
+    from dualenc.datasets.prepare import TAR_SUFFIXES
+    from dualenc.datasets.records import MANIFEST
+
+    problems: list = []
+    if len(inputs) == 1 and os.path.isfile(os.path.join(inputs[0], MANIFEST)):
+        return _record_source(inputs[0], batch_size, shard, strict, problems)
+    tars = [i.lower().endswith(TAR_SUFFIXES) for i in inputs]
+    if any(tars):
+        if not all(tars):
+            raise CommandError("--images takes webdataset tars or image files and folders, not both: "
+                               + " ".join(shown(i) for i, t in zip(inputs, tars) if not t))
+        return _tar_source(expand_shards(inputs), batch_size, shard, strict, problems)
     paths = image_files(inputs)
     rows = _batch_rows(len(paths), batch_size)
     start, stop, metadata = _slice(len(paths), rows, shard)
-    return ImageSource(((shown(p), p) for p in paths[start:stop]), rows, metadata, stop - start)
+    return ImageSource(((shown(p), p) for p in paths[start:stop]), rows, metadata, stop - start, problems)
+
+
+def _record_source(folder: str, batch_size: int, shard, strict: bool, problems: list) -> ImageSource:
+    from dualenc.datasets import RecordSource, decode_record, record_image_path
+    from dualenc.errors import DataError
+    from dualenc.processing import EncodedImage
+
+    source = RecordSource(folder)
+    rows = _batch_rows(len(source), batch_size)
+    start, stop, metadata = _slice(len(source), rows, shard)
+
+    def pairs():
+        for at in range(start, stop, rows):
+            for i, raw in zip(range(at, min(at + rows, stop)), source.__getitems__(range(at, min(at + rows, stop)))):
+                try:
+                    record = decode_record(raw)
+                    if record.image is not None:
+                        yield record.key, EncodedImage(record.key, record.image)
+                        continue
+                    path = record_image_path(record, source.image_root)
+                    if path is None:
+                        raise DataError(f"the image {record.path!r} lies outside the data folder")
+                    yield record.key, path
+                except DataError as e:
+                    if strict:
+                        raise CommandError(f"{folder}: record {i}: {e}") from None
+                    problems.append({"image": f"record {i}", "error": shown(str(e))})
+
+    return ImageSource(pairs(), rows, metadata, stop - start, problems)
+
+
+def _tar_source(tars: list[str], batch_size: int, shard, strict: bool, problems: list) -> ImageSource:
+    import collections
+
+    from dualenc.datasets import iter_tar
+    from dualenc.processing import EncodedImage
+
+    mine = tars if shard is None else tars[shard[0] * len(tars) // shard[1]:(shard[0] + 1) * len(tars) // shard[1]]
+    metadata = {} if shard is None else {
+        "shard": f"{shard[0]}/{shard[1]}", "shard_tars": f"{shard[0] * len(tars) // shard[1]}:"
+        f"{(shard[0] + 1) * len(tars) // shard[1]}", "shard_of_tars": str(len(tars))}
+
+    def pairs():
+        for tar in mine:
+            skipped = collections.Counter()
+            for sample in iter_tar(tar, skipped, captioned=False):
+                yield sample.key, EncodedImage(sample.key, sample.image)
+            if skipped:
+                reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(skipped.items()))
+                if strict:
+                    raise CommandError(f"{tar}: samples skipped ({reasons})")
+                problems.append({"image": tar, "error": f"samples skipped: {reasons}"})
+
+    return ImageSource(pairs(), batch_size, metadata, None, problems)
 
 
 def _slice(total: int, rows: int, shard: tuple[int, int] | None) -> tuple[int, int, dict[str, str]]:
@@ -81,7 +157,7 @@ def cmd_embed(args) -> int:
         raise CommandError("--ann indexes a whole collection, not a shard: give it to `dualenc merge`")
     kind = "image" if args.images else "text"
     if args.images:
-        source = image_source(args.images, batch_size=args.batch_size, shard=shard)
+        source = image_source(args.images, batch_size=args.batch_size, shard=shard, strict=args.strict)
         sliced = source.metadata
     else:
         texts = read_lines(args.texts, "texts")
@@ -100,19 +176,28 @@ def cmd_embed(args) -> int:
             _write_texts(writer, params, config, processor, texts[start:stop], rows)
         if not writer.count and shard is None:
             raise CommandError("no image could be read: nothing to write")
+    problems = source.problems if args.images else []
     if skipped:
-        note("embed", f"skipped {len(skipped)} unreadable image(s) of {source.total} (--strict stops at the "
-                      f"first):")
+        of = f" of {source.total}" if source.total is not None else ""
+        note("embed", f"skipped {len(skipped)} unreadable image(s){of} (--strict stops at the first):")
         for item in skipped:
             print(f"  {item['image']}: {item['error']}", file=sys.stderr)
-    where = f" (shard {shard[0]}/{shard[1]}: inputs {sliced['shard_rows']} of {sliced['shard_of']})" if shard else ""
+    if problems:
+        note("embed", "left out (--strict stops at the first):")
+        for item in problems:
+            print(f"  {item['image']}: {item['error']}", file=sys.stderr)
+    where = ""
+    if shard and "shard_rows" in sliced:
+        where = f" (shard {shard[0]}/{shard[1]}: inputs {sliced['shard_rows']} of {sliced['shard_of']})"
+    elif shard:
+        where = f" (shard {shard[0]}/{shard[1]}: tars {sliced['shard_tars']} of {sliced['shard_of_tars']})"
     print(f"wrote {writer.count} {kind} embeddings ({config.projection_dim} dims) to {out}{where}"
           + (f"; skipped {len(skipped)} unreadable" if skipped else ""), file=sys.stderr)
     ann = _build_ann(out, "embed") if args.ann else None
     if args.json:
         print_json({"out": out, "kind": kind, "written": writer.count, "dims": config.projection_dim,
-                    "skipped": skipped, **({"shard": f"{shard[0]}/{shard[1]}"} if shard else {}),
-                    **({"ann": ann} if ann else {})})
+                    "skipped": skipped, **({"left_out": problems} if args.images else {}),
+                    **({"shard": f"{shard[0]}/{shard[1]}"} if shard else {}), **({"ann": ann} if ann else {})})
     return 0
 
 

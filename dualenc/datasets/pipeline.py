@@ -24,6 +24,7 @@ from typing import Iterator
 import numpy as np
 
 from dualenc.errors import ConfigError, DataError, InputError
+from dualenc.processing.common import EncodedImage
 from dualenc.processing.processor import image_inputs
 
 # Why a record was replaced; a batch carries the counts under "_skipped" (per row, in this order).
@@ -110,7 +111,7 @@ class RecordReader:
         self.allow_outside = allow_outside
 
     def read(self, record: int):
-        """(image: a path, an array, or (name, encoded bytes); captions)."""
+        """(image: a path, an array, or an EncodedImage; captions)."""
         item = self.source[record]
         if not isinstance(item, (bytes, bytearray, memoryview)):
             return item
@@ -121,7 +122,7 @@ class RecordReader:
         except DataError:
             raise Unusable("corrupt record") from None
         if parsed.image is not None:
-            return (f"record {record} ({parsed.key})", parsed.image), parsed.captions
+            return EncodedImage(f"record {record} ({parsed.key})", parsed.image), parsed.captions
         path = record_image_path(parsed, self.image_root, allow_outside=self.allow_outside)
         if path is None:
             raise Unusable("path outside the data folder")
@@ -130,14 +131,8 @@ class RecordReader:
     def vision(self, image) -> dict:
         """The vision tower's inputs for one image as `read` gives it, without the batch axis."""
         try:
-            if isinstance(image, (str, tuple)):
-                name, data = image if isinstance(image, tuple) else (image, None)
-                if data is None and not os.path.isfile(name):
-                    raise Unusable("missing image")
-                from dualenc.processing.common import open_image
-
-                clip = getattr(getattr(self.processor, "image_processor", None), "open_clip", None)
-                image = open_image(name, 0, mode=None if clip is not None else "RGB", data=data)
+            if isinstance(image, str) and not os.path.isfile(image):
+                raise Unusable("missing image")
             inputs = image_inputs(self.processor, [image])
         except (InputError, OSError, ValueError):
             raise Unusable("unreadable image") from None

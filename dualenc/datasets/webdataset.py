@@ -59,7 +59,7 @@ def _text(data: bytes) -> str:
     return data.decode("utf-8-sig")
 
 
-def _sample(key: str, members: dict[str, bytes], skipped: collections.Counter) -> Sample | None:
+def _sample(key: str, members: dict[str, bytes], skipped: collections.Counter, captioned: bool) -> Sample | None:
     ext = next((e for e in IMAGE_EXTS if e in members), None)
     if ext is None:
         skipped["no image"] += 1
@@ -85,7 +85,7 @@ def _sample(key: str, members: dict[str, bytes], skipped: collections.Counter) -
             captions += [t.strip() for t in value if isinstance(t, str) and t.strip()]
             if captions:
                 break
-    if not captions:
+    if not captions and captioned:
         skipped["no caption"] += 1
         return None
     label = cls or None
@@ -136,12 +136,13 @@ def _members(tar: tarfile.TarFile, skipped: collections.Counter) -> Iterator[tup
         raise _Damaged(str(e)) from None
 
 
-def iter_tar(path: str | os.PathLike, skipped: collections.Counter) -> Iterator[Sample]:
+def iter_tar(path: str | os.PathLike, skipped: collections.Counter, *, captioned: bool = True) -> Iterator[Sample]:
     """The usable samples of one webdataset tar (plain or compressed), read as a stream.
 
     Samples without an image or a caption, with undecodable text, and the rest of a tar after damage are skipped
     and counted in `skipped` by reason ("no image", "no caption", "undecodable text", "truncated tar",
-    "corrupt tar", ...).
+    "corrupt tar", ...); with captioned=False samples without a caption are kept (captions ()), for image-only
+    uses such as embedding.
     Captions come from .txt, else from .json's "caption", "text" or "captions"; a label from .cls or .json's
     "label". A missing file is a FileNotFoundError.
     """
@@ -160,7 +161,7 @@ def iter_tar(path: str | os.PathLike, skipped: collections.Counter) -> Iterator[
         try:
             for member_key, ext, member in _members(tar, skipped):
                 if member_key != key:
-                    if key is not None and (sample := _sample(key, members, skipped)) is not None:
+                    if key is not None and (sample := _sample(key, members, skipped, captioned)) is not None:
                         yield sample
                     key, members = member_key, {}
                 if ext not in members:
@@ -169,7 +170,7 @@ def iter_tar(path: str | os.PathLike, skipped: collections.Counter) -> Iterator[
             skipped[e.reason] += 1
             if e.in_member:  # the sample whose member was cut is lost with the rest
                 return
-        if key is not None and (sample := _sample(key, members, skipped)) is not None:
+        if key is not None and (sample := _sample(key, members, skipped, captioned)) is not None:
             yield sample
 
 

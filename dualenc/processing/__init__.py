@@ -1,8 +1,9 @@
 """Images and texts into the arrays dualenc.apply takes, as transformers' processors (or open_clip) give them."""
 
+from dualenc.processing.common import EncodedImage
 from dualenc.processing.images import ImageProcessor
 from dualenc.processing.naflex import NaFlexImageProcessor
 from dualenc.processing.processor import Processor
 from dualenc.processing.text import Tokenizer
 
-__all__ = ["ImageProcessor", "NaFlexImageProcessor", "Processor", "Tokenizer"]
+__all__ = ["EncodedImage", "ImageProcessor", "NaFlexImageProcessor", "Processor", "Tokenizer"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import os
@@ -269,6 +270,23 @@ def save_settings(path: str | os.PathLike, settings: Mapping[str, Any], processo
 # ----------------------------------------------------------------------------------------------- images
 
 
+@dataclasses.dataclass(frozen=True)
+class EncodedImage:
+    """An image file's bytes held in memory (a webdataset or ArrayRecord sample): the image processors read it as
+    they read the file itself; `name` names it in messages."""
+
+    name: str
+    data: bytes = dataclasses.field(repr=False)
+
+
+def open_input(image, index: int, mode: str | None = "RGB"):
+    """(the opened image, its name) for a path or an EncodedImage (see open_image)."""
+    if isinstance(image, EncodedImage):
+        return open_image(image.name, index, mode, data=image.data), image.name
+    name = os.fspath(image)
+    return open_image(name, index, mode), name
+
+
 def as_batch(images) -> list:
     """One image, a list of them or an (n, H, W, C) array, as a non-empty list."""
     if isinstance(images, (list, tuple)):
@@ -291,8 +309,8 @@ def channels_first(image, index: int, convert_rgb: bool, rgb: bool = False) -> t
     in [0, 1], integers are 0..255 whatever their dtype).
 
     Args:
-      image: a PIL image, a path (opened as transformers' load_image does), an (H, W) array or an (H, W, C)
-        array with 1, 3 or 4 channels.
+      image: a PIL image, a path or an EncodedImage (opened as transformers' load_image does), an (H, W) array or
+        an (H, W, C) array with 1, 3 or 4 channels.
       index: its place in the batch, for errors.
       convert_rgb: convert every image to RGB (transformers' do_convert_rgb).
       rgb: convert to RGB the images that do not have 3 channels (the settings need 3: see three_channels);
@@ -303,9 +321,8 @@ def channels_first(image, index: int, convert_rgb: bool, rgb: bool = False) -> t
     """
     Image, _ = pil()
     name = type(image).__name__
-    if isinstance(image, (str, os.PathLike)):
-        name = os.fspath(image)
-        image = open_image(name, index)
+    if isinstance(image, (str, os.PathLike, EncodedImage)):
+        image, name = open_input(image, index)
     if isinstance(image, Image.Image):
         if 0 in image.size:
             raise InputError(f"image {index} ({name}) is empty: size {image.size}")
@@ -318,7 +335,8 @@ def channels_first(image, index: int, convert_rgb: bool, rgb: bool = False) -> t
             raise InputError(f"image {index} ({name}) cannot be read: {e}") from None
         return (array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)), name
     if not isinstance(image, np.ndarray):
-        raise InputError(f"image {index}: expected a PIL image, a path or a numpy array, got {name}")
+        raise InputError(f"image {index}: expected a PIL image, a path, an EncodedImage or a numpy array, got "
+                         f"{name}")
     array = image[..., None] if image.ndim == 2 else image
     if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
         raise InputError(f"image {index}: expected an (H, W) array or (H, W, C) with 1, 3 or 4 channels, "

@@ -23,7 +23,8 @@ from dualenc.processing.common import (
     fail,
     is_number,
     normalize,
-    open_image,
+    EncodedImage,
+    open_input,
     pil,
     to_8bit,
 )
@@ -242,8 +243,8 @@ def as_pil(image, index: int):
     """One input for the open_clip transform as a PIL image, and its name for errors.
 
     Args:
-      image: a PIL image (used as it is), a path (opened and EXIF-rotated as transformers' load_image, its mode
-        kept), or a uint8 (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array (the L, RGB or RGBA image
+      image: a PIL image (used as it is), a path or an EncodedImage (opened and EXIF-rotated as transformers'
+        load_image, its mode kept), or a uint8 (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array (the L, RGB or RGBA image
         PIL.Image.fromarray makes of it). 16- and 32-bit grayscale images become 8-bit (common.to_8bit).
       index: its place in the batch, for errors.
 
@@ -252,9 +253,8 @@ def as_pil(image, index: int):
     """
     Image, _ = pil()
     name = type(image).__name__
-    if isinstance(image, (str, os.PathLike)):
-        name = os.fspath(image)
-        image = open_image(name, index, mode=None)
+    if isinstance(image, (str, os.PathLike, EncodedImage)):
+        image, name = open_input(image, index, mode=None)
     if isinstance(image, np.ndarray):
         array = image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
         if image.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
@@ -264,7 +264,8 @@ def as_pil(image, index: int):
             raise InputError(f"image {index} is empty: shape {image.shape}")
         image = Image.fromarray(np.ascontiguousarray(array))
     if not isinstance(image, Image.Image):
-        raise InputError(f"image {index}: expected a PIL image, a path or a numpy array, got {name}")
+        raise InputError(f"image {index}: expected a PIL image, a path, an EncodedImage or a numpy array, got "
+                         f"{name}")
     if 0 in image.size:
         raise InputError(f"image {index} ({name}) is empty: size {image.size}")
     try:
