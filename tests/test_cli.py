@@ -341,7 +341,7 @@ def test_ctrl_c_saves_the_last_step_and_says_how_to_resume(trained, workspace, t
     import signal
 
     out = tmp_path / "run"
-    args = ["train", "--model", trained, "--data", workspace / "data" / "pairs.jsonl", "--out", out, "--steps", 100,
+    args = ["train", "--model", trained, "--data", workspace / "data" / "pairs.jsonl", "--out", out, "--steps", 30,
             "--batch-size", 4, "--checkpoint-every", 1000, "--log-every", 1]
     proc = subprocess.Popen([shutil.which("dualenc"), *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "XLA_FLAGS": ""})
@@ -352,12 +352,12 @@ def test_ctrl_c_saves_the_last_step_and_says_how_to_resume(trained, workspace, t
     err = line + proc.stderr.read()
     assert proc.wait(timeout=120) == 130, err
     step = int(err.split("interrupted after step ")[1].split()[0])
-    assert 3 <= step < 100 and os.listdir(out / "checkpoints") == [f"step_{step:08d}"]
+    assert 3 <= step < 30 and os.listdir(out / "checkpoints") == [f"step_{step:08d}"]
     command = err.strip().splitlines()[-1].strip()
     assert command.startswith("dualenc train ") and command.endswith(" --resume")
     resumed = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=300,
                              env={**os.environ, "XLA_FLAGS": ""})
-    assert resumed.returncode == 0 and "trained 100 steps" in resumed.stdout, resumed.stderr[-2000:]
+    assert resumed.returncode == 0 and "trained 30 steps" in resumed.stdout, resumed.stderr[-2000:]
     assert f"resuming from step {step}" in resumed.stderr
 
 

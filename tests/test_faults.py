@@ -45,7 +45,7 @@ def test_kills_during_saves_leave_complete_checkpoints(tmp_path):
     rng = np.random.default_rng(0)
     template = None
     steps_seen, scales_seen = set(), set()
-    for run in range(8):
+    for run in range(5):
         # Each run counts its steps from 1000 * run, so its checkpoints are the newest; it is killed at a random
         # moment after 1-4 completed saves, somewhere in the next model or training-state save.
         proc = subprocess.Popen([sys.executable, "-c", SAVER, str(model_dir), str(ckpt_dir), str(1000 * run)],
@@ -157,8 +157,8 @@ def test_a_lost_worker_stops_the_run_clearly_and_it_resumes(tmp_path):
     def start(pid, *extra):
         return subprocess.Popen(
             [sh.which("dualenc"), "train", "--vision", ws / "vision", "--text", ws / "text", "--data",
-             ws / "data" / "pairs.jsonl", "--out", ws / "out", "--steps", "80", "--batch-size", "4",
-             "--checkpoint-every", "10", "--projection-dim", "8", "--quiet", "--coordinator", f"127.0.0.1:{port}",
+             ws / "data" / "pairs.jsonl", "--out", ws / "out", "--steps", "40", "--batch-size", "4",
+             "--checkpoint-every", "5", "--projection-dim", "8", "--quiet", "--coordinator", f"127.0.0.1:{port}",
              "--num-processes", "2", "--process-id", str(pid), "--heartbeat-timeout", "5", *extra],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -178,7 +178,7 @@ def test_a_lost_worker_stops_the_run_clearly_and_it_resumes(tmp_path):
     assert len(message) == 1 and "--resume" in message[0] and "last checkpoint" in message[0], err[-3000:]
     assert "Traceback" not in err
     last = trainer.checkpoints(str(ws / "out" / "checkpoints"))[-1][0]
-    assert 10 <= last < 80
+    assert 5 <= last < 40
     # Restarting both with --resume finishes the run bit for bit: tests/test_multihost.py (through fit).
 
 
