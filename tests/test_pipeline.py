@@ -188,3 +188,76 @@ def test_fit_reuses_its_lit_cache(processor, tmp_path, monkeypatch):
     second, _ = trainer.fit(CONFIG, params, digits, processor, run, cache_dir=str(tmp_path))
     for a, b in zip(jax.tree_util.tree_leaves(first), jax.tree_util.tree_leaves(second)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_lit_cache_parts_are_built_by_their_processes(processor, tmp_path, monkeypatch):
+    """Two processes (threads here, the barrier standing in for jax.distributed's) each encode only their half,
+    into one shared folder; the cache equals one process's."""
+    import threading
+
+    from jax.experimental import multihost_utils
+
+    params = dualenc.init(jax.random.key(0), CONFIG)
+    source = PairSource(data.load_digits("test", image_size=SIZE))
+    barrier = threading.Barrier(2, timeout=300)
+    monkeypatch.setattr(multihost_utils, "sync_global_devices", lambda name: barrier.wait())
+    encode, encoded = lit_cache._encode_part, {}
+
+    def recording(folder, name, start, stop, *args, **kw):
+        encoded[name] = (start, stop)
+        return encode(folder, name, start, stop, *args, **kw)
+
+    monkeypatch.setattr(lit_cache, "_encode_part", recording)
+    results, errors = [None, None], []
+
+    def host(i):
+        try:
+            results[i] = lit_cache.build(str(tmp_path / "shared"), params, CONFIG, processor, source, batch_size=32,
+                                         process_index=i, process_count=2)
+        except BaseException as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+            barrier.abort()
+
+    hosts = [threading.Thread(target=host, args=(i,)) for i in range(2)]
+    for h in hosts:
+        h.start()
+    for h in hosts:
+        h.join()
+    assert not errors, errors
+    n = len(source)
+    assert encoded == {"part-00000-of-00002": (0, n // 2), "part-00001-of-00002": (n // 2, n)}
+    assert results[0][1] and results[1][1] and results[0][0].folder == results[1][0].folder
+    alone, _ = lit_cache.build(str(tmp_path / "alone"), params, CONFIG, processor, source, batch_size=32)
+    shared = results[0][0]
+    np.testing.assert_allclose(np.stack([shared.row(i) for i in range(n)]),
+                               np.stack([alone.row(i) for i in range(n)]), atol=1e-6)
+
+
+def test_train_converts_a_caption_file_past_the_limit_once(tmp_path, monkeypatch):
+    """`dualenc train --data pairs.jsonl` reads a small caption file whole; past data.MAX_CAPTION_FILE it streams
+    it once into OUT/prepared (ArrayRecord) and trains from there; a rerun reuses the conversion."""
+    import json
+
+    from dualenc.cli.training import training_data
+    from dualenc.datasets import decode_record, record_image_path
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append({"image": f"{i}.png", "caption": f"caption {i}"})
+    rows.append({"image": "../outside.png", "caption": "escapes the folder"})
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    small = training_data([str(tmp_path / "pairs.jsonl")], str(tmp_path / "out" / "prepared"))
+    assert isinstance(small, data.PairDataset) and not (tmp_path / "out" / "prepared").exists()
+    monkeypatch.setattr(data, "MAX_CAPTION_FILE", 16)
+    big = training_data([str(tmp_path / "pairs.jsonl")], str(tmp_path / "out" / "prepared"))
+    assert isinstance(big, RecordSource) and len(big) == len(small) == 5
+    for i in range(len(big)):
+        record = decode_record(big[i])
+        assert record.captions == (small.captions[i],)
+        assert os.path.samefile(record_image_path(record, big.image_root), small.images[small.caption_image[i]])
+    shards = sorted((tmp_path / "out" / "prepared").glob("*.array_record"))
+    written = [os.stat(f).st_mtime_ns for f in shards]
+    again = training_data([str(tmp_path / "pairs.jsonl")], str(tmp_path / "out" / "prepared"))
+    assert len(again) == 5 and [os.stat(f).st_mtime_ns for f in shards] == written and shards  # not redone
