@@ -225,3 +225,29 @@ def test_peer_watch_reports_a_silent_peer_or_service_and_not_a_finished_one():
     store.broken = True
     a, lost_a, event_a = watch(store, 1)
     assert event_a.wait(5) and "coordination service did not answer" in lost_a[0] and "UNAVAILABLE" in lost_a[0]
+
+
+def test_only_process_0_converts_the_data_and_the_others_wait_for_it(monkeypatch):
+    import jax
+    from jax._src import distributed
+
+    from dualenc.cli import peers
+
+    class Store:
+        def __init__(self):
+            self.values = {}
+
+        def key_value_set(self, key, value):
+            self.values[key] = value
+
+        def blocking_key_value_get(self, key, timeout_ms):
+            assert key in self.values and timeout_ms >= 3600_000, (key, timeout_ms)  # hours, not a collective's
+            return self.values[key]
+
+    store, ran = Store(), []
+    monkeypatch.setattr(distributed.global_state, "client", store)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    for pid in (0, 1):
+        monkeypatch.setattr(jax, "process_index", lambda pid=pid: pid)
+        peers.on_process_0("prepare", lambda pid=pid: ran.append(pid))
+    assert ran == [0] and store.values == {"dualenc/done/prepare": "done"}

@@ -303,3 +303,7 @@ def test_embed_reads_webdataset_tars_and_prepared_records(model, tmp_path):
     merged = index.open_index(tmp_path / "rm.safetensors")
     assert merged.names() == records.names()
     assert np.asarray(merged.embeddings).tobytes() == np.asarray(records.embeddings).tobytes()
+    for inputs in ([tmp_path / "prepared", tmp_path / "prepared"], [tars[0], good[0]]):
+        code, _, err = run("embed", "--model", m, "--images", *inputs, "--out", tmp_path / "x.safetensors",
+                           check=False)
+        assert code == 2 and "--images takes" in err and not (tmp_path / "x.safetensors").exists(), err

@@ -45,7 +45,11 @@ def image_source(inputs: list[str], *, batch_size: int, shard: tuple[int, int] |
     from dualenc.datasets.records import MANIFEST
 
     problems: list = []
-    if len(inputs) == 1 and os.path.isfile(os.path.join(inputs[0], MANIFEST)):
+    prepared = [i for i in inputs if os.path.isfile(os.path.join(i, MANIFEST))]
+    if prepared and len(inputs) > 1:
+        raise CommandError(f"--images takes one folder written by `dualenc prepare`, alone; got {len(inputs)} "
+                           f"inputs ({shown(prepared[0])} is one)")
+    if prepared:
         return _record_source(inputs[0], batch_size, shard, strict, problems)
     tars = [i.lower().endswith(TAR_SUFFIXES) for i in inputs]
     if any(tars):

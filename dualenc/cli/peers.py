@@ -1,4 +1,4 @@
-"""Joining a distributed `dualenc train` run and noticing when a peer is gone.
+"""Joining a distributed `dualenc train` run, noticing when a peer is gone, and work done by process 0 alone.
 
 A peer that dies while this process waits in a collective shows up as a JaxRuntimeError from the step. One that dies
 while this process waits anywhere else (orbax's commit barrier, the data pipeline) is found only by the coordination
@@ -78,3 +78,22 @@ def join(coordinator: str, num_processes: int, process_id: int, timeout: int,
     jax.distributed.initialize(coordinator, num_processes, process_id,
                                heartbeat_timeout_seconds=jax_heartbeat_timeout(timeout))
     return PeerWatch(distributed.global_state.client, process_id, num_processes, timeout, on_lost)
+
+
+def on_process_0(name: str, work: Callable[[], None], *, timeout_s: float = 7 * 24 * 3600) -> None:
+    """Runs `work` on process 0 only (a conversion into shared storage, say); the other processes wait for it
+    through the coordination service, not a collective, so the wait may last hours. A process 0 that fails never
+    posts its key: the others' PeerWatch then reports it lost."""
+    import jax
+
+    if jax.process_count() == 1:
+        work()
+        return
+    from jax._src import distributed
+
+    client, key = distributed.global_state.client, f"dualenc/done/{name}"
+    if jax.process_index() == 0:
+        work()
+        client.key_value_set(key, "done")
+    else:
+        client.blocking_key_value_get(key, int(timeout_s * 1000))

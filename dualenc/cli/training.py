@@ -71,8 +71,12 @@ def training_data(inputs: list[str], prepared: str, *, image_root=None, allow_ou
         return data.read_pairs(inputs[0], image_root=image_root, allow_outside=allow_outside)
     if captions and not os.path.isfile(inputs[0]):
         raise FileNotFoundError(f"caption file not found: {inputs[0]}")
+    from dualenc.cli import peers
+
     note("train", f"converting {' '.join(inputs)} into {prepared} (once; a rerun resumes or reuses it)")
-    prepare(inputs, prepared, image_root=image_root, allow_outside=allow_outside)
+    # One process converts (into storage all of them share); the others wait for it.
+    peers.on_process_0("prepare", lambda: prepare(inputs, prepared, image_root=image_root,
+                                                  allow_outside=allow_outside))
     return RecordSource(prepared)
 
 
