@@ -58,6 +58,11 @@ class PeerWatch:
                     return
             self._stop.wait(self.interval)
 
+    def settle(self) -> None:
+        """Waits out one timeout, for an error that may come from a lost peer: if one is lost, on_lost is called
+        meanwhile (and ends the process); returns when none was found."""
+        self._thread.join(self.timeout + 3 * self.interval)
+
     def finish(self) -> None:
         """Stops the watch and tells the others that this process is done (not lost)."""
         self._stop.set()

@@ -8,10 +8,12 @@ import re
 import shlex
 import sys
 import time
+import traceback
 
 import numpy as np
 
 from dualenc.cli.common import CommandError, note, outside_hint, relevance
+from dualenc.errors import DualEncError
 
 
 def _check_args(args) -> None:
@@ -221,20 +223,20 @@ def _lost_peer(args, checkpoints: str, error) -> None:
     """Ends this process of a distributed run whose peer is gone: one line saying how to resume, exit status 3."""
     from dualenc import trainer
 
-    saved = trainer.checkpoints(checkpoints)
-    last_saved = saved[-1][1] if saved else "none yet"
-    reason = re.sub(r"(Error dispatching computation: )+", r"\1", " ".join(str(error).split()))[:160]
-    print(f"dualenc train: error: process {args.process_id} lost a peer of the distributed run ({reason}); "
-          f"restart all {args.num_processes} processes with --resume (last checkpoint: {last_saved})",
-          file=sys.stderr, flush=True)
-    os._exit(3)  # skip the distributed shutdown barrier, which would wait for the lost process
+    try:
+        saved = trainer.checkpoints(checkpoints)
+        last_saved = saved[-1][1] if saved else "none yet"
+        reason = re.sub(r"(Error dispatching computation: )+", r"\1", " ".join(str(error).split()))[:160]
+        print(f"dualenc train: error: process {args.process_id} lost a peer of the distributed run ({reason}); "
+              f"restart all {args.num_processes} processes with --resume (last checkpoint: {last_saved})",
+              file=sys.stderr, flush=True)
+    finally:
+        os._exit(3)  # skip the distributed shutdown barrier, which would wait for the lost process
 
 
 def cmd_train(args) -> int:
     import jax
 
-    import dualenc
-    from dualenc import runlog, trainer
     from dualenc.cli import peers
 
     _check_args(args)
@@ -244,12 +246,35 @@ def cmd_train(args) -> int:
         note("train", f"the run in {args.out} already finished at step {args.steps}: nothing to train (pass a "
                       f"larger --steps with --resume to extend it)")
         return 0
-    watch = None
-    if args.coordinator:
-        if args.num_processes is None or args.process_id is None:
-            raise CommandError("--coordinator needs --num-processes and --process-id")
-        watch = peers.join(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout,
-                           on_lost=lambda reason: _lost_peer(args, checkpoints, reason))
+    if not args.coordinator:
+        return _train(args, checkpoints, None)
+    if args.num_processes is None or args.process_id is None:
+        raise CommandError("--coordinator needs --num-processes and --process-id")
+    watch = peers.join(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout,
+                       on_lost=lambda reason: _lost_peer(args, checkpoints, reason))
+    try:
+        return _train(args, checkpoints, watch)
+    except Exception as e:
+        if isinstance(e, jax.errors.JaxRuntimeError):  # a collective failed: a peer is gone
+            _lost_peer(args, checkpoints, e)
+        # Anything else (orbax's commit barrier, say) may come from a lost peer too: the watch tells within its
+        # timeout, else this process's own error is reported. Either way the process leaves without JAX's shutdown
+        # barrier, which would wait for peers that are gone or still waiting for this one.
+        watch.settle()
+        if not isinstance(e, (DualEncError, CommandError, ValueError, OSError)):
+            traceback.print_exc()
+        print(f"dualenc train: error: process {args.process_id}: {e}; the other processes stop when they miss its "
+              f"heartbeats", file=sys.stderr, flush=True)
+        os._exit(2)
+
+
+def _train(args, checkpoints: str, watch) -> int:
+    """`dualenc train` after its checks (and, with --coordinator, once this process joined the run)."""
+    import jax
+
+    import dualenc
+    from dualenc import runlog, trainer
+
     dataset = training_data(args.data, os.path.join(args.out, "prepared"), image_root=args.image_root,
                             allow_outside=args.allow_outside)
     locked = () if args.lock == "none" else (args.lock,)
@@ -288,16 +313,14 @@ def cmd_train(args) -> int:
             command = shlex.join(["dualenc", *args.argv] + ([] if args.resume else ["--resume"]))
             where = f"saved in {e.checkpoint}" if e.checkpoint else "no checkpoint"
             note("train", f"interrupted after step {e.step} ({where}); continue with:\n  {command}")
-        return 130
-    except jax.errors.JaxRuntimeError as e:
-        if not args.coordinator:
-            raise
-        _lost_peer(args, checkpoints, e)
-    finally:
         if watch is not None:
             watch.finish()
+        return 130
+    finally:
         if log is not None:
             log.close()
+    if watch is not None:
+        watch.finish()
     if progress is not None:
         progress.close()
     if main:
