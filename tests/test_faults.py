@@ -186,46 +186,63 @@ def test_a_lost_worker_stops_the_run_clearly_and_it_resumes(tmp_path):
 def test_peer_watch_reports_a_silent_peer_or_service_and_not_a_finished_one():
     import threading
 
-    from dualenc.cli.peers import PREFIX, PeerWatch
+    from dualenc.cli.peers import BEATS, PeerWatch
 
     class Store:  # the coordination service's key-value store, as the jaxlib client sees it
         def __init__(self):
-            self.values, self.broken = {}, False
+            self.values, self.broken, self.lock = {}, False, threading.Lock()
 
         def key_value_increment(self, key, n):
             if self.broken:
                 raise RuntimeError("UNAVAILABLE: Socket closed")
-            self.values[key] = str(int(self.values.get(key, 0)) + n)
+            with self.lock:
+                self.values[key] = str(int(self.values.get(key, 0)) + n)
 
         def key_value_dir_get(self, prefix):
-            return [(k, v) for k, v in self.values.items() if k.startswith(prefix)]
+            with self.lock:
+                return [(k, v) for k, v in self.values.items() if k.startswith(prefix)]
 
         def key_value_set(self, key, value, allow_overwrite=False):
-            self.values[key] = value
+            with self.lock:
+                assert allow_overwrite or key not in self.values, key
+                self.values[key] = value
 
-    def watch(store, pid):
-        lost, event = [], threading.Event()
-        w = PeerWatch(store, pid, 2, timeout=0.3, interval=0.01, on_lost=lambda r: (lost.append(r), event.set()))
-        return w, lost, event
+    reports = []
+
+    def watch(store, pid, processes=2):
+        event = threading.Event()
+
+        def lost(reason):
+            reports.append((pid, reason))
+            event.set()
+
+        return PeerWatch(store, pid, processes, timeout=0.3, interval=0.01, on_lost=lost), event
 
     store = Store()
-    a, lost_a, event_a = watch(store, 0)
-    b, lost_b, _ = watch(store, 1)
+    (a, _), (b, _) = watch(store, 0), watch(store, 1)
     time.sleep(0.5)
-    assert not lost_a and not lost_b  # both beat
+    assert not reports  # both beat
     b.finish()
-    assert store.values[f"{PREFIX}1"] == "done"
+    assert store.values[f"{BEATS}1"] == "done"
     time.sleep(0.6)
-    assert not lost_a  # a finished peer is not a lost one
+    assert not reports  # a finished peer is not a lost one
     a.finish()
 
-    store = Store()
-    a, lost_a, event_a = watch(store, 0)
-    assert event_a.wait(5) and lost_a[0].startswith("process 1 sent no heartbeat for"), lost_a
+    _, event = watch(Store(), 0)  # process 1 never beats
+    assert event.wait(5) and reports.pop()[1].startswith("process 1 sent no heartbeat for"), reports
     store = Store()
     store.broken = True
-    a, lost_a, event_a = watch(store, 1)
-    assert event_a.wait(5) and "coordination service did not answer" in lost_a[0] and "UNAVAILABLE" in lost_a[0]
+    _, event = watch(store, 1)
+    assert event.wait(5) and "coordination service did not answer" in reports[-1][1] and "UNAVAILABLE" in reports[-1][1]
+    reports.clear()
+
+    # Three processes, process 1 silent: process 0 finds it, process 2 learns it from process 0, and process 0
+    # (whose exit takes the service down) reports only after process 2 has read it.
+    store = Store()
+    (_, zero), (_, two) = watch(store, 0, 3), watch(store, 2, 3)
+    assert zero.wait(5) and two.wait(5)
+    assert [pid for pid, _ in reports] == [2, 0], reports
+    assert reports[0][1].startswith("process 1 sent no heartbeat") and reports[0][1].endswith("found by process 0")
 
 
 def test_only_process_0_converts_the_data_and_the_others_wait_for_it(monkeypatch):

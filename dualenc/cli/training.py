@@ -255,12 +255,13 @@ def cmd_train(args) -> int:
     try:
         return _train(args, checkpoints, watch)
     except Exception as e:
-        if isinstance(e, jax.errors.JaxRuntimeError):  # a collective failed: a peer is gone
-            _lost_peer(args, checkpoints, e)
-        # Anything else (orbax's commit barrier, say) may come from a lost peer too: the watch tells within its
-        # timeout, else this process's own error is reported. Either way the process leaves without JAX's shutdown
-        # barrier, which would wait for peers that are gone or still waiting for this one.
+        # A failed collective, orbax's commit barrier or anything else may come from a lost peer: the watch tells
+        # within its timeout (and lets process 0 tell the others before its exit takes the service down), else a
+        # failed collective is reported as a lost peer and anything else as this process's own error. Either way
+        # the process leaves without JAX's shutdown barrier, which would wait for peers that are gone or waiting.
         watch.settle()
+        if isinstance(e, jax.errors.JaxRuntimeError):
+            _lost_peer(args, checkpoints, e)
         if not isinstance(e, (DualEncError, CommandError, ValueError, OSError)):
             traceback.print_exc()
         print(f"dualenc train: error: process {args.process_id}: {e}; the other processes stop when they miss its "
