@@ -64,9 +64,9 @@ def image_source(inputs: list[str], *, batch_size: int, shard: tuple[int, int] |
 
 
 def _record_source(folder: str, batch_size: int, shard, strict: bool, problems: list) -> ImageSource:
-    from dualenc.datasets import RecordSource, decode_record, record_image_path
+    from dualenc.datasets import RecordSource, decode_record
+    from dualenc.datasets.records import record_image
     from dualenc.errors import DataError
-    from dualenc.processing import EncodedImage
 
     source = RecordSource(folder)
     rows = _batch_rows(len(source), batch_size)
@@ -74,16 +74,14 @@ def _record_source(folder: str, batch_size: int, shard, strict: bool, problems: 
 
     def pairs():
         for at in range(start, stop, rows):
-            for i, raw in zip(range(at, min(at + rows, stop)), source.__getitems__(range(at, min(at + rows, stop)))):
+            batch = range(at, min(at + rows, stop))
+            for i, raw in zip(batch, source.__getitems__(batch)):
                 try:
                     record = decode_record(raw)
-                    if record.image is not None:
-                        yield record.key, EncodedImage(record.key, record.image)
-                        continue
-                    path = record_image_path(record, source.image_root)
-                    if path is None:
+                    image = record_image(record, record.key, source.image_root)
+                    if image is None:
                         raise DataError(f"the image {record.path!r} lies outside the data folder")
-                    yield record.key, path
+                    yield record.key, image
                 except DataError as e:
                     if strict:
                         raise CommandError(f"{folder}: record {i}: {e}") from None
@@ -98,10 +96,12 @@ def _tar_source(tars: list[str], batch_size: int, shard, strict: bool, problems:
     from dualenc.datasets import iter_tar
     from dualenc.processing import EncodedImage
 
-    mine = tars if shard is None else tars[shard[0] * len(tars) // shard[1]:(shard[0] + 1) * len(tars) // shard[1]]
-    metadata = {} if shard is None else {
-        "shard": f"{shard[0]}/{shard[1]}", "shard_tars": f"{shard[0] * len(tars) // shard[1]}:"
-        f"{(shard[0] + 1) * len(tars) // shard[1]}", "shard_of_tars": str(len(tars))}
+    first, last, metadata = 0, len(tars), {}
+    if shard is not None:
+        (i, n), total = shard, len(tars)
+        first, last = i * total // n, (i + 1) * total // n
+        metadata = {"shard": f"{i}/{n}", "shard_tars": f"{first}:{last}", "shard_of_tars": str(total)}
+    mine = tars[first:last]
 
     def pairs():
         for tar in mine:

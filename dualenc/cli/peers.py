@@ -121,12 +121,18 @@ def join(coordinator: str, num_processes: int, process_id: int, timeout: int,
          on_lost: Callable[[str], None]) -> PeerWatch:
     """jax.distributed.initialize (gloo collectives for CPU devices) and a PeerWatch on the other processes."""
     import jax
-    from jax._src import distributed
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # for CPU devices; GPUs use NCCL
     jax.distributed.initialize(coordinator, num_processes, process_id,
                                heartbeat_timeout_seconds=jax_heartbeat_timeout(timeout))
-    return PeerWatch(distributed.global_state.client, process_id, num_processes, timeout, on_lost)
+    return PeerWatch(_client(), process_id, num_processes, timeout, on_lost)
+
+
+def _client():
+    """The coordination service's client that jax.distributed.initialize made (JAX has no public accessor)."""
+    from jax._src import distributed
+
+    return distributed.global_state.client
 
 
 def on_process_0(name: str, work: Callable[[], None], *, timeout_s: float = 7 * 24 * 3600) -> None:
@@ -138,9 +144,7 @@ def on_process_0(name: str, work: Callable[[], None], *, timeout_s: float = 7 * 
     if jax.process_count() == 1:
         work()
         return
-    from jax._src import distributed
-
-    client, key = distributed.global_state.client, f"dualenc/done/{name}"
+    client, key = _client(), f"dualenc/done/{name}"
     if jax.process_index() == 0:
         work()
         client.key_value_set(key, "done")

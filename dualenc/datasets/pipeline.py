@@ -24,7 +24,6 @@ from typing import Iterator
 import numpy as np
 
 from dualenc.errors import ConfigError, DataError, InputError
-from dualenc.processing.common import EncodedImage
 from dualenc.processing.processor import image_inputs
 
 # Why a record was replaced; a batch carries the counts under "_skipped" (per row, in this order).
@@ -115,18 +114,17 @@ class RecordReader:
         item = self.source[record]
         if not isinstance(item, (bytes, bytearray, memoryview)):
             return item
-        from dualenc.datasets.records import decode_record, record_image_path
+        from dualenc.datasets.records import decode_record, record_image
 
         try:
             parsed = decode_record(bytes(item))
         except DataError:
             raise Unusable("corrupt record") from None
-        if parsed.image is not None:
-            return EncodedImage(f"record {record} ({parsed.key})", parsed.image), parsed.captions
-        path = record_image_path(parsed, self.image_root, allow_outside=self.allow_outside)
-        if path is None:
+        image = record_image(parsed, f"record {record} ({parsed.key})", self.image_root,
+                             allow_outside=self.allow_outside)
+        if image is None:
             raise Unusable("path outside the data folder")
-        return path, parsed.captions
+        return image, parsed.captions
 
     def vision(self, image) -> dict:
         """The vision tower's inputs for one image as `read` gives it, without the batch axis."""

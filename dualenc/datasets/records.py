@@ -133,6 +133,16 @@ def record_image_path(record: Record, root: str | os.PathLike | None, *, allow_o
     return _resolve(os.fspath(root), _check_path(record.path), allow_outside)
 
 
+def record_image(record: Record, name: str, root: str | os.PathLike | None, *, allow_outside: bool = False):
+    """A record's image as the image processors take it: its bytes as an EncodedImage called `name`, or the file
+    its path names under `root` (see record_image_path; None when that path escapes the root)."""
+    if record.image is None:
+        return record_image_path(record, root, allow_outside=allow_outside)
+    from dualenc.processing.common import EncodedImage
+
+    return EncodedImage(name, record.image)
+
+
 # ------------------------------------------------------------------------------------------- prepared folders
 
 def read_manifest(folder: str) -> dict:
