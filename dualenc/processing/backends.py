@@ -5,10 +5,24 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from typing import Any, Mapping
 
 from dualenc.errors import ConfigError
 from dualenc.files import read_json
+
+
+class HoldsLock:
+    """Picklable although it holds a `_lock` (grain sends tokenizers to its decoding workers): the lock is left out
+    of the pickled state and made anew."""
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
 
 DEFAULT_MAX_LENGTH = 64
 CLIP_MAX_LENGTH = 77  # CLIP's context length, the default where the model's limit is unknown

@@ -20,7 +20,8 @@ from dualenc.processing.backends import (
     AS_IS_CLASS, CLIP_INPUTS, CLIP_MAX_LENGTH, DEFAULT_MAX_LENGTH, FAMILY_CLASSES, FAMILY_SPECIALS, GEMMA_FAMILIES,
     METASPACE, MODEL_INPUTS, SANE_MAX_LENGTH, SIGLIP_MAX_LENGTH, SPECIAL_NAMES, _CLIP_CONFIG_TYPES, _SIGLIP_CONFIG_TYPES,
     _TEXT_CONFIG_TYPES, _add_tokens, _family, _flag, _special_tokens, _tokenizers, added_tokens_from_file,
-    build_bytelevel_bpe, build_gemma, build_wordpiece, post_processor, read_bpe_files, read_tokenizer_json,
+    HoldsLock, build_bytelevel_bpe, build_gemma, build_wordpiece, post_processor, read_bpe_files,
+    read_tokenizer_json,
 )
 
 
@@ -188,7 +189,7 @@ def _bos_eos_flags(section: Any, special_tokens: Mapping[str, str]) -> dict:
     return dict(add_bos_token=single[0] is not None, add_eos_token=single[-1] is not None)
 
 
-class Tokenizer:
+class Tokenizer(HoldsLock):
     """Texts into padded int64 id arrays, identical to transformers' tokenizer on the same files.
 
     Build it with `Tokenizer.from_pretrained(path)` (or `Tokenizer(path)`), or around a `tokenizers.Tokenizer`.
@@ -255,13 +256,6 @@ class Tokenizer:
             self.max_length = min(model_max_length or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH)
         else:
             self.max_length = self._check_max_length(default_max_length if max_length is None else max_length)
-
-    def __getstate__(self) -> dict:  # picklable (e.g. for grain's decoding workers): a lock is not
-        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, max_length: int | None = None) -> "Tokenizer":
