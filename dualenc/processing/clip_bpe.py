@@ -21,8 +21,8 @@ from typing import Any, Callable, Mapping, Sequence
 from dualenc.errors import ConfigError
 from dualenc.fields import _check_int
 from dualenc.files import OPEN_CLIP_CONFIG, read_json
-from dualenc.processing.backends import CLIP_MAX_LENGTH, FAMILY_SPECIALS, SANE_MAX_LENGTH, _add_tokens, _tokenizers, \
-    read_bpe_files, read_tokenizer_json
+from dualenc.processing.backends import CLIP_MAX_LENGTH, FAMILY_SPECIALS, SANE_MAX_LENGTH, HoldsLock, _add_tokens, \
+    _tokenizers, read_bpe_files, read_tokenizer_json
 
 CLIP_SPECIALS = FAMILY_SPECIALS["clip"]
 BOS, EOS = CLIP_SPECIALS["bos_token"], CLIP_SPECIALS["eos_token"]
@@ -184,12 +184,29 @@ def open_clip_cleaner(mode: str = "lower") -> Callable[[str], str]:
     "lower": whitespace runs collapsed to one space, lowercased; "whitespace": collapsed only; "canonicalize":
     underscores to spaces, ASCII punctuation removed, lowercased, collapsed.
     """
-    ftfy = _ftfy()
-    after = {"lower": lambda t: _collapse(t).lower(), "whitespace": _collapse, "canonicalize": _canonicalize}[mode]
-    return lambda text: after(_basic_clean(ftfy, text))
+    return _Cleaner(mode)
 
 
-class OpenClipEncoder:
+def _lower(text: str) -> str:
+    return _collapse(text).lower()
+
+
+_AFTER_CLEAN = {"lower": _lower, "whitespace": _collapse, "canonicalize": _canonicalize}
+
+
+class _Cleaner:
+    """open_clip_cleaner's function: picklable (a tokenizer goes to grain's decoding workers), so it holds the mode
+    and not the ftfy module."""
+
+    def __init__(self, mode: str):
+        self._after = _AFTER_CLEAN[mode]
+        _ftfy()  # a missing ftfy is an error now, not at the first text
+
+    def __call__(self, text: str) -> str:
+        return self._after(_basic_clean(_ftfy(), text))
+
+
+class OpenClipEncoder(HoldsLock):
     """open_clip's SimpleTokenizer encoding: Python cleaning and word split, each new word's BPE in `tokenizers`.
 
     Called with (texts, max_length) it returns one id list per text: start of text, the words' BPE ids, end of
@@ -210,13 +227,6 @@ class OpenClipEncoder:
         # As open_clip, only these exact words (not their case variants) are the special tokens.
         self._seed = {OPEN_CLIP_SPECIALS[0]: [sot_id], OPEN_CLIP_SPECIALS[1]: [eot_id]}
         self._cache = dict(self._seed)
-        self._lock = threading.Lock()
-
-    def __getstate__(self) -> dict:  # picklable (e.g. for grain's decoding workers): a lock is not
-        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
         self._lock = threading.Lock()
 
     def words(self, text: str) -> list[str]:
