@@ -8,6 +8,7 @@ from typing import Any, Iterator, NamedTuple
 
 from dualenc.cli.common import (CommandError, image_files, load_model, note, print_json, read_lines, shown,
                                 warn_unknown_words)
+from dualenc.cli.options import images_options, subcommand
 
 TEXT_CHUNK_BATCHES = 32  # batches of texts encoded per call (their embeddings are written before the next)
 
@@ -322,3 +323,53 @@ def cmd_search(args) -> int:
             for r in item["results"]:
                 print(f"{r['score']:.4f}  {r['name']}")
     return 0
+
+
+EXAMPLES = {
+    'embed': 'dualenc embed --model dualenc-demo/model --images dualenc-demo/data/images/test --out digits.safetensors',
+    'search': 'dualenc search --model dualenc-demo/model --index digits.safetensors "a photo of the digit seven" "the number 3"',
+    'merge': 'dualenc merge digits.safetensors --out digits-all.safetensors --ann',
+}
+
+
+def register(subs) -> None:
+    """Adds embed, search, merge to the `dualenc` command's subparsers."""
+    p = subcommand(subs, EXAMPLES, "embed", cmd_embed, "write normalised embeddings of images or texts to a safetensors file (and "
+                                       "their names beside it), streamed a batch at a time")
+    p.add_argument("--model", required=True, help="a dual encoder directory")
+    p.add_argument("--images", nargs="+", help="image files or folders (walked recursively, in sorted order); or "
+                                               "webdataset tars ('data/{00000..00009}.tar', 'data/*.tar'); or a "
+                                               "folder written by `dualenc prepare` (ArrayRecord)")
+    p.add_argument("--texts", help="or: a file with one text per line")
+    p.add_argument("--out", required=True, help="the .safetensors file to write (NAME.names.jsonl goes beside it)")
+    p.add_argument("--shard", metavar="I/N", help="embed only the I-th (from 0) of N contiguous slices of the "
+                                                  "sorted inputs; `dualenc merge` joins the N parts (default: all; "
+                                                  "under jax.distributed, this process's slice, written to "
+                                                  "NAME-0000I-of-0000N.safetensors)")
+    p.add_argument("--ann", action="store_true", help="also build the approximate-search index NAME.faiss "
+                                                      "(needs dualenc[search]) and print its recall@10")
+    images_options(p, "images or texts")
+    p.add_argument("--json", action="store_true", help="print one JSON object: what was written and skipped")
+
+    p = subcommand(subs, EXAMPLES, "search", cmd_search, "find the nearest images or texts of an embedding file to queries")
+    p.add_argument("--model", required=True, help="the dual encoder that wrote the index")
+    p.add_argument("--index", required=True, help="an embedding file written by `dualenc embed`")
+    p.add_argument("--image", action="store_true", help="the queries are image paths, not texts")
+    p.add_argument("--top-k", type=int, default=5, help="results per query")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--ann", action="store_true", help="search the ANN index NAME.faiss (built by embed or merge "
+                                                        "--ann; default: it is used when there is one, the index "
+                                                        "holds 200,000 rows or more and the ANN's measured recall@10 "
+                                                        "is at least 0.9)")
+    how.add_argument("--exact", action="store_true", help="search every row, even where an ANN index would be used")
+    p.add_argument("--json", action="store_true", help="print a JSON list: each query with its results and the "
+                                                       "search used")
+    p.add_argument("query", nargs="+", help="one or more queries (the model loads once)")
+
+    p = subcommand(subs, EXAMPLES, "merge", cmd_merge, "join embedding files (the shards of `dualenc embed --shard`, in order) into "
+                                       "one, streamed")
+    p.add_argument("parts", nargs="+", metavar="PART", help="embedding files; shards all N of them, 0 to N-1")
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.add_argument("--ann", action="store_true", help="also build the approximate-search index NAME.faiss "
+                                                      "(needs dualenc[search]) and print its recall@10")
+    p.add_argument("--json", action="store_true", help="print one JSON object: what was written")

@@ -6,6 +6,7 @@ import os
 
 from dualenc.cli.common import (CommandError, encode_readable, image_files, load_model, note, outside_hint,
                                 print_json, read_lines, relevance, shown, warn_unknown_words)
+from dualenc.cli.options import data_options, images_options, subcommand
 
 RECALL_CURVE = (1, 2, 3, 5, 10, 20, 50, 100)
 
@@ -136,3 +137,43 @@ def _figure(path, curve, per_class, confusion, title) -> str | None:
     except ImportError as e:
         note("eval", f"no figure: {e}")
         return None
+
+
+EXAMPLES = {
+    'demo': 'dualenc demo --steps 2000 --seed 0 --out dualenc-demo',
+    'zero-shot': 'dualenc zero-shot --model dualenc-demo/model --labels-file dualenc-demo/data/labels.txt dualenc-demo/data/images/test',
+    'eval': 'dualenc eval --model dualenc-demo/model --data dualenc-demo/data/test.jsonl --labels-file dualenc-demo/data/labels.txt --out dualenc-eval',
+}
+
+
+def register(subs) -> None:
+    """Adds demo, zero-shot, eval to the `dualenc` command's subparsers."""
+    p = subcommand(subs, EXAMPLES, "demo", cmd_demo, "train a small dual encoder on the embedded digits, evaluate it, and save it "
+                                     "with the digits as image and caption files")
+    p.add_argument("--out", default="dualenc-demo", help="output folder: model/, data/, demo.png")
+    p.add_argument("--steps", type=int, default=2000, help="training steps")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the figures")
+
+    p = subcommand(subs, EXAMPLES, "zero-shot", cmd_zero_shot, "classify images among labels given as text")
+    p.add_argument("--model", required=True, help="a dual encoder directory (weights, config, processor files)")
+    p.add_argument("--labels", help="comma-separated class names")
+    p.add_argument("--labels-file", help="a file with one class name per line")
+    p.add_argument("--templates", help="a file of prompt templates, one per line, each with {} for the label "
+                                       "(default: a small built-in set)")
+    p.add_argument("--top-k", type=int, default=3, help="labels shown per image (all of them if fewer)")
+    images_options(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object: results, skipped images, the logit "
+                                                       "scale used")
+    p.add_argument("images", nargs="+", help="image files or folders (walked recursively, in sorted order)")
+
+    p = subcommand(subs, EXAMPLES, "eval", cmd_eval, "retrieval metrics on image-caption pairs, and zero-shot accuracy with labels; "
+                                     "writes metrics.json and eval.png")
+    p.add_argument("--model", required=True, help="a dual encoder directory")
+    p.add_argument("--data", required=True, help="image-caption pairs: .jsonl or .csv (with a 'label' field, texts "
+                                                 "are relevant to every image of their label)")
+    data_options(p)
+    p.add_argument("--labels-file", help="class names, one per line, for zero-shot accuracy")
+    p.add_argument("--out", default="dualenc-eval", help="folder for metrics.json and eval.png")
+    images_options(p, "images or texts")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the figures")

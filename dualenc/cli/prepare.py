@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from dualenc.cli.common import CommandError, note, print_json, shown
+from dualenc.cli.options import data_options, subcommand
 
 
 def _skips(skipped: dict) -> str:
@@ -43,3 +44,23 @@ def cmd_prepare(args) -> int:
                                for e in shards],
                     "image_root": manifest["image_root"] and shown(manifest["image_root"])})
     return 0
+
+
+EXAMPLES = {
+    'prepare': 'dualenc prepare dualenc-demo/data/train.jsonl --out dualenc-prepared --records-per-shard 500',
+}
+
+
+def register(subs) -> None:
+    """Adds prepare to the `dualenc` command's subparsers."""
+    p = subcommand(subs, EXAMPLES, "prepare", cmd_prepare, "convert webdataset tars and caption files (.jsonl, .csv, .tsv) to "
+                                           "ArrayRecord shards with a manifest, for fast random access; a rerun "
+                                           "resumes")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="tar shards (patterns such as 'data/{00000..00009}.tar' "
+                                                              "or 'data/*.tar') and caption files")
+    p.add_argument("--out", required=True, help="the folder for the shards and manifest.json (new, empty, or an "
+                                                "unfinished run of the same inputs)")
+    p.add_argument("--records-per-shard", type=int, default=50_000, help="records per shard of a caption file (each "
+                                                                         "tar becomes one shard)")
+    data_options(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object: records, skipped, shards")

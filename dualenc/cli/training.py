@@ -13,6 +13,7 @@ import traceback
 import numpy as np
 
 from dualenc.cli.common import CommandError, note, outside_hint, relevance
+from dualenc.cli.options import data_options, subcommand
 from dualenc.errors import DualEncError
 
 
@@ -332,3 +333,63 @@ def _train(args, checkpoints: str, watch) -> int:
         else:
             print(f"the run had finished at step {args.steps}; model saved to {args.out}")
     return 0
+
+
+EXAMPLES = {
+    'train': 'dualenc train --model dualenc-demo/model --data dualenc-demo/data/train.jsonl --eval-data dualenc-demo/data/test.jsonl --steps 100 --eval-every 50 --out dualenc-tuned',
+}
+
+
+def register(subs) -> None:
+    """Adds train to the `dualenc` command's subparsers."""
+    p = subcommand(subs, EXAMPLES, "train", cmd_train, "train contrastively: fine-tune a whole dual encoder, or compose one from a "
+                                       "vision and a text model (LiT, or both towers)")
+    p.add_argument("--model", help="a whole dual encoder to fine-tune (VisionTextDualEncoder, CLIP, open_clip, "
+                                   "SigLIP, SigLIP 2), keeping its projections and logit scale")
+    p.add_argument("--vision", help="or: a vision model directory (ViT, CLIP, SigLIP, SigLIP 2) with its image "
+                                    "processor settings")
+    p.add_argument("--text", help="and a text model directory (BERT, RoBERTa, CLIP, SigLIP) with tokenizer files; the "
+                                  "same SigLIP directory as --vision trains that whole model")
+    p.add_argument("--data", required=True, nargs="+", help="image-caption pairs: a .jsonl, .csv or .tsv file over "
+                                                             "an image folder, a folder written by `dualenc "
+                                                             "prepare`, or webdataset tars (converted once into "
+                                                             "OUT/prepared, as a caption file over 1 GiB is)")
+    data_options(p)
+    p.add_argument("--workers", type=int, default=0, help="processes decoding images (0: threads of the training "
+                                                          "process)")
+    p.add_argument("--out", required=True, help="where the trained model, checkpoints/, metrics.jsonl and "
+                                                "training.png go")
+    p.add_argument("--lock", choices=("vision", "text", "none"), default="vision", help="the tower kept as it is")
+    p.add_argument("--unlocked-layers", type=int, default=0, help="train the top N layers of the locked tower")
+    p.add_argument("--cache", action="store_true", help="compute the locked vision tower once (LiT cache)")
+    p.add_argument("--loss", choices=("clip", "siglip"), default=None,
+                   help="contrastive loss (none: the model's own: siglip for SigLIP models, else clip)")
+    p.add_argument("--steps", type=int, default=1000, help="total training steps (with --resume, more than the "
+                                                           "checkpoint's run extends it)")
+    p.add_argument("--batch-size", type=int, default=32, help="pairs per step (over all devices)")
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (warmup, then cosine decay to 0)")
+    p.add_argument("--max-length", type=int, default=None, help="text length in tokens (none: the tokenizer's)")
+    p.add_argument("--projection-dim", type=int, default=None,
+                   help="size of new projections (none: the towers' own trained projections when both carry one "
+                        "of the same size; else the size a CLIP tower's config suggests; else 512; a whole model "
+                        "keeps its own)")
+    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between training checkpoints")
+    p.add_argument("--keep", type=int, default=3, help="training checkpoints kept")
+    p.add_argument("--seed", type=int, default=0, help="random seed (new params, data order, dropout)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoints")
+    p.add_argument("--log-every", type=int, default=50, help="steps between log lines and metrics.jsonl records "
+                                                             "(0: none)")
+    p.add_argument("--eval-data", help="held-out image-caption pairs to evaluate on (retrieval recall; zero-shot "
+                                       "accuracy when every image has a label)")
+    p.add_argument("--eval-image-root", help="folder --eval-data's image paths are relative to (default: its "
+                                             "file's folder)")
+    p.add_argument("--eval-every", type=int, default=200, help="steps between held-out evaluations (with "
+                                                               "--eval-data; also after the last step)")
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files to "
+                                                              "OUT/tensorboard (needs dualenc[tensorboard])")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or log lines (the start summary stays)")
+    p.add_argument("--coordinator", help="HOST:PORT of process 0, to train over several processes/hosts")
+    p.add_argument("--num-processes", type=int, help="with --coordinator: how many processes take part")
+    p.add_argument("--process-id", type=int, help="with --coordinator: this process's index, 0 to N-1")
+    p.add_argument("--heartbeat-timeout", type=int, default=30,
+                   help="seconds without a heartbeat before a lost process stops the run")
