@@ -140,3 +140,64 @@ def relevance(dataset) -> dict:
         return {"image_labels": labels, "text_labels": labels[dataset.caption_image]}
     return {"text_to_image": dataset.caption_image}
 
+
+
+class CompileNotice:
+    """Says when XLA compiles for long: "compiling WHAT..." once a compile has run `delay` seconds, and
+    "compiled in N s" when it ends; compiles shorter than that (or served by the compilation cache) say nothing.
+
+    A context manager; `what` may be changed while it is open (the batch shape it is about to compile). It follows
+    jax.monitoring's events: a lowering's end starts the clock, the backend compile's end stops it."""
+
+    LOWERED = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+    COMPILED = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self, command: str, what: str = "the model", *, delay: float = 2.0):
+        import threading
+
+        self.command, self.what, self.delay = command, what, delay
+        self._lock = threading.Lock()
+        self._timer = None
+        self._said = False
+
+    def _listen(self, event: str, seconds: float, **_) -> None:
+        import threading
+
+        with self._lock:
+            if event == self.LOWERED:
+                if self._timer is not None:
+                    self._timer.cancel()
+                self._said = False
+                self._timer = threading.Timer(self.delay, self._say)
+                self._timer.daemon = True
+                self._timer.start()
+            elif event == self.COMPILED:
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+                if self._said:
+                    note(self.command, f"compiled in {seconds:.1f} s")
+                self._said = False
+
+    def _say(self) -> None:
+        with self._lock:
+            if self._timer is None:
+                return
+            self._said = True
+        note(self.command, f"compiling {self.what}... (once per shape; the compilation cache keeps it for the "
+                           f"next run)")
+
+    def __enter__(self):
+        import jax
+
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import jax
+
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
