@@ -132,7 +132,27 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Ma
         save_file(arrays, path, metadata={"format": "pt", **(metadata or {})})
     except SafetensorError as e:  # the library reports failed writes (a full disk, say) this way
         raise OSError(errno.EIO, f"writing {path} failed: {e}") from None
+    os.chmod(path, public_mode())  # the library creates its files 0600
     _fsync(path)
+
+
+def umask() -> int:
+    """The process's umask (read from /proc where it is there: setting it to read it races with threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def public_mode(directory: bool = False) -> int:
+    """The mode open() or mkdir() would give a new file or directory: 0o666 or 0o777 less the umask."""
+    return (0o777 if directory else 0o666) & ~umask()
 
 
 def write_text_atomic(path: str, text: str) -> None:
@@ -141,14 +161,16 @@ def write_text_atomic(path: str, text: str) -> None:
 
 
 def write_bytes_atomic(path: str, data: bytes) -> None:
-    """Writes `data` to `path` through a fsynced temporary file in the same directory and os.replace."""
+    """Writes `data` to `path` through a fsynced temporary file in the same directory and os.replace. The
+    temporary file is private (0600) until it is complete; `path` gets the mode open() would give it."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), public_mode())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -245,7 +267,8 @@ def atomic_directory(path: str) -> Iterator[str]:
     atomically, and the old one (now under the temporary name) is deleted. A process killed at any point
     leaves `path` holding the complete old or the complete new checkpoint; its leftover temporary directory
     is removed by the next save to the same path. Where the filesystem cannot swap directories, the save
-    raises OSError instead of replacing `path` non-atomically.
+    raises OSError instead of replacing `path` non-atomically. The temporary directory is private (0700) until
+    it is complete; `path` then gets the mode mkdir() would give it.
     """
     path = os.path.abspath(os.fspath(path))
     parent, name = os.path.split(path)
@@ -255,12 +278,13 @@ def atomic_directory(path: str) -> Iterator[str]:
     clean_stale(path)
     tmp = os.path.join(parent, f".{name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
     try:
-        os.mkdir(tmp)
+        os.mkdir(tmp, 0o700)
     except OSError as e:
         raise type(e)(e.errno, f"cannot save to {path}: {e.strerror} (creating a temporary directory in "
                                f"{parent})") from None
     try:
         yield tmp
+        os.chmod(tmp, public_mode(directory=True))
         _fsync(tmp)
         if os.path.isdir(path):
             if not exchange(tmp, path):

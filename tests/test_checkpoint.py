@@ -249,3 +249,31 @@ def test_siglip_logit_bias_round_trip(tmp_path):
     np.testing.assert_allclose(biased, unbiased - 7.25, atol=1e-5)
     _, info = transformers.VisionTextDualEncoderModel.from_pretrained(tmp_path / "siglip", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_saved_files_get_the_umask_modes_and_temporaries_stay_private(tmp_path, monkeypatch):
+    """model.safetensors came out 0600 (the safetensors library's mode); saved files now get what open() and
+    mkdir() give under the umask, and a save's temporary directory and files are private until they are renamed."""
+    config = dualenc.DualEncoderConfig(
+        vision=dualenc.config.tower_config_from_dict(hf_vision_config("vit").to_dict()),
+        text=dualenc.config.tower_config_from_dict(hf_text_config("bert").to_dict()), projection_dim=8)
+    params = dualenc.init(jax.random.key(0), config)
+    seen = []
+    write = dualenc.files.write_safetensors
+
+    def watching(path, *args, **kwargs):
+        seen.append(os.stat(os.path.dirname(path)).st_mode & 0o777)  # the temporary directory, while written
+        write(path, *args, **kwargs)
+
+    monkeypatch.setattr(dualenc.files, "write_safetensors", watching)
+    old = os.umask(0o027)
+    try:
+        dualenc.save_pretrained(tmp_path / "model", config, params)
+        dualenc.files.write_text_atomic(str(tmp_path / "note.txt"), "x")
+    finally:
+        os.umask(old)
+    assert seen == [0o700]
+    assert os.stat(tmp_path / "model").st_mode & 0o777 == 0o750
+    for name in os.listdir(tmp_path / "model"):
+        assert os.stat(tmp_path / "model" / name).st_mode & 0o777 == 0o640, name
+    assert os.stat(tmp_path / "note.txt").st_mode & 0o777 == 0o640
