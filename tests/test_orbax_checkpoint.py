@@ -115,6 +115,20 @@ def test_restores_onto_other_meshes(saved):
     assert word.sharding == template.trainable["text"]["embeddings"]["word"].sharding and word.sharding.num_devices == 2
 
 
+def test_relative_paths_save_and_restore(saved, tmp_path, monkeypatch):
+    """Paths relative to the working directory, as `dualenc train --out DIR` gives them, save and restore (orbax
+    reads a relative path as no checkpoint: the restore failed with AttributeError on its None metadata)."""
+    state, _ = saved
+    monkeypatch.chdir(tmp_path)
+    single = jax.tree_util.tree_map(np.asarray, state)
+    checkpoint.save_state(os.path.join("run", "checkpoints"), single, {"data_position": [0, 7]})
+    [(step, path)] = checkpoint.checkpoints(os.path.join("run", "checkpoints"))
+    assert step == 7 and not os.path.isabs(path)
+    assert ("trainable", "text", "embeddings", "word") in checkpoint.saved_leaves(path)
+    restored, meta = checkpoint.restore_state(path, make_state(None, seed=3, step=0))
+    assert equal(restored, state) and meta["step"] == 7
+
+
 def test_async_save_counts_only_once_committed(mesh, tmp_path, monkeypatch):
     state = make_state(mesh, seed=4, step=3)
     expected = jax.tree_util.tree_map(np.asarray, state)

@@ -261,7 +261,7 @@ def save_state(directory: str, state: TrainState, meta: dict, keep: int = 3, *, 
         raise ConfigError("the safetensors format holds every leaf of the state: exclude_frozen needs orbax")
     ocp = _orbax() if format == "orbax" else None
     if ocp is not None:
-        directory = os.path.abspath(directory)  # orbax takes absolute paths only
+        directory = _absolute(directory)
     started = time.perf_counter()
     previous = wait_for_save()
     waited = time.perf_counter() - started if previous is not None else 0.0
@@ -299,6 +299,11 @@ def save_state(directory: str, state: TrainState, meta: dict, keep: int = 3, *, 
     if wait:
         wait_for_save()
     return path
+
+
+def _absolute(path: str) -> str:
+    """Every path handed to orbax: it reads a relative one as no checkpoint at all (its metadata is None)."""
+    return os.path.abspath(os.fspath(path))
 
 
 def _save_error(path: str, e: Exception) -> OSError:
@@ -390,6 +395,7 @@ def restore_state(path: str, template: TrainState) -> tuple[TrainState, dict]:
 def saved_leaves(path: str) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
     """{path: (shape, dtype)} of the leaves of an orbax training checkpoint, read from its metadata."""
     ocp = _orbax()
+    path = _absolute(path)
     try:
         tree = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).metadata(path).item_metadata.tree
     except (OSError, ValueError, KeyError) as e:
@@ -401,6 +407,7 @@ def saved_leaves(path: str) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.d
 
 def _restore_orbax(path: str, template: TrainState) -> TrainState:
     ocp = _orbax()
+    path = _absolute(path)
     saved = saved_leaves(path)
     flat, treedef = jax.tree_util.tree_flatten(template)
     names = [p for p, _ in _names(template)]
