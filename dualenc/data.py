@@ -38,6 +38,26 @@ class PairDataset(NamedTuple):
     def __len__(self) -> int:
         return len(self.captions)
 
+    def relevance(self, rule: str = "auto") -> dict:
+        """`retrieval_metrics`' keywords for which captions are relevant to which images.
+
+        rule: "instance": a caption is relevant to its own image only (captions written for each image);
+        "label": to every image of its image's label (class-level captions such as "a photo of a seven", which
+        repeat across the images of a class and would otherwise tie against each other); "auto": "label" when
+        every image has a label, else "instance" (what `dualenc eval` does).
+        """
+        if rule not in ("auto", "instance", "label"):
+            raise DataError(f"relevance rule must be 'auto', 'instance' or 'label', got {rule!r}")
+        labelled = self.labels is not None and len(self.labels) == len(self.images) and all(
+            label is not None and label != "" for label in self.labels)
+        if rule == "label" and not labelled:
+            raise DataError("relevance 'label' needs a label for every image; this dataset has "
+                            + ("none" if self.labels is None else "some images without one"))
+        if rule == "instance" or (rule == "auto" and not labelled):
+            return {"text_to_image": np.asarray(self.caption_image)}
+        labels = np.asarray(self.labels)
+        return {"image_labels": labels, "text_labels": labels[np.asarray(self.caption_image)]}
+
 
 def _resolve(root: str, name: str, allow_outside: bool) -> str | None:
     """The image path for a caption-file entry; None if it escapes the data folder (unless allowed).

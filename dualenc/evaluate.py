@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import itertools
 import sys
+import warnings
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
@@ -311,6 +312,10 @@ def retrieval_metrics(image_embeds, text_embeds, text_to_image=None, ks: Sequenc
                       image_labels=None, text_labels=None) -> dict:
     """Image-to-text and text-to-image recall at k, mean and median rank.
 
+    The relevance rule is the one the arguments give: text_to_image is "instance" relevance (a text describes
+    its own image only), image_labels with text_labels "label" relevance (a text is relevant to every image of
+    its class). A `data.PairDataset` gives either: `**dataset.relevance("label")` (or "instance", "auto").
+
     Args:
       image_embeds: (n_images, d); text_embeds: (n_texts, d) (normalised: scores are dot products).
       text_to_image: (n_texts,) index of each text's image; an image may have several captions.
@@ -318,7 +323,9 @@ def retrieval_metrics(image_embeds, text_embeds, text_to_image=None, ks: Sequenc
         its class (class-level captions, as in zero-shot prompts).
 
     A rank is 1 + the number of irrelevant candidates scoring at least as high as the best relevant one, so
-    ties count against the model (a constant model does not get perfect recall).
+    ties count against the model (a constant model does not get perfect recall). With instance relevance,
+    texts of other images that embed the same (identical captions, such as one caption per class) tie with
+    the relevant one and count against it: a UserWarning says so and names the label rule.
 
     Returns:
       {"i2t_R@1", "i2t_R@5", "i2t_R@10", "i2t_mean_rank", "i2t_median_rank", the same for "t2i_", and
@@ -329,6 +336,8 @@ def retrieval_metrics(image_embeds, text_embeds, text_to_image=None, ks: Sequenc
     if images.ndim != 2 or texts.ndim != 2 or images.shape[1] != texts.shape[1]:
         raise InputError(f"image_embeds {images.shape} and text_embeds {texts.shape} must be (n, d) and (m, d)")
     relevant = _relevance(images.shape[0], texts.shape[0], text_to_image, image_labels, text_labels)
+    if text_to_image is not None:
+        _warn_tied_texts(texts, np.asarray(text_to_image))
     for axis, who, other in ((1, "image", "text"), (0, "text", "image")):
         lonely = np.flatnonzero(~relevant.any(axis=axis))
         if lonely.size:
@@ -346,6 +355,22 @@ def retrieval_metrics(image_embeds, text_embeds, text_to_image=None, ks: Sequenc
         for k in ks:
             out[f"{name}_chance_R@{k}"] = float(np.mean([chance_recall(n, r, k) for r in n_rel]))
     return out
+
+
+def _warn_tied_texts(texts: np.ndarray, owner: np.ndarray) -> None:
+    """Warns when texts of different images embed the same (to 1e-5), which instance relevance counts as ties
+    against the model."""
+    if len(texts) < 2:
+        return
+    _, group = np.unique(np.round(texts, 5), axis=0, return_inverse=True)
+    group = group.reshape(-1)
+    owners_per_group = np.unique(np.stack([group, owner]), axis=1)[0]  # one entry per (group, image)
+    shared = np.isin(group, np.flatnonzero(np.bincount(owners_per_group) > 1))
+    if shared.any():
+        warnings.warn(f"retrieval_metrics: {int(shared.sum())} of {len(texts)} texts embed the same as a text of "
+                      f"another image (identical captions?): with text_to_image (instance relevance) those ties "
+                      f"count against the model; for class-level captions pass image_labels and text_labels "
+                      f"(label relevance, e.g. **dataset.relevance('label'))", UserWarning, stacklevel=3)
 
 
 def _relevance(n_images, n_texts, text_to_image, image_labels, text_labels) -> np.ndarray:

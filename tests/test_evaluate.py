@@ -169,7 +169,8 @@ def test_retrieval_metrics_by_hand_with_ties_and_several_captions():
     # image ranks: 1 (best caption 0.9), 2 (text 1's 0.5 beats its 0.3), 2 (text 2's 0.8 beats 0.7)
     assert m["i2t_R@1"] == pytest.approx(1 / 3) and m["i2t_R@5"] == 1.0
     assert m["i2t_mean_rank"] == pytest.approx(5 / 3) and m["i2t_median_rank"] == 2.0
-    constant = dualenc.retrieval_metrics(np.ones((4, 2)), np.ones((4, 2)), [0, 1, 2, 3])
+    with pytest.warns(UserWarning, match="4 of 4 texts embed the same"):  # a constant model ties every text
+        constant = dualenc.retrieval_metrics(np.ones((4, 2)), np.ones((4, 2)), [0, 1, 2, 3])
     assert constant["i2t_R@1"] == 0.0 and constant["t2i_mean_rank"] == 4.0
     with pytest.raises(ValueError, match="no relevant text"):
         dualenc.retrieval_metrics(images, texts, [0, 0, 1, 1])
@@ -232,3 +233,29 @@ def test_class_level_retrieval_and_chance():
     assert evaluate.chance_recall(20, 2, 5) == pytest.approx(1 - (18 * 17 * 16 * 15 * 14) / (20 * 19 * 18 * 17 * 16))
     with pytest.raises(ValueError, match="text_to_image, or both"):
         dualenc.retrieval_metrics(images, texts)
+
+
+def test_relevance_rule_is_explicit_and_identical_captions_warn():
+    """Class-level captions repeat across images: instance relevance ties them against each other (README's
+    example printed i2t R@1 = 0.0 on the demo data), label relevance does not, and the tie is warned about."""
+    from dualenc.data import PairDataset
+
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    classes = rng.standard_normal((3, 8))
+    classes /= np.linalg.norm(classes, axis=1, keepdims=True)
+    images = classes[labels] + 0.05 * rng.standard_normal((6, 8))
+    pairs = PairDataset([f"{i}.png" for i in range(6)], [f"class {c}" for c in labels], np.arange(6), labels)
+    texts = classes[labels]  # one caption per image, the same text for every image of a class
+    assert set(pairs.relevance("instance")) == {"text_to_image"}
+    assert set(pairs.relevance()) == set(pairs.relevance("label")) == {"image_labels", "text_labels"}
+    with pytest.warns(UserWarning, match="6 of 6 texts embed the same as a text of another image"):
+        instance = dualenc.retrieval_metrics(images, texts, **pairs.relevance("instance"))
+    label = dualenc.retrieval_metrics(images, texts, **pairs.relevance("label"))
+    assert instance["i2t_R@1"] == 0.0 and label["i2t_R@1"] == 1.0  # every tie counted against the model
+    unlabelled = pairs._replace(labels=None)
+    assert set(unlabelled.relevance()) == {"text_to_image"}
+    with pytest.raises(dualenc.DataError, match="needs a label for every image"):
+        unlabelled.relevance("label")
+    with pytest.raises(dualenc.DataError, match="'auto', 'instance' or 'label'"):
+        pairs.relevance("class")
