@@ -203,6 +203,21 @@ def test_save_round_trip(name, dirs, tmp_path):
         assert_same_as_transformers(tokenizer, hf, TEXTS, 16, "longest")
 
 
+def test_unknown_words_on_clip_vocabularies(dirs, tmp_path):
+    # CLIP's unknown token is also its end of text and padding token: none of those is an unknown word
+    ordinary = ["a photo of a cat", "a dog", "中文 東京 😀👍🏽 café", "<|endoftext|> typed", "the cats sing " * 40]
+    for name in ("hub", "json", "openclip"):  # byte-level BPE over all 256 bytes reads every text
+        assert Tokenizer.from_pretrained(dirs[name]).unknown_words(ordinary) == {}, name
+    # a vocabulary of the letters a-z only: a digit and a CJK character are read as the unknown token
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = {t: i for i, t in enumerate(letters + [c + "</w>" for c in letters] + ["<|startoftext|>", "<|endoftext|>"])}
+    tiny = Tokenizer.from_pretrained(_write(tmp_path / "tiny", {
+        "vocab.json": vocab, "merges.txt": "#version: 0.2\n", "tokenizer_config.json": PLAIN_CONFIG}))
+    assert tiny.unk_token_id == tiny.pad_token_id == vocab["<|endoftext|>"]
+    texts = ["a cat", "a cat 9", "cat99 and 東京 a 東京", "<|endoftext|>", "x " * 80 + "9"]
+    assert tiny.unknown_words(texts) == {"a cat 9": ["9"], "cat99 and 東京 a 東京": ["99", "東京"]}
+
+
 # ------------------------------------------------------------------------------------------------ open_clip
 
 

@@ -442,6 +442,19 @@ def test_tokenizer_errors(tok_dirs, tmp_path):
             Tokenizer.from_pretrained(tmp_path)
 
 
+def test_unknown_words_wordpiece_and_byte_level(tok_dirs):
+    minilm = Tokenizer.from_pretrained(tok_dirs["minilm"][0])  # a real BERT vocabulary
+    texts = ["A photo of a cat.", "Héllo wörld, naïve café", "[UNK] written out", "emoji 😀 ok", "a 𠀋 b ♞"]
+    assert minilm.unknown_words(texts) == {"emoji 😀 ok": ["😀"], "a 𠀋 b ♞": ["𠀋", "♞"]}
+    tiny = Tokenizer.from_pretrained(tok_dirs["wordpiece"][0], max_length=8)  # WORDS: no "zebra", no "東"
+    texts = ["a photo of the cats", "a zebra and a cat", "中文東京 cat", "[UNK] cat", "a a a a a a a zebra"]
+    assert tiny.unknown_words(texts) == {"a zebra and a cat": ["zebra"], "中文東京 cat": ["東京"]}
+    bpe = Tokenizer.from_pretrained(tok_dirs["bpe"][0])  # byte-level: every byte is in the vocabulary
+    texts = ["zebra 東京 😀👍🏽 ♞", "ctl\x00\u200b"]
+    assert bpe.unknown_words(texts + ["<unk> written out"]) == {}
+    assert [bpe.backend.decode(row.tolist()) for row in bpe(texts, padding="longest")["input_ids"]] == texts
+
+
 def test_missing_optional_dependencies(monkeypatch):
     code = ("import sys; sys.modules.update(PIL=None, tokenizers=None); import dualenc.processing as p; "
             "p.ImageProcessor(); p.Tokenizer.__name__")

@@ -307,6 +307,24 @@ def test_gemma_needs_tokenizer_json(gemma_json, tmp_path):
         Tokenizer.from_pretrained(_write(tmp_path / "b", files))
 
 
+def test_unknown_words(spiece_model, gemma_json, tmp_path):
+    ordinary = ["a photo of the cat", "A Photo, of the CAT!", "東京 写真", "<unk> and </s> written out", "cat " * 80]
+    siglip = Tokenizer.from_pretrained(_write(tmp_path / "siglip", siglip_hub_files(spiece_model)))
+    texts = ordinary + ["a 猫 photo 🙂🙂!", "cat " * 70 + "猫"]  # the last one's 猫 lies past the 64 tokens
+    found = siglip.unknown_words(texts)
+    assert found == {"a 猫 photo 🙂🙂!": ["猫", "🙂🙂"]}
+    unk = siglip.unk_token_id
+    assert unk != siglip.pad_token_id and [t for t in texts if unk in siglip(t)["input_ids"]] == [texts[3], texts[5]]
+    # SigLIP 2's Gemma BPE falls back to bytes: it reads every text
+    gemma = gemma_files(gemma_json, model_type="siglip2")
+    assert Tokenizer.from_pretrained(_write(tmp_path / "gemma", gemma)).unknown_words(texts) == {}
+    data = json.loads(gemma_json)  # without the byte tokens, characters it lacks are read as <unk> (one per run)
+    data["model"]["vocab"] = {t: i for t, i in data["model"]["vocab"].items() if not t.startswith("<0x")}
+    no_bytes = Tokenizer.from_pretrained(_write(tmp_path / "no-bytes", {**gemma, "tokenizer.json": json.dumps(data)}))
+    assert no_bytes.unknown_words(texts) == {"A Photo, of the CAT!": [",", "!"], "<unk> and </s> written out": [
+        "</", ">"], "a 猫 photo 🙂🙂!": ["猫", "🙂🙂!"]}  # its 40 characters: no punctuation
+
+
 # ----------------------------------------------------------------------------------------------- fuzzing
 
 ALPHABET = "aAcCtT's .,!?-()\t\n\u00a0\u2581éÉ東😀<>/"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from dualenc.errors import ConfigError
 from dualenc.files import read_json
@@ -132,6 +132,42 @@ def _add_tokens(backend, cfg: Mapping, specials: Mapping, where: str) -> None:
             listed.add(key)
     if added:
         backend.add_tokens(added)
+
+
+def unknown_spans(backend, texts: Sequence[str], encodings: Sequence, unk_token: str) -> list[list[str]]:
+    """Per text, the stretches its `tokenizers` encoding reads as the unknown token, in order, each once.
+
+    A position counts where it holds the unknown token's id, the post-processor did not add it (CLIP's unknown
+    token is also its end of text token) and its text is not the unknown token itself written out (an added token
+    matched in the text, before or after the normalizer). Touching positions make one stretch: a WordPiece word,
+    or the characters a BPE or Unigram vocabulary lacks.
+
+    Args:
+      backend: the tokenizers.Tokenizer that gave `encodings`.
+      texts: the encoded texts (offsets index them).
+      encodings: one tokenizers.Encoding per text.
+      unk_token: the unknown token's content.
+    """
+    unk_id = backend.token_to_id(unk_token)
+    normalizer = backend.normalizer
+    out = []
+    for text, encoding in zip(texts, encodings):
+        ids = encoding.ids
+        if unk_id is None or unk_id not in ids:
+            out.append([])
+            continue
+        stretches: list[list[int]] = []
+        for index, special, (start, end) in zip(ids, encoding.special_tokens_mask, encoding.offsets):
+            written = text[start:end].strip()
+            if index != unk_id or special or written == unk_token or (
+                    normalizer is not None and normalizer.normalize_str(written) == unk_token):
+                continue
+            if stretches and start <= stretches[-1][1]:
+                stretches[-1][1] = max(stretches[-1][1], end)
+            else:
+                stretches.append([start, end])
+        out.append(list(dict.fromkeys(text[start:end] for start, end in stretches if end > start)))
+    return out
 
 
 def build_wordpiece(vocab: dict, cfg: Mapping, specials: Mapping, where: str):

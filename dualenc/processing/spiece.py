@@ -171,8 +171,8 @@ class SiglipSentencePiece:
                     parts[i - 1][0] = parts[i - 1][0].rstrip()
         return [(token, is_token) for token, is_token in parts if token]
 
-    def encode(self, texts: Sequence[str]) -> list[list[int]]:
-        """Each text's ids, without </s> and untruncated."""
+    def _tokens(self, texts: Sequence[str]) -> list[list[tuple[str, int, bool]]]:
+        """Each text's (piece or added token, id, is an added token), without </s> and untruncated."""
         chunked = [self._chunks(text) for text in texts]
         plain = [self._unk + canonicalize(chunk, self.do_lower_case)
                  for chunks in chunked for chunk, is_token in chunks if not is_token]
@@ -182,25 +182,48 @@ class SiglipSentencePiece:
             tokens = []
             for chunk, is_token in chunks:
                 if is_token:
-                    tokens.append(chunk)
+                    tokens.append((chunk, True))
                 else:
                     pieces = next(encoded)
-                    tokens += pieces[self._unk_pieces:] if len(pieces) >= self._unk_pieces else pieces
-            if len(tokens) > 1 and tokens[0] == METASPACE and tokens[1] in self._special:
+                    pieces = pieces[self._unk_pieces:] if len(pieces) >= self._unk_pieces else pieces
+                    tokens += [(piece, False) for piece in pieces]
+            if len(tokens) > 1 and tokens[0][0] == METASPACE and tokens[1][0] in self._special:
                 tokens = tokens[1:]
-            rows.append([self._encoder[t] if t in self._encoder else self._sp.piece_to_id(t) for t in tokens])
+            rows.append([(t, self._encoder[t] if t in self._encoder else self._sp.piece_to_id(t), is_token)
+                         for t, is_token in tokens])
         return rows
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's ids, without </s> and untruncated."""
+        return [[index for _, index, _ in row] for row in self._tokens(texts)]
+
+    def _truncate(self, row: list, max_length: int) -> list:
+        """`row` cut so that with </s> it is at most max_length long, on the truncation side."""
+        over = len(row) + 1 - max_length
+        if over <= 0:
+            return row
+        return row[over:] if self.truncation_side == "left" else row[:-over]
 
     def __call__(self, texts: Sequence[str], max_length: int) -> list[list[int]]:
         """Each text's ids, truncated so that with </s> they are at most max_length, then </s> unless the ids
         already end with it (as SiglipTokenizer's build_inputs_with_special_tokens)."""
         rows = []
         for ids in self.encode(texts):
-            over = len(ids) + 1 - max_length
-            if over > 0:
-                ids = ids[over:] if self.truncation_side == "left" else ids[:-over]
+            ids = self._truncate(ids, max_length)
             rows.append(ids if ids and ids[-1] == self.eos_id else ids + [self.eos_id])
         return rows
+
+    def unknown(self, texts: Sequence[str], max_length: int) -> list[list[str]]:
+        """Per text, the pieces of its canonicalised form that the model reads as the unknown token within the
+        first max_length ids (SentencePiece keeps an unknown run of characters as one piece), in order, each once;
+        the unknown token written in the text (an added token) does not count."""
+        unk_id = self.token_to_id(self._unk)
+        out = []
+        for row in self._tokens(texts):
+            pieces = (piece.replace(METASPACE, " ").strip() for piece, index, is_token in self._truncate(row, max_length)
+                      if index == unk_id and not is_token)
+            out.append(list(dict.fromkeys(p for p in pieces if p)))
+        return out
 
     # ------------------------------------------------------------------------------------------------- saving
 

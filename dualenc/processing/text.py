@@ -11,168 +11,16 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from dualenc.config import load_config
-from dualenc.files import is_open_clip_dir, read_json, write_json_atomic, write_text_atomic
+from dualenc.files import write_json_atomic, write_text_atomic
 from dualenc.errors import ConfigError, InputError
 from dualenc.hub import resolve
 from dualenc.processing import spiece
 from dualenc.processing.backends import (
-    AS_IS_CLASS, CLIP_INPUTS, CLIP_MAX_LENGTH, DEFAULT_MAX_LENGTH, FAMILY_CLASSES, FAMILY_SPECIALS, GEMMA_FAMILIES,
-    METASPACE, MODEL_INPUTS, SANE_MAX_LENGTH, SIGLIP_MAX_LENGTH, SPECIAL_NAMES, _CLIP_CONFIG_TYPES, _SIGLIP_CONFIG_TYPES,
-    _TEXT_CONFIG_TYPES, _add_tokens, _family, _flag, _special_tokens, _tokenizers, added_tokens_from_file,
-    HoldsLock, build_bytelevel_bpe, build_gemma, build_wordpiece, post_processor, read_bpe_files,
-    read_tokenizer_json,
+    AS_IS_CLASS, DEFAULT_MAX_LENGTH, FAMILY_CLASSES, FAMILY_SPECIALS, GEMMA_FAMILIES, METASPACE, MODEL_INPUTS,
+    SANE_MAX_LENGTH, SPECIAL_NAMES, HoldsLock, build_bytelevel_bpe, build_gemma, build_wordpiece, post_processor,
+    unknown_spans,
 )
-
-
-def _siglip_limit(path: str, model_type: str) -> int:
-    """A SigLIP / SigLIP 2 config.json's text length: text_config's max_position_embeddings (transformers' default,
-    64, where it is not given)."""
-    text = read_json(path, "config").get("text_config") or {}
-    value = text.get("max_position_embeddings", SIGLIP_MAX_LENGTH) if isinstance(text, Mapping) else text
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= SANE_MAX_LENGTH:
-        raise ConfigError(f"{path}: field 'text_config.max_position_embeddings' of a {model_type} config must be an "
-                          f"integer in [1, {SANE_MAX_LENGTH}], got {value!r}")
-    return value
-
-
-def _model_limit(directory: str, cfg: Mapping, model_type: Any) -> int | None:
-    """The longest input the text tower takes: config.json's, else a sane tokenizer_config model_max_length."""
-    if model_type in _SIGLIP_CONFIG_TYPES:
-        return _siglip_limit(os.path.join(directory, "config.json"), model_type)
-    if model_type in _TEXT_CONFIG_TYPES:
-        try:
-            config = load_config(os.path.join(directory, "config.json"))
-        except ConfigError:
-            if model_type not in _CLIP_CONFIG_TYPES:
-                raise
-            config = None  # a CLIP config dualenc cannot read: the tokenizer's own limit stands
-        limit = getattr(getattr(config, "text", config), "max_length", None)
-        if isinstance(limit, int):
-            return limit
-    value = cfg.get("model_max_length")
-    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= SANE_MAX_LENGTH:
-        return value
-    return None
-
-
-def _load(path: str | os.PathLike) -> tuple[Any, dict]:
-    """(backend, Tokenizer keyword arguments) for a directory of tokenizer files.
-
-    An open_clip directory (open_clip_config.json and no config.json) gives open_clip's tokenizer; where both
-    configs are present, config.json wins and the tokenizer files are read as transformers reads them.
-    """
-    tk = _tokenizers()
-    directory = os.fspath(path)
-    if os.path.isfile(directory):  # a tokenizer.json or vocabulary file: its directory
-        directory = os.path.dirname(os.path.abspath(directory))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"tokenizer directory not found: {directory}")
-    config_path = os.path.join(directory, "config.json")
-    has_config = os.path.isfile(config_path)
-    if is_open_clip_dir(directory):
-        from dualenc.processing import clip_bpe
-
-        return clip_bpe.load_open_clip(directory)
-    model_type = read_json(config_path, "config").get("model_type") if has_config else None
-    files = {name: os.path.join(directory, name) for name in (
-        "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
-        "merges.txt")}
-    exists = {name: os.path.isfile(p) for name, p in files.items()}
-    cfg_where = files["tokenizer_config.json"]
-    cfg = read_json(cfg_where, "tokenizer config") if exists["tokenizer_config.json"] else {}
-    specials_map = (read_json(files["special_tokens_map.json"], "special tokens map")
-                    if exists["special_tokens_map.json"] else None)
-    family = _family(cfg.get("tokenizer_class"))
-    if family is None and model_type in (*_CLIP_CONFIG_TYPES, "siglip"):  # as AutoTokenizer, the model's own class
-        family = "clip" if model_type in _CLIP_CONFIG_TYPES else "siglip"
-    if model_type == "siglip2":  # AutoTokenizer's Siglip2Tokenizer, whatever class the file names
-        family = "siglip2"
-    sides = {}
-    for key in ("padding_side", "truncation_side"):
-        # GemmaTokenizer and Siglip2Tokenizer pad on the left unless the config says otherwise
-        sides[key] = cfg.get(key, "left" if key == "padding_side" and family in GEMMA_FAMILIES else "right")
-        if sides[key] not in ("right", "left"):
-            raise ConfigError(f"{cfg_where}: field '{key}' must be 'right' or 'left', got {sides[key]!r}")
-    encode_specials = _flag(cfg, "split_special_tokens", False, cfg_where)
-    if family == "siglip":
-        specials = _special_tokens(cfg, family, specials_map, cfg_where)
-        backend = spiece.load_siglip(directory, cfg, specials, cfg_where, truncation_side=sides["truncation_side"],
-                                     split_special_tokens=encode_specials)
-    elif family in GEMMA_FAMILIES:
-        if not exists["tokenizer.json"]:
-            raise FileNotFoundError(f"no tokenizer.json in {directory}: {FAMILY_CLASSES[family]} is read from "
-                                    f"tokenizer.json")
-        where = files["tokenizer.json"]
-        vocab, merges, added, post = read_tokenizer_json(where, "BPE", f"a {FAMILY_CLASSES[family]}")
-        post = post_processor(post, f"tokenizer file {where}")
-        specials = _special_tokens(cfg, family, specials_map, cfg_where)
-        backend = build_gemma(vocab, merges, post, added_tokens_from_file(cfg, added), specials, where,
-                              lowercase=family == "siglip2")
-    elif family == "clip":
-        from dualenc.processing import clip_bpe
-
-        specials = _special_tokens(cfg, "clip", specials_map, cfg_where)
-        backend = clip_bpe.load_clip(files, exists, cfg, specials, cfg_where)
-    elif exists["tokenizer.json"]:
-        where = files["tokenizer.json"]
-        try:
-            backend = tk.Tokenizer.from_file(where)
-        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
-            raise ConfigError(f"tokenizer file {where} cannot be loaded: {e}") from None
-        specials = _special_tokens(cfg, family, specials_map, cfg_where)
-        _add_tokens(backend, cfg, specials, cfg_where)
-    elif exists["vocab.txt"] and family in (None, "bert"):
-        specials = _special_tokens(cfg, "bert", specials_map, cfg_where)
-        try:
-            vocab = tk.models.WordPiece.read_file(files["vocab.txt"])
-        except Exception as e:
-            raise ConfigError(f"vocabulary {files['vocab.txt']} cannot be read: {e}") from None
-        unk = specials.get("unk_token", ("[UNK]", None))[0]
-        if unk not in vocab:
-            raise ConfigError(f"vocabulary {files['vocab.txt']} lacks the unknown token {unk!r}")
-        try:
-            backend = build_wordpiece(vocab, cfg, specials, cfg_where)
-        except Exception as e:  # tokenizers raises a bare Exception for an unusable vocabulary
-            if isinstance(e, (ConfigError, InputError)):
-                raise
-            raise ConfigError(f"vocabulary {files['vocab.txt']} cannot be used: {e}") from None
-    elif exists["vocab.json"] and family in (None, "roberta"):
-        vocab, merges = read_bpe_files(files["vocab.json"], files["merges.txt"])
-        specials = _special_tokens(cfg, "roberta", specials_map, cfg_where)
-        try:
-            backend = build_bytelevel_bpe(vocab, merges, cfg, specials, cfg_where)
-        except Exception as e:  # e.g. a merge of tokens that are not in the vocabulary
-            if isinstance(e, (ConfigError, InputError)):
-                raise
-            raise ConfigError(f"BPE files {files['vocab.json']} / {files['merges.txt']} cannot be used: {e}") from None
-    elif family == "other":
-        raise ConfigError(f"{cfg_where}: field 'tokenizer_class' = {cfg['tokenizer_class']!r} cannot be built "
-                          f"from vocabulary files; supported: BertTokenizer (vocab.txt), RobertaTokenizer or "
-                          f"CLIPTokenizer (vocab.json + merges.txt), or any class with a tokenizer.json")
-    else:
-        raise FileNotFoundError(f"no tokenizer files in {directory}: expected tokenizer.json, vocab.txt, "
-                                f"or vocab.json + merges.txt")
-    padding = getattr(backend, "padding", None)
-    pad_token = specials.get("pad_token", (None,))[0] or (padding or {}).get("pad_token")
-    limit = _model_limit(directory, cfg, model_type)
-    if family == "clip":
-        extra = dict(model_input_names=CLIP_INPUTS, default_max_length=limit or CLIP_MAX_LENGTH)
-    elif family in ("siglip", *GEMMA_FAMILIES):
-        names = cfg.get("model_input_names", CLIP_INPUTS)
-        if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
-            raise ConfigError(f"{cfg_where}: field 'model_input_names' must be a list of names, got {names!r:.80}")
-        extra = dict(model_input_names=tuple(names), default_max_length=limit or SIGLIP_MAX_LENGTH)
-        if family == "siglip":
-            extra["encoder"] = backend
-    else:
-        extra = {}
-    if family != "siglip":
-        backend.encode_special_tokens = encode_specials
-    return backend, dict(
-        pad_token=pad_token, model_max_length=limit, **sides, **extra,
-        special_tokens={name: content for name, (content, _) in specials.items()},
-        tokenizer_class=cfg.get("tokenizer_class") or FAMILY_CLASSES.get(family), where=directory)
+from dualenc.processing.tokenizer_dirs import load_tokenizer_dir
 
 
 def _bos_eos_flags(section: Any, special_tokens: Mapping[str, str]) -> dict:
@@ -224,7 +72,7 @@ class Tokenizer(HoldsLock):
             SentencePiece tokenizer).
         """
         if isinstance(backend, (str, os.PathLike)):
-            backend, loaded = _load(backend)
+            backend, loaded = load_tokenizer_dir(backend)
             given = dict(pad_token=pad_token, model_max_length=model_max_length, special_tokens=special_tokens,
                          tokenizer_class=tokenizer_class, where=where, default_max_length=default_max_length)
             loaded.update({k: v for k, v in given.items() if v is not None})
@@ -306,17 +154,47 @@ class Tokenizer(HoldsLock):
         return None if unk is None else self._backend.token_to_id(unk)
 
     def unknown_words(self, texts: Sequence[str]) -> dict[str, list[str]]:
-        """The texts whose words the vocabulary maps to the unknown token: {text: [those words]} (empty when the
-        tokenizer has no unknown token or knows every word)."""
-        unk = self.unk_token_id
-        if unk is None:
+        """The texts the tokenizer reads partly as its unknown token: {text: [the stretches so read]}.
+
+        Only what the model reads counts (each text truncated to max_length): a stretch is a WordPiece word the
+        vocabulary lacks, or the characters a BPE, Unigram or SentencePiece vocabulary lacks (SigLIP's: of the
+        canonicalised text). Special tokens the tokenizer adds (CLIP's end of text, which is also its unknown
+        token) and the unknown token written in a text are not unknown words. Byte-level BPE (RoBERTa, GPT-2,
+        open_clip's) and byte-fallback BPE (Gemma, SigLIP 2) read every text, so give none. The texts are encoded
+        as one batch.
+
+        Args:
+          texts: a list of strings.
+
+        Returns:
+          {text: [stretches, in order, each once]} for the texts holding any (empty when none do).
+        """
+        texts = self._texts(texts, allow_empty=True)
+        unk = self.special_tokens.get("unk_token")
+        if not texts or unk is None or self._backend.token_to_id(unk) is None:
             return {}
-        found = {}
-        for text in texts:
-            if unk in self([text], padding="longest")["input_ids"][0]:
-                words = [w for w in text.split() if unk in self([w], padding="longest")["input_ids"][0]]
-                found[text] = words or [text]
-        return found
+        if self._encoder is None:
+            rows = unknown_spans(self._backend, texts, self._encode(texts, self.max_length), unk)
+        elif hasattr(self._encoder, "unknown"):
+            rows = self._encoder.unknown(texts, self.max_length)
+        else:
+            raise ConfigError(f"{self.where}: its encoder cannot tell which words it reads as the unknown token "
+                              f"{unk!r} (it has no unknown(texts, max_length) method)")
+        return {text: words for text, words in zip(texts, rows) if words}
+
+    @staticmethod
+    def _texts(texts, allow_empty: bool = False) -> list[str]:
+        """`texts` (a string or a list of strings) as a list, checked."""
+        if isinstance(texts, str):
+            texts = [texts]
+        elif not isinstance(texts, (list, tuple)):
+            raise InputError(f"texts must be a string or a list of strings, got {type(texts).__name__}")
+        if not texts and not allow_empty:
+            raise InputError("texts is an empty list")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise InputError(f"text {i} must be a string, got {type(text).__name__}: {text!r:.80}")
+        return list(texts)
 
     @property
     def vocab_size(self) -> int:
@@ -350,15 +228,7 @@ class Tokenizer(HoldsLock):
           {"input_ids", "attention_mask", "token_type_ids"} (those of model_input_names: CLIP tokenizers give no
           token_type_ids): (n_texts, length) int64 arrays.
         """
-        if isinstance(texts, str):
-            texts = [texts]
-        elif not isinstance(texts, (list, tuple)):
-            raise InputError(f"texts must be a string or a list of strings, got {type(texts).__name__}")
-        if not texts:
-            raise InputError("texts is an empty list")
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise InputError(f"text {i} must be a string, got {type(text).__name__}: {text!r:.80}")
+        texts = self._texts(texts)
         if padding is True:
             padding = "longest"
         if padding not in ("max_length", "longest"):
@@ -366,11 +236,11 @@ class Tokenizer(HoldsLock):
         length = self.max_length if max_length is None else self._check_max_length(max_length)
         if self._encoder is not None:
             try:
-                rows = [(ids, 1, 0) for ids in self._encoder(list(texts), length)]
+                rows = [(ids, 1, 0) for ids in self._encoder(texts, length)]
             except ConfigError as e:
                 raise ConfigError(f"tokenizer {self.where}: {e}") from None
         else:
-            rows = [(e.ids, e.attention_mask, e.type_ids) for e in self._encode(list(texts), length)]
+            rows = [(e.ids, e.attention_mask, e.type_ids) for e in self._encode(texts, length)]
         width = length if padding == "max_length" else max(len(ids) for ids, _, _ in rows)
         out = {"input_ids": np.full((len(texts), width), self.pad_token_id, np.int64),
                "attention_mask": np.zeros((len(texts), width), np.int64),
