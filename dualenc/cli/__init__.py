@@ -22,10 +22,50 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="dualenc", description="A pure-JAX vision-text dual encoder.",
                                   epilog="run `dualenc COMMAND --help` for each command's options and an example; "
                                          "start with `dualenc demo`")
+    top.add_argument("--version", action="version", version=version())
     subs = top.add_subparsers(dest="command", required=True)
     for module in COMMAND_MODULES:
         module.register(subs)
     return top
+
+
+def version() -> str:
+    import platform
+
+    import jax
+
+    import dualenc
+
+    return f"dualenc {dualenc.__version__} (jax {jax.__version__}, Python {platform.python_version()})"
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The command line parsed; a mistyped command or option is reported by the parser it belongs to (the
+    subcommand's usage for its options), with the closest names it knows."""
+    top = parser()
+    commands = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if argv and not argv[0].startswith("-") and argv[0] not in commands:
+        top.error(f"unknown command {argv[0]!r}{did_you_mean(argv[0], commands)} (choose from "
+                  f"{', '.join(commands)})")
+    if argv and argv[0] in commands:  # before argparse, whose "required" errors would hide a mistyped option
+        sub = commands[argv[0]]
+        flags = [flag for action in sub._actions for flag in action.option_strings]
+        words = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+        for word in words:
+            name = word.split("=", 1)[0]
+            if name.startswith("--") and not any(flag.startswith(name) for flag in flags):
+                sub.error(f"unrecognized option {name}{did_you_mean(name, flags)}")
+    args, unknown = top.parse_known_args(argv)
+    if unknown:
+        commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+def did_you_mean(word: str, known) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _compilation_cache():
@@ -53,7 +93,7 @@ def _compilation_cache():
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    args = parser().parse_args(argv)
+    args = parse(argv)
     args.argv = argv  # for messages that give a command to run next (train's --resume)
     try:
         _compilation_cache()
