@@ -17,35 +17,60 @@ from dualenc.cli import EXAMPLES
 pytestmark = pytest.mark.xdist_group("readme")
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+DEMO_COMMAND = 'pip install -e ".[demo]" && dualenc demo'
 ENV = {**os.environ, "XLA_FLAGS": ""}  # one CPU device, as a user's shell has
 
 
-def run(args, cwd, timeout=300):
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=cwd)
+def run(args, cwd, timeout=300, env=None):
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env or ENV, cwd=cwd)
     assert proc.returncode == 0, f"{shlex.join(map(str, args))} failed:\n{proc.stderr[-4000:]}"
+    return proc
+
+
+IMPORTS: dict[str, dict] = {}  # command -> {module: file} of its run as README's example (or the demo's)
+LAUNCHER = Path(__file__).resolve().parent / "record_imports.py"
+
+
+def run_recording(args, cwd, name):
+    """Runs `dualenc ARGS` (args[0] == "dualenc") as the console script would, recording what it imported."""
+    assert args[0] == "dualenc"
+    record = Path(cwd) / f".imports-{name}.json"
+    proc = run([sys.executable, LAUNCHER, *args[1:]], cwd, env={**ENV, "DUALENC_RECORD_IMPORTS": str(record)})
+    IMPORTS[name] = json.loads(record.read_text())
     return proc
 
 
 @pytest.fixture(scope="module")
 def demo_folder(tmp_path_factory):
-    """A folder where `dualenc demo` ran (briefly): dualenc-demo/model and dualenc-demo/data."""
-    exe = shutil.which("dualenc")
-    assert exe, "the dualenc console script is installed with the package"
+    """A folder where `dualenc demo` ran as README's first command runs it (default steps and seed), and its
+    figures: dualenc-demo/model and dualenc-demo/data."""
+    assert shutil.which("dualenc"), "the dualenc console script is installed with the package"
     folder = tmp_path_factory.mktemp("readme")
-    figures = json.loads(run([exe, "demo", "--steps", "30", "--seed", "0", "--json"], folder).stdout)
+    figures = json.loads(run_recording(["dualenc", "demo", "--json"], folder, "demo").stdout)
     return folder, figures
 
 
-def test_demo_short_run_is_deterministic_and_writes_what_it_says(demo_folder, tmp_path):
+def test_readme_shows_what_the_demo_prints(demo_folder):
+    """README's demo table is the demo's output (the same seed gives the same figures), time aside, and the
+    time it states is said with the machine it was measured on."""
+    from dualenc import demo
+
+    text = README.read_text()
+    shown = text[text.index("```\n", text.index(DEMO_COMMAND)) + 4:]
+    shown = shown[:shown.index("```")]
+    printed = demo.table(demo_folder[1])
+    flat = lambda t: re.sub(r"in \d+(\.\d+)? s;", "in N s;", " ".join(t.split()))  # noqa: E731
+    assert flat(shown) == flat(printed), f"README.md shows:\n{shown}\nthe demo prints:\n{printed}"
+    seconds = float(re.search(r"trained \d+ steps in (\d+(?:\.\d+)?) s;", shown).group(1))
+    assert re.search(rf"{seconds:g} s .*on 2 cores of ", " ".join(text.split())), "the machine of the timing"
+
+
+def test_demo_writes_what_it_says(demo_folder):
     import dualenc
     from dualenc import figures as drawing
     from PIL import Image
 
     folder, first = demo_folder
-    again = json.loads(run([shutil.which("dualenc"), "demo", "--steps", "30", "--seed", "0", "--json", "--out",
-                            tmp_path / "again"], tmp_path).stdout)
-    for key in ("zero_shot_accuracy", "i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5", "final_train_loss"):
-        assert first[key] == again[key]
     assert first["zero_shot_chance"] == 0.1 and first["held_out_images"] > 300
     assert first["unseen_template"] not in " ".join(dualenc.data.DIGIT_TEMPLATES)
     model = folder / first["model_dir"]
@@ -75,23 +100,67 @@ def python_blocks(text: str) -> list[tuple[int, str]]:
     return blocks
 
 
-# Each block compiles under README.md's own path and line numbers, so a traceback points into the README.
+# A block compiles under README.md's own path and line numbers, so a traceback points into the README.
 RUNNER = """
 import sys
-namespace = {"__name__": "__main__"}
-for line, code in BLOCKS:
-    print(f"README.md: running the python block at line {line}", file=sys.stderr, flush=True)
-    exec(compile("\\n" * (line - 1) + code, README, "exec"), namespace)
+print(f"README.md: running the python block at line {LINE}", file=sys.stderr, flush=True)
+exec(compile("\\n" * (LINE - 1) + CODE, README, "exec"), {"__name__": "__main__"})
 """
 
 
-def test_readme_python_blocks_run_top_to_bottom(demo_folder):
+def test_each_readme_python_block_runs_alone(demo_folder):
+    """Each block runs on its own, in a fresh interpreter, as someone pasting it would run it."""
     demo_folder = demo_folder[0]
     blocks = python_blocks(README.read_text())
     assert len(blocks) >= 5
-    script = demo_folder / "readme_blocks.py"
-    script.write_text(f"BLOCKS = {blocks!r}\nREADME = {str(README)!r}\n{RUNNER}")
-    run([sys.executable, script], demo_folder)
+    for line, code in blocks:
+        script = demo_folder / f"readme_block_{line}.py"
+        script.write_text(f"LINE = {line!r}\nCODE = {code!r}\nREADME = {str(README)!r}\n{RUNNER}")
+        run([sys.executable, script], demo_folder)
+
+
+MODULES = ("train", "trainer", "data", "datasets", "index", "ann", "losses", "evaluate", "templates", "towers", "hub")
+FILE_SUFFIXES = {"json", "jsonl", "csv", "tsv", "png", "txt", "safetensors", "faiss", "npz", "tar", "names", "py", "md"}
+
+
+def readme_names(text: str) -> set[str]:
+    """The Python names README.md writes: dualenc.X.Y anywhere, and MODULE.X (a dualenc module) in `code`."""
+    names = set(re.findall(r"\bdualenc(?:\.[A-Za-z_]\w*)+", text))
+    for span in re.findall(r"`([^`\n]+)`", text):
+        for name in re.findall(rf"(?<![\w./-])((?:{'|'.join(MODULES)})(?:\.[A-Za-z_]\w*)+)", span):
+            if name.rsplit(".", 1)[1] not in FILE_SUFFIXES:
+                names.add("dualenc." + name)
+    return {name for name in names if name.rsplit(".", 1)[1] not in FILE_SUFFIXES}
+
+
+def resolve(name: str):
+    """The object a dotted name names, importing its longest module prefix first."""
+    import importlib
+
+    parts = name.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        for part in parts[cut:]:
+            obj = getattr(obj, part)
+        return obj
+    raise ModuleNotFoundError(name)
+
+
+def test_every_name_the_readme_uses_is_importable_as_written():
+    names = readme_names(README.read_text())
+    assert {"dualenc.datasets.Pipeline", "dualenc.trainer.fit", "dualenc.data.Batches"} <= names
+    missing = []
+    for name in sorted(names):
+        try:
+            resolve(name)
+        except (ImportError, AttributeError) as e:
+            missing.append(f"{name} ({e})")
+    assert not missing, "README.md names what does not exist: " + "; ".join(missing)
+    with pytest.raises(AttributeError):
+        resolve("dualenc.datasets.NoSuchPipeline")
 
 
 def test_every_cli_example_runs_as_written(demo_folder):
@@ -102,7 +171,7 @@ def test_every_cli_example_runs_as_written(demo_folder):
     missing = [name for name in order if " ".join(EXAMPLES[name].split()) not in flat]
     assert not missing, f"README.md does not show the --help example of {missing}"
     test_images = sorted((demo_folder / "dualenc-demo/data/images/test").iterdir())
-    out = {name: run(shlex.split(EXAMPLES[name]), demo_folder) for name in order}
+    out = {name: run_recording(shlex.split(EXAMPLES[name]), demo_folder, name) for name in order}
 
     lines = out["zero-shot"].stdout.splitlines()  # "PATH: label p, label p, label p", one line per image
     assert [line.split(": ")[0] for line in lines] == [f"dualenc-demo/data/images/test/{p.name}" for p in test_images]
@@ -125,3 +194,23 @@ def test_every_cli_example_runs_as_written(demo_folder):
     records = [json.loads(line) for line in (tuned / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "eval"] == [50, 100]
     assert "trained 100 steps" in out["train"].stdout
+
+
+def test_every_command_imports_only_what_readmes_install_gives(demo_folder):
+    """README's first command installs dualenc[demo]: every --help example (and the demo) must finish on it.
+    Their runs in the tests above recorded every module they imported; each must come from the standard library,
+    dualenc, or a distribution that `pip install dualenc[demo]` installs (train once needed orbax-checkpoint,
+    which only dualenc[checkpoint] gave, and failed after training)."""
+    import installs
+
+    assert set(IMPORTS) >= {"demo", *EXAMPLES}, "run after test_every_cli_example_runs_as_written (same module)"
+    allowed = installs.closure("dualenc", {"demo"})
+    assert {"orbax-checkpoint", "faiss-cpu", "array-record", "optax", "matplotlib"} <= allowed
+    owners = installs.file_owners()
+    package = Path(__file__).resolve().parent.parent / "dualenc"
+    found = {name: installs.outside(IMPORTS[name], allowed, owners, str(package)) for name in sorted(IMPORTS)}
+    assert not any(found.values()), "imported from outside dualenc[demo]: " + "; ".join(
+        f"{name}: {dist} ({', '.join(sorted(mods)[:3])})" for name, extra in found.items() for dist, mods in extra.items())
+    # The check can fail: without an extra, the modules it brings are outside.
+    smaller = installs.closure("dualenc", {"processing", "train", "data"})
+    assert "faiss" in installs.outside(IMPORTS["merge"], smaller, owners, str(package)).get("faiss-cpu", [])
