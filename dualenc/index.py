@@ -57,6 +57,22 @@ def model_fingerprint(params) -> str:
     return digest.hexdigest()
 
 
+def check_model(index: "EmbeddingIndex", params, *, name: str | None = None) -> bool:
+    """Checks that `params` (a model's params, or their model_fingerprint) are the model that embedded the index:
+    True when the index records that model's fingerprint (model_sha256, as `dualenc embed` writes it), False when
+    it records none; another model's fingerprint is an InputError naming both models (`name`: how to call the
+    one given) and the index file."""
+    recorded = index.metadata.get("model_sha256")
+    if recorded is None:
+        return False
+    given = params if isinstance(params, str) else model_fingerprint(params)
+    if given != recorded:
+        raise InputError(f"{index.path} was embedded by another model ({index.metadata.get('model', 'unnamed')}, "
+                         f"model_sha256 {recorded[:16]}...) than {name or 'the one given'} (model_sha256 "
+                         f"{given[:16]}...)")
+    return True
+
+
 # ------------------------------------------------------------------------------------------------ writing
 
 class IndexWriter:
@@ -437,8 +453,19 @@ def _check_query(queries, k, dims: int, count: int) -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(queries), min(int(k), count)
 
 
+def wants_ann(index: EmbeddingIndex, ann: bool | None = None) -> bool:
+    """Whether search(index, ..., ann=ann) reads the ANN index beside it (and so needs faiss): with ann=True, or
+    with ann=None where one was built and the index holds at least ANN_MIN_ROWS rows."""
+    from dualenc import ann as ann_
+
+    return bool(ann) or (ann is None and index.count >= ANN_MIN_ROWS and os.path.exists(ann_.paths(index.path)[1]))
+
+
 def search(index: EmbeddingIndex, queries, k: int, *, ann: bool | None = None) -> SearchResult:
     """Top-k rows of an index for each query.
+
+    It takes vectors and cannot tell which model made them: check_model(index, params) says whether a model is
+    the one that embedded the index (`dualenc search` checks it).
 
     Args:
       index: from open_index.
@@ -455,7 +482,7 @@ def search(index: EmbeddingIndex, queries, k: int, *, ann: bool | None = None) -
     from dualenc import ann as ann_
 
     loaded, note = None, None
-    if ann or (ann is None and index.count >= ANN_MIN_ROWS and os.path.exists(ann_.paths(index.path)[1])):
+    if wants_ann(index, ann):
         loaded = ann_.load(index)
         if ann is None and loaded[1]["recall_at_10"] < ANN_MIN_RECALL:
             note = (f"its ANN index's recall@10, {loaded[1]['recall_at_10']:.3f}, is under {ANN_MIN_RECALL}: the "

@@ -215,8 +215,8 @@ def expand_braces(pattern: str) -> list[str]:
 
 def expand_shards(patterns: str | os.PathLike | Iterable[str | os.PathLike], *, must_exist: bool = True) -> list[str]:
     """The files named by shard patterns: brace notation ("data/{00000..00009}.tar"), globs ("data/*.tar", in
-    sorted order) and plain paths, given as one string or a list. A glob matching nothing, or (with must_exist)
-    a named file that does not exist, is a DataError naming it."""
+    sorted order; "**" matches any depth of folders) and plain paths, given as one string or a list. A glob
+    matching nothing, or (with must_exist) a named file that does not exist, is a DataError naming it."""
     if isinstance(patterns, (str, os.PathLike)):
         patterns = [patterns]
     out = []
@@ -224,9 +224,9 @@ def expand_shards(patterns: str | os.PathLike | Iterable[str | os.PathLike], *, 
         pattern = os.fspath(pattern)
         for name in expand_braces(pattern):
             if glob.has_magic(name):
-                found = sorted(glob.glob(name))
+                found = sorted(glob.glob(name, recursive=True))
                 if not found:
-                    raise DataError(f"shard pattern {pattern!r} matches no file ({name})")
+                    raise DataError(f"pattern {pattern!r} matches no file ({name})")
                 out += found
             elif os.path.isdir(name):
                 raise DataError(f"input {name} is a folder: name its files, e.g. {os.path.join(name, '*.tar')}")
