@@ -246,6 +246,8 @@ def test_zero_shot_embed_search_eval(trained, workspace):
 def test_folders_unreadable_images_and_odd_names(trained, workspace, tmp_path):
     """Folders are walked recursively in sorted order; an unreadable image is skipped, listed with its path and
     counted (--strict fails on it instead); a file name that is not UTF-8 prints escaped in text and JSON."""
+    from dualenc import templates as sets
+
     source = (workspace / "data" / "images" / "0.png").read_bytes()
     photos = tmp_path / "photos"
     (photos / "00000" / "deeper").mkdir(parents=True)
@@ -263,6 +265,18 @@ def test_folders_unreadable_images_and_odd_names(trained, workspace, tmp_path):
     assert f"{photos}/caf\\xe9.png: " in text.stdout and str(photos / "bad.png") in text.stderr
     strict = dualenc_run("zero-shot", "--model", trained, "--labels", "red,green", "--strict", photos, check=False)
     assert strict.returncode == 2 and str(photos / "bad.png") in strict.stderr and "image 2" in strict.stderr
+    globbed = json.loads(dualenc_run("zero-shot", "--model", trained, "--labels", "red,green", "--json",
+                                     photos / "**" / "*.png").stdout)
+    assert globbed == out  # a quoted pattern names what the folder holds, in the same order
+    unreadable = dualenc_run("zero-shot", "--model", trained, "--labels", "red,green", "--json", photos / "bad.png",
+                             check=False)
+    assert unreadable.returncode == 1 and json.loads(unreadable.stdout)["results"] == []
+    assert unreadable.stderr.strip().splitlines()[-1].startswith("dualenc zero-shot: error: no image could be read")
+    (tmp_path / "seven.txt").write_text("\n".join(sets.OPENAI_IMAGENET_7) + "\n")
+    by_name, by_file = (dualenc_run("zero-shot", "--model", trained, "--labels", "red,green", "--json", "--templates",
+                                    templates, photos / "00000").stdout
+                        for templates in ("openai_imagenet_7", tmp_path / "seven.txt"))
+    assert by_name == by_file and json.loads(by_name)["results"] != out["results"][:2]
     written = json.loads(dualenc_run("embed", "--model", trained, "--images", photos, "--out",
                                      tmp_path / "e.safetensors", "--json").stdout)
     assert written["written"] == 3 and len(written["skipped"]) == 1
@@ -277,6 +291,26 @@ def test_folders_unreadable_images_and_odd_names(trained, workspace, tmp_path):
     assert figures["images"] == 2 and figures["texts"] == 2 and len(figures["unreadable"]) == 1
     assert figures["skipped"] == {"path outside the data folder": 1}
     assert "--image-root" in proc.stderr and "--allow-outside" in proc.stderr
+
+
+def test_image_patterns_expand_as_tar_globs_do(tmp_path):
+    """Quoted globs ('**' at any depth) and braces name images as tar patterns do, their matches in sorted order,
+    folders among them walked and other files left out; a pattern matching nothing is an error naming it."""
+    from dualenc.cli.common import CommandError, image_files
+
+    for name in ("a/1.png", "a/b/2.jpg", "a/b/c/3.PNG", "a/.hidden.png", "a/notes.txt", "z.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    at = lambda *names: [str(tmp_path / n) for n in names]  # noqa: E731
+    assert image_files(at("a/**/*.png")) == at("a/1.png")  # case-sensitive, as tar globs are
+    assert image_files(at("a/**/*.*")) == at("a/1.png", "a/b/2.jpg", "a/b/c/3.PNG")
+    assert image_files(at("a/*")) == at("a/1.png", "a/b/2.jpg", "a/b/c/3.PNG")  # a/b walked, notes.txt left out
+    assert image_files(at("{z,a/1}.png", "a/b")) == at("z.png", "a/1.png", "a/b/2.jpg", "a/b/c/3.PNG")
+    for pattern, message in (("a/*.gif", "pattern '.*a/\\*.gif' matches no file"),
+                             ("a/*.txt", "pattern '.*a/\\*.txt' matches no image"),
+                             ("{z,y}.png", "image not found: .*y.png \\(from '.*\\{z,y\\}.png'\\)")):
+        with pytest.raises(CommandError, match=message):
+            image_files(at(pattern))
 
 
 @pytest.mark.parametrize("args,message", [

@@ -228,6 +228,6 @@ def test_cli_prepare(shards, tmp_path, capsys, monkeypatch):
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
     assert summary["records"] == 5 and [s["records"] for s in summary["shards"]] == [3, 2]
-    assert "5 records in 2 shard(s)" in captured.err and "truncated tar 1" in captured.err
+    assert "5 records in 2 shards" in captured.err and "truncated tar 1" in captured.err
     assert main(["prepare", paths[0], "--out", out]) == 2
     assert "other inputs" in capsys.readouterr().err

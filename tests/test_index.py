@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import sys
 import tracemalloc
 
@@ -190,7 +191,12 @@ def test_embed_in_shards_merges_to_one_process_bit_for_bit(model, tmp_path):
                          "--batch-size", 4, "--json")
     whole = json.loads(out)
     assert whole["written"] == 13 and [s["image"] for s in whole["skipped"]] == [str(photos / "1" / "05b.png")]
-    assert "skipped 1 unreadable image(s) of 14" in err
+    assert "skipped 1 unreadable image of 14" in err
+    pattern = json.loads(run("embed", "--model", m, "--images", photos / "**" / "*.png", "--out",
+                             tmp_path / "glob.safetensors", "--batch-size", 4, "--json")[1])
+    assert pattern["skipped"] == whole["skipped"]  # a quoted glob names the same images as the folder
+    assert index.open_index(tmp_path / "glob.safetensors").names() == index.open_index(
+        tmp_path / "all.safetensors").names()
     code, _, err = run("embed", "--model", m, "--images", photos, "--out", tmp_path / "s.safetensors", "--strict",
                        check=False)
     assert code == 2 and "05b.png" in err and not (tmp_path / "s.safetensors").exists()
@@ -202,7 +208,7 @@ def test_embed_in_shards_merges_to_one_process_bit_for_bit(model, tmp_path):
         assert written["shard"] == f"{i}/3"
     assert [index.open_index(p).metadata["shard_rows"] for p in parts] == ["0:4", "4:8", "8:14"]
     _, _, err = run("merge", *parts, "--out", tmp_path / "merged.safetensors", "--ann")
-    assert "recall@10 against exact search" in err
+    assert "recall@10 against exact search" in err and "merged 3 indexes into" in err
     one, merged = index.open_index(tmp_path / "all.safetensors"), index.open_index(tmp_path / "merged.safetensors")
     assert merged.names() == one.names() and len(one.names()) == 13
     assert np.asarray(merged.embeddings).tobytes() == np.asarray(one.embeddings).tobytes()
@@ -307,3 +313,129 @@ def test_embed_reads_webdataset_tars_and_prepared_records(model, tmp_path):
         code, _, err = run("embed", "--model", m, "--images", *inputs, "--out", tmp_path / "x.safetensors",
                            check=False)
         assert code == 2 and "--images takes" in err and not (tmp_path / "x.safetensors").exists(), err
+
+
+def test_arguments_and_optional_modules_are_checked_before_any_work(tmp_path, monkeypatch):
+    """Each command checks its arguments and imports the optional module it will need before loading a model or
+    reading an input: the error is one line (naming the argument, or the extra to install) and nothing is
+    written. --model /nowhere shows it: its error would come first otherwise."""
+    x = unit_rows(300, 8)
+    part = tmp_path / "a.safetensors"
+    write(part, x, [str(i) for i in range(300)])
+    ann.build(part)
+    code, _, err = run("merge", part, "--out", tmp_path / "one.safetensors")
+    assert "merged 1 index into" in err and "300 image embeddings" in err
+    (tmp_path / "prepared").mkdir()
+    (tmp_path / "prepared" / "manifest.json").write_text("{}")
+    image, pairs = tmp_path / "x.png", tmp_path / "pairs.jsonl"
+    Image.new("RGB", (4, 4)).save(image)
+    pairs.write_text(json.dumps({"image": "x.png", "caption": "a square"}) + "\n")
+    for name in ("faiss", "array_record.python.array_record_module", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    monkeypatch.setattr(index, "ANN_MIN_ROWS", 100)  # search would use the ANN index beside a.safetensors
+    nowhere = ("--model", tmp_path / "nowhere")
+    for args, message in [
+        (("merge", part, "--out", tmp_path / "m.safetensors", "--ann"),
+         "--ann needs faiss: pip install 'dualenc\\[search\\]'"),
+        (("embed", *nowhere, "--texts", pairs, "--out", tmp_path / "e.safetensors", "--ann"),
+         "--ann needs faiss"),
+        (("search", *nowhere, "--index", part, "q"), "beside .*a.safetensors needs faiss: .*, or pass --exact"),
+        (("prepare", pairs, "--out", tmp_path / "p"), "`dualenc prepare` needs array_record: .*'dualenc\\[data\\]'"),
+        (("embed", *nowhere, "--images", tmp_path / "prepared", "--out", tmp_path / "e.safetensors"),
+         "dualenc\\[data\\]"),
+        (("eval", *nowhere, "--data", pairs, "--out", tmp_path / "r"), "eval.png needs matplotlib: .*--no-figure"),
+        (("zero-shot", *nowhere, "--labels", "a,b", "--top-k", 0, image), "--top-k must be at least 1, got 0"),
+        (("zero-shot", *nowhere, "--labels", "a,b", "--batch-size", -1, image), "--batch-size must be at least 1"),
+        (("zero-shot", *nowhere, "--labels", "a,b", "--templates", "nonesuch", image), "openai_imagenet_7"),
+        (("zero-shot", *nowhere, "--labels", "a,b", tmp_path / "*.jpg"), "pattern '.*\\*.jpg' matches no file"),
+        (("search", *nowhere, "--index", part, "--top-k", 0, "--exact", "q"), "--top-k must be at least 1"),
+        (("search", *nowhere, "--index", part, "--exact", "--image", tmp_path / "{x,y}.png"),
+         "image not found: .*y.png"),
+        (("eval", *nowhere, "--data", pairs, "--no-figure", "--batch-size", 0), "--batch-size must be at least 1"),
+    ]:
+        code, out, err = run(*args, check=False)
+        assert code == 2 and not out and len(err.strip().splitlines()) == 1, (args, err)
+        assert re.search(message, err) and "nowhere" not in err, (args, err)
+    assert sorted(os.listdir(tmp_path)) == ["a.faiss", "a.faiss.json", "a.names.jsonl", "a.safetensors",
+                                            "one.names.jsonl", "one.safetensors", "pairs.jsonl", "prepared", "x.png"]
+    code, _, err = run("search", *nowhere, "--index", part, "--exact", "q", check=False)
+    assert code == 2 and "model directory not found" in err  # --exact needs no faiss
+
+
+def test_search_refuses_an_index_another_model_embedded(model, tmp_path):
+    """The index's model_sha256 (as embed writes it) must be --model's: another model of the same width is refused
+    naming both and the file, unless --any-model; index.check_model is the Python check."""
+    import jax
+
+    config, params = dualenc.load_pretrained(model / "model")
+    other = tmp_path / "other"
+    dualenc.save_pretrained(other, config, dualenc.init(jax.random.key(1), config),
+                            processor=dualenc.Processor.from_pretrained(model / "model"))
+    path = tmp_path / "i.safetensors"
+    photos = sorted(str(p) for p in (model / "photos" / "0").glob("*.png"))
+    ix = write(path, unit_rows(len(photos), 8), photos,
+               metadata={"model": "the first", "model_sha256": index.model_fingerprint(params)})
+    code, out, err = run("search", "--model", other, "--index", path, "a red square", check=False)
+    assert code == 2 and not out and len(err.strip().splitlines()) == 1, err
+    assert all(part in err for part in (str(path), "the first", f"--model {other}", "--any-model")), err
+    found = json.loads(run("search", "--model", other, "--index", path, "--any-model", "--json", "--image",
+                           model / "photos" / "0" / "*.png")[1])
+    assert [f["query"] for f in found] == photos  # one result list per image the pattern names
+    _, _, err = run("search", "--model", model / "model", "--index", path, "a zebra")
+    assert "1 query holds words the tokenizer does not know" in err and "fingerprint" not in err
+    assert index.check_model(ix, params) is True
+    with pytest.raises(InputError, match="i.safetensors was embedded by another model"):
+        index.check_model(ix, dualenc.load_pretrained(other)[1])
+    unmarked = write(tmp_path / "u.safetensors", unit_rows(3, 8), list("abc"))
+    assert index.check_model(unmarked, params) is False
+    _, _, err = run("search", "--model", other, "--index", unmarked.path, "a red square")
+    assert "records no model fingerprint" in err
+
+
+def test_embed_says_when_it_compiles_creates_its_folder_and_fails_on_no_readable_image(model, tmp_path,
+                                                                                      monkeypatch):
+    from dualenc.cli import common
+
+    monkeypatch.setattr(common, "COMPILE_NOTICE_DELAY", 0)  # every compile says so, however short
+    (tmp_path / "t.txt").write_text("a red square\na blue square\na photo\n")
+    out = tmp_path / "new" / "deeper" / "t.safetensors"
+    _, _, err = run("embed", "--model", model / "model", "--texts", tmp_path / "t.txt", "--out", out, "--batch-size", 3)
+    assert index.open_index(out).count == 3  # its folders were created
+    lines = err.splitlines()
+    said = lines.index("dualenc embed: compiling the text tower for batch 3... (once per shape; the compilation "
+                       "cache keeps it for the next run)")
+    assert re.fullmatch(r"dualenc embed: compiled in \d+\.\d s", lines[said + 1]), err
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"not an image")
+    code, _, err = run("embed", "--model", model / "model", "--images", tmp_path / "bad", "--out",
+                       tmp_path / "b.safetensors", check=False)
+    assert code == 1 and "x.png" in err and err.strip().splitlines()[-1].startswith("dualenc embed: error: no image")
+    assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_prepare_shows_one_progress_not_a_line_per_shard(tmp_path):
+    import tarfile
+
+    png = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(png, format="PNG")
+    for i in range(30):
+        with tarfile.open(tmp_path / f"s-{i:02d}.tar", "w") as tar:
+            for name, blob in (("k.png", png.getvalue()), ("k.txt", b"a square")):
+                info = tarfile.TarInfo(name)
+                info.size = len(blob)
+                tar.addfile(info, io.BytesIO(blob))
+    _, _, err = run("prepare", tmp_path / "s-*.tar", "--out", tmp_path / "plain")
+    lines = err.strip().splitlines()
+    assert 2 <= len(lines) <= 11 and "100% of the input bytes: 30 shards, 30 records" in lines[-2], err
+    assert lines[-1].startswith("dualenc prepare: 30 records in 30 shards in")
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    with contextlib.redirect_stderr(terminal):
+        assert cli.main(["prepare", str(tmp_path / "s-*.tar"), "--out", str(tmp_path / "bar")]) == 0
+    shown = terminal.getvalue()
+    assert "preparing" in shown and "\r" in shown and "30 shards" in shown  # one tqdm bar, redrawn in place
+    assert len(shown.strip().split("\n")) == 2 and "% of the input bytes" not in shown, shown

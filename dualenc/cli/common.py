@@ -2,15 +2,46 @@
 
 from __future__ import annotations
 
+import glob
+import importlib
 import json
 import os
 import sys
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+COMPILE_NOTICE_DELAY = 2.0  # seconds a compile runs before CompileNotice says so
 
 
 class CommandError(Exception):
     """A problem with the command's arguments or files, reported as one line."""
+
+
+def plural(count: int, one: str, many: str | None = None) -> str:
+    """"1 index", "2 indexes": the count and the noun that agrees with it (`many` defaults to one + "s")."""
+    return f"{count} {one if count == 1 else (many or one + 's')}"
+
+
+def at_least(value: int, flag: str, minimum: int = 1) -> None:
+    """A CommandError naming `flag` unless value >= minimum."""
+    if value < minimum:
+        raise CommandError(f"{flag} must be at least {minimum}, got {value}")
+
+
+def require(module: str, extra: str, what: str, otherwise: str | None = None) -> None:
+    """Imports `module` now, before the command starts work: without it, a CommandError saying that `what` needs
+    it, which extra to install and (`otherwise`) what else to do."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise CommandError(f"{what} needs {module.partition('.')[0]}: pip install 'dualenc[{extra}]'"
+                           + (f", or {otherwise}" if otherwise else "")) from None
+
+
+def batch_rows(total: int | None, batch_size: int) -> int:
+    """Rows per forward batch: batch_size, or for fewer inputs the power of two that holds them."""
+    from dualenc import evaluate
+
+    return evaluate._batch_rows(total, batch_size)
 
 
 def shown(name: str) -> str:
@@ -61,18 +92,45 @@ def read_lines(path: str, what: str) -> list[str]:
 
 def image_files(items: list[str]) -> list[str]:
     """The image files named: files as given, folders walked recursively (img2dataset's 00000/000000001.jpg),
-    each folder's images in sorted path order; hidden files and folders are left out."""
+    each folder's images in sorted path order, hidden files and folders left out; and patterns expanded as tar
+    shards are (dualenc.datasets.expand_shards: globs, '**' recursive, and braces), their matches in sorted
+    order, folders among them walked, files kept when they have an image suffix. A name that is not there, or
+    a pattern that matches no image, is an error naming it."""
     found = []
     for item in items:
         if os.path.isdir(item):
             found += _walk(item)
         elif os.path.isfile(item):
             found.append(item)
+        elif glob.has_magic(item) or "{" in item:
+            found += _matches(item)
         else:
             raise CommandError(f"image not found: {shown(item)}")
     if not found:
         raise CommandError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {' '.join(map(shown, items))} or its "
                            f"subfolders")
+    return found
+
+
+def _matches(pattern: str) -> list[str]:
+    from dualenc.datasets import expand_shards
+    from dualenc.errors import DataError
+
+    try:
+        names = expand_shards(pattern, must_exist=False)
+    except DataError as e:
+        raise CommandError(str(e)) from None
+    found = []
+    for name in names:
+        if os.path.isdir(name):
+            found += _walk(name)
+        elif os.path.isfile(name):
+            if name.lower().endswith(IMAGE_SUFFIXES):
+                found.append(name)
+        else:
+            raise CommandError(f"image not found: {shown(name)} (from {shown(pattern)!r})")
+    if not found:
+        raise CommandError(f"pattern {shown(pattern)!r} matches no image ({', '.join(IMAGE_SUFFIXES)})")
     return found
 
 
@@ -101,19 +159,21 @@ def encode_readable(params, config, processor, images: list[str], *, batch_size:
         return embeds, list(images), []
     bad = {i for i, _ in failures}
     skipped = [{"image": shown(images[i]), "error": shown(message)} for i, message in failures]
-    note(command, f"skipped {len(skipped)} unreadable image(s) of {len(images)} (--strict stops at the first):")
+    note(command, f"skipped {plural(len(skipped), 'unreadable image')} of {len(images)} (--strict stops at the "
+                  f"first):")
     for item in skipped:
         print(f"  {item['image']}: {item['error']}", file=sys.stderr)
     return embeds, [p for i, p in enumerate(images) if i not in bad], skipped
 
 
-def warn_unknown_words(processor, texts: list[str], what: str, command: str) -> None:
-    """One warning naming the labels or queries with words the tokenizer maps to its unknown token."""
+def warn_unknown_words(processor, texts: list[str], what: tuple[str, str], command: str) -> None:
+    """One warning naming the labels or queries (`what`: the noun, singular and plural) with words the tokenizer
+    maps to its unknown token."""
     unknown = processor.tokenizer.unknown_words(texts)
     if unknown:
         listed = "; ".join(f"{text!r} ({', '.join(words)})" for text, words in list(unknown.items())[:10])
-        note(command, f"warning: {len(unknown)} {what} hold words the tokenizer does not know (read as its unknown "
-                      f"token): {listed}")
+        note(command, f"warning: {plural(len(unknown), *what)} {'holds' if len(unknown) == 1 else 'hold'} words "
+                      f"the tokenizer does not know (read as its unknown token): {listed}")
 
 
 OUTSIDE = "path outside the data folder"  # data.read_pairs' reason for such rows
@@ -124,9 +184,10 @@ def outside_hint(dataset, data_path: str, image_root: str | None) -> str | None:
     if not dataset.skipped.get(OUTSIDE):
         return None
     root = image_root or os.path.dirname(os.path.abspath(data_path))
-    return (f"{dataset.skipped[OUTSIDE]} row(s) of {data_path} name images outside {root} (the data folder) and were "
-            f"skipped: pass --image-root DIR to read the paths relative to another folder, or --allow-outside to "
-            f"accept them")
+    count = dataset.skipped[OUTSIDE]
+    return (f"{plural(count, 'row')} of {data_path} {'names an image' if count == 1 else 'name images'} outside "
+            f"{root} (the data folder) and {'was' if count == 1 else 'were'} skipped: pass --image-root DIR to read "
+            f"the paths relative to another folder, or --allow-outside to accept them")
 
 
 def relevance(dataset) -> dict:
@@ -141,10 +202,10 @@ def relevance(dataset) -> dict:
     return {"text_to_image": dataset.caption_image}
 
 
-
 class CompileNotice:
-    """Says when XLA compiles for long: "compiling WHAT..." once a compile has run `delay` seconds, and
-    "compiled in N s" when it ends; compiles shorter than that (or served by the compilation cache) say nothing.
+    """Says when XLA compiles for long: "compiling WHAT..." once a compile has run `delay` seconds (default
+    COMPILE_NOTICE_DELAY; 0 says it at every compile), and "compiled in N s" when it ends; compiles shorter than
+    that (or served by the compilation cache) say nothing.
 
     A context manager; `what` may be changed while it is open (the batch shape it is about to compile). It follows
     jax.monitoring's events: a lowering's end starts the clock, the backend compile's end stops it."""
@@ -152,10 +213,11 @@ class CompileNotice:
     LOWERED = "/jax/core/compile/jaxpr_to_mlir_module_duration"
     COMPILED = "/jax/core/compile/backend_compile_duration"
 
-    def __init__(self, command: str, what: str = "the model", *, delay: float = 2.0):
+    def __init__(self, command: str, what: str = "the model", *, delay: float | None = None):
         import threading
 
-        self.command, self.what, self.delay = command, what, delay
+        self.command, self.what = command, what
+        self.delay = COMPILE_NOTICE_DELAY if delay is None else delay
         self._lock = threading.Lock()
         self._timer = None
         self._said = False
@@ -167,10 +229,14 @@ class CompileNotice:
             if event == self.LOWERED:
                 if self._timer is not None:
                     self._timer.cancel()
-                self._said = False
-                self._timer = threading.Timer(self.delay, self._say)
-                self._timer.daemon = True
-                self._timer.start()
+                    self._timer = None
+                self._said = self.delay <= 0  # a timer of 0 s could fire after the compile ended
+                if self._said:
+                    self._announce()
+                else:
+                    self._timer = threading.Timer(self.delay, self._say)
+                    self._timer.daemon = True
+                    self._timer.start()
             elif event == self.COMPILED:
                 if self._timer is not None:
                     self._timer.cancel()
@@ -180,10 +246,15 @@ class CompileNotice:
                 self._said = False
 
     def _say(self) -> None:
+        import threading
+
         with self._lock:
-            if self._timer is None:
+            if self._timer is not threading.current_thread():  # cancelled, or the timer of an earlier compile
                 return
             self._said = True
+            self._announce()  # under the lock: before the "compiled" line
+
+    def _announce(self) -> None:
         note(self.command, f"compiling {self.what}... (once per shape; the compilation cache keeps it for the "
                            f"next run)")
 

@@ -6,11 +6,16 @@ import os
 import sys
 from typing import Any, Iterator, NamedTuple
 
-from dualenc.cli.common import (CommandError, image_files, load_model, note, print_json, read_lines, shown,
-                                warn_unknown_words)
+from dualenc.cli.common import (CommandError, CompileNotice, at_least, batch_rows, image_files, load_model, note,
+                                plural, print_json, read_lines, require, shown, warn_unknown_words)
 from dualenc.cli.options import images_options, subcommand
 
 TEXT_CHUNK_BATCHES = 32  # batches of texts encoded per call (their embeddings are written before the next)
+QUERY_BATCH = {"image": 32, "text": 64}  # search's queries per forward pass (encode_images' and encode_texts')
+
+
+class _NothingRead(Exception):
+    """No image of embed's inputs could be read (the writer is aborted)."""
 
 
 class ImageSource(NamedTuple):
@@ -51,6 +56,7 @@ def image_source(inputs: list[str], *, batch_size: int, shard: tuple[int, int] |
         raise CommandError(f"--images takes one folder written by `dualenc prepare`, alone; got {len(inputs)} "
                            f"inputs ({shown(prepared[0])} is one)")
     if prepared:
+        require("array_record.python.array_record_module", "data", "a folder written by `dualenc prepare`")
         return _record_source(inputs[0], batch_size, shard, strict, problems)
     tars = [i.lower().endswith(TAR_SUFFIXES) for i in inputs]
     if any(tars):
@@ -59,7 +65,7 @@ def image_source(inputs: list[str], *, batch_size: int, shard: tuple[int, int] |
                                + " ".join(shown(i) for i, t in zip(inputs, tars) if not t))
         return _tar_source(expand_shards(inputs), batch_size, shard, strict, problems)
     paths = image_files(inputs)
-    rows = _batch_rows(len(paths), batch_size)
+    rows = batch_rows(len(paths), batch_size)
     start, stop, metadata = _slice(len(paths), rows, shard)
     return ImageSource(((shown(p), p) for p in paths[start:stop]), rows, metadata, stop - start, problems)
 
@@ -70,7 +76,7 @@ def _record_source(folder: str, batch_size: int, shard, strict: bool, problems: 
     from dualenc.errors import DataError
 
     source = RecordSource(folder)
-    rows = _batch_rows(len(source), batch_size)
+    rows = batch_rows(len(source), batch_size)
     start, stop, metadata = _slice(len(source), rows, shard)
 
     def pairs():
@@ -153,57 +159,81 @@ def cmd_embed(args) -> int:
 
     if bool(args.images) == bool(args.texts):
         raise CommandError("give either --images or --texts")
-    if not args.out.endswith(".safetensors"):
-        raise CommandError(f"--out must name a .safetensors file, got {args.out}")
-    if args.batch_size < 1:
-        raise CommandError(f"--batch-size must be at least 1, got {args.batch_size}")
+    _check_out(args.out)
+    at_least(args.batch_size, "--batch-size")
     shard, distributed = _shard(args)
     if shard is not None and args.ann:
         raise CommandError("--ann indexes a whole collection, not a shard: give it to `dualenc merge`")
+    if args.ann:
+        require("faiss", "search", "--ann")
     kind = "image" if args.images else "text"
     if args.images:
         source = image_source(args.images, batch_size=args.batch_size, shard=shard, strict=args.strict)
-        sliced = source.metadata
+        sliced, rows = source.metadata, source.batch_rows
     else:
         texts = read_lines(args.texts, "texts")
-        rows = _batch_rows(len(texts), args.batch_size)
+        rows = batch_rows(len(texts), args.batch_size)
         start, stop, sliced = _slice(len(texts), rows, shard)
+    _make_folder(args.out)
     config, params, processor = load_model(args.model)
     out = args.out
     if distributed:  # every process was given the same --out
         out = f"{out[:-len('.safetensors')]}-{shard[0]:05d}-of-{shard[1]:05d}.safetensors"
     metadata = {"model": args.model, "model_sha256": index.model_fingerprint(params), **sliced}
-    skipped = []
-    with index.IndexWriter(out, config.projection_dim, kind, metadata) as writer:
-        if args.images:
-            skipped = _write_images(writer, params, config, processor, source, args.strict)
-        else:
-            _write_texts(writer, params, config, processor, texts[start:stop], rows)
-        if not writer.count and shard is None:
-            raise CommandError("no image could be read: nothing to write")
+    skipped, written = [], None
+    try:
+        with index.IndexWriter(out, config.projection_dim, kind, metadata) as writer, \
+                CompileNotice("embed", f"the {kind} tower for batch {rows}"):
+            if args.images:
+                skipped = _write_images(writer, params, config, processor, source, args.strict)
+            else:
+                _write_texts(writer, params, config, processor, texts[start:stop], rows)
+            if not writer.count and shard is None:
+                raise _NothingRead
+        written = writer.count
+    except _NothingRead:
+        pass
     problems = source.problems if args.images else []
     if skipped:
         of = f" of {source.total}" if source.total is not None else ""
-        note("embed", f"skipped {len(skipped)} unreadable image(s){of} (--strict stops at the first):")
+        note("embed", f"skipped {plural(len(skipped), 'unreadable image')}{of} (--strict stops at the first):")
         for item in skipped:
             print(f"  {item['image']}: {item['error']}", file=sys.stderr)
     if problems:
         note("embed", "left out (--strict stops at the first):")
         for item in problems:
             print(f"  {item['image']}: {item['error']}", file=sys.stderr)
+    if written is None:
+        note("embed", f"error: no image could be read: nothing written to {out}")
+        return 1
     where = ""
     if shard and "shard_rows" in sliced:
         where = f" (shard {shard[0]}/{shard[1]}: inputs {sliced['shard_rows']} of {sliced['shard_of']})"
     elif shard:
         where = f" (shard {shard[0]}/{shard[1]}: tars {sliced['shard_tars']} of {sliced['shard_of_tars']})"
-    print(f"wrote {writer.count} {kind} embeddings ({config.projection_dim} dims) to {out}{where}"
+    print(f"wrote {plural(written, f'{kind} embedding')} ({config.projection_dim} dims) to {out}{where}"
           + (f"; skipped {len(skipped)} unreadable" if skipped else ""), file=sys.stderr)
     ann = _build_ann(out, "embed") if args.ann else None
     if args.json:
-        print_json({"out": out, "kind": kind, "written": writer.count, "dims": config.projection_dim,
+        print_json({"out": out, "kind": kind, "written": written, "dims": config.projection_dim,
                     "skipped": skipped, **({"left_out": problems} if args.images else {}),
                     **({"shard": f"{shard[0]}/{shard[1]}"} if shard else {}), **({"ann": ann} if ann else {})})
     return 0
+
+
+def _check_out(out: str) -> None:
+    if not out.endswith(".safetensors"):
+        raise CommandError(f"--out must name a .safetensors file, got {out}")
+    if os.path.isdir(out):
+        raise CommandError(f"--out {out} is a folder: name the .safetensors file to write in it")
+
+
+def _make_folder(out: str) -> None:
+    """Creates --out's folder (and its parents), as train and eval create theirs."""
+    folder = os.path.dirname(os.path.abspath(out))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise CommandError(f"--out {out}: {folder} is not a folder")
+    os.makedirs(folder, exist_ok=True)
 
 
 def _write_images(writer, params, config, processor, source: ImageSource, strict: bool) -> list[dict]:
@@ -228,13 +258,6 @@ def _write_images(writer, params, config, processor, source: ImageSource, strict
         writer.add(embeds, [pending.pop(int(p)) for p in positions])
     drain()
     return skipped
-
-
-def _batch_rows(total: int, batch_size: int) -> int:
-    """Rows per forward batch: batch_size, or for fewer inputs the power of two that holds them."""
-    from dualenc import evaluate
-
-    return evaluate._batch_rows(total, batch_size)
 
 
 def _write_texts(writer, params, config, processor, texts: list[str], rows: int) -> None:
@@ -262,14 +285,16 @@ def _build_ann(path: str, command: str) -> dict:
 def cmd_merge(args) -> int:
     from dualenc import index
 
-    if not args.out.endswith(".safetensors"):
-        raise CommandError(f"--out must name a .safetensors file, got {args.out}")
+    _check_out(args.out)
     for part in args.parts:
         if not os.path.isfile(part):
             raise CommandError(f"index file not found: {part}")
+    if args.ann:
+        require("faiss", "search", "--ann")
+    _make_folder(args.out)
     merged = index.merge(args.parts, args.out)
-    print(f"merged {len(args.parts)} indexes into {args.out}: {merged.count} {merged.kind} embeddings "
-          f"({merged.dims} dims)", file=sys.stderr)
+    print(f"merged {plural(len(args.parts), 'index', 'indexes')} into {args.out}: "
+          f"{plural(merged.count, f'{merged.kind} embedding')} ({merged.dims} dims)", file=sys.stderr)
     ann = _build_ann(args.out, "merge") if args.ann else None
     if args.json:
         print_json({"out": args.out, "kind": merged.kind, "written": merged.count, "dims": merged.dims,
@@ -282,32 +307,49 @@ def cmd_search(args) -> int:
 
     import dualenc
     from dualenc import ann, index
+    from dualenc.errors import InputError
 
     if not os.path.isfile(args.index):
         raise CommandError(f"index file not found: {args.index}")
-    if args.top_k < 1:
-        raise CommandError(f"--top-k must be at least 1, got {args.top_k}")
+    at_least(args.top_k, "--top-k")
     opened = index.open_index(args.index)
+    use_ann = True if args.ann else False if args.exact else None
+    if index.wants_ann(opened, use_ann):
+        require("faiss", "search", "--ann" if args.ann else f"the ANN index beside {args.index}",
+                None if args.ann else "pass --exact")
+    queries = image_files(args.query) if args.image else args.query
     config, params, processor = load_model(args.model)
     if opened.dims != config.projection_dim:
         raise CommandError(f"{args.index} holds {opened.dims}-dim embeddings, the model makes "
                            f"{config.projection_dim}")
-    if args.image:
-        queries = dualenc.encode_images(params, config, processor, image_files(args.query))
-    else:
-        warn_unknown_words(processor, args.query, "queries", "search")
-        queries = dualenc.encode_texts(params, config, processor, args.query)
-    result = index.search(opened, queries, args.top_k, ann=True if args.ann else False if args.exact else None)
+    if not args.any_model:
+        try:
+            checked = index.check_model(opened, params, name=f"--model {args.model}")
+        except InputError as e:
+            raise CommandError(f"{e}: their scores would not compare; --any-model searches it anyway") from None
+        if not checked:
+            note("search", f"warning: {args.index} records no model fingerprint (model_sha256): whether "
+                           f"{args.model} embedded it is not checked")
+    kind = "image" if args.image else "text"
+    rows = batch_rows(len(queries), QUERY_BATCH[kind])
+    with CompileNotice("search", f"the {kind} tower for batch {rows}"):
+        if args.image:
+            embeds = dualenc.encode_images(params, config, processor, queries, batch_size=QUERY_BATCH[kind])
+        else:
+            warn_unknown_words(processor, queries, ("query", "queries"), "search")
+            embeds = dualenc.encode_texts(params, config, processor, queries, batch_size=QUERY_BATCH[kind])
+    result = index.search(opened, embeds, args.top_k, ann=use_ann)
     if result.method == "ann":
-        note("search", f"approximate search (ANN index {ann.paths(args.index)[0]}) of {opened.count} "
-                       f"embeddings; its recall@10 against exact search, measured when it was built: "
-                       f"{result.recall_at_10:.3f} (--exact for the exact search)")
+        note("search", f"approximate search (ANN index {ann.paths(args.index)[0]}) of "
+                       f"{plural(opened.count, 'embedding')}; its recall@10 against exact search, measured when it "
+                       f"was built: {result.recall_at_10:.3f} (--exact for the exact search)")
     else:
-        note("search", f"exact search of {opened.count} embeddings" + (f" ({result.note})" if result.note else ""))
-    rows = np.unique(result.rows[result.rows >= 0])
-    names = dict(zip(rows.tolist(), opened.names(rows.tolist())))
+        note("search", f"exact search of {plural(opened.count, 'embedding')}"
+             + (f" ({result.note})" if result.note else ""))
+    hit_rows = np.unique(result.rows[result.rows >= 0])
+    names = dict(zip(hit_rows.tolist(), opened.names(hit_rows.tolist())))
     found = []
-    for query, scores, hits in zip(args.query, result.scores, result.rows):
+    for query, scores, hits in zip(queries, result.scores, result.rows):
         item = {"query": shown(query), "search": result.method,
                 "results": [{"name": names[i], "score": round(float(s), 6)}
                             for s, i in zip(scores.tolist(), hits.tolist()) if i >= 0]}
@@ -337,11 +379,13 @@ def register(subs) -> None:
     p = subcommand(subs, EXAMPLES, "embed", cmd_embed, "write normalised embeddings of images or texts to a safetensors file (and "
                                        "their names beside it), streamed a batch at a time")
     p.add_argument("--model", required=True, help="a dual encoder directory")
-    p.add_argument("--images", nargs="+", help="image files or folders (walked recursively, in sorted order); or "
+    p.add_argument("--images", nargs="+", help="image files or folders (walked recursively, in sorted order) or "
+                                               "quoted patterns ('photos/**/*.jpg'); or "
                                                "webdataset tars ('data/{00000..00009}.tar', 'data/*.tar'); or a "
                                                "folder written by `dualenc prepare` (ArrayRecord)")
     p.add_argument("--texts", help="or: a file with one text per line")
-    p.add_argument("--out", required=True, help="the .safetensors file to write (NAME.names.jsonl goes beside it)")
+    p.add_argument("--out", required=True, help="the .safetensors file to write (NAME.names.jsonl goes beside it; "
+                                                "its folder is created)")
     p.add_argument("--shard", metavar="I/N", help="embed only the I-th (from 0) of N contiguous slices of the "
                                                   "sorted inputs; `dualenc merge` joins the N parts (default: all; "
                                                   "under jax.distributed, this process's slice, written to "
@@ -354,8 +398,11 @@ def register(subs) -> None:
     p = subcommand(subs, EXAMPLES, "search", cmd_search, "find the nearest images or texts of an embedding file to queries")
     p.add_argument("--model", required=True, help="the dual encoder that wrote the index")
     p.add_argument("--index", required=True, help="an embedding file written by `dualenc embed`")
-    p.add_argument("--image", action="store_true", help="the queries are image paths, not texts")
+    p.add_argument("--image", action="store_true", help="the queries are images: files, folders (walked "
+                                                        "recursively) or quoted patterns ('photos/*.jpg')")
     p.add_argument("--top-k", type=int, default=5, help="results per query")
+    p.add_argument("--any-model", action="store_true",
+                   help="search even an index that another model embedded (its model_sha256 differs from --model's)")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--ann", action="store_true", help="search the ANN index NAME.faiss (built by embed or merge "
                                                         "--ann; default: it is used when there is one, the index "
@@ -369,7 +416,7 @@ def register(subs) -> None:
     p = subcommand(subs, EXAMPLES, "merge", cmd_merge, "join embedding files (the shards of `dualenc embed --shard`, in order) into "
                                        "one, streamed")
     p.add_argument("parts", nargs="+", metavar="PART", help="embedding files; shards all N of them, 0 to N-1")
-    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.add_argument("--out", required=True, help="the .safetensors file to write (its folder is created)")
     p.add_argument("--ann", action="store_true", help="also build the approximate-search index NAME.faiss "
                                                       "(needs dualenc[search]) and print its recall@10")
     p.add_argument("--json", action="store_true", help="print one JSON object: what was written")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 
-from dualenc.cli.common import (CommandError, encode_readable, image_files, load_model, note, outside_hint,
-                                print_json, read_lines, relevance, shown, warn_unknown_words)
+from dualenc.cli.common import (CommandError, CompileNotice, at_least, batch_rows, encode_readable, image_files,
+                                load_model, note, outside_hint, plural, print_json, read_lines, relevance, require,
+                                shown, warn_unknown_words)
 from dualenc.cli.options import data_options, images_options, subcommand
 
 RECALL_CURVE = (1, 2, 3, 5, 10, 20, 50, 100)
+TEXT_BATCH = 64  # prompts per forward pass of zero-shot's classifier
 
 
 def cmd_demo(args) -> int:
@@ -29,15 +31,21 @@ def cmd_zero_shot(args) -> int:
         [x.strip() for x in (args.labels or "").split(",") if x.strip()]
     if len(labels) < 2:
         raise CommandError("give at least two labels: --labels cat,dog or --labels-file FILE")
-    templates = read_lines(args.templates, "templates") if args.templates else dualenc.evaluate.DEFAULT_TEMPLATES
+    at_least(args.top_k, "--top-k")
+    at_least(args.batch_size, "--batch-size")
+    templates = _templates(args.templates)
     images = image_files(args.images)
     config, params, processor = load_model(args.model)
-    warn_unknown_words(processor, labels, "labels", "zero-shot")
-    classifier = dualenc.zero_shot_classifier(params, config, processor, labels, templates)
-    embeds, kept, skipped = encode_readable(params, config, processor, images, batch_size=args.batch_size,
-                                            strict=args.strict, command="zero-shot")
+    warn_unknown_words(processor, labels, ("label", "labels"), "zero-shot")
+    with CompileNotice("zero-shot") as notice:
+        notice.what = f"the text tower for batch {batch_rows(len(labels) * len(templates), TEXT_BATCH)}"
+        classifier = dualenc.zero_shot_classifier(params, config, processor, labels, templates,
+                                                  batch_size=TEXT_BATCH)
+        notice.what = f"the image tower for batch {batch_rows(len(images), args.batch_size)}"
+        embeds, kept, skipped = encode_readable(params, config, processor, images, batch_size=args.batch_size,
+                                                strict=args.strict, command="zero-shot")
     rule = dualenc.zero_shot_logit_rule(params)
-    top, probs = dualenc.zero_shot_predict(embeds, classifier, k=args.top_k, **rule)
+    top, probs = dualenc.zero_shot_predict(embeds, classifier, k=args.top_k, **rule) if kept else ([], [])
     results = [{"image": shown(path), "labels": [labels[j] for j in row], "probabilities": [round(float(p), 6)
                                                                                            for p in ps]}
                for path, row, ps in zip(kept, top, probs)]
@@ -47,9 +55,30 @@ def cmd_zero_shot(args) -> int:
     else:
         for r in results:
             print(r["image"] + ": " + ", ".join(f"{lab} {p:.3f}" for lab, p in zip(r["labels"], r["probabilities"])))
-        if skipped:
-            print(f"({len(results)} of {len(images)} images classified; {len(skipped)} unreadable, listed on stderr)")
+        if skipped and results:
+            print(f"({len(results)} of {plural(len(images), 'image')} classified; {len(skipped)} unreadable, "
+                  f"listed on stderr)")
+    if not kept:
+        note("zero-shot", f"error: no image could be read ({plural(len(images), 'image')} given, listed above as "
+                          f"unreadable)")
+        return 1
     return 0
+
+
+def _templates(value: str) -> list[str]:
+    """The prompt templates of --templates: a built-in set by name, else a file of them; checked."""
+    from dualenc import templates
+    from dualenc.errors import InputError
+
+    if value in templates.TEMPLATE_SETS:
+        return templates.resolve(value)
+    if not os.path.isfile(value):
+        raise CommandError(f"--templates {value}: neither a file nor a built-in template set "
+                           f"({', '.join(templates.TEMPLATE_SETS)})")
+    try:
+        return templates.resolve(read_lines(value, "templates"))
+    except InputError as e:
+        raise CommandError(f"templates file {value}: {e}") from None
 
 
 def cmd_eval(args) -> int:
@@ -58,31 +87,47 @@ def cmd_eval(args) -> int:
     import dualenc
     from dualenc import data, files
 
+    at_least(args.batch_size, "--batch-size")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise CommandError(f"--out {args.out} exists and is not a folder")
+    if not args.no_figure:
+        require("matplotlib.backends.backend_agg", "demo", "eval.png", "pass --no-figure")
     dataset = data.read_pairs(args.data, image_root=args.image_root, allow_outside=args.allow_outside)
+    labels = read_lines(args.labels_file, "labels") if args.labels_file else None
+    if labels:
+        if "image_labels" not in relevance(dataset):
+            raise CommandError(f"{args.data} needs a 'label' for every image to measure zero-shot accuracy")
+        unknown = sorted({t for t in dataset.labels if t not in labels})
+        if unknown:
+            raise CommandError(f"{args.data} has labels missing from {args.labels_file}: {', '.join(unknown[:10])}")
     hint = outside_hint(dataset, args.data, args.image_root)
     if hint:
         note("eval", hint)
     config, params, processor = load_model(args.model)
-    image_embeds, kept, unreadable = encode_readable(params, config, processor, dataset.images,
-                                                     batch_size=args.batch_size, strict=args.strict, command="eval")
-    dataset = _keep_images(dataset, kept)
-    text_embeds = dualenc.encode_texts(params, config, processor, dataset.captions, batch_size=args.batch_size)
+    if labels:
+        warn_unknown_words(processor, labels, ("label", "labels"), "eval")
+    with CompileNotice("eval") as notice:
+        notice.what = f"the image tower for batch {batch_rows(len(dataset.images), args.batch_size)}"
+        image_embeds, kept, unreadable = encode_readable(params, config, processor, dataset.images,
+                                                         batch_size=args.batch_size, strict=args.strict,
+                                                         command="eval")
+        if not kept:
+            note("eval", f"error: no image of {args.data} could be read ({plural(len(dataset.images), 'image')}, "
+                         f"listed above as unreadable)")
+            return 1
+        dataset = _keep_images(dataset, kept)
+        notice.what = f"the text tower for batch {batch_rows(len(dataset.captions), args.batch_size)}"
+        text_embeds = dualenc.encode_texts(params, config, processor, dataset.captions, batch_size=args.batch_size)
+        if labels:
+            notice.what = "the text tower for the labels' prompts"
+            classifier = dualenc.zero_shot_classifier(params, config, processor, labels)
     relevant = relevance(dataset)
-    labelled = "image_labels" in relevant
     figures = dualenc.retrieval_metrics(image_embeds, text_embeds, **relevant)
-    figures["relevance"] = "same label" if labelled else "own image"
+    figures["relevance"] = "same label" if "image_labels" in relevant else "own image"
     curve = dualenc.retrieval_metrics(image_embeds, text_embeds, ks=RECALL_CURVE, **relevant)
     per_class = confusion = None
-    labels = read_lines(args.labels_file, "labels") if args.labels_file else None
     if labels:
-        if not labelled:
-            raise CommandError(f"{args.data} needs a 'label' for every image to measure zero-shot accuracy")
         truth = list(dataset.labels)
-        unknown = sorted({t for t in truth if t not in labels})
-        if unknown:
-            raise CommandError(f"{args.data} has labels missing from {args.labels_file}: {', '.join(unknown[:10])}")
-        warn_unknown_words(processor, labels, "labels", "eval")
-        classifier = dualenc.zero_shot_classifier(params, config, processor, labels)
         top, _ = dualenc.zero_shot_predict(image_embeds, classifier, params=params)
         predicted = [labels[j] for j in top[:, 0]]
         figures["zero_shot_accuracy"] = float(np.mean([p == t for p, t in zip(predicted, truth)]))
@@ -98,8 +143,13 @@ def cmd_eval(args) -> int:
                    unreadable=unreadable)
     os.makedirs(args.out, exist_ok=True)
     files.write_json_atomic(os.path.join(args.out, "metrics.json"), figures)
-    picture = _figure(os.path.join(args.out, "eval.png"), curve, per_class,
-                      (confusion, labels) if confusion is not None else None, args.data)
+    picture = None
+    if not args.no_figure:
+        from dualenc import figures as drawing
+
+        picture = drawing.evaluation(os.path.join(args.out, "eval.png"), retrieval=curve, per_class=per_class,
+                                     confusion=(confusion, labels) if confusion is not None else None,
+                                     title=args.data)
     if args.json:
         print_json({**figures, "figure": picture})
     else:
@@ -130,15 +180,6 @@ def _keep_images(dataset, kept: list):
                        dataset.skipped)
 
 
-def _figure(path, curve, per_class, confusion, title) -> str | None:
-    try:
-        from dualenc import figures
-        return figures.evaluation(path, retrieval=curve, per_class=per_class, confusion=confusion, title=title)
-    except ImportError as e:
-        note("eval", f"no figure: {e}")
-        return None
-
-
 EXAMPLES = {
     'demo': 'dualenc demo --steps 2000 --seed 0 --out dualenc-demo',
     'zero-shot': 'dualenc zero-shot --model dualenc-demo/model --labels-file dualenc-demo/data/labels.txt dualenc-demo/data/images/test',
@@ -159,13 +200,17 @@ def register(subs) -> None:
     p.add_argument("--model", required=True, help="a dual encoder directory (weights, config, processor files)")
     p.add_argument("--labels", help="comma-separated class names")
     p.add_argument("--labels-file", help="a file with one class name per line")
-    p.add_argument("--templates", help="a file of prompt templates, one per line, each with {} for the label "
-                                       "(default: a small built-in set)")
+    p.add_argument("--templates", default="default",
+                   help="prompt templates, each with {} for the label: a built-in set (default: dualenc's 18; "
+                        "openai_imagenet: the CLIP paper's 80; openai_imagenet_7: the 7 of them CLIP's notebook "
+                        "uses), or a file of them, one per line (./NAME for a file named as a set) (default: "
+                        "default)")
     p.add_argument("--top-k", type=int, default=3, help="labels shown per image (all of them if fewer)")
     images_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object: results, skipped images, the logit "
                                                        "scale used")
-    p.add_argument("images", nargs="+", help="image files or folders (walked recursively, in sorted order)")
+    p.add_argument("images", nargs="+", help="image files or folders (walked recursively, in sorted order) or "
+                                             "quoted patterns ('photos/**/*.jpg', 'photos/{a,b}/*.png')")
 
     p = subcommand(subs, EXAMPLES, "eval", cmd_eval, "retrieval metrics on image-caption pairs, and zero-shot accuracy with labels; "
                                      "writes metrics.json and eval.png")
@@ -175,5 +220,7 @@ def register(subs) -> None:
     data_options(p)
     p.add_argument("--labels-file", help="class names, one per line, for zero-shot accuracy")
     p.add_argument("--out", default="dualenc-eval", help="folder for metrics.json and eval.png")
+    p.add_argument("--no-figure", action="store_true", help="write metrics.json only (eval.png needs matplotlib: "
+                                                            "dualenc[demo])")
     images_options(p, "images or texts")
     p.add_argument("--json", action="store_true", help="print one JSON object with the figures")
