@@ -394,6 +394,8 @@ def test_search_refuses_an_index_another_model_embedded(model, tmp_path):
 
 def test_embed_says_when_it_compiles_creates_its_folder_and_fails_on_no_readable_image(model, tmp_path,
                                                                                       monkeypatch):
+    """CompileNotice (delay 0: every compile) names the tower and batch; --out's folders are created; with no
+    readable image, embed and eval exit 1 and write nothing."""
     from dualenc.cli import common
 
     monkeypatch.setattr(common, "COMPILE_NOTICE_DELAY", 0)  # every compile says so, however short
@@ -411,6 +413,10 @@ def test_embed_says_when_it_compiles_creates_its_folder_and_fails_on_no_readable
                        tmp_path / "b.safetensors", check=False)
     assert code == 1 and "x.png" in err and err.strip().splitlines()[-1].startswith("dualenc embed: error: no image")
     assert not (tmp_path / "b.safetensors").exists()
+    (tmp_path / "bad" / "pairs.jsonl").write_text(json.dumps({"image": "x.png", "caption": "a red square"}) + "\n")
+    code, out, err = run("eval", "--model", model / "model", "--data", tmp_path / "bad" / "pairs.jsonl", "--out",
+                         tmp_path / "report", "--no-figure", check=False)
+    assert code == 1 and not out and "dualenc eval: error: no image of" in err and not (tmp_path / "report").exists()
 
 
 def test_prepare_shows_one_progress_not_a_line_per_shard(tmp_path):

@@ -119,8 +119,9 @@ def cmd_eval(args) -> int:
         notice.what = f"the text tower for batch {batch_rows(len(dataset.captions), args.batch_size)}"
         text_embeds = dualenc.encode_texts(params, config, processor, dataset.captions, batch_size=args.batch_size)
         if labels:
-            notice.what = "the text tower for the labels' prompts"
-            classifier = dualenc.zero_shot_classifier(params, config, processor, labels)
+            prompts = len(labels) * len(dualenc.evaluate.DEFAULT_TEMPLATES)
+            notice.what = f"the text tower for batch {batch_rows(prompts, TEXT_BATCH)}"
+            classifier = dualenc.zero_shot_classifier(params, config, processor, labels, batch_size=TEXT_BATCH)
     relevant = relevance(dataset)
     figures = dualenc.retrieval_metrics(image_embeds, text_embeds, **relevant)
     figures["relevance"] = "same label" if "image_labels" in relevant else "own image"
