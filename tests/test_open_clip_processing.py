@@ -10,6 +10,7 @@ import transformers
 from conftest import max_diff
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image, ImageOps
+from transformers.image_transforms import convert_to_rgb
 
 from dualenc.errors import ConfigError, InputError
 from dualenc.processing import ImageProcessor, Processor
@@ -31,9 +32,17 @@ def write_config(path, image_size=224, preprocess=None, **top):
     return path
 
 
+def on_white(image):
+    """An image as dualenc's open_clip transform reads it: transparency composited onto white first, by transformers'
+    convert_to_rgb (open_clip itself drops the alpha band); other images as they are."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        return Image.fromarray(convert_to_rgb(image, return_numpy=True))
+    return image
+
+
 def assert_same(ours, ref, images, atol=1e-5):
     for i, image in enumerate(images):
-        expected = ref(image).numpy()
+        expected = ref(on_white(image)).numpy()
         got = ours(image)
         assert got.dtype == np.float32 and got.shape == (1,) + expected.shape, i
         assert max_diff(got[0], expected) <= atol, (i, image.mode, image.size)
@@ -104,12 +113,12 @@ def test_paths_and_arrays_as_open_clip_images(photos, tmp_path):
     photos[5].save(files[2])
     for file in files:
         with Image.open(file) as opened:
-            expected = ref(ImageOps.exif_transpose(opened)).numpy()
+            expected = ref(on_white(ImageOps.exif_transpose(opened))).numpy()
         assert max_diff(ours(file)[0], expected) <= 1e-5
         assert max_diff(ours(str(file))[0], expected) <= 1e-5
     arrays = [np.asarray(photos[2]), np.asarray(photos[5]), np.asarray(photos[5])[..., None], np.asarray(photos[7])]
     for array in arrays:
-        expected = ref(Image.fromarray(np.squeeze(array, -1) if array.shape[-1:] == (1,) else array)).numpy()
+        expected = ref(on_white(Image.fromarray(np.squeeze(array, -1) if array.shape[-1:] == (1,) else array))).numpy()
         assert max_diff(ours(array)[0], expected) <= 1e-5
     np.testing.assert_array_equal(ours(np.stack([arrays[0]] * 2)), ours([photos[2]] * 2))
     with pytest.raises(InputError, match="image 1: the open_clip transform takes uint8"):

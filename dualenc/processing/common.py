@@ -19,6 +19,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_STANDARD = (0.5, 0.5, 0.5)
 MAX_SIDE = 1 << 14
 F32_MAX = float(np.finfo(np.float32).max)
+GRAY_MODES = ("1", "L", "LA")  # opaque composites these to "L"
 RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
@@ -126,7 +127,9 @@ def normalize(image: np.ndarray, mean, std) -> np.ndarray:
 def open_image(path: str, index: int, mode: str | None = "RGB", *, data: bytes | None = None):
     """Opens a local image file as transformers' load_image does: EXIF transpose, then convert to `mode`.
 
-    16- and 32-bit grayscale files are scaled to 8 bits first (see to_8bit) when `mode` is given. A file over
+    16- and 32-bit grayscale files are scaled to 8 bits first (see to_8bit) when `mode` is given; converting to
+    "RGB" composites transparency onto white (see to_rgb), where load_image's convert drops the alpha band and
+    shows the colours stored under it (black in most transparent PNGs). A file over
     PIL.Image.MAX_IMAGE_PIXELS (but within pillow's limit of twice that) is opened with one UserWarning naming
     it, in place of pillow's DecompressionBombWarning; beyond twice the limit it is an InputError.
 
@@ -156,7 +159,8 @@ def open_image(path: str, index: int, mode: str | None = "RGB", *, data: bytes |
                 pixels = opened.width * opened.height
                 image = ImageOps.exif_transpose(opened)
                 if mode is not None:
-                    image = to_8bit(image).convert(mode)
+                    image = to_8bit(image)
+                    image = to_rgb(image) if mode == "RGB" else image.convert(mode)
                 image.load()
     except InputError:
         raise
@@ -207,13 +211,26 @@ def to_8bit(image):
     return Image.fromarray(gray, "L")
 
 
-def to_rgb(image):
-    """transformers' convert_to_rgb of a PIL image: transparency composited onto white."""
+def has_transparency(image) -> bool:
+    """Whether a PIL image has an alpha band or a transparent value (info["transparency"]: a palette index, gray
+    value or RGB colour key), as transformers' convert_to_rgb tells."""
+    return "A" in image.getbands() or image.info.get("transparency") is not None
+
+
+def opaque(image):
+    """A PIL image with transparency (see has_transparency) composited onto white, the one rule of every image
+    processor and input route: "L" for a grayscale image ("1", "L", "LA"), else "RGB"; others as they are."""
+    if not has_transparency(image):
+        return image
     Image, _ = pil()
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
-    return image.convert("RGB")
+    background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+    rgb = Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    return rgb.convert("L") if image.mode in GRAY_MODES else rgb  # exact: the composite of gray is gray
+
+
+def to_rgb(image):
+    """transformers' convert_to_rgb of a PIL image: transparency composited onto white (see opaque), then RGB."""
+    return opaque(image).convert("RGB")
 
 
 def three_channels(mean, std) -> bool:
@@ -303,10 +320,10 @@ def as_batch(images) -> list:
 def channels_first(image, index: int, convert_rgb: bool, rgb: bool = False) -> tuple[np.ndarray, str]:
     """One input as a (C, H, W) array, converted as transformers' PilBackend.process_image does, and to RGB.
 
-    PIL images of 16- or 32-bit modes ("I;16*", "I", "F") are first scaled to 8 bits (see to_8bit). Conversion
-    to RGB composites transparency (an alpha band, or a palette or grayscale transparent value) onto white, as
-    transformers' convert_to_rgb; (H, W, 1) arrays are repeated and (H, W, 4) arrays composited (floats must lie
-    in [0, 1], integers are 0..255 whatever their dtype).
+    PIL images of 16- or 32-bit modes ("I;16*", "I", "F") are first scaled to 8 bits (see to_8bit). Transparency
+    (an alpha band, or a palette, gray or RGB transparent value) is composited onto white whatever the settings
+    (see opaque: grayscale stays grayscale), and so are (H, W, 4) arrays, read as RGBA (floats must lie in
+    [0, 1], integers are 0..255 whatever their dtype); conversion to RGB then repeats (H, W, 1) arrays.
 
     Args:
       image: a PIL image, a path or an EncodedImage (opened as transformers' load_image does), an (H, W) array or
@@ -327,9 +344,9 @@ def channels_first(image, index: int, convert_rgb: bool, rgb: bool = False) -> t
         if 0 in image.size:
             raise InputError(f"image {index} ({name}) is empty: size {image.size}")
         try:
-            image = to_8bit(image)
+            image = opaque(to_8bit(image))
             if convert_rgb or (rgb and len(image.getbands()) != 3):
-                image = to_rgb(image)
+                image = image.convert("RGB")
             array = np.array(image)
         except (OSError, ValueError, SyntaxError) as e:
             raise InputError(f"image {index} ({name}) cannot be read: {e}") from None
@@ -346,18 +363,17 @@ def channels_first(image, index: int, convert_rgb: bool, rgb: bool = False) -> t
     if not (array.dtype == bool or np.issubdtype(array.dtype, np.integer)
             or np.issubdtype(array.dtype, np.floating)):
         raise InputError(f"image {index}: unsupported dtype {array.dtype}")
-    if convert_rgb or rgb:
-        if array.shape[-1] == 1:
-            array = np.repeat(array, 3, axis=-1)
-        elif array.shape[-1] == 4:
-            floating = np.issubdtype(array.dtype, np.floating)
-            if floating and (array.min() < 0.0 or array.max() > 1.0):
-                raise InputError(f"image {index}: an RGBA float array must lie in [0, 1], got "
-                                 f"[{array.min()}, {array.max()}]")
-            white = 1.0 if floating else 255
-            alpha = array[..., 3:4] / white
-            composite = alpha * array[..., :3] + (1 - alpha) * white
-            array = (composite if floating else np.round(composite)).astype(array.dtype)
+    if array.shape[-1] == 4:
+        floating = np.issubdtype(array.dtype, np.floating)
+        if floating and (array.min() < 0.0 or array.max() > 1.0):
+            raise InputError(f"image {index}: an RGBA float array must lie in [0, 1], got "
+                             f"[{array.min()}, {array.max()}]")
+        white = 1.0 if floating else 255
+        alpha = array[..., 3:4] / white
+        composite = alpha * array[..., :3] + (1 - alpha) * white
+        array = (composite if floating else np.round(composite)).astype(array.dtype)
+    elif array.shape[-1] == 1 and (convert_rgb or rgb):
+        array = np.repeat(array, 3, axis=-1)
     return np.moveaxis(array, -1, 0), name
 
 

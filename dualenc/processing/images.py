@@ -95,10 +95,18 @@ class ImageProcessor:
     to RGB composites transparency onto white. PIL images of 16- and 32-bit modes are first scaled to 8 bits:
     "I;16*" (16-bit PNGs) from 0..65535 to 0..255, rounded; "I" and "F" by the values they hold (within 0..255
     as they are, "F" within [0, 1] times 255, within 0..65535 as 16 bits, else their own min..max; see
-    common.to_8bit). Paths are read as transformers' load_image does: EXIF-rotated and converted to RGB,
-    alpha dropped, not composited. Arrays keep transformers' meaning: integers are 0..255 whatever their
-    dtype (a 16-bit array is refused when resized if it holds values over 255; Image.fromarray of it gives
-    an "I;16" image, which is scaled).
+    common.to_8bit). Paths (and EncodedImage bytes) are read as transformers' load_image does, EXIF-rotated
+    and converted to RGB, except that transparency is composited onto white where load_image drops the alpha
+    band (transparent pixels then show the colours stored under them, black in most PNGs).
+
+    Transparency, one rule for every input and every processor (this one, its open_clip transform and
+    NaFlexImageProcessor): an image with an alpha band ("RGBA", "LA", "PA") or a transparent value
+    ("P" / "L" / "RGB" with info["transparency"]), whether a path, EncodedImage bytes or a PIL image, and every
+    (H, W, 4) array, is composited onto white before any other step; grayscale stays grayscale where the
+    settings keep channels. transformers does so for PIL images and arrays it converts to RGB only; open_clip
+    never does (its convert("RGB") drops the alpha band). Arrays keep transformers' meaning: integers are
+    0..255 whatever their dtype (a 16-bit array is refused when resized if it holds values over 255;
+    Image.fromarray of it gives an "I;16" image, which is scaled).
     """
 
     def __init__(self, *, image_processor_type: str = "ViTImageProcessor", do_resize: bool | None = None,
@@ -261,7 +269,8 @@ class ImageProcessor:
 
         Args:
           images: a PIL image, a path (str or os.PathLike; opened, EXIF-rotated and converted to RGB as
-            transformers' load_image does), an (H, W, C) array with 1, 3 or 4 channels or an (H, W) array
+            transformers' load_image does, transparency composited onto white) or an EncodedImage, an (H, W, C)
+            array with 1, 3 or 4 channels or an (H, W) array
             (uint8 0..255; other dtypes as transformers treats them), a list of these, or an (n, H, W, C) array.
             Converted to RGB or scaled to 8 bits as the class docstring says.
             With `open_clip` set, paths keep their mode until the crop (as open_clip's transform of

@@ -81,7 +81,8 @@ class NaFlexImageProcessor:
     ImageProcessor refuses a SigLIP 2 preprocessor_config.json and names this class: its output is a dict of
     patches, mask and patch grid shapes, not one (n, C, H, W) array.
 
-    Images are read as ImageProcessor reads them (see its docstring), where this departs from transformers:
+    Images are read as ImageProcessor reads them (see its docstring: transparency composited onto white for every
+    input), where this departs from transformers:
     with image_mean or image_std of 3 values (the default) images without 3 channels (grayscale, palette,
     CMYK, alpha; (H, W), (H, W, 1) or (H, W, 4) arrays) are converted to RGB although do_convert_rgb is false
     by default, transparency composited onto white; there is no opt-out, a 3-value mean/std means 3 channels.

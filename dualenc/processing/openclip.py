@@ -2,7 +2,9 @@
 
 The steps are those of open_clip and torchvision on PIL images, in their order: resize in the image's own mode,
 center crop (or pad), convert to RGB, to float32 / 255, normalize. Unlike open_clip, 16- and 32-bit grayscale
-images ("I;16*", "I", "F") are first scaled to 8-bit "L" by their range (common.to_8bit) rather than clipped.
+images ("I;16*", "I", "F") are first scaled to 8-bit "L" by their range (common.to_8bit) rather than clipped, and
+images with transparency are first composited onto white (common.opaque) rather than losing their alpha band in
+the conversion to RGB, as every dualenc image processor reads them.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dualenc.processing.common import (
     is_number,
     normalize,
     EncodedImage,
+    opaque,
     open_input,
     pil,
     to_8bit,
@@ -179,11 +182,14 @@ class OpenClipTransform:
         """open_clip's pixel values for one PIL image.
 
         Args:
-          image: a PIL image of any mode; it is converted to RGB after the crop, as open_clip does.
+          image: a PIL image of any mode. Transparency is composited onto white first (common.opaque: "L" for
+            grayscale images, else "RGB"), where open_clip's convert("RGB") drops the alpha band and shows the
+            colours stored under it; other images are converted to RGB after the crop, as open_clip does.
 
         Returns:
           (3, height, width) float32 array.
         """
+        image = opaque(image)
         height, width = self.size
         new_size = self._resized_size(image.height, image.width)
         if new_size != (image.height, image.width):

@@ -220,8 +220,8 @@ class SiglipSentencePiece:
         unk_id = self.token_to_id(self._unk)
         out = []
         for row in self._tokens(texts):
-            pieces = (piece.replace(METASPACE, " ").strip() for piece, index, is_token in self._truncate(row, max_length)
-                      if index == unk_id and not is_token)
+            pieces = (piece.replace(METASPACE, " ").strip() for piece, index, is_token
+                      in self._truncate(row, max_length) if index == unk_id and not is_token)
             out.append(list(dict.fromkeys(p for p in pieces if p)))
         return out
 
