@@ -42,3 +42,18 @@ def test_a_mistyped_command_names_the_closest(capsys):
     # abbreviations argparse accepts, values after --, and negative numbers still parse
     args = cli.parse(["zero-shot", "--model", "m", "--labels", "a,b", "--top", "-1", "--", "--odd-name.png"])
     assert args.labels == "a,b" and args.top_k == -1 and args.images == ["--odd-name.png"]
+
+
+def test_a_closed_pipe_ends_the_command_quietly():
+    """`dualenc search ... | head` printed "error: [Errno 32] Broken pipe"; it now stops quietly with 141."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom dualenc import cli\nfrom dualenc.cli import inference\n"
+              "def flood(args):\n    for i in range(10**6):\n        print('line', i)\n    return 0\n"
+              "inference.cmd_demo = flood\nsys.exit(cli.main(['demo']))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == b"line 0\n"
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 141
+    assert proc.stderr.read() == b""

@@ -101,6 +101,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("dualenc: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout left (`dualenc search ... | head`): stop quietly, as Unix tools do. Python's own
+        # flush at exit would fail again on the closed pipe, so stdout is pointed at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
     except (CommandError, ValueError, OSError, ImportError) as e:
         if args.debug:
             raise
