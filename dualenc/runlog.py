@@ -1,5 +1,5 @@
-"""A training run's log: one JSON object per logged step in metrics.jsonl, appended across resumes, and
-optional TensorBoard event files (tensorboardX, the `tensorboard` extra).
+"""A training run's log: one JSON object per logged step in metrics.jsonl, and optional TensorBoard event files
+(tensorboardX, the `tensorboard` extra); a resumed run continues its log, a new run starts its own.
 
 Training records are {"kind": "train", "step", "epoch", "loss", "accuracy" (the mean of image->text and
 text->image in-batch accuracy), "accuracy_i2t", "accuracy_t2i", "learning_rate", "grad_norm", "logit_scale",
@@ -13,25 +13,49 @@ import math
 import os
 import time
 
+from dualenc import files
+
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+EVENT_FILES = "events.out.tfevents."  # how tensorboardX's event file names start
 
 
 class RunLog:
-    """Appends records to OUT/metrics.jsonl (flushed per record) and, with tensorboard, writes each number as
-    a scalar "<kind>/<name>" to event files in OUT/tensorboard."""
+    """Writes records to OUT/metrics.jsonl (flushed per record) and, with tensorboard, each number as a scalar
+    "<kind>/<name>" to event files in OUT/tensorboard, so that they describe one run:
 
-    def __init__(self, out: str, *, tensorboard: bool = False):
-        os.makedirs(out, exist_ok=True)
-        self.path = os.path.join(out, METRICS_FILE)
-        self._file = open(self.path, "a", encoding="utf-8")
-        self._writer = None
+    - a new run (resumed_from None) replaces what an earlier run left there: metrics.jsonl starts empty and the
+      earlier event files are removed (`replaced` counts the records dropped);
+    - a run resumed from the checkpoint at step s keeps the records up to step s and drops the later ones
+      (`dropped` counts them), which it logs again as it retrains those steps; in TensorBoard the earlier
+      events after step s are hidden (tensorboardX's purge_step).
+
+    Raises:
+      ImportError: tensorboard without tensorboardX installed (before any file is touched).
+    """
+
+    def __init__(self, out: str, *, tensorboard: bool = False, resumed_from: int | None = None):
+        writer = None
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:
-                self.close()
                 raise ImportError("--tensorboard needs tensorboardX: pip install 'dualenc[tensorboard]'") from None
-            self._writer = SummaryWriter(os.path.join(out, "tensorboard"))
+            writer = SummaryWriter
+        os.makedirs(out, exist_ok=True)
+        self.path = os.path.join(out, METRICS_FILE)
+        self.replaced = self.dropped = 0
+        if resumed_from is None:
+            self.replaced = len(read(self.path))
+            files.write_text_atomic(self.path, "")
+            _remove_events(os.path.join(out, TENSORBOARD_DIR))
+        else:
+            self.dropped = _keep_until(self.path, resumed_from)
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._writer = None
+        if writer is not None:
+            self._writer = writer(os.path.join(out, TENSORBOARD_DIR),
+                                  purge_step=None if resumed_from is None else resumed_from + 1)
 
     def write(self, record: dict) -> None:
         record = {**record, "time": round(time.time(), 3)}
@@ -49,17 +73,38 @@ class RunLog:
             self._writer.close()
 
 
+def _parse(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
 def read(path: str) -> list[dict]:
     """The records of a metrics.jsonl (a line cut short by a crash is left out)."""
-    records = []
     if not os.path.isfile(path):
-        return records
+        return []
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("step"), int):
-                records.append(record)
-    return records
+        return [record for record in map(_parse, f) if record is not None]
+
+
+def _keep_until(path: str, step: int) -> int:
+    """Rewrites metrics.jsonl (atomically) without the records after `step` and any line a crash cut short (the
+    next record would be appended to it); returns how many records were dropped."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    records = [(line, _parse(line)) for line in lines if line.endswith("\n")]
+    kept = [line for line, record in records if record is not None and record["step"] <= step]
+    if len(kept) < len(lines):
+        files.write_text_atomic(path, "".join(kept))
+    return sum(1 for _, record in records if record is not None and record["step"] > step)
+
+
+def _remove_events(folder: str) -> None:
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if name.startswith(EVENT_FILES):
+                os.unlink(os.path.join(folder, name))

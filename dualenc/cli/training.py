@@ -3,6 +3,7 @@ evaluation, training.png, resume and Ctrl-C."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -12,51 +13,10 @@ import traceback
 
 import numpy as np
 
-from dualenc.cli.common import CommandError, note, outside_hint, relevance
+from dualenc.cli import training_checks as checks
+from dualenc.cli.common import CommandError, CompileNotice, note, outside_hint
 from dualenc.cli.options import data_options, subcommand
 from dualenc.errors import DualEncError
-
-
-def _check_args(args) -> None:
-    from dualenc import hub
-
-    if args.model is not None and (args.vision or args.text):
-        raise CommandError("give --model DIR (fine-tune a whole model) or --vision DIR --text DIR (compose towers), "
-                           "not both")
-    if args.model is None and not (args.vision and args.text):
-        raise CommandError("give --model DIR (fine-tune a whole model) or both --vision DIR and --text DIR")
-    for flag, path in (("--model", args.model), ("--vision", args.vision), ("--text", args.text)):
-        if path is not None and not os.path.isdir(hub.resolve(path)):
-            raise CommandError(f"{flag} model directory not found: {path}")
-    for flag in ("log_every", "eval_every"):
-        if getattr(args, flag) < 0:
-            raise CommandError(f"--{flag.replace('_', '-')} must be 0 or more, got {getattr(args, flag)}")
-
-
-def _resume_point(args, checkpoints: str) -> bool:
-    """Checks --resume against the newest checkpoint before anything loads; True when the run is finished."""
-    from dualenc import trainer
-
-    saved = trainer.checkpoints(checkpoints)
-    if not args.resume:
-        if saved:
-            raise CommandError(f"{checkpoints} already holds checkpoints: pass --resume to continue, or another "
-                               f"--out")
-        return False
-    if not saved:
-        return False
-    step, path = saved[-1]
-    planned = int(trainer.checkpoint_meta(path).get("steps", step))
-    if args.steps < planned:
-        raise CommandError(f"--steps {args.steps} is fewer than the {planned} steps of the run in {args.out} "
-                           f"(checkpoint at step {step}): resume with --steps {planned}, or more to extend it")
-    if args.steps == step:
-        return True
-    if args.steps > planned:
-        note("train", f"extending the run in {args.out} from {planned} to {args.steps} steps: the learning-rate "
-                      f"schedule (warmup, then cosine decay to 0) is recomputed for {args.steps} steps and followed "
-                      f"from step {step} on")
-    return False
 
 
 def training_data(inputs: list[str], prepared: str, *, image_root=None, allow_outside=False):
@@ -83,12 +43,12 @@ def training_data(inputs: list[str], prepared: str, *, image_root=None, allow_ou
     return RecordSource(prepared)
 
 
-def _summary(args, dataset, run, params, devices: int, resumed_from) -> str:
+def _summary(args, dataset, run, params, devices: int, resumed_from, unknown: str) -> str:
     import jax
 
     from dualenc import train
 
-    images = len(dataset.images) if hasattr(dataset, "images") else len(dataset)
+    images = checks.images(dataset)
     per_epoch = images // run.batch_size
     trainable, frozen = train.partition(params, run.locked, run.unlocked_layers)
     count = lambda tree: sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
@@ -106,7 +66,7 @@ def _summary(args, dataset, run, params, devices: int, resumed_from) -> str:
              f"({per_epoch} batches per epoch); {devices} device(s)",
              f"params: {count(trainable):,} trainable, {count(frozen):,} locked{locking}",
              f"loss {run.loss}; learning rate {run.learning_rate:g} (warmup, cosine decay to 0); checkpoints every "
-             f"{run.checkpoint_every or 'end of'} steps in {os.path.join(args.out, 'checkpoints')}"]
+             f"{run.checkpoint_every or 'end of'} steps in {os.path.join(args.out, 'checkpoints')}", unknown]
     if resumed_from is not None:
         lines.append(f"resuming from step {resumed_from[0]} ({resumed_from[1]})")
     hint = outside_hint(dataset, args.data[0], args.image_root) if hasattr(dataset, "skipped") else None
@@ -166,15 +126,11 @@ class Progress:
             self.bar.close()
 
 
-def _evaluator(args, config, processor, progress):
+def _evaluator(args, held_out, config, processor, progress):
     """Held-out retrieval (and zero-shot accuracy when every image has a label) on --eval-data."""
-    import numpy as np
-
     import dualenc
-    from dualenc import data
 
-    held_out = data.read_pairs(args.eval_data, image_root=args.eval_image_root, allow_outside=args.allow_outside)
-    relevant = relevance(held_out)
+    relevant = held_out.relevance()
     labelled = "image_labels" in relevant
     classes = sorted(set(held_out.labels)) if labelled and len(set(held_out.labels)) > 1 else None
 
@@ -197,9 +153,10 @@ class Figure:
     checkpoints seconds apart does not spend its time drawing) and always at the end."""
 
     REDRAW_SECONDS = 30.0
+    NAME = "training.png"
 
     def __init__(self, out: str, log_path: str):
-        self.path, self.log_path = os.path.join(out, "training.png"), log_path
+        self.path, self.log_path = os.path.join(out, self.NAME), log_path
         self.last, self.warned = None, False
 
     def draw(self, *, force: bool = True) -> None:
@@ -226,11 +183,11 @@ def _lost_peer(args, checkpoints: str, error) -> None:
 
     try:
         saved = trainer.checkpoints(checkpoints)
-        last_saved = saved[-1][1] if saved else "none yet"
+        how = f"with --resume (last checkpoint: {saved[-1][1]})" if saved else \
+            "without --resume, or with --resume-or-start (last checkpoint: none yet)"
         reason = re.sub(r"(Error dispatching computation: )+", r"\1", " ".join(str(error).split()))[:160]
         print(f"dualenc train: error: process {args.process_id} lost a peer of the distributed run ({reason}); "
-              f"restart all {args.num_processes} processes with --resume (last checkpoint: {last_saved})",
-              file=sys.stderr, flush=True)
+              f"restart all {args.num_processes} processes {how}", file=sys.stderr, flush=True)
     finally:
         os._exit(3)  # skip the distributed shutdown barrier, which would wait for the lost process
 
@@ -240,21 +197,19 @@ def cmd_train(args) -> int:
 
     from dualenc.cli import peers
 
-    _check_args(args)
+    checks.check_args(args)
     checkpoints = os.path.join(args.out, "checkpoints")
-    finished = _resume_point(args, checkpoints)
+    resuming, finished = checks.resume_point(args, checkpoints)
     if finished and os.path.isfile(os.path.join(args.out, "config.json")):
         note("train", f"the run in {args.out} already finished at step {args.steps}: nothing to train (pass a "
                       f"larger --steps with --resume to extend it)")
         return 0
     if not args.coordinator:
-        return _train(args, checkpoints, None)
-    if args.num_processes is None or args.process_id is None:
-        raise CommandError("--coordinator needs --num-processes and --process-id")
+        return _train(args, checkpoints, resuming, None)
     watch = peers.join(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout,
                        on_lost=lambda reason: _lost_peer(args, checkpoints, reason))
     try:
-        return _train(args, checkpoints, watch)
+        return _train(args, checkpoints, resuming, watch)
     except Exception as e:
         # A failed collective, orbax's commit barrier or anything else may come from a lost peer: the watch tells
         # within its timeout (and lets process 0 tell the others before its exit takes the service down), else a
@@ -270,15 +225,37 @@ def cmd_train(args) -> int:
         os._exit(2)
 
 
-def _train(args, checkpoints: str, watch) -> int:
+def _start_log(args, resumed_from):
+    """The run's RunLog (see runlog.RunLog: a new run replaces an earlier run's log, a resumed one drops what
+    was logged after its checkpoint), saying what it replaced or dropped."""
+    from dualenc import runlog
+
+    log = runlog.RunLog(args.out, tensorboard=args.tensorboard, resumed_from=resumed_from)
+    records = lambda n: f"{n} record" + ("" if n == 1 else "s")  # noqa: E731
+    if log.replaced:
+        note("train", f"{log.path} held {records(log.replaced)} of an earlier run that left no checkpoint: this new "
+                      f"run replaces them" + (" (and its TensorBoard events)" if args.tensorboard else ""))
+    if log.dropped:
+        note("train", f"dropped the {records(log.dropped)} of {log.path} logged after step {resumed_from}: those "
+                      f"steps are trained and logged again")
+    if resumed_from is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(args.out, Figure.NAME))
+    return log
+
+
+def _train(args, checkpoints: str, resuming: bool, watch) -> int:
     """`dualenc train` after its checks (and, with --coordinator, once this process joined the run)."""
     import jax
 
     import dualenc
-    from dualenc import runlog, trainer
+    from dualenc import data, trainer
 
     dataset = training_data(args.data, os.path.join(args.out, "prepared"), image_root=args.image_root,
                             allow_outside=args.allow_outside)
+    checks.check_batch(args, dataset, jax.device_count())
+    held_out = data.read_pairs(args.eval_data, image_root=args.eval_image_root,
+                               allow_outside=args.allow_outside) if args.eval_data else None
     locked = () if args.lock == "none" else (args.lock,)
     config, params, processor = trainer.start_from(args.vision, args.text, model_path=args.model,
                                                    key=jax.random.key(args.seed), projection_dim=args.projection_dim,
@@ -289,30 +266,48 @@ def _train(args, checkpoints: str, watch) -> int:
                               max_length=processor.tokenizer.max_length, checkpoint_every=args.checkpoint_every,
                               keep=args.keep)
     main = jax.process_index() == 0
-    saved = trainer.checkpoints(checkpoints) if args.resume else []
+    saved = trainer.checkpoints(checkpoints) if resuming else []
     start = saved[-1][0] if saved else 0
     if main:
-        note("train", _summary(args, dataset, run, params, jax.device_count(), saved[-1] if saved else None))
-    log = runlog.RunLog(args.out, tensorboard=args.tensorboard) if main else None
+        unknown, warning = checks.unknown_words(processor.tokenizer, *checks.caption_sample(dataset))
+        note("train", _summary(args, dataset, run, params, jax.device_count(), saved[-1] if saved else None,
+                               unknown))
+        if warning:
+            note("train", warning)
+    log = _start_log(args, start if saved else None) if main else None
     progress = Progress(log, args.steps, args.log_every, args.quiet or not main, start) if main else None
     figure = Figure(args.out, log.path) if main else None
+    # What the step compiles for; the held-out evaluation says its own.
+    notice = CompileNotice("train", f"the train step for batch {run.batch_size}"
+                           + (" (and the locked vision tower for the LiT cache)" if run.cached else ""))
     hooks = {}
     if main:
         hooks = dict(callback=progress.step,
                      on_checkpoint=lambda step, path: figure.draw(force=False))
-    if args.eval_data:
-        evaluate = _evaluator(args, config, processor, progress)
-        hooks.update(evaluate=evaluate if main else (lambda step, params: None), eval_every=args.eval_every)
+    if held_out is not None:
+        evaluate = _evaluator(args, held_out, config, processor, progress) if main else None
+
+        def evaluation(step, params):
+            if evaluate is not None:
+                train_step, notice.what = notice.what, "the held-out evaluation"
+                try:
+                    evaluate(step, params)
+                finally:
+                    notice.what = train_step
+
+        hooks.update(evaluate=evaluation, eval_every=args.eval_every)
     mesh = dualenc.train.data_mesh() if jax.device_count() > 1 else None
     try:
-        params, last = trainer.fit(config, params, dataset, processor, run, checkpoint_dir=checkpoints,
-                                   resume=args.resume, mesh=mesh, workers=args.workers, **hooks)
+        with notice if main else contextlib.nullcontext():
+            params, last = trainer.fit(config, params, dataset, processor, run, checkpoint_dir=checkpoints,
+                                       resume=resuming, mesh=mesh, workers=args.workers, **hooks)
     except trainer.Interrupted as e:
         if progress is not None:
             progress.close()
         if main:
             figure.draw()
-            command = shlex.join(["dualenc", *args.argv] + ([] if args.resume else ["--resume"]))
+            again = args.resume or args.resume_or_start
+            command = shlex.join(["dualenc", *args.argv] + ([] if again else ["--resume"]))
             where = f"saved in {e.checkpoint}" if e.checkpoint else "no checkpoint"
             note("train", f"interrupted after step {e.step} ({where}); continue with:\n  {command}")
         if watch is not None:
@@ -358,7 +353,9 @@ def register(subs) -> None:
     p.add_argument("--workers", type=int, default=0, help="processes decoding images (0: threads of the training "
                                                           "process)")
     p.add_argument("--out", required=True, help="where the trained model, checkpoints/, metrics.jsonl and "
-                                                "training.png go")
+                                                "training.png go (a new run replaces the metrics.jsonl, "
+                                                "tensorboard/ and training.png of an earlier run that left no "
+                                                "checkpoint)")
     p.add_argument("--lock", choices=("vision", "text", "none"), default="vision", help="the tower kept as it is")
     p.add_argument("--unlocked-layers", type=int, default=0, help="train the top N layers of the locked tower")
     p.add_argument("--cache", action="store_true", help="compute the locked vision tower once (LiT cache)")
@@ -374,9 +371,14 @@ def register(subs) -> None:
                         "of the same size; else the size a CLIP tower's config suggests; else 512; a whole model "
                         "keeps its own)")
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between training checkpoints")
-    p.add_argument("--keep", type=int, default=3, help="training checkpoints kept")
+    p.add_argument("--keep", type=int, default=3, help="training checkpoints kept (0: all)")
     p.add_argument("--seed", type=int, default=0, help="random seed (new params, data order, dropout)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoints")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in "
+                                                             "OUT/checkpoints (an error when there is none)")
+    again.add_argument("--resume-or-start", action="store_true",
+                       help="continue from the newest checkpoint in OUT/checkpoints when there is one, else start "
+                            "a new run (for jobs restarted with the same command, e.g. on preemptible machines)")
     p.add_argument("--log-every", type=int, default=50, help="steps between log lines and metrics.jsonl records "
                                                              "(0: none)")
     p.add_argument("--eval-data", help="held-out image-caption pairs to evaluate on (retrieval recall; zero-shot "

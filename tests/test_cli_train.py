@@ -1,0 +1,170 @@
+"""`dualenc train` run as people run it, from a working directory with relative paths: Ctrl-C and the command it
+prints, --resume and --resume-or-start, one run per metrics.jsonl, the captions' unknown words, the compile
+notice, and every argument checked before the model loads."""
+
+import argparse
+import functools
+import json
+import os
+import shlex
+import shutil
+import signal
+
+import pytest
+from conftest import make_workspace
+from test_cli import dualenc_run
+
+import dualenc
+from dualenc import runlog, trainer
+from dualenc.cli import common, training
+from dualenc.cli import training_checks as checks
+
+# One worker runs this module under `--dist loadgroup`, so its module fixture is built once.
+pytestmark = pytest.mark.xdist_group("cli_train")
+
+TRAIN = ["train", "--vision", "vision", "--text", "text", "--projection-dim", 8, "--batch-size", 4]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """make_workspace's folder, with odd.jsonl: its 12 pairs, 3 of them captioned with words the tokenizer
+    does not know."""
+    root = make_workspace(tmp_path_factory.mktemp("train"))
+    rows = [json.loads(line) for line in (root / "data" / "pairs.jsonl").read_text().splitlines()]
+    for row in rows[0:9:4]:
+        row["caption"] = "a crimson square on teal paper"
+    (root / "data" / "odd.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return root
+
+
+def steps_logged(out, kind="train"):
+    return [r["step"] for r in runlog.read(str(out / runlog.METRICS_FILE)) if r["kind"] == kind]
+
+
+def test_ctrl_c_then_the_printed_command_resumes_a_relative_out(workspace, monkeypatch):
+    """From the data's folder with a relative --out: a new run replaces the log an earlier run left without a
+    checkpoint, says how many captions hold unknown words (and which), says it compiles; Ctrl-C after step 3
+    prints a command that, run as printed, resumes (orbax took only absolute paths: it failed), dropping the
+    records logged after the checkpoint it resumes from, so metrics.jsonl holds one run."""
+    monkeypatch.chdir(workspace)
+    monkeypatch.setattr(training, "CompileNotice", functools.partial(common.CompileNotice, delay=0.0))
+    step = training.Progress.step
+
+    def ctrl_c_at_step_3(self, number, metrics):
+        step(self, number, metrics)
+        if number == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(training.Progress, "step", ctrl_c_at_step_3)
+    out = workspace / "lit-model"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 99.0}\n' * 2)  # a run that crashed
+    first = dualenc_run(*TRAIN, "--data", "data/odd.jsonl", "--out", "lit-model", "--steps", 6,
+                        "--checkpoint-every", 2, "--log-every", 1, check=False)
+    err = first.stderr
+    assert first.returncode == 130, err[-3000:]
+    assert "held 2 records of an earlier run that left no checkpoint" in err
+    assert "captions with words the tokenizer does not know: 25.0% (3 of the 12 captions)" in err
+    [warning] = [line for line in err.splitlines() if "warning:" in line]
+    assert "3 of the 12 captions (25%) hold words" in warning and "'crimson'" in warning and "'teal'" in warning
+    assert "compiling the train step for batch 4..." in err and "compiled in" in err
+    assert steps_logged(out) == [1, 2, 3] and 99.0 not in [r["loss"] for r in runlog.read(str(out / "metrics.jsonl"))]
+    command = shlex.split(err.strip().splitlines()[-1])
+    assert command[0] == "dualenc" and command[-1] == "--resume" and command[command.index("--out") + 1] == "lit-model"
+    assert [s for s, _ in trainer.checkpoints("lit-model/checkpoints")] == [2, 3]
+    shutil.rmtree(out / "checkpoints" / "step_00000003")  # as if killed after step 3 was logged, before its save
+
+    monkeypatch.setattr(training.Progress, "step", step)
+    resumed = dualenc_run(*command[1:])
+    assert "resuming from step 2" in resumed.stderr and "trained 6 steps" in resumed.stdout
+    assert "dropped the 1 record of lit-model/metrics.jsonl logged after step 2" in resumed.stderr
+    assert steps_logged(out) == [1, 2, 3, 4, 5, 6]  # step 3 once: the resumed run's
+    assert (out / "training.png").is_file() and dualenc.load_config(out).projection_dim == 8
+    again = dualenc_run(*command[1:-1], "--resume-or-start")  # a preemptible job's restart: nothing left to do
+    assert "already finished at step 6" in again.stderr and steps_logged(out) == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", 32], "--batch-size 32 is more than the 12 distinct images in data/pairs.jsonl (a batch holds "
+                           "each image at most once): lower --batch-size to 12 or less"),
+    (["--resume", "--out", "lit-modle"], "--resume: no training checkpoint in lit-modle/checkpoints"),
+    (["--steps", 0], "--steps must be at least 1, got 0"),
+    (["--lr", 0], "--lr must be a positive number"),
+    (["--cache", "--lock", "text"], "--cache keeps the locked vision tower's outputs: it needs --lock vision"),
+    (["--unlocked-layers", 1, "--lock", "none"], "--unlocked-layers trains the top layers of the locked tower"),
+    (["--eval-data", "data/nowhere.jsonl"], "--eval-data caption file not found: data/nowhere.jsonl"),
+    (["--process-id", 1], "--num-processes and --process-id go with --coordinator"),
+    (["--batch-size", 6], "--batch-size 6 does not split over the 4 devices"),  # conftest's 4 CPU devices
+])
+def test_arguments_are_checked_before_the_summary_and_the_model(args, message, workspace, monkeypatch):
+    monkeypatch.chdir(workspace)
+
+    def no_model(*_, **__):
+        raise AssertionError("the model loaded before the arguments were checked")
+
+    monkeypatch.setattr(trainer, "start_from", no_model)
+    args = ["--out", "run", *args] if "--out" not in args else args
+    proc = dualenc_run(*TRAIN, "--data", "data/pairs.jsonl", *args, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_resume_or_start_starts_where_there_is_no_checkpoint(tmp_path):
+    args = argparse.Namespace(out=str(tmp_path), steps=4, resume=False, resume_or_start=True)
+    assert checks.resume_point(args, str(tmp_path / "checkpoints")) == (False, False)
+    with pytest.raises(common.CommandError, match=f"no training checkpoint in {tmp_path}/checkpoints"):
+        checks.resume_point(argparse.Namespace(**{**vars(args), "resume": True, "resume_or_start": False}),
+                            str(tmp_path / "checkpoints"))
+
+
+def test_run_log_keeps_one_run(tmp_path):
+    """A new run replaces an earlier run's metrics.jsonl and event files; a resumed one keeps the records up to its
+    checkpoint's step (and drops a line cut short by a crash) and hides later TensorBoard events."""
+    records = "".join(json.dumps({"kind": "train", "step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3, 4))
+    (tmp_path / "metrics.jsonl").write_text(records + '{"kind": "train", "st')
+    log = runlog.RunLog(str(tmp_path), tensorboard=True, resumed_from=2)
+    log.write({"kind": "train", "step": 3, "loss": 0.5})
+    log.close()
+    assert log.dropped == 2 and [(r["step"], r["loss"]) for r in runlog.read(log.path)] == [(1, 1.0), (2, 1.0),
+                                                                                          (3, 0.5)]
+    scalars, starts = events(tmp_path / "tensorboard")
+    assert scalars == [("train/loss", 3)] and starts == [3]  # TensorBoard hides the earlier events from step 3 on
+    fresh = runlog.RunLog(str(tmp_path), tensorboard=True)
+    fresh.close()
+    assert fresh.replaced == 3 and runlog.read(fresh.path) == [] and events(tmp_path / "tensorboard") == ([], [])
+
+
+def events(folder):
+    """([(tag, step) of each scalar], [steps of the session starts]) in a folder's TensorBoard event files."""
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    scalars, starts = [], []
+    for name in sorted(os.listdir(folder)):
+        blob, at = (folder / name).read_bytes(), 0
+        while at < len(blob):  # TFRecords: length (8 bytes), its CRC (4), the Event, its CRC (4)
+            length = int.from_bytes(blob[at:at + 8], "little")
+            event = Event.FromString(blob[at + 12:at + 12 + length])
+            at += 16 + length
+            scalars += [(value.tag, event.step) for value in event.summary.value]
+            if event.session_log.status == SessionLog.START:
+                starts.append(event.step)
+    return scalars, starts
+
+
+def test_caption_sample_of_a_prepared_folder(workspace, tmp_path):
+    """Records are sampled evenly past the limit, and the summary says it is a sample."""
+    from dualenc.datasets import RecordSource, prepare
+
+    prepare([str(workspace / "data" / "odd.jsonl")], tmp_path / "prepared")
+    source = RecordSource(tmp_path / "prepared")
+    tokenizer = dualenc.Tokenizer.from_pretrained(str(workspace / "text"))
+    captions, what = checks.caption_sample(source, limit=4)
+    assert len(captions) == 4 and what == f"of the 4 captions of 4 sampled evenly from the {len(source)} records"
+    line, warning = checks.unknown_words(tokenizer, captions, what)
+    assert line.startswith("captions with words the tokenizer does not know: ") and line.endswith(what + ")")
+    every, what = checks.caption_sample(source)
+    n = len(source)  # 13: the row naming a missing image is a record too ("a photo of nothing")
+    assert what == f"of the {n} captions of the {n} records"
+    line, warning = checks.unknown_words(tokenizer, every, what)
+    assert f"{4 / n:.1%} (4 of the {n} captions of the {n} records)" in line
+    assert "'crimson'" in warning and "'nothing'" in warning
