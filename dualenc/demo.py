@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -20,6 +21,28 @@ IMAGE_SIZE = 16
 MAX_LENGTH = 16
 LOG_EVERY = 200  # steps between plain progress lines when stderr is not a terminal
 HISTORY_EVERY = 10  # training steps between the loss / accuracy points drawn in demo.png (and step 1)
+BATCH_SIZE = 64
+
+
+def in_batch_limits(labels, batch_size: int) -> dict:
+    """What training can reach when every caption names only its image's class (its phrasing picked at random,
+    whatever the image), as the digits' captions do.
+
+    A batch holds `batch_size` distinct images drawn without replacement (dualenc.datasets.Pipeline); the n_c
+    images of class c in it have captions that do not tell them apart. Of each class, about one pair can then be
+    matched (by image or by text), and each row's contrastive loss is at least ln n_c (its own caption is any
+    of the n_c alike). Returns {"classes": E[classes in a batch], "accuracy": that / batch_size (the in-batch
+    accuracy ceiling), "loss": E[sum_c n_c ln n_c] / batch_size (the loss floor)}, over the hypergeometric n_c.
+    """
+    counts = [int(k) for k in np.unique(np.asarray(labels), return_counts=True)[1]]
+    total = sum(counts)
+    draws = math.comb(total, batch_size)
+    classes = loss = 0.0
+    for k in counts:
+        classes += 1 - math.comb(total - k, batch_size) / draws
+        loss += sum(math.comb(k, n) * math.comb(total - k, batch_size - n) / draws * n * math.log(n)
+                    for n in range(2, min(k, batch_size) + 1))
+    return {"classes": classes, "accuracy": classes / batch_size, "loss": loss / batch_size}
 
 
 def build(vocab_dir: str, seed: int):
@@ -114,7 +137,7 @@ def run(out: str, steps: int, seed: int, quiet: bool = False) -> dict:
             print(f"step {step}/{steps}  loss {float(metrics['loss']):.4f}  "
                   f"acc {float(metrics['accuracy_i2t']):.3f}", file=sys.stderr, flush=True)
 
-    run_config = trainer.TrainConfig(steps=steps, batch_size=64, learning_rate=1e-3, seed=seed,
+    run_config = trainer.TrainConfig(steps=steps, batch_size=BATCH_SIZE, learning_rate=1e-3, seed=seed,
                                      max_length=MAX_LENGTH)
     params, last = trainer.fit(config, params, train_set, processor, run_config, callback=progress)
     if bar is not None:
@@ -125,8 +148,15 @@ def run(out: str, steps: int, seed: int, quiet: bool = False) -> dict:
     dualenc.save_pretrained(model_dir, config, params, processor=processor)
     export(os.path.join(out, "data"), {"train": train_set, "test": test_set})
     picture = os.path.join(out, "demo.png")
+    limits = in_batch_limits(train_set.labels, BATCH_SIZE)
+    why = (f"Why so low: a caption names only the digit (one of {len(data.DIGIT_TEMPLATES)} phrasings, picked at "
+           f"random), so the {BATCH_SIZE} images of a batch hold about {BATCH_SIZE / limits['classes']:.0f} per "
+           f"class with interchangeable captions, and about one pair per class can be matched: a ceiling of "
+           f"{limits['classes']:.1f} classes / {BATCH_SIZE} = {limits['accuracy']:.2f} (dashed). The loss's floor, "
+           f"{limits['loss']:.2f}, has the same cause. Held-out zero-shot accuracy is the measure.")
     drawing.demo(picture, headline=figures, images=test_set.images, labels=test_set.labels, predictions=predictions,
-                 probabilities=probabilities, classnames=data.DIGIT_WORDS, similarity=similarity, history=history)
+                 probabilities=probabilities, classnames=data.DIGIT_WORDS, similarity=similarity, history=history,
+                 accuracy_ceiling=(limits["accuracy"], why))
     figures.update(steps=steps, seed=seed, final_train_loss=last.get("loss"), train_seconds=round(trained, 1),
                    total_seconds=round(time.perf_counter() - started, 1), model_dir=model_dir, picture=picture,
                    data_dir=os.path.join(out, "data"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import textwrap
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -17,6 +18,7 @@ TRAINING_SIZE, DEMO_SIZE = (12, 8), (19, 11.5)  # inches; the PNGs are DPI times
 MAX_IMAGES = 20  # the demo's grid of held-out images
 MAX_BARS = 40  # per-class bars; with more classes the worst and the best half of this are drawn
 MAX_TICKS = 30  # class names written along a confusion matrix's axes
+CEILING_WRAP = 62  # characters per line of the demo's note on its in-batch accuracy ceiling
 RECALL = re.compile(r"^(i2t|t2i)_R@(\d+)$")
 DIRECTIONS = {"i2t": ("image -> text", "tab:blue"), "t2i": ("text -> image", "tab:orange")}
 
@@ -102,8 +104,9 @@ def _short(name: str, limit: int) -> str:
     return name if len(name) <= limit else name[:limit - 1] + "\u2026"
 
 
-def _draw_history(ax_loss, ax_accuracy, records, eval_loss: bool = True):
-    """Training loss (and held-out loss when logged) and in-batch accuracy over steps."""
+def _draw_history(ax_loss, ax_accuracy, records, eval_loss: bool = True, ceiling=None):
+    """Training loss (and held-out loss when logged) and in-batch accuracy over steps; `ceiling` (value, why)
+    draws the best in-batch accuracy expected as a dashed line, with why in the panel."""
     steps, loss = _series(records, "train", "loss")
     held = _series(records, "eval", "loss") if eval_loss else ([], [])
     if loss:
@@ -119,7 +122,16 @@ def _draw_history(ax_loss, ax_accuracy, records, eval_loss: bool = True):
     if accuracy:
         _curve(ax_accuracy, steps, accuracy, "training batch", "tab:green")
         ax_accuracy.set(xlabel="step", ylabel="fraction of the batch", title="in-batch accuracy", ylim=(0, 1.02))
-        ax_accuracy.legend(fontsize=9)
+        if ceiling is not None:
+            value, why = ceiling
+            ax_accuracy.axhline(value, color="tab:red", linestyle="--", linewidth=1.5,
+                                label=f"expected ceiling {value:.2f}")
+            ax_accuracy.text(0.03, 0.97, textwrap.fill(why, CEILING_WRAP), transform=ax_accuracy.transAxes,
+                             ha="left", va="top", fontsize=9, color="0.2", in_layout=False,
+                             bbox=dict(facecolor="white", edgecolor="0.8", alpha=0.9))
+            ax_accuracy.legend(fontsize=9, loc="center right")
+        else:
+            ax_accuracy.legend(fontsize=9)
     else:
         _note(ax_accuracy, "no accuracy logged")
     for ax in (ax_loss, ax_accuracy):
@@ -313,7 +325,8 @@ def _draw_gallery(ax, images, labels, predictions, probabilities, names, cols: i
     ax.axis("off")
 
 
-def demo_figure(*, headline, images, labels, predictions, probabilities, classnames, similarity, history):
+def demo_figure(*, headline, images, labels, predictions, probabilities, classnames, similarity, history,
+                accuracy_ceiling=None):
     """The Figure `demo` saves: six panels; the similarity and confusion panels' colour bars are insets (child_axes)."""
     if not isinstance(headline, Mapping) or not all(_is_number(headline.get(k))
                                                     for k in ("zero_shot_accuracy", "zero_shot_chance")):
@@ -332,12 +345,17 @@ def demo_figure(*, headline, images, labels, predictions, probabilities, classna
     if similarity.ndim != 2 or similarity.shape[1] != len(names) or not 1 <= shown <= min(n, MAX_IMAGES):
         raise InputError(f"similarity must be (images shown: 1 to {min(n, MAX_IMAGES)}, {len(names)} classes), "
                          f"got {similarity.shape}")
+    if accuracy_ceiling is not None and not (
+            isinstance(accuracy_ceiling, (tuple, list)) and len(accuracy_ceiling) == 2
+            and _is_number(accuracy_ceiling[0]) and 0 <= accuracy_ceiling[0] <= 1
+            and isinstance(accuracy_ceiling[1], str)):
+        raise InputError(f"accuracy_ceiling must be (a fraction in [0, 1], why: a string), got {accuracy_ceiling!r}")
 
     fig = _new_figure(*DEMO_SIZE)
     top, bottom = fig.subfigures(2, 1, height_ratios=(1, 2.1))
     ax_headline, ax_loss, ax_accuracy = top.subplots(1, 3, width_ratios=(1.35, 0.8, 1))
     _draw_headline(ax_headline, headline)
-    _draw_history(ax_loss, ax_accuracy, history, eval_loss=False)
+    _draw_history(ax_loss, ax_accuracy, history, eval_loss=False, ceiling=accuracy_ceiling)
     gallery, heat, confused = bottom.subfigures(1, 3, width_ratios=(1.25, 0.85, 1))
     _draw_gallery(gallery.subplots(), images[:shown], labels, predictions, probabilities, names)
     gallery.suptitle("held-out images: predicted class and its probability\n(red: wrong, with the true class)",
@@ -355,7 +373,7 @@ def demo_figure(*, headline, images, labels, predictions, probabilities, classna
 
 
 def demo(path: str, *, headline, images, labels, predictions, probabilities, classnames, similarity,
-         history) -> str:
+         history, accuracy_ceiling=None) -> str:
     """Draws the demo's overview into a PNG at `path`; returns `path`.
 
     Args:
@@ -367,7 +385,10 @@ def demo(path: str, *, headline, images, labels, predictions, probabilities, cla
       similarity: (m, n_classes) cosine similarity of the first m <= 20 images to each class's prompts; those
         m images are drawn in a grid titled with their predictions.
       history: training records as for `training`; its loss and in-batch accuracy are drawn.
+      accuracy_ceiling: (the best in-batch accuracy to expect, why), drawn as a dashed line in the accuracy
+        panel with the explanation written in it.
     """
     fig = demo_figure(headline=headline, images=images, labels=labels, predictions=predictions,
-                      probabilities=probabilities, classnames=classnames, similarity=similarity, history=history)
+                      probabilities=probabilities, classnames=classnames, similarity=similarity, history=history,
+                      accuracy_ceiling=accuracy_ceiling)
     return _save(fig, path)

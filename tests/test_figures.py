@@ -147,7 +147,41 @@ def test_demo_figure_panels_and_png(tmp_path):
     assert png_size(path) == pixels(figures.DEMO_SIZE)
 
 
+def test_demo_accuracy_panel_says_why_it_is_capped():
+    """The demo's in-batch accuracy sits near 0.16 by construction: the panel draws that ceiling and says why."""
+    why = "Why so low: a caption names only the digit"
+    fig = figures.demo_figure(**demo_inputs(), accuracy_ceiling=(0.156, why))
+    panel = next(ax for ax in fig.axes if ax.get_title() == "in-batch accuracy")
+    dashed = [line for line in panel.lines if line.get_linestyle() == "--"]
+    assert len(dashed) == 1 and list(dashed[0].get_ydata()) == [0.156, 0.156]
+    assert "0.16" in dashed[0].get_label() and any(why in text.get_text().replace("\n", " ") for text in panel.texts)
+    plain = figures.demo_figure(**demo_inputs())
+    assert not [t for ax in plain.axes for t in ax.texts if "Why" in t.get_text()]
+
+
+def test_in_batch_limits_match_the_demo_batches():
+    """demo.in_batch_limits against the batches the demo trains on (the pipeline's global order over the digits'
+    training images): the classes in a batch / its size (the accuracy ceiling), and sum n_c ln n_c / its size
+    (the loss floor)."""
+    from dualenc import data
+    from dualenc.datasets.pipeline import GlobalOrder
+
+    labels = np.asarray(data.load_digits("train", seed=0, image_size=8).labels)
+    order = GlobalOrder(len(labels), demo.BATCH_SIZE, seed=0)
+    accuracy, loss = [], []
+    for step in range(100):
+        counts = np.bincount(labels[order.batch(step)])
+        counts = counts[counts > 0]
+        accuracy.append(len(counts) / demo.BATCH_SIZE)
+        loss.append(float(np.sum(counts * np.log(counts))) / demo.BATCH_SIZE)
+    limits = demo.in_batch_limits(labels, demo.BATCH_SIZE)
+    assert limits["accuracy"] == pytest.approx(np.mean(accuracy), abs=0.002) and 0.15 < limits["accuracy"] < 0.16
+    assert limits["loss"] == pytest.approx(np.mean(loss), abs=0.02)
+
+
 @pytest.mark.parametrize("change, match", [
+    (dict(accuracy_ceiling=(1.5, "why")), "accuracy_ceiling must be"),
+    (dict(accuracy_ceiling=0.15), "accuracy_ceiling must be"),
     (dict(history=[]), "history is empty"),
     (dict(headline={"i2t_R@1": 0.5}), "headline must be"),
     (dict(labels=np.arange(39) % 10), r"labels must be \(40,\)"),
