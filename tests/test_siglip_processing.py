@@ -10,9 +10,9 @@ from PIL import Image
 from transformers.models.siglip2.image_processing_pil_siglip2 import get_image_size_for_max_num_patches
 
 from dualenc.errors import ConfigError, InputError
-from dualenc.processing import ImageProcessor, NaFlexImageProcessor
+from dualenc.processing import AutoImageProcessor, ImageProcessor, NaFlexImageProcessor
 from dualenc.processing.naflex import target_size
-from dualenc.processing.processor import load_image_processor
+from dualenc.processing.processor import image_inputs, load_image_processor
 
 NAFLEX_KEYS = ("pixel_values", "pixel_attention_mask", "spatial_shapes")
 
@@ -198,6 +198,55 @@ def test_loaders_point_to_each_other(tmp_path):
         with pytest.raises(ConfigError, match=r"preprocessor_config\.json.*'image_processor_type'.*ImageProcessor"):
             NaFlexImageProcessor.from_pretrained(path)
         ImageProcessor.from_pretrained(path)
+
+
+def test_auto_image_processor_reads_every_kind_as_transformers_chooses(tmp_path, monkeypatch):
+    from dualenc.processing import processor as processor_module
+
+    transformers.Siglip2ImageProcessorPil(max_num_patches=64).save_pretrained(tmp_path / "siglip2")
+    nested = {"processor_class": "Siglip2Processor", "image_processor": {  # as transformers 5 saves a processor
+        **transformers.Siglip2ImageProcessorPil(max_num_patches=49).to_dict(),
+        "image_processor_type": "Siglip2ImageProcessor"}}
+    (tmp_path / "siglip2-nested").mkdir()
+    (tmp_path / "siglip2-nested" / "processor_config.json").write_text(json.dumps(nested))
+    for kind in ("SiglipImageProcessorPil", "CLIPImageProcessorPil", "ViTImageProcessorPil"):
+        getattr(transformers, kind)(size={"height": 40, "width": 40}).save_pretrained(tmp_path / kind)
+    (tmp_path / "open_clip").mkdir()
+    (tmp_path / "open_clip" / "open_clip_config.json").write_text(json.dumps({"model_cfg": {
+        "vision_cfg": {"image_size": 32}}, "preprocess_cfg": {"resize_mode": "squash"}}))
+    image = noise(30, 50)
+    for name in ("siglip2", "siglip2-nested", "SiglipImageProcessorPil", "CLIPImageProcessorPil",
+                 "ViTImageProcessorPil", "open_clip"):
+        got = AutoImageProcessor.from_pretrained(tmp_path / name)
+        if name != "open_clip":  # the class transformers' AutoImageProcessor picks, and its settings
+            ref = transformers.AutoImageProcessor.from_pretrained(tmp_path / name, use_fast=False)
+            assert type(ref).__name__ == {"siglip2": "Siglip2ImageProcessorPil",
+                                          "siglip2-nested": "Siglip2ImageProcessorPil"}.get(name, name)
+        if name.startswith("siglip2"):
+            expected = NaFlexImageProcessor.from_pretrained(tmp_path / name)
+            assert got.max_num_patches == ref.max_num_patches == {"siglip2": 64, "siglip2-nested": 49}[name]
+        else:
+            expected = ImageProcessor.from_pretrained(tmp_path / name)
+            assert (got.open_clip is not None) == (name == "open_clip")
+            assert name == "open_clip" or got.image_processor_type + "Pil" == name
+        assert type(got) is type(expected) and got.to_dict() == expected.to_dict(), name
+        out, want = image_inputs(got, image), image_inputs(expected, image)
+        assert set(out) == set(want) and all(np.array_equal(out[k], want[k]) for k in want)
+    files = [tmp_path / "siglip2" / "preprocessor_config.json", tmp_path / "open_clip" / "open_clip_config.json"]
+    assert [type(AutoImageProcessor.from_pretrained(f)) for f in files] == [NaFlexImageProcessor, ImageProcessor]
+    with pytest.raises(TypeError, match="from_pretrained"):
+        AutoImageProcessor()
+    with pytest.raises(FileNotFoundError, match="preprocessor_config.json"):
+        AutoImageProcessor.from_pretrained(tmp_path)
+    asked = []  # a hub id and its revision go to dualenc.hub.resolve
+
+    def resolve(path, revision=None):
+        asked.append((path, revision))
+        return str(tmp_path / "siglip2")
+
+    monkeypatch.setattr(processor_module, "resolve", resolve)
+    assert isinstance(AutoImageProcessor.from_pretrained("google/siglip2-x", revision="v1"), NaFlexImageProcessor)
+    assert asked == [("google/siglip2-x", "v1")]
 
 
 @pytest.mark.parametrize("field,value", [

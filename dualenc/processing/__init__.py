@@ -3,7 +3,7 @@
 from dualenc.processing.common import EncodedImage
 from dualenc.processing.images import ImageProcessor
 from dualenc.processing.naflex import NaFlexImageProcessor
-from dualenc.processing.processor import Processor
+from dualenc.processing.processor import AutoImageProcessor, Processor
 from dualenc.processing.text import Tokenizer
 
-__all__ = ["EncodedImage", "ImageProcessor", "NaFlexImageProcessor", "Processor", "Tokenizer"]
+__all__ = ["AutoImageProcessor", "EncodedImage", "ImageProcessor", "NaFlexImageProcessor", "Processor", "Tokenizer"]

@@ -63,7 +63,8 @@ REJECTED = {"do_pad": (None, False), "data_format": (None, "channels_first"),
             "input_data_format": (None, "channels_last")}
 OPEN_CLIP_FILE = OPEN_CLIP_CONFIG
 _NAFLEX_HINT = ("; SigLIP 2's NaFlex processor gives patches, not images: read it with "
-                "dualenc.processing.NaFlexImageProcessor.from_pretrained")
+                "dualenc.processing.NaFlexImageProcessor.from_pretrained, or read any image processor with "
+                "dualenc.processing.AutoImageProcessor.from_pretrained")
 
 
 def _size(where, name, value, default_to_square):

@@ -143,7 +143,8 @@ class NaFlexImageProcessor:
         type_name = d.get("image_processor_type")
         if type_name not in TYPE_NAMES:
             fail(where, "image_processor_type", f"= {type_name!r} is not SigLIP 2's {TYPE_NAME!r}; "
-                                                f"read other image processors with dualenc.ImageProcessor")
+                                                f"read other image processors with dualenc.ImageProcessor, or any with "
+                                                f"dualenc.processing.AutoImageProcessor")
         for key, allowed in REJECTED.items():
             if d.get(key) not in allowed:
                 fail(where, key, f"= {d[key]!r} is not implemented; supported: {[a for a in allowed if a]}")

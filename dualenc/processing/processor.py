@@ -22,16 +22,47 @@ PROCESSOR_CLASS = "VisionTextDualEncoderProcessor"
 SIGLIP2_PROCESSOR_PATCHES = (16, 256)
 
 
-def load_image_processor(path: str | os.PathLike) -> ImageProcessor | NaFlexImageProcessor:
+def load_image_processor(path: str | os.PathLike, *, revision: str | None = None
+                         ) -> ImageProcessor | NaFlexImageProcessor:
     """The image processor of a model directory (or settings file): a NaFlexImageProcessor where the settings
     name SigLIP 2's Siglip2ImageProcessor, else an ImageProcessor (see ImageProcessor.from_pretrained); or of a
-    Hugging Face Hub model id (see dualenc.hub.resolve)."""
-    path = resolve(path)
+    Hugging Face Hub model id (see dualenc.hub.resolve; `revision` its branch, tag or commit).
+    AutoImageProcessor.from_pretrained is this function."""
+    path = resolve(path, revision=revision)
     if not (os.path.isdir(path) and is_open_clip_dir(path)):
         settings, where = read_settings(path)
         if settings.get("image_processor_type") in naflex.TYPE_NAMES:
             return NaFlexImageProcessor.from_dict(settings, where=where)
     return ImageProcessor.from_pretrained(path)
+
+
+class AutoImageProcessor:
+    """The image processor of any directory, file or hub id dualenc reads, as transformers' AutoImageProcessor
+    chooses the class: `dualenc.AutoImageProcessor.from_pretrained(path)` gives a NaFlexImageProcessor for SigLIP 2
+    (Siglip2ImageProcessor settings), else an ImageProcessor (ViT, CLIP, SigLIP settings, or open_clip's eval
+    transform for an open_clip directory). Processor.from_pretrained chooses its image processor the same way.
+    It is not instantiated itself."""
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("AutoImageProcessor is not instantiated: use AutoImageProcessor.from_pretrained(path), or "
+                        "ImageProcessor(...) / NaFlexImageProcessor(...)")
+
+    @staticmethod
+    def from_pretrained(path: str | os.PathLike, *, revision: str | None = None
+                        ) -> ImageProcessor | NaFlexImageProcessor:
+        """Reads the image processor settings of a model directory, one settings file or a hub id.
+
+        Args:
+          path: a directory (the "image_processor" entry of processor_config.json first, then
+            preprocessor_config.json; or open_clip_config.json in open_clip's layout), one of those files, or a
+            Hugging Face Hub model id (see dualenc.hub.resolve).
+          revision: the hub repository's branch, tag or commit, for an id.
+
+        Returns:
+          NaFlexImageProcessor where the settings name Siglip2ImageProcessor (or its Pil / Fast variant), else
+          ImageProcessor (see ImageProcessor.from_pretrained, whose errors it raises for other settings).
+        """
+        return load_image_processor(path, revision=revision)
 
 
 def image_inputs(processor, images) -> dict[str, np.ndarray]:
@@ -77,7 +108,7 @@ class Processor:
 
         Args:
           path: the directory (preprocessor/processor config, or open_clip_config.json: see
-            load_image_processor; tokenizer files, and config.json for the text length limit), as transformers'
+            AutoImageProcessor; tokenizer files, and config.json for the text length limit), as transformers'
             processors save it. SigLIP 2 (Siglip2ImageProcessor) settings give a NaFlexImageProcessor. Or a
             Hugging Face Hub model id (see dualenc.hub.resolve).
           max_length: the tokenizer's default length (see Tokenizer).
@@ -87,7 +118,7 @@ class Processor:
           Processor.
         """
         path = resolve(path, revision=revision)
-        return cls(load_image_processor(path), Tokenizer.from_pretrained(path, max_length=max_length))
+        return cls(AutoImageProcessor.from_pretrained(path), Tokenizer.from_pretrained(path, max_length=max_length))
 
     def __call__(self, text=None, images=None, max_length: int | None = None,
                  padding: str | bool = "max_length") -> dict[str, np.ndarray]:
