@@ -159,9 +159,9 @@ class Tokenizer(HoldsLock):
         Only what the model reads counts (each text truncated to max_length): a stretch is a WordPiece word the
         vocabulary lacks, or the characters a BPE, Unigram or SentencePiece vocabulary lacks (SigLIP's: of the
         canonicalised text). Special tokens the tokenizer adds (CLIP's end of text, which is also its unknown
-        token) and the unknown token written in a text are not unknown words. Byte-level BPE (RoBERTa, GPT-2,
-        open_clip's) and byte-fallback BPE (Gemma, SigLIP 2) read every text, so give none. The texts are encoded
-        as one batch.
+        token) and the unknown token written in a text are not unknown words. Byte-level BPE over all 256 bytes
+        (CLIP's, open_clip's, RoBERTa's, GPT-2's) and BPE with byte fallback (Gemma, SigLIP 2) read every text, so
+        give none. The texts are encoded as one batch.
 
         Args:
           texts: a list of strings.
