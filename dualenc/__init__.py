@@ -31,7 +31,7 @@ from dualenc.evaluate import (
     zero_shot_predict,
 )
 from dualenc.layers import TowerOutput
-from dualenc.processing import EncodedImage, ImageProcessor, NaFlexImageProcessor, Processor, Tokenizer
+from dualenc.processing import AutoImageProcessor, EncodedImage, ImageProcessor, NaFlexImageProcessor, Processor, Tokenizer
 from dualenc.model import (
     DualEncoderOutput,
     apply,
