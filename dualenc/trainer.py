@@ -26,7 +26,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from dualenc import formats, towers, train
+from dualenc import files, formats, towers, train
 from dualenc.config import SIGLIP_LOGIT_INIT, SIGLIP_TYPES, DualEncoderConfig, load_config
 from dualenc.data import PairDataset
 from dualenc.datasets import features as lit_cache
@@ -70,6 +70,45 @@ class TrainConfig:
         self.locked = tuple(self.locked)
 
 
+def _whole_model(vision_path: str | None, text_path: str | None, model_path: str | None):
+    """(directory, config) of the whole dual encoder that start_from trains with these (resolved) paths: model_path,
+    or one SigLIP (2) directory given as both towers; None when it composes two towers. Reads config files only."""
+    if model_path is not None:
+        if files.is_open_clip_dir(model_path):
+            where = os.path.join(model_path, files.OPEN_CLIP_CONFIG)
+            return model_path, formats.open_clip.config_from_dict(files.read_json(where, "open_clip config"), where)
+        return model_path, load_config(model_path)
+    if vision_path is not None and text_path is not None and \
+            os.path.realpath(vision_path) == os.path.realpath(text_path) and \
+            os.path.isfile(os.path.join(vision_path, "config.json")):
+        whole = load_config(vision_path)
+        if isinstance(whole, DualEncoderConfig) and whole.model_type in SIGLIP_TYPES:
+            return vision_path, whole
+    return None
+
+
+def check_start(vision_path: str | None = None, text_path: str | None = None, *, model_path: str | None = None,
+                projection_dim: int | None = None) -> None:
+    """Raises ConfigError when start_from would refuse these arguments, from the config files alone (no weights
+    read): both a whole model and towers, or neither; a projection_dim for a whole model that embeds with
+    another (or, a SigLIP model, with its towers' own heads)."""
+    vision_path, text_path, model_path = (p if p is None else resolve(p) for p in (vision_path, text_path, model_path))
+    if model_path is not None and (vision_path is not None or text_path is not None):
+        raise ConfigError("give either a whole model (model_path) or two towers (vision_path, text_path)")
+    if model_path is None and (vision_path is None or text_path is None):
+        raise ConfigError("give a whole model (model_path) or both towers (vision_path and text_path)")
+    whole = _whole_model(vision_path, text_path, model_path)
+    if whole is None or projection_dim is None:
+        return
+    path, config = whole
+    if model_path is None:
+        raise ConfigError(f"{path} is a whole {config.model_type} model, which embeds with its towers' own heads: a "
+                          f"projection_dim does not apply to it")
+    if projection_dim != config.projection_dim:
+        raise ConfigError(f"{path} embeds with projection_dim {config.projection_dim}; a projection_dim of "
+                          f"{projection_dim} does not apply to a whole model (compose towers for new ones)")
+
+
 def start_from(vision_path: str | None = None, text_path: str | None = None, *, key: jax.Array,
                model_path: str | None = None, projection_dim: int | None = None, loss: str | None = None,
                max_length: int | None = None):
@@ -84,37 +123,25 @@ def start_from(vision_path: str | None = None, text_path: str | None = None, *, 
     with from_vision_text_pretrained (new projections of projection_dim unless both carry trained ones); with
     loss "siglip" a new logit scale takes SigLIP's init, log 10, and a logit bias of -10 is added.
 
-    Each path may also be a Hugging Face Hub model id (see dualenc.hub.resolve).
+    Each path may also be a Hugging Face Hub model id (see dualenc.hub.resolve). check_start checks the
+    arguments first.
 
     Returns:
       (config, params, processor): the processor is the vision directory's image processor (a
       NaFlexImageProcessor for SigLIP 2) with the text directory's tokenizer.
     """
     scale, bias = SIGLIP_LOGIT_INIT
+    check_start(vision_path, text_path, model_path=model_path, projection_dim=projection_dim)
     vision_path, text_path, model_path = (p if p is None else resolve(p) for p in (vision_path, text_path, model_path))
     if model_path is not None:
-        if vision_path is not None or text_path is not None:
-            raise ConfigError("give either a whole model (model_path) or two towers (vision_path, text_path)")
         config, params = formats.load_pretrained(model_path)
-        if projection_dim is not None and projection_dim != config.projection_dim:
-            raise ConfigError(f"{model_path} embeds with projection_dim {config.projection_dim}; a projection_dim "
-                              f"of {projection_dim} does not apply to a whole model (compose towers for new ones)")
         if loss == "siglip" and "logit_bias" not in params:
             config = dataclasses.replace(config, logit_bias_init_value=bias)
             params["logit_bias"] = jax.numpy.asarray(bias, jax.numpy.float32)
         return config, params, Processor.from_pretrained(model_path, max_length=max_length)
-    if vision_path is None or text_path is None:
-        raise ConfigError("give a whole model (model_path) or both towers (vision_path and text_path)")
     processor = Processor(load_image_processor(vision_path), Tokenizer.from_pretrained(text_path,
                                                                                        max_length=max_length))
-    whole = None
-    if os.path.realpath(vision_path) == os.path.realpath(text_path) and \
-            os.path.isfile(os.path.join(vision_path, "config.json")):
-        whole = load_config(vision_path)
-    if isinstance(whole, DualEncoderConfig) and whole.model_type in SIGLIP_TYPES:
-        if projection_dim is not None:
-            raise ConfigError(f"{vision_path} is a whole {whole.model_type} model, which embeds with its towers' own "
-                              f"heads: a projection_dim does not apply to it")
+    if _whole_model(vision_path, text_path, None) is not None:
         config, params = formats.load_pretrained(vision_path)
         return config, params, processor
     with warnings.catch_warnings():

@@ -3,7 +3,6 @@ prints, --resume and --resume-or-start, one run per metrics.jsonl, the captions'
 notice, and every argument checked before the model loads."""
 
 import argparse
-import functools
 import json
 import os
 import shlex
@@ -47,7 +46,7 @@ def test_ctrl_c_then_the_printed_command_resumes_a_relative_out(workspace, monke
     prints a command that, run as printed, resumes (orbax took only absolute paths: it failed), dropping the
     records logged after the checkpoint it resumes from, so metrics.jsonl holds one run."""
     monkeypatch.chdir(workspace)
-    monkeypatch.setattr(training, "CompileNotice", functools.partial(common.CompileNotice, delay=0.0))
+    monkeypatch.setattr(common, "COMPILE_NOTICE_DELAY", 0.0)  # every compile says so
     step = training.Progress.step
 
     def ctrl_c_at_step_3(self, number, metrics):
@@ -107,6 +106,21 @@ def test_arguments_are_checked_before_the_summary_and_the_model(args, message, w
     proc = dualenc_run(*TRAIN, "--data", "data/pairs.jsonl", *args, check=False)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_projection_dim_of_a_whole_model_is_checked_from_its_config(workspace, tmp_path, monkeypatch):
+    """Before the data is read (it is missing here) and without loading the weights."""
+    import jax
+    from test_train import CONFIG
+
+    monkeypatch.chdir(workspace)
+    monkeypatch.setattr(dualenc.formats, "load_pretrained", None)  # weights are not read
+    dualenc.save_pretrained(tmp_path / "model", CONFIG, dualenc.init(jax.random.key(0), CONFIG))
+    proc = dualenc_run("train", "--model", tmp_path / "model", "--projection-dim", 8, "--data", "data/none.jsonl",
+                       "--out", "run", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"dualenc train: error: --projection-dim: {tmp_path / 'model'} embeds with projection_dim 16; a "
+        f"projection_dim of 8 does not apply to a whole model (compose towers for new ones)")
 
 
 def test_resume_or_start_starts_where_there_is_no_checkpoint(tmp_path):

@@ -14,7 +14,7 @@ import traceback
 import numpy as np
 
 from dualenc.cli import training_checks as checks
-from dualenc.cli.common import CommandError, CompileNotice, note, outside_hint
+from dualenc.cli.common import CommandError, CompileNotice, note, outside_hint, plural
 from dualenc.cli.options import data_options, subcommand
 from dualenc.errors import DualEncError
 
@@ -231,12 +231,11 @@ def _start_log(args, resumed_from):
     from dualenc import runlog
 
     log = runlog.RunLog(args.out, tensorboard=args.tensorboard, resumed_from=resumed_from)
-    records = lambda n: f"{n} record" + ("" if n == 1 else "s")  # noqa: E731
     if log.replaced:
-        note("train", f"{log.path} held {records(log.replaced)} of an earlier run that left no checkpoint: this new "
+        note("train", f"{log.path} held {plural(log.replaced, 'record')} of an earlier run that left no checkpoint: this new "
                       f"run replaces them" + (" (and its TensorBoard events)" if args.tensorboard else ""))
     if log.dropped:
-        note("train", f"dropped the {records(log.dropped)} of {log.path} logged after step {resumed_from}: those "
+        note("train", f"dropped the {plural(log.dropped, 'record')} of {log.path} logged after step {resumed_from}: those "
                       f"steps are trained and logged again")
     if resumed_from is None:
         with contextlib.suppress(FileNotFoundError):

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from dualenc.cli.common import CommandError, note
+from dualenc.cli.common import CommandError, at_least, note, require
 
 CAPTION_SAMPLE = 2000  # captions (or records) looked at for words the tokenizer does not know
 UNKNOWN_WARNING = 0.05  # above this share of captions with unknown words, train warns
@@ -19,7 +19,8 @@ UNKNOWN_WARNING = 0.05  # above this share of captions with unknown words, train
 def check_args(args) -> None:
     """Every argument checked before any work; what needs the data (the batch against the images) is checked
     as soon as the data is read, before the model loads."""
-    from dualenc import hub
+    from dualenc import hub, trainer
+    from dualenc.errors import ConfigError
 
     if args.model is not None and (args.vision or args.text):
         raise CommandError("give --model DIR (fine-tune a whole model) or --vision DIR --text DIR (compose towers), "
@@ -29,14 +30,20 @@ def check_args(args) -> None:
     for flag, path in (("--model", args.model), ("--vision", args.vision), ("--text", args.text)):
         if path is not None and not os.path.isdir(hub.resolve(path)):
             raise CommandError(f"{flag} model directory not found: {path}")
+    if args.projection_dim is not None:
+        at_least(args.projection_dim, "--projection-dim")
+        try:  # from the config files alone
+            trainer.check_start(args.vision, args.text, model_path=args.model, projection_dim=args.projection_dim)
+        except ConfigError as e:
+            raise CommandError(f"--projection-dim: {e}") from None
     for flag, value, least in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
                                ("--log-every", args.log_every, 0), ("--eval-every", args.eval_every, 0),
                                ("--checkpoint-every", args.checkpoint_every, 0), ("--keep", args.keep, 0),
                                ("--unlocked-layers", args.unlocked_layers, 0), ("--workers", args.workers, 0),
                                ("--seed", args.seed, 0), ("--heartbeat-timeout", args.heartbeat_timeout, 1),
-                               ("--max-length", args.max_length, 1), ("--projection-dim", args.projection_dim, 1)):
-        if value is not None and value < least:
-            raise CommandError(f"{flag} must be at least {least}, got {value}")
+                               ("--max-length", args.max_length, 1)):
+        if value is not None:
+            at_least(value, flag, least)
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise CommandError(f"--lr must be a positive number, got {args.lr}")
     if args.cache and args.lock != "vision":
@@ -52,16 +59,14 @@ def check_args(args) -> None:
     if args.coordinator:
         if args.num_processes is None or args.process_id is None:
             raise CommandError("--coordinator needs --num-processes and --process-id")
-        if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+        at_least(args.num_processes, "--num-processes")
+        if not 0 <= args.process_id < args.num_processes:
             raise CommandError(f"--process-id must be in [0, {args.num_processes - 1}] (--num-processes "
                                f"{args.num_processes}), got {args.process_id}")
     elif args.num_processes is not None or args.process_id is not None:
         raise CommandError("--num-processes and --process-id go with --coordinator HOST:PORT")
     if args.tensorboard:
-        try:
-            import tensorboardX  # noqa: F401
-        except ImportError:
-            raise CommandError("--tensorboard needs tensorboardX: pip install 'dualenc[tensorboard]'") from None
+        require("tensorboardX", "tensorboard", "--tensorboard")
 
 
 def check_batch(args, dataset, devices: int) -> None:
@@ -73,7 +78,7 @@ def check_batch(args, dataset, devices: int) -> None:
     if args.batch_size > count:
         fits = count - count % devices  # the largest batch that still splits over the devices
         what = f"{fits} or less" + (f" (a multiple of the {devices} devices)" if devices > 1 else "") if fits \
-            else f"at most {count}, on as many devices or fewer"
+            else f"{count} or less, and run on fewer devices (a batch splits evenly over the {devices} devices)"
         raise CommandError(f"--batch-size {args.batch_size} is more than the {count} distinct images in "
                            f"{' '.join(args.data)} (a batch holds each image at most once): lower --batch-size to "
                            f"{what}")
