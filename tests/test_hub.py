@@ -20,7 +20,7 @@ import huggingface_hub  # the hub extra, installed with dev
 from huggingface_hub import constants
 
 from dualenc import cli, hub, trainer
-from dualenc.cli import training
+from dualenc.cli import training_checks
 
 CONFIG = dualenc.DualEncoderConfig(vision=dualenc.ViTConfig(**TINY, image_size=16, patch_size=8),
                                    text=dualenc.BertConfig(**TINY, vocab_size=40, max_position_embeddings=16),
@@ -150,7 +150,7 @@ def test_the_command_takes_an_id(cache, tmp_path):
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "'org/missing'" in lines[0] and "HF_HUB_OFFLINE" in lines[0], err
     assert not os.path.exists("org")
-    args = argparse.Namespace(model="org/name", vision=None, text=None, log_every=1, eval_every=0)
-    training._check_args(args)
+    args = cli.parser().parse_args(["train", "--model", "org/name", "--data", "pairs.jsonl", "--out", "out"])
+    training_checks.check_args(args)
     with pytest.raises(FileNotFoundError, match="'org/missing'"):
-        training._check_args(argparse.Namespace(**{**vars(args), "model": "org/missing"}))
+        training_checks.check_args(argparse.Namespace(**{**vars(args), "model": "org/missing"}))
