@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
+
+from dualenc.errors import CheckpointError
 
 # Weights as safetensors only, configs, and tokenizer files; never pickled or framework-specific weights.
 ALLOW_PATTERNS = ("*.safetensors", "*.json", "*.txt", "*.model", "vocab.*")
 INSTALL_HINT = "pip install 'dualenc[hub]'"
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_REF_BYTES = 64  # a ref holds a commit hash: more is not read
+_REMEDY = "the hub cache is damaged; delete {} and download the model again"
 
 
 def _hub(name: str):
@@ -90,11 +96,14 @@ def _processes() -> int:
 
 def _download(hub, repo_id: str, revision: str | None, *, local_files_only: bool) -> str:
     from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
     from huggingface_hub.utils import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
+    storage = os.path.join(constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type="model"))
+    ref = _check_ref(storage, revision)
     try:
-        return hub.snapshot_download(repo_id, revision=revision, allow_patterns=list(ALLOW_PATTERNS),
-                                     local_files_only=local_files_only)
+        snapshot = hub.snapshot_download(repo_id, revision=revision, allow_patterns=list(ALLOW_PATTERNS),
+                                         local_files_only=local_files_only)
     except OSError as e:  # every huggingface_hub error is one
         offline = bool(getattr(constants, "HF_HUB_OFFLINE", False))
         at = f"{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
@@ -114,3 +123,37 @@ def _download(hub, repo_id: str, revision: str | None, *, local_files_only: bool
             advice = (f"could not be downloaded ({reason}) and is not in the hub cache {constants.HF_HUB_CACHE}; "
                       f"HF_HUB_OFFLINE is {'set' if offline else 'not set'}: check the network and the name")
         raise FileNotFoundError(f"no local directory and no Hugging Face Hub model {at}: {advice}") from None
+    return _check_snapshot(storage, snapshot, ref)
+
+
+def _check_ref(storage: str, revision: str | None) -> str | None:
+    """The ref file a branch or tag is read from in the model's cache folder (None for a commit), checked to hold
+    a commit hash when it exists: huggingface_hub follows it offline, or when the network fails."""
+    if revision is not None and _COMMIT.fullmatch(revision):
+        return None
+    ref = os.path.join(storage, "refs", revision or "main")
+    if not os.path.lexists(ref):
+        return ref
+    try:
+        with open(ref, "rb") as f:
+            content = f.read(_REF_BYTES + 1)
+    except OSError as e:
+        raise CheckpointError(f"hub cache ref {ref} cannot be read ({e.strerror or e}): {_REMEDY.format(storage)}") \
+            from None
+    if not _COMMIT.fullmatch(content.decode("latin-1")):
+        raise CheckpointError(f"hub cache ref {ref} holds {content[:_REF_BYTES]!r}, not a commit hash (40 hex "
+                              f"digits): {_REMEDY.format(storage)}")
+    return ref
+
+
+def _check_snapshot(storage: str, snapshot: str, ref: str | None) -> str:
+    """`snapshot` once checked to be a commit's folder under the model's snapshots/, where it resolves too."""
+    snapshots = os.path.join(storage, "snapshots")
+    name = os.path.basename(snapshot)
+    if os.path.dirname(snapshot) != snapshots or not _COMMIT.fullmatch(name):
+        where = f"hub cache ref {ref} names" if ref else "the hub gave"
+        raise CheckpointError(f"{where} {snapshot}, not a commit's folder in {snapshots}: {_REMEDY.format(storage)}")
+    if os.path.dirname(os.path.realpath(snapshot)) != os.path.realpath(snapshots):
+        raise CheckpointError(f"hub cache snapshot {snapshot} resolves to {os.path.realpath(snapshot)}, outside "
+                              f"{snapshots}: {_REMEDY.format(storage)}")
+    return snapshot

@@ -154,7 +154,7 @@ def test_prepare_streams_caption_files(tmp_path, monkeypatch):
     assert manifest["records"] == 3 and [s["records"] for s in manifest["shards"]] == [2, 1]
     assert manifest["skipped"] == {"path outside the data folder": 1, "malformed row": 1, "empty caption": 1,
                                    "no image": 1}
-    src = RecordSource(out)
+    src = RecordSource(out, image_root=data)  # outside the prepared folder: named by the caller
     assert src.image_root == str(data)
     records = [decode_record(src[i]) for i in range(len(src))]
     assert [(r.path, r.captions, r.label, r.image) for r in records] == [
@@ -167,14 +167,14 @@ def test_prepare_streams_caption_files(tmp_path, monkeypatch):
 
     allowed = prepare([str(jsonl)], tmp_path / "allowed", allow_outside=True)
     assert allowed["records"] == 4 and allowed["image_root"] == os.path.abspath(os.sep)
-    outside = [decode_record(r) for r in RecordSource(tmp_path / "allowed").__getitems__(range(4))][2]
+    outside = decode_record(RecordSource(tmp_path / "allowed", allow_outside=True)[2])
     assert record_image_path(outside, os.sep) == str(tmp_path / "x.png")
 
     csv_file = data / "pairs.csv"
     csv_file.write_text('filepath,caption\nimages/a.png,"two\nlines"\nimages/a.png,\n,orphan\nimages/a.png,"x"\n')
     manifest = prepare([str(csv_file)], tmp_path / "csv", records_per_shard=1)
     assert manifest["records"] == 2 and manifest["skipped"] == {"empty caption": 1, "no image": 1}
-    assert decode_record(RecordSource(tmp_path / "csv")[0]).captions == ("two\nlines",)
+    assert decode_record(RecordSource(tmp_path / "csv", image_root=data)[0]).captions == ("two\nlines",)
     os.unlink(tmp_path / "csv" / "shard-00001.array_record")  # resumes after the header and the first record
     assert prepare([str(csv_file)], tmp_path / "csv", records_per_shard=1) == manifest
 

@@ -154,3 +154,35 @@ def test_the_command_takes_an_id(cache, tmp_path):
     training_checks.check_args(args)
     with pytest.raises(FileNotFoundError, match="'org/missing'"):
         training_checks.check_args(argparse.Namespace(**{**vars(args), "model": "org/missing"}))
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_a_ref_pointing_out_of_the_cache_is_refused(cache, tmp_path, monkeypatch, offline):
+    """refs/main holding a path instead of a commit, offline or as the fallback when the network fails."""
+    import httpx2
+
+    if not offline:
+        def down(*args, **kwargs):
+            raise httpx2.ConnectError("network is unreachable")
+
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", down)
+        monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_tree", down)
+    repo = tmp_path / "hub-cache" / "models--org--name"
+    elsewhere = save_model(tmp_path / "private" / "model", seed=3)
+    ref = repo / "refs" / "main"
+    for content in (os.path.relpath(elsewhere, repo / "snapshots"), "../../..", elsewhere, COMMIT + "/../..",
+                    COMMIT + "\n", "x" * (1 << 20)):
+        ref.write_text(content)
+        with pytest.raises(dualenc.CheckpointError) as e:
+            hub.resolve("org/name")
+        message = str(e.value)
+        assert str(ref) in message and "not a commit" in message and "\n" not in message, message
+    ref.write_text("f" * 40)  # a commit whose snapshot is a symlink out of snapshots/
+    os.symlink(elsewhere, repo / "snapshots" / ("f" * 40))
+    for revision in (None, "f" * 40):
+        with pytest.raises(dualenc.CheckpointError, match=f"snapshots/{'f' * 40} .*outside"):
+            hub.resolve("org/name", revision=revision)
+    ref.write_text(COMMIT)
+    assert hub.resolve("org/name") == cache

@@ -13,7 +13,7 @@ import os
 from typing import Callable, Iterable, Iterator
 
 from dualenc.datasets import captions as caption_files
-from dualenc.datasets.records import FORMAT, MANIFEST, VERSION, encode_record, open_shard, read_manifest
+from dualenc.datasets.records import FORMAT, MANIFEST, VERSION, encode_record, open_shard, read_manifest, shard_records
 from dualenc.datasets.webdataset import expand_shards, iter_tar
 from dualenc.errors import DataError
 from dualenc.files import _fsync, write_json_atomic
@@ -97,9 +97,9 @@ def _reusable(out: str, settings: dict) -> list[dict]:
             break
         try:
             reader = open_shard(path)
-        except DataError:
+            count = shard_records(reader, path)
+        except DataError:  # damaged: redone
             break
-        count = reader.num_records()
         reader.close()
         if count != shard["records"]:
             break
@@ -151,6 +151,22 @@ def _caption_shards(out: str, first_index: int, path: str, start: int, first: bo
         yield done()
 
 
+def image_root_for(files: list[str], image_root: str | os.PathLike | None = None,
+                   allow_outside: bool = False) -> str | None:
+    """The folder prepare() names the images of caption files relative to (its manifest's image_root), for the
+    same arguments (`files` expanded): None without caption files, the filesystem root with allow_outside,
+    else image_root or the caption files' common folder. A RecordSource reading a folder outside its image root
+    takes it as its image_root."""
+    texts = [os.path.abspath(p) for p in files if _kind(p) == "captions"]
+    if not texts:
+        return None
+    if allow_outside:
+        return os.path.abspath(os.sep)
+    if image_root is not None:
+        return os.path.abspath(os.fspath(image_root))
+    return os.path.commonpath([os.path.dirname(p) for p in texts])
+
+
 def prepare(inputs: str | Iterable[str], out: str | os.PathLike, *, records_per_shard: int = RECORDS_PER_SHARD,
             image_root: str | os.PathLike | None = None, allow_outside: bool = False,
             progress: Callable[[dict, bool], None] | None = None) -> dict:
@@ -179,14 +195,8 @@ def prepare(inputs: str | Iterable[str], out: str | os.PathLike, *, records_per_
     kinds = [_kind(p) for p in files]
     if image_root is not None and not os.path.isdir(image_root):
         raise DataError(f"--image-root {os.fspath(image_root)} is not a folder")
-    texts = [p for p, kind in zip(files, kinds) if kind == "captions"]
     given_root = None if image_root is None else os.path.abspath(os.fspath(image_root))
-    if not texts:
-        root = None
-    elif allow_outside:
-        root = os.path.abspath(os.sep)
-    else:
-        root = given_root or os.path.commonpath([os.path.dirname(p) for p in texts])
+    root = image_root_for(files, image_root, allow_outside)
     out = os.path.abspath(os.fspath(out))
     if os.path.exists(out) and not os.path.isdir(out):
         raise DataError(f"--out {out} exists and is not a folder")

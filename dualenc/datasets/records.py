@@ -170,8 +170,9 @@ def read_manifest(folder: str) -> dict:
         raise DataError(f"{path}: the shards hold {sum(s['records'] for s in shards)} records, the manifest says "
                         f"{records}")
     root = manifest.get("image_root")
-    if root is not None and not isinstance(root, str):
-        raise DataError(f"{path}: image_root must be a string or null, got {root!r}")
+    if root is not None and (not isinstance(root, str) or not root or "\x00" in root):
+        raise DataError(f"{path}: image_root must be a non-empty string without NUL characters, or null; got "
+                        f"{root!r}")
     return manifest
 
 
@@ -182,25 +183,54 @@ def open_shard(file: str):
     try:
         reader = ArrayRecordReader(file, READER_OPTIONS)
         ok = reader.ok()  # the reader does not raise on a missing, truncated or foreign file: it is not ok
+        if not ok:
+            _close(reader)
     except (RuntimeError, ValueError, OSError) as e:
         raise DataError(f"shard file {file} cannot be read as ArrayRecord: {e}") from None
     if not ok:
-        reader.close()
         raise DataError(f"shard file {file} cannot be read as ArrayRecord (missing, truncated or another format)")
     return reader
+
+
+def _close(reader) -> None:
+    try:
+        reader.close()
+    except (RuntimeError, ValueError, OSError):
+        pass  # closing a damaged file complains about the damage, already reported by the caller
+
+
+def shard_records(reader, file: str) -> int:
+    """The number of records an open shard holds; a damaged file is a DataError naming it (the reader closed)."""
+    try:
+        return reader.num_records()
+    except (RuntimeError, ValueError, OSError) as e:
+        _close(reader)
+        raise DataError(f"shard file {file} cannot be read as ArrayRecord: {e}") from None
 
 
 class RecordSource:
     """Random access to the records of a prepared folder (a grain RandomAccessDataSource): src[i] is the raw
     bytes of record i, numbered across the shards in manifest order; decode them with decode_record.
 
+    Records that name their image by a path (caption files) are read under `image_root`: the one given, else
+    the manifest's, which must lie inside the folder (as written, or once both are resolved) unless
+    allow_outside; a manifest naming a root outside is a DataError saying what to pass. A record whose path
+    leaves the root is not read (record_image gives None: skip and count it).
+
     Shard readers open lazily in each process and are dropped when pickled (grain sends the source to its
     worker processes); each has a lock, so threads may share the source.
+
+    Args:
+      folder: a folder written by `dualenc prepare`.
+      image_root: the folder the records' image paths are relative to, instead of the manifest's.
+      allow_outside: accept the manifest's image root wherever it lies, and image paths leaving it.
     """
 
-    def __init__(self, folder: str | os.PathLike):
+    def __init__(self, folder: str | os.PathLike, *, image_root: str | os.PathLike | None = None,
+                 allow_outside: bool = False):
         self.folder = os.path.abspath(os.fspath(folder))
         self.manifest = read_manifest(self.folder)
+        self.allow_outside = bool(allow_outside)
         if self.manifest.get("complete") is False:
             raise DataError(f"{os.path.join(self.folder, MANIFEST)}: the preparation did not finish; run "
                             f"`dualenc prepare` again with the same inputs to complete it")
@@ -213,9 +243,26 @@ class RecordSource:
         for count in self._counts:
             total += count
             self._ends.append(total)
-        root = self.manifest.get("image_root")
-        self.image_root = None if root is None else os.path.abspath(os.path.join(self.folder, root))
+        self.image_root = self._image_root(image_root)
         self._setup()
+
+    def _image_root(self, given) -> str | None:
+        from dualenc.data import _resolve
+
+        if given is not None:
+            given = os.path.abspath(os.fspath(given))
+            if not os.path.isdir(given):
+                raise DataError(f"image_root (--image-root) {given} is not a folder")
+            return given
+        root = self.manifest.get("image_root")
+        if root is None:
+            return None
+        path = os.path.normpath(os.path.join(self.folder, root))
+        if self.allow_outside or _resolve(self.folder, root, False) is not None:
+            return path
+        raise DataError(f"{os.path.join(self.folder, MANIFEST)}: its image root {path} lies outside the prepared "
+                        f"folder; to read the images there, pass image_root / --image-root {path}, or allow_outside="
+                        f"True / --allow-outside")
 
     def _setup(self):
         self._readers = [None] * len(self._files)
@@ -243,9 +290,9 @@ class RecordSource:
             if self._readers[shard] is None:
                 file = self._files[shard]
                 reader = open_shard(file)
-                count = reader.num_records()
+                count = shard_records(reader, file)
                 if count != self._counts[shard]:
-                    reader.close()
+                    _close(reader)
                     raise DataError(f"shard file {file} holds {count} records, the manifest says "
                                     f"{self._counts[shard]}")
                 self._readers[shard] = reader

@@ -1,0 +1,191 @@
+"""Hostile prepared folders, hub caches and LiT caches (issue 22): a manifest's image root, damaged ArrayRecord
+shards, a hub ref pointing out of the cache, damaged LiT cache parts; each ends in a one-line documented error
+naming the file, or in records skipped and counted."""
+
+import hashlib
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dualenc.datasets import RecordSource, decode_record, encode_record, prepare
+from dualenc.datasets import features as lit_cache
+from dualenc.datasets.pipeline import RecordReader, Unusable
+from dualenc.datasets.prepare import _Shard
+from dualenc.datasets.records import record_image
+from dualenc.errors import CheckpointError, DataError
+
+
+def _png(color):
+    out = io.BytesIO()
+    Image.new("RGB", (4, 4), color).save(out, "PNG")
+    return out.getvalue()
+
+
+def write_folder(folder, records, image_root, shards=1):
+    """A prepared folder as a stranger may hand it over: `records` (bytes) split over `shards` shards."""
+    os.makedirs(folder, exist_ok=True)
+    entries = []
+    for i in range(shards):
+        part = records[i * len(records) // shards:(i + 1) * len(records) // shards]
+        shard = _Shard(str(folder), i)
+        for record in part:
+            shard.write(record)
+        shard.finish()
+        entries.append({"file": shard.file, "records": len(part), "input": f"/data/{i}.jsonl", "skipped": {}})
+    manifest = {"format": "dualenc-records", "version": 1, "complete": True, "records": len(records),
+                "skipped": {}, "inputs": [], "records_per_shard": 10, "image_root": image_root,
+                "allow_outside": False, "shards": entries}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+@pytest.fixture
+def secret(tmp_path):
+    """A private image outside every data folder."""
+    path = tmp_path / "home" / "private.png"
+    path.parent.mkdir()
+    path.write_bytes(_png("red"))
+    return path
+
+
+# ----------------------------------------------------------------------------------- 4: the manifest's image root
+
+@pytest.mark.parametrize("root", ["/", "../..", "..", "%s"])
+def test_a_manifest_cannot_move_the_image_root_out_of_its_folder(tmp_path, secret, root):
+    folder = tmp_path / "a" / "prepared"
+    folder.mkdir(parents=True)
+    root = str(secret.parent) if root == "%s" else root
+    resolved = os.path.normpath(os.path.join(folder, root))
+    if os.path.commonpath([resolved, secret]) != resolved:
+        secret = shutil.copy(secret, os.path.join(resolved, "private.png"))
+    write_folder(folder, [encode_record("k", ["a private photo"], path=os.path.relpath(secret, resolved))], root)
+    with pytest.raises(DataError) as e:
+        RecordSource(folder)
+    message = str(e.value)
+    assert "\n" not in message and str(folder / "manifest.json") in message and "allow_outside" in message
+    from dualenc.cli.index import _record_source  # what `dualenc embed --images FOLDER` opens
+    from dualenc.cli.training import training_data  # what `dualenc train --data FOLDER` opens
+
+    with pytest.raises(DataError, match="image root"):
+        _record_source(str(folder), 8, None, False, [])
+    with pytest.raises(DataError, match="image root"):
+        training_data([str(folder)], str(tmp_path / "out" / "prepared"))
+    allowed = RecordSource(folder, allow_outside=True)  # the caller's word moves it
+    assert allowed.image_root == resolved
+    assert os.path.samefile(record_image(decode_record(allowed[0]), "k", allowed.image_root), secret)
+    given = RecordSource(folder, image_root=resolved)  # as does naming the root
+    assert given.image_root == resolved
+    with pytest.raises(DataError, match="--image-root"):
+        RecordSource(folder, image_root=tmp_path / "nowhere")
+
+
+def _raw_record(key, path):
+    """A record naming `path` as it is (encode_record refuses paths leaving the root)."""
+    header = json.dumps({"key": key, "captions": ["x"], "size": 0, "path": path}).encode()
+    return b"DER1" + len(header).to_bytes(4, "little") + header
+
+
+def test_a_root_inside_the_folder_is_kept_and_records_leaving_it_are_skipped_and_counted(tmp_path, secret):
+    folder = tmp_path / "prepared"
+    (folder / "images").mkdir(parents=True)
+    (folder / "images" / "a.png").write_bytes(_png("blue"))
+    records = [encode_record("a", ["blue"], path="a.png"), _raw_record("b", "../../home/private.png"),
+               _raw_record("c", str(secret)), encode_record("d", ["bytes"], _png("white"))]
+    write_folder(folder, records, "images")
+    source = RecordSource(folder)
+    assert source.image_root == str(folder / "images")
+    reader = RecordReader(source, processor=None)
+    assert reader.read(0)[0] == str(folder / "images" / "a.png")
+    for i in (1, 2):  # never resolved: the pipeline replaces them and counts them
+        with pytest.raises(Unusable, match="corrupt record"):
+            reader.read(i)
+    assert reader.read(3)[1] == ("bytes",)
+
+
+def test_prepare_then_read_names_the_root_to_pass(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.png").write_bytes(_png("red"))
+    (data / "pairs.jsonl").write_text(json.dumps({"image": "a.png", "caption": "red"}) + "\n")
+    prepare([str(data / "pairs.jsonl")], tmp_path / "prepared")
+    with pytest.raises(DataError, match=f"its image root {data} lies outside .* --image-root {data},"):
+        RecordSource(tmp_path / "prepared")
+    source = RecordSource(tmp_path / "prepared", image_root=data)
+    assert record_image(decode_record(source[0]), "a", source.image_root) == str(data / "a.png")
+
+
+def test_a_manifest_root_must_be_a_plain_string(tmp_path):
+    for root in (7, ["/"], "a\x00b", ""):
+        folder = write_folder(tmp_path / f"f{len(os.listdir(tmp_path))}", [encode_record("k", ["x"], b"x")], root)
+        with pytest.raises(DataError, match="image_root"):
+            RecordSource(folder)
+
+
+# ---------------------------------------------------------------------------------- 11: damaged ArrayRecord shards
+
+def _damaged(blob, how):
+    rng = np.random.default_rng(len(how))
+    if how == "random bytes":
+        return rng.integers(0, 256, 3000, dtype=np.uint8).tobytes()
+    if how == "under 64 KB":
+        return blob[:40_000]
+    if how == "truncated":
+        return blob[:-10]
+    if how == "empty":
+        return b""
+    raise ValueError(how)
+
+
+@pytest.mark.parametrize("how", ["random bytes", "under 64 KB", "truncated", "empty"])
+def test_a_damaged_shard_is_a_data_error_naming_it(tmp_path, how):
+    folder = write_folder(tmp_path / "prepared", [encode_record(f"k{i}", ["x"], _png("red")) for i in range(6)],
+                          None, shards=2)
+    shard = folder / "shard-00001.array_record"
+    shard.write_bytes(_damaged(shard.read_bytes(), how))
+    source = RecordSource(folder)
+    assert decode_record(source[0]).key == "k0"  # the other shard still reads
+    for read in (lambda: source[4], lambda: source.__getitems__([0, 5])):
+        with pytest.raises(DataError) as e:
+            read()
+        assert str(shard) in str(e.value) and "\n" not in str(e.value)
+    from dualenc.cli.index import _record_source
+
+    images = _record_source(str(folder), 8, None, False, [])
+    with pytest.raises(DataError, match=str(shard)):
+        list(images.pairs)
+    source.close()
+
+
+def test_a_flipped_shard_byte_is_a_data_error(tmp_path):
+    folder = write_folder(tmp_path / "prepared", [encode_record(f"k{i}", ["x"], _png("red")) for i in range(3)], None)
+    shard = folder / "shard-00000.array_record"
+    blob = bytearray(shard.read_bytes())
+    blob[400] ^= 0x10  # inside the first record's chunk: riegeli's hash catches it
+    shard.write_bytes(bytes(blob))
+    with pytest.raises(DataError, match=str(shard)):
+        RecordSource(folder).__getitems__([0, 1, 2])
+
+
+def test_prepare_redoes_a_damaged_shard_on_a_rerun(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        (data / f"{i}.png").write_bytes(_png("red"))
+    (data / "pairs.jsonl").write_text("".join(json.dumps({"image": f"{i}.png", "caption": f"c{i}"}) + "\n"
+                                              for i in range(3)))
+    out = tmp_path / "prepared"
+    manifest = prepare([str(data / "pairs.jsonl")], out, records_per_shard=1)
+    for how in ("random bytes", "under 64 KB", "truncated", "empty"):
+        shard = out / "shard-00001.array_record"
+        shard.write_bytes(_damaged(shard.read_bytes(), how))
+        seen = []
+        assert prepare([str(data / "pairs.jsonl")], out, records_per_shard=1,
+                       progress=lambda entry, kept: seen.append(kept)) == manifest
+        assert seen == [True, False, False], how
+        assert [decode_record(r).key for r in RecordSource(out, image_root=data).__getitems__(range(3))] == \
+            ["0.png", "1.png", "2.png"]
