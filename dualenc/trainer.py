@@ -72,12 +72,14 @@ class TrainConfig:
 
 def _whole_model(vision_path: str | None, text_path: str | None, model_path: str | None):
     """(directory, config) of the whole dual encoder that start_from trains with these (resolved) paths: model_path,
-    or one SigLIP (2) directory given as both towers; None when it composes two towers. Reads config files only."""
+    or one SigLIP (2) directory given as both towers; None when it composes two towers (or model_path holds no
+    dual encoder, which load_pretrained reports). Reads config files only."""
     if model_path is not None:
         if files.is_open_clip_dir(model_path):
             where = os.path.join(model_path, files.OPEN_CLIP_CONFIG)
             return model_path, formats.open_clip.config_from_dict(files.read_json(where, "open_clip config"), where)
-        return model_path, load_config(model_path)
+        config = load_config(model_path)
+        return (model_path, config) if isinstance(config, DualEncoderConfig) else None  # load_pretrained says why
     if vision_path is not None and text_path is not None and \
             os.path.realpath(vision_path) == os.path.realpath(text_path) and \
             os.path.isfile(os.path.join(vision_path, "config.json")):
@@ -97,8 +99,8 @@ def check_start(vision_path: str | None = None, text_path: str | None = None, *,
         raise ConfigError("give either a whole model (model_path) or two towers (vision_path, text_path)")
     if model_path is None and (vision_path is None or text_path is None):
         raise ConfigError("give a whole model (model_path) or both towers (vision_path and text_path)")
-    whole = _whole_model(vision_path, text_path, model_path)
-    if whole is None or projection_dim is None:
+    whole = None if projection_dim is None else _whole_model(vision_path, text_path, model_path)
+    if whole is None:
         return
     path, config = whole
     if model_path is None:
