@@ -1,5 +1,6 @@
-"""Embedding indexes: a streaming writer, a memory-mapped reader, exact top-k search (or approximate, through
-dualenc.ann), and the merge of shard indexes into one.
+"""Embedding indexes: the files (dualenc.index_file: a streaming writer, a memory-mapped reader), exact top-k
+search (or approximate, through dualenc.ann), the merge of shard indexes into one, and the fingerprints that tie
+an index to its model and a shard to its inputs.
 
 An index is a safetensors file NAME.safetensors holding one float32 tensor "embeddings" (count, dims), its names
 in a sidecar NAME.names.jsonl (one JSON string per line) and, optionally, an approximate-search index beside it
@@ -12,35 +13,21 @@ import dataclasses
 import hashlib
 import json
 import os
-import secrets
-import struct
-from typing import Iterable, Iterator, Sequence
+import re
+from typing import Iterable, Sequence
 
 import numpy as np
 
-from dualenc import files
-from dualenc.errors import CheckpointError, InputError
+from dualenc import index_file
+from dualenc.errors import InputError
+from dualenc.index_file import (SUFFIX, TENSOR, EmbeddingIndex, IndexWriter, _names_of,  # noqa: F401
+                                clean_temporaries, embeddings_sha256, names_file, open_index, temporary_path,
+                                verified_rows)
 
-TENSOR = "embeddings"
-SUFFIX = ".safetensors"
 # search(ann=None) uses the ANN index from this many rows on, where one was built: below it exact search is
 # fast enough beside loading a model (benchmarks/README.md, "Embedding search"), and exact.
 ANN_MIN_ROWS = 200_000
 ANN_MIN_RECALL = 0.9  # nor below this recall@10: rows without structure (random vectors) defeat the graph
-_CHUNK_BYTES = 64 << 20  # the most of an index (and of its scores) read or computed at once
-_HEADER_SLACK = 64
-
-
-def names_file(path: str) -> str:
-    """The sidecar file of an index's names: photos.safetensors -> photos.names.jsonl."""
-    return _stem(path) + ".names.jsonl"
-
-
-def _stem(path: str) -> str:
-    path = os.fspath(path)
-    if not path.endswith(SUFFIX):
-        raise InputError(f"an embedding index must be a {SUFFIX} file, got {path}")
-    return path[:-len(SUFFIX)]
 
 
 def model_fingerprint(params) -> str:
@@ -73,253 +60,13 @@ def check_model(index: "EmbeddingIndex", params, *, name: str | None = None) -> 
     return True
 
 
-# ------------------------------------------------------------------------------------------------ writing
-
-class IndexWriter:
-    """Writes an index batch by batch, holding one batch at a time.
-
-    Rows go straight to a temporary file beside `path`, behind a slot kept for the safetensors header, names
-    to a temporary sidecar; close() writes the header (count and checksums) into its slot and moves both files
-    into place with os.replace (the names first). On an error, or abort(), both temporary files are removed and
-    an existing index at `path` is left as it was. Use it as a context manager:
-
-        with IndexWriter("photos.safetensors", dims=512, kind="image") as writer:
-            for names, embeds in batches:
-                writer.add(embeds, names)
-
-    Args:
-      path: the .safetensors file to write.
-      dims: the embeddings' width.
-      kind: what the rows embed ("image" or "text").
-      metadata: more string fields for the header (the model, a shard's place...).
-    """
-
-    def __init__(self, path: str | os.PathLike, dims: int, kind: str, metadata: dict[str, str] | None = None):
-        self.path = os.fspath(path)
-        self.names_path = names_file(self.path)
-        if isinstance(dims, bool) or not isinstance(dims, int) or dims < 1:
-            raise InputError(f"dims must be a positive integer, got {dims!r}")
-        extra = dict(metadata or {})
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
-            raise InputError("metadata must map strings to strings")
-        self.dims, self.count = dims, 0
-        self._metadata = {"format": "pt", **extra, "kind": kind, "names_file": os.path.basename(self.names_path)}
-        self._sha, self._names_sha = hashlib.sha256(), hashlib.sha256()
-        self._slot = _round8(len(self._header(10 ** 15, "0" * 64, "0" * 64)) + _HEADER_SLACK)
-        directory, token = os.path.dirname(os.path.abspath(self.path)), secrets.token_hex(4)
-        if not os.path.isdir(directory):
-            raise FileNotFoundError(f"cannot write {self.path}: the folder {directory} does not exist")
-        self._tmp = os.path.join(directory, f".{os.path.basename(self.path)}.{token}.tmp")
-        self._tmp_names = os.path.join(directory, f".{os.path.basename(self.names_path)}.{token}.tmp")
-        self._data = self._names = None
-        try:
-            self._data = open(self._tmp, "xb")
-            self._names = open(self._tmp_names, "xb")
-            self._data.write(bytes(8 + self._slot))
-        except BaseException:
-            self.abort()
-            raise
-
-    def _header(self, count: int, sha: str, names_sha: str) -> bytes:
-        metadata = {**self._metadata, "count": str(count), "embeddings_sha256": sha, "names_sha256": names_sha}
-        header = {"__metadata__": metadata,
-                  TENSOR: {"dtype": "F32", "shape": [count, self.dims], "data_offsets": [0, count * self.dims * 4]}}
-        return json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8")
-
-    def add(self, embeds, names: Sequence[str]) -> None:
-        """Appends rows: embeds (n, dims), written as float32, and their n names."""
-        if self._data is None:
-            raise InputError(f"{self.path}: the writer is closed")
-        embeds = np.asarray(embeds)
-        if embeds.ndim != 2 or embeds.shape[1] != self.dims:
-            raise InputError(f"embeddings must be (n, {self.dims}), got shape {embeds.shape}")
-        names = list(names)
-        if len(names) != len(embeds):
-            raise InputError(f"{len(names)} names for {len(embeds)} embeddings")
-        bad = next((n for n in names if not isinstance(n, str)), None)
-        if bad is not None:
-            raise InputError(f"names must be strings, got {type(bad).__name__}")
-        rows = memoryview(np.ascontiguousarray(embeds, "<f4")).cast("B")
-        self._data.write(rows)
-        self._sha.update(rows)
-        text = "".join(json.dumps(n) + "\n" for n in names).encode("utf-8")
-        self._names.write(text)
-        self._names_sha.update(text)
-        self.count += len(names)
-
-    def close(self) -> "EmbeddingIndex":
-        """Fills in the header, moves the index and its names into place; returns the index, opened."""
-        if self._data is None:
-            raise InputError(f"{self.path}: the writer is closed")
-        try:
-            header = self._header(self.count, self._sha.hexdigest(), self._names_sha.hexdigest())
-            self._data.seek(0)
-            self._data.write(struct.pack("<Q", self._slot) + header.ljust(self._slot, b" "))
-            for f in (self._data, self._names):
-                f.flush()
-                os.fsync(f.fileno())
-                f.close()
-            os.replace(self._tmp_names, self.names_path)
-            os.replace(self._tmp, self.path)
-        except BaseException:
-            self.abort()
-            raise
-        self._data = self._names = None
-        files._fsync(os.path.dirname(os.path.abspath(self.path)))
-        from dualenc import ann
-
-        ann.drop_stale(self.path, self._sha.hexdigest())
-        return open_index(self.path)
-
-    def abort(self) -> None:
-        """Removes the temporary files; `path` keeps what it held."""
-        for f in (self._data, self._names):
-            if f is not None:
-                f.close()
-        self._data = self._names = None
-        for tmp in (self._tmp, self._tmp_names):
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
-    def __enter__(self) -> "IndexWriter":
-        return self
-
-    def __exit__(self, kind, value, traceback) -> None:
-        if kind is None:
-            self.close()
-        else:
-            self.abort()
-
-
-def _round8(n: int) -> int:
-    return (n + 7) // 8 * 8
-
-
-# ------------------------------------------------------------------------------------------------ reading
-
-@dataclasses.dataclass(frozen=True)
-class EmbeddingIndex:
-    """An opened index: its rows memory-mapped (read-only float32 (count, dims)), its header metadata, and where
-    its names are (a sidecar file, or the header in files written before the sidecar)."""
-
-    path: str
-    embeddings: np.ndarray
-    metadata: dict
-    names_path: str | None
-    header_names: tuple | None = None
-
-    @property
-    def kind(self) -> str | None:
-        return self.metadata.get("kind")
-
-    @property
-    def count(self) -> int:
-        return int(self.embeddings.shape[0])
-
-    @property
-    def dims(self) -> int:
-        return int(self.embeddings.shape[1])
-
-    def names(self, rows: Iterable[int] | None = None) -> list[str]:
-        """All the names, or those of `rows` (in that order; the sidecar is scanned once, only they are kept)."""
-        if self.header_names is not None:
-            return list(self.header_names) if rows is None else [self.header_names[int(r)] for r in rows]
-        if rows is None:
-            return list(_names_of(self))
-        rows = [int(r) for r in rows]
-        wanted, found = set(rows), {}
-        with open(self.names_path, "rb") as f:
-            for i, line in enumerate(f):
-                if i in wanted:
-                    found[i] = _name(self, line)
-        return [found[r] for r in rows]
-
-
-def _name(index: EmbeddingIndex, line: bytes) -> str:
-    try:
-        name = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{index.names_path}: a line is not a JSON string") from None
-    if not isinstance(name, str):
-        raise CheckpointError(f"{index.names_path}: a line holds a {type(name).__name__}, not a string")
-    return name
-
-
-def _names_of(index: EmbeddingIndex) -> Iterator[str]:
-    if index.header_names is not None:
-        yield from index.header_names
-        return
-    with open(index.names_path, "rb") as f:
-        for line in f:
-            yield _name(index, line)
-
-
-def open_index(path: str | os.PathLike) -> EmbeddingIndex:
-    """Opens an index: validates its header and names (their count, and checksum where recorded) and
-    memory-maps its rows; every problem is an error naming the file."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"index file not found: {path}")
-    entries, start, metadata = files.read_safetensors_header(path)
-    if TENSOR not in entries or not ("names_file" in metadata or "names" in metadata):
-        raise CheckpointError(f"{path} is not an embedding index (as `dualenc embed` writes): it needs a tensor "
-                              f"{TENSOR!r} and names")
-    dtype, shape, begin, _ = entries[TENSOR]
-    if dtype != "F32" or len(shape) != 2:
-        raise CheckpointError(f"{path}: {TENSOR!r} must be float32 (count, dims), got {dtype} {list(shape)}")
-    if "count" in metadata and metadata["count"] != str(shape[0]):
-        raise CheckpointError(f"{path}: its header counts {metadata['count']} rows, its tensor holds {shape[0]}")
-    if shape[0] * shape[1]:
-        embeddings = np.memmap(path, dtype="<f4", mode="r", offset=start + begin, shape=shape)
-    else:
-        embeddings = np.zeros(shape, np.float32)
-    if "names" in metadata:
-        names = _header_names(path, metadata["names"])
-        if len(names) != shape[0]:
-            raise CheckpointError(f"{path}: {len(names)} names for {shape[0]} embeddings")
-        return EmbeddingIndex(path, embeddings, metadata, None, tuple(names))
-    sidecar = metadata["names_file"]
-    if os.path.basename(sidecar) != sidecar or not sidecar.endswith(".names.jsonl"):
-        raise CheckpointError(f"{path}: its names_file {sidecar!r} must be a .names.jsonl file beside it")
-    names_path = os.path.join(os.path.dirname(os.path.abspath(path)), sidecar)
-    if not os.path.isfile(names_path):
-        raise CheckpointError(f"{path}: its names file {names_path} is missing")
-    lines, digest = 0, hashlib.sha256()
-    with open(names_path, "rb") as f:
-        while chunk := f.read(1 << 18):
-            lines += chunk.count(b"\n")
-            digest.update(chunk)
-    if lines != shape[0]:
-        raise CheckpointError(f"{path}: its names file {names_path} holds {lines} names for {shape[0]} embeddings")
-    if metadata.get("names_sha256", digest.hexdigest()) != digest.hexdigest():
-        raise CheckpointError(f"{path}: its names file {names_path} is not the one written with it (checksum)")
-    return EmbeddingIndex(path, embeddings, metadata, names_path)
-
-
-def _header_names(path: str, text: str) -> list[str]:
-    try:
-        names = json.loads(text)
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{path}: its names are not valid JSON") from None
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise CheckpointError(f"{path}: its names must be a list of strings")
-    return names
-
-
-def embeddings_sha256(index: EmbeddingIndex) -> str:
-    """SHA-256 of the rows' bytes: from the header, or computed (files written before it was recorded)."""
-    if "embeddings_sha256" in index.metadata:
-        return index.metadata["embeddings_sha256"]
+def inputs_fingerprint(inputs: Iterable[str]) -> str:
+    """SHA-256 of a list of inputs in order (each as a JSON string and a newline): `dualenc embed --shard`
+    records it in each part (shard_inputs_sha256) so that merge refuses parts cut from other inputs."""
     digest = hashlib.sha256()
-    for start, stop in _chunks(index.count, index.dims):
-        digest.update(np.ascontiguousarray(index.embeddings[start:stop]).data)
+    for item in inputs:
+        digest.update(json.dumps(item).encode("utf-8") + b"\n")
     return digest.hexdigest()
-
-
-def _chunks(count: int, dims: int) -> Iterator[tuple[int, int]]:
-    step = max(1, _CHUNK_BYTES // max(4 * dims, 1))
-    for start in range(0, count, step):
-        yield start, min(start + step, count)
 
 
 # ------------------------------------------------------------------------------------------------ merging
@@ -328,7 +75,10 @@ def merge(parts: Sequence[str | os.PathLike], out: str | os.PathLike) -> Embeddi
     """Concatenates indexes in the order given into `out`, streamed (a chunk of rows at a time).
 
     The parts must agree on kind, dims and model. Parts written by `dualenc embed --shard i/n` must be all n of
-    them, in order: the merge then equals the index one process would have written, row for row.
+    them, in order, cut from the same inputs (their shard_inputs_sha256): the merge then equals the index one
+    process would have written, row for row. Each part's rows are checked against the embeddings_sha256 its
+    header records as they are copied; a part that differs is a CheckpointError naming it, and `out` is left
+    as it was.
     """
     parts, out = [os.fspath(p) for p in parts], os.fspath(out)
     if not parts:
@@ -347,8 +97,8 @@ def merge(parts: Sequence[str | os.PathLike], out: str | os.PathLike) -> Embeddi
     with IndexWriter(out, opened[0].dims, opened[0].kind or "unknown", keep) as writer:
         for ix in opened:
             names = _names_of(ix)
-            for start, stop in _chunks(ix.count, ix.dims):
-                writer.add(ix.embeddings[start:stop], [next(names) for _ in range(stop - start)])
+            for block in verified_rows(ix):
+                writer.add(block, [next(names) for _ in range(len(block))])
     return open_index(out)
 
 
@@ -363,11 +113,17 @@ def _check_shards(opened: list[EmbeddingIndex]) -> None:
     if not all(shards):
         raise InputError(f"{opened[shards.index(None)].path} is not a shard: merge shards only with their siblings")
     splits = {s.partition("/")[2] for s in shards}
-    if len(splits) > 1 or not splits.pop().isdigit():
+    if len(splits) > 1 or not re.fullmatch("[0-9]{1,9}", splits.pop()):
         raise InputError(f"the parts are shards of different splits ({', '.join(shards)})")
-    expected = [f"{i}/{shards[0].partition('/')[2]}" for i in range(int(shards[0].partition("/")[2]))]
-    if shards != expected:
-        raise InputError(f"shards must be given all and in order ({', '.join(expected)}); got {', '.join(shards)}")
+    n = int(shards[0].partition("/")[2])
+    if n != len(shards) or shards != [f"{i}/{n}" for i in range(n)]:
+        wanted = ", ".join(f"{i}/{n}" for i in range(n)) if n <= 16 else f"0/{n} to {n - 1}/{n}"
+        raise InputError(f"shards must be given all and in order ({wanted}); got {', '.join(shards)}")
+    inputs = [ix.metadata.get("shard_inputs_sha256") for ix in opened]
+    if len(set(inputs)) > 1:
+        listed = ", ".join(f"{ix.path}: {(f or 'none')[:16]}" for ix, f in zip(opened, inputs))
+        raise InputError(f"the shards were cut from different inputs (shard_inputs_sha256 {listed}): embed every "
+                         f"shard from the same inputs, in the same order")
     # Slices of the inputs (shard_rows of shard_of), or of a list of webdataset tars (shard_tars of shard_of_tars).
     unit = "tars" if "shard_tars" in opened[0].metadata else "rows"
     span, of = ("shard_tars", "shard_of_tars") if unit == "tars" else ("shard_rows", "shard_of")
@@ -399,10 +155,12 @@ class SearchResult:
 
 def search_exact(embeddings, queries, k: int, *, leave_out=None) -> tuple[np.ndarray, np.ndarray]:
     """The k rows of `embeddings` with the largest inner product with each query, best first, ties by position
-    (the order a stable sort of every score gives), reading `embeddings` (a memmap is fine) a chunk at a time.
+    (the order a stable sort of every score gives), reading the rows a chunk at a time.
 
     Args:
-      embeddings: (n, dims).
+      embeddings: (n, dims) (a memmap is fine), or an EmbeddingIndex: its rows are then checked, as they
+        stream, against the embeddings_sha256 its header records; rows that differ are a CheckpointError
+        naming the file, and nothing is returned.
       queries: (q, dims).
       k: results per query (at most n are returned).
       leave_out: rows never returned (int array).
@@ -410,20 +168,32 @@ def search_exact(embeddings, queries, k: int, *, leave_out=None) -> tuple[np.nda
     Returns:
       (scores float32 (q, min(k, n)), rows int64 (q, min(k, n))), n not counting the rows left out.
     """
-    n, dims = embeddings.shape
-    leave_out = np.unique(np.asarray([] if leave_out is None else leave_out, np.int64))
-    queries, k = _check_query(queries, k, dims, n - len(leave_out[(leave_out >= 0) & (leave_out < n)]))
+    verify = isinstance(embeddings, EmbeddingIndex)
+    rows = embeddings.embeddings if verify else embeddings
+    n, dims = rows.shape
+    out = np.unique(np.asarray([] if leave_out is None else leave_out, np.int64))
+    queries, k = _check_query(queries, k, dims, n - len(out[(out >= 0) & (out < n)]))
+    step = index_file.block_rows(dims, len(queries))
+    blocks = verified_rows(embeddings, step) if verify else (rows[i:i + step] for i in range(0, n, step))
+    return _top_k(blocks, queries, k, out)
+
+
+def _top_k(blocks: Iterable[np.ndarray], queries: np.ndarray, k: int, leave_out: np.ndarray) -> tuple[np.ndarray,
+                                                                                                       np.ndarray]:
+    """search_exact's loop: `blocks` are the rows in order, a block at a time; `queries` and `k` as _check_query
+    returns them; `leave_out` sorted row numbers."""
     q = len(queries)
     best_scores, best_rows = np.zeros((q, 0), np.float32), np.zeros((q, 0), np.int64)
-    step = max(1, min(_CHUNK_BYTES // (4 * dims), _CHUNK_BYTES // (12 * max(q, 1))))
-    for start in range(0, n, step):
-        block = np.asarray(embeddings[start:start + step], np.float32)
+    start = 0
+    for block in blocks:
+        block = np.asarray(block, np.float32)
         scores = queries @ block.T
         scores[:, leave_out[(leave_out >= start) & (leave_out < start + len(block))] - start] = -np.inf
         rows = np.broadcast_to(np.arange(start, start + len(block), dtype=np.int64), scores.shape)
         scores, rows = _top(scores, rows, k)
         best_scores, best_rows = _top(np.concatenate([best_scores, scores], 1),
                                       np.concatenate([best_rows, rows], 1), k)
+        start += len(block)
     return best_scores, best_rows
 
 
@@ -445,6 +215,7 @@ def _top(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.n
 
 
 def _check_query(queries, k, dims: int, count: int) -> tuple[np.ndarray, int]:
+    """Queries as contiguous float32 (q, dims) and k as at most `count`; an InputError naming the argument."""
     queries = np.asarray(queries, np.float32)
     if queries.ndim != 2 or queries.shape[1] != dims:
         raise InputError(f"queries must be (q, {dims}), got shape {queries.shape}")
@@ -484,11 +255,11 @@ def search(index: EmbeddingIndex, queries, k: int, *, ann: bool | None = None) -
     loaded, note = None, None
     if wants_ann(index, ann):
         loaded = ann_.load(index)
-        if ann is None and loaded[1]["recall_at_10"] < ANN_MIN_RECALL:
-            note = (f"its ANN index's recall@10, {loaded[1]['recall_at_10']:.3f}, is under {ANN_MIN_RECALL}: the "
+        if ann is None and loaded.info["recall_at_10"] < ANN_MIN_RECALL:
+            note = (f"its ANN index's recall@10, {loaded.info['recall_at_10']:.3f}, is under {ANN_MIN_RECALL}: the "
                     f"rows have too little structure for it")
             loaded = None
     if loaded is None:
-        return SearchResult(*search_exact(index.embeddings, queries, k), "exact", note=note)
+        return SearchResult(*search_exact(index, queries, k), "exact", note=note)
     scores, rows = ann_.search(index, loaded, queries, k)
-    return SearchResult(scores, rows, "ann", loaded[1]["recall_at_10"])
+    return SearchResult(scores, rows, "ann", loaded.info["recall_at_10"])

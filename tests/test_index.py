@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 import dualenc
-from dualenc import ann, cli, data, index
+from dualenc import ann, cli, data, index, index_file
 from dualenc.errors import CheckpointError, InputError
 
 
@@ -112,7 +112,7 @@ def test_exact_search_equals_a_full_stable_sort(monkeypatch):
     x = unit_rows(3000, 8)
     x[[100, 2000, 2999]] = x[7]  # ties, also across chunks
     queries = np.concatenate([x[[7, 3]], unit_rows(4, 8, seed=1)])
-    monkeypatch.setattr(index, "_CHUNK_BYTES", 4096)  # 128-row chunks
+    monkeypatch.setattr(index_file, "_CHUNK_BYTES", 4096)  # 128-row chunks
     for k in (1, 3, 4, 10, 2999, 5000):
         scores, rows = index.search_exact(x, queries, k)
         full = queries @ x.T
@@ -158,7 +158,7 @@ def test_missing_corrupt_and_stale_files_are_errors_naming_them(tmp_path):
         index.open_index(tmp_path / "nothing.safetensors")
     ann.build(ix)
     (tmp_path / "a.faiss").write_bytes(b"garbage" * 100)
-    with pytest.raises(CheckpointError, match="a.faiss is not a readable faiss index"):
+    with pytest.raises(CheckpointError, match="a.faiss is not an ANN index as dualenc builds it"):
         index.search(ix, x[:1], 3, ann=True)
     ann.build(ix)
     info = json.loads((tmp_path / "a.faiss.json").read_text())
