@@ -248,8 +248,12 @@ class Batches:
     def __init__(self, dataset: PairDataset, processor, batch_size: int, *, seed: int = 0,
                  max_length: int | None = None,
                  start: tuple[int, int] = (0, 0), prefetch: int = 2, image_features: np.ndarray | None = None):
-        if batch_size < 1 or batch_size > len(dataset.images):
-            raise DataError(f"batch_size {batch_size} must be in [1, {len(dataset.images)}] (the number of images)")
+        if batch_size < 1:
+            raise DataError(f"batch_size must be at least 1, got {batch_size}")
+        if batch_size > len(dataset.images):
+            raise DataError(f"batch_size {batch_size} is more than the {len(dataset.images)} distinct images of the "
+                            f"dataset, and a batch holds each at most once: lower batch_size to "
+                            f"{len(dataset.images)} or less")
         self.dataset, self.processor, self.batch_size = dataset, processor, batch_size
         self.seed, self.max_length, self.prefetch = seed, max_length, prefetch
         self.image_features = image_features

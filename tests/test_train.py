@@ -246,3 +246,18 @@ def test_loss_falls_and_zero_shot_rises_on_digits(tmp_path):
     # figures demo.png draws and explains), however well held-out images are classified.
     limits = demo.in_batch_limits(train_set.labels, 64)
     assert np.mean(in_batch[-100:]) < limits["accuracy"] + 0.02 and np.mean(losses[-100:]) > limits["loss"] - 0.05
+
+
+def test_a_batch_larger_than_the_data_says_what_to_do(params):
+    """fit() on fewer distinct images than the batch: the error says how many there are and what to lower."""
+    from dualenc.datasets.pipeline import GlobalOrder
+
+    pairs = data.PairDataset([np.zeros((16, 16, 3), np.uint8)] * 3, ["a", "b", "c"], np.arange(3))
+    with pytest.raises(dualenc.DataError, match=r"^batch_size 8 is more than the 3 distinct images of the dataset, "
+                                                r"and a batch holds each at most once: lower batch_size to 3 or less$"):
+        data.Batches(pairs, None, 8)
+    with pytest.raises(dualenc.DataError, match=r"^batch_size 8 is more than the 3 records \(distinct images\) of "
+                                                r"the data.*lower batch_size to 3 or less$"):
+        trainer.fit(CONFIG, params, pairs, None, trainer.TrainConfig(steps=2, batch_size=8, max_length=16))
+    with pytest.raises(dualenc.DataError, match="batch_size must be at least 1, got 0"):
+        GlobalOrder(3, 0)

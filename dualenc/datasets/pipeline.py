@@ -76,8 +76,11 @@ class GlobalOrder:
     seed: int = 0
 
     def __post_init__(self):
-        if self.batch_size < 1 or self.batch_size > self.size:
-            raise DataError(f"batch_size {self.batch_size} must be in [1, {self.size}] (the number of records)")
+        if self.batch_size < 1:
+            raise DataError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.batch_size > self.size:
+            raise DataError(f"batch_size {self.batch_size} is more than the {self.size} records (distinct images) of "
+                            f"the data, and a batch holds each at most once: lower batch_size to {self.size} or less")
 
     @property
     def batches_per_epoch(self) -> int:
