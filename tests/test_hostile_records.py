@@ -189,3 +189,111 @@ def test_prepare_redoes_a_damaged_shard_on_a_rerun(tmp_path):
         assert seen == [True, False, False], how
         assert [decode_record(r).key for r in RecordSource(out, image_root=data).__getitems__(range(3))] == \
             ["0.png", "1.png", "2.png"]
+
+
+# ------------------------------------------------------------------------------------------ 6 and 9: the LiT cache
+
+KEY = "ab" * 32
+ROWS, DIM = 10, 6
+
+
+def write_cache(folder, count=2):
+    """A finished LiT cache of ROWS x DIM features (row i is i + column / 10) built by `count` processes."""
+    from dualenc.files import write_json_atomic
+
+    features = np.arange(ROWS, dtype=np.float32)[:, None] + np.arange(DIM, dtype=np.float32) / 10
+    valid = np.arange(ROWS) % 4 != 3
+    os.makedirs(folder)
+    for part in lit_cache.layout(ROWS, count):
+        writer = lit_cache._PartWriter(str(folder), part, KEY)
+        writer.write(features[part["start"]:part["stop"]], valid[part["start"]:part["stop"]])
+        writer.finish()
+    write_json_atomic(str(folder / "cache.json"), lit_cache._index(str(folder), KEY, ROWS, count))
+    return np.where(valid[:, None], features, np.nan)
+
+
+def open_cache(folder):
+    return lit_cache.FeatureCache(str(folder), fingerprint=KEY, records=ROWS, verify=True)
+
+
+def _edit_index(folder, edit):
+    meta = json.loads((folder / "cache.json").read_text())
+    edit(meta)
+    (folder / "cache.json").write_text(json.dumps(meta))
+
+
+def _rewrite(path, edit):
+    """Changes the array in a .npy file (and nothing else of the cache)."""
+    array = np.load(path)
+    np.save(path, edit(array))
+
+
+def _nan_with_its_checksum(folder):
+    _rewrite(folder / "part-00001-of-00002.npy", lambda a: np.where(np.arange(len(a))[:, None] == 2, np.nan, a))
+    digest = hashlib.sha256(np.load(folder / "part-00001-of-00002.npy").data).hexdigest()
+    _edit_index(folder, lambda m: m["parts"][1]["sha256"].update(features=digest))
+
+
+def _swap(folder, suffix):
+    a, b = folder / f"part-00000-of-00002{suffix}", folder / f"part-00001-of-00002{suffix}"
+    os.rename(a, folder / "tmp")
+    os.rename(b, a)
+    os.rename(folder / "tmp", b)
+
+
+DAMAGE = {
+    "part name leaving the folder": (lambda f: _edit_index(f, lambda m: m["parts"][0].update(
+        name="../elsewhere/part-00000-of-00002")), "cache.json"),
+    "parts listed out of order": (lambda f: _edit_index(f, lambda m: m["parts"].reverse()), "cache.json"),
+    "rows not contiguous": (lambda f: _edit_index(f, lambda m: m["parts"][1].update(start=6)), "cache.json"),
+    "a float row index": (lambda f: _edit_index(f, lambda m: m["parts"][1].update(start=5.0)), "cache.json"),
+    "no checksum": (lambda f: _edit_index(f, lambda m: m["parts"][0].pop("sha256")), "cache.json"),
+    "records": (lambda f: _edit_index(f, lambda m: m.update(records=ROWS + 1)), "cache.json"),
+    "swapped part files": (lambda f: _swap(f, ".npy"), "part-00000-of-00002.npy"),
+    "swapped valid files": (lambda f: _swap(f, ".valid.npy"), "part-00000-of-00002.valid.npy"),
+    "permuted rows": (lambda f: _rewrite(f / "part-00001-of-00002.npy", lambda a: a[::-1]),
+                      "part-00001-of-00002.npy"),
+    "flipped valid flag": (lambda f: _rewrite(f / "part-00000-of-00002.valid.npy", lambda a: ~a),
+                           "part-00000-of-00002.valid.npy"),
+    "NaN (checksum rewritten)": (_nan_with_its_checksum, "part-00001-of-00002.npy"),
+    "short part": (lambda f: _rewrite(f / "part-00001-of-00002.npy", lambda a: a[:3]), "part-00001-of-00002.npy"),
+    "truncated file": (lambda f: (f / "part-00001-of-00002.npy").write_bytes(
+        (f / "part-00001-of-00002.npy").read_bytes()[:-8]), "part-00001-of-00002.npy"),
+    "float64 part": (lambda f: _rewrite(f / "part-00000-of-00002.npy", lambda a: a.astype(np.float64)),
+                     "part-00000-of-00002.npy"),
+    "pickled part": (lambda f: np.save(f / "part-00000-of-00002.npy", np.array([{"x": 1}] * 5, dtype=object),
+                                       allow_pickle=True), "part-00000-of-00002.npy"),
+    "not npy": (lambda f: (f / "part-00000-of-00002.npy").write_bytes(b"\x80\x04K\x01." * 40),
+                "part-00000-of-00002.npy"),
+    "huge header": (lambda f: (f / "part-00000-of-00002.npy").write_bytes(
+        b"\x93NUMPY\x02\x00" + (10 ** 6).to_bytes(4, "little") + b" " * 100), "part-00000-of-00002.npy"),
+    "symlink out of the folder": (lambda f: (os.replace(f / "part-00000-of-00002.npy", f.parent / "out.npy"),
+                                             os.symlink(f.parent / "out.npy", f / "part-00000-of-00002.npy")),
+                                  "part-00000-of-00002.npy"),
+    "missing part": (lambda f: os.unlink(f / "part-00001-of-00002.valid.npy"), "part-00001-of-00002.valid.npy"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_lit_cache_is_refused_naming_the_file(tmp_path, damage):
+    folder = tmp_path / "lit"
+    expected = write_cache(folder)
+    cache = open_cache(folder)
+    rows = [cache.row(i) for i in range(ROWS)]
+    np.testing.assert_array_equal(np.stack([r if r is not None else np.full(DIM, np.nan) for r in rows]), expected)
+    edit, named = DAMAGE[damage]
+    edit(folder)
+    with pytest.raises((CheckpointError, FileNotFoundError)) as e:
+        open_cache(folder)
+    message = str(e.value)
+    assert str(folder / named) in message and "\n" not in message and "pickle" not in message, message
+
+
+def test_non_finite_features_are_never_written(tmp_path):
+    part = lit_cache.layout(4, 1)[0]
+    writer = lit_cache._PartWriter(str(tmp_path), part, KEY)
+    writer.write(np.ones((2, 3), np.float32), np.ones(2, bool))
+    with pytest.raises(CheckpointError, match="record 3 are not finite"):
+        writer.write(np.array([[1, 2, 3], [np.inf, 0, 0]], np.float32), np.ones(2, bool))
+    writer.write(np.array([[np.nan, 0, 0]], np.float32), np.zeros(1, bool))  # an unreadable image: zeros kept
+    assert writer.valid[2] == 0 and not writer.features[2].any()

@@ -174,6 +174,14 @@ def test_lit_cache_streams_to_disk_and_is_reused(processor, tmp_path, monkeypatc
     rows.clear()
     again, computed = lit_cache.build(str(tmp_path), params, CONFIG, processor, source, batch_size=32)
     assert not computed and not rows and again.folder == cache.folder
+    os.unlink(os.path.join(cache.folder, "cache.json"))  # a run killed after its part was written: the part is kept
+    again, computed = lit_cache.build(str(tmp_path), params, CONFIG, processor, source, batch_size=32)
+    assert not computed and not rows
+    os.unlink(os.path.join(cache.folder, "cache.json"))  # ... once its data is checked
+    valid = os.path.join(cache.folder, "part-00000-of-00001.valid.npy")
+    np.save(valid, ~np.load(valid))
+    with pytest.raises(dualenc.CheckpointError, match=f"{valid} does not match the sha256"):
+        lit_cache.build(str(tmp_path), params, CONFIG, processor, source, batch_size=32)
     other = jax.tree_util.tree_map(lambda x: x + 1e-3, params)
     moved, computed = lit_cache.build(str(tmp_path), other, CONFIG, processor, source, batch_size=32)
     assert computed and moved.folder != cache.folder  # other weights: another fingerprint
@@ -188,6 +196,10 @@ def test_fit_reuses_its_lit_cache(processor, tmp_path, monkeypatch):
     second, _ = trainer.fit(CONFIG, params, digits, processor, run, cache_dir=str(tmp_path))
     for a, b in zip(jax.tree_util.tree_leaves(first), jax.tree_util.tree_leaves(second)):
         np.testing.assert_array_equal(a, b)
+    (part,) = tmp_path.glob("lit-*/part-00000-of-00001.npy")  # rows permuted: found before any step
+    np.save(part, np.load(part)[::-1])
+    with pytest.raises(dualenc.CheckpointError, match=f"{part} does not match the sha256"):
+        trainer.fit(CONFIG, params, digits, processor, run, cache_dir=str(tmp_path))
 
 
 def test_lit_cache_parts_are_built_by_their_processes(processor, tmp_path, monkeypatch):

@@ -10,8 +10,16 @@ processes the folder must be on storage they share.
 Layout of `<root>/lit-<fingerprint[:16]>/`:
   part-IIIII-of-PPPPP.npy     float32 (rows, dim) features of records start..stop-1
   part-IIIII-of-PPPPP.valid.npy  bool (rows,): False where the image could not be read (the pipeline skips it)
-  part-IIIII-of-PPPPP.json    written last: {"start", "stop", "fingerprint"}: the part is complete
-  cache.json                  written last by process 0: {"fingerprint", "records", "dim", "parts": [...]}
+  part-IIIII-of-PPPPP.json    written last: {"start", "stop", "fingerprint", "dim", "sha256": {"features",
+                              "valid"}}: the part is complete; sha256 of each file's array data, hashed as written
+  cache.json                  written last by process 0: {"fingerprint", "records", "dim", "parts": [{"name",
+                              "start", "stop", "sha256"}]}
+
+Every open checks cache.json against the layout (part i of P holds records i*N//P .. (i+1)*N//P - 1) and each
+part's files: plain .npy files in the folder (never unpickled) of exactly the dtype and shape it gives. When
+build() finds a cache again (a repeated or resumed run), it also reads every part once (a full read of the
+cache, in each process) to check its sha256 and that every feature is finite. Any damage is a CheckpointError
+naming the file.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ import bisect
 import hashlib
 import json
 import os
+import re
+import stat
 from typing import Any
 
 import numpy as np
@@ -28,6 +38,10 @@ from dualenc.errors import CheckpointError
 from dualenc.files import read_json, write_json_atomic
 
 CACHE_FILE = "cache.json"
+_FORMAT = b"dualenc-lit-cache-2;"  # in the fingerprint: a cache of another format is another folder
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_CHUNK = 16 << 20  # bytes hashed at a time when a part is verified
+_REMEDY = "delete {} to compute the cache again"
 
 
 def _hash_tree(digest, tree) -> None:
@@ -60,7 +74,7 @@ def source_fingerprint(source) -> str:
 def fingerprint(params: dict, config, processor, source) -> str:
     """sha256 of the vision tower's weights and config, the image processor's settings and the data."""
     image_processor = getattr(processor, "image_processor", processor)
-    digest = hashlib.sha256(b"dualenc-lit-cache-1;")
+    digest = hashlib.sha256(_FORMAT)
     _hash_tree(digest, params["vision"])
     digest.update(json.dumps(config.vision.to_dict() if hasattr(config.vision, "to_dict") else repr(config.vision),
                              sort_keys=True, default=str).encode())
@@ -69,22 +83,45 @@ def fingerprint(params: dict, config, processor, source) -> str:
     return digest.hexdigest()
 
 
+def layout(records: int, count: int) -> list[dict]:
+    """The parts of a cache of `records` rows built by `count` processes: {"name", "start", "stop"} each."""
+    return [{"name": f"part-{i:05d}-of-{count:05d}", "start": i * records // count,
+             "stop": (i + 1) * records // count} for i in range(count)]
+
+
 class FeatureCache:
     """Read access to a finished cache: `row(record)` is the record's features, or None for an unreadable
-    image. Picklable (the arrays are memory-mapped again in each process)."""
+    image. Picklable (the arrays are memory-mapped again in each process, checked but not verified again).
 
-    def __init__(self, folder: str):
+    Args:
+      folder: the cache folder (holding cache.json).
+      fingerprint, records: what cache.json must say (checked when given).
+      verify: also read every part to check its sha256 and that its features are finite (see verify()).
+    """
+
+    def __init__(self, folder: str, *, fingerprint: str | None = None, records: int | None = None,
+                 verify: bool = False):
         self.folder = folder
         self.meta = read_json(os.path.join(folder, CACHE_FILE), "LiT cache index")
+        _check_index(self.meta, os.path.join(folder, CACHE_FILE), fingerprint, records)
         self._open()
+        if verify:
+            self.verify()
 
     def _open(self):
         self.starts = [part["start"] for part in self.meta["parts"]]
         self._features, self._valid = [], []
         for part in self.meta["parts"]:
+            rows = part["stop"] - part["start"]
             base = os.path.join(self.folder, part["name"])
-            self._features.append(np.load(base + ".npy", mmap_mode="r", allow_pickle=False))
-            self._valid.append(np.load(base + ".valid.npy", mmap_mode="r", allow_pickle=False))
+            self._features.append(_open_npy(base + ".npy", np.dtype("<f4"), (rows, self.dim)))
+            self._valid.append(_open_npy(base + ".valid.npy", np.dtype("|b1"), (rows,)))
+
+    def verify(self) -> None:
+        """Reads every part to check its data's sha256 against cache.json and that every feature is finite; a
+        damaged part is a CheckpointError naming its file."""
+        for part, features, valid in zip(self.meta["parts"], self._features, self._valid):
+            _verify(self.folder, part, features, valid)
 
     def __getstate__(self):
         return {"folder": self.folder, "meta": self.meta}
@@ -108,10 +145,97 @@ class FeatureCache:
         return np.array(self._features[part][offset], np.float32)
 
 
+def _verify(folder: str, part: dict, features: np.ndarray, valid: np.ndarray) -> None:
+    """One part's data against its recorded sha256 ({"features", "valid"}), its features finite; a full read."""
+    base = os.path.join(folder, part["name"])
+    for what, array, file in (("features", features, base + ".npy"), ("valid", valid, base + ".valid.npy")):
+        digest = hashlib.sha256()
+        step = max(1, _CHUNK // max(1, array[:1].nbytes))
+        for at in range(0, len(array), step):
+            chunk = np.ascontiguousarray(array[at:at + step])
+            if what == "features" and not np.isfinite(chunk).all():
+                raise CheckpointError(f"LiT cache part {file} holds non-finite features (rows from "
+                                      f"{part['start'] + at}): {_REMEDY.format(folder)}")
+            digest.update(chunk.data)
+        if digest.hexdigest() != part["sha256"][what]:
+            raise CheckpointError(f"LiT cache part {file} does not match the sha256 recorded for it (damaged or "
+                                  f"changed): {_REMEDY.format(folder)}")
+
+
+def _check_index(meta: dict, path: str, fingerprint: str | None, records: int | None) -> None:
+    """cache.json's fields, and its parts against the layout of as many parts: a CheckpointError naming it."""
+    remedy = _REMEDY.format(os.path.dirname(path))
+    if fingerprint is not None and meta.get("fingerprint") != fingerprint:
+        raise CheckpointError(f"{path} does not describe this model and data (another fingerprint)")
+    n, dim, parts = meta.get("records"), meta.get("dim"), meta.get("parts")
+    if type(n) is not int or n < 0 or type(dim) is not int or dim < (1 if n else 0) or not isinstance(parts, list) \
+            or not parts:
+        raise CheckpointError(f"{path}: needs a record count, a width (dim) and a list of parts; {remedy}")
+    if records is not None and n != records:
+        raise CheckpointError(f"{path} holds {n} records, the data has {records}: {remedy}")
+    for i, (part, want) in enumerate(zip(parts, layout(n, len(parts)))):
+        sha = part.get("sha256") if isinstance(part, dict) else None
+        if not isinstance(sha, dict) or set(part) != {*want, "sha256"} \
+                or not all(type(part[k]) is type(v) and part[k] == v for k, v in want.items()) \
+                or set(sha) != {"features", "valid"} \
+                or not all(isinstance(v, str) and _SHA256.fullmatch(v) for v in sha.values()):
+            raise CheckpointError(f"{path}: part {i} is {_short(part)}, expected {want} and the sha256 of its "
+                                  f"features and valid flags: {remedy}")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _open_npy(path: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """A .npy file of the cache, memory-mapped read-only, once it is a regular file in its folder whose header
+    says exactly `dtype` and `shape` (a part of no rows may have any width) and whose size fits them."""
+    folder = os.path.dirname(path)
+    if os.path.dirname(os.path.realpath(path)) != os.path.realpath(folder):
+        raise CheckpointError(f"LiT cache file {path} resolves to {os.path.realpath(path)}, outside its folder: "
+                              f"{_REMEDY.format(folder)}")
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        with open(path, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise CheckpointError(f"LiT cache file {path} is not a regular file: {_REMEDY.format(folder)}")
+            size = os.fstat(f.fileno()).st_size
+            try:
+                version = np.lib.format.read_magic(f)
+                header = readers[version](f) if version in readers else None
+            except (ValueError, TypeError, SyntaxError, RecursionError, EOFError, OverflowError):
+                header = None
+            offset = f.tell()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"LiT cache file not found: {path} ({_REMEDY.format(folder)})") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"LiT cache file {path} is a directory: {_REMEDY.format(folder)}") from None
+    if header is None:
+        raise CheckpointError(f"LiT cache file {path} is not a .npy array file (its header cannot be read): "
+                              f"{_REMEDY.format(folder)}")
+    found, fortran, found_dtype = header
+    width_free = len(shape) == 2 and shape[0] == 0 and len(found) == 2 and found[0] == 0
+    if found_dtype != dtype or fortran or (tuple(found) != shape and not width_free):
+        raise CheckpointError(f"LiT cache file {path} holds a {found_dtype} array of shape {_short(found)}"
+                              f"{' (Fortran order)' if fortran else ''}, expected {dtype} of shape {shape}: "
+                              f"{_REMEDY.format(folder)}")
+    nbytes = int(np.prod(found, dtype=np.int64)) * dtype.itemsize
+    if size != offset + nbytes:
+        raise CheckpointError(f"LiT cache file {path} is {size} bytes, its header says {offset + nbytes}: "
+                              f"{_REMEDY.format(folder)}")
+    if not nbytes:
+        return np.zeros(found, dtype)
+    return np.memmap(path, dtype, "r", offset, tuple(found))
+
+
 def build(root: str, params: dict, config, processor, source, *, batch_size: int = 64, workers: int = 0,
           threads: int = 8, process_index: int | None = None, process_count: int | None = None,
           progress: Any = None) -> tuple[FeatureCache, bool]:
     """The cache of `source` under `root`, computed where missing (this process's part), else reused.
+
+    A cache found finished is verified (FeatureCache.verify: a full read) before use; a part this process
+    finds finished by an earlier, interrupted run is verified too. Damage is a CheckpointError naming the file.
 
     Returns (cache, computed): computed is False when every part was found complete.
     """
@@ -125,47 +249,109 @@ def build(root: str, params: dict, config, processor, source, *, batch_size: int
         process_index, process_count = jax.process_index(), jax.process_count()
     key = fingerprint(params, config, processor, source)
     folder = os.path.join(root, f"lit-{key[:16]}")
-    done = os.path.join(folder, CACHE_FILE)
-    if os.path.isfile(done):
-        cache = FeatureCache(folder)
-        if cache.meta.get("fingerprint") != key or len(cache) != len(source):
-            raise CheckpointError(f"{done} does not describe this model and data (another fingerprint)")
-        return cache, False
-    os.makedirs(folder, exist_ok=True)
     n = len(source)
-    start, stop = process_index * n // process_count, (process_index + 1) * n // process_count
-    name = f"part-{process_index:05d}-of-{process_count:05d}"
-    computed = not _part_done(folder, name, start, stop, key)
-    if computed:
-        _encode_part(folder, name, start, stop, key, params, config, processor, source, batch_size=batch_size,
-                     workers=workers, threads=threads, progress=progress)
+    if os.path.isfile(os.path.join(folder, CACHE_FILE)):
+        return FeatureCache(folder, fingerprint=key, records=n, verify=True), False
+    os.makedirs(folder, exist_ok=True)
+    mine = layout(n, process_count)[process_index]
+    found = _part_meta(folder, mine, key)
+    if found is None:
+        _encode_part(folder, mine["name"], mine["start"], mine["stop"], key, params, config, processor, source,
+                     batch_size=batch_size, workers=workers, threads=threads, progress=progress)
+    else:  # finished by an earlier run that stopped before cache.json
+        base, rows = os.path.join(folder, mine["name"]), mine["stop"] - mine["start"]
+        _verify(folder, {**mine, "sha256": found["sha256"]}, _open_npy(base + ".npy", np.dtype("<f4"),
+                                                                       (rows, found["dim"])),
+                _open_npy(base + ".valid.npy", np.dtype("|b1"), (rows,)))
     if process_count > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(f"lit-cache-{key[:16]}")
-    parts = [{"name": f"part-{i:05d}-of-{process_count:05d}", "start": i * n // process_count,
-              "stop": (i + 1) * n // process_count} for i in range(process_count)]
-    for part in parts:
-        if not _part_done(folder, part["name"], part["start"], part["stop"], key):
-            raise CheckpointError(f"LiT cache part {os.path.join(folder, part['name'])} is missing: with several "
-                                  f"processes the cache folder must be on storage they share")
-    dim = max(int(np.load(os.path.join(folder, part["name"] + ".npy"), mmap_mode="r",
-                          allow_pickle=False).shape[-1]) for part in parts)
     if process_index == 0:
-        write_json_atomic(done, {"fingerprint": key, "records": n, "dim": dim, "parts": parts})
+        write_json_atomic(os.path.join(folder, CACHE_FILE), _index(folder, key, n, process_count))
     if process_count > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(f"lit-cache-index-{key[:16]}")
-    return FeatureCache(folder), computed
+    return FeatureCache(folder, fingerprint=key, records=n), found is None
 
 
-def _part_done(folder: str, name: str, start: int, stop: int, key: str) -> bool:
-    path = os.path.join(folder, name + ".json")
+def _index(folder: str, key: str, records: int, count: int) -> dict:
+    """cache.json's content, from the parts' own JSON files (every part must be complete)."""
+    parts, dim = [], 0
+    for part in layout(records, count):
+        meta = _part_meta(folder, part, key)
+        if meta is None:
+            raise CheckpointError(f"LiT cache part {os.path.join(folder, part['name'])} is missing: with several "
+                                  f"processes the cache folder must be on storage they share")
+        parts.append({**part, "sha256": meta["sha256"]})
+        dim = max(dim, meta["dim"])
+    return {"fingerprint": key, "records": records, "dim": dim, "parts": parts}
+
+
+def _part_meta(folder: str, part: dict, key: str) -> dict | None:
+    """A part's JSON when it says the part is complete for these records and fingerprint, else None."""
+    path = os.path.join(folder, part["name"] + ".json")
     if not os.path.isfile(path):
-        return False
+        return None
     meta = read_json(path, "LiT cache part")
-    return meta == {"start": start, "stop": stop, "fingerprint": key}
+    if {k: meta.get(k) for k in ("start", "stop", "fingerprint")} != {**{k: part[k] for k in ("start", "stop")},
+                                                                       "fingerprint": key}:
+        return None
+    sha, dim = meta.get("sha256"), meta.get("dim")
+    if not isinstance(sha, dict) or set(sha) != {"features", "valid"} or type(dim) is not int or dim < 0 \
+            or not all(isinstance(v, str) and _SHA256.fullmatch(v) for v in sha.values()):
+        raise CheckpointError(f"LiT cache part {path} is damaged (its dim or sha256): {_REMEDY.format(folder)}")
+    return meta
+
+
+class _PartWriter:
+    """One part written in order into memory-mapped .npy files under temporary names, its data hashed as it is
+    written; finish() renames them into place and writes the part's JSON last."""
+
+    def __init__(self, folder: str, part: dict, key: str):
+        self.folder, self.part, self.key = folder, part, key
+        self.tmp = os.path.join(folder, f"{part['name']}.tmp-{os.getpid()}")
+        self.rows, self.written = part["stop"] - part["start"], 0
+        self.features = self.valid = None
+        self.digests = {"features": hashlib.sha256(), "valid": hashlib.sha256()}
+
+    def write(self, features: np.ndarray, ok: np.ndarray) -> None:
+        """The next rows: (n, dim) features and (n,) flags (False: the image could not be read; zeros kept)."""
+        ok = np.ascontiguousarray(ok, np.bool_)
+        features = np.where(ok[:, None], np.asarray(features, "<f4"), np.float32(0)).astype("<f4", copy=False)
+        finite = np.isfinite(features).all(axis=1)
+        if not finite.all():
+            record = self.part["start"] + self.written + int(np.flatnonzero(~finite)[0])
+            raise CheckpointError(f"LiT cache part {os.path.join(self.folder, self.part['name'])}: the vision "
+                                  f"tower's features of record {record} are not finite (check its weights)")
+        if self.features is None:
+            self.features = np.lib.format.open_memmap(self.tmp + ".npy", "w+", "<f4", (self.rows, features.shape[1]))
+            self.valid = np.lib.format.open_memmap(self.tmp + ".valid.npy", "w+", np.bool_, (self.rows,))
+        n = len(ok)
+        self.features[self.written:self.written + n] = features
+        self.valid[self.written:self.written + n] = ok
+        self.digests["features"].update(features.data)
+        self.digests["valid"].update(ok.data)
+        self.written += n
+
+    def finish(self) -> dict:
+        if self.written != self.rows:
+            raise CheckpointError(f"LiT cache part {self.part['name']}: {self.written} rows written, {self.rows} "
+                                  f"expected")
+        if self.features is None:  # an empty part
+            self.features = np.lib.format.open_memmap(self.tmp + ".npy", "w+", "<f4", (0, 0))
+            self.valid = np.lib.format.open_memmap(self.tmp + ".valid.npy", "w+", np.bool_, (0,))
+        dim = int(self.features.shape[1])
+        self.features.flush(), self.valid.flush()
+        self.features = self.valid = None
+        base = os.path.join(self.folder, self.part["name"])
+        os.replace(self.tmp + ".npy", base + ".npy")
+        os.replace(self.tmp + ".valid.npy", base + ".valid.npy")
+        meta = {"start": self.part["start"], "stop": self.part["stop"], "fingerprint": self.key, "dim": dim,
+                "sha256": {k: d.hexdigest() for k, d in self.digests.items()}}
+        write_json_atomic(base + ".json", meta)
+        return meta
 
 
 def _encode_part(folder, name, start, stop, key, params, config, processor, source, *, batch_size, workers,
@@ -186,10 +372,7 @@ def _encode_part(folder, name, start, stop, key, params, config, processor, sour
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=batch_size))
     if workers:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-    rows = stop - start
-    features = valid = None
-    tmp = os.path.join(folder, f"{name}.tmp-{os.getpid()}")
-    written = 0
+    writer = _PartWriter(folder, {"name": name, "start": start, "stop": stop}, key)
     for batch in ds:
         ok = batch.pop("_ok")
         n = len(ok)
@@ -197,22 +380,10 @@ def _encode_part(folder, name, start, stop, key, params, config, processor, sour
                   for k, v in batch.items()}
         out = np.asarray(_pooled(params["vision"], config, "vision", jax.device_put(inputs, sharding)),
                          np.float32)[:n]
-        if features is None:
-            features = np.lib.format.open_memmap(tmp + ".npy", "w+", np.float32, (rows, out.shape[1]))
-            valid = np.lib.format.open_memmap(tmp + ".valid.npy", "w+", np.bool_, (rows,))
-        features[written:written + n] = np.where(ok[:, None], out, 0)
-        valid[written:written + n] = ok
-        written += n
+        writer.write(out, ok)
         if progress is not None:
-            progress(written, rows)
-    if features is None:  # an empty part
-        features = np.lib.format.open_memmap(tmp + ".npy", "w+", np.float32, (0, 0))
-        valid = np.lib.format.open_memmap(tmp + ".valid.npy", "w+", np.bool_, (0,))
-    features.flush(), valid.flush()
-    del features, valid
-    os.replace(tmp + ".npy", os.path.join(folder, name + ".npy"))
-    os.replace(tmp + ".valid.npy", os.path.join(folder, name + ".valid.npy"))
-    write_json_atomic(os.path.join(folder, name + ".json"), {"start": start, "stop": stop, "fingerprint": key})
+            progress(writer.written, writer.rows)
+    writer.finish()
 
 
 class _VisionRow:
