@@ -166,11 +166,14 @@ def events(folder):
 
 
 def test_caption_sample_of_a_prepared_folder(workspace, tmp_path):
-    """Records are sampled evenly past the limit, and the summary says it is a sample."""
-    from dualenc.datasets import RecordSource, prepare
+    """Records are sampled evenly past the limit, and the summary says it is a sample; --data FOLDER takes
+    --image-root for images outside the prepared folder."""
+    from dualenc.datasets import prepare
 
     prepare([str(workspace / "data" / "odd.jsonl")], tmp_path / "prepared")
-    source = RecordSource(tmp_path / "prepared")
+    source = training.training_data([str(tmp_path / "prepared")], str(tmp_path / "out" / "prepared"),
+                                    image_root=str(workspace / "data"))
+    assert source.image_root == str(workspace / "data")
     tokenizer = dualenc.Tokenizer.from_pretrained(str(workspace / "text"))
     captions, what = checks.caption_sample(source, limit=4)
     assert len(captions) == 4 and what == f"of the 4 captions of 4 sampled evenly from the {len(source)} records"

@@ -21,14 +21,16 @@ from dualenc.errors import DualEncError
 
 def training_data(inputs: list[str], prepared: str, *, image_root=None, allow_outside=False):
     """What --data names, as fit() takes it: a caption file (.jsonl/.csv/.tsv) up to data.MAX_CAPTION_FILE read
-    into a PairDataset; a folder written by `dualenc prepare` as a RecordSource; webdataset tars, or a larger
-    caption file, converted once (streamed, resumably) into `prepared` and read from there."""
+    into a PairDataset; a folder written by `dualenc prepare` as a RecordSource (its images outside it only
+    with image_root or allow_outside); webdataset tars, or a larger caption file, converted once (streamed,
+    resumably) into `prepared` and read from there, their images where the inputs name them."""
     from dualenc import data
-    from dualenc.datasets import RecordSource, prepare
+    from dualenc.datasets import RecordSource, expand_shards, prepare
+    from dualenc.datasets.prepare import image_root_for
     from dualenc.datasets.records import MANIFEST
 
     if len(inputs) == 1 and os.path.isfile(os.path.join(inputs[0], MANIFEST)):
-        return RecordSource(inputs[0])
+        return RecordSource(inputs[0], image_root=image_root, allow_outside=allow_outside)
     captions = len(inputs) == 1 and inputs[0].lower().endswith((".jsonl", ".json", ".csv", ".tsv"))
     if captions and os.path.isfile(inputs[0]) and os.path.getsize(inputs[0]) <= data.MAX_CAPTION_FILE:
         return data.read_pairs(inputs[0], image_root=image_root, allow_outside=allow_outside)
@@ -40,7 +42,8 @@ def training_data(inputs: list[str], prepared: str, *, image_root=None, allow_ou
     # One process converts (into storage all of them share); the others wait for it.
     peers.on_process_0("prepare", lambda: prepare(inputs, prepared, image_root=image_root,
                                                   allow_outside=allow_outside))
-    return RecordSource(prepared)
+    return RecordSource(prepared, image_root=image_root_for(expand_shards(inputs), image_root, allow_outside),
+                        allow_outside=allow_outside)
 
 
 def _summary(args, dataset, run, params, devices: int, resumed_from, unknown: str) -> str:
