@@ -25,7 +25,7 @@ class RunLog:
     "<kind>/<name>" to event files in OUT/tensorboard, so that they describe one run:
 
     - a new run (resumed_from None) replaces what an earlier run left there: metrics.jsonl starts empty and the
-      earlier event files are removed (`replaced` counts the records dropped);
+      earlier event files are removed (`replaced` counts the records dropped, `replaced_events` the files);
     - a run resumed from the checkpoint at step s keeps the records up to step s and drops the later ones
       (`dropped` counts them), which it logs again as it retrains those steps; in TensorBoard the earlier
       events after step s are hidden (tensorboardX's purge_step).
@@ -44,11 +44,11 @@ class RunLog:
             writer = SummaryWriter
         os.makedirs(out, exist_ok=True)
         self.path = os.path.join(out, METRICS_FILE)
-        self.replaced = self.dropped = 0
+        self.replaced = self.replaced_events = self.dropped = 0
         if resumed_from is None:
             self.replaced = len(read(self.path))
             files.write_text_atomic(self.path, "")
-            _remove_events(os.path.join(out, TENSORBOARD_DIR))
+            self.replaced_events = _remove_events(os.path.join(out, TENSORBOARD_DIR))
         else:
             self.dropped = _keep_until(self.path, resumed_from)
         self._file = open(self.path, "a", encoding="utf-8")
@@ -103,8 +103,9 @@ def _keep_until(path: str, step: int) -> int:
     return sum(1 for _, record in records if record is not None and record["step"] > step)
 
 
-def _remove_events(folder: str) -> None:
-    if os.path.isdir(folder):
-        for name in os.listdir(folder):
-            if name.startswith(EVENT_FILES):
-                os.unlink(os.path.join(folder, name))
+def _remove_events(folder: str) -> int:
+    """Removes the TensorBoard event files in `folder`; returns how many there were."""
+    names = [n for n in os.listdir(folder) if n.startswith(EVENT_FILES)] if os.path.isdir(folder) else []
+    for name in names:
+        os.unlink(os.path.join(folder, name))
+    return len(names)

@@ -62,7 +62,8 @@ def test_ctrl_c_then_the_printed_command_resumes_a_relative_out(workspace, monke
                         "--checkpoint-every", 2, "--log-every", 1, check=False)
     err = first.stderr
     assert first.returncode == 130, err[-3000:]
-    assert "held 2 records of an earlier run that left no checkpoint" in err
+    assert ("replaces the log of an earlier run in lit-model that left no checkpoint: 2 records in "
+            "lit-model/metrics.jsonl") in err
     assert "captions with words the tokenizer does not know: 25.0% (3 of the 12 captions)" in err
     [warning] = [line for line in err.splitlines() if "warning:" in line]
     assert "3 of the 12 captions (25%) hold words" in warning and "'crimson'" in warning and "'teal'" in warning
@@ -145,7 +146,8 @@ def test_run_log_keeps_one_run(tmp_path):
     assert scalars == [("train/loss", 3)] and starts == [3]  # TensorBoard hides the earlier events from step 3 on
     fresh = runlog.RunLog(str(tmp_path), tensorboard=True)
     fresh.close()
-    assert fresh.replaced == 3 and runlog.read(fresh.path) == [] and events(tmp_path / "tensorboard") == ([], [])
+    assert fresh.replaced == 3 and fresh.replaced_events == 1 and runlog.read(fresh.path) == []
+    assert events(tmp_path / "tensorboard") == ([], [])
 
 
 def events(folder):

@@ -234,12 +234,16 @@ def _start_log(args, resumed_from):
     from dualenc import runlog
 
     log = runlog.RunLog(args.out, tensorboard=args.tensorboard, resumed_from=resumed_from)
-    if log.replaced:
-        note("train", f"{log.path} held {plural(log.replaced, 'record')} of an earlier run that left no checkpoint: this new "
-                      f"run replaces them" + (" (and its TensorBoard events)" if args.tensorboard else ""))
+    replaced = [f"{plural(log.replaced, 'record')} in {log.path}"] if log.replaced else []
+    if log.replaced_events:
+        replaced.append(f"{plural(log.replaced_events, 'event file')} in "
+                        f"{os.path.join(args.out, runlog.TENSORBOARD_DIR)}")
+    if replaced:
+        note("train", f"this new run replaces the log of an earlier run in {args.out} that left no checkpoint: "
+                      f"{' and '.join(replaced)}")
     if log.dropped:
-        note("train", f"dropped the {plural(log.dropped, 'record')} of {log.path} logged after step {resumed_from}: those "
-                      f"steps are trained and logged again")
+        note("train", f"dropped the {plural(log.dropped, 'record')} of {log.path} logged after step {resumed_from}: "
+                      f"those steps are trained and logged again")
     if resumed_from is None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(args.out, Figure.NAME))
