@@ -112,13 +112,14 @@ def _check_shards(opened: list[EmbeddingIndex]) -> None:
         return
     if not all(shards):
         raise InputError(f"{opened[shards.index(None)].path} is not a shard: merge shards only with their siblings")
+    given = ", ".join(f"{ix.path}: {s[:40]}" for ix, s in zip(opened, shards))
     splits = {s.partition("/")[2] for s in shards}
     if len(splits) > 1 or not re.fullmatch("[0-9]{1,9}", splits.pop()):
-        raise InputError(f"the parts are shards of different splits ({', '.join(shards)})")
+        raise InputError(f"the parts are shards of different splits, or not shards I/N ({given})")
     n = int(shards[0].partition("/")[2])
     if n != len(shards) or shards != [f"{i}/{n}" for i in range(n)]:
         wanted = ", ".join(f"{i}/{n}" for i in range(n)) if n <= 16 else f"0/{n} to {n - 1}/{n}"
-        raise InputError(f"shards must be given all and in order ({wanted}); got {', '.join(shards)}")
+        raise InputError(f"shards must be given all and in order ({wanted}); got {given}")
     inputs = [ix.metadata.get("shard_inputs_sha256") for ix in opened]
     if len(set(inputs)) > 1:
         listed = ", ".join(f"{ix.path}: {(f or 'none')[:16]}" for ix, f in zip(opened, inputs))

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 import dualenc
-from dualenc import ann, cli, data, index, index_file
+from dualenc import ann, cli, data, files, index, index_file
 from dualenc.errors import CheckpointError, InputError
 
 
@@ -218,7 +218,7 @@ def test_embed_in_shards_merges_to_one_process_bit_for_bit(model, tmp_path):
     code, _, err = run("merge", parts[1], parts[0], parts[2], "--out", tmp_path / "x.safetensors", check=False)
     assert code == 2 and "shards must be given all and in order (0/3, 1/3, 2/3)" in err
     code, _, err = run("merge", *parts[:2], "--out", tmp_path / "x.safetensors", check=False)
-    assert code == 2 and "in order (0/3, 1/3, 2/3); got 0/3, 1/3" in err
+    assert code == 2 and f"in order (0/3, 1/3, 2/3); got {parts[0]}: 0/3, {parts[1]}: 1/3" in err
     (tmp_path / "t.txt").write_text("a red square\na blue square\n")
     run("embed", "--model", m, "--texts", tmp_path / "t.txt", "--out", tmp_path / "t.safetensors")
     code, _, err = run("merge", tmp_path / "all.safetensors", tmp_path / "t.safetensors", "--out",
@@ -445,3 +445,51 @@ def test_prepare_shows_one_progress_not_a_line_per_shard(tmp_path):
     shown = terminal.getvalue()
     assert "preparing" in shown and "\r" in shown and "30 shards" in shown  # one tqdm bar, redrawn in place
     assert len(shown.strip().split("\n")) == 2 and "% of the input bytes" not in shown, shown
+
+
+def test_search_and_merge_refuse_changed_rows_and_shards_of_other_inputs(model, tmp_path):
+    """A row overwritten after embed is an error naming the file, and no result is printed; merge writes nothing
+    over it. Shards embedded from other inputs of the same count were merged; each shard records the fingerprint
+    of its whole input list (shard_inputs_sha256) and merge compares them."""
+    m = model / "model"
+    (tmp_path / "t.txt").write_text("a red square\na blue square\na photo\nred\n")
+    (tmp_path / "u.txt").write_text("a red square\na blue square\nsquare\nblue\n")
+    run("embed", "--model", m, "--texts", tmp_path / "t.txt", "--out", tmp_path / "t.safetensors")
+    path = tmp_path / "t.safetensors"
+    data = bytearray(path.read_bytes())
+    at = 8 + int.from_bytes(data[:8], "little") + 4 * 8 * 2
+    data[at:at + 4] = b"\0\0\x80\x7f"  # row 2's first value: +inf, so that it ranks first
+    path.write_bytes(bytes(data))
+    code, out, err = run("search", "--model", m, "--index", path, "a photo", check=False)
+    assert code == 2 and not out and len(err.strip().splitlines()) == 1, err
+    assert f"{path}: its rows do not hash to the embeddings_sha256" in err
+    code, _, err = run("merge", path, "--out", tmp_path / "m.safetensors", check=False)
+    assert code == 2 and "t.safetensors: its rows do not hash" in err and not (tmp_path / "m.safetensors").exists()
+    parts = [tmp_path / f"{name}{i}.safetensors" for i, name in enumerate("tu")]
+    for i, (texts, part) in enumerate(zip(("t.txt", "u.txt"), parts)):
+        run("embed", "--model", m, "--texts", tmp_path / texts, "--out", part, "--shard", f"{i}/2", "--batch-size", 2)
+    assert len({index.open_index(p).metadata["shard_inputs_sha256"] for p in parts}) == 2
+    code, _, err = run("merge", *parts, "--out", tmp_path / "m.safetensors", check=False)
+    assert code == 2 and "the shards were cut from different inputs" in err and str(parts[1]) in err, err
+    run("embed", "--model", m, "--texts", tmp_path / "t.txt", "--out", parts[1], "--shard", "1/2", "--batch-size", 2)
+    assert index.merge(parts, tmp_path / "m.safetensors").count == 4
+
+
+def test_search_prints_names_that_are_not_utf8_escaped(model, tmp_path):
+    """Tar members' non-UTF-8 names (held as surrogate escapes) broke search's output on a UTF-8 stdout."""
+    fingerprint = index.model_fingerprint(dualenc.load_pretrained(model / "model")[1])
+    names = ["caf\udce9.png", "plain.png"]
+    write(tmp_path / "i.safetensors", unit_rows(2, 8), names, metadata={"model_sha256": fingerprint})
+    for extra in ((), ("--json",)):
+        raw, err = io.BytesIO(), io.StringIO()
+        stdout = io.TextIOWrapper(raw, encoding="utf-8", errors="strict")
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(err):
+            code = cli.main(["search", "--model", str(model / "model"), "--index", str(tmp_path / "i.safetensors"),
+                             "a red square", *extra])
+        stdout.flush()
+        assert code == 0, err.getvalue()
+        assert "caf\\xe9.png" in raw.getvalue().decode("utf-8").replace("\\\\", "\\")
+    legacy = tmp_path / "old.safetensors"  # names in the header and no checksums, as written before them
+    files.write_safetensors(str(legacy), {"embeddings": unit_rows(2, 8)}, {"names": json.dumps(names)})
+    _, out, err = run("search", "--model", model / "model", "--index", legacy, "a red square", "--any-model")
+    assert "records no checksum of its rows (embeddings_sha256): they are not checked" in err and "\\xe9" in out

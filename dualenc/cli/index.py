@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterable, Iterator, NamedTuple
 
 from dualenc.cli.common import (CommandError, CompileNotice, at_least, batch_rows, image_files, load_model, note,
                                 plural, print_json, read_lines, require, shown, warn_unknown_words)
@@ -63,10 +64,12 @@ def image_source(inputs: list[str], *, batch_size: int, shard: tuple[int, int] |
         if not all(tars):
             raise CommandError("--images takes webdataset tars or image files and folders, not both: "
                                + " ".join(shown(i) for i, t in zip(inputs, tars) if not t))
-        return _tar_source(expand_shards(inputs), batch_size, shard, strict, problems)
+        listed = expand_shards(inputs)
+        source = _tar_source(listed, batch_size, shard, strict, problems)
+        return source._replace(metadata={**source.metadata, **_inputs(shard, map(shown, listed))})
     paths = image_files(inputs)
     rows = batch_rows(len(paths), batch_size)
-    start, stop, metadata = _slice(len(paths), rows, shard)
+    start, stop, metadata = _slice(len(paths), rows, shard, map(shown, paths))
     return ImageSource(((shown(p), p) for p in paths[start:stop]), rows, metadata, stop - start, problems)
 
 
@@ -77,7 +80,8 @@ def _record_source(folder: str, batch_size: int, shard, strict: bool, problems: 
 
     source = RecordSource(folder)
     rows = batch_rows(len(source), batch_size)
-    start, stop, metadata = _slice(len(source), rows, shard)
+    shards = (json.dumps(s, sort_keys=True) for s in source.manifest["shards"])
+    start, stop, metadata = _slice(len(source), rows, shard, shards)
 
     def pairs():
         for at in range(start, stop, rows):
@@ -101,6 +105,7 @@ def _tar_source(tars: list[str], batch_size: int, shard, strict: bool, problems:
     import collections
 
     from dualenc.datasets import iter_tar
+    from dualenc.datasets.webdataset import BATCH_BYTES, MAX_IMAGE
     from dualenc.processing import EncodedImage
 
     first, last, metadata = 0, len(tars), {}
@@ -109,30 +114,55 @@ def _tar_source(tars: list[str], batch_size: int, shard, strict: bool, problems:
         first, last = i * total // n, (i + 1) * total // n
         metadata = {"shard": f"{i}/{n}", "shard_tars": f"{first}:{last}", "shard_of_tars": str(total)}
     mine = tars[first:last]
+    max_image = min(MAX_IMAGE, BATCH_BYTES // batch_size)  # the encoded images of one batch: BATCH_BYTES at most
 
     def pairs():
         for tar in mine:
             skipped = collections.Counter()
-            for sample in iter_tar(tar, skipped, captioned=False):
+            for sample in iter_tar(tar, skipped, captioned=False, max_image=max_image):
                 yield sample.key, EncodedImage(sample.key, sample.image)
             if skipped:
-                reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(skipped.items()))
+                error = _tar_problem(skipped, max_image, batch_size)
                 if strict:
-                    raise CommandError(f"{tar}: samples skipped ({reasons})")
-                problems.append({"image": tar, "error": f"samples skipped: {reasons}"})
+                    raise CommandError(f"{tar}: {error}")
+                problems.append({"image": tar, "error": error})
 
     return ImageSource(pairs(), batch_size, metadata, None, problems)
 
 
-def _slice(total: int, rows: int, shard: tuple[int, int] | None) -> tuple[int, int, dict[str, str]]:
-    """The [start, stop) of the shard's contiguous slice of `total` inputs, cut between batches of `rows`."""
+def _tar_problem(skipped, max_image: int, batch_size: int) -> str:
+    """One tar's problems: its damage ("not a tar", "truncated tar", ...), then its samples skipped by reason."""
+    from dualenc.datasets.webdataset import BATCH_BYTES, TAR_DAMAGE
+
+    parts = [reason for reason in TAR_DAMAGE if skipped.get(reason)]
+    samples = ", ".join(f"{reason} {count}" for reason, count in sorted(skipped.items()) if reason not in TAR_DAMAGE)
+    if samples:
+        parts.append(f"samples skipped: {samples}")
+    if skipped.get("image too large"):
+        parts[-1] += (f" (over {max_image / 2 ** 20:g} MiB: a batch of {batch_size} images holds at most "
+                      f"{BATCH_BYTES >> 30} GiB; a smaller --batch-size admits larger ones)")
+    return "; ".join(parts)
+
+
+def _slice(total: int, rows: int, shard: tuple[int, int] | None,
+           inputs: Iterable[str]) -> tuple[int, int, dict[str, str]]:
+    """The [start, stop) of the shard's contiguous slice of `total` inputs, cut between batches of `rows`, and
+    the header fields saying so (with the fingerprint of the whole list of `inputs`)."""
     if shard is None:
         return 0, total, {}
     i, n = shard
     batches = -(-total // rows)
     start, stop = i * batches // n * rows, min((i + 1) * batches // n * rows, total)
     return start, max(start, stop), {"shard": f"{i}/{n}", "shard_rows": f"{start}:{max(start, stop)}",
-                                     "shard_of": str(total)}
+                                     "shard_of": str(total), **_inputs(shard, inputs)}
+
+
+def _inputs(shard: tuple[int, int] | None, inputs: Iterable[str]) -> dict[str, str]:
+    """A shard's shard_inputs_sha256: the fingerprint of the whole list its slice was cut from, which `dualenc
+    merge` compares across the parts."""
+    from dualenc.index import inputs_fingerprint
+
+    return {} if shard is None else {"shard_inputs_sha256": inputs_fingerprint(inputs)}
 
 
 def _shard(args) -> tuple[tuple[int, int] | None, bool]:
@@ -173,7 +203,7 @@ def cmd_embed(args) -> int:
     else:
         texts = read_lines(args.texts, "texts")
         rows = batch_rows(len(texts), args.batch_size)
-        start, stop, sliced = _slice(len(texts), rows, shard)
+        start, stop, sliced = _slice(len(texts), rows, shard, texts)
     _make_folder(args.out)
     config, params, processor = load_model(args.model)
     out = args.out
@@ -330,6 +360,9 @@ def cmd_search(args) -> int:
         if not checked:
             note("search", f"warning: {args.index} records no model fingerprint (model_sha256): whether "
                            f"{args.model} embedded it is not checked")
+    if "embeddings_sha256" not in opened.metadata:
+        note("search", f"warning: {args.index} records no checksum of its rows (embeddings_sha256): they are not "
+                       f"checked")
     kind = "image" if args.image else "text"
     rows = batch_rows(len(queries), QUERY_BATCH[kind])
     with CompileNotice("search", f"the {kind} tower for batch {rows}"):
@@ -347,7 +380,7 @@ def cmd_search(args) -> int:
         note("search", f"exact search of {plural(opened.count, 'embedding')}"
              + (f" ({result.note})" if result.note else ""))
     hit_rows = np.unique(result.rows[result.rows >= 0])
-    names = dict(zip(hit_rows.tolist(), opened.names(hit_rows.tolist())))
+    names = dict(zip(hit_rows.tolist(), map(shown, opened.names(hit_rows.tolist()))))
     found = []
     for query, scores, hits in zip(queries, result.scores, result.rows):
         item = {"query": shown(query), "search": result.method,
