@@ -30,6 +30,7 @@ import json
 import os
 import re
 import stat
+from tokenize import TokenError
 from typing import Any
 
 import numpy as np
@@ -204,8 +205,8 @@ def _open_npy(path: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
             try:
                 version = np.lib.format.read_magic(f)
                 header = readers[version](f) if version in readers else None
-            except (ValueError, TypeError, SyntaxError, RecursionError, EOFError, OverflowError):
-                header = None
+            except (ValueError, TypeError, SyntaxError, RecursionError, EOFError, OverflowError, TokenError):
+                header = None  # numpy's header parser fails in these ways on bytes that are not a header
             offset = f.tell()
     except FileNotFoundError:
         raise FileNotFoundError(f"LiT cache file not found: {path} ({_REMEDY.format(folder)})") from None
