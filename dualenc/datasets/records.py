@@ -213,9 +213,10 @@ class RecordSource:
     bytes of record i, numbered across the shards in manifest order; decode them with decode_record.
 
     Records that name their image by a path (caption files) are read under `image_root`: the one given, else
-    the manifest's, which must lie inside the folder (as written, or once both are resolved) unless
-    allow_outside; a manifest naming a root outside is a DataError saying what to pass. A record whose path
-    leaves the root is not read (record_image gives None: skip and count it).
+    the manifest's, which must lie inside the folder (as written, or once both are resolved, as dualenc.data's
+    rule) unless allow_outside; a manifest naming a root outside is a DataError saying what to pass. A record
+    naming an absolute path or one climbing out with ".." is corrupt (decode_record refuses it; the pipeline
+    replaces it and counts it).
 
     Shard readers open lazily in each process and are dropped when pickled (grain sends the source to its
     worker processes); each has a lock, so threads may share the source.
@@ -223,7 +224,7 @@ class RecordSource:
     Args:
       folder: a folder written by `dualenc prepare`.
       image_root: the folder the records' image paths are relative to, instead of the manifest's.
-      allow_outside: accept the manifest's image root wherever it lies, and image paths leaving it.
+      allow_outside: accept the manifest's image root wherever it lies.
     """
 
     def __init__(self, folder: str | os.PathLike, *, image_root: str | os.PathLike | None = None,
