@@ -190,18 +190,6 @@ def outside_hint(dataset, data_path: str, image_root: str | None) -> str | None:
             f"the paths relative to another folder, or --allow-outside to accept them")
 
 
-def relevance(dataset) -> dict:
-    """retrieval_metrics' relevance keywords for a pairs dataset: with a label on every image, a caption is
-    relevant to every image of its image's label (identical captions of one class do not tie against each
-    other); otherwise to its own image only."""
-    import numpy as np
-
-    if dataset.labels is not None and len(dataset.labels) and all(dataset.labels):
-        labels = np.asarray(dataset.labels)
-        return {"image_labels": labels, "text_labels": labels[dataset.caption_image]}
-    return {"text_to_image": dataset.caption_image}
-
-
 class CompileNotice:
     """Says when XLA compiles for long: "compiling WHAT..." once a compile has run `delay` seconds (default
     COMPILE_NOTICE_DELAY; 0 says it at every compile), and "compiled in N s" when it ends; compiles shorter than

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from dualenc.cli.common import (CommandError, CompileNotice, at_least, batch_rows, encode_readable, image_files,
-                                load_model, note, outside_hint, plural, print_json, read_lines, relevance, require,
+                                load_model, note, outside_hint, plural, print_json, read_lines, require,
                                 shown, warn_unknown_words)
 from dualenc.cli.options import data_options, images_options, subcommand
 
@@ -95,7 +95,7 @@ def cmd_eval(args) -> int:
     dataset = data.read_pairs(args.data, image_root=args.image_root, allow_outside=args.allow_outside)
     labels = read_lines(args.labels_file, "labels") if args.labels_file else None
     if labels:
-        if "image_labels" not in relevance(dataset):
+        if "image_labels" not in dataset.relevance():
             raise CommandError(f"{args.data} needs a 'label' for every image to measure zero-shot accuracy")
         unknown = sorted({t for t in dataset.labels if t not in labels})
         if unknown:
@@ -122,7 +122,7 @@ def cmd_eval(args) -> int:
             prompts = len(labels) * len(dualenc.evaluate.DEFAULT_TEMPLATES)
             notice.what = f"the text tower for batch {batch_rows(prompts, TEXT_BATCH)}"
             classifier = dualenc.zero_shot_classifier(params, config, processor, labels, batch_size=TEXT_BATCH)
-    relevant = relevance(dataset)
+    relevant = dataset.relevance()
     figures = dualenc.retrieval_metrics(image_embeds, text_embeds, **relevant)
     figures["relevance"] = "same label" if "image_labels" in relevant else "own image"
     curve = dualenc.retrieval_metrics(image_embeds, text_embeds, ks=RECALL_CURVE, **relevant)
