@@ -234,6 +234,12 @@ def _nan_with_its_checksum(folder):
     _edit_index(folder, lambda m: m["parts"][1]["sha256"].update(features=digest))
 
 
+def _npy_header(descr, shape):
+    out = io.BytesIO()
+    np.lib.format.write_array_header_1_0(out, {"descr": descr, "fortran_order": False, "shape": shape})
+    return out.getvalue()
+
+
 def _swap(folder, suffix):
     a, b = folder / f"part-00000-of-00002{suffix}", folder / f"part-00001-of-00002{suffix}"
     os.rename(a, folder / "tmp")
@@ -297,3 +303,14 @@ def test_non_finite_features_are_never_written(tmp_path):
         writer.write(np.array([[1, 2, 3], [np.inf, 0, 0]], np.float32), np.ones(2, bool))
     writer.write(np.array([[np.nan, 0, 0]], np.float32), np.zeros(1, bool))  # an unreadable image: zeros kept
     assert writer.valid[2] == 0 and not writer.features[2].any()
+
+
+def test_an_empty_part_is_as_written_or_of_the_cache_width(tmp_path):
+    path = tmp_path / "part-00000-of-00002.npy"
+    for shape in ((0, 0), (0, DIM)):
+        path.write_bytes(_npy_header("<f4", shape))
+        assert lit_cache._open_npy(str(path), np.dtype("<f4"), (0, DIM)).shape == shape
+    for shape in ((0, -5), (0, 10 ** 30), (0,), (1, DIM)):
+        path.write_bytes(_npy_header("<f4", shape))
+        with pytest.raises(CheckpointError, match=f"{path} holds a float32 array of shape"):
+            lit_cache._open_npy(str(path), np.dtype("<f4"), (0, DIM))

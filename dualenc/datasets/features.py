@@ -27,6 +27,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import math
 import os
 import re
 import stat
@@ -191,7 +192,7 @@ def _short(value) -> str:
 
 def _open_npy(path: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
     """A .npy file of the cache, memory-mapped read-only, once it is a regular file in its folder whose header
-    says exactly `dtype` and `shape` (a part of no rows may have any width) and whose size fits them."""
+    says exactly `dtype` and `shape` (a part of no rows may also be (0, 0)) and whose size fits them."""
     folder = os.path.dirname(path)
     if os.path.dirname(os.path.realpath(path)) != os.path.realpath(folder):
         raise CheckpointError(f"LiT cache file {path} resolves to {os.path.realpath(path)}, outside its folder: "
@@ -216,12 +217,12 @@ def _open_npy(path: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
         raise CheckpointError(f"LiT cache file {path} is not a .npy array file (its header cannot be read): "
                               f"{_REMEDY.format(folder)}")
     found, fortran, found_dtype = header
-    width_free = len(shape) == 2 and shape[0] == 0 and len(found) == 2 and found[0] == 0
-    if found_dtype != dtype or fortran or (tuple(found) != shape and not width_free):
+    empty = len(shape) == 2 and shape[0] == 0 and tuple(found) == (0, 0)  # as an empty part is written
+    if found_dtype != dtype or fortran or (tuple(found) != shape and not empty):
         raise CheckpointError(f"LiT cache file {path} holds a {found_dtype} array of shape {_short(found)}"
                               f"{' (Fortran order)' if fortran else ''}, expected {dtype} of shape {shape}: "
                               f"{_REMEDY.format(folder)}")
-    nbytes = int(np.prod(found, dtype=np.int64)) * dtype.itemsize
+    nbytes = math.prod(found) * dtype.itemsize
     if size != offset + nbytes:
         raise CheckpointError(f"LiT cache file {path} is {size} bytes, its header says {offset + nbytes}: "
                               f"{_REMEDY.format(folder)}")
