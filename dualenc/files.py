@@ -78,7 +78,7 @@ def read_safetensors_header(path: str) -> tuple[dict[str, tuple[str, tuple[int, 
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise _bad(path, f"tensor {name!r}: entry must have exactly dtype, shape, data_offsets")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise _bad(path, f"tensor {name!r}: unknown dtype {dtype!r}; known: {sorted(DTYPES)}")
         if (not isinstance(shape, list) or len(shape) > 16
                 or not all(type(d) is int and 0 <= d < 1 << 40 for d in shape)):

@@ -111,7 +111,8 @@ def _check_shards(opened: list[EmbeddingIndex]) -> None:
     if not any(shards):
         return
     if not all(shards):
-        raise InputError(f"{opened[shards.index(None)].path} is not a shard: merge shards only with their siblings")
+        path = next(ix.path for ix, s in zip(opened, shards) if not s)
+        raise InputError(f"{path} is not a shard: merge shards only with their siblings")
     given = ", ".join(f"{ix.path}: {s[:40]}" for ix, s in zip(opened, shards))
     splits = {s.partition("/")[2] for s in shards}
     if len(splits) > 1 or not re.fullmatch("[0-9]{1,9}", splits.pop()):
