@@ -65,8 +65,8 @@ def _read_everything(folder):
 
 @FUZZ
 @given(field=st.sampled_from(MANIFEST_FIELDS + SHARD_FIELDS), value=JUNK | st.sampled_from(ROOTS),
-       shard=st.integers(0, 1), drop=st.booleans())
-def test_fuzzed_manifest(template, tmp_path, field, value, shard, drop):
+       shard=st.integers(0, 1), drop=st.booleans(), recount=st.booleans())
+def test_fuzzed_manifest(template, tmp_path, field, value, shard, drop, recount):
     TRIED["prepared manifest"] += 1
     folder = _copy(template, tmp_path)
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -75,6 +75,10 @@ def test_fuzzed_manifest(template, tmp_path, field, value, shard, drop):
         target.pop(field, None)
     else:
         target[field] = value
+    shards = manifest.get("shards") if isinstance(manifest.get("shards"), list) else []
+    counts = [s.get("records") if isinstance(s, dict) else None for s in shards]
+    if recount and all(type(c) is int for c in counts):  # the total agreeing with the shards' counts
+        manifest["records"] = sum(counts)
     (folder / "manifest.json").write_text(json.dumps(manifest))
     _read_everything(folder)
 

@@ -119,11 +119,27 @@ def test_prepare_then_read_names_the_root_to_pass(tmp_path):
     assert record_image(decode_record(source[0]), "a", source.image_root) == str(data / "a.png")
 
 
+def test_a_manifest_cannot_count_more_records_than_its_shards_hold_bytes(tmp_path):
+    folder = write_folder(tmp_path / "prepared", [encode_record("k", ["x"], b"x")], None)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["shards"][0]["records"] = manifest["records"] = 2 ** 70  # len() of it was an OverflowError
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=f"shard-00000.array_record is .* bytes and cannot hold the {2 ** 70} "):
+        RecordSource(folder)
+
+
 def test_a_manifest_root_must_be_a_plain_string(tmp_path):
     for root in (7, ["/"], "a\x00b", ""):
         folder = write_folder(tmp_path / f"f{len(os.listdir(tmp_path))}", [encode_record("k", ["x"], b"x")], root)
         with pytest.raises(DataError, match="image_root"):
             RecordSource(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for name in ("\n", "a\x00", "../shard-00000.array_record"):  # a shard's name: a printable file name
+        manifest.update(image_root=None, shards=[{**manifest["shards"][0], "file": name}])
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(DataError, match="manifest.json: invalid shard entry") as e:
+            RecordSource(folder)
+        assert "\n" not in str(e.value)
 
 
 # ---------------------------------------------------------------------------------- 11: damaged ArrayRecord shards
@@ -147,6 +163,10 @@ def test_a_damaged_shard_is_a_data_error_naming_it(tmp_path, how):
                           None, shards=2)
     shard = folder / "shard-00001.array_record"
     shard.write_bytes(_damaged(shard.read_bytes(), how))
+    if how == "empty":  # too small for its records: refused when the folder is opened
+        with pytest.raises(DataError, match=f"{shard} is 0 bytes"):
+            RecordSource(folder)
+        return
     source = RecordSource(folder)
     assert decode_record(source[0]).key == "k0"  # the other shard still reads
     for read in (lambda: source[4], lambda: source.__getitems__([0, 5])):

@@ -162,7 +162,7 @@ def read_manifest(folder: str) -> dict:
     if not isinstance(shards, list) or type(records) is not int:
         raise DataError(f"{path}: needs a list of shards and a record count")
     for shard in shards:
-        if not isinstance(shard, dict) or not isinstance(shard.get("file"), str) \
+        if not isinstance(shard, dict) or not isinstance(shard.get("file"), str) or not shard["file"].isprintable() \
                 or os.path.basename(shard["file"]) != shard["file"] or shard["file"] in ("", ".", "..") \
                 or type(shard.get("records")) is not int or shard["records"] < 0:
             raise DataError(f"{path}: invalid shard entry {shard!r}")
@@ -237,9 +237,12 @@ class RecordSource:
                             f"`dualenc prepare` again with the same inputs to complete it")
         self._files = [os.path.join(self.folder, s["file"]) for s in self.manifest["shards"]]
         self._counts = [s["records"] for s in self.manifest["shards"]]
-        for file in self._files:
+        for file, count in zip(self._files, self._counts):
             if not os.path.isfile(file):
                 raise DataError(f"shard file not found: {file} (listed in {os.path.join(self.folder, MANIFEST)})")
+            if count > os.path.getsize(file):  # every record takes bytes; more is a manifest out of bounds
+                raise DataError(f"shard file {file} is {os.path.getsize(file)} bytes and cannot hold the {count} "
+                                f"records {os.path.join(self.folder, MANIFEST)} says")
         self._ends, total = [], 0
         for count in self._counts:
             total += count
