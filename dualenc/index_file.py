@@ -215,6 +215,7 @@ class EmbeddingIndex:
     metadata: dict
     names_path: str | None
     header_names: tuple | None = None
+    _checked: list = dataclasses.field(default_factory=list, repr=False, compare=False)  # [True]: rows verified
 
     @property
     def kind(self) -> str | None:
@@ -360,9 +361,10 @@ def verified_rows(index: EmbeddingIndex, step: int | None = None) -> Iterator[np
     """The index's rows in order, `step` at a time (default: 64 MiB of them), read-only views of its
     file; once the last has been handed out, a CheckpointError naming the file if they do not hash to the
     embeddings_sha256 its header records (an index that records none is not checked). Each block is hashed in
-    a thread while the caller works on it."""
+    a thread while the caller works on it. Once every row of an opened index has been checked, later calls
+    on it trust that check (open the file again to check it again)."""
     step = step or block_rows(index.dims)
-    expected = index.metadata.get("embeddings_sha256")
+    expected = None if index._checked else index.metadata.get("embeddings_sha256")
     digest, hashing = hashlib.sha256(), None
     try:
         for start in range(0, index.count, step):
@@ -379,6 +381,8 @@ def verified_rows(index: EmbeddingIndex, step: int | None = None) -> Iterator[np
     if expected is not None and digest.hexdigest() != expected:
         raise CheckpointError(f"{index.path}: its rows do not hash to the embeddings_sha256 its header records: "
                               f"the file was changed or damaged after it was written")
+    if expected is not None:
+        index._checked.append(True)
 
 
 def block_rows(dims: int, queries: int = 1) -> int:
