@@ -181,6 +181,22 @@ def test_a_damaged_shard_is_a_data_error_naming_it(tmp_path, how):
     source.close()
 
 
+def test_training_batches_over_a_damaged_shard_end_in_a_data_error_naming_it(tmp_path):
+    import dualenc
+    from dualenc import data
+    from dualenc.datasets import Pipeline
+
+    data.write_vocab(tmp_path / "vocab", ["a red square"])
+    processor = dualenc.Processor(dualenc.ImageProcessor(size={"height": 8, "width": 8}),
+                                  dualenc.Tokenizer.from_pretrained(tmp_path / "vocab", max_length=8))
+    folder = write_folder(tmp_path / "prepared", [encode_record(f"k{i}", ["a red square"], _png("red"))
+                                                  for i in range(8)], None, shards=2)
+    shard = folder / "shard-00001.array_record"
+    shard.write_bytes(_damaged(shard.read_bytes(), "under 64 KB"))
+    with pytest.raises(DataError, match=f"shard file {shard} cannot be read"):
+        list(Pipeline(RecordSource(folder), processor, 4, steps=4, process_index=0, process_count=1, threads=2))
+
+
 def test_a_flipped_shard_byte_is_a_data_error(tmp_path):
     folder = write_folder(tmp_path / "prepared", [encode_record(f"k{i}", ["x"], _png("red")) for i in range(3)], None)
     shard = folder / "shard-00000.array_record"
