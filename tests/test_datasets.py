@@ -80,7 +80,7 @@ def test_iter_tar_skips_and_counts_damage(shards):
     garbage = os.path.join(os.path.dirname(a), "garbage.tar")
     open(garbage, "wb").write(b"not a tar" * 100)
     skipped = collections.Counter()
-    assert list(iter_tar(garbage, skipped)) == [] and skipped == {"unreadable tar": 1}
+    assert list(iter_tar(garbage, skipped)) == [] and skipped == {"not a tar": 1}
 
 
 def test_prepare_tars_round_trip_and_resume(shards, tmp_path):

@@ -55,6 +55,7 @@ class _Progress:
 
 def cmd_prepare(args) -> int:
     from dualenc.datasets import expand_shards, prepare
+    from dualenc.datasets.webdataset import TAR_DAMAGE
 
     if args.records_per_shard < 1:
         raise CommandError(f"--records-per-shard must be 1 or more, got {args.records_per_shard}")
@@ -71,6 +72,10 @@ def cmd_prepare(args) -> int:
     shards = manifest["shards"]
     note("prepare", f"{plural(manifest['records'], 'record')} in {plural(len(shards), 'shard')} in "
                     f"{shown(str(args.out))}; skipped: {_skips(manifest['skipped'])}")
+    for entry in shards:  # a tar that could not be read, or not to its end
+        damage = [reason for reason in TAR_DAMAGE if entry["skipped"].get(reason)]
+        if damage:
+            note("prepare", f"{shown(entry['input'])}: {', '.join(damage)}")
     if manifest["skipped"].get("path outside the data folder"):
         note("prepare", "rows naming images outside the data folder were skipped: pass --image-root DIR to read "
                         "the paths relative to another folder, or --allow-outside to accept them")

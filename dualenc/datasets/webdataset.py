@@ -3,14 +3,23 @@
 A sample is the run of consecutive members sharing a key: the member name up to the first "." of its file name,
 within its directory (00000/000000001.jpg, 00000/000000001.txt, 00000/000000001.json). Damage is never fatal:
 bad samples and the end of a damaged tar are skipped and counted by reason.
+
+A tar from a stranger is read within bounds: a member's declared size is never trusted past the data there is;
+an image member may hold MAX_IMAGE bytes and a text member (.txt, .json, .cls) MAX_TEXT, larger ones are skipped
+unread; a member's headers (PAX records, GNU long names) may hold MAX_HEADER bytes; a compressed tar may
+decompress to MAX_RATIO times its size (plus RATIO_SLACK), an xz decoder allocate XZ_MEMORY; sparse members are
+skipped.
 """
 
 from __future__ import annotations
 
+import bz2
 import collections
 import glob
+import gzip
 import itertools
 import json
+import lzma
 import os
 import posixpath
 import re
@@ -18,13 +27,30 @@ import tarfile
 import zlib
 from typing import Iterable, Iterator, NamedTuple
 
+from dualenc.datasets.captions import MAX_LINE
 from dualenc.errors import DataError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 TEXT_EXTS = ("txt", "json", "cls")
-MAX_MEMBER = 256 << 20
+# pillow's pixel limit (PIL.Image.MAX_IMAGE_PIXELS, 89,478,485 pixels, which dualenc keeps) stored raw at 3 bytes
+# a pixel: 256 MiB. Any 8-bit RGB image within the limit, even uncompressed, fits.
+MAX_IMAGE = 3 * 89_478_485
+MAX_TEXT = MAX_LINE  # the caption files' line limit
+BATCH_BYTES = 1 << 30  # encoded images one forward batch may hold (`dualenc embed` over tars)
+MAX_HEADER = 64 << 10
+MAX_GLOBAL_RECORDS = 64  # PAX global header records, which tarfile keeps for the rest of the tar
+MAX_RATIO = 1024  # deflate's own limit is about 1032 : 1; bzip2 and xz reach a million
+RATIO_SLACK = 64 << 20
+XZ_MEMORY = 128 << 20  # what an xz stream's decoder may allocate (xz -9 needs 65 MiB)
 MAX_SHARDS = 1_000_000
 _BLOCK = 512
+_CHUNK = 1 << 20
+# Why a whole tar, or the rest of it, could not be read (counted as one each).
+NOT_TAR, TRUNCATED, CORRUPT, BOMB = "not a tar", "truncated tar", "corrupt tar", "decompression bomb"
+TAR_DAMAGE = (NOT_TAR, TRUNCATED, CORRUPT, BOMB)
+# Every error tarfile and the decompressors were seen to raise on damaged data.
+_ERRORS = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError, ValueError, IndexError, OverflowError,
+           RecursionError)
 
 
 class Sample(NamedTuple):
@@ -40,9 +66,76 @@ class Sample(NamedTuple):
 class _Damaged(Exception):
     """The tar stream ended in damage (a truncated or corrupt archive), in a member's data or between members."""
 
-    def __init__(self, message: str, in_member: bool = False, reason: str = "truncated tar"):
+    def __init__(self, message: str, in_member: bool = False, reason: str = TRUNCATED):
         super().__init__(message)
         self.in_member, self.reason = in_member, reason
+
+
+class _Streams:
+    """The data of a bzip2 or xz file: its concatenated streams, decompressed as they are read (lzma.LZMAFile
+    takes no memory limit: an xz header may ask for a dictionary of 1.5 GiB)."""
+
+    def __init__(self, f, new):
+        self.f, self.new, self.decompressor = f, new, new()
+
+    def read(self, size: int) -> bytes:
+        out, n, d = [], 0, self.decompressor
+        while n < size:
+            if d.eof:
+                data = d.unused_data or self.f.read(64 << 10)
+                if not data:
+                    break
+                d = self.decompressor = self.new()
+            elif d.needs_input:
+                data = self.f.read(64 << 10)
+                if not data:
+                    raise EOFError("the compressed data ends before its end-of-stream marker")
+            else:
+                data = b""
+            out.append(d.decompress(data, size - n))
+            n += len(out[-1])
+        return b"".join(out)
+
+
+class _Source:
+    """The tar's bytes (decompressed here) as tarfile reads them, counted: while `header` is set, the headers
+    of the next member may read that many bytes; a compressed tar may give `limit` bytes in all. `ended` says
+    a read came back short (the data ran out)."""
+
+    def __init__(self, f, size: int):
+        magic = f.peek(6)[:6]
+        self.raw, self.limit = f, None
+        if magic.startswith(b"\x1f\x8b"):
+            self.raw = gzip.GzipFile(fileobj=f, mode="rb")
+        elif magic.startswith(b"BZh"):
+            self.raw = _Streams(f, bz2.BZ2Decompressor)
+        elif magic.startswith((b"\xfd7zXZ\x00", b"\x5d\x00\x00\x80")):
+            self.raw = _Streams(f, lambda: lzma.LZMADecompressor(memlimit=XZ_MEMORY))
+        if self.raw is not f:
+            self.limit = MAX_RATIO * size + RATIO_SLACK
+        self.count, self.header, self.ended = 0, None, False
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            data = self.raw.read(size)
+        except EOFError as e:
+            self.ended = True
+            raise _Damaged(f"the compressed data ends early ({e})") from None
+        except (OSError, zlib.error, lzma.LZMAError) as e:
+            raise _Damaged(f"the compressed data is corrupt ({e})", reason=CORRUPT) from None
+        self.ended = self.ended or len(data) < size
+        self.count += len(data)
+        if self.limit is not None and self.count > self.limit:
+            raise _Damaged(f"it decompresses to over {MAX_RATIO} times its size", reason=BOMB)
+        if self.header is not None:
+            self.header -= len(data)
+            if self.header < 0:
+                raise _Damaged(f"a member's headers are over {MAX_HEADER >> 10} KiB", reason=CORRUPT)
+        return data
+
+    def close(self) -> None:
+        if isinstance(self.raw, gzip.GzipFile):
+            self.raw.close()
 
 
 def _split_name(name: str) -> tuple[str, str] | None:
@@ -59,10 +152,18 @@ def _text(data: bytes) -> str:
     return data.decode("utf-8-sig")
 
 
-def _sample(key: str, members: dict[str, bytes], skipped: collections.Counter, captioned: bool) -> Sample | None:
+def _sample(key: str, members: dict[str, bytes | None], skipped: collections.Counter,
+            captioned: bool) -> Sample | None:
+    """The sample of one key's members (None: a member over its size limit, not read)."""
     ext = next((e for e in IMAGE_EXTS if e in members), None)
     if ext is None:
         skipped["no image"] += 1
+        return None
+    if members[ext] is None:
+        skipped["image too large"] += 1
+        return None
+    if any(e in members and members[e] is None for e in TEXT_EXTS):
+        skipped["text too large"] += 1
         return None
     if not members[ext]:
         skipped["empty image"] += 1
@@ -96,80 +197,150 @@ def _sample(key: str, members: dict[str, bytes], skipped: collections.Counter, c
     return Sample(key, tuple(captions), members[ext], ext, label)
 
 
-def _read(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+def _damage(e: BaseException, source: _Source, in_member: bool = False) -> _Damaged:
+    """An error of tarfile or of the decompressor as damage: truncated where the data ran out, else corrupt."""
+    if isinstance(e, _Damaged):
+        e.in_member = e.in_member or in_member
+        return e
+    return _Damaged(str(e) or type(e).__name__, in_member, TRUNCATED if source.ended else CORRUPT)
+
+
+def _read(tar: tarfile.TarFile, member: tarfile.TarInfo, source: _Source) -> bytes:
     try:
         return tar.extractfile(member).read()
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        raise _Damaged(str(e), in_member=True) from None
+    except (_Damaged,) + _ERRORS as e:
+        raise _damage(e, source, in_member=True) from None
 
 
-def _members(tar: tarfile.TarFile, skipped: collections.Counter) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
-    """(key, extension, member) of the members a sample may use, in tar order; raises _Damaged at damage.
-    A member's data is read (with _read) before the next one is asked for, as a stream requires."""
+def _next(tar: tarfile.TarFile, source: _Source) -> tarfile.TarInfo | None:
+    """The next member's header, reading at most MAX_HEADER bytes of headers (tarfile keeps no list of them)."""
+    source.header = MAX_HEADER
     try:
-        for member in tar:
-            if not member.isfile():
-                continue
-            split = _split_name(member.name)
-            if split is None:
+        member = tar.next()
+    finally:
+        source.header = None
+    tar.members.clear()
+    if len(tar.pax_headers) > MAX_GLOBAL_RECORDS:
+        raise _Damaged(f"over {MAX_GLOBAL_RECORDS} global PAX header records", reason=CORRUPT)
+    if member is not None and member.size < 0:
+        raise _Damaged(f"member {member.name!r} declares a negative size", reason=CORRUPT)
+    return member
+
+
+def _skip(tar: tarfile.TarFile, source: _Source, end: int | None) -> None:
+    """Reads past the rest of the current member's data, in chunks, to the next header. tarfile's own skip
+    loops until the declared size, even past the end of the data; here a size past the end of an uncompressed
+    tar ends it at once, and in a compressed one the data ends it."""
+    stream = tar.fileobj
+    left = tar.offset - stream.tell()
+    if end is not None and tar.offset > end:
+        raise _Damaged("a member's data runs past the end of the file", in_member=True)
+    while left > 0:
+        chunk = stream.read(min(left, _CHUNK))
+        if not chunk:
+            raise _Damaged("the data ends inside a member", in_member=True)
+        left -= len(chunk)
+
+
+def _members(tar: tarfile.TarFile, source: _Source, end: int | None,
+             skipped: collections.Counter) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
+    """(key, extension, member) of the members a sample may use, in tar order; raises _Damaged at damage.
+    A member's data may be read (with _read) before the next one is asked for, as a stream requires."""
+    try:
+        member = _next(tar, source)  # tarfile read the first one when it opened the tar
+        while member is not None:
+            split = _split_name(member.name) if member.isfile() else None
+            if member.isfile() and member.issparse():
+                skipped["sparse member"] += 1
+            elif member.isfile() and split is None:
                 skipped["member without key"] += 1
-                continue
-            if split[1] not in IMAGE_EXTS + TEXT_EXTS:
-                continue
-            if member.size > MAX_MEMBER:
-                skipped["member too large"] += 1
-                continue
-            yield split[0], split[1], member
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        raise _Damaged(str(e)) from None
+            elif split is not None and split[1] in IMAGE_EXTS + TEXT_EXTS:
+                yield split[0], split[1], member
+            _skip(tar, source, end)
+            member = _next(tar, source)
+    except (_Damaged,) + _ERRORS as e:
+        raise _damage(e, source) from None
     # tarfile ends quietly at a missing or invalid header: the end is clean only after a zero block and zeros.
-    stream, offset = getattr(tar, "fileobj", None), getattr(tar, "offset", None)
-    if stream is None or offset is None or not hasattr(stream, "tell"):
-        return
+    stream, offset = tar.fileobj, tar.offset
     if stream.tell() - offset != _BLOCK:
         raise _Damaged("the archive ends without its end-of-archive blocks")
     try:
-        while rest := stream.read(1 << 20):
+        while rest := stream.read(_CHUNK):
             if rest.count(0) != len(rest):
-                raise _Damaged("an invalid member header", reason="corrupt tar")
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        raise _Damaged(str(e)) from None
+                raise _Damaged("an invalid member header", reason=CORRUPT)
+    except (_Damaged,) + _ERRORS as e:
+        raise _damage(e, source) from None
 
 
-def iter_tar(path: str | os.PathLike, skipped: collections.Counter, *, captioned: bool = True) -> Iterator[Sample]:
-    """The usable samples of one webdataset tar (plain or compressed), read as a stream.
+def _prefer(ext: str, members: dict) -> bool:
+    """Whether an image member of `ext` is to be read: no image of an earlier extension of IMAGE_EXTS is held
+    (one that is, or a later one then dropped: a sample holds one image)."""
+    held = [e for e in IMAGE_EXTS if e in members]
+    if held and IMAGE_EXTS.index(held[0]) < IMAGE_EXTS.index(ext):
+        return False
+    for e in held:
+        del members[e]
+    return True
 
-    Samples without an image or a caption, with undecodable text, and the rest of a tar after damage are skipped
-    and counted in `skipped` by reason ("no image", "no caption", "undecodable text", "truncated tar",
-    "corrupt tar", ...); with captioned=False samples without a caption are kept (captions ()), for image-only
-    uses such as embedding.
+
+def iter_tar(path: str | os.PathLike, skipped: collections.Counter, *, captioned: bool = True,
+             max_image: int = MAX_IMAGE) -> Iterator[Sample]:
+    """The usable samples of one webdataset tar (plain, gzip, bzip2 or xz), read as a stream.
+
+    Samples without an image or a caption, with undecodable text, or with a member over its size limit (an
+    image over `max_image` bytes, a .txt/.json/.cls over MAX_TEXT: skipped unread) are skipped and counted in
+    `skipped` by reason ("no image", "no caption", "undecodable text", "image too large", "text too large",
+    ...). A tar that cannot be read, or the rest of it after damage, is counted once under one of TAR_DAMAGE:
+    "not a tar", "truncated tar" (the data ends early, or a member declares more than there is),
+    "corrupt tar", "decompression bomb" (over MAX_RATIO times its compressed size). With captioned=False
+    samples without a caption are kept (captions ()), for image-only uses such as embedding.
     Captions come from .txt, else from .json's "caption", "text" or "captions"; a label from .cls or .json's
-    "label". A missing file is a FileNotFoundError.
+    "label"; a sample with several images uses the first of IMAGE_EXTS. A missing file is a FileNotFoundError.
     """
-    path = os.fspath(path)
+    if isinstance(max_image, bool) or not isinstance(max_image, int) or not 0 < max_image <= MAX_IMAGE:
+        raise DataError(f"max_image must be an int in [1, {MAX_IMAGE}], got {max_image!r}")
+    return _samples(os.fspath(path), skipped, captioned, max_image)
+
+
+def _samples(path: str, skipped: collections.Counter, captioned: bool, max_image: int) -> Iterator[Sample]:
     try:
         f = open(path, "rb")
     except FileNotFoundError:
         raise FileNotFoundError(f"tar shard not found: {path}") from None
     with f:
+        size = os.fstat(f.fileno()).st_size
+        source = _Source(f, size)
+        end = size if source.limit is None else None  # the end of the data, where it is known before reading
         try:
-            tar = tarfile.open(fileobj=f, mode="r|*")
-        except (tarfile.TarError, EOFError, zlib.error, OSError):
-            skipped["unreadable tar"] += 1
+            source.header = MAX_HEADER
+            tar = tarfile.open(fileobj=source, mode="r|")
+        except _Damaged as e:
+            skipped[e.reason] += 1
+            source.close()
+            return
+        except _ERRORS:
+            skipped[NOT_TAR] += 1
+            source.close()
             return
         key, members = None, {}
         try:
-            for member_key, ext, member in _members(tar, skipped):
+            for member_key, ext, member in _members(tar, source, end, skipped):
                 if member_key != key:
                     if key is not None and (sample := _sample(key, members, skipped, captioned)) is not None:
                         yield sample
                     key, members = member_key, {}
-                if ext not in members:
-                    members[ext] = _read(tar, member)
+                if ext in members or (ext in IMAGE_EXTS and not _prefer(ext, members)):
+                    continue
+                if member.size > (max_image if ext in IMAGE_EXTS else MAX_TEXT):
+                    members[ext] = None
+                    continue
+                members[ext] = _read(tar, member, source)
         except _Damaged as e:
             skipped[e.reason] += 1
             if e.in_member:  # the sample whose member was cut is lost with the rest
                 return
+        finally:
+            source.close()
         if key is not None and (sample := _sample(key, members, skipped, captioned)) is not None:
             yield sample
 
