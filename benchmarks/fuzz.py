@@ -1,6 +1,6 @@
 """python -m benchmarks.fuzz [--examples N] [--seed S] [--kinds ...] [--workers W] [--json FILE]: a fuzz campaign.
 
-Runs every hypothesis fuzzer of tests/test_fuzz.py and tests/test_fuzz_siglip.py (one "kind" of input each, named
+Runs every hypothesis fuzzer of the tests/test_fuzz*.py files (one "kind" of input each, named
 by its TRIED[...] counter) on random inputs from one seed, N per kind, in a pytest subprocess, and reports per
 kind the inputs tried, the failures (exception and falsifying example) and the time. Exits 1 when anything failed.
 Not part of the test suite. Loaded into that subprocess with `-p benchmarks.fuzz`, this module is also the pytest
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import glob
 import inspect
 import json
 import os
@@ -25,7 +26,7 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FILES = ("tests/test_fuzz.py", "tests/test_fuzz_siglip.py")
+FILES = tuple(sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "tests", "test_fuzz*.py"))))
 _PROPERTY = "dualenc_fuzz"
 _TEXT_LIMIT = 600  # characters kept of an exception message or a falsifying example
 
