@@ -350,3 +350,24 @@ def test_an_empty_part_is_as_written_or_of_the_cache_width(tmp_path):
         path.write_bytes(_npy_header("<f4", shape))
         with pytest.raises(CheckpointError, match=f"{path} holds a float32 array of shape"):
             lit_cache._open_npy(str(path), np.dtype("<f4"), (0, DIM))
+
+
+def test_embed_takes_a_prepared_folders_image_root_from_the_command_line(tmp_path, secret):
+    """`dualenc embed --images PREPARED` reads a folder prepared from caption files (its image root outside it)
+    when --image-root or --allow-outside says so, and refuses those flags without a prepared folder."""
+    from dualenc import cli
+    from dualenc.cli.common import CommandError
+    from dualenc.cli.index import image_source
+
+    folder = tmp_path / "prepared"
+    folder.mkdir()
+    write_folder(folder, [encode_record("k", ["a private photo"], path="private.png")], str(secret.parent))
+    for flags in (["--image-root", str(secret.parent)], ["--allow-outside"]):
+        args = cli.parse(["embed", "--model", "m", "--images", str(folder), "--out", "x.safetensors", *flags])
+        source = image_source(args.images, batch_size=8, shard=None, image_root=args.image_root,
+                              allow_outside=args.allow_outside)
+        assert [name for name, _ in source.pairs] == ["k"]
+    with pytest.raises(DataError, match="image root"):
+        image_source([str(folder)], batch_size=8, shard=None)
+    with pytest.raises(CommandError, match="apply to a folder written by `dualenc prepare`"):
+        image_source([str(secret)], batch_size=8, shard=None, image_root=str(secret.parent))

@@ -33,7 +33,7 @@ class ImageSource(NamedTuple):
 
 
 def image_source(inputs: list[str], *, batch_size: int, shard: tuple[int, int] | None,
-                 strict: bool = False) -> ImageSource:
+                 strict: bool = False, image_root: str | None = None, allow_outside: bool = False) -> ImageSource:
     """The images of `dualenc embed --images INPUT...`, or with `shard` (i, n) the i-th of n contiguous slices of
     them, from one of three kinds of input:
 
@@ -45,7 +45,9 @@ def image_source(inputs: list[str], *, batch_size: int, shard: tuple[int, int] |
     File and record slices hold whole batches, so every image is encoded in the same batch, at the same place, as
     by one process: shards 0..n-1 merged in order give one process's index bit for bit. Tars are split by whole
     tars (contiguous runs of them, as a tar's samples are not counted before it is read): the merged index then
-    names the same images in the same order as one process's.
+    names the same images in the same order as one process's. image_root and allow_outside are a prepared
+    folder's (`RecordSource`): where its records' image paths are read from, and whether its manifest may name
+    a root outside it.
     """
     from dualenc.datasets import expand_shards
     from dualenc.datasets.prepare import TAR_SUFFIXES
@@ -58,7 +60,10 @@ def image_source(inputs: list[str], *, batch_size: int, shard: tuple[int, int] |
                            f"inputs ({shown(prepared[0])} is one)")
     if prepared:
         require("array_record.python.array_record_module", "data", "a folder written by `dualenc prepare`")
-        return _record_source(inputs[0], batch_size, shard, strict, problems)
+        return _record_source(inputs[0], batch_size, shard, strict, problems, image_root, allow_outside)
+    if image_root is not None or allow_outside:
+        raise CommandError("--image-root and --allow-outside apply to a folder written by `dualenc prepare`; "
+                           "--images names none")
     tars = [i.lower().endswith(TAR_SUFFIXES) for i in inputs]
     if any(tars):
         if not all(tars):
@@ -73,12 +78,13 @@ def image_source(inputs: list[str], *, batch_size: int, shard: tuple[int, int] |
     return ImageSource(((shown(p), p) for p in paths[start:stop]), rows, metadata, stop - start, problems)
 
 
-def _record_source(folder: str, batch_size: int, shard, strict: bool, problems: list) -> ImageSource:
+def _record_source(folder: str, batch_size: int, shard, strict: bool, problems: list, image_root=None,
+                   allow_outside=False) -> ImageSource:
     from dualenc.datasets import RecordSource, decode_record
     from dualenc.datasets.records import record_image
     from dualenc.errors import DataError
 
-    source = RecordSource(folder)
+    source = RecordSource(folder, image_root=image_root, allow_outside=allow_outside)
     rows = batch_rows(len(source), batch_size)
     shards = (json.dumps(s, sort_keys=True) for s in source.manifest["shards"])
     start, stop, metadata = _slice(len(source), rows, shard, shards)
@@ -198,7 +204,8 @@ def cmd_embed(args) -> int:
         require("faiss", "search", "--ann")
     kind = "image" if args.images else "text"
     if args.images:
-        source = image_source(args.images, batch_size=args.batch_size, shard=shard, strict=args.strict)
+        source = image_source(args.images, batch_size=args.batch_size, shard=shard, strict=args.strict,
+                              image_root=args.image_root, allow_outside=args.allow_outside)
         sliced, rows = source.metadata, source.batch_rows
     else:
         texts = read_lines(args.texts, "texts")
@@ -426,6 +433,11 @@ def register(subs) -> None:
     p.add_argument("--ann", action="store_true", help="also build the approximate-search index NAME.faiss "
                                                       "(needs dualenc[search]) and print its recall@10")
     images_options(p, "images or texts")
+    p.add_argument("--image-root", help="with a folder `dualenc prepare` wrote from caption files: the folder its "
+                                        "records' image paths are read from (default: the one its manifest "
+                                        "names, which must lie inside the prepared folder)")
+    p.add_argument("--allow-outside", action="store_true", help="with a prepared folder: accept the image root its "
+                                                                "manifest names outside it")
     p.add_argument("--json", action="store_true", help="print one JSON object: what was written and skipped")
 
     p = subcommand(subs, EXAMPLES, "search", cmd_search, "find the nearest images or texts of an embedding file to queries")
