@@ -79,7 +79,10 @@ def test_round_trip_is_bit_identical_and_leaves_out_the_frozen_tower(mesh, saved
     template = make_state(mesh, seed=2, step=0)
     restored, meta = checkpoint.restore_state(path, template)
     assert equal(restored, state)  # trainable, opt_state, step, rng: saved; frozen: the template's (the same)
+    sums, sizes = meta.pop("checksums"), meta.pop("files")
     assert meta == {"data_position": [0, 7], "step": 7, "format": "orbax", "holds_frozen": False}
+    assert set(sums) == {"/".join(p) for p in checkpoint.saved_leaves(path)}  # a checksum per array written
+    assert sizes["_METADATA"] == os.path.getsize(os.path.join(path, "_METADATA")) and checkpoint.META_FILE not in sizes
     for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(template)):
         assert a.sharding == b.sharding
     assert checkpoint.checkpoints(os.path.dirname(path)) == [(7, path)]

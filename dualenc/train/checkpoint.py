@@ -12,6 +12,13 @@ position, settings, "format") and the train state:
 - "safetensors" (written before orbax): `state.safetensors`, one tensor per state leaf, frozen params included,
   named by its pytree path; gathered to process 0, which writes it synchronously.
 
+state.json also records a checksum of every array written ("checksums", see dualenc.train.integrity: the same
+whatever the sharding) and the size of every file ("files"). A save refuses a state holding NaN or inf. A
+restore checks state.json's keys, that every file is there at its size, reads the arrays and compares their
+checksums and finiteness: any damage is a CheckpointError naming the checkpoint, its step, what is wrong, and
+the newest earlier checkpoint that passes the same checks (to resume from, once the damaged one is moved out of
+the folder). Checkpoints written before checksums were recorded are checked for finiteness only.
+
 A checkpoint counts (in `checkpoints`) once its `state.json` exists. An orbax save writes
 `step_NNNNNNNN.partial` (orbax itself writes `….partial.orbax-checkpoint-tmp` and renames it when every process
 has written its shards); process 0 then writes `state.json` into it and renames it `step_NNNNNNNN` (swapping
@@ -22,7 +29,7 @@ that counted before; its leftovers are removed by the next save. Checkpoints bey
 Asynchronous saves: `save_state(..., wait=False)` returns once the state's arrays are copied to host memory;
 writing, the commit and state.json follow in a background thread. Training is blocked by a save for the time
 `save_state` takes to return: waiting for the previous save to commit (if it has not), a barrier across
-processes, the device-to-host copy and creating directories (`SaveRecord.blocked_s`). The next save, a restore
+processes, the checksums, the device-to-host copy and creating directories (`SaveRecord.blocked_s`). The next save, a restore
 and `wait_for_save` wait for it; errors of the background write are raised there.
 """
 
@@ -42,12 +49,12 @@ import numpy as np
 
 from dualenc import files
 from dualenc.errors import CheckpointError, ConfigError
-from dualenc.train.optimizer import ClippedAdamWState
+from dualenc.train import integrity, safetensors_state
 from dualenc.train.sharding import host_array
 from dualenc.train.state import TrainState
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
-STATE_FILE, META_FILE = "state.safetensors", "state.json"
+STATE_FILE, META_FILE = safetensors_state.FILE, integrity.META_FILE
 FORMATS = ("orbax", "safetensors")
 _LEFTOVER = re.compile(r"^step_\d{8}\.")  # step_NNNNNNNN.partial and orbax's temporary directories
 _PARTIAL = ".partial"
@@ -122,11 +129,6 @@ def _lookup(tree: dict, path: tuple[str, ...]):
     return tree
 
 
-def _leaf_names(state) -> list[tuple[str, Any]]:
-    """The safetensors format's names: each leaf's pytree path as jax.tree_util.keystr writes it."""
-    return [(jax.tree_util.keystr(path), leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(state)]
-
-
 def _step_of(state: TrainState) -> int:
     step = state.step
     if isinstance(step, jax.Array) and step.is_fully_replicated:
@@ -162,10 +164,30 @@ def latest_checkpoint(directory: str) -> tuple[int, str] | None:
 
 
 def checkpoint_meta(path: str) -> dict:
-    """A training checkpoint's state.json: its step, the run's total steps ("steps", absent in checkpoints of
-    earlier versions), data position, settings, format ("orbax"; absent: "safetensors") and, for orbax,
-    holds_frozen (whether the frozen params were written)."""
-    return files.read_json(os.path.join(path, META_FILE), "training checkpoint metadata")
+    """A training checkpoint's state.json, its keys checked: its step, the run's total steps ("steps", absent in
+    checkpoints of earlier versions), data position, settings, format ("orbax"; absent: "safetensors"), for orbax
+    holds_frozen (whether the frozen params were written), checksums and files (absent in earlier versions).
+
+    Raises:
+      CheckpointError: state.json cannot be read, or a key has the wrong type (see damaged).
+    """
+    meta, problem = integrity.meta_of(path, _step_in(path), FORMATS)
+    if problem is not None:
+        raise damaged(path, problem)
+    return meta
+
+
+def _step_in(path: str) -> int | None:
+    m = STEP_DIR.match(os.path.basename(os.path.normpath(path)))
+    return int(m.group(1)) if m else None
+
+
+def damaged(path: str, problem: str) -> CheckpointError:
+    """The error for a damaged checkpoint: it, its step and what is wrong, and the newest earlier checkpoint in
+    its folder that passes the checks made before reading arrays (state.json, its files), to resume from."""
+    step, directory = _step_in(path), os.path.dirname(os.path.normpath(path)) or "."
+    earlier = [(s, p) for s, p in checkpoints(directory) if step is not None and s < step]
+    return integrity.damaged(path, step, problem, earlier, FORMATS)
 
 
 def last_save() -> SaveRecord | None:
@@ -270,13 +292,14 @@ def save_state(directory: str, state: TrainState, meta: dict, keep: int = 3, *, 
     path = os.path.join(directory, f"step_{step:08d}")
     record = SaveRecord(path, step, started, waited_s=waited)
     _last = record
+    tree = _rebuilt(state._replace(frozen={}) if exclude_frozen else state)
+    meta = {**meta, "step": step, "checksums": _checksums(tree, path)}
     if format == "safetensors":
-        _save_safetensors(directory, path, state, {**meta, "step": step}, keep)
+        _save_safetensors(directory, path, tree, meta, keep)
         record.returned = record.committed = time.perf_counter()
         return path
-    tree = _rebuilt(state._replace(frozen={}) if exclude_frozen else state)
     item = _nest((p, leaf if isinstance(leaf, jax.Array) else np.asarray(leaf)) for p, leaf in _names(tree))
-    meta = {**meta, "step": step, "format": "orbax", "holds_frozen": not exclude_frozen}
+    meta = {**meta, "format": "orbax", "holds_frozen": not exclude_frozen}
     if jax.process_index() == 0:
         try:
             os.makedirs(directory, exist_ok=True)
@@ -299,6 +322,15 @@ def save_state(directory: str, state: TrainState, meta: dict, keep: int = 3, *, 
     if wait:
         wait_for_save()
     return path
+
+
+def _checksums(tree, path: str) -> dict[str, str]:
+    """The checksums of a state about to be saved; a state holding NaN or inf is refused (it would not restore)."""
+    sums, bad = integrity.checksums([("/".join(p), leaf) for p, leaf in _names(tree)])
+    if bad:
+        raise CheckpointError(f"not saving the training checkpoint {path}: {len(bad)} arrays of the state hold NaN "
+                              f"or inf, e.g. {', '.join(bad[:3])}")
+    return sums
 
 
 def _absolute(path: str) -> str:
@@ -345,6 +377,7 @@ def _commit(record: SaveRecord, meta: dict, directory: str, keep: int, serial: i
         try:
             _checkpointer.wait_until_finished()
             if jax.process_index() == 0:
+                meta = {**meta, "files": integrity.file_sizes(record.path + _PARTIAL, skip=(META_FILE,))}
                 files.write_json_atomic(os.path.join(record.path + _PARTIAL, META_FILE), meta)
                 _publish(record.path + _PARTIAL, record.path)
                 _prune(directory, keep)
@@ -365,12 +398,13 @@ def _commit(record: SaveRecord, meta: dict, directory: str, keep: int, serial: i
 
 
 def _save_safetensors(directory: str, path: str, state: TrainState, meta: dict, keep: int):
-    arrays = {name: host_array(leaf) for name, leaf in _leaf_names(state)}
+    arrays = safetensors_state.arrays(state)
     if jax.process_index() != 0:
         return
     os.makedirs(directory, exist_ok=True)
     with files.atomic_directory(path) as tmp:
         files.write_safetensors(os.path.join(tmp, STATE_FILE), arrays)
+        meta = {**meta, "files": integrity.file_sizes(tmp, skip=(META_FILE,))}
         files.write_json_atomic(os.path.join(tmp, META_FILE), meta)
     _prune(directory, keep)
 
@@ -380,16 +414,36 @@ def restore_state(path: str, template: TrainState) -> tuple[TrainState, dict]:
     strictly; frozen params the checkpoint does not hold are the template's. Returns (state, meta).
 
     Raises:
-      CheckpointError: leaves missing, unexpected or of another shape (named), or unreadable files.
+      CheckpointError: leaves missing, unexpected or of another shape or dtype (named); or a damaged checkpoint
+        (see damaged): state.json, a file missing or of another size, arrays that cannot be read, whose
+        checksums differ from those recorded at save, or that hold NaN or inf.
     """
     wait_for_save()
     meta = checkpoint_meta(path)
+    problem = integrity.missing_or_resized(path, meta.get("files", {}))
+    if problem is not None:
+        raise damaged(path, problem)
     if os.path.isfile(os.path.join(path, STATE_FILE)):
-        return _restore_safetensors(path, template), meta
-    if meta.get("format") != "orbax":
-        raise CheckpointError(f"{path} holds neither {STATE_FILE} nor an orbax checkpoint "
-                              f"(format {meta.get('format')!r} in {META_FILE})")
-    return _restore_orbax(path, template), meta
+        state = safetensors_state.read(os.path.join(path, STATE_FILE), template)
+    elif meta.get("format") != "orbax":
+        raise damaged(path, f"it holds neither {STATE_FILE} nor an orbax checkpoint (format "
+                            f"{meta.get('format')!r} in {META_FILE})")
+    else:
+        state = _restore_orbax(path, template)
+    held = meta.get("format") != "orbax" or meta.get("holds_frozen", False)
+    sums, bad = integrity.checksums([("/".join(p), leaf) for p, leaf in _names(state) if held or p[0] != "frozen"])
+    problem = integrity.compare(meta["checksums"], sums) if "checksums" in meta else None
+    if problem is None and bad:
+        problem = f"{len(bad)} of its arrays hold NaN or inf, e.g. {', '.join(bad[:3])}"
+    if problem is not None:
+        raise damaged(path, problem)
+    return state, meta
+
+
+def _reason(e: Exception) -> str:
+    """An orbax or TensorStore error in one short line (its message may hold kilobytes of TensorStore spec)."""
+    text = " ".join(str(e).split()).split(" See full TensorStore details")[0] or type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def saved_leaves(path: str) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
@@ -397,9 +451,12 @@ def saved_leaves(path: str) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.d
     ocp = _orbax()
     path = _absolute(path)
     try:
-        tree = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).metadata(path).item_metadata.tree
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: cannot read the orbax checkpoint's metadata: {e}") from e
+        found = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).metadata(path)
+        tree = None if found is None or found.item_metadata is None else found.item_metadata.tree
+    except Exception as e:  # noqa: BLE001  (orbax raises bare Exceptions, and AttributeError on a damaged file)
+        raise damaged(path, f"its orbax metadata cannot be read: {_reason(e)}") from e
+    if not isinstance(tree, dict):
+        raise damaged(path, "its orbax metadata (_METADATA, _CHECKPOINT_METADATA) is missing or unreadable")
     leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: not isinstance(x, (dict, list, tuple)))
     return {tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in p): (tuple(m.shape), np.dtype(m.dtype))
             for p, m in leaves}
@@ -415,11 +472,11 @@ def _restore_orbax(path: str, template: TrainState) -> TrainState:
     wanted = [(p, leaf) for p, leaf in zip(names, flat) if with_frozen or p[0] != "frozen"]
     missing = ["/".join(p) for p, _ in wanted if p not in saved]
     unexpected = ["/".join(p) for p in saved if p not in {p for p, _ in wanted}]
-    wrong = [f"{'/'.join(p)} {saved[p][0]} here {tuple(np.shape(leaf))}" for p, leaf in wanted
-             if p in saved and saved[p][0] != tuple(np.shape(leaf))]
+    wrong = [f"{'/'.join(p)} {saved[p][0]} {saved[p][1]} here {tuple(np.shape(leaf))} {np.dtype(leaf.dtype)}"
+             for p, leaf in wanted if p in saved and saved[p] != (tuple(np.shape(leaf)), np.dtype(leaf.dtype))]
     if missing or unexpected or wrong:
         raise CheckpointError(f"{path} does not match this training setup: missing {missing[:20]}, "
-                              f"unexpected {unexpected[:20]}, wrong shape {wrong[:20]}")
+                              f"unexpected {unexpected[:20]}, wrong shape or dtype {wrong[:20]}")
 
     def target(leaf):
         sharding = getattr(leaf, "sharding", None)
@@ -433,41 +490,7 @@ def _restore_orbax(path: str, template: TrainState) -> TrainState:
     try:
         restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(path, args=ocp.args.PyTreeRestore(
             item=_nest((p, t[0]) for p, t in targets), restore_args=_nest((p, t[1]) for p, t in targets)))
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: cannot read the orbax checkpoint: {e}") from e
+    except Exception as e:  # noqa: BLE001  (orbax raises bare Exceptions)
+        raise damaged(path, f"orbax cannot read it: {_reason(e)}") from e
     leaves = [_lookup(restored, p) if with_frozen or p[0] != "frozen" else leaf for p, leaf in zip(names, flat)]
     return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
-def _restore_safetensors(path: str, template: TrainState) -> TrainState:
-    tensors, _ = files.read_safetensors(os.path.join(path, STATE_FILE))
-    leaves, treedef = jax.tree_util.tree_flatten(template)
-    names = [name for name, _ in _leaf_names(template)]
-    if isinstance(template.opt_state, ClippedAdamWState):
-        tensors = _from_optax_chain(tensors, path)
-    missing = [n for n in names if n not in tensors]
-    unexpected = [n for n in tensors if n not in set(names)]
-    wrong = [n for n, leaf in zip(names, leaves) if n in tensors and tensors[n].shape != np.shape(leaf)]
-    if missing or unexpected or wrong:
-        raise CheckpointError(f"{path} does not match this training setup: missing {missing[:20]}, "
-                              f"unexpected {unexpected[:20]}, wrong shape {wrong[:20]}")
-    restored = []
-    for name, leaf in zip(names, leaves):
-        value = np.asarray(tensors[name], dtype=leaf.dtype)
-        sharding = getattr(leaf, "sharding", None)
-        restored.append(jax.device_put(value, sharding) if sharding is not None else value)
-    return jax.tree_util.tree_unflatten(treedef, restored)
-
-
-def _from_optax_chain(tensors: dict, path: str) -> dict:
-    """Checkpoints written before default_optimizer became train.clipped_adamw hold the state of optax's
-    chain(clip_by_global_norm, adamw): Adam's count and moments at opt_state[1][0], the schedule's count at
-    opt_state[1][2]. The same numbers, renamed; anything else is left for the strict check."""
-    old, schedule = ".opt_state[1][0].", ".opt_state[1][2].count"
-    if ".opt_state.count" in tensors or old + "count" not in tensors:
-        return tensors
-    if schedule in tensors and int(tensors[schedule]) != int(tensors[old + "count"]):
-        raise CheckpointError(f"{path}: the optimizer's schedule and Adam counts differ "
-                              f"({int(tensors[schedule])} and {int(tensors[old + 'count'])})")
-    return {(".opt_state." + name[len(old):] if name.startswith(old) else name): value
-            for name, value in tensors.items() if name != schedule}
