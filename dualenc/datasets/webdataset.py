@@ -227,18 +227,18 @@ def _next(tar: tarfile.TarFile, source: _Source) -> tarfile.TarInfo | None:
     return member
 
 
-def _skip(tar: tarfile.TarFile, source: _Source, end: int | None) -> None:
+def _skip(tar: tarfile.TarFile, end: int | None, in_member: bool) -> None:
     """Reads past the rest of the current member's data, in chunks, to the next header. tarfile's own skip
     loops until the declared size, even past the end of the data; here a size past the end of an uncompressed
-    tar ends it at once, and in a compressed one the data ends it."""
+    tar ends it at once, and in a compressed one the data ends it (in_member: the member is a sample's)."""
     stream = tar.fileobj
     left = tar.offset - stream.tell()
     if end is not None and tar.offset > end:
-        raise _Damaged("a member's data runs past the end of the file", in_member=True)
+        raise _Damaged("a member's data runs past the end of the file", in_member)
     while left > 0:
         chunk = stream.read(min(left, _CHUNK))
         if not chunk:
-            raise _Damaged("the data ends inside a member", in_member=True)
+            raise _Damaged("the data ends inside a member", in_member)
         left -= len(chunk)
 
 
@@ -250,13 +250,15 @@ def _members(tar: tarfile.TarFile, source: _Source, end: int | None,
         member = _next(tar, source)  # tarfile read the first one when it opened the tar
         while member is not None:
             split = _split_name(member.name) if member.isfile() else None
-            if member.isfile() and member.issparse():
+            used = False
+            if member.isfile() and member.issparse():  # webdataset writes none; tarfile reads them quadratically
                 skipped["sparse member"] += 1
             elif member.isfile() and split is None:
                 skipped["member without key"] += 1
             elif split is not None and split[1] in IMAGE_EXTS + TEXT_EXTS:
+                used = True
                 yield split[0], split[1], member
-            _skip(tar, source, end)
+            _skip(tar, end, used)
             member = _next(tar, source)
     except (_Damaged,) + _ERRORS as e:
         raise _damage(e, source) from None
