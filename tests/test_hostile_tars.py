@@ -11,20 +11,19 @@ import json
 import lzma
 import signal
 import tarfile
-import time
 import tracemalloc
 
-import numpy as np
 import pytest
 from PIL import Image
 
 import dualenc
 from dualenc import cli, data, index
-from dualenc.datasets import iter_tar, prepare
+from dualenc.datasets import iter_tar
 from dualenc.datasets import webdataset
 from dualenc.datasets.captions import MAX_LINE
 
-COMPRESS = {".tar": lambda b: b, ".tar.gz": gzip.compress, ".tar.bz2": bz2.compress, ".tar.xz": lambda b: lzma.compress(b, preset=0)}
+COMPRESS = {".tar": lambda b: b, ".tar.gz": gzip.compress, ".tar.bz2": bz2.compress,
+            ".tar.xz": lambda b: lzma.compress(b, preset=0)}
 
 
 def header(name, size, *, fmt=tarfile.PAX_FORMAT, pax=None, type_=tarfile.REGTYPE):
@@ -150,21 +149,16 @@ def test_the_image_limit_is_the_pixel_limit_at_three_bytes_a_pixel():
         iter_tar("x.tar", collections.Counter(), max_image=webdataset.MAX_IMAGE + 1)
 
 
-def test_one_image_is_held_per_sample():
+def test_one_image_is_held_per_sample(tmp_path):
     """A sample with several images reads the one it uses (jpg before png, in any order)."""
-    import os
-    import tempfile
-
     jpeg = io.BytesIO()
     Image.new("RGB", (4, 4)).save(jpeg, "JPEG")
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "x.tar")
-        with open(path, "wb") as f:
-            f.write(archive(member("000.png", png()), member("000.jpg", jpeg.getvalue()), member("000.txt", b"a"),
-                            member("001.jpg", jpeg.getvalue()), member("001.png", b"\x89PNG" + bytes(3 << 20)),
-                            member("001.txt", b"b")))
-        samples = list(iter_tar(path, collections.Counter(), max_image=2 << 20))
-    assert [(s.key, s.ext) for s in samples] == [("000", "jpg"), ("001", "jpg")]
+    path = write(tmp_path / "x", archive(member("000.png", png()), member("000.jpg", jpeg.getvalue()),
+                                         member("000.txt", b"a"), member("001.jpg", jpeg.getvalue()),
+                                         member("001.png", bytes(3 << 20)), member("001.txt", b"b")))
+    samples = list(iter_tar(path, collections.Counter(), max_image=2 << 20))
+    assert [(s.key, s.ext, s.image) for s in samples] == [("000", "jpg", jpeg.getvalue()),
+                                                           ("001", "jpg", jpeg.getvalue())]
 
 
 def test_header_chains_long_headers_member_lists_and_negative_sizes_are_bounded(tmp_path):
