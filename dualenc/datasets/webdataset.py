@@ -275,8 +275,8 @@ def _members(tar: tarfile.TarFile, source: _Source, end: int | None,
 
 
 def _prefer(ext: str, members: dict) -> bool:
-    """Whether an image member of `ext` is to be read: no image of an earlier extension of IMAGE_EXTS is held
-    (one that is, or a later one then dropped: a sample holds one image)."""
+    """Whether to read an image member of `ext`: not when the sample holds an image of an earlier extension of
+    IMAGE_EXTS; otherwise the images it holds (of later ones) are dropped, so a sample holds one image."""
     held = [e for e in IMAGE_EXTS if e in members]
     if held and IMAGE_EXTS.index(held[0]) < IMAGE_EXTS.index(ext):
         return False
