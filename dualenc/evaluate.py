@@ -58,6 +58,7 @@ def _stream(batches: Iterator[Any], prepare: Callable[[Any], tuple], bar) -> Ite
     pending = None
     for batch in batches:
         n, launch, tag = prepare(batch)
+        del batch  # its raw inputs (image bytes) are not held while the next batch is assembled
         if not n:
             continue
         result = launch()  # dispatched asynchronously; the next batch is prepared meanwhile

@@ -368,3 +368,27 @@ def test_ftfy_only_for_open_clip(dirs):
             "except ImportError as e:\n    assert 'pip install ftfy' in str(e), e\nelse:\n    raise SystemExit(1)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)),
                    env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_a_huge_caption_is_cut_before_it_is_tokenized(dirs, hf):
+    """A 16 MiB caption (the caption files' line limit) took 13.7 s and 2.4 GB to tokenize whole; only the first
+    max_length * CHARS_PER_TOKEN characters are read now, with the ids of the whole text."""
+    import time
+
+    from dualenc.processing.text import CHARS_PER_TOKEN
+
+    long = ["a photo of a dog on the beach, " * 2000, "x" + "y " * 30_000]  # past 77 * CHARS_PER_TOKEN characters
+    assert min(map(len, long)) > 77 * CHARS_PER_TOKEN
+    assert_same_as_transformers(Tokenizer.from_pretrained(dirs["plain"]), hf, long)
+    np.testing.assert_array_equal(Tokenizer.from_pretrained(dirs["openclip"])(long)["input_ids"],
+                                  open_clip_reference(long, 77)[0])
+    ours = Tokenizer.from_pretrained(dirs["plain"])
+    huge = "a photo of a dog " * (1 << 20)
+    start = time.perf_counter()
+    ids = ours([huge])["input_ids"]
+    assert time.perf_counter() - start < 2.0
+    assert ours.unknown_words([huge]) == {}
+    np.testing.assert_array_equal(ids, ours([huge[:10_000]])["input_ids"])
+    ours.truncation_side = "left"  # the cut is on the side truncation drops
+    assert ours._cut(["ab" * 20_000], 10) == ["ab" * (10 * CHARS_PER_TOKEN // 2)]
+    assert ours._cut(["abc" + "d" * 3000], 10) == ["d" * 10 * CHARS_PER_TOKEN]

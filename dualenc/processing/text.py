@@ -22,6 +22,7 @@ from dualenc.processing.backends import (
 )
 from dualenc.processing.tokenizer_dirs import load_tokenizer_dir
 
+CHARS_PER_TOKEN = 256  # a text is cut to this many characters per token kept before it is tokenized
 
 def _bos_eos_flags(section: Any, special_tokens: Mapping[str, str]) -> dict:
     """add_bos_token / add_eos_token for tokenizer_config.json, where a post-processor adds just those tokens."""
@@ -173,10 +174,11 @@ class Tokenizer(HoldsLock):
         unk = self.special_tokens.get("unk_token")
         if not texts or unk is None or self._backend.token_to_id(unk) is None:
             return {}
+        read = self._cut(texts, self.max_length)
         if self._encoder is None:
-            rows = unknown_spans(self._backend, texts, self._encode(texts, self.max_length), unk)
+            rows = unknown_spans(self._backend, read, self._encode(read, self.max_length), unk)
         elif hasattr(self._encoder, "unknown"):
-            rows = self._encoder.unknown(texts, self.max_length)
+            rows = self._encoder.unknown(read, self.max_length)
         else:
             raise ConfigError(f"{self.where}: its encoder cannot tell which words it reads as the unknown token "
                               f"{unk!r} (it has no unknown(texts, max_length) method)")
@@ -234,6 +236,7 @@ class Tokenizer(HoldsLock):
         if padding not in ("max_length", "longest"):
             raise InputError(f"padding must be 'max_length' or 'longest', got {padding!r}")
         length = self.max_length if max_length is None else self._check_max_length(max_length)
+        texts = self._cut(texts, length)
         if self._encoder is not None:
             try:
                 rows = [(ids, 1, 0) for ids in self._encoder(texts, length)]
@@ -252,6 +255,15 @@ class Tokenizer(HoldsLock):
             out["attention_mask"][row, cols] = mask
             out["token_type_ids"][row, cols] = type_ids
         return {name: out[name] for name in self.model_input_names}
+
+    def _cut(self, texts: list[str], length: int) -> list[str]:
+        """The texts cut to CHARS_PER_TOKEN characters per token kept, on the side truncation drops: a caption of
+        megabytes is not tokenized whole to keep `length` tokens. The tokens kept are the same unless the kept
+        tokens would span more than that, which takes words of hundreds of characters."""
+        limit = length * CHARS_PER_TOKEN
+        if self.truncation_side == "left":
+            return [t[-limit:] if len(t) > limit else t for t in texts]
+        return [t[:limit] if len(t) > limit else t for t in texts]
 
     def _encode(self, texts: list[str], length: int) -> list:
         """The backend's encodings, truncated to `length` with special tokens, unpadded."""
