@@ -26,40 +26,48 @@ from dualenc.errors import CheckpointError, ConfigError
 META_FILE = "state.json"
 
 _LANES = ((0x9E3779B1, 0x85EBCA77, 0x2545F491), (0xC2B2AE3D, 0x27D4EB2F, 0x165667B1))  # odd multipliers, seeds
+_ON_HOST = 1 << 16  # elements: smaller shards are summed by numpy (no compile per shape), larger ones by XLA
 
 
-def _fmix(h):
+def _fmix(xp, h):
     """murmur3's 32-bit finalizer: a bijection of uint32 with full avalanche."""
     h = h ^ (h >> 16)
-    h = h * jnp.uint32(0x85EBCA6B)
+    h = h * xp.uint32(0x85EBCA6B)
     h = h ^ (h >> 13)
-    h = h * jnp.uint32(0xC2B2AE35)
+    h = h * xp.uint32(0xC2B2AE35)
     return h ^ (h >> 16)
 
 
-def _words(x) -> jax.Array:
+def _words(xp, x):
     """The array's bits as uint32 words, one per element (two, trailing, for 8-byte elements)."""
-    if x.dtype == jnp.bool_:
-        return x.astype(jnp.uint32)
+    if x.dtype == xp.bool_:
+        return x.astype(xp.uint32)
     size = x.dtype.itemsize
-    if size == 4 or size == 8:
+    if xp is np:
+        words = np.ascontiguousarray(x).view({1: np.uint8, 2: np.uint16}.get(size, np.uint32))
+        return words.reshape(x.shape + (2,)) if size == 8 else words.astype(np.uint32, copy=False)
+    if size in (4, 8):
         return jax.lax.bitcast_convert_type(x, jnp.uint32)
     return jax.lax.bitcast_convert_type(x, jnp.uint8 if size == 1 else jnp.uint16).astype(jnp.uint32)
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _digest(x, start, strides: tuple[int, ...]) -> jax.Array:
+def _lanes(xp, x, start, strides: tuple[int, ...]):
     """(3,) uint32: the two checksum lanes of one shard (its elements' global index: start + local index, dotted
-    with the whole array's row-major strides), and 1 when every element is finite."""
-    words = _words(x)
-    start = jnp.concatenate([start, jnp.zeros(words.ndim - x.ndim, jnp.uint32)])  # 8-byte elements: 2 words
-    index = jnp.zeros(words.shape, jnp.uint32)
+    with the whole array's row-major strides), and 1 when every element is finite. xp: numpy or jax.numpy."""
+    words = _words(xp, x)
+    index = xp.zeros((), xp.uint32)
     for axis, stride in enumerate(strides):
-        index = index + (jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) + start[axis]) * jnp.uint32(stride)
-    lanes = [jnp.sum(_fmix(words * jnp.uint32(k) + _fmix(index ^ jnp.uint32(seed)) + jnp.uint32(add)),
-                     dtype=jnp.uint32) for k, seed, add in _LANES]
-    finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
-    return jnp.stack([*lanes, finite.astype(jnp.uint32)])
+        where = [1] * words.ndim
+        where[axis] = words.shape[axis]
+        position = xp.arange(words.shape[axis], dtype=xp.uint32) + (start[axis] if axis < x.ndim else xp.uint32(0))
+        index = index + position.reshape(where) * xp.uint32(stride)
+    lanes = [xp.sum(_fmix(xp, words * xp.uint32(k) + _fmix(xp, index ^ xp.uint32(seed)) + xp.uint32(add)),
+                    dtype=xp.uint32) for k, seed, add in _LANES]
+    finite = xp.all(xp.isfinite(x)) if xp.issubdtype(x.dtype, xp.inexact) else True
+    return xp.stack([*lanes, xp.asarray(finite).astype(xp.uint32)])
+
+
+_digest = jax.jit(functools.partial(_lanes, jnp), static_argnums=2)
 
 
 def _parts(leaf) -> list[tuple[object, tuple[int, ...]]]:
@@ -83,10 +91,14 @@ def checksums(leaves: list[tuple[str, object]]) -> tuple[dict[str, str], list[st
     for _, leaf in leaves:
         digests = []
         for data, start in _parts(leaf):  # each shard on its own device: no collective is involved
-            data = data if isinstance(data, jax.Array) else jnp.asarray(data)
             shape = tuple(np.shape(leaf)) + ((2,) if data.dtype.itemsize == 8 else ())
             strides = tuple(int(np.prod(shape[axis + 1:], dtype=object)) % 2**32 for axis in range(len(shape)))
-            digests.append(_digest(data, np.asarray(start, np.uint32), strides))
+            start = np.asarray(start, np.uint32)
+            if np.size(data) <= _ON_HOST:
+                with np.errstate(over="ignore"):
+                    digests.append(_lanes(np, np.asarray(data), start, strides))
+            else:
+                digests.append(_digest(data, start, strides))
         partials.append(digests)
     table = np.zeros((len(leaves), 3), np.uint64)
     for row, parts in zip(table, partials):
