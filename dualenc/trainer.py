@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import tempfile
 import os
 import shutil
@@ -30,8 +31,8 @@ from dualenc import files, formats, towers, train
 from dualenc.config import SIGLIP_LOGIT_INIT, SIGLIP_TYPES, DualEncoderConfig, load_config
 from dualenc.data import PairDataset
 from dualenc.datasets import features as lit_cache
-from dualenc.datasets.pipeline import Pipeline
-from dualenc.errors import CheckpointError, ConfigError
+from dualenc.datasets.pipeline import MAX_REPLACED, SKIP_REASONS, Pipeline, check_replaced, data_fingerprint
+from dualenc.errors import CheckpointError, ConfigError, DualEncError
 from dualenc.hub import resolve
 from dualenc.processing import Processor, Tokenizer
 from dualenc.processing.processor import load_image_processor
@@ -193,20 +194,62 @@ class _InterruptAfterStep:
             signal.signal(signal.SIGINT, self._previous)
 
 
+class NonFiniteLoss(DualEncError):
+    """fit() stopped at a step whose loss or gradient norm is NaN or infinite (its update, and every later one,
+    would not be numbers): nothing from that step on is saved or returned.
+
+    Attributes:
+      step: that step.
+      checkpoint: the newest training checkpoint, written before it, or None.
+    """
+
+    def __init__(self, step: int, loss: float, grad_norm: float, checkpoint: str | None):
+        where = f"the last checkpoint, written before it, is {checkpoint}" if checkpoint else \
+            "no checkpoint was written before it"
+        super().__init__(f"training diverged at step {step} (loss {loss}, gradient norm {grad_norm}): stopped "
+                         f"there, saving nothing from that step on; {where} (a lower learning rate or a longer "
+                         f"warmup may avoid it)")
+        self.step, self.checkpoint = step, checkpoint
+
+
 def settings_of(run: TrainConfig) -> dict:
     """The settings a resumed run must share with the checkpoint's (all but steps, checkpoint_every and keep)."""
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(run).items()
             if k not in ("steps", "checkpoint_every", "keep")}
 
 
-def check_resume(path: str, meta: dict, run: TrainConfig) -> None:
-    """Raises CheckpointError when a run cannot continue from the checkpoint at `path`: other settings (naming
-    the keys that differ) or fewer total steps than the checkpoint's run."""
-    ours, theirs = settings_of(run), meta.get("settings") or {}
-    differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k, "<unset>") != theirs.get(k, "<unset>"))
+_FINGERPRINTS = {"model_sha256": "the model the run started from",  # what each fingerprint identifies
+                 "data_sha256": "the training data"}
+
+
+def fingerprints(params: dict, dataset) -> dict:
+    """What a checkpoint records of the run's start, for a resume to check: model_sha256 (the starting params,
+    as dualenc.index.model_fingerprint computes it) and data_sha256 (pipeline.data_fingerprint)."""
+    from dualenc.index import model_fingerprint
+
+    return {"model_sha256": model_fingerprint(params), "data_sha256": data_fingerprint(dataset)}
+
+
+def check_resume(path: str, meta: dict, run: TrainConfig, fingerprints: dict | None = None) -> None:
+    """Raises CheckpointError when a run cannot continue from the checkpoint at `path`: other settings or, given
+    `fingerprints` (see fingerprints()), another starting model or other data (naming what differs), or fewer
+    total steps than the checkpoint's run. A checkpoint of an earlier version that records no fingerprint is
+    resumed with a warning."""
+    ours, theirs = {**settings_of(run), **(fingerprints or {})}, meta.get("settings") or {}
+    unrecorded = sorted(k for k in fingerprints or {} if k not in theirs)
+    if unrecorded:
+        warnings.warn(f"{path} records no {' or '.join(unrecorded)} (written by an earlier dualenc): whether "
+                      f"{' and '.join(_FINGERPRINTS[k] for k in unrecorded)} are the same is not checked")
+    differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k, "<unset>") != theirs.get(k, "<unset>")
+                    and k not in unrecorded and (k in ours or k not in _FINGERPRINTS))
+
+    def shown(k):
+        if k in _FINGERPRINTS:
+            return f"{k} {str(theirs.get(k))[:12]}... there, {ours[k][:12]}... here (not {_FINGERPRINTS[k]})"
+        return f"{k} {theirs.get(k, '<unset>')!r} there, {ours.get(k, '<unset>')!r} here"
+
     if differ:
-        raise CheckpointError(f"{path} was written by a run with other settings: " + "; ".join(
-            f"{k} {theirs.get(k, '<unset>')!r} there, {ours.get(k, '<unset>')!r} here" for k in differ))
+        raise CheckpointError(f"{path} was written by a run with other settings: " + "; ".join(map(shown, differ)))
     done = int(meta["step"])
     planned = int(meta.get("steps", done))
     if run.steps < planned:
@@ -214,12 +257,53 @@ def check_resume(path: str, meta: dict, run: TrainConfig) -> None:
                               f"(at step {done}): resume with steps {planned}, or more to extend it")
 
 
+def _local(x) -> np.ndarray:
+    """A replicated array's value, read on this host without a collective."""
+    return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+
+
+class _StepChecks:
+    """What fit checks of each step, one step late so that the host never waits for the step it has just
+    dispatched (and at once before a checkpoint, an evaluation and the end): a NaN or infinite loss or gradient
+    norm stops the run (NonFiniteLoss); so do more records replaced than max_replaced allows (TooManyReplaced),
+    counted over every process by the train step (its records_replaced metric)."""
+
+    def __init__(self, batch_size: int, start: int, limit: float, data: str, checkpoint: str | None):
+        self.batch_size, self.start, self.limit, self.data, self.checkpoint = batch_size, start, limit, data, checkpoint
+        self.total = self.pending = None
+        self.replaced = dict.fromkeys(SKIP_REASONS, 0)  # by reason, as of the last step checked
+
+    def after(self, step: int, metrics: dict) -> dict:
+        """Takes a dispatched step's metrics, checks the previous step's; returns the metrics with
+        records_replaced the run's total so far (a device scalar, as the others)."""
+        counts = metrics.pop("records_replaced")
+        self.total = counts if self.total is None else self.total + counts
+        previous, self.pending = self.pending, (step, metrics["loss"], metrics["grad_norm"], self.total)
+        if previous is not None:
+            self._check(*previous)
+        return {**metrics, "records_replaced": self.total.sum()}
+
+    def settle(self) -> None:
+        previous, self.pending = self.pending, None
+        if previous is not None:
+            self._check(*previous)
+
+    def _check(self, step: int, loss, grad_norm, total) -> None:
+        loss, grad_norm = float(_local(loss)), float(_local(grad_norm))
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            wait_for_save()  # the last checkpoint, committed
+            raise NonFiniteLoss(step, loss, grad_norm, self.checkpoint)
+        self.replaced = dict(zip(SKIP_REASONS, (int(n) for n in _local(total))))
+        drawn = (step - self.start) * self.batch_size + sum(self.replaced.values())
+        check_replaced(step, drawn, self.replaced, self.limit, self.data)
+
+
 def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor, run: TrainConfig, *,
         checkpoint_dir: str | None = None, resume: bool = True, mesh=None,
         callback: Callable[[int, dict], None] | None = None,
         evaluate: Callable[[int, dict], Any] | None = None, eval_every: int = 0,
         on_checkpoint: Callable[[int, str], None] | None = None, workers: int = 0, cache_dir: str | None = None,
-        skipped: collections.Counter | None = None) -> tuple[dict, dict]:
+        skipped: collections.Counter | None = None, max_replaced: float = MAX_REPLACED) -> tuple[dict, dict]:
     """Trains contrastively and returns (params, last metrics).
 
     The data is a PairDataset (a caption file over an image folder, read by data.read_pairs) or a random-access
@@ -231,8 +315,16 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
     resume the newest one is restored first (same data position, same RNG). A checkpoint's run may be extended
     (run.steps larger than its steps): the learning-rate schedule is then the one of the new total (warmup,
     then cosine decay to zero at run.steps), followed from the checkpoint's step on. Fewer steps than the
-    checkpoint's run, or other settings, raise CheckpointError; a finished run resumed with its own steps
-    trains no step and returns empty metrics.
+    checkpoint's run, other settings, another starting model (`params`) or other data (their fingerprints: see
+    fingerprints()), raise CheckpointError; so does a damaged checkpoint (naming the newest earlier one that
+    passes the checks, see dualenc.train.checkpoint); a finished run resumed with its own steps trains no step
+    and returns empty metrics.
+
+    A step whose loss or gradient norm is NaN or infinite stops the run (NonFiniteLoss, naming the step and the
+    last checkpoint): no checkpoint or params of that step or later are saved or returned. A record that cannot
+    be used is replaced by another (see dualenc.datasets.pipeline) and counted; once MIN_DRAWN records were
+    drawn since the run started or resumed, more than `max_replaced` of them replaced stops the run
+    (pipeline.TooManyReplaced, naming the most common reason).
 
     With a mesh the step is data parallel over its "data" axis; under jax.distributed each process feeds its
     share of every global batch.
@@ -242,17 +334,22 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
 
     Args:
       callback: called after every step with (step, metrics): the step's loss, logit_scale, accuracy_i2t,
-        accuracy_t2i, grad_norm (device scalars: converting one waits for the step) and, as floats,
-        learning_rate (the rate of that update), epoch (epochs of data consumed) and step_seconds (dispatch).
+        accuracy_t2i, grad_norm, records_replaced (the records replaced since the run started or resumed, over
+        every process) (device scalars: converting one waits for the step) and, as floats, learning_rate (the
+        rate of that update), epoch (epochs of data consumed) and step_seconds (dispatch).
       evaluate: called with (step, params) every eval_every steps and after the last step.
       on_checkpoint: called with (step, path) after each checkpoint is written.
       workers: grain worker processes decoding images (0: threads of this process).
       cache_dir: where the LiT cache (run.cached) is written and found again, keyed by a fingerprint of the
         locked tower, the preprocessing and the data (default: checkpoint_dir/lit-cache; without either, a
         temporary folder removed at the end).
-      skipped: a Counter to which the records replaced in the batches used are added, by reason.
+      skipped: a Counter to which the records replaced in the batches used (over every process) are added, by
+        reason.
+      max_replaced: the share of the records drawn that may be replaced (0 to 1; 1 never stops).
     """
     skipped = skipped if skipped is not None else collections.Counter()
+    if isinstance(max_replaced, bool) or not isinstance(max_replaced, (int, float)) or not 0 <= max_replaced <= 1:
+        raise ConfigError(f"max_replaced must be a share between 0 and 1, got {max_replaced!r}")
     run = dataclasses.replace(run, loss=run.loss or config.default_loss)
     text = config.text
     if towers.family(text).pooling == "last" and run.max_length != text.max_position_embeddings:
@@ -270,10 +367,12 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
         state = train.shard_state(state, mesh, run.fsdp)
     latest, scratch = None, None
     settings = settings_of(run)
+    if checkpoint_dir:
+        settings.update(fingerprints(params, dataset))
     found = latest_checkpoint(checkpoint_dir) if checkpoint_dir and resume else None  # one answer for all processes
     if found is not None:
         _, latest = found
-        check_resume(latest, checkpoint_meta(latest), run)
+        check_resume(latest, checkpoint_meta(latest), run, {k: settings[k] for k in _FINGERPRINTS})
         state, meta = restore_state(latest, state)
     step_fn = train.make_train_step(config, optimizer, loss=run.loss, locked=run.locked,
                                     unlocked_layers=run.unlocked_layers, cached=run.cached,
@@ -295,12 +394,16 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
                        process_index=jax.process_index() if local else 0,
                        process_count=jax.process_count() if local else 1)
     metrics = {}
+    checks = _StepChecks(run.batch_size, step, max_replaced, getattr(dataset, "folder", None) or "the training data",
+                         latest)
 
     def checkpoint():
         # Asynchronous: each process writes its shards while training goes on (the next save, a resume and the
         # end of fit wait for it); the frozen tower is not saved, it comes from `params` again on resume.
+        checks.settle()
         path = save_state(checkpoint_dir, state, {"data_step": step, "settings": settings, "steps": run.steps},
                           keep=run.keep, wait=False)
+        checks.checkpoint = path
         if path is not None and on_checkpoint is not None:
             on_checkpoint(step, path)
         return path
@@ -311,12 +414,16 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
     try:
         with _InterruptAfterStep() as interrupt:
             for _, batch in batches:
-                batch = {k: v for k, v in batch.items() if not k.startswith("_")}
+                # The counts copied: passed as their view into grain's shared memory, they kept it past the end
+                # of fit (the resource tracker reported it leaked in a 2-process run with worker processes).
+                batch = {**{k: v for k, v in batch.items() if not k.startswith("_")},
+                         "records_replaced": np.array(batch["_skipped"])}
                 if mesh is not None:
                     batch = train.shard_batch(batch, mesh)
                 started = time.perf_counter()
                 state, metrics = step_fn(state, batch)
                 step += 1
+                metrics = checks.after(step, metrics)
                 if callback is not None:
                     callback(step, {**metrics, "step_seconds": time.perf_counter() - started,
                                     "learning_rate": float(rates[step - 1]), "epoch": batches.epoch(step)})
@@ -324,12 +431,14 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
                 if saved:
                     latest = checkpoint()
                 if evaluate is not None and eval_every and step % eval_every == 0 and step < run.steps:
+                    checks.settle()
                     evaluate(step, params_now())
                 if interrupt.requested and step < run.steps:  # (after the last step, the run ends as usual)
                     if checkpoint_dir and not saved:
                         latest = checkpoint()
                     wait_for_save()
                     raise Interrupted(step, latest if checkpoint_dir else None)
+            checks.settle()
             if checkpoint_dir and (not run.checkpoint_every or step % run.checkpoint_every):
                 checkpoint()
             wait_for_save()
@@ -339,7 +448,7 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
-    skipped.update(batches.skipped)
+    skipped.update({reason: n for reason, n in checks.replaced.items() if n})
     return params, {k: float(_host_array(v)) for k, v in metrics.items()}
 
 

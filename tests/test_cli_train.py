@@ -90,6 +90,7 @@ def test_ctrl_c_then_the_printed_command_resumes_a_relative_out(workspace, monke
     (["--resume", "--out", "lit-modle"], "--resume: no training checkpoint in lit-modle/checkpoints"),
     (["--steps", 0], "--steps must be at least 1, got 0"),
     (["--lr", 0], "--lr must be a positive number"),
+    (["--max-replaced", 1.5], "--max-replaced must be a share between 0 and 1, got 1.5"),
     (["--cache", "--lock", "text"], "--cache keeps the locked vision tower's outputs: it needs --lock vision"),
     (["--unlocked-layers", 1, "--lock", "none"], "--unlocked-layers trains the top layers of the locked tower"),
     (["--eval-data", "data/nowhere.jsonl"], "--eval-data caption file not found: data/nowhere.jsonl"),
@@ -187,3 +188,41 @@ def test_caption_sample_of_a_prepared_folder(workspace, tmp_path):
     line, warning = checks.unknown_words(tokenizer, every, what)
     assert f"{4 / n:.1%} (4 of the {n} captions of the {n} records)" in line
     assert "'crimson'" in warning and "'nothing'" in warning
+
+
+def test_records_replaced_are_logged_and_summed_up_and_too_many_stop_the_run(workspace, tmp_path, monkeypatch):
+    """Issue 22 (point 12): 9 of 10 images unreadable trained on copies of one image under "rows skipped: none".
+    The records replaced are counted in the log lines, metrics.jsonl and the end summary; past --max-replaced
+    the run stops with one line naming --data, the most common reason and the option, and saves no model."""
+    from test_train import host_train_step
+
+    from dualenc.datasets import pipeline
+
+    monkeypatch.chdir(workspace)
+    monkeypatch.setattr(dualenc.train, "make_train_step", host_train_step())  # the command's reports are under test
+    (tmp_path / "images").mkdir()
+    shutil.copy(workspace / "data" / "images" / "0.png", tmp_path / "images" / "0.png")
+    rows = [{"image": "images/0.png", "caption": "a photo of the red square"}]
+    for i in range(1, 10):
+        (tmp_path / "images" / f"{i}.png").write_bytes(b"not a png")
+        rows.append({"image": f"images/{i}.png", "caption": "a photo of the blue square"})
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "out"
+    proc = dualenc_run(*TRAIN, "--data", tmp_path / "bad.jsonl", "--out", out, "--steps", 3, "--log-every", 1,
+                       "--checkpoint-every", 0, "--max-replaced", 1)
+    counts = [r["records_replaced"] for r in runlog.read(str(out / runlog.METRICS_FILE))]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("step ")]
+    assert len(counts) == 3 and counts == sorted(counts) and counts[-1] > 0
+    assert lines[-1].endswith(f"  replaced {counts[-1]}")
+    assert f"; {counts[-1]} records replaced, unusable: unreadable image {counts[-1]}); model saved" in proc.stdout
+
+    def too_many(*_, **__):
+        raise pipeline.TooManyReplaced(5, 1200, {"unreadable image": 1000, "missing image": 8}, 0.1)
+
+    monkeypatch.setattr(trainer, "fit", too_many)
+    proc = dualenc_run(*TRAIN, "--data", tmp_path / "bad.jsonl", "--out", tmp_path / "stopped", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"dualenc train: error: {tmp_path / 'bad.jsonl'}: 1,008 of the 1,200 records drawn by step 5 (84%) could not "
+        f"be used and were replaced by others, more than --max-replaced 0.1 allows; most often: unreadable image "
+        f"(1,000): check the data, or raise --max-replaced")
+    assert not (tmp_path / "stopped" / "config.json").exists()

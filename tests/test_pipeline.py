@@ -273,3 +273,46 @@ def test_train_converts_a_caption_file_past_the_limit_once(tmp_path, monkeypatch
     written = [os.stat(f).st_mtime_ns for f in shards]
     again = training_data([str(tmp_path / "pairs.jsonl")], str(tmp_path / "out" / "prepared"))
     assert len(again) == 5 and [os.stat(f).st_mtime_ns for f in shards] == written and shards  # not redone
+
+
+def test_fit_counts_the_records_it_replaced_and_stops_past_max_replaced(processor, tmp_path, monkeypatch):
+    """Issue 22 (point 12): a prepared folder whose records hold 9 unreadable images of 10 trained on copies of the
+    one good record and said nothing. fit counts the records it replaced (its callback's records_replaced, and
+    `skipped`) and stops once more than max_replaced of those drawn were replaced (past MIN_DRAWN), naming the
+    data and the most common reason. (A stand-in train step: fit's counting is under test; test_train checks the
+    real step's sum.)"""
+    import collections
+    import dataclasses
+
+    from test_train import host_train_step
+
+    from dualenc import train
+    from dualenc.datasets import pipeline
+
+    _tar(tmp_path / "0.tar", [item for i in range(10) for item in
+                              ((f"{i:02d}.png", png(30) if i == 3 else b"not a png"),
+                               (f"{i:02d}.txt", f"caption {i}".encode()))])
+    prepare([str(tmp_path / "0.tar")], str(tmp_path / "prepared"))
+    source = RecordSource(str(tmp_path / "prepared"))
+    batches = []
+    monkeypatch.setattr(train, "make_train_step", host_train_step(batches=batches))
+    monkeypatch.setattr(pipeline, "MIN_DRAWN", 100)
+    params = dualenc.init(jax.random.key(0), CONFIG)
+    run = trainer.TrainConfig(steps=30, batch_size=8, max_length=8)
+    seen = []
+    with pytest.raises(pipeline.TooManyReplaced, match=rf"^{source.folder}: (\d+) of the (\d+) records drawn by step "
+                                                       rf"\d+ \(\d+%\) could not be used and were replaced by others, "
+                                                       rf"more than max_replaced 0.1 allows; most often: unreadable "
+                                                       rf"image \(\1\): check the data, or raise max_replaced$") as caught:
+        trainer.fit(CONFIG, params, source, processor, run,
+                    callback=lambda step, metrics: seen.append(int(metrics["records_replaced"])))
+    # Every row is the one good record; the count is what the batches said, step after step.
+    assert all((np.asarray(b["pixel_values"]) == np.asarray(batches[0]["pixel_values"][0])).all() for b in batches)
+    assert seen == list(np.cumsum([int(b["records_replaced"].sum()) for b in batches]))[:len(seen)] and seen[0] > 0
+    # Judged one step late (the host does not wait for the step it dispatched): step k's count, after step k+1.
+    assert 8 * (len(seen) - 1) + seen[-2] < 100 <= 8 * len(seen) + seen[-1] and len(batches) == len(seen) + 1
+    assert caught.match(rf"{seen[-1]} of the {8 * len(seen) + seen[-1]} records drawn by step {len(seen)} ")
+    counted = collections.Counter()
+    trainer.fit(CONFIG, params, source, processor, dataclasses.replace(run, steps=2), skipped=counted,
+                max_replaced=1.0)
+    assert counted == {"unreadable image": seen[1]}  # the same first two batches

@@ -21,6 +21,26 @@ def synthetic_batch(n=8, seed=0):
                 pixel_values=rng.standard_normal((n, 3, 16, 16)).astype(np.float32))
 
 
+def host_train_step(diverge_at=None, batches=None):
+    """A stand-in for train.make_train_step, on the host, for tests of fit's control flow (a real step takes
+    seconds to compile): the step count advances, metrics are constants but records_replaced, summed over the
+    batch as the real step sums it; from step `diverge_at` on, the loss and the trainable params are NaN.
+    `batches` collects the batches it is given."""
+    def make(*_, **__):
+        def step(state, batch):
+            if batches is not None:
+                batches.append(batch)
+            count = int(state.step) + 1
+            scale = np.float32(np.nan if diverge_at is not None and count >= diverge_at else 1.0)
+            trainable = jax.tree_util.tree_map(lambda x: np.asarray(x) * scale, state.trainable)
+            metrics = {"loss": np.float32(2.0) * scale, "grad_norm": np.float32(0.5), "logit_scale": np.float32(1),
+                       "accuracy_t2i": np.float32(0), "accuracy_i2t": np.float32(0),
+                       "records_replaced": np.asarray(batch["records_replaced"]).sum(axis=0)}
+            return state._replace(step=np.int32(count), trainable=trainable), metrics
+        return step
+    return make
+
+
 def run(config, params, steps=3, batch=None, **kw):
     batch = batch if batch is not None else synthetic_batch()
     optimizer = train.default_optimizer(1e-3, total_steps=10)
@@ -202,11 +222,13 @@ def test_mesh_data_parallel_and_fsdp_equal_one_device(params, baseline):
     mesh = train.data_mesh()
     assert mesh.size == 4
     optimizer = train.default_optimizer(1e-3, total_steps=10)
+    replaced = np.arange(8 * 4, dtype=np.int32).reshape(8, 4) % 3  # each row's count by reason, as fit passes it
     for fsdp in (False, True):
         state = train.shard_state(train.init_state(params, optimizer), mesh, fsdp)
         step = train.make_train_step(CONFIG, optimizer, mesh=mesh, fsdp=fsdp)
         for _ in range(3):
-            state, _ = step(state, train.shard_batch(batch, mesh))
+            state, metrics = step(state, train.shard_batch({**batch, "records_replaced": replaced}, mesh))
+        np.testing.assert_array_equal(metrics["records_replaced"], replaced.sum(axis=0))  # over every device's rows
         assert close(train.full_params(state), train.full_params(single))
         word = state.trainable["text"]["embeddings"]["word"]
         assert (len(word.sharding.device_set) == 4) and (word.sharding.spec != () or not fsdp)
@@ -264,3 +286,37 @@ def test_a_batch_larger_than_the_data_says_what_to_do(params):
         trainer.fit(CONFIG, params, pairs, None, trainer.TrainConfig(steps=2, batch_size=8, max_length=16))
     with pytest.raises(dualenc.DataError, match="batch_size must be at least 1, got 0"):
         GlobalOrder(3, 0)
+
+
+def test_a_diverged_run_stops_unsaved_and_a_resume_checks_the_model_and_the_data(params, tmp_path, monkeypatch):
+    """Issue 22 (points 7, 8). A step whose loss is NaN (and its params, as a diverging run's) stops fit at that
+    step, naming it and the last checkpoint; nothing of that step or later is saved. A resume then checks the
+    starting model and the data by their fingerprints: other weights of the same shapes, or other captions over
+    the same images, are refused, naming what differs. (A stand-in train step: fit's control flow is under test.)"""
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (16, 16, 3), np.uint8) for _ in range(8)]
+    words = [f"word{i}" for i in range(8)]
+    pairs = data.PairDataset(images, [f"a {w}" for w in words], np.arange(8))
+    data.write_vocab(tmp_path / "vocab", pairs.captions)
+    processor = dualenc.Processor(dualenc.ImageProcessor(size={"height": 16, "width": 16}),
+                                  dualenc.Tokenizer.from_pretrained(tmp_path / "vocab", max_length=8))
+    run = trainer.TrainConfig(steps=6, batch_size=4, max_length=8, checkpoint_every=2, locked=("vision",))
+    monkeypatch.setattr(train, "make_train_step", host_train_step(diverge_at=4))
+    directory = str(tmp_path / "checkpoints")
+    last = f"{directory}/step_00000002"
+    with pytest.raises(trainer.NonFiniteLoss, match=rf"^training diverged at step 4 \(loss nan, gradient norm 0.5\): "
+                                                    rf"stopped there, saving nothing from that step on; the last "
+                                                    rf"checkpoint, written before it, is {last} "):
+        trainer.fit(CONFIG, params, pairs, processor, run, checkpoint_dir=directory)
+    assert trainer.checkpoints(directory) == [(2, last)]
+    recorded = trainer.checkpoint_meta(last)["settings"]
+    assert {k: recorded[k] for k in ("model_sha256", "data_sha256")} == trainer.fingerprints(params, pairs)
+    other = dualenc.init(jax.random.key(1), CONFIG)
+    with pytest.raises(dualenc.CheckpointError, match=r"step_00000002 was written by a run with other settings: "
+                                                      r"model_sha256 \w{12}\.\.\. there, \w{12}\.\.\. here \(not the "
+                                                      r"model the run started from\)$"):
+        trainer.fit(CONFIG, other, pairs, processor, run, checkpoint_dir=directory)
+    recaptioned = data.PairDataset(images, [f"a {w}" for w in reversed(words)], np.arange(8))
+    with pytest.raises(dualenc.CheckpointError, match=r"data_sha256 \w{12}\.\.\. there, \w{12}\.\.\. here \(not the "
+                                                      r"training data\)$"):
+        trainer.fit(CONFIG, params, recaptioned, processor, run, checkpoint_dir=directory)

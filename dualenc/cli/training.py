@@ -3,6 +3,7 @@ evaluation, training.png, resume and Ctrl-C."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import re
@@ -16,6 +17,7 @@ import numpy as np
 from dualenc.cli import training_checks as checks
 from dualenc.cli.common import CommandError, CompileNotice, note, outside_hint, plural
 from dualenc.cli.options import data_options, subcommand
+from dualenc.datasets.pipeline import MAX_REPLACED, MIN_DRAWN, TooManyReplaced
 from dualenc.errors import DualEncError
 
 
@@ -112,11 +114,13 @@ class Progress:
         values = {k: float(metrics[k]) for k in ("loss", "accuracy_i2t", "accuracy_t2i", "grad_norm", "logit_scale")}
         record = {"kind": "train", "step": step, "epoch": round(metrics["epoch"], 4), **values,
                   "accuracy": (values["accuracy_i2t"] + values["accuracy_t2i"]) / 2,
-                  "learning_rate": metrics["learning_rate"], "steps_per_second": rate}
+                  "learning_rate": metrics["learning_rate"], "steps_per_second": rate,
+                  "records_replaced": int(metrics["records_replaced"])}
         self.log.write(record)
+        replaced = f"  replaced {record['records_replaced']:,}" if record["records_replaced"] else ""
         self._line(f"step {step}/{self.total}  loss {record['loss']:.4f}  acc {record['accuracy']:.3f}  "
                    f"lr {record['learning_rate']:.3g}  grad {record['grad_norm']:.3g}  "
-                   f"scale {record['logit_scale']:.2f}  {rate:.2f} steps/s  epoch {record['epoch']:.2f}")
+                   f"scale {record['logit_scale']:.2f}  {rate:.2f} steps/s  epoch {record['epoch']:.2f}{replaced}")
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
 
@@ -303,10 +307,14 @@ def _train(args, checkpoints: str, resuming: bool, watch) -> int:
 
         hooks.update(evaluate=evaluation, eval_every=args.eval_every)
     mesh = dualenc.train.data_mesh() if jax.device_count() > 1 else None
+    replaced = collections.Counter()
     try:
         with notice if main else contextlib.nullcontext():
             params, last = trainer.fit(config, params, dataset, processor, run, checkpoint_dir=checkpoints,
-                                       resume=resuming, mesh=mesh, workers=args.workers, **hooks)
+                                       resume=resuming, mesh=mesh, workers=args.workers, skipped=replaced,
+                                       max_replaced=args.max_replaced, **hooks)
+    except TooManyReplaced as e:
+        raise e.named(" ".join(args.data), "--max-replaced") from None
     except trainer.Interrupted as e:
         if progress is not None:
             progress.close()
@@ -330,7 +338,9 @@ def _train(args, checkpoints: str, resuming: bool, watch) -> int:
         figure.draw()
         dualenc.save_pretrained(args.out, config, params, processor=processor)
         if last:
-            print(f"trained {args.steps} steps (final loss {last['loss']:.4f}); model saved to {args.out}")
+            counts = ", ".join(f"{reason} {n:,}" for reason, n in sorted(replaced.items()))
+            unusable = f"; {sum(replaced.values()):,} records replaced, unusable: {counts}" if replaced else ""
+            print(f"trained {args.steps} steps (final loss {last['loss']:.4f}{unusable}); model saved to {args.out}")
         else:
             print(f"the run had finished at step {args.steps}; model saved to {args.out}")
     return 0
@@ -379,6 +389,9 @@ def register(subs) -> None:
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between training checkpoints")
     p.add_argument("--keep", type=int, default=3, help="training checkpoints kept (0: all)")
     p.add_argument("--seed", type=int, default=0, help="random seed (new params, data order, dropout)")
+    p.add_argument("--max-replaced", type=float, default=MAX_REPLACED,
+                   help=f"stop once more than this share of the records drawn could not be used (and were replaced "
+                        f"by others), judged after {MIN_DRAWN} records (1: never stop)")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in "
                                                              "OUT/checkpoints (an error when there is none)")

@@ -46,6 +46,8 @@ def check_args(args) -> None:
             at_least(value, flag, least)
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise CommandError(f"--lr must be a positive number, got {args.lr}")
+    if not 0 <= args.max_replaced <= 1:
+        raise CommandError(f"--max-replaced must be a share between 0 and 1, got {args.max_replaced}")
     if args.cache and args.lock != "vision":
         raise CommandError(f"--cache keeps the locked vision tower's outputs: it needs --lock vision, got --lock "
                            f"{args.lock}")

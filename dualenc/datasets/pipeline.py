@@ -9,7 +9,9 @@ i*B/P .. (i+1)*B/P - 1 of every global batch, so the union over processes is the
 is, and resuming at step s (on any number of processes) is exact: the pipeline's whole state is the step.
 
 A record that cannot be used (corrupt, truncated, its image missing or unreadable) is replaced by the next
-usable record of the same epoch's permutation, and counted: later rows never shift.
+usable record of the same epoch's permutation, and counted: later rows never shift. Each batch carries the
+counts of its rows ("_skipped"); dualenc.trainer.fit adds them up over every process, reports them and stops
+(TooManyReplaced) once more than MAX_REPLACED of the records drawn had to be replaced, after MIN_DRAWN draws.
 
 Decoding runs in grain worker processes (workers > 0: `mp_prefetch`) or in threads of this process (0).
 """
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
+import json
 import os
 from typing import Iterator
 
@@ -29,6 +33,8 @@ from dualenc.processing.processor import image_inputs
 # Why a record was replaced; a batch carries the counts under "_skipped" (per row, in this order).
 SKIP_REASONS = ("corrupt record", "missing image", "unreadable image", "path outside the data folder")
 ROUNDS = 4  # index_shuffle's rounds (grain's own default for its global shuffle)
+MAX_REPLACED = 0.1  # the share of the records drawn that may be replaced (fit's max_replaced default)
+MIN_DRAWN = 1000  # records drawn before that share is judged (a few bad records early on are no trend)
 
 
 def _grain():
@@ -177,6 +183,59 @@ class Decoder:
                         f"(skipped: {dict(zip(SKIP_REASONS, skipped.tolist()))})")
 
 
+class TooManyReplaced(DataError):
+    """More of the records drawn could not be used (and were replaced by others) than a run allows.
+
+    Attributes:
+      step: the step by which they were drawn; drawn: records drawn (used and replaced) since the run started or
+        resumed; replaced: {reason: count} of those replaced, over every process; limit: the share allowed.
+    """
+
+    def __init__(self, step: int, drawn: int, replaced: dict, limit: float, data: str = "the training data",
+                 option: str = "max_replaced"):
+        self.step, self.drawn, self.replaced, self.limit = step, drawn, dict(replaced), limit
+        reason, count = max(self.replaced.items(), key=lambda kv: kv[1])
+        total = sum(self.replaced.values())
+        super().__init__(f"{data}: {total:,} of the {drawn:,} records drawn by step {step} ({total / drawn:.0%}) "
+                         f"could not be used and were replaced by others, more than {option} {limit:g} allows; "
+                         f"most often: {reason} ({count:,}): check the data, or raise {option}")
+
+    def named(self, data: str, option: str) -> TooManyReplaced:
+        """The same error naming the data and the option as the caller knows them (e.g. a command's)."""
+        return TooManyReplaced(self.step, self.drawn, self.replaced, self.limit, data, option)
+
+
+def check_replaced(step: int, drawn: int, replaced: dict, limit: float, data: str = "the training data") -> None:
+    """Raises TooManyReplaced when, after at least MIN_DRAWN records drawn, more than `limit` of them were
+    replaced ({reason: count})."""
+    if drawn >= MIN_DRAWN and sum(replaced.values()) > limit * drawn:
+        raise TooManyReplaced(step, drawn, {k: v for k, v in replaced.items() if v}, limit, data)
+
+
+def data_fingerprint(source) -> str:
+    """sha256 of what identifies training data, wherever it lies: a PairDataset's captions, which image each
+    describes, and its images (paths relative to the folder holding them all, or pixels); a prepared folder's
+    manifest (dualenc.datasets.RecordSource); for any other source only its type and length."""
+    digest = hashlib.sha256(f"dualenc-data-1;records:{len(source)};".encode())
+    if hasattr(source, "caption_image"):
+        paths = [os.path.abspath(os.fspath(i)) for i in source.images if isinstance(i, (str, os.PathLike))]
+        root = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
+        for image in source.images:
+            if isinstance(image, (str, os.PathLike)):
+                digest.update(b"path:" + os.fsencode(os.path.relpath(os.path.abspath(os.fspath(image)), root)) + b";")
+            else:
+                array = np.ascontiguousarray(image)
+                digest.update(f"array:{array.dtype}:{array.shape};".encode() + array.tobytes())
+        for start in range(0, len(source.captions), 4096):
+            digest.update("\0".join(source.captions[start:start + 4096]).encode("utf-8", "surrogatepass") + b"\1")
+        digest.update(np.ascontiguousarray(source.caption_image, np.int64).tobytes())
+    elif isinstance(getattr(source, "manifest", None), dict):
+        digest.update(json.dumps(source.manifest, sort_keys=True).encode())
+    else:
+        digest.update(f"source:{type(source).__module__}.{type(source).__qualname__}".encode())
+    return digest.hexdigest()
+
+
 class Unusable(Exception):
     """A record that cannot be used; `reason` is one of SKIP_REASONS."""
 
@@ -257,11 +316,12 @@ class Pipeline:
         return ds
 
     def __iter__(self) -> Iterator[tuple[int, dict]]:
-        """Yields (step, this process's rows of global batch `step`) from `start` on; `skipped` counts the
-        records replaced in the batches handed out."""
+        """Yields (step, this process's rows of global batch `step`) from `start` on: the inputs, "_record" (the
+        record of each row) and "_skipped" (each row's records replaced, by reason: (rows, len(SKIP_REASONS)));
+        `skipped` counts the records replaced in the batches handed out."""
         step = self.start
         for batch in self._dataset():
-            skipped = batch.pop("_skipped").sum(axis=0)
+            skipped = batch["_skipped"].sum(axis=0)
             self.skipped.update({r: int(n) for r, n in zip(SKIP_REASONS, skipped) if n})
             self.step = step + 1
             yield step, batch

@@ -61,7 +61,8 @@ def make_train_step(config: DualEncoderConfig, optimizer, *, loss: str | None = 
         shard_batch; the loss then spans the global batch. fsdp: also shard params and optimizer state.
 
     The batch holds input_ids, attention_mask (and token_type_ids), and pixel_values, each with the global
-    batch on axis 0. Metrics: loss, logit_scale (exp), accuracy_t2i, accuracy_i2t, grad_norm.
+    batch on axis 0. Metrics: loss, logit_scale (exp), accuracy_t2i, accuracy_i2t, grad_norm; and, when the batch
+    holds records_replaced (rows, k) (the pipeline's count of unusable records each row replaced), its sum (k,).
     """
     import optax
 
@@ -101,6 +102,8 @@ def make_train_step(config: DualEncoderConfig, optimizer, *, loss: str | None = 
         t2i, i2t = losses.in_batch_accuracy(texts, images)
         metrics = {"loss": value, "logit_scale": jnp.exp(trainable["logit_scale"]), "accuracy_t2i": t2i,
                    "accuracy_i2t": i2t, "grad_norm": optax.tree.norm(grads)}
+        if "records_replaced" in batch:  # each row's count: summed over the global batch, every process's rows
+            metrics["records_replaced"] = jnp.sum(batch["records_replaced"], axis=0)
         return step_count + 1, trainable, opt_state, metrics
 
     # The step count, trainable params and optimizer state are donated; frozen params (often the caller's own
