@@ -3,7 +3,8 @@
 
 Training records are {"kind": "train", "step", "epoch", "loss", "accuracy" (the mean of image->text and
 text->image in-batch accuracy), "accuracy_i2t", "accuracy_t2i", "learning_rate", "grad_norm", "logit_scale",
-"steps_per_second", "time"}; held-out evaluations are {"kind": "eval", "step", <metric>: value, ...}.
+"steps_per_second", "records_replaced" (records that could not be used, replaced by others since the run started
+or resumed), "time"}; held-out evaluations are {"kind": "eval", "step", <metric>: value, ...}.
 """
 
 from __future__ import annotations
