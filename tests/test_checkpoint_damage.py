@@ -43,6 +43,23 @@ def flip_a_byte_in_each_data_file(path):  # the attack that restored silently an
         open(name, "wb").write(bytes(blob))
 
 
+def another_runs_data(path):
+    """The arrays of another state of the same shapes, its file sizes written into state.json: every file there
+    at the size recorded, all of it readable."""
+    other = os.path.join(os.path.dirname(os.path.dirname(path)), "other")
+    checkpoint.save_state(other, make_state(seed=70, step=7), {"data_step": 7})
+    sizes = json.load(open(os.path.join(other, STEP7, checkpoint.META_FILE)))["files"]
+    for name in os.listdir(path):
+        if name != checkpoint.META_FILE:
+            full = os.path.join(path, name)
+            shutil.rmtree(full) if os.path.isdir(full) else os.unlink(full)
+    for name in os.listdir(os.path.join(other, STEP7)):
+        if name != checkpoint.META_FILE:
+            shutil.move(os.path.join(other, STEP7, name), path)
+    edit_meta(files=sizes)(path)
+    shutil.rmtree(other)
+
+
 def keep_only_state_json(path):
     for name in os.listdir(path):
         if name != checkpoint.META_FILE:
@@ -69,8 +86,12 @@ ATTACKS = {
     "data file cut short": (cut, r"files changed size: ocdbt.process_0/d/\w+ is [\d,]+ bytes, [\d,]+ written"),
     "data file missing": (lambda p: os.unlink(max(data_files(p), key=os.path.getsize)),
                           r"files missing: ocdbt.process_0/d/\w+"),
+    # Where a flip lands in compressed data, the data decompresses to other numbers or not at all.
     "a byte flipped in each data file": (flip_a_byte_in_each_data_file,
-                                         r"\d+ of its 81 arrays differ from what was saved \(their checksums\), e\.g\. "),
+                                         r"\d+ of its 81 arrays differ from what was saved \(their checksums\), e\.g\. "
+                                         r"|orbax cannot read it: "),
+    "the data of another run": (another_runs_data, r"\d+ of its 81 arrays differ from what was saved \(their "
+                                                   r"checksums\), e\.g\. "),
     "metadata missing": (lambda p: os.unlink(os.path.join(p, "_METADATA")), r"files missing: _METADATA"),
     "metadata cut short": (lambda p: os.truncate(os.path.join(p, "_METADATA"), 100),
                            r"files changed size: _METADATA is 100 bytes"),
