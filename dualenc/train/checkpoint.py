@@ -440,9 +440,13 @@ def restore_state(path: str, template: TrainState) -> tuple[TrainState, dict]:
     return state, meta
 
 
-def _reason(e: Exception) -> str:
-    """An orbax or TensorStore error in one short line (its message may hold kilobytes of TensorStore spec)."""
-    text = " ".join(str(e).split()).split(" See full TensorStore details")[0] or type(e).__name__
+def _reason(e: BaseException) -> str:
+    """An orbax or TensorStore error in one short line: its first cause's message (orbax's own may hold
+    kilobytes of TensorStore spec), without the checkpoint's path."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = " ".join(str(e).split()).split(" See full TensorStore details")[0]
+    text = re.sub(r' in OCDBT database at local file "[^"]*"', "", text) or type(e).__name__
     return text if len(text) <= 300 else text[:297] + "..."
 
 
