@@ -316,3 +316,19 @@ def test_fit_counts_the_records_it_replaced_and_stops_past_max_replaced(processo
     trainer.fit(CONFIG, params, source, processor, dataclasses.replace(run, steps=2), skipped=counted,
                 max_replaced=1.0)
     assert counted == {"unreadable image": seen[1]}  # the same first two batches
+
+
+def test_data_fingerprint_follows_the_data_not_its_place(tmp_path):
+    """What a checkpoint records of its data: the same captions over the same image names in another folder (or
+    named relative to another working directory) are the same data; another caption, pairing or image is not."""
+    from dualenc.datasets.pipeline import data_fingerprint
+
+    def pairs(root, names=("a.png", "b/c.png"), captions=("one", "two", "three"), owners=(0, 1, 1)):
+        return data.PairDataset([os.path.join(root, n) for n in names], list(captions), np.asarray(owners))
+
+    here = data_fingerprint(pairs(str(tmp_path / "data")))
+    assert data_fingerprint(pairs(str(tmp_path / "moved" / "elsewhere"))) == here
+    assert data_fingerprint(pairs(os.path.relpath(tmp_path / "data"))) == here
+    others = [pairs(str(tmp_path / "data"), captions=("one", "two", "four")),
+              pairs(str(tmp_path / "data"), owners=(0, 0, 1)), pairs(str(tmp_path / "data"), names=("a.png", "b/d.png"))]
+    assert len({here, *map(data_fingerprint, others)}) == 4

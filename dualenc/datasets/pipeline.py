@@ -218,11 +218,13 @@ def data_fingerprint(source) -> str:
     manifest (dualenc.datasets.RecordSource); for any other source only its type and length."""
     digest = hashlib.sha256(f"dualenc-data-1;records:{len(source)};".encode())
     if hasattr(source, "caption_image"):
-        paths = [os.path.abspath(os.fspath(i)) for i in source.images if isinstance(i, (str, os.PathLike))]
-        root = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
+        paths = [os.fspath(i) for i in source.images if isinstance(i, (str, os.PathLike))]
+        paths = [p if os.path.isabs(p) else os.path.abspath(p) for p in paths]
+        cut = os.path.commonprefix([min(paths), max(paths)]).rfind(os.sep) + 1 if paths else 0  # their folder
+        relative = iter(paths)
         for image in source.images:
             if isinstance(image, (str, os.PathLike)):
-                digest.update(b"path:" + os.fsencode(os.path.relpath(os.path.abspath(os.fspath(image)), root)) + b";")
+                digest.update(b"path:" + os.fsencode(next(relative)[cut:]) + b";")
             else:
                 array = np.ascontiguousarray(image)
                 digest.update(f"array:{array.dtype}:{array.shape};".encode() + array.tobytes())
