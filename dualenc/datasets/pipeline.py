@@ -322,12 +322,16 @@ class Pipeline:
         record of each row) and "_skipped" (each row's records replaced, by reason: (rows, len(SKIP_REASONS)));
         `skipped` counts the records replaced in the batches handed out."""
         step = self.start
-        for batch in self._dataset():
-            skipped = batch["_skipped"].sum(axis=0)
-            self.skipped.update({r: int(n) for r, n in zip(SKIP_REASONS, skipped) if n})
-            self.step = step + 1
-            yield step, batch
-            step += 1
+        batches = iter(self._dataset())
+        try:
+            for batch in batches:
+                skipped = batch["_skipped"].sum(axis=0)
+                self.skipped.update({r: int(n) for r, n in zip(SKIP_REASONS, skipped) if n})
+                self.step = step + 1
+                yield step, batch
+                step += 1
+        finally:
+            batches.close()  # grain's threads joined and its worker processes stopped now, not when collected
 
 
 class _Position:
