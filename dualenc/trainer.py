@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import gc
 import math
 import tempfile
 import os
@@ -39,6 +40,7 @@ from dualenc.processing.processor import load_image_processor
 
 from dualenc.train.checkpoint import (META_FILE, STATE_FILE, STEP_DIR, checkpoint_meta, checkpoints,  # noqa: F401
                                       latest_checkpoint, restore_state, save_state, wait_for_save)
+from dualenc.train.peers import FitWatch, PeerLost  # noqa: F401  (trainer.PeerLost)
 from dualenc.train.sharding import host_array as _host_array
 
 
@@ -303,7 +305,8 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
         callback: Callable[[int, dict], None] | None = None,
         evaluate: Callable[[int, dict], Any] | None = None, eval_every: int = 0,
         on_checkpoint: Callable[[int, str], None] | None = None, workers: int = 0, cache_dir: str | None = None,
-        skipped: collections.Counter | None = None, max_replaced: float = MAX_REPLACED) -> tuple[dict, dict]:
+        skipped: collections.Counter | None = None, max_replaced: float = MAX_REPLACED,
+        peer_timeout: float = 30.0) -> tuple[dict, dict]:
     """Trains contrastively and returns (params, last metrics).
 
     The data is a PairDataset (a caption file over an image folder, read by data.read_pairs) or a random-access
@@ -327,7 +330,13 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
     (pipeline.TooManyReplaced, naming the most common reason).
 
     With a mesh the step is data parallel over its "data" axis; under jax.distributed each process feeds its
-    share of every global batch.
+    share of every global batch. With several processes every one must call fit; each watches the others'
+    heartbeats (dualenc.train.peers: the watch peers.initialize started, else one of its own) and a peer lost
+    (killed, or silent for peer_timeout seconds) raises PeerLost (its step and newest checkpoint) from the error
+    it caused; where this process waits where Python cannot interrupt it (a collective that never returns, a
+    checkpoint's barrier), the watch ends the process instead (one line on stderr). Either way the process ends
+    with exit status 3 (peers.LOST_STATUS), without JAX's distributed shutdown, which would wait for the lost
+    peer and then abort.
 
     Ctrl-C (SIGINT, in the main thread) stops after the current step: the step is saved as a checkpoint (with
     checkpoint_dir) and Interrupted is raised; a second Ctrl-C interrupts at once.
@@ -346,6 +355,9 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
       skipped: a Counter to which the records replaced in the batches used (over every process) are added, by
         reason.
       max_replaced: the share of the records drawn that may be replaced (0 to 1; 1 never stops).
+      peer_timeout: seconds without a peer's heartbeat before it counts as lost (under jax.distributed with
+        several processes); JAX's own heartbeat timeout (jax.distributed.initialize's heartbeat_timeout_seconds)
+        must be longer, or JAX aborts the process first.
     """
     skipped = skipped if skipped is not None else collections.Counter()
     if isinstance(max_replaced, bool) or not isinstance(max_replaced, (int, float)) or not 0 <= max_replaced <= 1:
@@ -369,6 +381,7 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
     settings = settings_of(run)
     if checkpoint_dir:
         settings.update(fingerprints(params, dataset))
+    watch = FitWatch(peer_timeout)  # under jax.distributed: before the first collective
     found = latest_checkpoint(checkpoint_dir) if checkpoint_dir and resume else None  # one answer for all processes
     if found is not None:
         _, latest = found
@@ -412,7 +425,7 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
         return jax.tree_util.tree_map(_host_array, train.full_params(state))  # gathered from every host
 
     try:
-        with _InterruptAfterStep() as interrupt:
+        with _InterruptAfterStep() as interrupt, watch.guard(lambda: step, checkpoint_dir):
             for _, batch in batches:
                 # The counts copied: passed as their view into grain's shared memory, they kept it past the end
                 # of fit (the resource tracker reported it leaked in a 2-process run with worker processes).
@@ -438,6 +451,11 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
                         latest = checkpoint()
                     wait_for_save()
                     raise Interrupted(step, latest if checkpoint_dir else None)
+            # The last batch's shared memory (grain's worker processes hand batches over in it) is freed now, not
+            # left to the resource tracker at exit (which reports it as leaked): the StopIteration grain handed
+            # over holds the frames of its (joined) threads, a reference cycle that holds the batch.
+            batch = None
+            gc.collect()
             checks.settle()
             if checkpoint_dir and (not run.checkpoint_every or step % run.checkpoint_every):
                 checkpoint()

@@ -38,7 +38,7 @@ def training_data(inputs: list[str], prepared: str, *, image_root=None, allow_ou
         return data.read_pairs(inputs[0], image_root=image_root, allow_outside=allow_outside)
     if captions and not os.path.isfile(inputs[0]):
         raise FileNotFoundError(f"caption file not found: {inputs[0]}")
-    from dualenc.cli import peers
+    from dualenc.train import peers
 
     note("train", f"converting {' '.join(inputs)} into {prepared} (once; a rerun resumes or reuses it)")
     # One process converts (into storage all of them share); the others wait for it.
@@ -187,6 +187,7 @@ class Figure:
 def _lost_peer(args, checkpoints: str, error) -> None:
     """Ends this process of a distributed run whose peer is gone: one line saying how to resume, exit status 3."""
     from dualenc import trainer
+    from dualenc.train import peers
 
     try:
         saved = trainer.checkpoints(checkpoints)
@@ -196,13 +197,13 @@ def _lost_peer(args, checkpoints: str, error) -> None:
         print(f"dualenc train: error: process {args.process_id} lost a peer of the distributed run ({reason}); "
               f"restart all {args.num_processes} processes {how}", file=sys.stderr, flush=True)
     finally:
-        os._exit(3)  # skip the distributed shutdown barrier, which would wait for the lost process
+        peers.end_process(peers.LOST_STATUS)  # not JAX's distributed shutdown, which waits for the lost process
 
 
 def cmd_train(args) -> int:
     import jax
 
-    from dualenc.cli import peers
+    from dualenc.train import peers
 
     checks.check_args(args)
     checkpoints = os.path.join(args.out, "checkpoints")
@@ -213,23 +214,34 @@ def cmd_train(args) -> int:
         return 0
     if not args.coordinator:
         return _train(args, checkpoints, resuming, None)
-    watch = peers.join(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout,
-                       on_lost=lambda reason: _lost_peer(args, checkpoints, reason))
+    watch = peers.initialize(args.coordinator, args.num_processes, args.process_id, timeout=args.heartbeat_timeout,
+                             on_lost=lambda lost: _lost_peer(args, checkpoints, lost.reason))
+    loopback = peers.loopback_only(args.coordinator) if args.process_id == 0 else []
+    if loopback:
+        note("train", f"--coordinator {args.coordinator} is {', '.join(loopback)} on this host, where the "
+                      f"coordination service listens: processes on other hosts cannot join it (give this host's "
+                      f"network address, or set JAX_COORDINATOR_BIND_ADDRESS)")
+    if watch is None:  # --num-processes 1
+        return _train(args, checkpoints, resuming, None)
     try:
         return _train(args, checkpoints, resuming, watch)
+    except peers.PeerLost as e:  # from fit
+        _lost_peer(args, checkpoints, e.reason)
     except Exception as e:
-        # A failed collective, orbax's commit barrier or anything else may come from a lost peer: the watch tells
-        # within its timeout (and lets process 0 tell the others before its exit takes the service down), else a
-        # failed collective is reported as a lost peer and anything else as this process's own error. Either way
-        # the process leaves without JAX's shutdown barrier, which would wait for peers that are gone or waiting.
-        watch.settle()
-        if isinstance(e, jax.errors.JaxRuntimeError):
-            _lost_peer(args, checkpoints, e)
+        # A failed collective, orbax's commit barrier or anything else but dualenc's own errors may come from a
+        # lost peer: the watch tells within its timeout (and lets process 0 tell the others before its exit takes
+        # the service down), else a failed collective is reported as a lost peer and anything else as this
+        # process's own error. Either way the process leaves without JAX's shutdown barrier, which would wait for
+        # peers that are gone or waiting.
+        lost = None if isinstance(e, (DualEncError, CommandError)) else watch.settle()
+        if lost is not None or isinstance(e, jax.errors.JaxRuntimeError):
+            _lost_peer(args, checkpoints, lost or e)
         if not isinstance(e, (DualEncError, CommandError, ValueError, OSError)):
             traceback.print_exc()
         print(f"dualenc train: error: process {args.process_id}: {e}; the other processes stop when they miss its "
               f"heartbeats", file=sys.stderr, flush=True)
-        os._exit(2)
+        watch.finish(f"{type(e).__name__}: {e}")  # process 0 tells the others before its exit ends the service
+        peers.end_process(2)
 
 
 def _start_log(args, resumed_from):
