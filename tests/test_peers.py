@@ -205,6 +205,42 @@ def test_a_process_ended_for_a_lost_peer_ends_its_worker_processes_too():
     assert not running
 
 
+DECODING = textwrap.dedent("""
+    import multiprocessing, sys, time
+    if __name__ == "__main__":
+        import dualenc
+        from dualenc import data
+        from dualenc.datasets.pipeline import PairSource, Pipeline
+        data.write_vocab(sys.argv[1], list(data.DIGIT_TEMPLATES))
+        processor = dualenc.Processor(dualenc.ImageProcessor(size={"height": 8, "width": 8}),
+                                      dualenc.Tokenizer.from_pretrained(sys.argv[1], max_length=8))
+        batches = iter(Pipeline(PairSource(data.load_digits("test", image_size=8)), processor, 4, max_length=8,
+                                process_index=0, process_count=1, workers=1))
+        next(batches)
+        print(*[child.pid for child in multiprocessing.active_children()], flush=True)
+        time.sleep(600)
+""")
+
+
+def test_the_decoding_workers_of_a_killed_process_end_too(tmp_path):
+    # grain's workers waited for ever for a reader that was gone, holding their shared memory.
+    process = subprocess.Popen([sys.executable, "-c", DECODING, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                               stderr=subprocess.DEVNULL)  # (the resource tracker says what it cleans up)
+    try:
+        workers = [int(pid) for pid in process.stdout.readline().split()]
+    finally:
+        process.kill()
+        process.wait()
+    assert workers
+    deadline = time.time() + 20
+    while time.time() < deadline and any(map(_running, workers)):
+        time.sleep(0.05)
+    running = [pid for pid in workers if _running(pid)]
+    for pid in running:
+        os.kill(pid, 9)
+    assert not running
+
+
 def _running(pid):
     """Whether process `pid` exists and is not a zombie (its parent gone, nobody reaped it)."""
     try:

@@ -362,7 +362,7 @@ def _encode_part(folder, name, start, stop, key, params, config, processor, sour
     import jax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from dualenc.datasets.pipeline import RecordReader, _grain
+    from dualenc.datasets.pipeline import RecordReader, _grain, exit_with_parent
     from dualenc.train.step import _pooled
 
     devices = jax.local_devices()
@@ -373,7 +373,7 @@ def _encode_part(folder, name, start, stop, key, params, config, processor, sour
     ds = grain.MapDataset.range(start, stop).map(_VisionRow(reader)).batch(batch_size)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=batch_size))
     if workers:
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=exit_with_parent)
     writer = _PartWriter(folder, {"name": name, "start": start, "stop": stop}, key)
     for batch in ds:
         ok = batch.pop("_ok")

@@ -49,6 +49,18 @@ def _grain():
     return grain
 
 
+def exit_with_parent(worker_index: int, worker_count: int) -> None:
+    """grain's worker_init_fn for the decoding worker processes: a worker ends when the process that started it
+    is gone (SIGKILLed, say); grain's would wait for it for ever, holding their shared memory."""
+    import multiprocessing
+    import threading
+
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=lambda: (parent.join(), os._exit(1)), name="dualenc-exit-with-parent",
+                         daemon=True).start()
+
+
 class PairSource:
     """An in-memory PairDataset (caption file over an image folder, or the digits) as a random-access source:
     item i is (image i: a path or an HWC array, its captions)."""
@@ -314,7 +326,8 @@ class Pipeline:
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.threads, prefetch_buffer_size=self.threads))
         if self.workers:
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers,
-                                                             per_worker_buffer_size=self.prefetch))
+                                                             per_worker_buffer_size=self.prefetch),
+                                worker_init_fn=exit_with_parent)
         return ds
 
     def __iter__(self) -> Iterator[tuple[int, dict]]:
