@@ -182,7 +182,7 @@ def _keep_images(dataset, kept: list):
 
 
 EXAMPLES = {
-    'demo': 'dualenc demo --steps 2000 --seed 0 --out dualenc-demo',
+    'demo': 'dualenc demo --steps 1000 --seed 0 --out dualenc-demo',
     'zero-shot': 'dualenc zero-shot --model dualenc-demo/model --labels-file dualenc-demo/data/labels.txt dualenc-demo/data/images/test',
     'eval': 'dualenc eval --model dualenc-demo/model --data dualenc-demo/data/test.jsonl --labels-file dualenc-demo/data/labels.txt --out dualenc-eval',
 }
@@ -193,7 +193,7 @@ def register(subs) -> None:
     p = subcommand(subs, EXAMPLES, "demo", cmd_demo, "train a small dual encoder on the embedded digits, evaluate it, and save it "
                                      "with the digits as image and caption files")
     p.add_argument("--out", default="dualenc-demo", help="output folder: model/, data/, demo.png")
-    p.add_argument("--steps", type=int, default=2000, help="training steps")
+    p.add_argument("--steps", type=int, default=1000, help="training steps")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--json", action="store_true", help="print one JSON object with the figures")
 
