@@ -1,12 +1,11 @@
-"""What an install of dualenc with some extras puts on the machine, and which installed distribution each
-imported module file belongs to: the test that every command runs on README's install uses both."""
+"""What an install of dualenc with some extras puts on the machine, and the files of everything else: the test
+that every command runs on README's install runs them with those files unimportable (tests/as_installed.py)."""
 
 from __future__ import annotations
 
 import importlib.metadata as metadata
 import os
 import re
-import sysconfig
 
 from packaging.requirements import Requirement
 
@@ -38,33 +37,13 @@ def closure(root: str, extras: set[str]) -> set[str]:
     return found
 
 
-def file_owners() -> dict[str, str]:
-    """{real path of an installed .py / .so file: canonical name of the distribution that installed it}."""
-    owners = {}
+def blocked_files(allowed: set[str]) -> list[str]:
+    """The real paths of the .py / .so files installed by distributions outside `allowed` (canonical names)."""
+    found = []
     for dist in metadata.distributions():
+        if canonical(dist.metadata["Name"]) in allowed:
+            continue
         for file in dist.files or ():
             if file.suffix in (".py", ".so", ".pyd"):
-                owners[os.path.realpath(dist.locate_file(file))] = canonical(dist.metadata["Name"])
-    return owners
-
-
-def outside(modules: dict[str, str | None], allowed: set[str], owners: dict[str, str], own_tree: str) -> dict:
-    """{distribution: [modules]} for the modules imported from a distribution outside `allowed` (the standard
-    library, modules without a file and the files under `own_tree`, the package's source, are not counted)."""
-    stdlib = {os.path.realpath(sysconfig.get_paths()[k]) for k in ("stdlib", "platstdlib")}
-    own_tree = os.path.realpath(own_tree)
-    extra: dict[str, list[str]] = {}
-    for name, file in modules.items():
-        if not file:
-            continue
-        path = os.path.realpath(file)
-        if path.startswith(own_tree + os.sep):
-            continue
-        owner = owners.get(path)
-        if owner is None:
-            if any(path.startswith(s + os.sep) for s in stdlib) and "site-packages" not in path:
-                continue
-            owner = f"no installed distribution ({path})"
-        if owner not in allowed:
-            extra.setdefault(owner, []).append(name)
-    return extra
+                found.append(os.path.realpath(dist.locate_file(file)))
+    return found

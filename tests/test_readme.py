@@ -27,17 +27,31 @@ def run(args, cwd, timeout=300, env=None):
     return proc
 
 
-IMPORTS: dict[str, dict] = {}  # command -> {module: file} of its run as README's example (or the demo's)
-LAUNCHER = Path(__file__).resolve().parent / "record_imports.py"
+LAUNCHER = Path(__file__).resolve().parent / "as_installed.py"
+_BLOCKED: dict[frozenset, Path] = {}
 
 
-def run_recording(args, cwd, name):
-    """Runs `dualenc ARGS` (args[0] == "dualenc") as the console script would, recording what it imported."""
+def blocked_files(extras: set[str], folder: Path) -> Path:
+    """A JSON file listing the files of every distribution `pip install dualenc[extras]` would not install."""
+    import installs
+
+    key = frozenset(extras)
+    if key not in _BLOCKED:
+        path = folder / f"blocked-{'-'.join(sorted(extras))}.json"
+        path.write_text(json.dumps(installs.blocked_files(installs.closure("dualenc", set(extras)))))
+        _BLOCKED[key] = path
+    return _BLOCKED[key]
+
+
+def run_as_installed(args, cwd, extras=("demo",), check=True):
+    """Runs `dualenc ARGS` (args[0] == "dualenc") as the console script would on an install of dualenc[extras]
+    alone: modules of every other installed distribution are unimportable (tests/as_installed.py)."""
     assert args[0] == "dualenc"
-    record = Path(cwd) / f".imports-{name}.json"
-    proc = run([sys.executable, LAUNCHER, *args[1:]], cwd, env={**ENV, "DUALENC_RECORD_IMPORTS": str(record)})
-    IMPORTS[name] = json.loads(record.read_text())
-    return proc
+    env = {**ENV, "DUALENC_BLOCKED_FILES": str(blocked_files(set(extras), Path(cwd)))}
+    if check:
+        return run([sys.executable, LAUNCHER, *args[1:]], cwd, env=env)
+    return subprocess.run([sys.executable, LAUNCHER, *args[1:]], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +60,7 @@ def demo_folder(tmp_path_factory):
     figures: dualenc-demo/model and dualenc-demo/data."""
     assert shutil.which("dualenc"), "the dualenc console script is installed with the package"
     folder = tmp_path_factory.mktemp("readme")
-    figures = json.loads(run_recording(["dualenc", "demo", "--json"], folder, "demo").stdout)
+    figures = json.loads(run_as_installed(["dualenc", "demo", "--json"], folder).stdout)
     return folder, figures
 
 
@@ -56,8 +70,9 @@ def test_readme_shows_what_the_demo_prints(demo_folder):
     from dualenc import demo
 
     text = README.read_text()
-    shown = text[text.index("```\n", text.index(DEMO_COMMAND)) + 4:]
-    shown = shown[:shown.index("```")]
+    found = re.search(r"^```\n( +dualenc +chance\n.*?)^```", text[text.index(DEMO_COMMAND):], re.M | re.S)
+    assert found, "README.md shows the demo's output in a ``` block after its command"
+    shown = found.group(1)
     printed = demo.table(demo_folder[1])
     flat = lambda t: re.sub(r"in \d+(\.\d+)? s;", "in N s;", " ".join(t.split()))  # noqa: E731
     assert flat(shown) == flat(printed), f"README.md shows:\n{shown}\nthe demo prints:\n{printed}"
@@ -171,7 +186,7 @@ def test_every_cli_example_runs_as_written(demo_folder):
     missing = [name for name in order if " ".join(EXAMPLES[name].split()) not in flat]
     assert not missing, f"README.md does not show the --help example of {missing}"
     test_images = sorted((demo_folder / "dualenc-demo/data/images/test").iterdir())
-    out = {name: run_recording(shlex.split(EXAMPLES[name]), demo_folder, name) for name in order}
+    out = {name: run_as_installed(shlex.split(EXAMPLES[name]), demo_folder) for name in order}
 
     lines = out["zero-shot"].stdout.splitlines()  # "PATH: label p, label p, label p", one line per image
     assert [line.split(": ")[0] for line in lines] == [f"dualenc-demo/data/images/test/{p.name}" for p in test_images]
@@ -196,21 +211,16 @@ def test_every_cli_example_runs_as_written(demo_folder):
     assert "trained 100 steps" in out["train"].stdout
 
 
-def test_every_command_imports_only_what_readmes_install_gives(demo_folder):
-    """README's first command installs dualenc[demo]: every --help example (and the demo) must finish on it.
-    Their runs in the tests above recorded every module they imported; each must come from the standard library,
-    dualenc, or a distribution that `pip install dualenc[demo]` installs (train once needed orbax-checkpoint,
-    which only dualenc[checkpoint] gave, and failed after training)."""
+def test_a_command_needing_a_missing_extra_says_so_before_work(demo_folder):
+    """README's first command installs dualenc[demo], and the demo and every --help example above ran with
+    every other distribution unimportable (train once needed orbax-checkpoint, which only dualenc[checkpoint]
+    gave, and failed after training). The same run without an extra fails, before any work, naming it."""
     import installs
 
-    assert set(IMPORTS) >= {"demo", *EXAMPLES}, "run after test_every_cli_example_runs_as_written (same module)"
-    allowed = installs.closure("dualenc", {"demo"})
-    assert {"orbax-checkpoint", "faiss-cpu", "array-record", "optax", "matplotlib"} <= allowed
-    owners = installs.file_owners()
-    package = Path(__file__).resolve().parent.parent / "dualenc"
-    found = {name: installs.outside(IMPORTS[name], allowed, owners, str(package)) for name in sorted(IMPORTS)}
-    assert not any(found.values()), "imported from outside dualenc[demo]: " + "; ".join(
-        f"{name}: {dist} ({', '.join(sorted(mods)[:3])})" for name, extra in found.items() for dist, mods in extra.items())
-    # The check can fail: without an extra, the modules it brings are outside.
-    smaller = installs.closure("dualenc", {"processing", "train", "data"})
-    assert "faiss" in installs.outside(IMPORTS["merge"], smaller, owners, str(package)).get("faiss-cpu", [])
+    folder = demo_folder[0]
+    assert {"orbax-checkpoint", "faiss-cpu", "array-record", "optax", "matplotlib"} <= installs.closure(
+        "dualenc", {"demo"})
+    proc = run_as_installed(["dualenc", "merge", "digits.safetensors", "--out", "no-faiss.safetensors", "--ann"],
+                            folder, extras=("processing", "train", "data"), check=False)
+    assert proc.returncode == 2 and "--ann needs faiss: pip install 'dualenc[search]'" in proc.stderr, proc.stderr
+    assert not (folder / "no-faiss.safetensors").exists()

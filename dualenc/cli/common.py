@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import importlib
 import json
 import os
 import sys
@@ -27,13 +26,34 @@ def at_least(value: int, flag: str, minimum: int = 1) -> None:
         raise CommandError(f"{flag} must be at least {minimum}, got {value}")
 
 
+def _faiss():
+    import faiss  # noqa: F401
+
+
+def _array_record():
+    import array_record.python.array_record_module  # noqa: F401
+
+
+def _matplotlib():
+    import matplotlib.backends.backend_agg  # noqa: F401
+
+
+def _tensorboardx():
+    import tensorboardX  # noqa: F401
+
+
+# The optional modules commands check for before they start work, each imported by a plain import statement
+# (dualenc never imports a module by a name held in a string).
+OPTIONAL = {"faiss": _faiss, "array_record": _array_record, "matplotlib": _matplotlib, "tensorboardX": _tensorboardx}
+
+
 def require(module: str, extra: str, what: str, otherwise: str | None = None) -> None:
-    """Imports `module` now, before the command starts work: without it, a CommandError saying that `what` needs
-    it, which extra to install and (`otherwise`) what else to do."""
+    """Imports the optional `module` (a key of OPTIONAL) now, before the command starts work: without it, a
+    CommandError saying that `what` needs it, which extra to install and (`otherwise`) what else to do."""
     try:
-        importlib.import_module(module)
+        OPTIONAL[module]()
     except ImportError:
-        raise CommandError(f"{what} needs {module.partition('.')[0]}: pip install 'dualenc[{extra}]'"
+        raise CommandError(f"{what} needs {module}: pip install 'dualenc[{extra}]'"
                            + (f", or {otherwise}" if otherwise else "")) from None
 
 

@@ -59,7 +59,7 @@ def image_source(inputs: list[str], *, batch_size: int, shard: tuple[int, int] |
         raise CommandError(f"--images takes one folder written by `dualenc prepare`, alone; got {len(inputs)} "
                            f"inputs ({shown(prepared[0])} is one)")
     if prepared:
-        require("array_record.python.array_record_module", "data", "a folder written by `dualenc prepare`")
+        require("array_record", "data", "a folder written by `dualenc prepare`")
         return _record_source(inputs[0], batch_size, shard, strict, problems, image_root, allow_outside)
     if image_root is not None or allow_outside:
         raise CommandError("--image-root and --allow-outside apply to a folder written by `dualenc prepare`; "

@@ -91,7 +91,7 @@ def cmd_eval(args) -> int:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise CommandError(f"--out {args.out} exists and is not a folder")
     if not args.no_figure:
-        require("matplotlib.backends.backend_agg", "demo", "eval.png", "pass --no-figure")
+        require("matplotlib", "demo", "eval.png", "pass --no-figure")
     dataset = data.read_pairs(args.data, image_root=args.image_root, allow_outside=args.allow_outside)
     labels = read_lines(args.labels_file, "labels") if args.labels_file else None
     if labels:

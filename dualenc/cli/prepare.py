@@ -59,7 +59,7 @@ def cmd_prepare(args) -> int:
 
     if args.records_per_shard < 1:
         raise CommandError(f"--records-per-shard must be 1 or more, got {args.records_per_shard}")
-    require("array_record.python.array_record_module", "data", "`dualenc prepare`")
+    require("array_record", "data", "`dualenc prepare`")
     progress = _Progress(expand_shards(args.inputs), show=not args.json)
     try:
         manifest = prepare(args.inputs, args.out, records_per_shard=args.records_per_shard,
