@@ -49,7 +49,7 @@ import numpy as np
 
 from dualenc import files
 from dualenc.errors import CheckpointError, ConfigError
-from dualenc.train import integrity, safetensors_state
+from dualenc.train import integrity, orbax_errors, safetensors_state
 from dualenc.train.sharding import host_array
 from dualenc.train.state import TrainState
 
@@ -440,25 +440,16 @@ def restore_state(path: str, template: TrainState) -> tuple[TrainState, dict]:
     return state, meta
 
 
-def _reason(e: BaseException) -> str:
-    """An orbax or TensorStore error in one short line: its first cause's message (orbax's own may hold
-    kilobytes of TensorStore spec), without the checkpoint's path."""
-    while e.__cause__ is not None:
-        e = e.__cause__
-    text = " ".join(str(e).split()).split(" See full TensorStore details")[0]
-    text = re.sub(r' in OCDBT database at local file "[^"]*"', "", text) or type(e).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 def saved_leaves(path: str) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
     """{path: (shape, dtype)} of the leaves of an orbax training checkpoint, read from its metadata."""
     ocp = _orbax()
     path = _absolute(path)
     try:
-        found = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).metadata(path)
+        with orbax_errors.quiet():
+            found = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).metadata(path)
         tree = None if found is None or found.item_metadata is None else found.item_metadata.tree
     except Exception as e:  # noqa: BLE001  (orbax raises bare Exceptions, and AttributeError on a damaged file)
-        raise damaged(path, f"its orbax metadata cannot be read: {_reason(e)}") from e
+        raise damaged(path, f"its orbax metadata cannot be read: {orbax_errors.reason(e)}") from e
     if not isinstance(tree, dict):
         raise damaged(path, "its orbax metadata (_METADATA, _CHECKPOINT_METADATA) is missing or unreadable")
     leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: not isinstance(x, (dict, list, tuple)))
@@ -492,9 +483,10 @@ def _restore_orbax(path: str, template: TrainState) -> TrainState:
 
     targets = [(p, target(leaf)) for p, leaf in wanted]
     try:
-        restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(path, args=ocp.args.PyTreeRestore(
-            item=_nest((p, t[0]) for p, t in targets), restore_args=_nest((p, t[1]) for p, t in targets)))
+        with orbax_errors.quiet():
+            restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(path, args=ocp.args.PyTreeRestore(
+                item=_nest((p, t[0]) for p, t in targets), restore_args=_nest((p, t[1]) for p, t in targets)))
     except Exception as e:  # noqa: BLE001  (orbax raises bare Exceptions)
-        raise damaged(path, f"orbax cannot read it: {_reason(e)}") from e
+        raise damaged(path, f"orbax cannot read it: {orbax_errors.reason(e)}") from e
     leaves = [_lookup(restored, p) if with_frozen or p[0] != "frozen" else leaf for p, leaf in zip(names, flat)]
     return jax.tree_util.tree_unflatten(treedef, leaves)
