@@ -104,7 +104,7 @@ def run(sizes: list[int], batch_size: int) -> dict:
             out = os.path.join(work, f"index-{n}.safetensors")
             measured = _child_json(["--child", model, images, out, str(batch_size)])
             assert measured["exit"] == 0, measured
-            from dualenc import index
+            from dualenc.search import index
 
             written = index.open_index(out)
             case = {"images": n, "written": written.count, "seconds": round(measured["seconds"], 2),

@@ -10,7 +10,8 @@ import jax
 import numpy as np
 
 import dualenc
-from dualenc import data, trainer
+from dualenc import data
+from dualenc.train import loop as trainer
 
 
 def rss_mib() -> float:

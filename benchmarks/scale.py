@@ -4,7 +4,7 @@
 
 - pipeline: JPEG photos (256 x 256, from scikit-learn's sample images, cropped at random) in webdataset tars,
   prepared into ArrayRecord; images/s of CLIP preprocessing (224 x 224) + tokenizing through
-  dualenc.datasets.Pipeline with 0 (threads in the process), 1 and 2 worker processes, against data.Batches
+  dualenc.data.Pipeline with 0 (threads in the process), 1 and 2 worker processes, against data.Batches
   (the earlier loader: one producer thread) over the same images as files. Medians of 3 passes of 20 batches
   of 64, after one warm batch.
 - checkpoint: a BERT-base text tower trained beside a locked ViT-B/16 (LiT): time the loop is blocked by one
@@ -27,8 +27,8 @@ import numpy as np
 
 import dualenc
 from dualenc import data, train
-from dualenc.datasets import RecordSource, prepare
-from dualenc.datasets.pipeline import Pipeline
+from dualenc.data import RecordSource, prepare
+from dualenc.data.pipeline import Pipeline
 from dualenc.train import checkpoint
 
 BATCH, BATCHES, PASSES = 64, 20, 3

@@ -1,6 +1,6 @@
 """python -m benchmarks.search [--rows 1000000] [--ann-rows 100000] [--json FILE]: embedding search latency.
 
-Exact search (dualenc.index.search_exact: a matmul per chunk of the index and argpartition) at --rows random
+Exact search (dualenc.search.index.search_exact: a matmul per chunk of the index and argpartition) at --rows random
 512-dim unit vectors, read from an index file written with IndexWriter (memory-mapped, as `dualenc search`
 reads it); then, at --ann-rows, approximate search with faiss (HNSW, the one dualenc builds, and IVF-flat) and
 usearch (HNSW, float32 and int8), each at several search widths: build time, file size, load time, latency and
@@ -25,7 +25,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dualenc import ann, index  # noqa: E402
+from dualenc.search import ann  # noqa: E402
+from dualenc.search import index
 
 DIMS = 512
 LATENT = 32

@@ -1,50 +1,108 @@
-"""dualenc: a pure-JAX vision-text dual encoder, checkpoint-compatible with transformers."""
+"""dualenc: pure-JAX vision-text dual encoders (VisionTextDualEncoder, CLIP, open_clip, SigLIP, SigLIP 2),
+checkpoint-compatible with transformers, open_clip and big_vision.
 
-from dualenc.config import (
-    BertConfig,
-    CLIPTextConfig,
-    CLIPVisionConfig,
-    DualEncoderConfig,
-    RobertaConfig,
-    Siglip2TextConfig,
-    Siglip2VisionConfig,
-    SiglipTextConfig,
-    SiglipVisionConfig,
-    ViTConfig,
-    load_config,
-)
-from dualenc.formats import (
-    NewlyInitializedWarning,
-    UnusedWeightsWarning,
-    from_vision_text_pretrained,
-    load_big_vision,
-    load_pretrained,
-    save_pretrained,
-)
-from dualenc.errors import CheckpointError, ConfigError, DataError, DualEncError, InputError
-from dualenc.evaluate import (
-    encode_images,
-    encode_texts,
-    retrieval_metrics,
-    zero_shot_classifier,
-    zero_shot_logit_rule,
-    zero_shot_predict,
-)
-from dualenc.layers import TowerOutput
-from dualenc.processing import AutoImageProcessor, EncodedImage, ImageProcessor, NaFlexImageProcessor, Processor, Tokenizer
-from dualenc.model import (
-    DualEncoderOutput,
-    apply,
-    check_inputs,
-    get_image_features,
-    get_text_features,
-    init,
-    num_params,
-    stack_layers,
-    unstack_layers,
-)
+The public names below load on first use (PEP 562): `import dualenc` imports no tower, no training loop, no
+grain, orbax, faiss or command line; `dualenc.apply` imports the model, `dualenc.train.fit` the loop. The house
+(which room holds what, and which way imports go) is mapped in README.md, "The house".
+"""
 
-from dualenc import ann, data, evaluate, formats, index, losses, templates, towers, train, trainer  # noqa: E402
-from dualenc.towers import bert, clip_text, naflex, siglip, vit  # noqa: E402  (the tower families, as dualenc.vit etc.)
+from __future__ import annotations
+
+import sys
+
+from dualenc import aliases
 
 __version__ = "0.1.0"
+
+# public name -> the module (under dualenc) that defines it
+_HOME = {
+    **dict.fromkeys(("BertConfig", "RobertaConfig"), "towers.bert"),
+    **dict.fromkeys(("CLIPTextConfig", "SiglipTextConfig", "Siglip2TextConfig"), "towers.clip_text"),
+    **dict.fromkeys(("CLIPVisionConfig", "ViTConfig"), "towers.vit"),
+    "SiglipVisionConfig": "towers.siglip",
+    "Siglip2VisionConfig": "towers.siglip2",
+    "DualEncoderConfig": "config",
+    **dict.fromkeys(("CheckpointError", "ConfigError", "DataError", "DualEncError", "InputError"), "errors"),
+    **dict.fromkeys(("NewlyInitializedWarning", "UnusedWeightsWarning", "from_vision_text_pretrained",
+                     "load_big_vision", "load_config", "load_pretrained", "save_pretrained"), "formats"),
+    **dict.fromkeys(("encode_images", "encode_texts"), "encode"),
+    **dict.fromkeys(("retrieval_metrics", "zero_shot_classifier", "zero_shot_logit_rule", "zero_shot_predict"),
+                    "evaluate"),
+    "TowerOutput": "layers",
+    **dict.fromkeys(("AutoImageProcessor", "EncodedImage", "ImageProcessor", "NaFlexImageProcessor", "Processor",
+                     "Tokenizer"), "processing"),
+    **dict.fromkeys(("DualEncoderOutput", "apply", "check_inputs", "get_image_features", "get_text_features", "init",
+                     "num_params", "stack_layers", "unstack_layers"), "model"),
+}
+# subpackages and modules reachable as attributes (dualenc.train, dualenc.towers, ...); the tower families too
+_MODULES = ("cli", "config", "data", "demo", "encode", "errors", "evaluate", "files", "formats", "hub",
+            "layers", "losses", "model", "plots", "processing", "search", "tables", "templates", "towers",
+            "train")
+_FAMILIES = ("bert", "clip_text", "siglip", "siglip2", "vit")
+
+__all__ = sorted(_HOME) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _HOME:
+        value = getattr(_load(_HOME[name]), name)
+    elif name in _MODULES:
+        value = _load(name)
+    elif name in _FAMILIES:
+        value = _load("towers." + name)
+    elif "dualenc." + name in aliases.MOVED:
+        return aliases.module("dualenc." + name)  # warns at each use, so never cached here
+    else:
+        raise AttributeError(f"module 'dualenc' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__) | set(_MODULES) | set(_FAMILIES))
+
+
+def _load(module: str):
+    """dualenc.<module>, imported now. Every import is written out: dualenc never imports a module named by a
+    computed string (tests/test_security.py)."""
+    if module == "config":
+        import dualenc.config
+    elif module == "errors":
+        import dualenc.errors
+    elif module == "cli":
+        import dualenc.cli
+    elif module == "data":
+        import dualenc.data
+    elif module == "demo":
+        import dualenc.demo
+    elif module == "encode":
+        import dualenc.encode
+    elif module == "evaluate":
+        import dualenc.evaluate
+    elif module == "files":
+        import dualenc.files
+    elif module == "formats":
+        import dualenc.formats
+    elif module == "hub":
+        import dualenc.hub
+    elif module == "layers":
+        import dualenc.layers
+    elif module == "losses":
+        import dualenc.losses
+    elif module == "model":
+        import dualenc.model
+    elif module == "plots":
+        import dualenc.plots
+    elif module == "processing":
+        import dualenc.processing
+    elif module == "search":
+        import dualenc.search
+    elif module == "tables":
+        import dualenc.tables
+    elif module == "templates":
+        import dualenc.templates
+    elif module.startswith("towers"):
+        import dualenc.towers
+    elif module == "train":
+        import dualenc.train
+    return sys.modules["dualenc." + module]

@@ -8,25 +8,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Any, Mapping
 
 import jax
 
 from dualenc.errors import ConfigError
-from dualenc.fields import _check_int, _fail, _int
-from dualenc.files import read_json
-from dualenc.hub import resolve
+from dualenc.fields import check_int, fail, int_field
 from dualenc.towers import TEXT_CONFIGS, TEXT_TYPES, VISION_CONFIGS, VISION_TYPES
 from dualenc.towers.bert import BertConfig, RobertaConfig
 from dualenc.towers.clip_text import CLIPTextConfig, Siglip2TextConfig, SiglipTextConfig
-from dualenc.towers.naflex import Siglip2VisionConfig
+from dualenc.towers.siglip2 import Siglip2VisionConfig
 from dualenc.towers.siglip import SiglipVisionConfig
 from dualenc.towers.vit import CLIPVisionConfig, ViTConfig
 
 __all__ = ["BertConfig", "CLIPTextConfig", "CLIPVisionConfig", "DualEncoderConfig", "RobertaConfig",
            "Siglip2TextConfig", "Siglip2VisionConfig", "SiglipTextConfig", "SiglipVisionConfig", "ViTConfig",
-           "load_config", "tower_config_from_dict"]
+           "tower_config_from_dict"]
 
 VisionConfig = ViTConfig | CLIPVisionConfig | SiglipVisionConfig | Siglip2VisionConfig
 TextConfig = BertConfig | RobertaConfig | CLIPTextConfig | SiglipTextConfig
@@ -60,7 +57,7 @@ class DualEncoderConfig:
 
     vision: VisionConfig
     text: TextConfig
-    projection_dim: int = _int(512)
+    projection_dim: int = int_field(512)
     logit_scale_init_value: float = 2.6592
     logit_bias_init_value: float | None = None
     model_type: str = "vision-text-dual-encoder"
@@ -72,31 +69,31 @@ class DualEncoderConfig:
         if not isinstance(self.text, TEXT_CONFIGS):
             raise ConfigError(f"DualEncoderConfig: field 'text' must be one of "
                               f"{[c.__name__ for c in TEXT_CONFIGS]}, got {type(self.text).__name__}")
-        _check_int("DualEncoderConfig", "projection_dim", self.projection_dim, 1, 1 << 16)
+        check_int("DualEncoderConfig", "projection_dim", self.projection_dim, 1, 1 << 16)
         for name in ("logit_scale_init_value", "logit_bias_init_value"):
             v = getattr(self, name)
             if v is None and name == "logit_bias_init_value":
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                _fail("DualEncoderConfig", name, f"must be a finite number, got {v!r}")
+                fail("DualEncoderConfig", name, f"must be a finite number, got {v!r}")
         if self.model_type not in MODEL_TYPES:
-            _fail("DualEncoderConfig", "model_type", f"must be one of {list(MODEL_TYPES)}, got {self.model_type!r}")
+            fail("DualEncoderConfig", "model_type", f"must be one of {list(MODEL_TYPES)}, got {self.model_type!r}")
         wanted = _TOWERS.get(self.model_type)
         if wanted and not (isinstance(self.vision, wanted["vision_config"])
                            and isinstance(self.text, wanted["text_config"])):
-            _fail("DualEncoderConfig", "model_type", f"{self.model_type!r} needs "
+            fail("DualEncoderConfig", "model_type", f"{self.model_type!r} needs "
                   f"{wanted['vision_config'].__name__} and {wanted['text_config'].__name__} towers, got "
                   f"{type(self.vision).__name__} and {type(self.text).__name__}")
         if not getattr(self.vision, "vision_use_head", True):
-            _fail("DualEncoderConfig", "vision", f"is a {type(self.vision).__name__} with vision_use_head false: "
+            fail("DualEncoderConfig", "vision", f"is a {type(self.vision).__name__} with vision_use_head false: "
                   f"it has no pooled output to embed (run the tower alone, or use a config with the head)")
         if self.model_type in SIGLIP_TYPES:
             sizes = {"vision.hidden_size": self.vision.hidden_size, "text.projection_size": self.text.projection_size}
             if set(sizes.values()) != {self.projection_dim}:
-                _fail("DualEncoderConfig", "projection_dim", f"= {self.projection_dim}, but a SigLIP model embeds "
+                fail("DualEncoderConfig", "projection_dim", f"= {self.projection_dim}, but a SigLIP model embeds "
                       f"with its towers' own outputs: {sizes} must all equal it")
             if self.logit_bias_init_value is None:
-                _fail("DualEncoderConfig", "logit_bias_init_value", "must be set for a SigLIP model (it has a "
+                fail("DualEncoderConfig", "logit_bias_init_value", "must be set for a SigLIP model (it has a "
                       f"logit bias; big_vision initialises it at {SIGLIP_LOGIT_INIT[1]})")
 
     @property
@@ -196,15 +193,3 @@ def tower_config_from_dict(d: Mapping[str, Any], *, where: str = "config",
         key = f"{side}_config"
         return _clip_tower(d, key, _TOWERS[model_type][key], where)
     return allowed[model_type].from_dict(d, where=where)
-
-
-def load_config(path: str | os.PathLike) -> DualEncoderConfig | VisionConfig | TextConfig:
-    """Reads a config.json (or the directory holding one): a dual encoder (VisionTextDualEncoder, CLIP or
-    SigLIP) config, or a single tower's; or a Hugging Face Hub model id's (see dualenc.hub.resolve)."""
-    path = resolve(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-    d = read_json(path, "config")
-    if d.get("model_type") in MODEL_TYPES:
-        return DualEncoderConfig.from_dict(d, where=path)
-    return tower_config_from_dict(d, where=path)

@@ -12,8 +12,9 @@ import jax
 import numpy as np
 
 import dualenc
-from dualenc import data, files, trainer
-from dualenc import figures as drawing
+from dualenc import data, files
+from dualenc.train import loop as trainer
+from dualenc import plots as drawing
 
 # Prompts for the held-out evaluation: the first phrasing never appears in training captions.
 EVAL_TEMPLATES = ("a drawing of the number {}", "a photo of the digit {}")
@@ -28,7 +29,7 @@ def in_batch_limits(labels, batch_size: int) -> dict:
     """What training can reach when every caption names only its image's class (its phrasing picked at random,
     whatever the image), as the digits' captions do.
 
-    A batch holds `batch_size` distinct images drawn without replacement (dualenc.datasets.Pipeline); the n_c
+    A batch holds `batch_size` distinct images drawn without replacement (dualenc.data.Pipeline); the n_c
     images of class c in it have captions that do not tell them apart. Of each class, about one pair can then be
     matched (by image or by text), and each row's contrastive loss is at least ln n_c (its own caption is any
     of the n_c alike). Returns {"classes": E[classes in a batch], "accuracy": that / batch_size (the in-batch

@@ -27,39 +27,39 @@ ACTIVATION_NAMES = (
 MAX_PARAMS = 20_000_000_000
 
 
-def _int(default, lo=1, hi=1 << 16, *, required=True):
+def int_field(default, lo=1, hi=1 << 16, *, required=True):
     return dataclasses.field(default=default, metadata={"kind": "int", "lo": lo, "hi": hi, "required": required})
 
 
-def _float(default, lo=0.0, hi=math.inf, *, lo_open=False, hi_open=False):
+def float_field(default, lo=0.0, hi=math.inf, *, lo_open=False, hi_open=False):
     return dataclasses.field(default=default, metadata={
         "kind": "float", "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open})
 
 
-def _rate(default):
-    return _float(default, 0.0, 1.0, hi_open=True)
+def rate_field(default):
+    return float_field(default, 0.0, 1.0, hi_open=True)
 
 
-def _choice(default, choices):
+def choice_field(default, choices):
     return dataclasses.field(default=default, metadata={"kind": "choice", "choices": tuple(choices)})
 
 
-def _bool(default):
+def bool_field(default):
     return dataclasses.field(default=default, metadata={"kind": "bool"})
 
 
-def _fail(where, name, msg):
+def fail(where, name, msg):
     raise ConfigError(f"{where}: field '{name}' {msg}")
 
 
-def _check_int(where, name, value, lo, hi):
+def check_int(where, name, value, lo, hi):
     if isinstance(value, bool) or not isinstance(value, int):
-        _fail(where, name, f"must be an integer, got {value!r}")
+        fail(where, name, f"must be an integer, got {value!r}")
     if not lo <= value <= hi:
-        _fail(where, name, f"must be in [{lo}, {hi}], got {value}")
+        fail(where, name, f"must be in [{lo}, {hi}], got {value}")
 
 
-class _Config:
+class TowerConfig:
     """Shared validation and config.json (de)serialisation for the frozen config dataclasses."""
 
     model_types: ClassVar[tuple[str, ...]] = ()
@@ -80,28 +80,28 @@ class _Config:
             if kind == "int":
                 if value is None and not meta["required"]:
                     continue
-                _check_int(self.name, f.name, value, meta["lo"], meta["hi"])
+                check_int(self.name, f.name, value, meta["lo"], meta["hi"])
             elif kind == "float":
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                    _fail(self.name, f.name, f"must be a finite number, got {value!r}")
+                    fail(self.name, f.name, f"must be a finite number, got {value!r}")
                 lo_bad = value <= meta["lo"] if meta["lo_open"] else value < meta["lo"]
                 hi_bad = value >= meta["hi"] if meta["hi_open"] else value > meta["hi"]
                 if lo_bad or hi_bad:
                     lb = "(" if meta["lo_open"] else "["
                     rb = ")" if meta["hi_open"] else "]"
-                    _fail(self.name, f.name, f"must be in {lb}{meta['lo']}, {meta['hi']}{rb}, got {value}")
+                    fail(self.name, f.name, f"must be in {lb}{meta['lo']}, {meta['hi']}{rb}, got {value}")
             elif kind == "choice":
                 if value not in meta["choices"]:
-                    _fail(self.name, f.name, f"must be one of {list(meta['choices'])}, got {value!r}")
+                    fail(self.name, f.name, f"must be one of {list(meta['choices'])}, got {value!r}")
             elif kind == "bool":
                 if not isinstance(value, bool):
-                    _fail(self.name, f.name, f"must be true or false, got {value!r}")
+                    fail(self.name, f.name, f"must be true or false, got {value!r}")
         self._validate()
 
     def _validate(self):
         hidden, heads = self.hidden_size, self.num_attention_heads
         if hidden % heads:
-            _fail(self.name, "num_attention_heads",
+            fail(self.name, "num_attention_heads",
                   f"must divide hidden_size: {hidden} is not a multiple of {heads}")
         count = self.num_params()
         if count > MAX_PARAMS:
@@ -159,7 +159,7 @@ class _Config:
             raise ConfigError(f"{where}: {e}") from None
 
 
-def _same_head_dim(value, d):
+def same_head_dim(value, d):
     """hidden_size // num_attention_heads"""
     try:
         return value == d["hidden_size"] // d["num_attention_heads"]
@@ -167,12 +167,12 @@ def _same_head_dim(value, d):
         return False
 
 
-def _empty(value, d):
+def no_pruned_heads(value, d):
     """no pruned heads"""
     return not value
 
 
-def _pair(value):
+def pair(value):
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 

@@ -133,7 +133,7 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Ma
     except SafetensorError as e:  # the library reports failed writes (a full disk, say) this way
         raise OSError(errno.EIO, f"writing {path} failed: {e}") from None
     os.chmod(path, public_mode())  # the library creates its files 0600
-    _fsync(path)
+    fsync(path)
 
 
 def umask() -> int:
@@ -177,7 +177,7 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync(directory)
+    fsync(directory)
 
 
 def write_json_atomic(path: str, data: Any) -> None:
@@ -185,7 +185,7 @@ def write_json_atomic(path: str, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
-def _fsync(path: str):
+def fsync(path: str):
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -197,7 +197,7 @@ def _fsync(path: str):
 
 # --------------------------------------------------------------------------------------- atomic directories
 
-_TMP_MARK = ".dualenc-tmp-"
+TMP_MARK = ".dualenc-tmp-"
 
 
 def _libc():
@@ -229,7 +229,7 @@ def exchange(a: str, b: str) -> bool:
     raise OSError(err, f"could not swap {a} and {b}: {os.strerror(err)}")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -247,13 +247,13 @@ def clean_stale(path: str):
     except FileNotFoundError:
         return
     for entry in siblings:
-        if not entry.startswith(".") or _TMP_MARK not in entry:
+        if not entry.startswith(".") or TMP_MARK not in entry:
             continue
         try:
-            pid = int(entry.rsplit(_TMP_MARK, 1)[1].split("-")[0])
+            pid = int(entry.rsplit(TMP_MARK, 1)[1].split("-")[0])
         except ValueError:
             continue
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
@@ -276,7 +276,7 @@ def atomic_directory(path: str) -> Iterator[str]:
         raise OSError(errno.ENOTDIR, f"cannot save to {path}: it exists and is not a directory")
     os.makedirs(parent, exist_ok=True)
     clean_stale(path)
-    tmp = os.path.join(parent, f".{name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = os.path.join(parent, f".{name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
     try:
         os.mkdir(tmp, 0o700)
     except OSError as e:
@@ -285,14 +285,14 @@ def atomic_directory(path: str) -> Iterator[str]:
     try:
         yield tmp
         os.chmod(tmp, public_mode(directory=True))
-        _fsync(tmp)
+        fsync(tmp)
         if os.path.isdir(path):
             if not exchange(tmp, path):
                 raise OSError(errno.ENOTSUP, f"cannot replace {path} atomically: this filesystem does not "
                                              f"support swapping directories; save to a new path instead")
         else:
             os.rename(tmp, path)
-        _fsync(parent)
+        fsync(parent)
     except OSError as e:
         if str(path) in str(e):
             raise

@@ -11,7 +11,7 @@ import numpy as np
 
 from dualenc import layers, towers
 from dualenc.config import DualEncoderConfig
-from dualenc.towers.common import check_text_inputs
+from dualenc.towers.inputs import check_text_inputs
 from dualenc.errors import InputError
 
 PROJECTION_INIT_STD = 0.02

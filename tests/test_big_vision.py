@@ -429,7 +429,7 @@ def test_naflex_positions_resize_as_big_vision():
     """big_vision's naflex_vit resizes the (G, G, D) grid with jax.image.scale_and_translate (antialiased bilinear,
     scale = grid / G) and reads each patch's (row, column), padding reading (0, 0); dualenc (as transformers)
     resizes with torch's antialiased bilinear interpolate: the same numbers, up, down and mixed."""
-    from dualenc.towers.naflex import resize_positions
+    from dualenc.towers.siglip2 import resize_positions
 
     table = np.random.default_rng(0).standard_normal((NAFLEX_GRID, NAFLEX_GRID, D)).astype(np.float32)
     shapes, length = np.array([[3, 10], [10, 3], [2, 2], [1, 7], [4, 4], [6, 6]]), 40

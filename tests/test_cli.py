@@ -296,7 +296,7 @@ def test_folders_unreadable_images_and_odd_names(trained, workspace, tmp_path):
 def test_image_patterns_expand_as_tar_globs_do(tmp_path):
     """Quoted globs ('**' at any depth) and braces name images as tar patterns do, their matches in sorted order,
     folders among them walked and other files left out; a pattern matching nothing is an error naming it."""
-    from dualenc.cli.common import CommandError, image_files
+    from dualenc.cli.support import CommandError, image_files
 
     for name in ("a/1.png", "a/b/2.jpg", "a/b/c/3.PNG", "a/.hidden.png", "a/notes.txt", "z.png"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)

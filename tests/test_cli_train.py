@@ -14,8 +14,10 @@ from conftest import make_workspace
 from test_cli import dualenc_run
 
 import dualenc
-from dualenc import runlog, trainer
-from dualenc.cli import common, training
+from dualenc.train import runlog
+from dualenc.formats import assembly
+from dualenc.train import loop as trainer
+from dualenc.cli import support as common, training
 from dualenc.cli import training_checks as checks
 
 # One worker runs this module under `--dist loadgroup`, so its module fixture is built once.
@@ -103,7 +105,7 @@ def test_arguments_are_checked_before_the_summary_and_the_model(args, message, w
     def no_model(*_, **__):
         raise AssertionError("the model loaded before the arguments were checked")
 
-    monkeypatch.setattr(trainer, "start_from", no_model)
+    monkeypatch.setattr(assembly, "start_from", no_model)
     args = ["--out", "run", *args] if "--out" not in args else args
     proc = dualenc_run(*TRAIN, "--data", "data/pairs.jsonl", *args, check=False)
     lines = proc.stderr.strip().splitlines()
@@ -171,7 +173,7 @@ def events(folder):
 def test_caption_sample_of_a_prepared_folder(workspace, tmp_path):
     """Records are sampled evenly past the limit, and the summary says it is a sample; --data FOLDER takes
     --image-root for images outside the prepared folder."""
-    from dualenc.datasets import prepare
+    from dualenc.data import prepare
 
     prepare([str(workspace / "data" / "odd.jsonl")], tmp_path / "prepared")
     source = training.training_data([str(tmp_path / "prepared")], str(tmp_path / "out" / "prepared"),
@@ -196,7 +198,7 @@ def test_records_replaced_are_logged_and_summed_up_and_too_many_stop_the_run(wor
     the run stops with one line naming --data, the most common reason and the option, and saves no model."""
     from test_train import host_train_step
 
-    from dualenc.datasets import pipeline
+    from dualenc.data import pipeline
 
     monkeypatch.chdir(workspace)
     monkeypatch.setattr(dualenc.train, "make_train_step", host_train_step())  # the command's reports are under test

@@ -1,4 +1,4 @@
-"""dualenc.datasets: webdataset tars and caption files prepared into ArrayRecord shards, read back by RecordSource."""
+"""dualenc.data: webdataset tars and caption files prepared into ArrayRecord shards, read back by RecordSource."""
 
 import collections
 import io
@@ -13,7 +13,7 @@ from PIL import Image
 
 import dualenc.data
 from dualenc.cli import main
-from dualenc.datasets import (
+from dualenc.data import (
     RecordSource,
     decode_record,
     encode_record,
@@ -180,7 +180,7 @@ def test_prepare_streams_caption_files(tmp_path, monkeypatch):
 
 
 def test_caption_lines_that_are_too_long_or_not_utf8_are_skipped(tmp_path, monkeypatch):
-    from dualenc.datasets import captions
+    from dualenc.data import captions
 
     monkeypatch.setattr(captions, "MAX_LINE", 100)
     good = json.dumps({"image": "a.png", "caption": "fine"}).encode()

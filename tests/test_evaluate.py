@@ -9,7 +9,7 @@ import pytest
 from conftest import TINY
 
 import dualenc
-from dualenc import evaluate
+from dualenc import encode, evaluate
 
 
 @contextlib.contextmanager
@@ -82,7 +82,7 @@ def test_encode_images_compiles_once_and_matches_the_forward():
     with count_compiles() as compiles:
         dualenc.encode_images(params, config, to_pixels, images[:4], batch_size=32)
         dualenc.encode_images(params, config, to_pixels, images[:3], batch_size=32)
-    assert len(compiles) == 0 and evaluate._batch_rows(3, 32) == 4 and evaluate._batch_rows(40, 32) == 32
+    assert len(compiles) == 0 and encode.batch_rows(3, 32) == 4 and encode.batch_rows(40, 32) == 32
     with pytest.raises(ValueError, match="batch_size"):
         dualenc.encode_images(params, config, to_pixels, images, batch_size=0)
 
@@ -216,8 +216,8 @@ def test_progress_bar_only_when_asked_or_long_on_a_terminal(capsys, monkeypatch)
     dualenc.encode_images(params, config, to_pixels, random_images(30), batch_size=5)
     assert capsys.readouterr().err == ""  # long, but stderr is not a terminal here
     monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
-    assert evaluate._progress(30, 5, None, "x") is not None
-    assert evaluate._progress(10, 5, None, "x") is None
+    assert encode._progress(30, 5, None, "x") is not None
+    assert encode._progress(10, 5, None, "x") is None
 
 
 def test_class_level_retrieval_and_chance():

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 
 import dualenc
-from dualenc import trainer
+from dualenc.train import loop as trainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 SAVER = textwrap.dedent("""
     import os, sys, jax, numpy as np, dualenc
-    from dualenc import train, trainer
+    from dualenc import train
+    from dualenc.train import loop as trainer
     from dualenc.config import *
     config = DualEncoderConfig(
         vision=ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -80,7 +81,8 @@ def test_kills_during_saves_leave_complete_checkpoints(tmp_path):
 
 LIMITED = textwrap.dedent("""
     import os, resource, signal, sys, jax, numpy as np, dualenc
-    from dualenc import train, trainer
+    from dualenc import train
+    from dualenc.train import loop as trainer
     config, params = dualenc.load_pretrained(sys.argv[1])
     params["logit_scale"] = np.float32(99.0)
     state = train.init_state(params, train.default_optimizer(1e-3, total_steps=10))

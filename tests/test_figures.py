@@ -1,4 +1,4 @@
-"""dualenc.figures: each figure's panels, its PNG (decodable, at the figure's size, written atomically), bad input."""
+"""dualenc.plots: each figure's panels, its PNG (decodable, at the figure's size, written atomically), bad input."""
 
 import os
 import subprocess
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dualenc import demo, figures
+from dualenc import demo, plots as figures
 
 CLASSES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -164,7 +164,7 @@ def test_in_batch_limits_match_the_demo_batches():
     training images): the classes in a batch / its size (the accuracy ceiling), and sum n_c ln n_c / its size
     (the loss floor)."""
     from dualenc import data
-    from dualenc.datasets.pipeline import GlobalOrder
+    from dualenc.data.pipeline import GlobalOrder
 
     labels = np.asarray(data.load_digits("train", seed=0, image_size=8).labels)
     order = GlobalOrder(len(labels), demo.BATCH_SIZE, seed=0)
@@ -207,5 +207,5 @@ def test_without_matplotlib_the_error_says_what_to_install(monkeypatch, tmp_path
 
 
 def test_importing_dualenc_does_not_import_matplotlib():
-    code = "import sys, dualenc, dualenc.figures, dualenc.demo; assert 'matplotlib' not in sys.modules"
+    code = "import sys, dualenc, dualenc.plots, dualenc.demo; assert 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "XLA_FLAGS": ""})

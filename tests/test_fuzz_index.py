@@ -16,7 +16,8 @@ from hypothesis import given, strategies as st
 from test_fuzz import DOCUMENTED, FUZZ, JUNK, TRIED
 from test_hostile_index import faiss_fields, peak_growth_kib, unit_rows
 
-from dualenc import ann, index
+from dualenc.search import ann
+from dualenc.search import index
 
 COUNT, DIMS = 200, 8
 SECONDS = 5  # each input's bound

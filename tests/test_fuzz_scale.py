@@ -12,8 +12,8 @@ from hypothesis import given, strategies as st
 from test_fuzz import DOCUMENTED, FUZZ, JUNK, TRIED
 from test_hostile_records import DIM, KEY, ROWS, _png, open_cache, write_cache, write_folder
 
-from dualenc.datasets import RecordSource, encode_record
-from dualenc.datasets.pipeline import RecordReader, Unusable
+from dualenc.data import RecordSource, encode_record
+from dualenc.data.pipeline import RecordReader, Unusable
 from dualenc.errors import DataError
 
 MANIFEST_FIELDS = ["format", "version", "complete", "records", "image_root", "shards", "skipped"]

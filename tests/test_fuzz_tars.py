@@ -15,8 +15,8 @@ from PIL import Image
 from test_fuzz import FUZZ, TRIED
 from test_hostile_tars import bounded, pax_record
 
-from dualenc.datasets import iter_tar
-from dualenc.datasets import webdataset
+from dualenc.data import iter_tar
+from dualenc.data import webdataset
 
 REASONS = set(webdataset.TAR_DAMAGE) | {"no image", "no caption", "empty image", "undecodable text",
                                         "malformed json", "image too large", "text too large", "member without key",

@@ -15,7 +15,10 @@ import time
 import numpy as np
 import pytest
 
-from dualenc import ann, files, index, index_file
+from dualenc import files
+from dualenc.search import ann
+from dualenc.search import index
+from dualenc.search import store as index_file
 from dualenc.errors import CheckpointError, InputError
 
 COUNT, DIMS = 300, 8
@@ -51,7 +54,7 @@ def peak_growth_kib(fn):
 
 def faiss_fields(blob):
     """Where each field of a NAME.faiss as ann.build writes it starts (a vector: at its uint64 length); read
-    here independently of dualenc.ann."""
+    here independently of dualenc.search.ann."""
     fields, at = {}, 0
 
     def header(name):
@@ -227,7 +230,7 @@ def test_a_killed_writer_leaves_temporaries_the_next_one_removes(tmp_path):
     script = textwrap.dedent("""
         import os, signal, sys
         import numpy as np
-        from dualenc import index
+        from dualenc.search import index
         writer = index.IndexWriter(sys.argv[1], 4, "image")
         writer.add(np.ones((3, 4), np.float32), ["a", "b", "c"])
         os.kill(os.getpid(), signal.SIGKILL)
@@ -237,7 +240,7 @@ def test_a_killed_writer_leaves_temporaries_the_next_one_removes(tmp_path):
     assert killed.wait() == -signal.SIGKILL, killed.stderr.read().decode()[-2000:]
     left = sorted(os.listdir(tmp_path))
     assert len(left) == 2 and all(name.startswith(".a.") and str(killed.pid) in name for name in left), left
-    mark = files._TMP_MARK
+    mark = files.TMP_MARK
     kept = [f".a.safetensors{mark}{os.getpid()}-0000", f".b.safetensors{mark}{killed.pid}-0000",
             f".a.safetensors{mark}99999999999999999999-0000"]
     for name in kept:

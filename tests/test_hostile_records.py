@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dualenc.datasets import RecordSource, decode_record, encode_record, prepare
-from dualenc.datasets import features as lit_cache
-from dualenc.datasets.pipeline import RecordReader, Unusable
-from dualenc.datasets.prepare import _Shard
-from dualenc.datasets.records import record_image
+from dualenc.data import RecordSource, decode_record, encode_record, prepare
+from dualenc.train import lit_cache
+from dualenc.data.pipeline import RecordReader, Unusable
+from dualenc.data.prepare import _Shard
+from dualenc.data.records import record_image
 from dualenc.errors import CheckpointError, DataError
 
 
@@ -68,8 +68,8 @@ def test_a_manifest_cannot_move_the_image_root_out_of_its_folder(tmp_path, secre
         RecordSource(folder)
     message = str(e.value)
     assert "\n" not in message and str(folder / "manifest.json") in message and "allow_outside" in message
-    from dualenc.cli.index import _record_source  # what `dualenc embed --images FOLDER` opens
-    from dualenc.cli.training import training_data  # what `dualenc train --data FOLDER` opens
+    from dualenc.cli.index import _record_source# what `dualenc embed --images FOLDER` opens
+    from dualenc.cli.training import training_data# what `dualenc train --data FOLDER` opens
 
     with pytest.raises(DataError, match="image root"):
         _record_source(str(folder), 8, None, False, [])
@@ -184,7 +184,7 @@ def test_a_damaged_shard_is_a_data_error_naming_it(tmp_path, how):
 def test_training_batches_over_a_damaged_shard_end_in_a_data_error_naming_it(tmp_path):
     import dualenc
     from dualenc import data
-    from dualenc.datasets import Pipeline
+    from dualenc.data import Pipeline
 
     data.write_vocab(tmp_path / "vocab", ["a red square"])
     processor = dualenc.Processor(dualenc.ImageProcessor(size={"height": 8, "width": 8}),
@@ -356,7 +356,7 @@ def test_embed_takes_a_prepared_folders_image_root_from_the_command_line(tmp_pat
     """`dualenc embed --images PREPARED` reads a folder prepared from caption files (its image root outside it)
     when --image-root or --allow-outside says so, and refuses those flags without a prepared folder."""
     from dualenc import cli
-    from dualenc.cli.common import CommandError
+    from dualenc.cli.support import CommandError
     from dualenc.cli.index import image_source
 
     folder = tmp_path / "prepared"

@@ -17,10 +17,11 @@ import pytest
 from PIL import Image
 
 import dualenc
-from dualenc import cli, data, index
-from dualenc.datasets import iter_tar
-from dualenc.datasets import webdataset
-from dualenc.datasets.captions import MAX_LINE
+from dualenc import cli, data
+from dualenc.search import index
+from dualenc.data import iter_tar
+from dualenc.data import webdataset
+from dualenc.data.captions import MAX_LINE
 
 COMPRESS = {".tar": lambda b: b, ".tar.gz": gzip.compress, ".tar.bz2": bz2.compress,
             ".tar.xz": lambda b: lzma.compress(b, preset=0)}

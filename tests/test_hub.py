@@ -19,7 +19,9 @@ import dualenc
 import huggingface_hub  # the hub extra, installed with dev
 from huggingface_hub import constants
 
-from dualenc import cli, hub, trainer
+from dualenc import cli, hub
+from dualenc.formats import assembly
+from dualenc.train import loop as trainer
 from dualenc.cli import training_checks
 
 CONFIG = dualenc.DualEncoderConfig(vision=dualenc.ViTConfig(**TINY, image_size=16, patch_size=8),
@@ -76,7 +78,7 @@ def test_an_id_loads_as_its_snapshot(cache):
                                       value)
     assert dualenc.Tokenizer.from_pretrained("org/name").max_length == expected.tokenizer.max_length
     assert dualenc.ImageProcessor.from_pretrained("org/name").to_dict() == expected.image_processor.to_dict()
-    config, params, processor = trainer.start_from(model_path="org/name", key=jax.random.key(0))
+    config, params, processor = assembly.start_from(model_path="org/name", key=jax.random.key(0))
     assert config == CONFIG and isinstance(processor, dualenc.Processor)
     chex.assert_trees_all_equal(params, want)
     with pytest.raises(dualenc.ConfigError, match=f"{COMMIT}/config.json is a whole dual encoder"):

@@ -12,7 +12,7 @@ from transformers.image_transforms import convert_to_rgb
 
 from dualenc.errors import ConfigError, InputError
 from dualenc.processing import ImageProcessor, NaFlexImageProcessor
-from dualenc.processing.openclip import OpenClipTransform
+from dualenc.processing.open_clip import OpenClipTransform
 
 CONVERTED = ["L", "LA", "1", "I", "F", "P", "P+transparency", "PA", "CMYK", "RGBA"]
 KEPT = ["RGB", "YCbCr"]

@@ -14,7 +14,10 @@ import pytest
 from PIL import Image
 
 import dualenc
-from dualenc import ann, cli, data, files, index, index_file
+from dualenc import cli, data, files
+from dualenc.search import ann
+from dualenc.search import index
+from dualenc.search import store as index_file
 from dualenc.errors import CheckpointError, InputError
 
 
@@ -251,7 +254,7 @@ def test_jax_distributed_processes_write_numbered_parts(model, tmp_path, monkeyp
 def test_embed_reads_webdataset_tars_and_prepared_records(model, tmp_path):
     import tarfile
 
-    from dualenc.datasets import prepare
+    from dualenc.data import prepare
 
     m, files = model / "model", sorted((model / "photos").rglob("*.png"))
     good = [f for f in files if f.name != "05b.png"]
@@ -396,7 +399,7 @@ def test_embed_says_when_it_compiles_creates_its_folder_and_fails_on_no_readable
                                                                                       monkeypatch):
     """CompileNotice (delay 0: every compile) names the tower and batch; --out's folders are created; with no
     readable image, embed and eval exit 1 and write nothing."""
-    from dualenc.cli import common
+    from dualenc.cli import support as common
 
     monkeypatch.setattr(common, "COMPILE_NOTICE_DELAY", 0)  # every compile says so, however short
     (tmp_path / "t.txt").write_text("a red square\na blue square\na photo\n")

@@ -20,9 +20,10 @@ import pytest
 from PIL import Image
 
 import dualenc
-from dualenc import data, train, trainer
-from dualenc.datasets import RecordSource, prepare
-from dualenc.datasets.pipeline import GlobalOrder
+from dualenc import data, train
+from dualenc.train import loop as trainer
+from dualenc.data import RecordSource, prepare
+from dualenc.data.pipeline import GlobalOrder
 from dualenc.train import checkpoint, peers
 
 from test_pipeline import CONFIG, SIZE  # noqa: E402  (the same tiny model)
@@ -65,7 +66,8 @@ WORKER = textwrap.dedent("""
     sys.path.insert(0, sys.argv[6])
     import numpy as np
     from test_multihost import Counting, RUN, CONFIG, setup
-    from dualenc import train, trainer
+    from dualenc import train
+    from dualenc.train import loop as trainer
     processor, params, source = setup(folder)
     source = Counting(source, os.path.join(folder, f"{name}-decoded-{pid}"))
     def tick(step, metrics):

@@ -14,7 +14,7 @@ from transformers.image_transforms import convert_to_rgb
 
 from dualenc.errors import ConfigError, InputError
 from dualenc.processing import ImageProcessor, Processor
-from dualenc.processing.openclip import OpenClipTransform
+from dualenc.processing.open_clip import OpenClipTransform
 
 MODEL_CFG = {"embed_dim": 16, "vision_cfg": {"image_size": 224, "patch_size": 32, "width": 32, "layers": 1,
                                              "head_width": 16},

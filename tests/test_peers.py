@@ -210,7 +210,7 @@ DECODING = textwrap.dedent("""
     if __name__ == "__main__":
         import dualenc
         from dualenc import data
-        from dualenc.datasets.pipeline import PairSource, Pipeline
+        from dualenc.data.pipeline import PairSource, Pipeline
         data.write_vocab(sys.argv[1], list(data.DIGIT_TEMPLATES))
         processor = dualenc.Processor(dualenc.ImageProcessor(size={"height": 8, "width": 8}),
                                       dualenc.Tokenizer.from_pretrained(sys.argv[1], max_length=8))

@@ -1,4 +1,4 @@
-"""dualenc.datasets.Pipeline (grain): global order, per-process rows, exact resume, skips; the LiT cache on disk."""
+"""dualenc.data.Pipeline (grain): global order, per-process rows, exact resume, skips; the LiT cache on disk."""
 
 import io
 import os
@@ -12,9 +12,11 @@ import pytest
 from PIL import Image
 
 import dualenc
-from dualenc import data, trainer
-from dualenc.datasets import RecordSource, features as lit_cache, prepare
-from dualenc.datasets.pipeline import GlobalOrder, PairSource, Pipeline
+from dualenc import data
+from dualenc.train import loop as trainer
+from dualenc.data import RecordSource, prepare
+from dualenc.train import lit_cache
+from dualenc.data.pipeline import GlobalOrder, PairSource, Pipeline
 
 SIZE = 8
 
@@ -159,13 +161,13 @@ def test_lit_cache_streams_to_disk_and_is_reused(processor, tmp_path, monkeypatc
     processor = dualenc.Processor(processor.image_processor, processor.tokenizer)
     params = dualenc.init(jax.random.key(0), CONFIG)
     source = PairSource(data.load_digits("test", image_size=SIZE))
-    pooled, rows = step_module._pooled, []
+    pooled, rows = step_module.pooled, []
 
     def counting(tower_params, config, tower, inputs, dtype=None):
         rows.append(len(inputs["pixel_values"]))
         return pooled(tower_params, config, tower, inputs, dtype=dtype)
 
-    monkeypatch.setattr(step_module, "_pooled", counting)
+    monkeypatch.setattr(step_module, "pooled", counting)
     cache, computed = lit_cache.build(str(tmp_path), params, CONFIG, processor, source, batch_size=32)
     assert computed and max(rows) == 32 and sum(rows) == 32 * -(-len(source) // 32)  # one batch at a time
     expected = dualenc.train.tower_features(params, CONFIG, "vision", {"pixel_values": np.stack(
@@ -251,7 +253,7 @@ def test_train_converts_a_caption_file_past_the_limit_once(tmp_path, monkeypatch
     import json
 
     from dualenc.cli.training import training_data
-    from dualenc.datasets import decode_record, record_image_path
+    from dualenc.data import decode_record, record_image_path
 
     rng = np.random.default_rng(0)
     rows = []
@@ -287,7 +289,7 @@ def test_fit_counts_the_records_it_replaced_and_stops_past_max_replaced(processo
     from test_train import host_train_step
 
     from dualenc import train
-    from dualenc.datasets import pipeline
+    from dualenc.data import pipeline
 
     _tar(tmp_path / "0.tar", [item for i in range(10) for item in
                               ((f"{i:02d}.png", png(30) if i == 3 else b"not a png"),
@@ -321,7 +323,7 @@ def test_fit_counts_the_records_it_replaced_and_stops_past_max_replaced(processo
 def test_data_fingerprint_follows_the_data_not_its_place(tmp_path):
     """What a checkpoint records of its data: the same captions over the same image names in another folder (or
     named relative to another working directory) are the same data; another caption, pairing or image is not."""
-    from dualenc.datasets.pipeline import data_fingerprint
+    from dualenc.data.pipeline import data_fingerprint
 
     def pairs(root, names=("a.png", "b/c.png"), captions=("one", "two", "three"), owners=(0, 1, 1)):
         return data.PairDataset([os.path.join(root, n) for n in names], list(captions), np.asarray(owners))

@@ -19,7 +19,7 @@ from transformers.image_transforms import convert_to_rgb
 import dualenc
 from dualenc.errors import ConfigError, InputError
 from dualenc.processing import ImageProcessor, Processor, Tokenizer
-from dualenc.processing.common import three_channels, to_8bit, to_rgb
+from dualenc.processing.pixels import three_channels, to_8bit, to_rgb
 
 VIT = dict(image_processor_type="ViTImageProcessor")
 CLIP = dict(image_processor_type="CLIPImageProcessor")

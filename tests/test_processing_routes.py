@@ -13,7 +13,7 @@ from transformers.image_transforms import convert_to_rgb
 
 from dualenc.errors import InputError
 from dualenc.processing import EncodedImage, ImageProcessor, NaFlexImageProcessor
-from dualenc.processing.openclip import OpenClipTransform
+from dualenc.processing.open_clip import OpenClipTransform
 
 PROCESSORS = {
     "vit": lambda: ImageProcessor(size=8),  # do_convert_rgb false: RGB because of its 3-value mean

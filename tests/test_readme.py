@@ -82,7 +82,7 @@ def test_readme_shows_what_the_demo_prints(demo_folder):
 
 def test_demo_writes_what_it_says(demo_folder):
     import dualenc
-    from dualenc import figures as drawing
+    from dualenc import plots as drawing
     from PIL import Image
 
     folder, first = demo_folder
@@ -166,7 +166,7 @@ def resolve(name: str):
 
 def test_every_name_the_readme_uses_is_importable_as_written():
     names = readme_names(README.read_text())
-    assert {"dualenc.datasets.Pipeline", "dualenc.trainer.fit", "dualenc.data.Batches"} <= names
+    assert {"dualenc.data.Pipeline", "dualenc.train.loop.fit", "dualenc.data.Batches"} <= names
     missing = []
     for name in sorted(names):
         try:
@@ -175,7 +175,7 @@ def test_every_name_the_readme_uses_is_importable_as_written():
             missing.append(f"{name} ({e})")
     assert not missing, "README.md names what does not exist: " + "; ".join(missing)
     with pytest.raises(AttributeError):
-        resolve("dualenc.datasets.NoSuchPipeline")
+        resolve("dualenc.data.NoSuchPipeline")
 
 
 def test_every_cli_example_runs_as_written(demo_folder):

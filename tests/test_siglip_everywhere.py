@@ -13,7 +13,8 @@ from sklearn.datasets import load_sample_images
 from test_siglip_tokenizer import _write, gemma_files, gemma_json, siglip_hub_files, spiece_model  # noqa: F401
 
 import dualenc
-from dualenc import cli, data, trainer
+from dualenc import cli, data
+from dualenc.train import loop as trainer
 from dualenc.evaluate import pad_rows
 
 LENGTH = 64  # what SigLIP's processors pad to

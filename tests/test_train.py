@@ -8,7 +8,8 @@ import pytest
 from conftest import TINY
 
 import dualenc
-from dualenc import data, demo, train, trainer
+from dualenc import data, demo, train
+from dualenc.train import loop as trainer
 
 CONFIG = dualenc.DualEncoderConfig(
     vision=dualenc.ViTConfig(**TINY, image_size=16, patch_size=8),
@@ -275,7 +276,7 @@ def test_loss_falls_and_zero_shot_rises_on_digits(tmp_path):
 
 def test_a_batch_larger_than_the_data_says_what_to_do(params):
     """fit() on fewer distinct images than the batch: the error says how many there are and what to lower."""
-    from dualenc.datasets.pipeline import GlobalOrder
+    from dualenc.data.pipeline import GlobalOrder
 
     pairs = data.PairDataset([np.zeros((16, 16, 3), np.uint8)] * 3, ["a", "b", "c"], np.arange(3))
     with pytest.raises(dualenc.DataError, match=r"^batch_size 8 is more than the 3 distinct images of the dataset, "

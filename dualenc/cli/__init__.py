@@ -10,7 +10,7 @@ import os
 import sys
 
 from dualenc.cli import index, inference, prepare, training
-from dualenc.cli.common import CommandError
+from dualenc.cli.support import CommandError
 
 # Each module declares its subcommands (options, example) in its register().
 COMMAND_MODULES = (inference, index, training, prepare)

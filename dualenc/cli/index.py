@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any, Iterable, Iterator, NamedTuple
 
-from dualenc.cli.common import (CommandError, CompileNotice, at_least, batch_rows, image_files, load_model, note,
+from dualenc.cli.support import (CommandError, CompileNotice, at_least, batch_rows, image_files, load_model, note,
                                 plural, print_json, read_lines, require, shown, warn_unknown_words)
 from dualenc.cli.options import images_options, subcommand
 
@@ -49,9 +49,9 @@ def image_source(inputs: list[str], *, batch_size: int, shard: tuple[int, int] |
     folder's (`RecordSource`): where its records' image paths are read from, and whether its manifest may name
     a root outside it.
     """
-    from dualenc.datasets import expand_shards
-    from dualenc.datasets.prepare import TAR_SUFFIXES
-    from dualenc.datasets.records import MANIFEST
+    from dualenc.data import expand_shards
+    from dualenc.data.prepare import TAR_SUFFIXES
+    from dualenc.data.records import MANIFEST
 
     problems: list = []
     prepared = [i for i in inputs if os.path.isfile(os.path.join(i, MANIFEST))]
@@ -80,8 +80,8 @@ def image_source(inputs: list[str], *, batch_size: int, shard: tuple[int, int] |
 
 def _record_source(folder: str, batch_size: int, shard, strict: bool, problems: list, image_root=None,
                    allow_outside=False) -> ImageSource:
-    from dualenc.datasets import RecordSource, decode_record
-    from dualenc.datasets.records import record_image
+    from dualenc.data import RecordSource, decode_record
+    from dualenc.data.records import record_image
     from dualenc.errors import DataError
 
     source = RecordSource(folder, image_root=image_root, allow_outside=allow_outside)
@@ -110,8 +110,8 @@ def _record_source(folder: str, batch_size: int, shard, strict: bool, problems: 
 def _tar_source(tars: list[str], batch_size: int, shard, strict: bool, problems: list) -> ImageSource:
     import collections
 
-    from dualenc.datasets import iter_tar
-    from dualenc.datasets.webdataset import BATCH_BYTES, MAX_IMAGE
+    from dualenc.data import iter_tar
+    from dualenc.data.webdataset import BATCH_BYTES, MAX_IMAGE
     from dualenc.processing import EncodedImage
 
     first, last, metadata = 0, len(tars), {}
@@ -138,7 +138,7 @@ def _tar_source(tars: list[str], batch_size: int, shard, strict: bool, problems:
 
 def _tar_problem(skipped, max_image: int, batch_size: int) -> str:
     """One tar's problems: its damage ("not a tar", "truncated tar", ...), then its samples skipped by reason."""
-    from dualenc.datasets.webdataset import BATCH_BYTES, TAR_DAMAGE
+    from dualenc.data.webdataset import BATCH_BYTES, TAR_DAMAGE
 
     parts = [reason for reason in TAR_DAMAGE if skipped.get(reason)]
     samples = ", ".join(f"{reason} {count}" for reason, count in sorted(skipped.items()) if reason not in TAR_DAMAGE)
@@ -166,7 +166,7 @@ def _slice(total: int, rows: int, shard: tuple[int, int] | None,
 def _inputs(shard: tuple[int, int] | None, inputs: Iterable[str]) -> dict[str, str]:
     """A shard's shard_inputs_sha256: the fingerprint of the whole list its slice was cut from, which `dualenc
     merge` compares across the parts."""
-    from dualenc.index import inputs_fingerprint
+    from dualenc.search.index import inputs_fingerprint
 
     return {} if shard is None else {"shard_inputs_sha256": inputs_fingerprint(inputs)}
 
@@ -191,7 +191,7 @@ def _shard(args) -> tuple[tuple[int, int] | None, bool]:
 
 
 def cmd_embed(args) -> int:
-    from dualenc import index
+    from dualenc.search import index
 
     if bool(args.images) == bool(args.texts):
         raise CommandError("give either --images or --texts")
@@ -275,7 +275,7 @@ def _make_folder(out: str) -> None:
 
 def _write_images(writer, params, config, processor, source: ImageSource, strict: bool) -> list[dict]:
     """Streams the source's images through the model into the writer; returns the unreadable ones."""
-    from dualenc import evaluate
+    from dualenc import encode
 
     pending, failures, skipped = {}, None if strict else [], []
 
@@ -289,7 +289,7 @@ def _write_images(writer, params, config, processor, source: ImageSource, strict
             i, message = failures[len(skipped)]
             skipped.append({"image": pending.pop(i), "error": shown(message)})
 
-    for positions, embeds in evaluate.stream_images(params, config, processor, images(),
+    for positions, embeds in encode.stream_images(params, config, processor, images(),
                                                     batch_size=source.batch_rows, skipped=failures):
         drain()
         writer.add(embeds, [pending.pop(int(p)) for p in positions])
@@ -299,17 +299,17 @@ def _write_images(writer, params, config, processor, source: ImageSource, strict
 
 def _write_texts(writer, params, config, processor, texts: list[str], rows: int) -> None:
     """Encodes the texts a chunk of batches at a time into the writer, every batch `rows` rows."""
-    from dualenc import evaluate
+    from dualenc import encode
 
     step = rows * TEXT_CHUNK_BATCHES
     for at in range(0, len(texts), step):
         chunk = texts[at:at + step]
-        embeds = evaluate.encode_texts(params, config, processor, iter(chunk), batch_size=rows, progress=False)
+        embeds = encode.encode_texts(params, config, processor, iter(chunk), batch_size=rows, progress=False)
         writer.add(embeds, [shown(t) for t in chunk])
 
 
 def _build_ann(path: str, command: str) -> dict:
-    from dualenc import ann
+    from dualenc.search import ann
 
     info = ann.build(path)
     note(command,
@@ -320,7 +320,7 @@ def _build_ann(path: str, command: str) -> dict:
 
 
 def cmd_merge(args) -> int:
-    from dualenc import index
+    from dualenc.search import index
 
     _check_out(args.out)
     for part in args.parts:
@@ -343,7 +343,8 @@ def cmd_search(args) -> int:
     import numpy as np
 
     import dualenc
-    from dualenc import ann, index
+    from dualenc.search import ann
+    from dualenc.search import index
     from dualenc.errors import InputError
 
     if not os.path.isfile(args.index):

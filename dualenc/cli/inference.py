@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from dualenc.cli.common import (CommandError, CompileNotice, at_least, batch_rows, encode_readable, image_files,
+from dualenc.cli.support import (CommandError, CompileNotice, at_least, batch_rows, encode_readable, image_files,
                                 load_model, note, outside_hint, plural, print_json, read_lines, require,
                                 shown, warn_unknown_words)
 from dualenc.cli.options import data_options, images_options, subcommand
@@ -146,7 +146,7 @@ def cmd_eval(args) -> int:
     files.write_json_atomic(os.path.join(args.out, "metrics.json"), figures)
     picture = None
     if not args.no_figure:
-        from dualenc import figures as drawing
+        from dualenc import plots as drawing
 
         picture = drawing.evaluation(os.path.join(args.out, "eval.png"), retrieval=curve, per_class=per_class,
                                      confusion=(confusion, labels) if confusion is not None else None,

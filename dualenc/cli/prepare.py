@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from dualenc.cli.common import CommandError, note, plural, print_json, require, shown
+from dualenc.cli.support import CommandError, note, plural, print_json, require, shown
 from dualenc.cli.options import data_options, subcommand
 
 PLAIN_STEPS = 10  # without a terminal, a progress line each time another tenth of the input bytes is done
@@ -54,8 +54,8 @@ class _Progress:
 
 
 def cmd_prepare(args) -> int:
-    from dualenc.datasets import expand_shards, prepare
-    from dualenc.datasets.webdataset import TAR_DAMAGE
+    from dualenc.data import expand_shards, prepare
+    from dualenc.data.webdataset import TAR_DAMAGE
 
     if args.records_per_shard < 1:
         raise CommandError(f"--records-per-shard must be 1 or more, got {args.records_per_shard}")

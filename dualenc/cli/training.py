@@ -15,9 +15,9 @@ import traceback
 import numpy as np
 
 from dualenc.cli import training_checks as checks
-from dualenc.cli.common import CommandError, CompileNotice, note, outside_hint, plural
+from dualenc.cli.support import CommandError, CompileNotice, note, outside_hint, plural
 from dualenc.cli.options import data_options, subcommand
-from dualenc.datasets.pipeline import MAX_REPLACED, MIN_DRAWN, TooManyReplaced
+from dualenc.data.pipeline import MAX_REPLACED, MIN_DRAWN, TooManyReplaced
 from dualenc.errors import DualEncError
 
 
@@ -27,9 +27,9 @@ def training_data(inputs: list[str], prepared: str, *, image_root=None, allow_ou
     with image_root or allow_outside); webdataset tars, or a larger caption file, converted once (streamed,
     resumably) into `prepared` and read from there, their images where the inputs name them."""
     from dualenc import data
-    from dualenc.datasets import RecordSource, expand_shards, prepare
-    from dualenc.datasets.prepare import image_root_for
-    from dualenc.datasets.records import MANIFEST
+    from dualenc.data import RecordSource, expand_shards, prepare
+    from dualenc.data.prepare import image_root_for
+    from dualenc.data.records import MANIFEST
 
     if len(inputs) == 1 and os.path.isfile(os.path.join(inputs[0], MANIFEST)):
         return RecordSource(inputs[0], image_root=image_root, allow_outside=allow_outside)
@@ -167,14 +167,14 @@ class Figure:
         self.last, self.warned = None, False
 
     def draw(self, *, force: bool = True) -> None:
-        from dualenc import runlog
+        from dualenc.train import runlog
 
         now = time.monotonic()
         if not force and self.last is not None and now - self.last < self.REDRAW_SECONDS:
             return
         self.last = now
         try:
-            from dualenc import figures
+            from dualenc import plots as figures
             figures.training(self.path, runlog.read(self.log_path))
         except ImportError as e:
             if not self.warned:
@@ -186,7 +186,7 @@ class Figure:
 
 def _lost_peer(args, checkpoints: str, error) -> None:
     """Ends this process of a distributed run whose peer is gone: one line saying how to resume, exit status 3."""
-    from dualenc import trainer
+    from dualenc.train import loop as trainer
     from dualenc.train import peers
 
     try:
@@ -247,7 +247,7 @@ def cmd_train(args) -> int:
 def _start_log(args, resumed_from):
     """The run's RunLog (see runlog.RunLog: a new run replaces an earlier run's log, a resumed one drops what
     was logged after its checkpoint), saying what it replaced or dropped."""
-    from dualenc import runlog
+    from dualenc.train import runlog
 
     log = runlog.RunLog(args.out, tensorboard=args.tensorboard, resumed_from=resumed_from)
     replaced = [f"{plural(log.replaced, 'record')} in {log.path}"] if log.replaced else []
@@ -271,7 +271,9 @@ def _train(args, checkpoints: str, resuming: bool, watch) -> int:
     import jax
 
     import dualenc
-    from dualenc import data, trainer
+    from dualenc import data
+    from dualenc.formats import assembly
+    from dualenc.train import loop as trainer
 
     dataset = training_data(args.data, os.path.join(args.out, "prepared"), image_root=args.image_root,
                             allow_outside=args.allow_outside)
@@ -279,7 +281,7 @@ def _train(args, checkpoints: str, resuming: bool, watch) -> int:
     held_out = data.read_pairs(args.eval_data, image_root=args.eval_image_root,
                                allow_outside=args.allow_outside) if args.eval_data else None
     locked = () if args.lock == "none" else (args.lock,)
-    config, params, processor = trainer.start_from(args.vision, args.text, model_path=args.model,
+    config, params, processor = assembly.start_from(args.vision, args.text, model_path=args.model,
                                                    key=jax.random.key(args.seed), projection_dim=args.projection_dim,
                                                    loss=args.loss, max_length=args.max_length)
     run = trainer.TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from dualenc.cli.common import CommandError, at_least, note, require
+from dualenc.cli.support import CommandError, at_least, note, require
 
 CAPTION_SAMPLE = 2000  # captions (or records) looked at for words the tokenizer does not know
 UNKNOWN_WARNING = 0.05  # above this share of captions with unknown words, train warns
@@ -19,7 +19,8 @@ UNKNOWN_WARNING = 0.05  # above this share of captions with unknown words, train
 def check_args(args) -> None:
     """Every argument checked before any work; what needs the data (the batch against the images) is checked
     as soon as the data is read, before the model loads."""
-    from dualenc import hub, trainer
+    from dualenc import hub
+    from dualenc.formats import assembly
     from dualenc.errors import ConfigError
 
     if args.model is not None and (args.vision or args.text):
@@ -33,7 +34,7 @@ def check_args(args) -> None:
     if args.projection_dim is not None:
         at_least(args.projection_dim, "--projection-dim")
         try:  # from the config files alone
-            trainer.check_start(args.vision, args.text, model_path=args.model, projection_dim=args.projection_dim)
+            assembly.check_start(args.vision, args.text, model_path=args.model, projection_dim=args.projection_dim)
         except ConfigError as e:
             raise CommandError(f"--projection-dim: {e}") from None
     for flag, value, least in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
@@ -94,7 +95,7 @@ def images(dataset) -> int:
 def resume_point(args, checkpoints: str) -> tuple[bool, bool]:
     """Checks --resume / --resume-or-start against the newest checkpoint before anything loads: (whether the run
     continues from a checkpoint, whether that run is finished)."""
-    from dualenc import trainer
+    from dualenc.train import loop as trainer
 
     saved = trainer.checkpoints(checkpoints)
     resuming = bool(saved) and (args.resume or args.resume_or_start)
@@ -125,7 +126,7 @@ def resume_point(args, checkpoints: str) -> tuple[bool, bool]:
 def caption_sample(dataset, limit: int = CAPTION_SAMPLE) -> tuple[list[str], str]:
     """(captions, which they are, e.g. "of the 12 captions"): a PairDataset's captions, or those of a
     RecordSource's records; past `limit` captions (records), `limit` evenly spaced ones, said to be a sample."""
-    from dualenc.datasets.records import decode_record
+    from dualenc.data.records import decode_record
     from dualenc.errors import DataError
 
     pairs = hasattr(dataset, "captions")

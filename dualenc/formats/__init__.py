@@ -1,41 +1,22 @@
-"""Checkpoints by source: transformers directories (VisionTextDualEncoder, CLIP, single towers), open_clip, and
-big_vision's SigLIP .npz files (`load_big_vision`).
+"""Checkpoints by source, and the models a run starts from.
 
-`load_pretrained` picks the reader from the directory's files; `save_pretrained` writes transformers' layout.
+- transformers.py: transformers directories (VisionTextDualEncoder, CLIP, SigLIP, single towers), read strictly
+  through each family's key table and written atomically (`save_pretrained`, `from_vision_text_pretrained`);
+- open_clip.py: open_clip's hub layout, converted to transformers' names;
+- big_vision.py: big_vision's SigLIP and SigLIP 2 `.npz` files (`load_big_vision`);
+- weights.py: a directory's tensors read strictly, loaded through a key table;
+- configs.py: config.json (or a Hub id's) as a config (`load_config`);
+- pretrained.py: `load_pretrained`, which picks the reader from a directory's files;
+- assembly.py: `start_from`, the model and processor a training run starts from.
 """
 
-from __future__ import annotations
-
-import os
-
-from dualenc import files
-from dualenc.config import DualEncoderConfig
-from dualenc.formats import open_clip
-from dualenc.hub import resolve
+from dualenc.formats.assembly import check_start, start_from
 from dualenc.formats.big_vision import load_big_vision
+from dualenc.formats.configs import load_config
+from dualenc.formats.pretrained import load_pretrained
 from dualenc.formats.transformers import (
-    NewlyInitializedWarning, UnusedWeightsWarning, from_vision_text_pretrained, load_dir, save_pretrained,
+    NewlyInitializedWarning, UnusedWeightsWarning, from_vision_text_pretrained, save_pretrained,
 )
 
-__all__ = ["NewlyInitializedWarning", "UnusedWeightsWarning", "from_vision_text_pretrained", "load_big_vision",
-           "load_pretrained", "save_pretrained"]
-
-
-def load_pretrained(path: str | os.PathLike, *, stacked: bool = False,
-                    revision: str | None = None) -> tuple[DualEncoderConfig, dict]:
-    """Loads a whole dual encoder from a directory as (config, params), each tower's encoder a tuple of
-    per-layer dicts, or with stacked=True one dict with a leading depth axis (see dualenc.init).
-
-    Reads transformers' VisionTextDualEncoderModel and CLIPModel directories (config.json + model.safetensors
-    or a sharded index), and open_clip's hub layout (open_clip_config.json + open_clip_model.safetensors).
-    A directory holding both layouts (as many LAION repositories do) is read as transformers'.
-
-    `path` may also be a Hugging Face Hub model id ("org/name", at `revision`), read from the hub cache or
-    downloaded there (safetensors, JSON and tokenizer files only; see dualenc.hub.resolve).
-    """
-    path = resolve(path, revision=revision)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory not found: {path}")
-    if files.is_open_clip_dir(path):
-        return open_clip.load_dir(path, stacked)
-    return load_dir(path, stacked)
+__all__ = ["NewlyInitializedWarning", "UnusedWeightsWarning", "check_start", "from_vision_text_pretrained",
+           "load_big_vision", "load_config", "load_pretrained", "save_pretrained", "start_from"]

@@ -42,7 +42,7 @@ import numpy as np
 from dualenc.config import SIGLIP_LOGIT_INIT, DualEncoderConfig, Siglip2TextConfig, Siglip2VisionConfig, \
     SiglipTextConfig, SiglipVisionConfig
 from dualenc.errors import CheckpointError, ConfigError
-from dualenc.formats.transformers import _shapes, to_device
+from dualenc.formats.transformers import param_shapes, to_device
 from dualenc.formats.weights import listed
 
 # big_vision.models.vit.decode_variant: name -> (width, depth, mlp_dim, num_heads).
@@ -394,7 +394,7 @@ def _check(r: _Reader, table, towers: dict, config: DualEncoderConfig):
 
 
 def _params(r: _Reader, table, towers, config) -> dict:
-    shapes = _shapes(config)
+    shapes = param_shapes(config)
     pieces = collections.defaultdict(list)
     for name, path, _, layered in table:
         if not layered:

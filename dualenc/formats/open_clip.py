@@ -18,7 +18,7 @@ import numpy as np
 from dualenc import files
 from dualenc.config import CLIPTextConfig, CLIPVisionConfig, DualEncoderConfig
 from dualenc.errors import CheckpointError, ConfigError
-from dualenc.formats.transformers import _shapes, dual_table, to_device
+from dualenc.formats.transformers import param_shapes, dual_table, to_device
 from dualenc.formats.weights import Weights, listed, load_table
 
 CONFIG = files.OPEN_CLIP_CONFIG
@@ -232,7 +232,7 @@ def load_dir(path: str, stacked: bool = False) -> tuple[DualEncoderConfig, dict]
     if (logit_bias is None) != (config.logit_bias_init_value is None):
         raise CheckpointError(f"{weights_path}: {'has' if logit_bias is not None else 'lacks'} a logit_bias, but "
                               f"{config_path} {'lacks' if logit_bias is not None else 'has'} init_logit_bias")
-    params, _ = load_table(weights, dual_table(config), _shapes(config))
+    params, _ = load_table(weights, dual_table(config), param_shapes(config))
     if logit_bias is not None:
         if logit_bias.dtype not in files.FLOATING:
             raise CheckpointError(f"{weights_path}: logit_bias of dtype {logit_bias.dtype} (expected floating point)")

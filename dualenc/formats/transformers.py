@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dualenc import files, layers, model, tables, towers
-from dualenc.config import SIGLIP_TYPES, DualEncoderConfig, load_config, tower_config_from_dict
+from dualenc.config import SIGLIP_TYPES, DualEncoderConfig, tower_config_from_dict
+from dualenc.formats.configs import load_config
 from dualenc.errors import CheckpointError, ConfigError
 from dualenc.hub import resolve
 from dualenc.formats.weights import (
@@ -62,7 +63,7 @@ def _dual_prefixes(config: DualEncoderConfig, names: set[str]) -> dict[str, str]
     return out
 
 
-def _shapes(config: DualEncoderConfig) -> dict:
+def param_shapes(config: DualEncoderConfig) -> dict:
     shapes = jax.eval_shape(functools.partial(model.init, stacked=True), jax.random.key(0), config)
     if config.model_type not in SIGLIP_TYPES:
         shapes.pop("logit_bias", None)  # kept in the weights' metadata, see load_dir
@@ -84,7 +85,7 @@ def load_dir(path: str, stacked: bool = False) -> tuple[DualEncoderConfig, dict]
                           f"from_vision_text_pretrained")
     weights = read_weights(path)
     table = dual_table(config, _dual_prefixes(config, set(weights.tensors)))
-    params, _ = load_table(weights, table, _shapes(config))
+    params, _ = load_table(weights, table, param_shapes(config))
     if config.logit_bias_init_value is not None and config.model_type not in SIGLIP_TYPES:
         # transformers' VisionTextDualEncoder and CLIP have no logit bias: dualenc keeps a learned one in the
         # safetensors metadata.

@@ -1,6 +1,6 @@
 """Images and texts into the arrays dualenc.apply takes, as transformers' processors (or open_clip) give them."""
 
-from dualenc.processing.common import EncodedImage
+from dualenc.processing.pixels import EncodedImage
 from dualenc.processing.images import ImageProcessor
 from dualenc.processing.naflex import NaFlexImageProcessor
 from dualenc.processing.processor import AutoImageProcessor, Processor

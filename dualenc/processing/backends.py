@@ -50,14 +50,14 @@ GEMMA_FAMILIES = ("gemma", "siglip2")  # Siglip2Tokenizer is GemmaTokenizer with
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 CLIP_INPUTS = ("input_ids", "attention_mask")  # transformers' CLIPTokenizer returns no token types
 AS_IS_CLASS = "PreTrainedTokenizerFast"  # transformers loads tokenizer.json unchanged for this class
-_CLIP_CONFIG_TYPES = ("clip", "clip_text_model")
-_TEXT_CONFIG_TYPES = ("vision-text-dual-encoder", "bert", "roberta", "xlm-roberta", *_CLIP_CONFIG_TYPES)
+CLIP_CONFIG_TYPES = ("clip", "clip_text_model")
+TEXT_CONFIG_TYPES = ("vision-text-dual-encoder", "bert", "roberta", "xlm-roberta", *CLIP_CONFIG_TYPES)
 # config.json model types whose tokenizer class AutoTokenizer takes from the model: SigLIP's where
 # tokenizer_config.json names none, and Siglip2Tokenizer for a siglip2 model whatever the file names.
-_SIGLIP_CONFIG_TYPES = ("siglip", "siglip2")
+SIGLIP_CONFIG_TYPES = ("siglip", "siglip2")
 
 
-def _tokenizers():
+def tokenizers_module():
     try:
         import tokenizers
     except ImportError:
@@ -65,7 +65,7 @@ def _tokenizers():
     return tokenizers
 
 
-def _family(tokenizer_class: Any) -> str | None:
+def tokenizer_family(tokenizer_class: Any) -> str | None:
     if tokenizer_class is None:
         return None
     name = str(tokenizer_class).removesuffix("Fast")
@@ -75,7 +75,7 @@ def _family(tokenizer_class: Any) -> str | None:
     return "other"
 
 
-def _flag(cfg: Mapping, key: str, default, where: str, nullable: bool = False):
+def flag(cfg: Mapping, key: str, default, where: str, nullable: bool = False):
     value = cfg.get(key, default)
     if not (isinstance(value, bool) or (nullable and value is None)):
         raise ConfigError(f"{where}: field '{key}' must be true or false{' or null' if nullable else ''}, "
@@ -83,7 +83,7 @@ def _flag(cfg: Mapping, key: str, default, where: str, nullable: bool = False):
     return value
 
 
-def _special_tokens(cfg: Mapping, family: str | None, specials_map: Mapping | None, where: str) -> dict:
+def special_tokens(cfg: Mapping, family: str | None, specials_map: Mapping | None, where: str) -> dict:
     """{name: (content, AddedToken properties or None)} as transformers resolves them."""
     out = {k: (v, None) for k, v in FAMILY_SPECIALS.get(family, {}).items()}
     sources = [cfg] + ([specials_map] if specials_map is not None and "added_tokens_decoder" not in cfg else [])
@@ -104,9 +104,9 @@ def _special_tokens(cfg: Mapping, family: str | None, specials_map: Mapping | No
     return out
 
 
-def _add_tokens(backend, cfg: Mapping, specials: Mapping, where: str) -> None:
+def add_tokens(backend, cfg: Mapping, specials: Mapping, where: str) -> None:
     """Adds the config's added tokens, then any special token missing from the backend, as transformers does."""
-    tk = _tokenizers()
+    tk = tokenizers_module()
     added = []
     decoder = cfg.get("added_tokens_decoder") or {}
     if not isinstance(decoder, Mapping):
@@ -172,16 +172,16 @@ def unknown_spans(backend, texts: Sequence[str], encodings: Sequence, unk_token:
 
 def build_wordpiece(vocab: dict, cfg: Mapping, specials: Mapping, where: str):
     """BERT's WordPiece tokenizer as transformers' BertTokenizer builds it from a vocabulary."""
-    tk = _tokenizers()
+    tk = tokenizers_module()
     unk = specials.get("unk_token", ("[UNK]", None))[0]
     backend = tk.Tokenizer(tk.models.WordPiece(vocab, unk_token=unk))
     backend.normalizer = tk.normalizers.BertNormalizer(
-        clean_text=True, handle_chinese_chars=_flag(cfg, "tokenize_chinese_chars", True, where),
-        strip_accents=_flag(cfg, "strip_accents", None, where, nullable=True),
-        lowercase=_flag(cfg, "do_lower_case", True, where))
+        clean_text=True, handle_chinese_chars=flag(cfg, "tokenize_chinese_chars", True, where),
+        strip_accents=flag(cfg, "strip_accents", None, where, nullable=True),
+        lowercase=flag(cfg, "do_lower_case", True, where))
     backend.pre_tokenizer = tk.pre_tokenizers.BertPreTokenizer()
     backend.decoder = tk.decoders.WordPiece(prefix="##")
-    _add_tokens(backend, cfg, specials, where)
+    add_tokens(backend, cfg, specials, where)
     cls, sep = specials.get("cls_token", ("[CLS]",))[0], specials.get("sep_token", ("[SEP]",))[0]
     cls_id, sep_id = backend.token_to_id(cls), backend.token_to_id(sep)
     backend.post_processor = tk.processors.TemplateProcessing(
@@ -192,14 +192,14 @@ def build_wordpiece(vocab: dict, cfg: Mapping, specials: Mapping, where: str):
 
 def build_bytelevel_bpe(vocab: dict, merges: list, cfg: Mapping, specials: Mapping, where: str):
     """RoBERTa's byte-level BPE tokenizer as transformers' RobertaTokenizer builds it from vocab and merges."""
-    tk = _tokenizers()
-    add_prefix_space = _flag(cfg, "add_prefix_space", False, where)
-    trim_offsets = _flag(cfg, "trim_offsets", True, where)
+    tk = tokenizers_module()
+    add_prefix_space = flag(cfg, "add_prefix_space", False, where)
+    trim_offsets = flag(cfg, "trim_offsets", True, where)
     backend = tk.Tokenizer(tk.models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
                                          end_of_word_suffix="", fuse_unk=False))
     backend.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
     backend.decoder = tk.decoders.ByteLevel()
-    _add_tokens(backend, cfg, specials, where)
+    add_tokens(backend, cfg, specials, where)
     cls, sep = specials.get("cls_token", ("<s>",))[0], specials.get("sep_token", ("</s>",))[0]
     backend.post_processor = tk.processors.RobertaProcessing(
         (sep, backend.token_to_id(sep)), (cls, backend.token_to_id(cls)), trim_offsets, add_prefix_space)
@@ -211,7 +211,7 @@ def read_bpe_files(vocab_path: str, merges_path: str) -> tuple[dict, list]:
     if not os.path.isfile(merges_path):
         raise FileNotFoundError(f"BPE merges file not found: {merges_path} (beside vocab.json)")
     try:
-        return _tokenizers().models.BPE.read_file(vocab_path, merges_path)
+        return tokenizers_module().models.BPE.read_file(vocab_path, merges_path)
     except Exception as e:  # tokenizers raises a bare Exception for malformed files
         raise ConfigError(f"BPE files {vocab_path} / {merges_path} cannot be read: {e}") from None
 
@@ -259,7 +259,7 @@ def post_processor(section: Any, where: str):
              "pre_tokenizer": None, "post_processor": section, "decoder": None,
              "model": {"type": "BPE", "vocab": {}, "merges": []}}
     try:  # parsed by `tokenizers` itself, in an otherwise empty tokenizer
-        return _tokenizers().Tokenizer.from_str(json.dumps(shell)).post_processor
+        return tokenizers_module().Tokenizer.from_str(json.dumps(shell)).post_processor
     except Exception as e:  # tokenizers raises a bare Exception for a malformed section
         raise ConfigError(f"{where}: field 'post_processor' cannot be used: {e}") from None
 
@@ -286,14 +286,14 @@ def build_gemma(vocab: dict, merges: list, post_processor, cfg: Mapping, special
       vocab, merges: the BPE model ({token: id}, [(left, right)]).
       post_processor: a `tokenizers` post-processor, or None for none.
       cfg: tokenizer_config.json's fields (added_tokens_decoder, extra special tokens).
-      specials: {name: (content, AddedToken properties or None)}, as _special_tokens gives them.
+      specials: {name: (content, AddedToken properties or None)}, as special_tokens gives them.
       where: how errors name the files.
       lowercase: lowercase the text first (Siglip2Tokenizer: SigLIP 2 was trained on lowercased text).
 
     Returns:
       tokenizers.Tokenizer.
     """
-    tk = _tokenizers()
+    tk = tokenizers_module()
     unk = specials.get("unk_token", ("<unk>", None))[0]
     try:
         model = tk.models.BPE(vocab=vocab, merges=merges, dropout=None, fuse_unk=True, unk_token=unk,
@@ -306,7 +306,7 @@ def build_gemma(vocab: dict, merges: list, post_processor, cfg: Mapping, special
     backend.pre_tokenizer = tk.pre_tokenizers.Split(" ", behavior="merged_with_previous", invert=False)
     backend.decoder = tk.decoders.Sequence([tk.decoders.Replace(METASPACE, " "), tk.decoders.ByteFallback(),
                                             tk.decoders.Fuse()])
-    _add_tokens(backend, cfg, specials, where)
+    add_tokens(backend, cfg, specials, where)
     if post_processor is not None:
         backend.post_processor = post_processor
     return backend

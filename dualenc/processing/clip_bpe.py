@@ -19,10 +19,10 @@ import zlib
 from typing import Any, Callable, Mapping, Sequence
 
 from dualenc.errors import ConfigError
-from dualenc.fields import _check_int
+from dualenc.fields import check_int
 from dualenc.files import OPEN_CLIP_CONFIG, read_json
-from dualenc.processing.backends import CLIP_MAX_LENGTH, FAMILY_SPECIALS, SANE_MAX_LENGTH, HoldsLock, _add_tokens, \
-    _tokenizers, read_bpe_files, read_tokenizer_json
+from dualenc.processing.backends import CLIP_MAX_LENGTH, FAMILY_SPECIALS, SANE_MAX_LENGTH, HoldsLock, add_tokens, \
+    tokenizers_module, read_bpe_files, read_tokenizer_json
 
 CLIP_SPECIALS = FAMILY_SPECIALS["clip"]
 BOS, EOS = CLIP_SPECIALS["bos_token"], CLIP_SPECIALS["eos_token"]
@@ -106,13 +106,13 @@ def build_clip(vocab: dict, merges: list, cfg: Mapping, specials: Mapping, where
     Args:
       vocab, merges: the BPE model ({token: id}, [(left, right)]).
       cfg: tokenizer_config.json's fields (added_tokens_decoder, extra special tokens).
-      specials: {name: (content, AddedToken properties or None)}, as tokenizer._special_tokens gives them.
+      specials: {name: (content, AddedToken properties or None)}, as tokenizer.special_tokens gives them.
       where: how errors name the files.
 
     Returns:
       tokenizers.Tokenizer.
     """
-    tk = _tokenizers()
+    tk = tokenizers_module()
     unk = specials.get("unk_token", (EOS,))[0]
     try:
         model = tk.models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
@@ -126,7 +126,7 @@ def build_clip(vocab: dict, merges: list, cfg: Mapping, specials: Mapping, where
         tk.pre_tokenizers.Split(tk.Regex(CLIP_SPLIT), behavior="removed", invert=True),
         tk.pre_tokenizers.ByteLevel(add_prefix_space=False)])
     backend.decoder = tk.decoders.ByteLevel()
-    _add_tokens(backend, cfg, specials, where)
+    add_tokens(backend, cfg, specials, where)
     bos, eos = specials.get("bos_token", (BOS,))[0], specials.get("eos_token", (EOS,))[0]
     ids = {token: backend.token_to_id(token) for token in (bos, eos)}
     missing = [token for token, i in ids.items() if i is None]
@@ -260,7 +260,7 @@ class OpenClipEncoder(HoldsLock):
 
 def open_clip_backend(vocab: dict, merges: list, where: str):
     """The tokenizers.Tokenizer behind OpenClipEncoder: CLIP's BPE on byte symbols, start/end of text around."""
-    tk = _tokenizers()
+    tk = tokenizers_module()
     symbols = byte_symbols()
     missing = [s for s in symbols + [s + WORD_END for s in symbols] if s not in vocab]
     if missing:
@@ -326,7 +326,7 @@ def open_clip_text_cfg(path: str) -> dict:
     out = {"context_length": text_cfg.get("context_length", CLIP_MAX_LENGTH),
            "vocab_size": text_cfg.get("vocab_size", 49408), "clean": clean}
     for key, lo in (("context_length", 2), ("vocab_size", 1)):
-        _check_int(path, f"model_cfg.text_cfg.{key}", out[key], lo, SANE_MAX_LENGTH)
+        check_int(path, f"model_cfg.text_cfg.{key}", out[key], lo, SANE_MAX_LENGTH)
     return out
 
 

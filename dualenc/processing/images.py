@@ -17,7 +17,7 @@ import numpy as np
 from dualenc.errors import ConfigError, InputError
 from dualenc.hub import resolve
 from dualenc.files import OPEN_CLIP_CONFIG, is_open_clip_dir, read_json
-from dualenc.processing.common import (
+from dualenc.processing.pixels import (
     IMAGENET_STANDARD,
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -38,7 +38,7 @@ from dualenc.processing.common import (
     three_channels,
 )
 from dualenc.processing.naflex import TYPE_NAMES as NAFLEX_TYPES
-from dualenc.processing.openclip import OpenClipTransform, as_pil
+from dualenc.processing.open_clip import OpenClipTransform, as_pil
 
 # transformers' class attributes: what a missing (or null) setting means for each processor type.
 DEFAULTS = {

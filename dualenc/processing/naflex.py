@@ -15,7 +15,7 @@ import numpy as np
 
 from dualenc.errors import ConfigError, InputError
 from dualenc.hub import resolve
-from dualenc.processing.common import (
+from dualenc.processing.pixels import (
     IMAGENET_STANDARD,
     as_batch,
     channels_first,

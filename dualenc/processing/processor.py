@@ -11,7 +11,7 @@ from dualenc.errors import InputError
 from dualenc.files import is_open_clip_dir, read_json, write_json_atomic
 from dualenc.hub import resolve
 from dualenc.processing import naflex
-from dualenc.processing.common import read_settings
+from dualenc.processing.pixels import read_settings
 from dualenc.processing.images import ImageProcessor
 from dualenc.processing.naflex import NaFlexImageProcessor
 from dualenc.processing.text import Tokenizer

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 from dualenc.errors import ConfigError
 from dualenc.files import write_bytes_atomic, write_json_atomic
-from dualenc.processing.backends import FAMILY_CLASSES, METASPACE, SPECIAL_NAMES, _flag
+from dualenc.processing.backends import FAMILY_CLASSES, METASPACE, SPECIAL_NAMES, flag
 
 SPIECE = "spiece.model"
 MAX_MODEL_BYTES = 64 << 20
@@ -256,5 +256,5 @@ def load_siglip(directory: str, cfg: Mapping, specials: Mapping, cfg_where: str,
     processor, proto = read_model(os.path.join(directory, SPIECE))
     return SiglipSentencePiece(
         processor, proto, specials=specials, added_tokens_decoder=decoder, extra_special_tokens=extra,
-        do_lower_case=_flag(cfg, "do_lower_case", True, cfg_where), truncation_side=truncation_side,
+        do_lower_case=flag(cfg, "do_lower_case", True, cfg_where), truncation_side=truncation_side,
         split_special_tokens=split_special_tokens, where=cfg_where)

@@ -6,14 +6,13 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
-from dualenc.config import load_config
 from dualenc.errors import ConfigError, InputError
 from dualenc.files import is_open_clip_dir, read_json
 from dualenc.processing import spiece
 from dualenc.processing.backends import (
     CLIP_INPUTS, CLIP_MAX_LENGTH, FAMILY_CLASSES, GEMMA_FAMILIES, SANE_MAX_LENGTH, SIGLIP_MAX_LENGTH,
-    _CLIP_CONFIG_TYPES, _SIGLIP_CONFIG_TYPES, _TEXT_CONFIG_TYPES, _add_tokens, _family, _flag, _special_tokens,
-    _tokenizers, added_tokens_from_file, build_bytelevel_bpe, build_gemma, build_wordpiece, post_processor,
+    CLIP_CONFIG_TYPES, SIGLIP_CONFIG_TYPES, TEXT_CONFIG_TYPES, add_tokens, tokenizer_family, flag, special_tokens,
+    tokenizers_module, added_tokens_from_file, build_bytelevel_bpe, build_gemma, build_wordpiece, post_processor,
     read_bpe_files, read_tokenizer_json,
 )
 
@@ -31,13 +30,15 @@ def _siglip_limit(path: str, model_type: str) -> int:
 
 def _model_limit(directory: str, cfg: Mapping, model_type: Any) -> int | None:
     """The longest input the text tower takes: config.json's, else a sane tokenizer_config model_max_length."""
-    if model_type in _SIGLIP_CONFIG_TYPES:
+    if model_type in SIGLIP_CONFIG_TYPES:
         return _siglip_limit(os.path.join(directory, "config.json"), model_type)
-    if model_type in _TEXT_CONFIG_TYPES:
+    if model_type in TEXT_CONFIG_TYPES:
+        from dualenc.formats.configs import load_config  # the text tower's length rule, read when asked
+
         try:
             config = load_config(os.path.join(directory, "config.json"))
         except ConfigError:
-            if model_type not in _CLIP_CONFIG_TYPES:
+            if model_type not in CLIP_CONFIG_TYPES:
                 raise
             config = None  # a CLIP config dualenc cannot read: the tokenizer's own limit stands
         limit = getattr(getattr(config, "text", config), "max_length", None)
@@ -55,7 +56,7 @@ def load_tokenizer_dir(path: str | os.PathLike) -> tuple[Any, dict]:
     An open_clip directory (open_clip_config.json and no config.json) gives open_clip's tokenizer; where both
     configs are present, config.json wins and the tokenizer files are read as transformers reads them.
     """
-    tk = _tokenizers()
+    tk = tokenizers_module()
     directory = os.fspath(path)
     if os.path.isfile(directory):  # a tokenizer.json or vocabulary file: its directory
         directory = os.path.dirname(os.path.abspath(directory))
@@ -76,9 +77,9 @@ def load_tokenizer_dir(path: str | os.PathLike) -> tuple[Any, dict]:
     cfg = read_json(cfg_where, "tokenizer config") if exists["tokenizer_config.json"] else {}
     specials_map = (read_json(files["special_tokens_map.json"], "special tokens map")
                     if exists["special_tokens_map.json"] else None)
-    family = _family(cfg.get("tokenizer_class"))
-    if family is None and model_type in (*_CLIP_CONFIG_TYPES, "siglip"):  # as AutoTokenizer, the model's own class
-        family = "clip" if model_type in _CLIP_CONFIG_TYPES else "siglip"
+    family = tokenizer_family(cfg.get("tokenizer_class"))
+    if family is None and model_type in (*CLIP_CONFIG_TYPES, "siglip"):  # as AutoTokenizer, the model's own class
+        family = "clip" if model_type in CLIP_CONFIG_TYPES else "siglip"
     if model_type == "siglip2":  # AutoTokenizer's Siglip2Tokenizer, whatever class the file names
         family = "siglip2"
     sides = {}
@@ -87,9 +88,9 @@ def load_tokenizer_dir(path: str | os.PathLike) -> tuple[Any, dict]:
         sides[key] = cfg.get(key, "left" if key == "padding_side" and family in GEMMA_FAMILIES else "right")
         if sides[key] not in ("right", "left"):
             raise ConfigError(f"{cfg_where}: field '{key}' must be 'right' or 'left', got {sides[key]!r}")
-    encode_specials = _flag(cfg, "split_special_tokens", False, cfg_where)
+    encode_specials = flag(cfg, "split_special_tokens", False, cfg_where)
     if family == "siglip":
-        specials = _special_tokens(cfg, family, specials_map, cfg_where)
+        specials = special_tokens(cfg, family, specials_map, cfg_where)
         backend = spiece.load_siglip(directory, cfg, specials, cfg_where, truncation_side=sides["truncation_side"],
                                      split_special_tokens=encode_specials)
     elif family in GEMMA_FAMILIES:
@@ -99,13 +100,13 @@ def load_tokenizer_dir(path: str | os.PathLike) -> tuple[Any, dict]:
         where = files["tokenizer.json"]
         vocab, merges, added, post = read_tokenizer_json(where, "BPE", f"a {FAMILY_CLASSES[family]}")
         post = post_processor(post, f"tokenizer file {where}")
-        specials = _special_tokens(cfg, family, specials_map, cfg_where)
+        specials = special_tokens(cfg, family, specials_map, cfg_where)
         backend = build_gemma(vocab, merges, post, added_tokens_from_file(cfg, added), specials, where,
                               lowercase=family == "siglip2")
     elif family == "clip":
         from dualenc.processing import clip_bpe
 
-        specials = _special_tokens(cfg, "clip", specials_map, cfg_where)
+        specials = special_tokens(cfg, "clip", specials_map, cfg_where)
         backend = clip_bpe.load_clip(files, exists, cfg, specials, cfg_where)
     elif exists["tokenizer.json"]:
         where = files["tokenizer.json"]
@@ -113,10 +114,10 @@ def load_tokenizer_dir(path: str | os.PathLike) -> tuple[Any, dict]:
             backend = tk.Tokenizer.from_file(where)
         except Exception as e:  # tokenizers raises a bare Exception for a malformed file
             raise ConfigError(f"tokenizer file {where} cannot be loaded: {e}") from None
-        specials = _special_tokens(cfg, family, specials_map, cfg_where)
-        _add_tokens(backend, cfg, specials, cfg_where)
+        specials = special_tokens(cfg, family, specials_map, cfg_where)
+        add_tokens(backend, cfg, specials, cfg_where)
     elif exists["vocab.txt"] and family in (None, "bert"):
-        specials = _special_tokens(cfg, "bert", specials_map, cfg_where)
+        specials = special_tokens(cfg, "bert", specials_map, cfg_where)
         try:
             vocab = tk.models.WordPiece.read_file(files["vocab.txt"])
         except Exception as e:
@@ -132,7 +133,7 @@ def load_tokenizer_dir(path: str | os.PathLike) -> tuple[Any, dict]:
             raise ConfigError(f"vocabulary {files['vocab.txt']} cannot be used: {e}") from None
     elif exists["vocab.json"] and family in (None, "roberta"):
         vocab, merges = read_bpe_files(files["vocab.json"], files["merges.txt"])
-        specials = _special_tokens(cfg, "roberta", specials_map, cfg_where)
+        specials = special_tokens(cfg, "roberta", specials_map, cfg_where)
         try:
             backend = build_bytelevel_bpe(vocab, merges, cfg, specials, cfg_where)
         except Exception as e:  # e.g. a merge of tokens that are not in the vocabulary

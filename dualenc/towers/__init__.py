@@ -11,7 +11,7 @@ import dataclasses
 from typing import Any, Callable
 
 from dualenc.errors import ConfigError
-from dualenc.towers import bert, clip_text, naflex, siglip, vit
+from dualenc.towers import bert, clip_text, siglip2 as naflex, siglip, vit
 
 
 SIDE_INPUTS = {"vision": ("pixel_values",), "text": ("input_ids", "attention_mask", "token_type_ids", "position_ids")}

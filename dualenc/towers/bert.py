@@ -13,39 +13,39 @@ import jax
 import jax.numpy as jnp
 
 from dualenc import layers, tables
-from dualenc.towers.common import check_text_inputs
+from dualenc.towers.inputs import check_text_inputs
 from dualenc.fields import (
-    ACTIVATION_NAMES, _check_int, _choice, _Config, _empty, _fail, _float, _int, _rate, builds,
+    ACTIVATION_NAMES, check_int, choice_field, TowerConfig, no_pruned_heads, fail, float_field, int_field, rate_field, builds,
 )
 
 @dataclasses.dataclass(frozen=True)
-class _TextConfig(_Config):
+class _TextConfig(TowerConfig):
     """Fields BERT and RoBERTa share (BERT's defaults)."""
 
     rejected: ClassVar[Mapping[str, Any]] = {
         "position_embedding_type": "absolute",
         "is_decoder": False,
         "add_cross_attention": False,
-        "pruned_heads": _empty,
+        "pruned_heads": no_pruned_heads,
     }
 
-    vocab_size: int = _int(30522, hi=1 << 23)
-    hidden_size: int = _int(768)
-    num_hidden_layers: int = _int(12, hi=1024)
-    num_attention_heads: int = _int(12, hi=4096)
-    intermediate_size: int = _int(3072, hi=1 << 18)
-    hidden_act: str = _choice("gelu", ACTIVATION_NAMES)
-    hidden_dropout_prob: float = _rate(0.1)
-    attention_probs_dropout_prob: float = _rate(0.1)
-    max_position_embeddings: int = _int(512, hi=1 << 20)
-    type_vocab_size: int = _int(2, hi=1 << 12)
-    initializer_range: float = _float(0.02)
-    layer_norm_eps: float = _float(1e-12, hi=1.0, lo_open=True)
+    vocab_size: int = int_field(30522, hi=1 << 23)
+    hidden_size: int = int_field(768)
+    num_hidden_layers: int = int_field(12, hi=1024)
+    num_attention_heads: int = int_field(12, hi=4096)
+    intermediate_size: int = int_field(3072, hi=1 << 18)
+    hidden_act: str = choice_field("gelu", ACTIVATION_NAMES)
+    hidden_dropout_prob: float = rate_field(0.1)
+    attention_probs_dropout_prob: float = rate_field(0.1)
+    max_position_embeddings: int = int_field(512, hi=1 << 20)
+    type_vocab_size: int = int_field(2, hi=1 << 12)
+    initializer_range: float = float_field(0.02)
+    layer_norm_eps: float = float_field(1e-12, hi=1.0, lo_open=True)
     pad_token_id: int | None = 0
 
     def _validate(self):
         if self.pad_token_id is not None:
-            _check_int(self.name, "pad_token_id", self.pad_token_id, 0, self.vocab_size - 1)
+            check_int(self.name, "pad_token_id", self.pad_token_id, 0, self.vocab_size - 1)
         super()._validate()
 
     @property
@@ -72,23 +72,23 @@ class RobertaConfig(_TextConfig):
 
     model_types: ClassVar[tuple[str, ...]] = ("roberta", "xlm-roberta")
 
-    vocab_size: int = _int(50265, hi=1 << 23)
+    vocab_size: int = int_field(50265, hi=1 << 23)
     pad_token_id: int = 1
     bos_token_id: int | None = 0
     eos_token_id: int | tuple[int, ...] | None = 2
-    model_type: str = _choice("roberta", ("roberta", "xlm-roberta"))
+    model_type: str = choice_field("roberta", ("roberta", "xlm-roberta"))
 
     def _validate(self):
         if self.pad_token_id is None:
-            _fail(self.name, "pad_token_id", "is required: RoBERTa's position ids start after it")
+            fail(self.name, "pad_token_id", "is required: RoBERTa's position ids start after it")
         for name in ("bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             ids = value if isinstance(value, tuple) else (value,)
             if not all(i is None or (isinstance(i, int) and not isinstance(i, bool)) for i in ids):
-                _fail(self.name, name, f"must be a token id or null, got {value!r}")
+                fail(self.name, name, f"must be a token id or null, got {value!r}")
         super()._validate()
         if self.max_length < 1:
-            _fail(self.name, "max_position_embeddings",
+            fail(self.name, "max_position_embeddings",
                   f"= {self.max_position_embeddings} leaves no positions after pad_token_id {self.pad_token_id}")
 
     @property

@@ -19,34 +19,34 @@ import jax
 import jax.numpy as jnp
 
 from dualenc import layers, tables
-from dualenc.fields import ACTIVATION_NAMES, _check_int, _choice, _Config, _fail, _float, _int, _rate, \
-    _same_head_dim, builds
-from dualenc.towers.common import check_text_inputs
+from dualenc.fields import ACTIVATION_NAMES, check_int, choice_field, TowerConfig, fail, float_field, int_field, rate_field, \
+    same_head_dim, builds
+from dualenc.towers.inputs import check_text_inputs
 
 LEGACY_EOS = 2  # transformers: an eos_token_id of 2 means "pool at the argmax of the ids"
 
 
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
-class CLIPTextConfig(_Config):
+class CLIPTextConfig(TowerConfig):
     """transformers' CLIPTextConfig (model_type "clip_text_model", or the text_config of a "clip")."""
 
     model_types: ClassVar[tuple[str, ...]] = ("clip_text_model",)
-    rejected: ClassVar[Mapping[str, Any]] = {"head_dim": _same_head_dim}
+    rejected: ClassVar[Mapping[str, Any]] = {"head_dim": same_head_dim}
     causal: ClassVar[bool] = True
 
-    vocab_size: int = _int(49408, hi=1 << 23)
-    hidden_size: int = _int(512)
-    intermediate_size: int = _int(2048, hi=1 << 18)
-    projection_dim: int = _int(512, required=False)
-    num_hidden_layers: int = _int(12, hi=1024)
-    num_attention_heads: int = _int(8, hi=4096)
-    max_position_embeddings: int = _int(77, hi=1 << 20)
-    hidden_act: str = _choice("quick_gelu", ACTIVATION_NAMES)
-    layer_norm_eps: float = _float(1e-5, hi=1.0, lo_open=True)
-    attention_dropout: float = _rate(0.0)
-    initializer_range: float = _float(0.02)
-    initializer_factor: float = _float(1.0)
+    vocab_size: int = int_field(49408, hi=1 << 23)
+    hidden_size: int = int_field(512)
+    intermediate_size: int = int_field(2048, hi=1 << 18)
+    projection_dim: int = int_field(512, required=False)
+    num_hidden_layers: int = int_field(12, hi=1024)
+    num_attention_heads: int = int_field(8, hi=4096)
+    max_position_embeddings: int = int_field(77, hi=1 << 20)
+    hidden_act: str = choice_field("quick_gelu", ACTIVATION_NAMES)
+    layer_norm_eps: float = float_field(1e-5, hi=1.0, lo_open=True)
+    attention_dropout: float = rate_field(0.0)
+    initializer_range: float = float_field(0.02)
+    initializer_factor: float = float_field(1.0)
     pad_token_id: int | None = 1
     bos_token_id: int | None = 49406
     eos_token_id: int = 49407
@@ -54,7 +54,7 @@ class CLIPTextConfig(_Config):
     def _validate(self):
         for name in ("pad_token_id", "bos_token_id"):
             _token_id(self.name, name, getattr(self, name))
-        _check_int(self.name, "eos_token_id", self.eos_token_id, 0, 1 << 31)
+        check_int(self.name, "eos_token_id", self.eos_token_id, 0, 1 << 31)
         super()._validate()
 
     @property
@@ -70,32 +70,32 @@ class CLIPTextConfig(_Config):
 
 def _token_id(where, name, value):
     if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-        _fail(where, name, f"must be a token id or null, got {value!r}")
+        fail(where, name, f"must be a token id or null, got {value!r}")
 
 
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
-class SiglipTextConfig(_Config):
+class SiglipTextConfig(TowerConfig):
     """transformers' SiglipTextConfig (model_type "siglip_text_model", or the text_config of a "siglip")."""
 
     model_types: ClassVar[tuple[str, ...]] = ("siglip_text_model",)
-    rejected: ClassVar[Mapping[str, Any]] = {"head_dim": _same_head_dim}
+    rejected: ClassVar[Mapping[str, Any]] = {"head_dim": same_head_dim}
     causal: ClassVar[bool] = False
     pooling: ClassVar[str] = "last"
 
-    vocab_size: int = _int(32000, hi=1 << 23)
-    hidden_size: int = _int(768)
-    intermediate_size: int = _int(3072, hi=1 << 18)
-    num_hidden_layers: int = _int(12, hi=1024)
-    num_attention_heads: int = _int(12, hi=4096)
-    max_position_embeddings: int = _int(64, hi=1 << 20)
-    hidden_act: str = _choice("gelu_pytorch_tanh", ACTIVATION_NAMES)
-    layer_norm_eps: float = _float(1e-6, hi=1.0, lo_open=True)
-    attention_dropout: float = _rate(0.0)
+    vocab_size: int = int_field(32000, hi=1 << 23)
+    hidden_size: int = int_field(768)
+    intermediate_size: int = int_field(3072, hi=1 << 18)
+    num_hidden_layers: int = int_field(12, hi=1024)
+    num_attention_heads: int = int_field(12, hi=4096)
+    max_position_embeddings: int = int_field(64, hi=1 << 20)
+    hidden_act: str = choice_field("gelu_pytorch_tanh", ACTIVATION_NAMES)
+    layer_norm_eps: float = float_field(1e-6, hi=1.0, lo_open=True)
+    attention_dropout: float = rate_field(0.0)
     pad_token_id: int | None = 1
     bos_token_id: int | None = 49406
     eos_token_id: int | tuple[int, ...] | None = 49407  # not read: SigLIP pools the last position
-    projection_size: int | None = _int(None, required=False)  # the head's output size; None: hidden_size
+    projection_size: int | None = int_field(None, required=False)  # the head's output size; None: hidden_size
 
     def _validate(self):
         for name in ("pad_token_id", "bos_token_id"):

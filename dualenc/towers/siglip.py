@@ -17,28 +17,28 @@ import jax.numpy as jnp
 
 from dualenc import layers, tables
 from dualenc.errors import InputError
-from dualenc.fields import ACTIVATION_NAMES, _bool, _choice, _float, _int, _rate, builds
+from dualenc.fields import ACTIVATION_NAMES, bool_field, choice_field, float_field, int_field, rate_field, builds
 from dualenc.towers import vit
 
 
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
-class SiglipVisionConfig(vit._VisionConfig):
+class SiglipVisionConfig(vit.VisionTransformerConfig):
     """transformers' SiglipVisionConfig (model_type "siglip_vision_model", or the vision_config of a "siglip")."""
 
     model_types: ClassVar[tuple[str, ...]] = ("siglip_vision_model",)
 
-    hidden_size: int = _int(768)
-    intermediate_size: int = _int(3072, hi=1 << 18)
-    num_hidden_layers: int = _int(12, hi=1024)
-    num_attention_heads: int = _int(12, hi=4096)
-    num_channels: int = _int(3, hi=64)
+    hidden_size: int = int_field(768)
+    intermediate_size: int = int_field(3072, hi=1 << 18)
+    num_hidden_layers: int = int_field(12, hi=1024)
+    num_attention_heads: int = int_field(12, hi=4096)
+    num_channels: int = int_field(3, hi=64)
     image_size: int = dataclasses.field(default=224, metadata={"required": True})
     patch_size: int = dataclasses.field(default=16, metadata={"required": True})
-    hidden_act: str = _choice("gelu_pytorch_tanh", ACTIVATION_NAMES)
-    layer_norm_eps: float = _float(1e-6, hi=1.0, lo_open=True)
-    attention_dropout: float = _rate(0.0)
-    vision_use_head: bool = _bool(True)
+    hidden_act: str = choice_field("gelu_pytorch_tanh", ACTIVATION_NAMES)
+    layer_norm_eps: float = float_field(1e-6, hi=1.0, lo_open=True)
+    attention_dropout: float = rate_field(0.0)
+    vision_use_head: bool = bool_field(True)
 
 
 def encoder_spec(config: SiglipVisionConfig) -> layers.EncoderSpec:

@@ -17,37 +17,37 @@ import numpy as np
 from dualenc import layers, tables
 from dualenc.errors import InputError
 from dualenc.fields import (
-    ACTIVATION_NAMES, _bool, _check_int, _choice, _Config, _fail, _float, _int, _pair, _rate, _same_head_dim,
+    ACTIVATION_NAMES, bool_field, check_int, choice_field, TowerConfig, fail, float_field, int_field, pair, rate_field, same_head_dim,
     builds,
 )
 
-class _VisionConfig(_Config):
-    rejected: ClassVar[Mapping[str, Any]] = {"head_dim": _same_head_dim}
+class VisionTransformerConfig(TowerConfig):
+    rejected: ClassVar[Mapping[str, Any]] = {"head_dim": same_head_dim}
 
     def _validate(self):
         for name in ("image_size", "patch_size"):
             value = getattr(self, name)
             parts = value if isinstance(value, tuple) else (value,)
             if not isinstance(self, ViTConfig) and isinstance(value, tuple):
-                _fail(self.name, name, f"must be an integer, got {value!r}")
+                fail(self.name, name, f"must be an integer, got {value!r}")
             if isinstance(value, tuple) and len(value) != 2:
-                _fail(self.name, name, f"must be an integer or a pair, got {value!r}")
+                fail(self.name, name, f"must be an integer or a pair, got {value!r}")
             for part in parts:
-                _check_int(self.name, name, part, 1, 8192)
+                check_int(self.name, name, part, 1, 8192)
         for img, patch in zip(self.image_hw, self.patch_hw):
             if patch > img:
-                _fail(self.name, "patch_size", f"{self.patch_size} is larger than image_size {self.image_size}")
+                fail(self.name, "patch_size", f"{self.patch_size} is larger than image_size {self.image_size}")
         if self.num_patches > 1 << 16:
-            _fail(self.name, "image_size", f"gives {self.num_patches} patches, over the limit of {1 << 16}")
+            fail(self.name, "image_size", f"gives {self.num_patches} patches, over the limit of {1 << 16}")
         super()._validate()
 
     @property
     def image_hw(self) -> tuple[int, int]:
-        return _pair(self.image_size)
+        return pair(self.image_size)
 
     @property
     def patch_hw(self) -> tuple[int, int]:
-        return _pair(self.patch_size)
+        return pair(self.patch_size)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -61,7 +61,7 @@ class _VisionConfig(_Config):
 
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
-class ViTConfig(_VisionConfig):
+class ViTConfig(VisionTransformerConfig):
     """transformers' ViTConfig (model_type "vit"): a ViTModel with its pooler."""
 
     model_types: ClassVar[tuple[str, ...]] = ("vit",)
@@ -71,27 +71,27 @@ class ViTConfig(_VisionConfig):
     pre_norm: ClassVar[bool] = False
     pooler: ClassVar[bool] = True
 
-    hidden_size: int = _int(768)
-    num_hidden_layers: int = _int(12, hi=1024)
-    num_attention_heads: int = _int(12, hi=4096)
-    intermediate_size: int = _int(3072, hi=1 << 18)
-    hidden_act: str = _choice("gelu", ACTIVATION_NAMES)
-    hidden_dropout_prob: float = _rate(0.0)
-    attention_probs_dropout_prob: float = _rate(0.0)
-    initializer_range: float = _float(0.02)
-    layer_norm_eps: float = _float(1e-12, hi=1.0, lo_open=True)
+    hidden_size: int = int_field(768)
+    num_hidden_layers: int = int_field(12, hi=1024)
+    num_attention_heads: int = int_field(12, hi=4096)
+    intermediate_size: int = int_field(3072, hi=1 << 18)
+    hidden_act: str = choice_field("gelu", ACTIVATION_NAMES)
+    hidden_dropout_prob: float = rate_field(0.0)
+    attention_probs_dropout_prob: float = rate_field(0.0)
+    initializer_range: float = float_field(0.02)
+    layer_norm_eps: float = float_field(1e-12, hi=1.0, lo_open=True)
     image_size: int | tuple[int, int] = dataclasses.field(default=224, metadata={"required": True})
     patch_size: int | tuple[int, int] = dataclasses.field(default=16, metadata={"required": True})
-    num_channels: int = _int(3, hi=64)
-    qkv_bias: bool = _bool(True)
-    encoder_stride: int = _int(16, hi=1 << 16, required=False)
-    pooler_output_size: int | None = _int(None, required=False)
-    pooler_act: str = _choice("tanh", ACTIVATION_NAMES)
+    num_channels: int = int_field(3, hi=64)
+    qkv_bias: bool = bool_field(True)
+    encoder_stride: int = int_field(16, hi=1 << 16, required=False)
+    pooler_output_size: int | None = int_field(None, required=False)
+    pooler_act: str = choice_field("tanh", ACTIVATION_NAMES)
 
     def _validate(self):
         super()._validate()
         if self.pooler_output_size is not None and self.pooler_output_size != self.hidden_size:
-            _fail(self.name, "pooler_output_size",
+            fail(self.name, "pooler_output_size",
                   f"= {self.pooler_output_size} is not implemented; supported: None or hidden_size "
                   f"({self.hidden_size})")
         object.__setattr__(self, "pooler_output_size", None)  # one spelling of the default, for equality
@@ -104,7 +104,7 @@ class ViTConfig(_VisionConfig):
 
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
-class CLIPVisionConfig(_VisionConfig):
+class CLIPVisionConfig(VisionTransformerConfig):
     """transformers' CLIPVisionConfig (model_type "clip_vision_model", or the vision_config of a "clip")."""
 
     model_types: ClassVar[tuple[str, ...]] = ("clip_vision_model",)
@@ -113,19 +113,19 @@ class CLIPVisionConfig(_VisionConfig):
     pre_norm: ClassVar[bool] = True
     pooler: ClassVar[bool] = False
 
-    hidden_size: int = _int(768)
-    intermediate_size: int = _int(3072, hi=1 << 18)
-    projection_dim: int = _int(512, required=False)
-    num_hidden_layers: int = _int(12, hi=1024)
-    num_attention_heads: int = _int(12, hi=4096)
-    num_channels: int = _int(3, hi=64)
+    hidden_size: int = int_field(768)
+    intermediate_size: int = int_field(3072, hi=1 << 18)
+    projection_dim: int = int_field(512, required=False)
+    num_hidden_layers: int = int_field(12, hi=1024)
+    num_attention_heads: int = int_field(12, hi=4096)
+    num_channels: int = int_field(3, hi=64)
     image_size: int = dataclasses.field(default=224, metadata={"required": True})
     patch_size: int = dataclasses.field(default=32, metadata={"required": True})
-    hidden_act: str = _choice("quick_gelu", ACTIVATION_NAMES)
-    layer_norm_eps: float = _float(1e-5, hi=1.0, lo_open=True)
-    attention_dropout: float = _rate(0.0)
-    initializer_range: float = _float(0.02)
-    initializer_factor: float = _float(1.0)
+    hidden_act: str = choice_field("quick_gelu", ACTIVATION_NAMES)
+    layer_norm_eps: float = float_field(1e-5, hi=1.0, lo_open=True)
+    attention_dropout: float = rate_field(0.0)
+    initializer_range: float = float_field(0.02)
+    initializer_factor: float = float_field(1.0)
 
 
 

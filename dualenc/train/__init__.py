@@ -1,6 +1,12 @@
-"""Contrastive training: the train state and LiT locking, the optimizer, mesh sharding, the jitted step.
+"""Contrastive training.
 
-The step is a pure function (state, batch) -> (state, metrics); see dualenc.train.step.
+- state.py (the train state and LiT locking), optimizer.py, sharding.py (mesh and FSDP rules), step.py (the jitted
+  step: a pure function (state, batch) -> (state, metrics));
+- loop.py: `fit`, the training loop, with checkpoints (checkpoint.py, integrity.py, safetensors_state.py,
+  orbax_errors.py), the run's log (runlog.py), the LiT cache of a locked tower's features (lit_cache.py) and the
+  watch over the other processes of a many-host run (peers.py).
+
+The loop and what it needs (grain, orbax) load on first use of its names: `dualenc.train.fit`.
 """
 
 from dualenc.train.optimizer import (ClippedAdamWState, clipped_adamw, decay_mask, default_optimizer,
@@ -9,6 +15,17 @@ from dualenc.train.sharding import data_mesh, shard_batch, shard_state, state_sh
 from dualenc.train.state import TOWERS, TrainState, full_params, init_state, partition
 from dualenc.train.step import MAX_LOGIT_SCALE, make_train_step, tower_features
 
-__all__ = ["ClippedAdamWState", "MAX_LOGIT_SCALE", "TOWERS", "TrainState", "clipped_adamw", "data_mesh",
-           "decay_mask", "default_optimizer", "full_params", "init_state", "learning_rate_schedule", "make_train_step", "partition",
-           "shard_batch", "shard_state", "state_sharding", "tower_features"]
+_LOOP = ("Interrupted", "NonFiniteLoss", "PeerLost", "TrainConfig", "fit")
+
+__all__ = ["ClippedAdamWState", "Interrupted", "MAX_LOGIT_SCALE", "NonFiniteLoss", "PeerLost", "TOWERS",
+           "TrainConfig", "TrainState", "clipped_adamw", "data_mesh", "decay_mask", "default_optimizer", "fit",
+           "full_params", "init_state", "learning_rate_schedule", "make_train_step", "partition", "shard_batch",
+           "shard_state", "state_sharding", "tower_features"]
+
+
+def __getattr__(name: str):
+    if name in _LOOP:
+        from dualenc.train import loop
+
+        return getattr(loop, name)
+    raise AttributeError(f"module 'dualenc.train' has no attribute {name!r}")

@@ -252,7 +252,7 @@ def _publish(staged: str, path: str):
         _remove(staged)
     else:
         os.rename(staged, path)
-    files._fsync(os.path.dirname(os.path.abspath(path)))
+    files.fsync(os.path.dirname(os.path.abspath(path)))
 
 
 def save_state(directory: str, state: TrainState, meta: dict, keep: int = 3, *, format: str = "orbax",

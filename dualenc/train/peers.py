@@ -7,7 +7,7 @@ the process with a native stack trace; the client takes a callback for that case
 status (std::bad_cast), and jax.distributed.initialize does not expose it anyway. So each process here also counts
 its own heartbeats in the service's key-value store, a thread watches the others' counts (PeerWatch), and a count
 that stops for `timeout` seconds (or a store that cannot be reached) is a lost peer, found well before JAX's own
-heartbeat timeout would abort the process. dualenc.trainer.fit starts a watch itself and raises PeerLost.
+heartbeat timeout would abort the process. dualenc.train.loop.fit starts a watch itself and raises PeerLost.
 
 A process that lost a peer can neither use JAX's distributed runtime again nor leave it cleanly: JAX's shutdown
 at exit waits for every process, the lost one too, then aborts. So such a process ends with exit status

@@ -24,7 +24,7 @@ class TrainState(NamedTuple):
     rng: jax.Array  # uint32 key data, so the state is plain arrays
 
 
-def _check_locking(locked: Sequence[str], unlocked_layers: int):
+def check_locking(locked: Sequence[str], unlocked_layers: int):
     locked = tuple(locked)
     if any(t not in TOWERS for t in locked) or len(set(locked)) != len(locked):
         raise ConfigError(f"locked must name towers among {TOWERS}, got {locked!r}")
@@ -45,7 +45,7 @@ def partition(params: dict, locked: Sequence[str] = (), unlocked_layers: int = 0
     """Splits params into (trainable, frozen). A locked tower is frozen except, with unlocked_layers=k, its
     top k encoder layers and what follows them (final norm, pooler). Projections and logit scale/bias train.
     Works on either layer layout (stacked, or per-layer tuples)."""
-    locked = _check_locking(locked, unlocked_layers)
+    locked = check_locking(locked, unlocked_layers)
     trainable, frozen = {}, {}
     for name, value in params.items():
         if name not in locked:
@@ -65,7 +65,7 @@ def partition(params: dict, locked: Sequence[str] = (), unlocked_layers: int = 0
     return trainable, frozen
 
 
-def _merge(trainable: dict, frozen: dict, split: bool) -> dict:
+def merge_params(trainable: dict, frozen: dict, split: bool) -> dict:
     out = {}
     for name in sorted(set(trainable) | set(frozen)):
         if name in trainable and name in frozen:  # a partly unlocked tower
@@ -85,7 +85,7 @@ def _merge(trainable: dict, frozen: dict, split: bool) -> dict:
 
 def full_params(state: TrainState) -> dict:
     """The whole params tree of a train state (for save_pretrained, evaluation), per-layer as init returns it."""
-    return model.unstack_layers(_merge(state.trainable, state.frozen, split=False))
+    return model.unstack_layers(merge_params(state.trainable, state.frozen, split=False))
 
 
 def init_state(params: dict, optimizer, *, locked: Sequence[str] = (), unlocked_layers: int = 0,

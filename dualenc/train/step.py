@@ -21,7 +21,7 @@ from dualenc.config import DualEncoderConfig
 from dualenc.errors import ConfigError, InputError
 from dualenc.evaluate import pad_rows
 from dualenc.train.sharding import state_sharding
-from dualenc.train.state import TOWERS, TrainState, _check_locking, _merge
+from dualenc.train.state import TOWERS, TrainState, check_locking, merge_params
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps exp(logit_scale) at 100
 
@@ -66,7 +66,7 @@ def make_train_step(config: DualEncoderConfig, optimizer, *, loss: str | None = 
     """
     import optax
 
-    locked = _check_locking(locked, unlocked_layers)
+    locked = check_locking(locked, unlocked_layers)
     loss = loss or config.default_loss
     if loss not in ("clip", "siglip"):
         raise ConfigError(f"loss must be 'clip' or 'siglip', got {loss!r}")
@@ -84,7 +84,7 @@ def make_train_step(config: DualEncoderConfig, optimizer, *, loss: str | None = 
         key = jax.random.fold_in(jax.random.wrap_key_data(rng), step_count)
 
         def loss_fn(trainable):
-            params = _merge(trainable, frozen, split=True)
+            params = merge_params(trainable, frozen, split=True)
             images, texts = _embeds(params, config, batch, key, locked=locked, cached=cached_towers,
                                     remat_policy=remat_policy, dtype=dtype)
             if loss == "clip":
@@ -132,7 +132,7 @@ def make_train_step(config: DualEncoderConfig, optimizer, *, loss: str | None = 
 
 
 @functools.partial(jax.jit, static_argnames=("tower", "dtype"))
-def _pooled(params, config: DualEncoderConfig, tower: str, inputs: dict, dtype=None) -> jax.Array:
+def pooled(params, config: DualEncoderConfig, tower: str, inputs: dict, dtype=None) -> jax.Array:
     return model.run_tower({tower: params}, config, tower, inputs, pooled=True, dtype=dtype).pooler_output
 
 
@@ -159,7 +159,7 @@ def tower_features(params: dict, config: DualEncoderConfig, tower: str, inputs: 
     for start in range(0, n, batch_size):
         chunk = pad_rows({k: np.asarray(v[start:start + batch_size]) for k, v in inputs.items()}, batch_size)
         rows = min(batch_size, n - start)
-        out.append(np.asarray(_pooled(params[tower], config, tower, chunk, dtype=dtype), np.float32)[:rows])
+        out.append(np.asarray(pooled(params[tower], config, tower, chunk, dtype=dtype), np.float32)[:rows])
     if out:
         return np.concatenate(out)
     tower_config = getattr(config, tower)

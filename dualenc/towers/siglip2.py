@@ -20,35 +20,35 @@ import numpy as np
 
 from dualenc import layers, tables
 from dualenc.errors import InputError
-from dualenc.fields import ACTIVATION_NAMES, _bool, _choice, _Config, _fail, _float, _int, _rate, _same_head_dim, \
+from dualenc.fields import ACTIVATION_NAMES, bool_field, choice_field, TowerConfig, fail, float_field, int_field, rate_field, same_head_dim, \
     builds
 from dualenc.towers import siglip
 
 
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
-class Siglip2VisionConfig(_Config):
+class Siglip2VisionConfig(TowerConfig):
     """transformers' Siglip2VisionConfig (model_type "siglip2_vision_model", or the vision_config of a "siglip2")."""
 
     model_types: ClassVar[tuple[str, ...]] = ("siglip2_vision_model",)
-    rejected: ClassVar[Mapping[str, Any]] = {"head_dim": _same_head_dim}
+    rejected: ClassVar[Mapping[str, Any]] = {"head_dim": same_head_dim}
 
-    hidden_size: int = _int(768)
-    intermediate_size: int = _int(3072, hi=1 << 18)
-    num_hidden_layers: int = _int(12, hi=1024)
-    num_attention_heads: int = _int(12, hi=4096)
-    num_channels: int = _int(3, hi=64)
-    patch_size: int = _int(16, hi=8192)
-    hidden_act: str = _choice("gelu_pytorch_tanh", ACTIVATION_NAMES)
-    layer_norm_eps: float = _float(1e-6, hi=1.0, lo_open=True)
-    attention_dropout: float = _rate(0.0)
-    vision_use_head: bool = _bool(True)
-    num_patches: int = _int(256, hi=1 << 16)  # the position grid's size: a square number
+    hidden_size: int = int_field(768)
+    intermediate_size: int = int_field(3072, hi=1 << 18)
+    num_hidden_layers: int = int_field(12, hi=1024)
+    num_attention_heads: int = int_field(12, hi=4096)
+    num_channels: int = int_field(3, hi=64)
+    patch_size: int = int_field(16, hi=8192)
+    hidden_act: str = choice_field("gelu_pytorch_tanh", ACTIVATION_NAMES)
+    layer_norm_eps: float = float_field(1e-6, hi=1.0, lo_open=True)
+    attention_dropout: float = rate_field(0.0)
+    vision_use_head: bool = bool_field(True)
+    num_patches: int = int_field(256, hi=1 << 16)  # the position grid's size: a square number
 
     def _validate(self):
         side = int(round(self.num_patches ** 0.5))
         if side * side != self.num_patches:
-            _fail(self.name, "num_patches", f"must be a square number (the position grid), got {self.num_patches}")
+            fail(self.name, "num_patches", f"must be a square number (the position grid), got {self.num_patches}")
         super()._validate()
 
     @property

@@ -12,11 +12,11 @@ import collections
 import os
 from typing import Callable, Iterable, Iterator
 
-from dualenc.datasets import captions as caption_files
-from dualenc.datasets.records import FORMAT, MANIFEST, VERSION, encode_record, open_shard, read_manifest, shard_records
-from dualenc.datasets.webdataset import expand_shards, iter_tar
+from dualenc.data import captions as caption_files
+from dualenc.data.records import FORMAT, MANIFEST, VERSION, encode_record, open_shard, read_manifest, shard_records
+from dualenc.data.webdataset import expand_shards, iter_tar
 from dualenc.errors import DataError
-from dualenc.files import _fsync, write_json_atomic
+from dualenc.files import fsync, write_json_atomic
 
 RECORDS_PER_SHARD = 50_000
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
@@ -64,7 +64,7 @@ class _Shard:
             self.writer.close()
         except (RuntimeError, ValueError) as e:
             raise OSError(f"writing shard {self.tmp} failed: {e}") from None
-        _fsync(self.tmp)
+        fsync(self.tmp)
         os.replace(self.tmp, self.path)
 
 

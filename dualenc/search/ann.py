@@ -18,8 +18,9 @@ import numpy as np
 
 from dualenc import files
 from dualenc.errors import CheckpointError, InputError
-from dualenc.index import EmbeddingIndex, search_exact
-from dualenc.index_file import _chunks, _stem, clean_temporaries, embeddings_sha256, open_index, temporary_path
+from dualenc.search.exact import search_exact
+from dualenc.search.store import (EmbeddingIndex, ann_paths as paths, chunks, clean_temporaries, embeddings_sha256,
+                                  open_index, temporary_path)
 
 SAMPLE = 1000  # rows of the index held out of the graph as queries to measure its recall@10 (a tenth at most)
 TARGET_RECALL = 0.95  # build keeps the smallest efSearch of EF_SEARCH reaching it on that sample
@@ -27,26 +28,6 @@ EF_SEARCH = (16, 32, 64, 128, 256, 512)
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 40
 RECALL_K = 10
-
-
-def paths(path: str) -> tuple[str, str]:
-    """The ANN index of an index and its description: photos.safetensors -> (photos.faiss, photos.faiss.json)."""
-    return _stem(path) + ".faiss", _stem(path) + ".faiss.json"
-
-
-def drop_stale(path: str, sha: str) -> None:
-    """Removes an ANN index built for other rows than those of `path` (whose bytes hash to `sha`)."""
-    graph, info = paths(path)
-    if not os.path.exists(info) and not os.path.exists(graph):
-        return
-    try:
-        built_for = files.read_json(info).get("embeddings_sha256")
-    except (OSError, ValueError):
-        built_for = None
-    if built_for != sha:
-        for p in (graph, info):
-            if os.path.exists(p):
-                os.remove(p)
 
 
 def _faiss():
@@ -87,7 +68,7 @@ def build(index: EmbeddingIndex | str, *, m: int = HNSW_M, ef_construction: int 
     graph = faiss.IndexIDMap(hnsw)  # ids: the rows' positions (the held-out rows go in last)
     kept = np.ones(index.count, bool)
     kept[held] = False
-    for start, stop in _chunks(index.count, index.dims):
+    for start, stop in chunks(index.count, index.dims):
         rows = np.flatnonzero(kept[start:stop]) + start
         if len(rows):
             graph.add_with_ids(np.ascontiguousarray(index.embeddings[rows], np.float32), rows)
@@ -112,7 +93,7 @@ def build(index: EmbeddingIndex | str, *, m: int = HNSW_M, ef_construction: int 
     tmp = temporary_path(path)
     try:
         faiss.write_index(graph, tmp)
-        files._fsync(tmp)
+        files.fsync(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -2,7 +2,7 @@
 
 An index is a safetensors file NAME.safetensors holding one float32 tensor "embeddings" (count, dims) and, in
 its header, the checksums of its rows (embeddings_sha256) and names (names_sha256); its names in a sidecar
-NAME.names.jsonl (one JSON string per line). dualenc.index re-exports what is public here.
+NAME.names.jsonl (one JSON string per line). dualenc.search.index re-exports what is public here.
 """
 
 from __future__ import annotations
@@ -33,21 +33,41 @@ _PID_MAX = 1 << 22  # Linux's highest process id
 
 def names_file(path: str) -> str:
     """The sidecar file of an index's names: photos.safetensors -> photos.names.jsonl."""
-    return _stem(path) + ".names.jsonl"
+    return stem(path) + ".names.jsonl"
 
 
-def _stem(path: str) -> str:
+def stem(path: str) -> str:
     path = os.fspath(path)
     if not path.endswith(SUFFIX):
         raise InputError(f"an embedding index must be a {SUFFIX} file, got {path}")
     return path[:-len(SUFFIX)]
 
 
+def ann_paths(path: str) -> tuple[str, str]:
+    """The ANN index of an index and its description: photos.safetensors -> (photos.faiss, photos.faiss.json)."""
+    return stem(path) + ".faiss", stem(path) + ".faiss.json"
+
+
+def drop_stale_ann(path: str, sha: str) -> None:
+    """Removes an ANN index built for other rows than those of `path` (whose bytes hash to `sha`)."""
+    graph, info = ann_paths(path)
+    if not os.path.exists(info) and not os.path.exists(graph):
+        return
+    try:
+        built_for = files.read_json(info).get("embeddings_sha256")
+    except (OSError, ValueError):
+        built_for = None
+    if built_for != sha:
+        for p in (graph, info):
+            if os.path.exists(p):
+                os.remove(p)
+
+
 def temporary_path(path: str) -> str:
     """A hidden temporary file beside `path` that names this process (.NAME.dualenc-tmp-PID-RANDOM, the scheme
     of files.atomic_directory), for clean_temporaries to find once the process is gone."""
     directory, name = os.path.split(os.path.abspath(path))
-    return os.path.join(directory, f".{name}{files._TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+    return os.path.join(directory, f".{name}{files.TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def clean_temporaries(path: str) -> None:
@@ -55,14 +75,14 @@ def clean_temporaries(path: str) -> None:
     of processes no longer running on this machine. Only `path`'s own: the parts other processes (other hosts
     too, on a shared folder) write beside it under other names are never touched."""
     directory, name = os.path.split(os.path.abspath(path))
-    prefix = f".{name}{files._TMP_MARK}"
+    prefix = f".{name}{files.TMP_MARK}"
     try:
         entries = [e for e in os.listdir(directory) if e.startswith(prefix)]
     except FileNotFoundError:
         return
     for entry in entries:
         pid = entry[len(prefix):].partition("-")[0]
-        if not re.fullmatch("[0-9]{1,7}", pid) or not 0 < int(pid) <= _PID_MAX or files._pid_alive(int(pid)):
+        if not re.fullmatch("[0-9]{1,7}", pid) or not 0 < int(pid) <= _PID_MAX or files.pid_alive(int(pid)):
             continue
         target = os.path.join(directory, entry)
         try:
@@ -173,10 +193,9 @@ class IndexWriter:
             self.abort()
             raise
         self._data = self._names = None
-        files._fsync(os.path.dirname(os.path.abspath(self.path)))
-        from dualenc import ann
+        files.fsync(os.path.dirname(os.path.abspath(self.path)))
 
-        ann.drop_stale(self.path, self._sha.hexdigest())
+        drop_stale_ann(self.path, self._sha.hexdigest())
         return open_index(self.path)
 
     def abort(self) -> None:
@@ -234,7 +253,7 @@ class EmbeddingIndex:
         if self.header_names is not None:
             return list(self.header_names) if rows is None else [self.header_names[int(r)] for r in rows]
         if rows is None:
-            return list(_names_of(self))
+            return list(names_of(self))
         rows = [int(r) for r in rows]
         wanted, found = set(rows), {}
         for i, line in enumerate(_lines(self.names_path)):
@@ -276,7 +295,7 @@ def _is_text(name: str) -> bool:
     return True
 
 
-def _names_of(index: EmbeddingIndex) -> Iterator[str]:
+def names_of(index: EmbeddingIndex) -> Iterator[str]:
     if index.header_names is not None:
         yield from index.header_names
         return
@@ -346,12 +365,12 @@ def embeddings_sha256(index: EmbeddingIndex) -> str:
     if "embeddings_sha256" in index.metadata:
         return index.metadata["embeddings_sha256"]
     digest = hashlib.sha256()
-    for start, stop in _chunks(index.count, index.dims):
+    for start, stop in chunks(index.count, index.dims):
         digest.update(np.ascontiguousarray(index.embeddings[start:stop]).data)
     return digest.hexdigest()
 
 
-def _chunks(count: int, dims: int) -> Iterator[tuple[int, int]]:
+def chunks(count: int, dims: int) -> Iterator[tuple[int, int]]:
     step = block_rows(dims)
     for start in range(0, count, step):
         yield start, min(start + step, count)

@@ -27,7 +27,7 @@ import tarfile
 import zlib
 from typing import Iterable, Iterator, NamedTuple
 
-from dualenc.datasets.captions import MAX_LINE
+from dualenc.data.captions import MAX_LINE
 from dualenc.errors import DataError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")

@@ -29,7 +29,7 @@ def require_matplotlib():
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:
-        raise ImportError("dualenc.figures needs matplotlib: pip install 'dualenc[demo]'") from e
+        raise ImportError("dualenc.plots needs matplotlib: pip install 'dualenc[demo]'") from e
     return Figure, FigureCanvasAgg
 
 

@@ -243,7 +243,7 @@ def build(root: str, params: dict, config, processor, source, *, batch_size: int
     """
     import jax
 
-    from dualenc.datasets.pipeline import PairSource
+    from dualenc.data.pipeline import PairSource
 
     if hasattr(source, "caption_image"):
         source = PairSource(source)
@@ -362,14 +362,14 @@ def _encode_part(folder, name, start, stop, key, params, config, processor, sour
     import jax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from dualenc.datasets.pipeline import RecordReader, _grain, exit_with_parent
-    from dualenc.train.step import _pooled
+    from dualenc.data.pipeline import RecordReader, grain_module, exit_with_parent
+    from dualenc.train.step import pooled
 
     devices = jax.local_devices()
     batch_size = -(-batch_size // len(devices)) * len(devices)  # splits evenly over this process's devices
     sharding = NamedSharding(Mesh(np.array(devices), ("data",)), PartitionSpec("data"))
     reader = RecordReader(source, processor)
-    grain = _grain()
+    grain = grain_module()
     ds = grain.MapDataset.range(start, stop).map(_VisionRow(reader)).batch(batch_size)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=batch_size))
     if workers:
@@ -380,7 +380,7 @@ def _encode_part(folder, name, start, stop, key, params, config, processor, sour
         n = len(ok)
         inputs = {k: np.concatenate([v, np.repeat(v[-1:], batch_size - n, 0)]) if n < batch_size else v
                   for k, v in batch.items()}
-        out = np.asarray(_pooled(params["vision"], config, "vision", jax.device_put(inputs, sharding)),
+        out = np.asarray(pooled(params["vision"], config, "vision", jax.device_put(inputs, sharding)),
                          np.float32)[:n]
         writer.write(out, ok)
         if progress is not None:
@@ -395,7 +395,7 @@ class _VisionRow:
         self.reader, self._blank = reader, None
 
     def __call__(self, record: int) -> dict:
-        from dualenc.datasets.pipeline import Unusable
+        from dualenc.data.pipeline import Unusable
 
         try:
             return {**self.reader.vision(self.reader.read(record)[0]), "_ok": np.bool_(True)}

@@ -11,8 +11,8 @@ import json
 import os
 from typing import Iterator
 
-from dualenc.data import CAPTION_KEYS, IMAGE_KEYS, _resolve
-from dualenc.datasets.records import encode_record
+from dualenc.data.pairs import CAPTION_KEYS, IMAGE_KEYS, resolve_image
+from dualenc.data.records import encode_record
 from dualenc.errors import DataError
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
@@ -136,7 +136,7 @@ def row_record(row, file_root: str, image_root: str, allow_outside: bool) -> byt
         return "empty caption"
     if "\x00" in name:
         return "invalid path"
-    image = _resolve(file_root, name.strip(), allow_outside)
+    image = resolve_image(file_root, name.strip(), allow_outside)
     if image is None:
         return OUTSIDE
     rel = os.path.relpath(image, image_root)

@@ -59,7 +59,7 @@ class PairDataset(NamedTuple):
         return {"image_labels": labels, "text_labels": labels[np.asarray(self.caption_image)]}
 
 
-def _resolve(root: str, name: str, allow_outside: bool) -> str | None:
+def resolve_image(root: str, name: str, allow_outside: bool) -> str | None:
     """The image path for a caption-file entry; None if it escapes the data folder (unless allowed).
 
     The path is inside when it is, as written (".." resolved, symlinks not), or once both it and the folder
@@ -150,7 +150,7 @@ def read_pairs(path: str | os.PathLike, *, image_root: str | os.PathLike | None 
         if "\x00" in name:
             skipped["invalid path"] += 1
             continue
-        image = _resolve(root, name.strip(), allow_outside)
+        image = resolve_image(root, name.strip(), allow_outside)
         if image is None:
             skipped["path outside the data folder"] += 1
             continue

@@ -10,7 +10,7 @@ is, and resuming at step s (on any number of processes) is exact: the pipeline's
 
 A record that cannot be used (corrupt, truncated, its image missing or unreadable) is replaced by the next
 usable record of the same epoch's permutation, and counted: later rows never shift. Each batch carries the
-counts of its rows ("_skipped"); dualenc.trainer.fit adds them up over every process, reports them and stops
+counts of its rows ("_skipped"); dualenc.train.loop.fit adds them up over every process, reports them and stops
 (TooManyReplaced) once more than MAX_REPLACED of the records drawn had to be replaced, after MIN_DRAWN draws.
 
 Decoding runs in grain worker processes (workers > 0: `mp_prefetch`) or in threads of this process (0).
@@ -37,7 +37,7 @@ MAX_REPLACED = 0.1  # the share of the records drawn that may be replaced (fit's
 MIN_DRAWN = 1000  # records drawn before that share is judged (a few bad records early on are no trend)
 
 
-def _grain():
+def grain_module():
     try:
         import grain
     except ImportError:
@@ -135,7 +135,7 @@ class RecordReader:
         item = self.source[record]
         if not isinstance(item, (bytes, bytearray, memoryview)):
             return item
-        from dualenc.datasets.records import decode_record, record_image
+        from dualenc.data.records import decode_record, record_image
 
         try:
             parsed = decode_record(bytes(item))
@@ -227,7 +227,7 @@ def check_replaced(step: int, drawn: int, replaced: dict, limit: float, data: st
 def data_fingerprint(source) -> str:
     """sha256 of what identifies training data, wherever it lies: a PairDataset's captions, which image each
     describes, and its images (paths relative to the folder holding them all, or pixels); a prepared folder's
-    manifest (dualenc.datasets.RecordSource); for any other source only its type and length."""
+    manifest (dualenc.data.RecordSource); for any other source only its type and length."""
     digest = hashlib.sha256(f"dualenc-data-1;records:{len(source)};".encode())
     if hasattr(source, "caption_image"):
         paths = [os.fspath(i) for i in source.images if isinstance(i, (str, os.PathLike))]
@@ -263,12 +263,12 @@ class Pipeline:
 
     Args:
       source: random access to records: `len(source)` and `source[i]`, each item either the bytes of a
-        dualenc record (dualenc.datasets.RecordSource: webdataset shards or caption files converted by
+        dualenc record (dualenc.data.RecordSource: webdataset shards or caption files converted by
         `dualenc prepare`) or an (image, captions) pair (PairSource over a PairDataset). A PairDataset is
         wrapped in a PairSource.
       processor: a Processor (image processor and tokenizer).
       batch_size: the global batch (split evenly over `process_count`).
-      seed, max_length, features: see Decoder (features: a LiT cache, dualenc.datasets.FeatureCache).
+      seed, max_length, features: see Decoder (features: a LiT cache, dualenc.data.FeatureCache).
       start, steps: global batches start .. steps - 1 are produced (steps None: without end).
       process_index, process_count: this process's place (default: jax's).
       workers: decoding worker processes (0: threads of this process).
@@ -317,7 +317,7 @@ class Pipeline:
         return range(first, first + self.local_batch)
 
     def _dataset(self):
-        grain = _grain()
+        grain = grain_module()
         b, big, mine = self.local_batch, self.order.batch_size, self.process_index * self.local_batch
         stop = (self.steps if self.steps is not None else 1 << 40) * b
         ds = grain.MapDataset.range(self.start * b, max(stop, self.start * b))

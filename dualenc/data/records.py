@@ -124,13 +124,13 @@ def decode_record(data: bytes) -> Record:
 def record_image_path(record: Record, root: str | os.PathLike | None, *, allow_outside: bool = False) -> str | None:
     """The image file a path record names under `root`; None when it escapes the root (dualenc.data's rule:
     inside as written, or once both are resolved), unless allow_outside."""
-    from dualenc.data import _resolve
+    from dualenc.data.pairs import resolve_image
 
     if record.path is None:
         raise DataError(f"record {record.key!r} carries its image bytes, it names no path")
     if root is None:
         raise DataError(f"record {record.key!r} names the image {record.path!r}, but no image root is known")
-    return _resolve(os.fspath(root), _check_path(record.path), allow_outside)
+    return resolve_image(os.fspath(root), _check_path(record.path), allow_outside)
 
 
 def record_image(record: Record, name: str, root: str | os.PathLike | None, *, allow_outside: bool = False):
@@ -138,7 +138,7 @@ def record_image(record: Record, name: str, root: str | os.PathLike | None, *, a
     its path names under `root` (see record_image_path; None when that path escapes the root)."""
     if record.image is None:
         return record_image_path(record, root, allow_outside=allow_outside)
-    from dualenc.processing.common import EncodedImage
+    from dualenc.processing.pixels import EncodedImage
 
     return EncodedImage(name, record.image)
 
@@ -251,7 +251,7 @@ class RecordSource:
         self._setup()
 
     def _image_root(self, given) -> str | None:
-        from dualenc.data import _resolve
+        from dualenc.data.pairs import resolve_image
 
         if given is not None:
             given = os.path.abspath(os.fspath(given))
@@ -262,7 +262,7 @@ class RecordSource:
         if root is None:
             return None
         path = os.path.normpath(os.path.join(self.folder, root))
-        if self.allow_outside or _resolve(self.folder, root, False) is not None:
+        if self.allow_outside or resolve_image(self.folder, root, False) is not None:
             return path
         raise DataError(f"{os.path.join(self.folder, MANIFEST)}: its image root {path} lies outside the prepared "
                         f"folder; to read the images there, pass image_root / --image-root {path}, or allow_outside="

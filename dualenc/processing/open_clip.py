@@ -16,7 +16,7 @@ from typing import Mapping
 import numpy as np
 
 from dualenc.errors import ConfigError, InputError
-from dualenc.processing.common import (
+from dualenc.processing.pixels import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     check_float32,

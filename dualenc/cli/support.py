@@ -59,9 +59,9 @@ def require(module: str, extra: str, what: str, otherwise: str | None = None) ->
 
 def batch_rows(total: int | None, batch_size: int) -> int:
     """Rows per forward batch: batch_size, or for fewer inputs the power of two that holds them."""
-    from dualenc import evaluate
+    from dualenc import encode
 
-    return evaluate._batch_rows(total, batch_size)
+    return encode.batch_rows(total, batch_size)
 
 
 def shown(name: str) -> str:
@@ -113,7 +113,7 @@ def read_lines(path: str, what: str) -> list[str]:
 def image_files(items: list[str]) -> list[str]:
     """The image files named: files as given, folders walked recursively (img2dataset's 00000/000000001.jpg),
     each folder's images in sorted path order, hidden files and folders left out; and patterns expanded as tar
-    shards are (dualenc.datasets.expand_shards: globs, '**' recursive, and braces), their matches in sorted
+    shards are (dualenc.data.expand_shards: globs, '**' recursive, and braces), their matches in sorted
     order, folders among them walked, files kept when they have an image suffix. A name that is not there, or
     a pattern that matches no image, is an error naming it."""
     found = []
@@ -133,7 +133,7 @@ def image_files(items: list[str]) -> list[str]:
 
 
 def _matches(pattern: str) -> list[str]:
-    from dualenc.datasets import expand_shards
+    from dualenc.data import expand_shards
     from dualenc.errors import DataError
 
     try:

@@ -1,0 +1,235 @@
+"""Batched encoding: images and texts into L2-normalised embeddings, a jitted batch at a time, with a progress
+bar; unreadable images skipped and reported. Metrics on the embeddings are dualenc.evaluate's."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import sys
+from typing import Any, Callable, Iterable, Iterator
+
+import jax
+import numpy as np
+
+from dualenc import model, towers
+from dualenc.config import DualEncoderConfig
+from dualenc.errors import DualEncError, InputError
+from dualenc.processing.processor import image_inputs
+
+PROGRESS_MIN_BATCHES = 4
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _image_embeds(params, config, inputs, dtype=None):
+    return model.normalize(model.get_image_features(params, config, **inputs, dtype=dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _text_embeds(params, config, input_ids, attention_mask, token_type_ids, dtype=None):
+    return model.normalize(model.get_text_features(params, config, input_ids, attention_mask, token_type_ids,
+                                                   dtype=dtype))
+
+
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+    it = iter(items)
+    while batch := list(itertools.islice(it, size)):
+        yield batch
+
+
+def _progress(total: int | None, batch_size: int, progress: bool | None, desc: str):
+    """A tqdm bar for long inputs when stderr is a terminal (or when asked), else None."""
+    if progress is None:
+        long = total is None or total > PROGRESS_MIN_BATCHES * batch_size
+        progress = long and sys.stderr.isatty()
+    if not progress:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="item", file=sys.stderr)
+
+
+def _stream(batches: Iterator[Any], prepare: Callable[[Any], tuple], bar) -> Iterator[tuple[Any, np.ndarray]]:
+    """Runs `prepare` on the host for batch k+1 while the device computes batch k (async dispatch); yields
+    (tag, rows) per batch, `prepare` returning (rows, launch, tag)."""
+    pending = None
+    for batch in batches:
+        n, launch, tag = prepare(batch)
+        del batch  # its raw inputs (image bytes) are not held while the next batch is assembled
+        if not n:
+            continue
+        result = launch()  # dispatched asynchronously; the next batch is prepared meanwhile
+        if pending is not None:
+            yield pending[2], np.asarray(pending[1])[:pending[0]].astype(np.float32)
+            if bar is not None:
+                bar.update(pending[0])
+        pending = (n, result, tag)
+    if pending is not None:
+        yield pending[2], np.asarray(pending[1])[:pending[0]].astype(np.float32)
+        if bar is not None:
+            bar.update(pending[0])
+    if bar is not None:
+        bar.close()
+
+
+def _run(batches: Iterator[Any], prepare: Callable[[Any], tuple], bar) -> np.ndarray | None:
+    outputs = [rows for _, rows in _stream(batches, prepare, bar)]
+    return np.concatenate(outputs) if outputs else None
+
+
+def _check_batch_size(batch_size):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+def pad_rows(arrays: dict, rows: int) -> dict:
+    """Each array (n, ...) padded to `rows` rows by repeating its last row, so every padding row is a valid input
+    (a NaFlex image keeps a mask and a patch grid that agree; a text keeps a token to attend to)."""
+    return {k: v if len(v) >= rows else np.concatenate([v, np.repeat(v[-1:], rows - len(v), axis=0)])
+            for k, v in arrays.items()}
+
+
+def batch_rows(total: int | None, batch_size: int) -> int:
+    """Rows per batch: batch_size, or for fewer items the power of two that holds them (one image is not
+    padded to 32), which still bounds the number of shapes compiled."""
+    if total is None or total >= batch_size:
+        return batch_size
+    return min(batch_size, 1 << max(total - 1, 0).bit_length())
+
+
+def encode_images(params, config: DualEncoderConfig, processor, images: Iterable, *, batch_size: int = 32,
+                  dtype=None, progress: bool | None = None, skipped: list | None = None) -> np.ndarray:
+    """L2-normalised image embeddings for any number of images.
+
+    Args:
+      processor: a Processor, ImageProcessor or NaFlexImageProcessor (whose patch sequences, masks and grids go
+        to the NaFlex vision tower); each batch of images goes through it on the host.
+      images: a list or any iterable (also a generator too large for memory) of PIL images, paths or arrays.
+      batch_size: every batch has this shape (the last one is padded), so the forward compiles once; fewer
+        images than that (in a list) are padded only to the next power of two.
+      progress: show a progress bar; default when the input is long and stderr is a terminal.
+      skipped: a list to collect the images that cannot be read instead of raising: (index, message) pairs are
+        appended, and the rows returned are the readable images' only, in order. Without it the first
+        unreadable image raises an error naming its index among all the images.
+
+    Returns:
+      float32 (n_images, projection_dim), or (n_readable, projection_dim) with `skipped`.
+    """
+    parts = [rows for _, rows in stream_images(params, config, processor, images, batch_size=batch_size, dtype=dtype,
+                                               progress=progress, skipped=skipped)]
+    return np.concatenate(parts) if parts else np.zeros((0, config.projection_dim), np.float32)
+
+
+def stream_images(params, config: DualEncoderConfig, processor, images: Iterable, *, batch_size: int = 32,
+                  dtype=None, progress: bool | None = None,
+                  skipped: list | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """encode_images batch by batch, for inputs too large to hold their embeddings in memory.
+
+    Arguments as encode_images'; an iterable without a length (a generator) is always cut into batches of
+    exactly `batch_size` rows.
+
+    Yields:
+      (positions int64 (n,), embeddings float32 (n, projection_dim)) per batch: the positions in `images` of
+      the rows (with `skipped`, the unreadable images' are absent; they are appended to `skipped` before the
+      batch holding them is yielded).
+    """
+    _check_batch_size(batch_size)
+    total = len(images) if hasattr(images, "__len__") else None
+    batch_size = batch_rows(total, batch_size)
+    seen = [0]
+
+    def prepare(batch):
+        start, seen[0] = seen[0], seen[0] + len(batch)
+        failures = None if skipped is None else []
+        try:
+            inputs = image_inputs(processor, batch)
+        except (DualEncError, OSError, ValueError):
+            inputs = _readable_inputs(processor, batch, start, failures)
+        if failures:
+            skipped.extend(failures)
+        if inputs is None:
+            return 0, None, None
+        bad = {i for i, _ in failures or ()}
+        positions = np.asarray([i for i in range(start, start + len(batch)) if i not in bad], np.int64)
+        n = len(inputs["pixel_values"])
+        inputs["pixel_values"] = np.asarray(inputs["pixel_values"], np.float32)
+        inputs = pad_rows(inputs, batch_size)
+        return n, lambda: _image_embeds(params, config, inputs, dtype=dtype), positions
+
+    yield from _stream(_batches(images, batch_size), prepare, _progress(total, batch_size, progress, "images"))
+
+
+def _readable_inputs(processor, batch: list, start: int, skipped: list | None) -> dict | None:
+    """A batch that failed as a whole, one image at a time: the unreadable ones are named by their index among
+    all images and raised (skipped None) or collected; returns the readable ones' inputs, or None."""
+    rows = []
+    for j, image in enumerate(batch):
+        try:
+            rows.append(image_inputs(processor, [image]))
+        except (DualEncError, OSError, ValueError) as e:
+            message = str(e) or type(e).__name__
+            if message.startswith("image 0"):  # the processor numbers its own one-image batch
+                message = f"image {start + j}" + message[len("image 0"):]
+            if skipped is None:
+                raise type(e)(message) from None
+            skipped.append((start + j, message))
+    if not rows:
+        return None
+    return {k: np.concatenate([row[k] for row in rows]) for k in rows[0]}
+
+
+def length_buckets(max_length: int, smallest: int = 8) -> tuple[int, ...]:
+    """Padded sequence lengths: powers of two from `smallest`, and max_length itself."""
+    buckets, length = [], smallest
+    while length < max_length:
+        buckets.append(length)
+        length *= 2
+    return tuple(buckets) + (max_length,)
+
+
+def encode_texts(params, config: DualEncoderConfig, tokenizer, texts: Iterable[str], *, batch_size: int = 64,
+                 max_length: int | None = None, dtype=None, progress: bool | None = None) -> np.ndarray:
+    """L2-normalised text embeddings for any number of texts.
+
+    Each batch is padded to `batch_size` rows and to the smallest length bucket (powers of two up to
+    max_length) that holds its longest text, so there is one compilation per bucket, not per batch. A text
+    tower that pools the last position (SigLIP, SigLIP 2) gets every text padded to max_length instead, as it
+    was trained: a shorter padding would give other embeddings.
+
+    Args:
+      tokenizer: a Processor or Tokenizer.
+      texts: a list or any iterable of strings.
+      max_length: truncation length; default the tokenizer's.
+
+    Returns:
+      float32 (n_texts, projection_dim).
+    """
+    _check_batch_size(batch_size)
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    max_length = max_length or tokenizer.max_length
+    last = towers.family(config.text).pooling == "last"
+    buckets = (max_length,) if last else length_buckets(max_length)
+    total = len(texts) if hasattr(texts, "__len__") else None
+    batch_size = batch_rows(total, batch_size)
+    pad_id = tokenizer.pad_token_id or 0
+
+    def prepare(batch):
+        enc = tokenizer(batch, max_length=max_length, padding="max_length" if last else "longest")
+        length = next(b for b in buckets if b >= enc["input_ids"].shape[1])
+        arrays = {}
+        for name, fill in (("input_ids", pad_id), ("attention_mask", 0), ("token_type_ids", 0)):
+            if name not in enc:  # CLIP-style tokenizers give no token types, SigLIP's hub ones no mask
+                arrays[name] = None
+                continue
+            a = np.asarray(enc[name], np.int32)
+            padded = np.full((batch_size, length), fill, np.int32)
+            padded[:a.shape[0], :a.shape[1]] = a
+            arrays[name] = padded
+        if arrays["attention_mask"] is not None:
+            arrays["attention_mask"][len(batch):, 0] = 1  # padding rows attend to one token, not to none
+        return len(batch), lambda: _text_embeds(params, config, arrays["input_ids"], arrays["attention_mask"],
+                                                arrays["token_type_ids"], dtype=dtype), None
+
+    out = _run(_batches(texts, batch_size), prepare, _progress(total, batch_size, progress, "texts"))
+    return np.zeros((0, config.projection_dim), np.float32) if out is None else out
