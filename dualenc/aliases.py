@@ -105,4 +105,4 @@ def _load(name: str) -> types.ModuleType:
 
 
 if not any(isinstance(f, type) and f.__name__ == "_Finder" and f.__module__ == __name__ for f in sys.meta_path):
-    sys.meta_path.append(_Finder)
+    sys.meta_path.insert(0, _Finder)  # before the path finders: a stale folder of an old name must not win

@@ -145,7 +145,7 @@ def test_prepare_streams_caption_files(tmp_path, monkeypatch):
     lines = [json.dumps(r) for r in rows[:3]] + ["{broken", ""] + [json.dumps(r) for r in rows[3:]]
     jsonl = data / "pairs.jsonl"
     jsonl.write_text("\n".join(lines) + "\n")
-    monkeypatch.setattr(dualenc.data, "MAX_CAPTION_FILE", 16)  # read_pairs refuses it now; prepare streams it
+    monkeypatch.setattr(dualenc.data.pairs, "MAX_CAPTION_FILE", 16)  # read_pairs refuses it now; prepare streams it
     with pytest.raises(DataError, match="over"):
         dualenc.data.read_pairs(jsonl)
 

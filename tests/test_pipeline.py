@@ -248,7 +248,7 @@ def test_lit_cache_parts_are_built_by_their_processes(processor, tmp_path, monke
 
 
 def test_train_converts_a_caption_file_past_the_limit_once(tmp_path, monkeypatch):
-    """`dualenc train --data pairs.jsonl` reads a small caption file whole; past data.MAX_CAPTION_FILE it streams
+    """`dualenc train --data pairs.jsonl` reads a small caption file whole; past data.pairs.MAX_CAPTION_FILE it streams
     it once into OUT/prepared (ArrayRecord) and trains from there; a rerun reuses the conversion."""
     import json
 
@@ -264,7 +264,7 @@ def test_train_converts_a_caption_file_past_the_limit_once(tmp_path, monkeypatch
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     small = training_data([str(tmp_path / "pairs.jsonl")], str(tmp_path / "out" / "prepared"))
     assert isinstance(small, data.PairDataset) and not (tmp_path / "out" / "prepared").exists()
-    monkeypatch.setattr(data, "MAX_CAPTION_FILE", 16)
+    monkeypatch.setattr(data.pairs, "MAX_CAPTION_FILE", 16)
     big = training_data([str(tmp_path / "pairs.jsonl")], str(tmp_path / "out" / "prepared"))
     assert isinstance(big, RecordSource) and len(big) == len(small) == 5
     for i in range(len(big)):

@@ -22,11 +22,12 @@ from dualenc.errors import DualEncError
 
 
 def training_data(inputs: list[str], prepared: str, *, image_root=None, allow_outside=False):
-    """What --data names, as fit() takes it: a caption file (.jsonl/.csv/.tsv) up to data.MAX_CAPTION_FILE read
+    """What --data names, as fit() takes it: a caption file (.jsonl/.csv/.tsv) up to dualenc.data.pairs.MAX_CAPTION_FILE read
     into a PairDataset; a folder written by `dualenc prepare` as a RecordSource (its images outside it only
     with image_root or allow_outside); webdataset tars, or a larger caption file, converted once (streamed,
     resumably) into `prepared` and read from there, their images where the inputs name them."""
     from dualenc import data
+    from dualenc.data import pairs
     from dualenc.data import RecordSource, expand_shards, prepare
     from dualenc.data.prepare import image_root_for
     from dualenc.data.records import MANIFEST
@@ -34,7 +35,7 @@ def training_data(inputs: list[str], prepared: str, *, image_root=None, allow_ou
     if len(inputs) == 1 and os.path.isfile(os.path.join(inputs[0], MANIFEST)):
         return RecordSource(inputs[0], image_root=image_root, allow_outside=allow_outside)
     captions = len(inputs) == 1 and inputs[0].lower().endswith((".jsonl", ".json", ".csv", ".tsv"))
-    if captions and os.path.isfile(inputs[0]) and os.path.getsize(inputs[0]) <= data.MAX_CAPTION_FILE:
+    if captions and os.path.isfile(inputs[0]) and os.path.getsize(inputs[0]) <= pairs.MAX_CAPTION_FILE:
         return data.read_pairs(inputs[0], image_root=image_root, allow_outside=allow_outside)
     if captions and not os.path.isfile(inputs[0]):
         raise FileNotFoundError(f"caption file not found: {inputs[0]}")

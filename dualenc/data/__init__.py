@@ -14,7 +14,6 @@ array_record and grain are imported only when shards are read or written, or bat
 from dualenc.data.pairs import (
     DIGIT_TEMPLATES,
     DIGIT_WORDS,
-    MAX_CAPTION_FILE,
     Batches,
     PairDataset,
     load_digits,
@@ -36,7 +35,6 @@ from dualenc.data.webdataset import Sample, expand_braces, expand_shards, iter_t
 __all__ = [
     "DIGIT_TEMPLATES",
     "DIGIT_WORDS",
-    "MAX_CAPTION_FILE",
     "Batches",
     "GlobalOrder",
     "PairDataset",

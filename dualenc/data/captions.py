@@ -1,7 +1,8 @@
-"""Caption files (JSONL, CSV, TSV) streamed line by line from a byte offset, each row made a path record.
+"""Caption files (JSONL, CSV, TSV): the one reader of their rows and the one rule for what a row means.
 
-The row rules are dualenc.data.read_pairs' (the same keys, the same reasons for skipped rows), but the file is
-never read whole and the images are not looked at: a missing image is the reader's business later.
+`rows` streams a file line by line from a byte offset (never read whole); `parse_row` turns a row into an image
+path, its captions and label, or the reason it is skipped. `read_pairs` (dualenc.data.pairs) and `prepare`'s
+path records (`row_record`) both read through them, so they skip the same rows for the same reasons.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import json
 import os
 from typing import Iterator
 
-from dualenc.data.pairs import CAPTION_KEYS, IMAGE_KEYS, resolve_image
 from dualenc.data.records import encode_record
 from dualenc.errors import DataError
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
+IMAGE_KEYS = ("image", "file_name", "filename", "filepath", "path")
+CAPTION_KEYS = ("caption", "captions", "text")
 MAX_LINE = 16 << 20
 OUTSIDE = "path outside the data folder"
 
@@ -24,8 +26,9 @@ class Lines:
     """The decoded lines of a binary file; `pos` is the byte offset after the last line handed out, and `bad`
     is set when a line was not UTF-8 or over MAX_LINE bytes (it is handed out as an empty line)."""
 
-    def __init__(self, f):
+    def __init__(self, f, strict_utf8: bool = False, name: str = ""):
         self.f, self.pos, self.bad = f, f.tell(), False
+        self.strict_utf8, self.name = strict_utf8, name
 
     def seek(self, offset: int) -> None:
         self.f.seek(offset)
@@ -47,7 +50,10 @@ class Lines:
                 line = line[3:]
             try:
                 yield line.decode("utf-8")
-            except UnicodeDecodeError:
+            except UnicodeDecodeError as e:
+                if self.strict_utf8:
+                    raise DataError(f"caption file {self.name} is not UTF-8 text (the line at byte {start}: {e})") \
+                        from None
                 self.bad = True
                 yield "\n"
 
@@ -94,9 +100,10 @@ def _csv_rows(path: str, lines: Lines, start: int) -> Iterator[dict | None]:
             yield record
 
 
-def rows(path: str, start: int = 0) -> Iterator[tuple[dict | None, int]]:
+def rows(path: str, start: int = 0, *, strict_utf8: bool = False) -> Iterator[tuple[dict | None, int]]:
     """(row, byte offset after it) of a caption file from byte offset `start` (a row boundary an earlier pass
-    reported); a row that cannot be parsed is None."""
+    reported); a row that cannot be parsed is None, and so is a line that is not UTF-8, unless strict_utf8 (then
+    it is a DataError naming the file)."""
     if not path.lower().endswith(SUFFIXES):
         raise DataError(f"caption file {path} must end in .jsonl, .csv or .tsv")
     try:
@@ -104,7 +111,7 @@ def rows(path: str, start: int = 0) -> Iterator[tuple[dict | None, int]]:
     except FileNotFoundError:
         raise FileNotFoundError(f"caption file not found: {path}") from None
     with f:
-        lines = Lines(f)
+        lines = Lines(f, strict_utf8, path)
         if path.lower().endswith((".jsonl", ".json")):
             lines.seek(start)
             parsed = _json_rows(lines)
@@ -114,16 +121,31 @@ def rows(path: str, start: int = 0) -> Iterator[tuple[dict | None, int]]:
             yield row, lines.pos
 
 
+def resolve_image(root: str, name: str, allow_outside: bool) -> str | None:
+    """The image path for a caption-file entry; None if it escapes the data folder (unless allowed).
+
+    The path is inside when it is, as written (".." resolved, symlinks not), or once both it and the folder
+    are resolved: a caption file cannot climb out of the folder, a symlinked image folder that the data's owner
+    put inside it is followed, and a data folder reached through a symlink still holds its own files.
+    """
+    root = os.path.abspath(root)
+    path = os.path.normpath(os.path.join(root, name))
+    if allow_outside or _inside(path, root) or _inside(os.path.realpath(path), os.path.realpath(root)):
+        return path
+    return None
+
+
+def _inside(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
 def _escapes(rel: str) -> bool:
     return os.path.isabs(rel) or rel == os.pardir or rel.startswith(os.pardir + os.sep) or rel == os.curdir
 
 
-def row_record(row, file_root: str, image_root: str, allow_outside: bool) -> bytes | str:
-    """The encoded path record of one row, or the reason it is skipped (read_pairs' reasons).
-
-    The image is resolved against file_root (and refused outside it unless allow_outside), then named relative to
-    image_root, which holds file_root (or is the filesystem root when outside paths are allowed).
-    """
+def parse_row(row, root: str, allow_outside: bool) -> tuple[str, list[str], str | None] | str:
+    """(image path, captions, label or None) of one row, its image resolved against `root` (refused outside it
+    unless allow_outside; not looked at), or the reason the row is skipped."""
     if not isinstance(row, dict):
         return "malformed row"
     name = next((row[k] for k in IMAGE_KEYS if isinstance(row.get(k), str) and row[k].strip()), None)
@@ -136,17 +158,30 @@ def row_record(row, file_root: str, image_root: str, allow_outside: bool) -> byt
         return "empty caption"
     if "\x00" in name:
         return "invalid path"
-    image = resolve_image(file_root, name.strip(), allow_outside)
+    image = resolve_image(root, name.strip(), allow_outside)
     if image is None:
         return OUTSIDE
+    label = row.get("label")
+    label = str(label).strip() if isinstance(label, (str, int)) and not isinstance(label, bool) \
+        and str(label).strip() else None
+    return image, texts, label
+
+
+def row_record(row, file_root: str, image_root: str, allow_outside: bool) -> bytes | str:
+    """The encoded path record of one row, or the reason it is skipped (parse_row's reasons).
+
+    The image is resolved against file_root (and refused outside it unless allow_outside), then named relative to
+    image_root, which holds file_root (or is the filesystem root when outside paths are allowed).
+    """
+    parsed = parse_row(row, file_root, allow_outside)
+    if isinstance(parsed, str):
+        return parsed
+    image, texts, label = parsed
     rel = os.path.relpath(image, image_root)
     if _escapes(rel):  # inside only once resolved: a data folder reached through a symlink
         rel = os.path.relpath(os.path.realpath(image), os.path.realpath(image_root))
         if _escapes(rel):
             return "invalid path" if rel == os.curdir else OUTSIDE
-    label = row.get("label")
-    label = str(label).strip() if isinstance(label, (str, int)) and not isinstance(label, bool) \
-        and str(label).strip() else None
     try:
         return encode_record(rel, texts, path=rel, label=label)
     except DataError:  # text that is not valid Unicode (a lone surrogate from a JSON escape)

@@ -7,22 +7,18 @@ counted, never silently: `PairDataset.skipped` and `Batches.skipped` hold the co
 from __future__ import annotations
 
 import collections
-import csv
-import io
-import json
 import os
 import queue
 import threading
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from dualenc.data import captions as caption_files
 from dualenc.errors import DataError
 from dualenc.processing.processor import image_inputs
 
 MAX_CAPTION_FILE = 1 << 30
-IMAGE_KEYS = ("image", "file_name", "filename", "filepath", "path")
-CAPTION_KEYS = ("caption", "captions", "text")
 
 
 class PairDataset(NamedTuple):
@@ -59,65 +55,6 @@ class PairDataset(NamedTuple):
         return {"image_labels": labels, "text_labels": labels[np.asarray(self.caption_image)]}
 
 
-def resolve_image(root: str, name: str, allow_outside: bool) -> str | None:
-    """The image path for a caption-file entry; None if it escapes the data folder (unless allowed).
-
-    The path is inside when it is, as written (".." resolved, symlinks not), or once both it and the folder
-    are resolved: a caption file cannot climb out of the folder, a symlinked image folder that the data's owner
-    put inside it is followed, and a data folder reached through a symlink still holds its own files.
-    """
-    root = os.path.abspath(root)
-    path = os.path.normpath(os.path.join(root, name))
-    if allow_outside or _inside(path, root) or _inside(os.path.realpath(path), os.path.realpath(root)):
-        return path
-    return None
-
-
-def _inside(path: str, folder: str) -> bool:
-    return os.path.commonpath([path, folder]) == folder
-
-
-def _rows(path: str) -> Iterator[Any]:
-    if not path.lower().endswith((".jsonl", ".json", ".csv", ".tsv")):
-        raise DataError(f"caption file {path} must end in .jsonl, .csv or .tsv")
-    try:
-        size = os.path.getsize(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"caption file not found: {path}") from None
-    if size > MAX_CAPTION_FILE:
-        raise DataError(f"caption file {path} is over {MAX_CAPTION_FILE >> 20} MiB")
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"caption file {path} is not UTF-8 text: {e}") from None
-    if path.lower().endswith((".jsonl", ".json")):
-        for line in text.splitlines():
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except (json.JSONDecodeError, RecursionError):
-                    yield None
-    else:
-        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if path.lower().endswith(".tsv") else ",")
-        try:
-            reader.fieldnames
-        except csv.Error as e:  # e.g. a bare carriage return inside an unquoted header field
-            raise DataError(f"caption file {path}: its header line cannot be parsed as CSV ({e})") from None
-        if not reader.fieldnames or not (set(reader.fieldnames) & set(IMAGE_KEYS)) \
-                or not (set(reader.fieldnames) & set(CAPTION_KEYS)):
-            raise DataError(f"caption file {path} needs a header with an image column ({', '.join(IMAGE_KEYS)}) "
-                            f"and a caption column ({', '.join(CAPTION_KEYS)}), got {reader.fieldnames}")
-        while True:
-            try:
-                yield next(reader)
-            except StopIteration:
-                return
-            except csv.Error:  # e.g. a bare carriage return inside an unquoted field: this row is malformed
-                yield None
-
-
 def read_pairs(path: str | os.PathLike, *, image_root: str | os.PathLike | None = None,
                allow_outside: bool = False) -> PairDataset:
     """Reads image-caption pairs from a JSONL or CSV file.
@@ -133,36 +70,28 @@ def read_pairs(path: str | os.PathLike, *, image_root: str | os.PathLike | None 
     index: dict[str, int] = {}
     images, captions, owner, labels = [], [], [], {}
     skipped = collections.Counter()
-    for row in _rows(path):
-        if not isinstance(row, dict):
-            skipped["malformed row"] += 1
+    if not path.lower().endswith(caption_files.SUFFIXES):
+        raise DataError(f"caption file {path} must end in .jsonl, .csv or .tsv")
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"caption file not found: {path}") from None
+    if size > MAX_CAPTION_FILE:
+        raise DataError(f"caption file {path} is over {MAX_CAPTION_FILE >> 20} MiB")
+    for row, _ in caption_files.rows(path, strict_utf8=True):
+        parsed = caption_files.parse_row(row, root, allow_outside)
+        if isinstance(parsed, str):
+            skipped[parsed] += 1
             continue
-        name = next((row[k] for k in IMAGE_KEYS if isinstance(row.get(k), str) and row[k].strip()), None)
-        texts = next((row[k] for k in CAPTION_KEYS if row.get(k) is not None), None)
-        texts = texts if isinstance(texts, list) else [texts]
-        texts = [t.strip() for t in texts if isinstance(t, str) and t.strip()]
-        if name is None:
-            skipped["no image"] += 1
-            continue
-        if not texts:
-            skipped["empty caption"] += 1
-            continue
-        if "\x00" in name:
-            skipped["invalid path"] += 1
-            continue
-        image = resolve_image(root, name.strip(), allow_outside)
-        if image is None:
-            skipped["path outside the data folder"] += 1
-            continue
+        image, texts, label = parsed
         if not os.path.isfile(image):
             skipped["missing image"] += 1
             continue
         if image not in index:
             index[image] = len(images)
             images.append(image)
-        label = row.get("label")
-        if isinstance(label, (str, int)) and not isinstance(label, bool) and str(label).strip():
-            labels[index[image]] = str(label).strip()
+        if label is not None:
+            labels[index[image]] = label
         captions.extend(texts)
         owner.extend([index[image]] * len(texts))
     if not captions:

@@ -124,7 +124,7 @@ def decode_record(data: bytes) -> Record:
 def record_image_path(record: Record, root: str | os.PathLike | None, *, allow_outside: bool = False) -> str | None:
     """The image file a path record names under `root`; None when it escapes the root (dualenc.data's rule:
     inside as written, or once both are resolved), unless allow_outside."""
-    from dualenc.data.pairs import resolve_image
+    from dualenc.data.captions import resolve_image
 
     if record.path is None:
         raise DataError(f"record {record.key!r} carries its image bytes, it names no path")
@@ -251,7 +251,7 @@ class RecordSource:
         self._setup()
 
     def _image_root(self, given) -> str | None:
-        from dualenc.data.pairs import resolve_image
+        from dualenc.data.captions import resolve_image
 
         if given is not None:
             given = os.path.abspath(os.fspath(given))
