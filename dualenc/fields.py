@@ -67,6 +67,7 @@ class TowerConfig:
     # Keys of config.json that change the computation in ways dualenc does not implement, with the one value
     # (or predicate) it accepts; anything else raises instead of being ignored.
     rejected: ClassVar[Mapping[str, Any]] = {}
+    size_fields: ClassVar[str] = "the sizes"  # what a ConfigError for too many parameters asks to check
 
     @property
     def name(self) -> str:
@@ -99,14 +100,11 @@ class TowerConfig:
         self._validate()
 
     def _validate(self):
-        hidden, heads = self.hidden_size, self.num_attention_heads
-        if hidden % heads:
-            fail(self.name, "num_attention_heads",
-                  f"must divide hidden_size: {hidden} is not a multiple of {heads}")
+        """Checks across fields, after each field's own check; subclasses add theirs and call this last."""
         count = self.num_params()
         if count > MAX_PARAMS:
             raise ConfigError(f"{self.name}: sizes give {count:,} parameters, over the limit of "
-                              f"{MAX_PARAMS:,}; check hidden_size, intermediate_size, num_hidden_layers")
+                              f"{MAX_PARAMS:,}; check {self.size_fields}")
 
     def num_params(self) -> int:
         """How many parameters the tower's init makes, from the shapes alone (nothing is allocated)."""
@@ -157,6 +155,19 @@ class TowerConfig:
             return cls(**kwargs)
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
+
+
+class TransformerConfig(TowerConfig):
+    """The config base of a transformer tower: hidden_size splits into num_attention_heads heads."""
+
+    size_fields: ClassVar[str] = "hidden_size, intermediate_size, num_hidden_layers"
+
+    def _validate(self):
+        hidden, heads = self.hidden_size, self.num_attention_heads
+        if hidden % heads:
+            fail(self.name, "num_attention_heads",
+                  f"must divide hidden_size: {hidden} is not a multiple of {heads}")
+        super()._validate()
 
 
 def same_head_dim(value, d):

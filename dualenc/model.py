@@ -1,4 +1,4 @@
-"""The dual encoder: both towers, bias-free projections, L2-normalised embeddings and scaled logits."""
+"""The dual encoder: both towers, projections (as its kind says), L2-normalised embeddings and scaled logits."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dualenc import layers, towers
-from dualenc.config import DualEncoderConfig
+from dualenc import layers, params as declare, towers
+from dualenc.config import DualEncoderConfig, pooled_size
+from dualenc.towers.family import IGNORABLE, OPTIONS, POOLINGS
 from dualenc.towers.inputs import check_text_inputs
 from dualenc.errors import InputError
 
@@ -28,47 +29,67 @@ class DualEncoderOutput(NamedTuple):
     vision_outputs: layers.TowerOutput
 
 
-def _projection(normal: layers.Normal, d_in: int, projection_dim: int) -> layers.Params:
-    return {"kernel": normal((d_in, projection_dim), PROJECTION_INIT_STD)}
+def _projection(name: str, d_in: int, projection_dim: int, bias: bool = False) -> list[declare.Param]:
+    return declare.dense((name,), d_in, projection_dim, PROJECTION_INIT_STD, ("embed", "projection"), bias=bias,
+                         group="model")
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def projection_init(key: jax.Array, d_in: int, projection_dim: int) -> layers.Params:
-    return layers.init_params(key, lambda normal: _projection(normal, d_in, projection_dim))
+@functools.lru_cache(maxsize=32)
+def specs(config: DualEncoderConfig) -> tuple[declare.Param, ...]:
+    """Every param of the model, declared once (see dualenc.params): each tower's specs under its side, then
+    the model's own (own_specs)."""
+    out = [p for side in towers.SIDES for p in declare.under(
+        (side,), towers.family(getattr(config, side)).module.specs(getattr(config, side)))]
+    widths = {name: (pooled_size(getattr(config, side)), config.projection_dim)
+              for side, name in PROJECTIONS.items()} if config.kind.has_projections else {}
+    return tuple(out + own_specs(widths, config.kind.projections == "bias", config.logit_scale_init_value,
+                                 config.logit_bias_init_value))
 
 
-@functools.partial(jax.jit, static_argnames=("stacked",))
+def own_specs(projections: dict[str, tuple[int, int]], bias: bool, logit_scale: float,
+              logit_bias: float | None) -> list[declare.Param]:
+    """The dual encoder's own params: logit_scale, the projections ({name: (in, out)}, N(0, 0.02) kernels, zero
+    biases with `bias`), logit_bias unless None; with big_vision's names for the logit scale and bias."""
+    out = [declare.Param(("logit_scale",), (), (), declare.constant(logit_scale), bv="t", bv_kind="scalar",
+                         group="model")]
+    for name, (d_in, d_out) in projections.items():
+        out += _projection(name, d_in, d_out, bias)
+    if logit_bias is not None:
+        out.append(declare.Param(("logit_bias",), (), (), declare.constant(logit_bias), bv="b", bv_kind="scalar",
+                                 group="model"))
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def projection_init(key: jax.Array, d_in: int, projection_dim: int, bias: bool = False) -> layers.Params:
+    return declare.init(key, _projection("projection", d_in, projection_dim, bias))["projection"]
+
+
 def init(key: jax.Array, config: DualEncoderConfig, *, stacked: bool = False) -> layers.Params:
     """Random params: towers as transformers initialises them, projections N(0, 0.02), logit_scale from config.
 
-    Returns a dict with keys "vision", "text", "visual_projection", "text_projection" (not for SigLIP, whose
-    towers end in their own heads), "logit_scale" (and "logit_bias" when the config has
-    logit_bias_init_value). All random numbers come from one chunked draw
-    (layers.init_params), each param a distinct slice of it. Each tower's "encoder" is a tuple of per-layer
-    dicts, or with stacked=True one dict whose leaves carry a leading depth axis (see unstack_layers); the
-    numbers are the same in both layouts.
+    Returns a dict with keys "vision", "text", "visual_projection", "text_projection" (for the kinds with
+    projections: not SigLIP, whose towers end in their own heads), "logit_scale" (and "logit_bias" when the
+    config has logit_bias_init_value), as `specs(config)` declares them. All random numbers come from one
+    chunked draw (dualenc.params.draw), each param a distinct slice of it, in one jitted program. Each tower's
+    per-layer stacks (its family's `stacks`: a transformer's "encoder") are tuples of per-layer dicts, or with
+    stacked=True one dict whose leaves carry a leading depth axis (see unstack_layers); the numbers are the
+    same in both layouts.
     """
-    def build(normal):
-        params = {
-            "vision": towers.family(config.vision).build(normal, config.vision),
-            "text": towers.family(config.text).build(normal, config.text),
-            "logit_scale": jnp.asarray(config.logit_scale_init_value, jnp.float32),
-        }
-        if config.projections:
-            params["visual_projection"] = _projection(normal, config.vision.hidden_size, config.projection_dim)
-            params["text_projection"] = _projection(normal, _pooled_size(config.text), config.projection_dim)
-        if config.logit_bias_init_value is not None:
-            params["logit_bias"] = jnp.asarray(config.logit_bias_init_value, jnp.float32)
-        return params
-    params = layers.init_params(key, build)
-    return params if stacked else unstack_layers(params)
+    params = _stacked_init(key, config)
+    return params if stacked else declare.unstack(params, specs(config))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _stacked_init(key: jax.Array, config: DualEncoderConfig) -> layers.Params:
+    return declare.init(key, specs(config))
 
 
 @functools.lru_cache(maxsize=32)
 def expected_shapes(config: DualEncoderConfig) -> dict[str, tuple[int, ...]]:
     """{"vision/encoder/mlp/fc1/kernel": shape, ...} of the params `init` makes for `config` (a per-layer
     encoder shown as the stacked shapes it stands for)."""
-    return _shape_table(jax.eval_shape(functools.partial(init, stacked=True), jax.random.key(0), config))
+    return declare.shapes(specs(config))
 
 
 def with_layout(params: dict, stacked: bool) -> dict:
@@ -94,24 +115,28 @@ def unstack_layers(params: dict) -> dict:
 
 
 def _map_encoders(params: dict, fn) -> dict:
+    """params with fn applied to each tower's per-layer stacks (the names its family gives in `stacks`)."""
     out = dict(params)
-    for tower in ("vision", "text"):
-        if isinstance(out.get(tower), dict) and "encoder" in out[tower]:
-            out[tower] = {**out[tower], "encoder": fn(out[tower]["encoder"])}
+    for side in towers.SIDES:
+        tower = out.get(side)
+        names = [name for name in towers.stack_names() if name in tower] if isinstance(tower, dict) else []
+        if names:
+            out[side] = {**tower, **{name: fn(tower[name]) for name in names}}
     return out
 
 
 def _shape_table(params: dict) -> dict[str, tuple[int, ...]]:
-    """{"a/b/c": shape}, with a tuple of per-layer encoder dicts shown as the stacked shapes it stands for."""
+    """{"a/b/c": shape}, with a tuple of per-layer dicts (a stack) shown as the stacked shapes it stands for."""
     flat = {}
+    stacks = towers.stack_names()
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         keys = [getattr(k, "key", getattr(k, "idx", k)) for k in path]
-        if len(keys) > 2 and keys[1] == "encoder" and isinstance(keys[2], int):
+        if len(keys) > 2 and keys[1] in stacks and isinstance(keys[2], int):
             name = "/".join(map(str, keys[:2] + keys[3:]))
-            count = len(params[keys[0]]["encoder"])
+            count = len(params[keys[0]][keys[1]])
             shape = (count,) + tuple(np.shape(leaf))
             if flat.setdefault(name, shape) != shape:
-                raise InputError(f"params: the layers of {keys[0]}/encoder differ in shape at {name}")
+                raise InputError(f"params: the layers of {keys[0]}/{keys[1]} differ in shape at {name}")
             continue
         flat["/".join(map(str, keys))] = tuple(np.shape(leaf))
     return flat
@@ -124,17 +149,7 @@ def check_params(params: Any, config: DualEncoderConfig) -> None:
     """
     if not isinstance(params, dict):
         raise InputError(f"params must be the nested dict init/load_pretrained return, got {type(params).__name__}")
-    shapes = _shape_table(params)
-    expected = expected_shapes(config)
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected))
-    wrong = sorted(f"{k} {shapes[k]} (expected {expected[k]})"
-                   for k in set(shapes) & set(expected) if shapes[k] != expected[k])
-    if missing or unexpected or wrong:
-        parts = [f"{label} {', '.join(items[:20])}{' ...' if len(items) > 20 else ''}"
-                 for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-                 if items]
-        raise InputError("params do not match the config: " + "; ".join(parts))
+    declare.check_tree(expected_shapes(config), _shape_table(params), "params do not match the config")
 
 
 def _static_flags(**flags):
@@ -147,13 +162,8 @@ def _static_flags(**flags):
 PROJECTIONS = {"vision": "visual_projection", "text": "text_projection"}
 
 
-def _pooled_size(tower) -> int:
-    """The size of a tower's pooled output (a SigLIP text tower's head may change it)."""
-    return getattr(tower, "projection_size", tower.hidden_size)
-
-
 def project(params: layers.Params, side: str, pooled: jax.Array, dtype=None) -> jax.Array:
-    """A tower's pooled output through its bias-free projection, in float32 (not normalised); models without
+    """A tower's pooled output through its projection, in float32 (not normalised); models without
     projections (SigLIP) embed with the pooled output itself."""
     kernel_params = params.get(PROJECTIONS[side])
     if kernel_params is None:
@@ -181,7 +191,8 @@ def run_tower(params: layers.Params, config: DualEncoderConfig, side: str, input
     a dict that may hold the other side's inputs too; an input of this side the tower does not take is an error.
 
     pooled: only pooler_output will be read, so the tower may skip work that does not reach it (pooled_only,
-    where its family supports it). flags: the tower apply's keyword arguments.
+    where its family supports it). flags: the tower apply's keyword arguments (attention, the attention
+    implementation's name, among them).
     """
     tower_config = getattr(config, side)
     family = towers.family(tower_config)
@@ -192,38 +203,49 @@ def run_tower(params: layers.Params, config: DualEncoderConfig, side: str, input
     args = [inputs.get(name) for name in family.input_names]
     if pooled and family.pooled_only:
         flags["pooled_only"] = True
-    return family.apply(params[side], tower_config, *args, **flags)
+    return family.apply(params[side], tower_config, *args, **_options(family, side, flags))
+
+
+def _options(family: towers.Family, side: str, flags: dict) -> dict:
+    """flags without the options (towers.family.OPTIONS) the family does not list: at their defaults (None,
+    False) or only choosing how a computation runs (IGNORABLE) they are dropped, else refused."""
+    out = {}
+    for name, value in flags.items():
+        if name not in OPTIONS or name in family.options:
+            out[name] = value
+        elif value not in (None, False) and name not in IGNORABLE:
+            raise InputError(f"{name} is not supported by the {side} tower ({family.name}); leave it unset")
+    return out
 
 
 def _vision_flags(config: DualEncoderConfig, interpolate_pos_encoding: bool) -> dict:
-    if "spatial_shapes" in towers.family(config.vision).input_names:  # NaFlex: positions resized per image
-        if interpolate_pos_encoding:
-            raise InputError("interpolate_pos_encoding does not apply to a NaFlex vision tower: it resizes its "
-                             "positions to every image's own grid (spatial_shapes)")
-        return {}
-    return {"interpolate_pos_encoding": interpolate_pos_encoding}
+    return {"interpolate_pos_encoding": interpolate_pos_encoding}  # refused by towers without the option
 
 
 def get_image_features(params: layers.Params, config: DualEncoderConfig, pixel_values: jax.Array,
                        pixel_attention_mask=None, spatial_shapes=None, *, interpolate_pos_encoding: bool = False,
-                       dtype=None) -> jax.Array:
+                       dtype=None, attention: str | None = None) -> jax.Array:
     """Projected (not normalised) image features, float32 (n_images, projection_dim). NaFlex models (SigLIP 2)
-    also take pixel_attention_mask and spatial_shapes, as dualenc.NaFlexImageProcessor gives them."""
+    also take pixel_attention_mask and spatial_shapes, as dualenc.NaFlexImageProcessor gives them. attention:
+    as in `apply`."""
     check_params(params, config)
     _static_flags(interpolate_pos_encoding=interpolate_pos_encoding)
     inputs = dict(pixel_values=pixel_values, pixel_attention_mask=pixel_attention_mask, spatial_shapes=spatial_shapes)
     out = run_tower(params, config, "vision", inputs, pooled=True, dtype=dtype,
+                    attention=layers.resolve_attention(attention, dtype),
                     **_vision_flags(config, interpolate_pos_encoding))
     return project(params, "vision", out.pooler_output, dtype)
 
 
 def get_text_features(params: layers.Params, config: DualEncoderConfig, input_ids: jax.Array,
-                      attention_mask=None, token_type_ids=None, position_ids=None, *, dtype=None) -> jax.Array:
-    """Projected (not normalised) text features, float32 (n_texts, projection_dim)."""
+                      attention_mask=None, token_type_ids=None, position_ids=None, *, dtype=None,
+                      attention: str | None = None) -> jax.Array:
+    """Projected (not normalised) text features, float32 (n_texts, projection_dim). attention: as in `apply`."""
     check_params(params, config)
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                   position_ids=position_ids)
-    out = run_tower(params, config, "text", inputs, pooled=True, dtype=dtype)
+    out = run_tower(params, config, "text", inputs, pooled=True, dtype=dtype,
+                    attention=layers.resolve_attention(attention, dtype))
     return project(params, "text", out.pooler_output, dtype)
 
 
@@ -232,7 +254,7 @@ def apply(params: layers.Params, config: DualEncoderConfig, *, input_ids: jax.Ar
           spatial_shapes=None, train: bool = False, dropout_key=None,
           output_hidden_states: bool = False, output_attentions: bool = False,
           interpolate_pos_encoding: bool = False, dtype=None, remat_policy: str | None = None,
-          pooled_only: bool = False) -> DualEncoderOutput:
+          pooled_only: bool = False, attention: str | None = None) -> DualEncoderOutput:
     """The contrastive forward of transformers' VisionTextDualEncoderModel and CLIPModel (and open_clip's CLIP).
 
     Args:
@@ -253,8 +275,13 @@ def apply(params: layers.Params, config: DualEncoderConfig, *, input_ids: jax.Ar
       pooled_only: the towers' last_hidden_state is the pooled token only (the first; CLIP text: the
         end-of-text token), (B, 1, D), so their last layer computes just that token: the same logits and
         embeddings for less work.
+      attention: the attention implementation, a name in layers.IMPLEMENTATIONS: "xla" (einsum and softmax,
+        every backend), "jax" (jax.nn.dot_product_attention), "cudnn" (cuDNN's fused kernel: GPU, bfloat16 or
+        float16); None for the backend's default (layers.default_attention: "jax" on GPU, else "xla"). Layers
+        that need the attention probabilities (output_attentions, attention dropout in training) run "xla".
 
-    The flags, dtype, remat_policy and pooled_only choose the computation: under jit pass them as static_argnames.
+    The flags, dtype, remat_policy, pooled_only and attention choose the computation: under jit pass them as
+    static_argnames.
 
     Returns:
       DualEncoderOutput.
@@ -264,15 +291,13 @@ def apply(params: layers.Params, config: DualEncoderConfig, *, input_ids: jax.Ar
     check_params(params, config)
     vision_key, text_key = _dropout_keys(train, dropout_key)
     flags = dict(output_hidden_states=output_hidden_states, output_attentions=output_attentions, dtype=dtype,
-                 remat_policy=remat_policy)
+                 remat_policy=remat_policy, attention=layers.resolve_attention(attention, dtype))
     if pooled_only:
         for side in ("vision", "text"):
             family = towers.family(getattr(config, side))
             if not family.pooled_only:
-                how = "an attention-pooling head that reads every token" if family.pooling == "map" else \
-                    f"the {family.pooling} token"
                 raise InputError(f"pooled_only is not supported by the {side} tower ({family.name}: it pools with "
-                                 f"{how}); leave it False for this model")
+                                 f"{POOLINGS[family.pooling]}); leave it False for this model")
         flags["pooled_only"] = True
     vision_outputs = run_tower(params, config, "vision", dict(pixel_values=pixel_values,
                                                               pixel_attention_mask=pixel_attention_mask,
@@ -314,11 +339,10 @@ def check_inputs(config: DualEncoderConfig, *, input_ids=None, pixel_values=None
     if pixel_values is not None:
         pixels = np.asarray(pixel_values)
         family = towers.family(config.vision)
-        if "spatial_shapes" in family.input_names:
-            family.module.check_pixel_values(config.vision, pixels, pixel_attention_mask, spatial_shapes)
-            family.module.check_values(config.vision, pixel_attention_mask, spatial_shapes)
-        else:
-            family.module.check_pixel_values(config.vision, pixels, interpolate_pos_encoding)
+        given = dict(pixel_values=pixels, pixel_attention_mask=pixel_attention_mask, spatial_shapes=spatial_shapes)
+        options = _options(family, "vision", {"interpolate_pos_encoding": interpolate_pos_encoding})
+        if family.check is not None:
+            family.check(config.vision, *[given.get(name) for name in family.input_names], **options)
         if not np.all(np.isfinite(pixels)):
             raise InputError(f"pixel_values holds {int(np.size(pixels) - np.isfinite(pixels).sum())} "
                              f"non-finite value(s) (NaN or inf)")
@@ -326,3 +350,34 @@ def check_inputs(config: DualEncoderConfig, *, input_ids=None, pixel_values=None
 
 def num_params(params: Any) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+
+
+# ------------------------------------------------------------------------------------------------ tower state
+
+def split_state(params: dict, config: DualEncoderConfig) -> tuple[dict, dict]:
+    """(weights, state): params without the towers' state (the names their families list in `state`, such as
+    BatchNorm's running statistics), and that state as {side: {name: value}}. Differentiate and decay the
+    weights; join_state(weights, state) gives params again."""
+    weights, state = dict(params), {}
+    for side in towers.SIDES:
+        names = [name for name in towers.family(getattr(config, side)).state if name in params[side]]
+        if names:
+            weights[side] = {k: v for k, v in params[side].items() if k not in names}
+            state[side] = {name: params[side][name] for name in names}
+    return weights, state
+
+
+def join_state(weights: dict, state: dict) -> dict:
+    """The inverse of split_state."""
+    return {**weights, **{side: {**weights[side], **values} for side, values in state.items()}}
+
+
+def updated_state(params: dict, config: DualEncoderConfig, output: DualEncoderOutput) -> dict:
+    """params with the towers' state replaced by the new values a training forward returned (the `state` field
+    of a tower output whose family has state; see towers.Family)."""
+    _, state = split_state(params, config)
+    for side, tower_out in (("vision", output.vision_outputs), ("text", output.text_outputs)):
+        new = getattr(tower_out, "state", None)
+        if side in state and new is not None:
+            state[side] = {name: new.get(name, value) for name, value in state[side].items()}
+    return join_state(params, state)

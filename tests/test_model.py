@@ -282,7 +282,7 @@ def test_init_shapes_and_values():
 
 def test_init_params_cuts_every_normal_from_one_chunked_draw(monkeypatch):
 
-    monkeypatch.setattr(layers, "NORMAL_CHUNK", 1000)  # 7 chunks, the lax.map path
+    monkeypatch.setattr(layers.initialisers, "NORMAL_CHUNK", 1000)  # 7 chunks, the lax.map path
 
     def build(normal):
         return {"a": normal((300, 20), 0.5), "b": normal((800,), 2.0), "ones": jnp.ones((3,))}
@@ -309,7 +309,7 @@ def test_gpu_attention_path_matches(monkeypatch, hf_dir):
     px = pixels(2, seed=3)
     cpu = dualenc.apply(params, config, **batch, pixel_values=px)
     cpu_features = dualenc.get_text_features(dualenc.unstack_layers(params), config, **batch)
-    monkeypatch.setattr(layers.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     gpu = dualenc.apply(params, config, **batch, pixel_values=px)
     gpu_features = dualenc.get_text_features(dualenc.unstack_layers(params), config, **batch)
     assert max_diff(gpu.logits_per_text, cpu.logits_per_text) <= 1e-5

@@ -10,21 +10,23 @@ import warnings
 import jax
 
 from dualenc import files
-from dualenc.config import SIGLIP_LOGIT_INIT, SIGLIP_TYPES, DualEncoderConfig
+from dualenc.config import DualEncoderConfig
 from dualenc.errors import ConfigError
 from dualenc.formats import open_clip
 from dualenc.formats.configs import load_config
 from dualenc.formats.pretrained import load_pretrained
 from dualenc.formats.transformers import NewlyInitializedWarning, from_vision_text_pretrained
 from dualenc.hub import resolve
+from dualenc.kinds import LOGIT_INIT
 from dualenc.processing import Processor, Tokenizer
 from dualenc.processing.processor import load_image_processor
 
 
 def _whole_model(vision_path: str | None, text_path: str | None, model_path: str | None):
     """(directory, config) of the whole dual encoder that start_from trains with these (resolved) paths: model_path,
-    or one SigLIP (2) directory given as both towers; None when it composes two towers (or model_path holds no
-    dual encoder, which load_pretrained reports). Reads config files only."""
+    or one directory of a kind without projections (SigLIP, SigLIP 2: its towers carry their own heads) given
+    as both towers; None when it composes two towers (or model_path holds no dual encoder, which
+    load_pretrained reports). Reads config files only."""
     if model_path is not None:
         if files.is_open_clip_dir(model_path):
             where = os.path.join(model_path, files.OPEN_CLIP_CONFIG)
@@ -35,7 +37,7 @@ def _whole_model(vision_path: str | None, text_path: str | None, model_path: str
             os.path.realpath(vision_path) == os.path.realpath(text_path) and \
             os.path.isfile(os.path.join(vision_path, "config.json")):
         whole = load_config(vision_path)
-        if isinstance(whole, DualEncoderConfig) and whole.model_type in SIGLIP_TYPES:
+        if isinstance(whole, DualEncoderConfig) and not whole.kind.has_projections:
             return vision_path, whole
     return None
 
@@ -83,12 +85,12 @@ def start_from(vision_path: str | None = None, text_path: str | None = None, *, 
       (config, params, processor): the processor is the vision directory's image processor (a
       NaFlexImageProcessor for SigLIP 2) with the text directory's tokenizer.
     """
-    scale, bias = SIGLIP_LOGIT_INIT
+    scale, bias = LOGIT_INIT.get(loss, (None, None))  # what a new logit scale (and bias) takes for the loss
     check_start(vision_path, text_path, model_path=model_path, projection_dim=projection_dim)
     vision_path, text_path, model_path = (p if p is None else resolve(p) for p in (vision_path, text_path, model_path))
     if model_path is not None:
         config, params = load_pretrained(model_path)
-        if loss == "siglip" and "logit_bias" not in params:
+        if bias is not None and "logit_bias" not in params:
             config = dataclasses.replace(config, logit_bias_init_value=bias)
             params["logit_bias"] = jax.numpy.asarray(bias, jax.numpy.float32)
         return config, params, Processor.from_pretrained(model_path, max_length=max_length)
@@ -101,8 +103,8 @@ def start_from(vision_path: str | None = None, text_path: str | None = None, *, 
         warnings.simplefilter("ignore", NewlyInitializedWarning)
         config, params = from_vision_text_pretrained(
             vision_path, text_path, key=key, projection_dim=projection_dim,
-            **({"logit_scale_init_value": scale} if loss == "siglip" else {}))
-    if loss == "siglip":
+            **({} if scale is None else {"logit_scale_init_value": scale}))
+    if bias is not None:
         config = dataclasses.replace(config, logit_bias_init_value=bias)
         params["logit_bias"] = jax.numpy.asarray(bias, jax.numpy.float32)
     return config, params, processor

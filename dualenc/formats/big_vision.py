@@ -28,13 +28,13 @@ big_vision -> transformers converter in one call.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import math
 import os
 import re
 import zipfile
 import zlib
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -42,8 +42,9 @@ import numpy as np
 from dualenc.config import SIGLIP_LOGIT_INIT, DualEncoderConfig, Siglip2TextConfig, Siglip2VisionConfig, \
     SiglipTextConfig, SiglipVisionConfig
 from dualenc.errors import CheckpointError, ConfigError
-from dualenc.formats.transformers import param_shapes, to_device
-from dualenc.formats.weights import listed
+from dualenc import model, params as declare
+from dualenc.formats.transformers import to_device
+from dualenc.params import check_tree, listed
 
 # big_vision.models.vit.decode_variant: name -> (width, depth, mlp_dim, num_heads).
 VARIANTS = {
@@ -297,132 +298,87 @@ def _config(r: _Reader, variant=None, text_variant=None, **overrides) -> tuple[D
     return config, towers
 
 
-def _dense(prefix, path, kernel, bias):
-    return [(prefix + "kernel", path + ("kernel",), kernel), (prefix + "bias", path + ("bias",), bias)]
+_SIDES = {"vision": "img/", "text": "txt/"}  # where two_towers keeps each tower's names
 
 
-def _norm(prefix, path, d):
-    return [(prefix + "scale", path + ("scale",), (d,)), (prefix + "bias", path + ("bias",), (d,))]
+# The shape in the file of a param part (one layer's; one of a packed in_proj's q, k, v) stored in big_vision's
+# layout (dualenc.params.Param.bv_kind), given its tower's heads (None: fused attention kernels).
+_FILE_SHAPE = {
+    "id": lambda s, h: s,
+    "conv": lambda s, h: (s[1], s[2], s[0], s[3]),  # HWIO, on NHWC images
+    "pos": lambda s, h: (1, *s),
+    "grid": lambda s, h: (math.isqrt(s[0]),) * 2 + s[1:],  # naflex_vit's learn_2d grid, flattened row-major
+    "cls": lambda s, h: (1, 1, *s),
+    "scalar": lambda s, h: (1,),
+    "heads_in": lambda s, h: s if h is None else (s[0], h, s[1] // h),
+    "heads_bias": lambda s, h: s if h is None else (h, s[0] // h),
+    "heads_out": lambda s, h: s if h is None else (h, s[0] // h, s[1]),
+}
 
 
-def _mlp(prefix, path, d, m):
-    fc1 = _dense(prefix + "Dense_0/", path + ("fc1",), (d, m), (m,))
-    return fc1 + _dense(prefix + "Dense_1/", path + ("fc2",), (m, d), (d,))
+class _Row(NamedTuple):
+    """A param and where the file holds it: for each of its big_vision names (several: a packed in_proj's q, k,
+    v), the tensors (one per layer; one, with a leading depth axis, for a scanned encoder), each of `shape`."""
+
+    param: declare.Param
+    files: list[list[str]]
+    part: tuple[int, ...]  # one name's share of the param (one layer's)
+    shape: tuple[int, ...]
 
 
-def _attention(prefix, path, d, heads, fused):
-    hd = d // heads
-    kernel, bias, out = ((d, d), (d,), (d, d)) if fused else ((d, heads, hd), (heads, hd), (heads, hd, d))
-    # The MAP head's query, key, value pack into one in_proj (in this order, on the output axis).
-    packed = path[-2] == "head"
-    rows = [row for name in ("query", "key", "value")
-            for row in _dense(f"{prefix}{name}/", path + (("in_proj",) if packed else (name,)), kernel, bias)]
-    return rows + _dense(prefix + "out/", path + ("out",), out, (d,))
-
-
-def _table(config: DualEncoderConfig, towers: dict) -> list[tuple[str, tuple[str, ...], tuple[int, ...], bool]]:
-    """(big_vision name, param path, shape in the file, layered) of every tensor; a layered name holds "{blk}",
-    the block's name (encoderblock_{i}, or the scanned encoderblock) and its shape is one layer's."""
-    v, t = config.vision, config.text
-    d, p, head = v.hidden_size, v.patch_size, ("vision", "head")
-    if isinstance(v, Siglip2VisionConfig):  # NaFlex: rows of (p, p, C)-flattened patches; a (G, G, D) grid
-        g = math.isqrt(v.num_patches)
-        kernel, positions = (v.patch_dim, d), (g, g, d)
-    else:
-        kernel, positions = (p, p, v.num_channels, d), (1, v.num_patches, d)
-    rows = [
-        ("img/embedding/kernel", ("vision", "embeddings", "patch", "kernel"), kernel),
-        ("img/embedding/bias", ("vision", "embeddings", "patch", "bias"), (d,)),
-        ("img/pos_embedding", ("vision", "embeddings", "position"), positions),
-        *_norm("img/Transformer/encoder_norm/", ("vision", "post_norm"), d),
-        ("img/MAPHead_0/probe", head + ("probe",), (1, 1, d)),
-        *_attention("img/MAPHead_0/MultiHeadDotProductAttention_0/", head + ("attention",), d,
-                    v.num_attention_heads, towers["vision"].fused),
-        *_norm("img/MAPHead_0/LayerNorm_0/", head + ("norm",), d),
-        *_mlp("img/MAPHead_0/MlpBlock_0/", head + ("mlp",), d, v.intermediate_size),
-        ("txt/Embed_0/embedding", ("text", "embeddings", "word"), (t.vocab_size, t.hidden_size)),
-        ("txt/pos_embedding", ("text", "embeddings", "position"), (1, t.max_position_embeddings, t.hidden_size)),
-        *_norm("txt/Encoder_0/encoder_norm/", ("text", "final_norm"), t.hidden_size),
-        *([] if towers["text"].headless else
-          _dense("txt/head/", ("text", "head"), (t.hidden_size, t.projection_size), (t.projection_size,))),
-        ("t", ("logit_scale",), (1,)),
-        ("b", ("logit_bias",), (1,)),
-    ]
-    rows = [row + (False,) for row in rows]
-    for side, cfg in (("vision", v), ("text", t)):
-        w, prefix, path = cfg.hidden_size, _ENCODER[side] + "{blk}/", (side, "encoder")
-        block = (_norm(prefix + "LayerNorm_0/", path + ("attention_norm",), w)
-                 + _attention(prefix + "MultiHeadDotProductAttention_0/", path + ("attention",), w,
-                              cfg.num_attention_heads, towers[side].fused)
-                 + _norm(prefix + "LayerNorm_1/", path + ("mlp_norm",), w)
-                 + _mlp(prefix + "MlpBlock_0/", path + ("mlp",), w, cfg.intermediate_size))
-        rows += [row + (True,) for row in block]
-    return rows
-
-
-def _check(r: _Reader, table, towers: dict, config: DualEncoderConfig):
-    """One CheckpointError listing every missing, unexpected, mis-shaped and non-float tensor."""
-    expected = {}
-    for name, path, shape, layered in table:
-        depth = getattr(config, path[0]).num_hidden_layers if layered else 0
-        if not layered:
-            expected[name] = shape
-        elif towers[path[0]].scanned:
-            expected[name.format(blk="encoderblock")] = (depth,) + shape
-        else:
-            expected.update({name.format(blk=f"encoderblock_{i}"): shape for i in range(depth)})
-    names = set(r.tensors)
-    missing = [r.prefix + n for n in expected if n not in names]
-    unexpected = [r.prefix + n for n in names - set(expected)]
-    wrong = []
-    for name, shape in expected.items():
-        if name not in names:
+def _table(config: DualEncoderConfig, towers: dict) -> list[_Row]:
+    """Every param of the model and its tensors, from its specs' big_vision names; a text tower without a head
+    (out_dim None) is left out (its identity head is made, not read)."""
+    out = []
+    for p in model.specs(config):
+        side = p.path[0] if p.path[0] in _SIDES else None
+        if side == "text" and towers["text"].headless and p.path[1] == "head":
             continue
-        value = r.tensors[name]
-        if value.shape != shape:
-            wrong.append(f"{r.prefix}{name} {value.shape} (expected {shape})")
-        elif not _floating(value):
-            wrong.append(f"{r.prefix}{name} of dtype {value.dtype} (expected floating point)")
-    problems = [f"{what} {len(found)} tensor(s): {listed(found)}" for what, found in
-                (("missing", missing), ("unexpected", unexpected), ("wrong shape or dtype of", wrong)) if found]
-    if problems:
-        layouts = ", ".join(f"{s} {'scanned' if t.scanned else 'per-layer'}" + (" fused" if t.fused else "")
-                            for s, t in towers.items())
-        kind = "SigLIP 2 NaFlex" if isinstance(config.vision, Siglip2VisionConfig) else "SigLIP"
-        raise CheckpointError(f"{r.path} does not match the big_vision {kind} model its shapes describe "
-                              f"({layouts}): " + "; ".join(problems))
-
-
-def _params(r: _Reader, table, towers, config) -> dict:
-    shapes = param_shapes(config)
-    pieces = collections.defaultdict(list)
-    for name, path, _, layered in table:
-        if not layered:
-            value = _float32(r.tensors[name])
-        elif towers[path[0]].scanned:
-            value = _float32(r.tensors[name.format(blk="encoderblock")])
+        heads = None if side is None or towers[side].fused else getattr(config, side).num_attention_heads
+        part = p.shape[:-1] + (p.shape[-1] // len(p.bv),) if p.shape else ()
+        shape = _FILE_SHAPE[p.bv_kind](part, heads)
+        names = [_SIDES.get(side, "") + name for name in p.bv]
+        if p.layers is None:
+            out.append(_Row(p, [[n] for n in names], part, shape))
+        elif towers[side].scanned:
+            out.append(_Row(p, [[n.format(blk="encoderblock")] for n in names], part, (p.layers, *shape)))
         else:
-            depth = getattr(config, path[0]).num_hidden_layers
-            value = np.stack([_float32(r.tensors[name.format(blk=f"encoderblock_{i}")]) for i in range(depth)])
-        if name == "img/embedding/kernel" and value.ndim == 4:
-            value = value.transpose(2, 0, 1, 3)  # HWIO on NHWC images -> (C, p, p, D) on NCHW pixel_values
-        pieces[path].append(value)
+            out.append(_Row(p, [[n.format(blk=f"encoderblock_{i}") for i in range(p.layers)] for n in names],
+                            part, shape))
+    return out
+
+
+def _check(r: _Reader, table: list[_Row], towers: dict, config: DualEncoderConfig):
+    """One CheckpointError listing every missing, unexpected, mis-shaped and non-float tensor."""
+    expected = {r.prefix + n: row.shape for row in table for names in row.files for n in names}
+    got = {r.prefix + n: a.shape for n, a in r.tensors.items()}
+    not_float = [f"{name} of dtype {r.tensors[name[len(r.prefix):]].dtype} (expected floating point)"
+                 for name, shape in expected.items()
+                 if got.get(name) == shape and not _floating(r.tensors[name[len(r.prefix):]])]
+    layouts = ", ".join(f"{s} {'scanned' if t.scanned else 'per-layer'}" + (" fused" if t.fused else "")
+                        for s, t in towers.items())
+    kind = "SigLIP 2 NaFlex" if isinstance(config.vision, Siglip2VisionConfig) else "SigLIP"
+    check_tree(expected, got, f"{r.path} does not match the big_vision {kind} model its shapes describe "
+                              f"({layouts})", noun="tensor", error=CheckpointError, also_wrong=not_float)
+
+
+def _params(r: _Reader, table: list[_Row], towers: dict, config: DualEncoderConfig) -> dict:
+    """The params the checked tensors hold: per-head kernels flatten (heads, head_dim) in row-major order, as
+    transformers' q/k/v/out do; a packed in_proj concatenates q, k, v on its output axis."""
     params: dict = {}
-    for path, values in pieces.items():
-        leaf = shapes
-        for key in path:
-            leaf = leaf[key]
-        # Per-head kernels flatten (heads, head_dim) in row-major order, as transformers' q/k/v/out do; the MAP
-        # head's q, k, v concatenate on the output axis.
-        if len(values) == 1:
-            value = values[0].reshape(leaf.shape)
-        else:
-            part = leaf.shape[:-1] + (leaf.shape[-1] // len(values),)
-            value = np.concatenate([v.reshape(part) for v in values], axis=-1)
+    for row in table:
+        lead = () if row.param.layers is None else (row.param.layers,)
+        values = []
+        for names in row.files:
+            value = np.stack([_float32(r.tensors[n]) for n in names]) if len(names) > 1 else \
+                _float32(r.tensors[names[0]])
+            if row.param.bv_kind == "conv":  # HWIO on NHWC images -> (C, p, p, D) on NCHW pixel_values
+                value = value.transpose(2, 0, 1, 3)
+            values.append(value.reshape(lead + row.part))
         node = params
-        for key in path[:-1]:
+        for key in row.param.path[:-1]:
             node = node.setdefault(key, {})
-        node[path[-1]] = np.asarray(value, dtype=leaf.dtype)
+        node[row.param.path[-1]] = values[0] if len(values) == 1 else np.concatenate(values, axis=-1)
     if towers["text"].headless:
         d = config.text.hidden_size
         params["text"]["head"] = {"kernel": np.eye(d, dtype=np.float32), "bias": np.zeros(d, np.float32)}

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from dualenc import files
+from dualenc import files, tables
 from dualenc.config import CLIPTextConfig, CLIPVisionConfig, DualEncoderConfig
 from dualenc.errors import CheckpointError, ConfigError
 from dualenc.formats.transformers import param_shapes, dual_table, to_device
@@ -143,8 +143,9 @@ def config_from_dict(d: Mapping[str, Any], where: str = CONFIG) -> DualEncoderCo
 # ------------------------------------------------------------------------------------------------ weights
 
 _BLOCK = re.compile(r"^(?P<tower>visual\.|text\.|)transformer\.resblocks\.(?P<i>\d+)\.(?P<rest>.+)$")
-_BLOCK_NAMES = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
-                "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+# open_clip's residual block, by the encoder layer's parts (dualenc.params.encoder); its q, k, v are one in_proj.
+OPEN_CLIP_LAYER = dict(out="attn.out_proj", attention_norm="ln_1", fc1="mlp.c_fc", fc2="mlp.c_proj", mlp_norm="ln_2")
+_BLOCK_NAMES = {name: tables.CLIP_LAYER[part] for part, name in OPEN_CLIP_LAYER.items()}
 _TOP = {
     "visual.class_embedding": ("vision_model.embeddings.class_embedding", None),
     "visual.positional_embedding": ("vision_model.embeddings.position_embedding.weight", None),

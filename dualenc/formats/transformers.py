@@ -6,7 +6,6 @@ transformers uses, reads strictly and writes atomically.
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from typing import Callable
@@ -15,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dualenc import files, layers, model, tables, towers
-from dualenc.config import SIGLIP_TYPES, DualEncoderConfig, tower_config_from_dict
+from dualenc import files, kinds, model, params as declare, tables, towers
+from dualenc.config import DualEncoderConfig, pooled_size, tower_config_from_dict
 from dualenc.formats.configs import load_config
 from dualenc.errors import CheckpointError, ConfigError
 from dualenc.hub import resolve
@@ -26,8 +25,7 @@ from dualenc.formats.weights import (
 from dualenc.tables import Entry
 
 LOGIT_BIAS = "dualenc.logit_bias"
-SIDES = ("vision", "text")
-_MODULE = {"vision": "vision_model.", "text": "text_model."}  # where a dual encoder keeps each tower
+SIDES = towers.SIDES
 
 
 class NewlyInitializedWarning(UserWarning):
@@ -39,24 +37,27 @@ class UnusedWeightsWarning(UserWarning):
 
 
 def dual_table(config: DualEncoderConfig, prefixes: dict[str, str] | None = None) -> list[Entry]:
-    """The key table of a VisionTextDualEncoderModel, CLIPModel or SiglipModel checkpoint."""
-    prefixes = prefixes or _MODULE
+    """The key table of a whole model's checkpoint (VisionTextDualEncoderModel, CLIPModel, SiglipModel...)."""
+    kind = config.kind
+    prefixes = prefixes or kind.modules
     out = []
     for side in SIDES:
         tower = getattr(config, side)
         out += tables.prefixed(prefixes[side], (side,), towers.family(tower).table(tower))
-    if config.projections:
-        out += [Entry(f"{name}.weight", (name, "kernel"), "linear") for name in model.PROJECTIONS.values()]
-    if config.model_type in SIGLIP_TYPES:  # (1,)-shaped scalars, and the logit bias is the model's own
-        return out + [Entry("logit_scale", ("logit_scale",), "scalar"), Entry("logit_bias", ("logit_bias",), "scalar")]
-    return out + [Entry("logit_scale", ("logit_scale",), "id")]
+    for name in model.PROJECTIONS.values() if kind.has_projections else ():
+        out.append(Entry(f"{name}.weight", (name, "kernel"), "linear"))
+        if kind.projections == "bias":
+            out.append(Entry(f"{name}.bias", (name, "bias"), "id"))
+    scalar = {(): "id", (1,): "scalar"}[kind.scalar_shape]
+    scalars = ("logit_scale", "logit_bias") if kind.own_bias else ("logit_scale",)  # else in the metadata
+    return out + [Entry(name, (name,), scalar) for name in scalars]
 
 
 def _dual_prefixes(config: DualEncoderConfig, names: set[str]) -> dict[str, str]:
     # transformers 4.x nested a CLIP tower's own "vision_model." / "text_model." inside the dual encoder's;
     # 5.x does not.
     out = {}
-    for side, prefix in _MODULE.items():
+    for side, prefix in config.kind.modules.items():
         nested = prefix + prefix
         family = towers.family(getattr(config, side))
         out[side] = nested if prefix in family.prefixes and any(n.startswith(nested) for n in names) else prefix
@@ -64,8 +65,8 @@ def _dual_prefixes(config: DualEncoderConfig, names: set[str]) -> dict[str, str]
 
 
 def param_shapes(config: DualEncoderConfig) -> dict:
-    shapes = jax.eval_shape(functools.partial(model.init, stacked=True), jax.random.key(0), config)
-    if config.model_type not in SIGLIP_TYPES:
+    shapes = declare.shape_tree(model.specs(config))
+    if not config.kind.own_bias:
         shapes.pop("logit_bias", None)  # kept in the weights' metadata, see load_dir
     return shapes
 
@@ -81,12 +82,12 @@ def load_dir(path: str, stacked: bool = False) -> tuple[DualEncoderConfig, dict]
     config = load_config(path)
     if not isinstance(config, DualEncoderConfig):
         raise ConfigError(f"{os.path.join(path, CONFIG)}: is a single {type(config).__name__} tower, not a "
-                          f"dual encoder ('vision-text-dual-encoder', 'clip', 'siglip' or 'siglip2'); combine towers with "
+                          f"dual encoder ({', '.join(map(repr, kinds.MODEL_TYPES))}); combine towers with "
                           f"from_vision_text_pretrained")
     weights = read_weights(path)
     table = dual_table(config, _dual_prefixes(config, set(weights.tensors)))
     params, _ = load_table(weights, table, param_shapes(config))
-    if config.logit_bias_init_value is not None and config.model_type not in SIGLIP_TYPES:
+    if config.logit_bias_init_value is not None and not config.kind.own_bias:
         # transformers' VisionTextDualEncoder and CLIP have no logit bias: dualenc keeps a learned one in the
         # safetensors metadata.
         try:
@@ -99,8 +100,9 @@ def load_dir(path: str, stacked: bool = False) -> tuple[DualEncoderConfig, dict]
 
 def save_pretrained(path: str | os.PathLike, config: DualEncoderConfig, params: dict, *, processor=None,
                     extra_files: Callable[[str], None] | None = None) -> str:
-    """Writes a directory that transformers loads as is: a CLIPModel for model_type "clip", a SiglipModel /
-    Siglip2Model for "siglip" / "siglip2", else a VisionTextDualEncoderModel.
+    """Writes a directory that transformers loads as is, as the class of the config's kind (its architecture:
+    CLIPModel for model_type "clip", SiglipModel / Siglip2Model for "siglip" / "siglip2", else a
+    VisionTextDualEncoderModel).
 
     The write is atomic (see files.atomic_directory): `path` holds either the old or the new checkpoint,
     whatever moment the process is killed. What an existing checkpoint holds besides weights and config
@@ -112,7 +114,7 @@ def save_pretrained(path: str | os.PathLike, config: DualEncoderConfig, params: 
         raise ConfigError(f"save_pretrained needs a DualEncoderConfig, got {type(config).__name__}")
     flat = _flat_params(config, params)
     metadata = {LOGIT_BIAS: repr(float(flat[("logit_bias",)]))} \
-        if ("logit_bias",) in flat and config.model_type not in SIGLIP_TYPES else {}
+        if ("logit_bias",) in flat and not config.kind.own_bias else {}
     tensors = dump_table(dual_table(config), flat)
     with files.atomic_directory(os.fspath(path)) as tmp:
         carry_over(os.fspath(path), tmp)
@@ -154,8 +156,10 @@ def load_tower(path: str | os.PathLike, key: jax.Array, side: str | None = None)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory not found: {path}")
     raw = files.read_json(os.path.join(path, CONFIG), "config")
-    whole_clip = raw.get("model_type") == "clip"
-    if whole_clip or raw.get("model_type") in SIGLIP_TYPES:  # one tower of a whole model
+    model_type = raw.get("model_type")
+    whole = kinds.KINDS.get(model_type) if isinstance(model_type, str) else None
+    whole = whole if whole is not None and whole.towers is not None else None
+    if whole is not None:  # one tower of a whole model of a kind with fixed towers (CLIP, SigLIP)
         config = tower_config_from_dict(raw, where=os.path.join(path, CONFIG), side=side or "vision")
     else:
         config = load_config(path)
@@ -165,18 +169,19 @@ def load_tower(path: str | os.PathLike, key: jax.Array, side: str | None = None)
     family = towers.family(config)
     weights = read_weights(path)
     names = set(weights.tensors)
-    candidates = (_MODULE[family.side],) if raw.get("model_type") in ("clip", *SIGLIP_TYPES) else family.prefixes
+    candidates = (whole.modules[family.side],) if whole is not None else family.prefixes
     prefix = next((p for p in candidates if p + family.anchor in names), None)
     if prefix is None:
         raise CheckpointError(f"{weights.where}: no {type(config).__name__} weights found "
                               f"(looked for {' or '.join(p + family.anchor for p in candidates)})")
     table = tables.prefixed(prefix, (), family.table(config))
     extra_table = [Entry(f"{_PROJECTION[family.side]}.weight", ("projection", "kernel"), "linear")]
-    if whole_clip:
-        extra_table.append(Entry("logit_scale", ("logit_scale",), "id"))
+    if whole is not None and whole.has_projections:  # its logit scale goes with the trained projections
+        extra_table.append(Entry("logit_scale", ("logit_scale",), {(): "id", (1,): "scalar"}[whole.scalar_shape]))
     extra_table = [e for e in extra_table if e.hf in names]
     extra_names = {e.hf for e in extra_table}
-    shapes = jax.eval_shape(functools.partial(family.init, stacked=True), jax.random.key(0), config)
+    specs = family.module.specs(config)
+    shapes = declare.shape_tree(specs)
     optional = tuple(prefix + name + "." for name in family.optional)
     unused = {n for n in names if not n.startswith(prefix) and not BUFFERS.search(n)} if prefix else set()
     unused -= extra_names
@@ -189,9 +194,7 @@ def load_tower(path: str | os.PathLike, key: jax.Array, side: str | None = None)
     new = []
     for name in family.optional:
         if any(n.startswith(prefix + name + ".") for n in absent):
-            d = config.hidden_size
-            params[name] = layers.init_params(
-                key, lambda normal: layers.dense_init(normal, d, d, config.initializer_range))
+            params[name] = declare.init(key, [p for p in specs if p.path[0] == name])[name]
             new.append(name)
     return config, params, new, extras
 
@@ -263,7 +266,7 @@ def from_vision_text_pretrained(vision_path: str | os.PathLike, text_path: str |
     params = {"vision": loaded["vision"][1], "text": loaded["text"][1], "logit_scale": logit_scale}
     for (side, name), k, kernel in zip(_PROJECTION.items(), (kvp, ktp), trained):
         params[name] = {"kernel": kernel} if keep else model.projection_init(
-            k, getattr(config, side).hidden_size, dim)
+            k, pooled_size(getattr(config, side)), dim, config.kind.projections == "bias")
     new = [f"{side}/{n}" for side in SIDES for n in loaded[side][2]]
     new += [] if keep else ["visual_projection", "text_projection"]
     new += [] if keep_scale else ["logit_scale"]

@@ -15,6 +15,7 @@ import numpy as np
 from dualenc import files
 from dualenc.errors import CheckpointError
 from dualenc.files import read_json
+from dualenc.params import check_tree, listed  # noqa: F401  (listed: formats name tensors with it)
 from dualenc.tables import TO_HF, TO_PARAM, Entry
 
 WEIGHTS = "model.safetensors"
@@ -24,7 +25,6 @@ UNSAFE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "flax_mod
                   "flax_model.msgpack.index.json", "tf_model.h5", "model.ckpt.index")
 # Non-persistent buffers that older transformers versions wrote into checkpoints; they hold no weights.
 BUFFERS = re.compile(r"(^|\.)embeddings\.(position_ids|token_type_ids)$")
-MAX_LISTED = 20
 
 
 def _expand(table: Iterable[Entry], depth: int) -> dict[str, tuple[Entry, int | None]]:
@@ -54,12 +54,6 @@ class Weights(NamedTuple):
     source: dict[str, str]  # tensor name -> file it came from
     where: str  # the file (or index) to name in errors
     metadata: dict[str, str]  # safetensors metadata (of the first shard)
-
-
-def listed(names: Iterable[str]) -> str:
-    names = sorted(names)
-    more = f" ... and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else ""
-    return ", ".join(names[:MAX_LISTED]) + more
 
 
 def read_weights(directory: str) -> Weights:
@@ -132,30 +126,20 @@ def load_table(weights: Weights, table: list[Entry], shapes, *,
     for e in table:
         expected.update(_expand([e], _depth(shapes, e)))
     available = set(weights.tensors)
-    missing = {n for n in expected if n not in available}
-    absent_ok = {n for n in missing if allowed_missing(n)}
-    missing -= absent_ok
-    unexpected = {n for n in available - set(expected) if not (BUFFERS.search(n) or ignored(n))}
-    wrong = []
+    absent_ok = {n for n in expected if n not in available and allowed_missing(n)}
+    want, wrong_dtype = {}, []
     for name, (e, i) in expected.items():
-        if name not in available:
+        if name in absent_ok:
             continue
         param_shape = _get(shapes, e.path).shape[(0 if i is None else 1):]
-        want = TO_HF[e.kind](np.zeros(param_shape, np.uint8)).shape
-        have = weights.tensors[name].shape
-        if have != want:
-            wrong.append(f"{name} {tuple(have)} (expected {tuple(want)})")
-        elif weights.tensors[name].dtype not in files.FLOATING:
-            wrong.append(f"{name} of dtype {weights.tensors[name].dtype} (expected floating point)")
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} tensor(s): {listed(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} tensor(s): {listed(unexpected)}")
-    if wrong:
-        problems.append(f"{len(wrong)} tensor(s) of the wrong shape or dtype: {listed(wrong)}")
-    if problems:
-        raise CheckpointError(f"{weights.where} does not match its config: " + "; ".join(problems))
+        want[name] = tuple(TO_HF[e.kind](np.zeros(param_shape, np.uint8)).shape)
+        tensor = weights.tensors.get(name)
+        if tensor is not None and tuple(tensor.shape) == want[name] and tensor.dtype not in files.FLOATING:
+            wrong_dtype.append(f"{name} of dtype {tensor.dtype} (expected floating point)")
+    have = {n: tuple(a.shape) for n, a in weights.tensors.items()
+            if n in want or not (BUFFERS.search(n) or ignored(n))}
+    check_tree(want, have, f"{weights.where} does not match its config", noun="tensor", error=CheckpointError,
+               also_wrong=wrong_dtype)
     params: dict = {}
     for e in table:
         leaf = _get(shapes, e.path)

@@ -6,13 +6,15 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
+from dualenc.config import DualEncoderConfig, tower_config_from_dict
 from dualenc.errors import ConfigError, InputError
+from dualenc.kinds import MODEL_TYPES
 from dualenc.files import is_open_clip_dir, read_json
 from dualenc.processing import spiece
 from dualenc.processing.backends import (
     CLIP_INPUTS, CLIP_MAX_LENGTH, FAMILY_CLASSES, GEMMA_FAMILIES, SANE_MAX_LENGTH, SIGLIP_MAX_LENGTH,
-    CLIP_CONFIG_TYPES, SIGLIP_CONFIG_TYPES, TEXT_CONFIG_TYPES, add_tokens, tokenizer_family, flag, special_tokens,
-    tokenizers_module, added_tokens_from_file, build_bytelevel_bpe, build_gemma, build_wordpiece, post_processor,
+    CLIP_CONFIG_TYPES, MODEL_TOKENIZERS, SIGLIP_CONFIG_TYPES, TEXT_CONFIG_TYPES, add_tokens, tokenizer_family, flag,
+    special_tokens, tokenizers_module, added_tokens_from_file, build_bytelevel_bpe, build_gemma, build_wordpiece, post_processor,
     read_bpe_files, read_tokenizer_json,
 )
 
@@ -33,10 +35,11 @@ def _model_limit(directory: str, cfg: Mapping, model_type: Any) -> int | None:
     if model_type in SIGLIP_CONFIG_TYPES:
         return _siglip_limit(os.path.join(directory, "config.json"), model_type)
     if model_type in TEXT_CONFIG_TYPES:
-        from dualenc.formats.configs import load_config  # the text tower's length rule, read when asked
-
+        path = os.path.join(directory, "config.json")
         try:
-            config = load_config(os.path.join(directory, "config.json"))
+            d = read_json(path, "config")
+            config = (DualEncoderConfig.from_dict(d, where=path) if model_type in MODEL_TYPES
+                      else tower_config_from_dict(d, where=path))
         except ConfigError:
             if model_type not in CLIP_CONFIG_TYPES:
                 raise
@@ -78,10 +81,9 @@ def load_tokenizer_dir(path: str | os.PathLike) -> tuple[Any, dict]:
     specials_map = (read_json(files["special_tokens_map.json"], "special tokens map")
                     if exists["special_tokens_map.json"] else None)
     family = tokenizer_family(cfg.get("tokenizer_class"))
-    if family is None and model_type in (*CLIP_CONFIG_TYPES, "siglip"):  # as AutoTokenizer, the model's own class
-        family = "clip" if model_type in CLIP_CONFIG_TYPES else "siglip"
-    if model_type == "siglip2":  # AutoTokenizer's Siglip2Tokenizer, whatever class the file names
-        family = "siglip2"
+    own, always = MODEL_TOKENIZERS.get(model_type, (None, False)) if isinstance(model_type, str) else (None, False)
+    if own is not None and (family is None or always):  # as AutoTokenizer: the model's own class
+        family = own
     sides = {}
     for key in ("padding_side", "truncation_side"):
         # GemmaTokenizer and Siglip2Tokenizer pad on the left unless the config says otherwise

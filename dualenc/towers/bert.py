@@ -7,19 +7,21 @@ dense + tanh pooler.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
 
-from dualenc import layers, tables
+from dualenc import layers, params as declare, tables
 from dualenc.towers.inputs import check_text_inputs
+from dualenc.towers.family import ENCODER_OPTIONS, Family
 from dualenc.fields import (
-    ACTIVATION_NAMES, check_int, choice_field, TowerConfig, no_pruned_heads, fail, float_field, int_field, rate_field, builds,
+    ACTIVATION_NAMES, check_int, choice_field, TransformerConfig, no_pruned_heads, fail, float_field, int_field, rate_field, builds,
 )
 
 @dataclasses.dataclass(frozen=True)
-class _TextConfig(TowerConfig):
+class _TextConfig(TransformerConfig):
     """Fields BERT and RoBERTa share (BERT's defaults)."""
 
     rejected: ClassVar[Mapping[str, Any]] = {
@@ -108,28 +110,32 @@ def encoder_spec(config: TextConfig) -> layers.EncoderSpec:
         init_stds=(config.initializer_range,) * 4)
 
 
+def specs(config: TextConfig) -> list[declare.Param]:
+    """Every param of the tower, declared once (see dualenc.params); names relative to BertModel /
+    RobertaModel. The padding row of the word table (and RoBERTa's position table) starts at zero, as torch's
+    padding_idx makes it."""
+    d, std = config.hidden_size, config.initializer_range
+    pad = () if config.pad_token_id is None else (config.pad_token_id,)
+    return [
+        declare.table(("embeddings", "word"), config.vocab_size, d, std, "vocab",
+                      hf="embeddings.word_embeddings.weight", zero_rows=pad),
+        declare.table(("embeddings", "position"), config.max_position_embeddings, d, std, "position",
+                      hf="embeddings.position_embeddings.weight",
+                      zero_rows=pad if isinstance(config, RobertaConfig) else ()),
+        declare.table(("embeddings", "token_type"), config.type_vocab_size, d, std, "types",
+                      hf="embeddings.token_type_embeddings.weight"),
+        *declare.norm(("embeddings", "norm"), d, hf="embeddings.LayerNorm"),
+        *declare.encoder(encoder_spec(config), "encoder.layer.{i}.", _BERT_LAYER),
+        *declare.dense(("pooler",), d, d, std, ("embed", "embed"), hf="pooler.dense", group="head"),
+    ]
+
+
 @builds(BertConfig, RobertaConfig)
 def _build(normal: layers.Normal, config: TextConfig) -> layers.Params:
-    d, std = config.hidden_size, config.initializer_range
-    word = normal((config.vocab_size, d), std)
-    position = normal((config.max_position_embeddings, d), std)
-    if config.pad_token_id is not None:
-        word = word.at[config.pad_token_id].set(0.0)
-        if isinstance(config, RobertaConfig):
-            position = position.at[config.pad_token_id].set(0.0)
-    return {
-        "embeddings": {
-            "word": word,
-            "position": position,
-            "token_type": normal((config.type_vocab_size, d), std),
-            "norm": layers.layer_norm_init(d),
-        },
-        "encoder": layers.encoder_init(normal, encoder_spec(config)),
-        "pooler": layers.dense_init(normal, d, d, std),
-    }
+    return declare.build(normal, specs(config))
 
 
-init = layers.tower_init(_build)  # init(key, config) -> params
+init = declare.tower_init(specs)  # init(key, config, *, stacked=False) -> params
 
 
 def default_position_ids(config: TextConfig, input_ids: jax.Array) -> jax.Array:
@@ -143,7 +149,7 @@ def default_position_ids(config: TextConfig, input_ids: jax.Array) -> jax.Array:
 def apply(params: layers.Params, config: TextConfig, input_ids: jax.Array, attention_mask=None,
           token_type_ids=None, position_ids=None, *, dropout_key=None, output_hidden_states: bool = False,
           output_attentions: bool = False, dtype=None, remat_policy: str | None = None,
-          pooled_only: bool = False) -> layers.TowerOutput:
+          pooled_only: bool = False, attention: str | None = None) -> layers.TowerOutput:
     """Runs the text tower.
 
     Args:
@@ -157,6 +163,7 @@ def apply(params: layers.Params, config: TextConfig, input_ids: jax.Array, atten
         needs. The last layer then computes just that token (its attention still reads every token):
         about 7% less work for a 12-layer tower, same pooler_output. Stacked layers do so when evaluated;
         differentiated, they run the last layer in full (a faster backward).
+      attention: the attention implementation, a name in layers.IMPLEMENTATIONS; None: the backend's default.
 
     Returns:
       TowerOutput: last_hidden_state (B, L, D), pooler_output (B, D) = tanh(dense(first token)), and
@@ -164,6 +171,7 @@ def apply(params: layers.Params, config: TextConfig, input_ids: jax.Array, atten
     """
     check_text_inputs(config, input_ids, attention_mask, token_type_ids, position_ids)
     dtype = jnp.dtype(dtype or jnp.float32)
+    attention = layers.resolve_attention(attention, dtype)
     emb = params["embeddings"]
     if position_ids is None:
         position_ids = default_position_ids(config, input_ids)
@@ -184,7 +192,7 @@ def apply(params: layers.Params, config: TextConfig, input_ids: jax.Array, atten
         last, states, probs = layers.encoder(
             params["encoder"], x, bias, encoder_spec(config), dtype=dtype, key=encoder_key,
             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-            remat_policy=remat_policy, first_only=pooled_only)
+            remat_policy=remat_policy, first_only=pooled_only, attention=attention)
     with jax.named_scope("pooler"):
         pooled = jnp.tanh(layers.dense(params["pooler"], last[:, 0], dtype))
     return layers.tower_output(last, pooled, x, states, probs)
@@ -199,12 +207,13 @@ _BERT_LAYER = dict(query="attention.self.query", key="attention.self.key", value
 
 def table(config: TextConfig) -> list[tables.Entry]:
     """The tower's transformers key table, names relative to BertModel / RobertaModel."""
-    E = tables.Entry
-    return [
-        E("embeddings.word_embeddings.weight", ("embeddings", "word"), "id"),
-        E("embeddings.position_embeddings.weight", ("embeddings", "position"), "id"),
-        E("embeddings.token_type_embeddings.weight", ("embeddings", "token_type"), "id"),
-        *tables.norm("embeddings.LayerNorm", ("embeddings", "norm")),
-        *tables.layer("encoder.layer.{i}.", _BERT_LAYER),
-        *tables.dense("pooler.dense", ("pooler",)),
-    ]
+    return declare.hf_table(specs(config))
+
+
+# ------------------------------------------------------------------------------------------------ the family
+
+FAMILIES = (
+    Family("bert", "text", {"bert": BertConfig, "roberta": RobertaConfig, "xlm-roberta": RobertaConfig},
+           sys.modules[__name__], "first", pooled_only=True, options=ENCODER_OPTIONS, stacks=("encoder",),
+           prefixes=("", "bert.", "roberta."), anchor="embeddings.word_embeddings.weight", optional=("pooler",)),
+)

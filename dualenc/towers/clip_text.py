@@ -13,22 +13,24 @@ Token + position embeddings, pre-LayerNorm layers, a final LayerNorm, one pooled
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
 
-from dualenc import layers, tables
-from dualenc.fields import ACTIVATION_NAMES, check_int, choice_field, TowerConfig, fail, float_field, int_field, rate_field, \
+from dualenc import layers, params as declare, tables
+from dualenc.fields import ACTIVATION_NAMES, check_int, choice_field, TransformerConfig, fail, float_field, int_field, rate_field, \
     same_head_dim, builds
 from dualenc.towers.inputs import check_text_inputs
+from dualenc.towers.family import ENCODER_OPTIONS, Family
 
 LEGACY_EOS = 2  # transformers: an eos_token_id of 2 means "pool at the argmax of the ids"
 
 
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
-class CLIPTextConfig(TowerConfig):
+class CLIPTextConfig(TransformerConfig):
     """transformers' CLIPTextConfig (model_type "clip_text_model", or the text_config of a "clip")."""
 
     model_types: ClassVar[tuple[str, ...]] = ("clip_text_model",)
@@ -75,7 +77,7 @@ def _token_id(where, name, value):
 
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
-class SiglipTextConfig(TowerConfig):
+class SiglipTextConfig(TransformerConfig):
     """transformers' SiglipTextConfig (model_type "siglip_text_model", or the text_config of a "siglip")."""
 
     model_types: ClassVar[tuple[str, ...]] = ("siglip_text_model",)
@@ -134,25 +136,35 @@ def encoder_spec(config: TextConfig) -> layers.EncoderSpec:
         attention_dropout=config.attention_dropout, init_stds=stds)
 
 
+def specs(config: TextConfig) -> list[declare.Param]:
+    """Every param of the tower, declared once (see dualenc.params); names relative to CLIPTextTransformer /
+    SiglipTextTransformer, and for SigLIP to big_vision's text tower (models/proj/image_text/text_transformer)."""
+    d = config.hidden_size
+    siglip = isinstance(config, SiglipTextConfig)
+    # CLIP: N(0, 0.02) embeddings; SigLIP: flax's default embedding init, N(0, 1/d).
+    std = d ** -0.5 if siglip else 0.02 * config.initializer_factor
+    bv = (lambda name: name) if siglip else (lambda name: None)  # noqa: E731
+    out = [
+        declare.table(("embeddings", "word"), config.vocab_size, d, std, "vocab",
+                      hf="embeddings.token_embedding.weight", bv=bv("Embed_0/embedding")),
+        declare.table(("embeddings", "position"), config.max_position_embeddings, d, std, "position",
+                      hf="embeddings.position_embedding.weight", bv=bv("pos_embedding"), bv_kind="pos"),
+        *declare.encoder(encoder_spec(config), "encoder.layers.{i}.", tables.CLIP_LAYER,
+                         bv_prefix=bv("Encoder_0/{blk}/")),
+        *declare.norm(("final_norm",), d, hf="final_layer_norm", bv=bv("Encoder_0/encoder_norm/"), group="head"),
+    ]
+    if siglip:
+        out += declare.dense(("head",), d, config.projection_size, d ** -0.5, ("embed", "projection"), hf="head",
+                             bv="head/", group="head")
+    return out
+
+
 @builds(CLIPTextConfig, SiglipTextConfig)
 def _build(normal: layers.Normal, config: TextConfig) -> layers.Params:
-    d = config.hidden_size
-    # CLIP: N(0, 0.02) embeddings; SigLIP: flax's default embedding init, N(0, 1/d).
-    std = 0.02 * config.initializer_factor if isinstance(config, CLIPTextConfig) else d ** -0.5
-    params = {
-        "embeddings": {
-            "word": normal((config.vocab_size, d), std),
-            "position": normal((config.max_position_embeddings, d), std),
-        },
-        "encoder": layers.encoder_init(normal, encoder_spec(config)),
-        "final_norm": layers.layer_norm_init(d),
-    }
-    if isinstance(config, SiglipTextConfig):
-        params["head"] = layers.dense_init(normal, d, config.projection_size, d ** -0.5)
-    return params
+    return declare.build(normal, specs(config))
 
 
-init = layers.tower_init(_build)  # init(key, config) -> params
+init = declare.tower_init(specs)  # init(key, config, *, stacked=False) -> params
 
 
 def pooled_positions(config: TextConfig, input_ids: jax.Array) -> jax.Array:
@@ -167,7 +179,7 @@ def pooled_positions(config: TextConfig, input_ids: jax.Array) -> jax.Array:
 def apply(params: layers.Params, config: CLIPTextConfig, input_ids: jax.Array, attention_mask=None,
           token_type_ids=None, position_ids=None, *, dropout_key=None, output_hidden_states: bool = False,
           output_attentions: bool = False, dtype=None, remat_policy: str | None = None,
-          pooled_only: bool = False) -> layers.TowerOutput:
+          pooled_only: bool = False, attention: str | None = None) -> layers.TowerOutput:
     """Runs the text tower.
 
     Args:
@@ -181,6 +193,7 @@ def apply(params: layers.Params, config: CLIPTextConfig, input_ids: jax.Array, a
       pooled_only: return last_hidden_state for the end-of-text token only, (B, 1, D), which is all
         pooler_output needs. The last layer then computes just that token (its attention still reads the
         tokens before it); same pooler_output.
+      attention: the attention implementation, a name in layers.IMPLEMENTATIONS; None: the backend's default.
 
     Returns:
       TowerOutput: last_hidden_state (B, L, D) after the final LayerNorm; pooler_output (B, D) at the
@@ -189,6 +202,7 @@ def apply(params: layers.Params, config: CLIPTextConfig, input_ids: jax.Array, a
     """
     check_text_inputs(config, input_ids, attention_mask, token_type_ids, position_ids)
     dtype = jnp.dtype(dtype or jnp.float32)
+    attention = layers.resolve_attention(attention, dtype)
     emb = params["embeddings"]
     length = input_ids.shape[1]
     if position_ids is None:
@@ -205,7 +219,7 @@ def apply(params: layers.Params, config: CLIPTextConfig, input_ids: jax.Array, a
         last, states, probs = layers.encoder(
             params["encoder"], x, bias, encoder_spec(config), dtype=dtype, key=dropout_key,
             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-            remat_policy=remat_policy, first_only=rows if pooled_only else False)
+            remat_policy=remat_policy, first_only=rows if pooled_only else False, attention=attention)
     with jax.named_scope("pooler"):
         last = layers.layer_norm(params["final_norm"], last, config.layer_norm_eps, dtype)
         pooled = (last if pooled_only else layers.pick_rows(last, rows))[:, 0]
@@ -218,12 +232,16 @@ def apply(params: layers.Params, config: CLIPTextConfig, input_ids: jax.Array, a
 
 def table(config: TextConfig) -> list[tables.Entry]:
     """The tower's transformers key table, names relative to CLIPTextTransformer / SiglipTextTransformer."""
-    E = tables.Entry
-    head = tables.dense("head", ("head",)) if isinstance(config, SiglipTextConfig) else []
-    return [
-        E("embeddings.token_embedding.weight", ("embeddings", "word"), "id"),
-        E("embeddings.position_embedding.weight", ("embeddings", "position"), "id"),
-        *tables.layer("encoder.layers.{i}.", tables.CLIP_LAYER),
-        *tables.norm("final_layer_norm", ("final_norm",)),
-        *head,
-    ]
+    return declare.hf_table(specs(config))
+
+
+# ------------------------------------------------------------------------------------------------ the families
+
+FAMILIES = (
+    Family("clip_text", "text", {"clip_text_model": CLIPTextConfig}, sys.modules[__name__], "eos",
+           pooled_only=True, options=ENCODER_OPTIONS, stacks=("encoder",), prefixes=("", "text_model."),
+           anchor="embeddings.token_embedding.weight", tokenizer="clip"),
+    Family("siglip_text", "text", {"siglip_text_model": SiglipTextConfig, "siglip2_text_model": Siglip2TextConfig},
+           sys.modules[__name__], "last", pooled_only=True, options=ENCODER_OPTIONS, pooled_size="projection_size",
+           stacks=("encoder",), prefixes=("", "text_model."), anchor="embeddings.token_embedding.weight"),
+)

@@ -10,15 +10,17 @@ towers of vision-language models) have no pooled output. The text tower is in cl
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from dualenc import layers, tables
+from dualenc import layers, params as declare, tables
 from dualenc.errors import InputError
 from dualenc.fields import ACTIVATION_NAMES, bool_field, choice_field, float_field, int_field, rate_field, builds
 from dualenc.towers import vit
+from dualenc.towers.family import ENCODER_OPTIONS, Family
 
 
 @jax.tree_util.register_static
@@ -50,42 +52,64 @@ def encoder_spec(config: SiglipVisionConfig) -> layers.EncoderSpec:
         init_stds=layers.xavier_stds(config.hidden_size, config.intermediate_size))
 
 
-def head_init(normal: layers.Normal, spec: layers.EncoderSpec) -> layers.Params:
-    """The attention-pooling head's params, named as transformers' SiglipMultiheadAttentionPoolingHead."""
+def head_specs(spec: layers.EncoderSpec) -> list[declare.Param]:
+    """The attention-pooling head's params, named as transformers' SiglipMultiheadAttentionPoolingHead and
+    big_vision's MAPHead (whose query, key and value pack into one in_proj, in this order, on its output axis)."""
     d, i = spec.hidden_size, spec.intermediate_size
     _, out_std, fc1_std, fc2_std = spec.init_stds
-    return {
-        "probe": normal((d,), d ** -0.5),
-        "attention": {"in_proj": layers.dense_init(normal, d, 3 * d, (2.0 / (4 * d)) ** 0.5),
-                      "out": layers.dense_init(normal, d, d, out_std)},
-        "norm": layers.layer_norm_init(d),
-        "mlp": {"fc1": layers.dense_init(normal, d, i, fc1_std), "fc2": layers.dense_init(normal, i, d, fc2_std)},
-    }
+    attention = "MAPHead_0/MultiHeadDotProductAttention_0/"
+    return declare.under(("head",), [
+        declare.Param(("probe",), (d,), ("embed",), declare.normal(d ** -0.5), "probe", "cls", "MAPHead_0/probe",
+                      "cls", group="head"),
+        *declare.dense(("attention", "in_proj"), d, 3 * d, (2.0 / (4 * d)) ** 0.5, ("embed", "qkv"),
+                       hf="attention.in_proj", sep="_", bv=tuple(f"{attention}{n}/" for n in ("query", "key", "value")),
+                       bv_kinds=declare.ATTENTION_BV_KINDS["query"], group="head"),
+        *declare.dense(("attention", "out"), d, d, out_std, ("qkv", "embed"), hf="attention.out_proj",
+                       bv=attention + "out/", bv_kinds=declare.ATTENTION_BV_KINDS["out"], group="head"),
+        *declare.norm(("norm",), d, hf="layernorm", bv="MAPHead_0/LayerNorm_0/", group="head"),
+        *declare.dense(("mlp", "fc1"), d, i, fc1_std, ("embed", "mlp"), hf="mlp.fc1", bv="MAPHead_0/MlpBlock_0/Dense_0/",
+                       group="head"),
+        *declare.dense(("mlp", "fc2"), i, d, fc2_std, ("mlp", "embed"), hf="mlp.fc2", bv="MAPHead_0/MlpBlock_0/Dense_1/",
+                       group="head"),
+    ], hf="head.")
+
+
+def specs(config: SiglipVisionConfig) -> list[declare.Param]:
+    """Every param of the tower, declared once (see dualenc.params); names relative to SiglipVisionTransformer
+    and to big_vision's image tower (models/vit.py)."""
+    d, c = config.hidden_size, config.num_channels
+    ph, pw = config.patch_hw
+    spec = encoder_spec(config)
+    return [
+        *declare.conv(("embeddings", "patch"), c, (ph, pw), d, (c * ph * pw) ** -0.5,
+                      hf="embeddings.patch_embedding", bv="embedding/"),
+        declare.table(("embeddings", "position"), config.num_patches, d, d ** -0.5, "position",
+                      hf="embeddings.position_embedding.weight", bv="pos_embedding", bv_kind="pos"),
+        *tail_specs(config, spec),
+    ]
+
+
+def tail_specs(config, spec: layers.EncoderSpec) -> list[declare.Param]:
+    """What SigLIP's vision towers (this one and NaFlex's) hold after their embeddings: the encoder,
+    post_layernorm and the pooling head (with vision_use_head)."""
+    return [
+        *declare.encoder(spec, "encoder.layers.{i}.", tables.CLIP_LAYER, bv_prefix="Transformer/{blk}/"),
+        *declare.norm(("post_norm",), spec.hidden_size, hf="post_layernorm", bv="Transformer/encoder_norm/",
+                      group="head"),
+        *(head_specs(spec) if config.vision_use_head else []),
+    ]
 
 
 @builds(SiglipVisionConfig)
 def _build(normal: layers.Normal, config: SiglipVisionConfig) -> layers.Params:
-    d, c = config.hidden_size, config.num_channels
-    ph, pw = config.patch_hw
-    spec = encoder_spec(config)
-    params = {
-        "embeddings": {
-            "patch": {"kernel": normal((c, ph, pw, d), (c * ph * pw) ** -0.5), "bias": jnp.zeros((d,), jnp.float32)},
-            "position": normal((config.num_patches, d), d ** -0.5),
-        },
-        "encoder": layers.encoder_init(normal, spec),
-        "post_norm": layers.layer_norm_init(d),
-    }
-    if config.vision_use_head:
-        params["head"] = head_init(normal, spec)
-    return params
+    return declare.build(normal, specs(config))
 
 
-init = layers.tower_init(_build)  # init(key, config) -> params
+init = declare.tower_init(specs)  # init(key, config, *, stacked=False) -> params
 
 
 def attention_pool(p: layers.Params, x: jax.Array, bias: jax.Array | None, spec: layers.EncoderSpec,
-                   dtype) -> jax.Array:
+                   dtype, attention: str = "xla") -> jax.Array:
     """(B, D): the MAP head over tokens x (B, L, D); bias (B, 1, 1, L) masks padded tokens (NaFlex)."""
     d = x.shape[-1]
     in_proj = p["attention"]["in_proj"]
@@ -93,7 +117,8 @@ def attention_pool(p: layers.Params, x: jax.Array, bias: jax.Array | None, spec:
     qkv = {name: {"kernel": in_proj["kernel"][:, i * d:(i + 1) * d], "bias": in_proj["bias"][i * d:(i + 1) * d]}
            for i, name in enumerate(("query", "key", "value"))}
     probe = jnp.broadcast_to(p["probe"].astype(dtype), (x.shape[0], 1, d))
-    h, _ = layers.attention({**qkv, "out": p["attention"]["out"]}, x, bias, spec, dtype, None, queries=probe)
+    h, _ = layers.attention({**qkv, "out": p["attention"]["out"]}, x, bias, spec, dtype, None, queries=probe,
+                            attention=attention)
     h = h + layers.mlp(p["mlp"], layers.layer_norm(p["norm"], h, spec.eps, dtype), spec.activation, dtype)
     return h[:, 0]
 
@@ -105,7 +130,7 @@ def check_pixel_values(config: SiglipVisionConfig, pixel_values, interpolate_pos
 def apply(params: layers.Params, config: SiglipVisionConfig, pixel_values: jax.Array, *, dropout_key=None,
           output_hidden_states: bool = False, output_attentions: bool = False,
           interpolate_pos_encoding: bool = False, dtype=None, remat_policy: str | None = None,
-          pooled_only: bool = False) -> layers.TowerOutput:
+          pooled_only: bool = False, attention: str | None = None) -> layers.TowerOutput:
     """Runs the vision tower.
 
     Args:
@@ -114,6 +139,7 @@ def apply(params: layers.Params, config: SiglipVisionConfig, pixel_values: jax.A
       interpolate_pos_encoding: resize the position grid bicubically for images of another size.
       dtype: compute dtype of the matmuls (default float32).
       pooled_only: refused: the pooling head reads every token.
+      attention: the attention implementation, a name in layers.IMPLEMENTATIONS; None: the backend's default.
 
     Returns:
       TowerOutput: last_hidden_state (B, patches, D) after post_layernorm; pooler_output (B, D), the head's
@@ -124,6 +150,7 @@ def apply(params: layers.Params, config: SiglipVisionConfig, pixel_values: jax.A
                          "reads every token")
     check_pixel_values(config, pixel_values, interpolate_pos_encoding)
     dtype = jnp.dtype(dtype or jnp.float32)
+    attention = layers.resolve_attention(attention, dtype)
     _, _, h, w = pixel_values.shape
     ph, pw = config.patch_hw
     emb = params["embeddings"]
@@ -135,11 +162,12 @@ def apply(params: layers.Params, config: SiglipVisionConfig, pixel_values: jax.A
         x = x + pos.astype(dtype)[None]
     return encode(params, config, x, None, dtype=dtype, dropout_key=dropout_key,
                   output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-                  remat_policy=remat_policy)
+                  remat_policy=remat_policy, attention=attention)
 
 
 def encode(params: layers.Params, config, x: jax.Array, bias: jax.Array | None, *, dtype, dropout_key,
-           output_hidden_states: bool, output_attentions: bool, remat_policy: str | None) -> layers.TowerOutput:
+           output_hidden_states: bool, output_attentions: bool, remat_policy: str | None,
+           attention: str = "xla") -> layers.TowerOutput:
     """What SigLIP's vision towers (this one and NaFlex's) run after their embeddings x: the encoder under the
     key mask `bias`, post_layernorm on every token, and the pooling head (None without vision_use_head)."""
     spec = encoder_spec(config)
@@ -147,35 +175,24 @@ def encode(params: layers.Params, config, x: jax.Array, bias: jax.Array | None, 
         last, states, probs = layers.encoder(
             params["encoder"], x, bias, spec, dtype=dtype, key=dropout_key,
             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-            remat_policy=remat_policy)
+            remat_policy=remat_policy, attention=attention)
     with jax.named_scope("head"):
         last = layers.layer_norm(params["post_norm"], last, config.layer_norm_eps, dtype)
-        pooled = attention_pool(params["head"], last, bias, spec, dtype) if config.vision_use_head else None
+        pooled = attention_pool(params["head"], last, bias, spec, dtype, attention) if config.vision_use_head else None
     return layers.tower_output(last, pooled, x, states, probs)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 
-def head_table(prefix: str) -> list[tables.Entry]:
-    """The pooling head's entries (SiglipMultiheadAttentionPoolingHead) under `prefix`."""
-    return [
-        tables.Entry(f"{prefix}probe", ("head", "probe"), "cls"),
-        *tables.dense(f"{prefix}attention.in_proj", ("head", "attention", "in_proj"), sep="_"),
-        *tables.dense(f"{prefix}attention.out_proj", ("head", "attention", "out")),
-        *tables.norm(f"{prefix}layernorm", ("head", "norm")),
-        *tables.dense(f"{prefix}mlp.fc1", ("head", "mlp", "fc1")),
-        *tables.dense(f"{prefix}mlp.fc2", ("head", "mlp", "fc2")),
-    ]
-
-
 def table(config: SiglipVisionConfig) -> list[tables.Entry]:
     """The tower's transformers key table, names relative to SiglipVisionTransformer."""
-    E = tables.Entry
-    return [
-        E("embeddings.patch_embedding.weight", ("embeddings", "patch", "kernel"), "conv"),
-        E("embeddings.patch_embedding.bias", ("embeddings", "patch", "bias"), "id"),
-        E("embeddings.position_embedding.weight", ("embeddings", "position"), "id"),
-        *tables.layer("encoder.layers.{i}.", tables.CLIP_LAYER),
-        *tables.norm("post_layernorm", ("post_norm",)),
-        *(head_table("head.") if config.vision_use_head else []),
-    ]
+    return declare.hf_table(specs(config))
+
+
+# ------------------------------------------------------------------------------------------------ the family
+
+FAMILIES = (
+    Family("siglip_vision", "vision", {"siglip_vision_model": SiglipVisionConfig}, sys.modules[__name__], "map",
+           options=(*ENCODER_OPTIONS, "interpolate_pos_encoding"), stacks=("encoder",), check=check_pixel_values,
+           prefixes=("", "vision_model."), anchor="embeddings.patch_embedding.weight"),
+)

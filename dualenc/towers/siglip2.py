@@ -12,22 +12,24 @@ N, so a batch of mixed aspect ratios compiles once.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dualenc import layers, tables
+from dualenc import layers, params as declare, tables
 from dualenc.errors import InputError
-from dualenc.fields import ACTIVATION_NAMES, bool_field, choice_field, TowerConfig, fail, float_field, int_field, rate_field, same_head_dim, \
+from dualenc.fields import ACTIVATION_NAMES, bool_field, choice_field, TransformerConfig, fail, float_field, int_field, rate_field, same_head_dim, \
     builds
 from dualenc.towers import siglip
+from dualenc.towers.family import ENCODER_OPTIONS, Family
 
 
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
-class Siglip2VisionConfig(TowerConfig):
+class Siglip2VisionConfig(TransformerConfig):
     """transformers' Siglip2VisionConfig (model_type "siglip2_vision_model", or the vision_config of a "siglip2")."""
 
     model_types: ClassVar[tuple[str, ...]] = ("siglip2_vision_model",)
@@ -59,24 +61,26 @@ class Siglip2VisionConfig(TowerConfig):
 encoder_spec = siglip.encoder_spec
 
 
+def specs(config: Siglip2VisionConfig) -> list[declare.Param]:
+    """Every param of the tower, declared once (see dualenc.params); names relative to Siglip2VisionTransformer
+    and big_vision's NaFlex image tower (a Dense patch embedding over patches flattened as (row, column,
+    channel), the order the kernel keeps; a (G, G, D) position grid)."""
+    d = config.hidden_size
+    return [
+        *declare.dense(("embeddings", "patch"), config.patch_dim, d, config.patch_dim ** -0.5, ("patch_in", "embed"),
+                       hf="embeddings.patch_embedding", bv="embedding/"),
+        declare.table(("embeddings", "position"), config.num_patches, d, d ** -0.5, "position",
+                      hf="embeddings.position_embedding.weight", bv="pos_embedding", bv_kind="grid"),
+        *siglip.tail_specs(config, encoder_spec(config)),
+    ]
+
+
 @builds(Siglip2VisionConfig)
 def _build(normal: layers.Normal, config: Siglip2VisionConfig) -> layers.Params:
-    d = config.hidden_size
-    spec = encoder_spec(config)
-    params = {
-        "embeddings": {
-            "patch": layers.dense_init(normal, config.patch_dim, d, config.patch_dim ** -0.5),
-            "position": normal((config.num_patches, d), d ** -0.5),
-        },
-        "encoder": layers.encoder_init(normal, spec),
-        "post_norm": layers.layer_norm_init(d),
-    }
-    if config.vision_use_head:
-        params["head"] = siglip.head_init(normal, spec)
-    return params
+    return declare.build(normal, specs(config))
 
 
-init = layers.tower_init(_build)  # init(key, config) -> params
+init = declare.tower_init(specs)  # init(key, config, *, stacked=False) -> params
 
 
 def _axis_weights(grid: int, sizes: jax.Array, index: jax.Array) -> jax.Array:
@@ -140,34 +144,46 @@ def check_values(config: Siglip2VisionConfig, pixel_attention_mask, spatial_shap
 def apply(params: layers.Params, config: Siglip2VisionConfig, pixel_values: jax.Array, pixel_attention_mask=None,
           spatial_shapes=None, *, dropout_key=None, output_hidden_states: bool = False,
           output_attentions: bool = False, dtype=None, remat_policy: str | None = None,
-          pooled_only: bool = False) -> layers.TowerOutput:
+          pooled_only: bool = False, attention: str | None = None) -> layers.TowerOutput:
     """Runs the vision tower on patchified images (see the module docstring for the inputs).
 
     Returns:
       TowerOutput: last_hidden_state (B, N, D) after post_layernorm (padding rows included, as transformers
       computes them); pooler_output (B, D) from the head over the real patches (None with vision_use_head
-      false); hidden_states/attentions as tuples when requested.
+      false); hidden_states/attentions as tuples when requested. attention: a name in layers.IMPLEMENTATIONS;
+      None: the backend's default.
     """
     if pooled_only:
         raise InputError("pooled_only is not supported by the SigLIP 2 vision tower: its attention-pooling head "
                          "reads every token")
     check_pixel_values(config, pixel_values, pixel_attention_mask, spatial_shapes)
     dtype = jnp.dtype(dtype or jnp.float32)
+    attention = layers.resolve_attention(attention, dtype)
     emb = params["embeddings"]
     with jax.named_scope("embeddings"):
         x = layers.dense(emb["patch"], pixel_values, dtype).astype(jnp.float32)
         x = (x + resize_positions(emb["position"], spatial_shapes, pixel_values.shape[1])).astype(dtype)
     return siglip.encode(params, config, x, layers.attention_bias(pixel_attention_mask), dtype=dtype,
                          dropout_key=dropout_key, output_hidden_states=output_hidden_states,
-                         output_attentions=output_attentions, remat_policy=remat_policy)
+                         output_attentions=output_attentions, remat_policy=remat_policy,
+                         attention=attention)
 
 
 def table(config: Siglip2VisionConfig) -> list[tables.Entry]:
     """The tower's transformers key table, names relative to Siglip2VisionTransformer."""
-    return [
-        *tables.dense("embeddings.patch_embedding", ("embeddings", "patch")),
-        tables.Entry("embeddings.position_embedding.weight", ("embeddings", "position"), "id"),
-        *tables.layer("encoder.layers.{i}.", tables.CLIP_LAYER),
-        *tables.norm("post_layernorm", ("post_norm",)),
-        *(siglip.head_table("head.") if config.vision_use_head else []),
-    ]
+    return declare.hf_table(specs(config))
+
+
+# ------------------------------------------------------------------------------------------------ the family
+
+def _check(config: Siglip2VisionConfig, pixel_values, pixel_attention_mask=None, spatial_shapes=None) -> None:
+    check_pixel_values(config, pixel_values, pixel_attention_mask, spatial_shapes)
+    check_values(config, pixel_attention_mask, spatial_shapes)
+
+
+FAMILIES = (
+    Family("siglip2_vision", "vision", {"siglip2_vision_model": Siglip2VisionConfig}, sys.modules[__name__], "map",
+           inputs=("pixel_values", "pixel_attention_mask", "spatial_shapes"), options=ENCODER_OPTIONS,
+           stacks=("encoder",), check=_check, prefixes=("", "vision_model."),
+           anchor="embeddings.patch_embedding.weight"),
+)

@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dualenc import layers, tables
+from dualenc import layers, params as declare, tables
 from dualenc.errors import InputError
+from dualenc.towers.family import ENCODER_OPTIONS, Family
 from dualenc.fields import (
-    ACTIVATION_NAMES, bool_field, check_int, choice_field, TowerConfig, fail, float_field, int_field, pair, rate_field, same_head_dim,
+    ACTIVATION_NAMES, bool_field, check_int, choice_field, TransformerConfig, fail, float_field, int_field, pair, rate_field, same_head_dim,
     builds,
 )
 
-class VisionTransformerConfig(TowerConfig):
+class VisionTransformerConfig(TransformerConfig):
     rejected: ClassVar[Mapping[str, Any]] = {"head_dim": same_head_dim}
 
     def _validate(self):
@@ -147,30 +149,39 @@ def encoder_spec(config: VisionConfig) -> layers.EncoderSpec:
         hidden_dropout=hidden_dropout, attention_dropout=attention_dropout, init_stds=stds)
 
 
-@builds(ViTConfig, CLIPVisionConfig)
-def _build(normal: layers.Normal, config: VisionConfig) -> layers.Params:
-    d, c = config.hidden_size, config.num_channels
-    ph, pw = config.patch_hw
+def specs(config: VisionConfig) -> list[declare.Param]:
+    """Every param of the tower, declared once (see dualenc.params); names relative to ViTModel /
+    CLIPVisionTransformer."""
+    d = config.hidden_size
     is_clip = isinstance(config, CLIPVisionConfig)
     std = config.initializer_range * (config.initializer_factor if is_clip else 1.0)
-    patch = {"kernel": normal((c, ph, pw, d), std)}
-    if config.patch_bias:
-        patch["bias"] = jnp.zeros((d,), jnp.float32)
     cls_std = d ** -0.5 * config.initializer_factor if is_clip else std
-    params = {
-        "embeddings": {
-            "patch": patch,
-            "cls": normal((d,), cls_std),
-            "position": normal((config.num_patches + 1, d), std),
-        },
-        "encoder": layers.encoder_init(normal, encoder_spec(config)),
-        "post_norm": layers.layer_norm_init(d),
-    }
-    if config.pre_norm:
-        params["pre_norm"] = layers.layer_norm_init(d)
+    if is_clip:
+        names = dict(patch="embeddings.patch_embedding", cls=("embeddings.class_embedding", "id"),
+                     position=("embeddings.position_embedding.weight", "id"), layer="encoder.layers.{i}.",
+                     post_norm="post_layernorm")
+    else:
+        names = dict(patch="embeddings.patch_embeddings.projection", cls=("embeddings.cls_token", "cls"),
+                     position=("embeddings.position_embeddings", "pos"), layer="encoder.layer.{i}.",
+                     post_norm="layernorm")
+    out = [
+        *declare.conv(("embeddings", "patch"), config.num_channels, config.patch_hw, d, std, hf=names["patch"],
+                      bias=config.patch_bias),
+        declare.Param(("embeddings", "cls"), (d,), ("embed",), declare.normal(cls_std), *names["cls"]),
+        declare.table(("embeddings", "position"), config.num_patches + 1, d, std, "position",
+                      hf=names["position"][0], hf_kind=names["position"][1]),
+        *(declare.norm(("pre_norm",), d, hf="pre_layrnorm") if config.pre_norm else []),
+        *declare.encoder(encoder_spec(config), names["layer"], tables.CLIP_LAYER if is_clip else _VIT_LAYER),
+        *declare.norm(("post_norm",), d, hf=names["post_norm"], group="head"),
+    ]
     if config.pooler:
-        params["pooler"] = layers.dense_init(normal, d, d, std)
-    return params
+        out += declare.dense(("pooler",), d, d, std, ("embed", "embed"), hf="pooler.dense", group="head")
+    return out
+
+
+@builds(ViTConfig, CLIPVisionConfig)
+def _build(normal: layers.Normal, config: VisionConfig) -> layers.Params:
+    return declare.build(normal, specs(config))
 
 
 @functools.lru_cache(maxsize=64)
@@ -195,7 +206,7 @@ def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
     return w.astype(np.float32)
 
 
-init = layers.tower_init(_build)  # init(key, config) -> params
+init = declare.tower_init(specs)  # init(key, config, *, stacked=False) -> params
 
 
 def resize_positions(patch_table: jax.Array, config, grid: tuple[int, int], square_input: bool) -> jax.Array:
@@ -260,7 +271,7 @@ def check_pixel_values(config: VisionConfig, pixel_values, interpolate_pos_encod
 def apply(params: layers.Params, config: VisionConfig, pixel_values: jax.Array, *, dropout_key=None,
           output_hidden_states: bool = False, output_attentions: bool = False,
           interpolate_pos_encoding: bool = False, dtype=None, remat_policy: str | None = None,
-          pooled_only: bool = False) -> layers.TowerOutput:
+          pooled_only: bool = False, attention: str | None = None) -> layers.TowerOutput:
     """Runs the vision tower.
 
     Args:
@@ -271,6 +282,7 @@ def apply(params: layers.Params, config: VisionConfig, pixel_values: jax.Array, 
         needs. The last layer then computes just that token (its attention still reads every token):
         about 7% less work for a 12-layer tower, same pooler_output. Stacked layers do so when evaluated;
         differentiated, they run the last layer in full (a faster backward).
+      attention: the attention implementation, a name in layers.IMPLEMENTATIONS; None: the backend's default.
 
     Returns:
       TowerOutput: last_hidden_state (B, 1 + patches, D); pooler_output (B, D) (ViT: tanh(dense(CLS)) after the
@@ -278,6 +290,7 @@ def apply(params: layers.Params, config: VisionConfig, pixel_values: jax.Array, 
     """
     check_pixel_values(config, pixel_values, interpolate_pos_encoding)
     dtype = jnp.dtype(dtype or jnp.float32)
+    attention = layers.resolve_attention(attention, dtype)
     b, c, h, w = pixel_values.shape
     ph, pw = config.patch_hw
     gh, gw = h // ph, w // pw
@@ -298,7 +311,7 @@ def apply(params: layers.Params, config: VisionConfig, pixel_values: jax.Array, 
         last, states, probs = layers.encoder(
             params["encoder"], x, None, spec, dtype=dtype, key=encoder_key,
             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-            remat_policy=remat_policy, first_only=pooled_only)
+            remat_policy=remat_policy, first_only=pooled_only, attention=attention)
     with jax.named_scope("pooler"):
         if config.pooler:
             last = layers.layer_norm(params["post_norm"], last, config.layer_norm_eps, dtype)
@@ -317,22 +330,16 @@ _VIT_LAYER = dict(query="attention.attention.query", key="attention.attention.ke
 
 def table(config: VisionConfig) -> list[tables.Entry]:
     """The tower's transformers key table, names relative to ViTModel / CLIPVisionTransformer."""
-    E = tables.Entry
-    if isinstance(config, ViTConfig):
-        return [
-            E("embeddings.cls_token", ("embeddings", "cls"), "cls"),
-            E("embeddings.position_embeddings", ("embeddings", "position"), "pos"),
-            E("embeddings.patch_embeddings.projection.weight", ("embeddings", "patch", "kernel"), "conv"),
-            E("embeddings.patch_embeddings.projection.bias", ("embeddings", "patch", "bias"), "id"),
-            *tables.layer("encoder.layer.{i}.", _VIT_LAYER, config.qkv_bias),
-            *tables.norm("layernorm", ("post_norm",)),
-            *tables.dense("pooler.dense", ("pooler",)),
-        ]
-    return [
-        E("embeddings.class_embedding", ("embeddings", "cls"), "id"),
-        E("embeddings.position_embedding.weight", ("embeddings", "position"), "id"),
-        E("embeddings.patch_embedding.weight", ("embeddings", "patch", "kernel"), "conv"),
-        *tables.norm("pre_layrnorm", ("pre_norm",)),
-        *tables.layer("encoder.layers.{i}.", tables.CLIP_LAYER),
-        *tables.norm("post_layernorm", ("post_norm",)),
-    ]
+    return declare.hf_table(specs(config))
+
+
+# ------------------------------------------------------------------------------------------------ the family
+
+FAMILIES = (
+    Family("vit", "vision", {"vit": ViTConfig}, sys.modules[__name__], "first", pooled_only=True,
+           options=(*ENCODER_OPTIONS, "interpolate_pos_encoding"), stacks=("encoder",), check=check_pixel_values,
+           prefixes=("", "vit."), anchor="embeddings.patch_embeddings.projection.weight", optional=("pooler",)),
+    Family("clip_vision", "vision", {"clip_vision_model": CLIPVisionConfig}, sys.modules[__name__], "first",
+           pooled_only=True, options=(*ENCODER_OPTIONS, "interpolate_pos_encoding"), stacks=("encoder",),
+           check=check_pixel_values, prefixes=("", "vision_model."), anchor="embeddings.patch_embedding.weight"),
+)

@@ -49,6 +49,7 @@ import numpy as np
 
 from dualenc import files
 from dualenc.errors import CheckpointError, ConfigError
+from dualenc.params import check_tree
 from dualenc.train import integrity, orbax_errors, safetensors_state
 from dualenc.train.sharding import host_array
 from dualenc.train.state import TrainState
@@ -465,13 +466,9 @@ def _restore_orbax(path: str, template: TrainState) -> TrainState:
     names = [p for p, _ in _names(template)]
     with_frozen = any(p[0] == "frozen" for p in saved)
     wanted = [(p, leaf) for p, leaf in zip(names, flat) if with_frozen or p[0] != "frozen"]
-    missing = ["/".join(p) for p, _ in wanted if p not in saved]
-    unexpected = ["/".join(p) for p in saved if p not in {p for p, _ in wanted}]
-    wrong = [f"{'/'.join(p)} {saved[p][0]} {saved[p][1]} here {tuple(np.shape(leaf))} {np.dtype(leaf.dtype)}"
-             for p, leaf in wanted if p in saved and saved[p] != (tuple(np.shape(leaf)), np.dtype(leaf.dtype))]
-    if missing or unexpected or wrong:
-        raise CheckpointError(f"{path} does not match this training setup: missing {missing[:20]}, "
-                              f"unexpected {unexpected[:20]}, wrong shape or dtype {wrong[:20]}")
+    check_tree({"/".join(p): [tuple(np.shape(leaf)), np.dtype(leaf.dtype)] for p, leaf in wanted},
+               {"/".join(p): [shape, dtype] for p, (shape, dtype) in saved.items()},
+               f"{path} does not match this training setup", noun="leaf", error=CheckpointError)
 
     def target(leaf):
         sharding = getattr(leaf, "sharding", None)

@@ -1,4 +1,4 @@
-"""The default optimizer: AdamW after global-norm clipping, warmup + cosine, decay on kernels and tables."""
+"""The default optimizer: AdamW after global-norm clipping, warmup + cosine, decay where the params declare it."""
 
 from __future__ import annotations
 
@@ -6,15 +6,24 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dualenc.errors import ConfigError, InputError
+from dualenc.train.state import declared
 
 
 def decay_mask(params: dict) -> dict:
-    """Weight decay on kernels and embedding tables only (not biases, norms, cls, logit scale/bias)."""
-    def decays(path, _):
-        last = path[-1].key if hasattr(path[-1], "key") else str(path[-1])
-        return last in ("kernel", "word", "position", "token_type")
+    """Weight decay where the params' declarations say (dualenc.params.Param.decay): on kernels and embedding
+    tables only, not biases, norms, class tokens, probes, logit scale/bias. params: a params tree or a part of
+    one (the trainable params), in either layer layout."""
+    catalogue = declared()
+
+    def decays(path, leaf):
+        p, _ = catalogue.find(path, np.ndim(leaf))
+        if p is None:
+            raise InputError(f"decay_mask: no tower family or model declares the param at "
+                             f"{jax.tree_util.keystr(path)}")
+        return p.decay
     return jax.tree_util.tree_map_with_path(decays, params)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from dualenc import files
 from dualenc.errors import CheckpointError
+from dualenc.params import check_tree
 from dualenc.train.optimizer import ClippedAdamWState
 from dualenc.train.sharding import host_array
 from dualenc.train.state import TrainState
@@ -36,12 +37,9 @@ def read(path: str, template: TrainState) -> TrainState:
     names = [name for name, _ in _names(template)]
     if isinstance(template.opt_state, ClippedAdamWState):
         tensors = _from_optax_chain(tensors, path)
-    missing = [n for n in names if n not in tensors]
-    unexpected = [n for n in tensors if n not in set(names)]
-    wrong = [n for n, leaf in zip(names, leaves) if n in tensors and tensors[n].shape != np.shape(leaf)]
-    if missing or unexpected or wrong:
-        raise CheckpointError(f"{os.path.dirname(path)} does not match this training setup: missing {missing[:20]}, "
-                              f"unexpected {unexpected[:20]}, wrong shape {wrong[:20]}")
+    check_tree({n: tuple(np.shape(leaf)) for n, leaf in zip(names, leaves)},
+               {n: tuple(a.shape) for n, a in tensors.items()},
+               f"{os.path.dirname(path)} does not match this training setup", noun="leaf", error=CheckpointError)
     restored = []
     for name, leaf in zip(names, leaves):
         value = np.asarray(tensors[name], dtype=leaf.dtype)

@@ -6,14 +6,12 @@ from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from dualenc import layers, model
+from dualenc import layers, model, params as declare, towers
 from dualenc.errors import ConfigError
 
 TOWERS = ("vision", "text")
-# Tower params that come before the encoder; the rest (final norms, poolers) follow it, and train with
-# unlocked top layers.
-_PRE_ENCODER = ("embeddings", "pre_norm")
 
 
 class TrainState(NamedTuple):
@@ -35,6 +33,43 @@ def check_locking(locked: Sequence[str], unlocked_layers: int):
     return locked
 
 
+def declared() -> declare.Catalogue:
+    """Every param any registered family (with every optional part) and the dual encoder declare, found by
+    path in params trees and train states: what the decay mask, the LiT groups and the sharding rules read."""
+    families = towers.FAMILIES
+    key = tuple(map(id, families))
+    if key not in _CATALOGUES:
+        _CATALOGUES.clear()  # the registry changed: one catalogue at a time
+        _CATALOGUES[key] = (families, _catalogue(families))
+    return _CATALOGUES[key][1]
+
+
+_CATALOGUES: dict[tuple, tuple] = {}  # registry (by the ids of its families) -> (families, catalogue)
+
+
+def _catalogue(families) -> declare.Catalogue:
+    specs = []
+    for f in families:
+        for cls in dict.fromkeys(f.configs.values()):
+            specs += declare.under((f.side,), f.module.specs(cls()))
+    projections = {name: (1, 1) for name in model.PROJECTIONS.values()}
+    return declare.Catalogue(specs + model.own_specs(projections, True, 0.0, 0.0))
+
+
+def groups(side: str, tower: dict) -> dict[str, str]:
+    """{top-level name: its group} of a tower's params (see dualenc.params.GROUPS)."""
+    catalogue, out = declared(), {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tower):
+        p, _ = catalogue.find((jax.tree_util.DictKey(side),) + tuple(path), np.ndim(leaf))
+        if p is None:
+            raise ConfigError(f"{side}/{jax.tree_util.keystr(path)}: no tower family declares this param (a "
+                              f"family's specs(config) must list it)")
+        name = declare.path_keys(path)[0]
+        if out.setdefault(name, p.group) != p.group:
+            raise ConfigError(f"{side}/{name} holds params of the groups {out[name]} and {p.group}")
+    return out
+
+
 def _take_layers(encoder, start: int, stop: int | None):
     if isinstance(encoder, (tuple, list)):
         return tuple(encoder[start:stop])
@@ -43,7 +78,8 @@ def _take_layers(encoder, start: int, stop: int | None):
 
 def partition(params: dict, locked: Sequence[str] = (), unlocked_layers: int = 0) -> tuple[dict, dict]:
     """Splits params into (trainable, frozen). A locked tower is frozen except, with unlocked_layers=k, its
-    top k encoder layers and what follows them (final norm, pooler). Projections and logit scale/bias train.
+    top k encoder layers and what follows them (its "head" group: final norm, pooler); what comes before (the
+    "embeddings" group) stays frozen (see dualenc.params.GROUPS). Projections and logit scale/bias train.
     Works on either layer layout (stacked, or per-layer tuples)."""
     locked = check_locking(locked, unlocked_layers)
     trainable, frozen = {}, {}
@@ -53,30 +89,33 @@ def partition(params: dict, locked: Sequence[str] = (), unlocked_layers: int = 0
         elif unlocked_layers == 0:
             frozen[name] = value
         else:
-            depth = layers.num_layers(value["encoder"])
-            if unlocked_layers > depth:
-                raise ConfigError(f"unlocked_layers={unlocked_layers} exceeds the {depth} layers of the "
-                                  f"{name} tower")
-            cut = depth - unlocked_layers
-            frozen[name] = {k: v for k, v in value.items() if k in _PRE_ENCODER}
-            frozen[name]["encoder"] = _take_layers(value["encoder"], 0, cut)
-            trainable[name] = {k: v for k, v in value.items() if k not in _PRE_ENCODER + ("encoder",)}
-            trainable[name]["encoder"] = _take_layers(value["encoder"], cut, None)
+            group = groups(name, value)
+            frozen[name] = {k: v for k, v in value.items() if group[k] == "embeddings"}
+            trainable[name] = {k: v for k, v in value.items() if group[k] not in ("embeddings", "layers")}
+            for stack in (k for k in value if group[k] == "layers"):
+                depth = layers.num_layers(value[stack])
+                if unlocked_layers > depth:
+                    raise ConfigError(f"unlocked_layers={unlocked_layers} exceeds the {depth} layers of the "
+                                      f"{name} tower")
+                cut = depth - unlocked_layers
+                frozen[name][stack] = _take_layers(value[stack], 0, cut)
+                trainable[name][stack] = _take_layers(value[stack], cut, None)
     return trainable, frozen
 
 
 def merge_params(trainable: dict, frozen: dict, split: bool) -> dict:
     out = {}
     for name in sorted(set(trainable) | set(frozen)):
-        if name in trainable and name in frozen:  # a partly unlocked tower
-            tower = {**frozen[name], **{k: v for k, v in trainable[name].items() if k != "encoder"}}
-            bottom, top = frozen[name]["encoder"], trainable[name]["encoder"]
-            if split:
-                tower["encoder"] = layers.Split(bottom, top)
-            elif isinstance(bottom, (tuple, list)):
-                tower["encoder"] = tuple(bottom) + tuple(top)
-            else:
-                tower["encoder"] = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), bottom, top)
+        if name in trainable and name in frozen:  # a partly unlocked tower: its stacks are in both parts
+            tower = {**frozen[name], **trainable[name]}
+            for stack in set(frozen[name]) & set(trainable[name]):
+                bottom, top = frozen[name][stack], trainable[name][stack]
+                if split:
+                    tower[stack] = layers.Split(bottom, top)
+                elif isinstance(bottom, (tuple, list)):
+                    tower[stack] = tuple(bottom) + tuple(top)
+                else:
+                    tower[stack] = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), bottom, top)
             out[name] = tower
         else:
             out[name] = trainable[name] if name in trainable else frozen[name]
