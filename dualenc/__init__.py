@@ -35,10 +35,8 @@ _HOME = {
                      "num_params", "stack_layers", "unstack_layers"), "model"),
 }
 # subpackages and modules reachable as attributes (dualenc.train, dualenc.towers, ...); the tower families too
-_MODULES = ("cli", "config", "data", "demo", "encode", "errors", "evaluate", "files", "formats", "hub",
-            "layers", "losses", "model", "plots", "processing", "search", "tables", "templates", "towers",
-            "train")
-_FAMILIES = ("bert", "clip_text", "siglip", "siglip2", "vit")
+_MODULES = ("config", "data", "encode", "errors", "evaluate", "files", "formats", "hub", "kinds", "layers", "losses",
+            "model", "params", "plots", "processing", "search", "tables", "templates", "towers", "train")
 
 __all__ = sorted(_HOME) + ["__version__"]
 
@@ -48,18 +46,24 @@ def __getattr__(name: str):
         value = getattr(_load(_HOME[name]), name)
     elif name in _MODULES:
         value = _load(name)
-    elif name in _FAMILIES:
-        value = _load("towers." + name)
     elif "dualenc." + name in aliases.MOVED:
         return aliases.module("dualenc." + name)  # warns at each use, so never cached here
     else:
-        raise AttributeError(f"module 'dualenc' has no attribute {name!r}")
+        value = _tower_module(name)  # dualenc.vit, dualenc.bert...: the registry's tower modules
+        if value is None:
+            raise AttributeError(f"module 'dualenc' has no attribute {name!r}")
     globals()[name] = value
     return value
 
 
 def __dir__():
-    return sorted(set(globals()) | set(__all__) | set(_MODULES) | set(_FAMILIES))
+    return sorted(set(globals()) | set(__all__) | set(_MODULES))
+
+
+def _tower_module(name: str):
+    """The tower module registered under this short name (dualenc.towers.vit as dualenc.vit), or None."""
+    towers = _load("towers")
+    return next((m for m in towers.MODULES if m.__name__.rsplit(".", 1)[1] == name), None)
 
 
 def _load(module: str):
@@ -69,12 +73,8 @@ def _load(module: str):
         import dualenc.config
     elif module == "errors":
         import dualenc.errors
-    elif module == "cli":
-        import dualenc.cli
     elif module == "data":
         import dualenc.data
-    elif module == "demo":
-        import dualenc.demo
     elif module == "encode":
         import dualenc.encode
     elif module == "evaluate":
@@ -85,12 +85,16 @@ def _load(module: str):
         import dualenc.formats
     elif module == "hub":
         import dualenc.hub
+    elif module == "kinds":
+        import dualenc.kinds
     elif module == "layers":
         import dualenc.layers
     elif module == "losses":
         import dualenc.losses
     elif module == "model":
         import dualenc.model
+    elif module == "params":
+        import dualenc.params
     elif module == "plots":
         import dualenc.plots
     elif module == "processing":
@@ -101,7 +105,7 @@ def _load(module: str):
         import dualenc.tables
     elif module == "templates":
         import dualenc.templates
-    elif module.startswith("towers"):
+    elif module == "towers" or module.startswith("towers."):
         import dualenc.towers
     elif module == "train":
         import dualenc.train

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Iterator
 import jax
 import numpy as np
 
-from dualenc import model, towers
+from dualenc import model
 from dualenc.config import DualEncoderConfig
 from dualenc.errors import DualEncError, InputError
 from dualenc.processing.processor import image_inputs
@@ -208,14 +208,14 @@ def encode_texts(params, config: DualEncoderConfig, tokenizer, texts: Iterable[s
     _check_batch_size(batch_size)
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
     max_length = max_length or tokenizer.max_length
-    last = towers.family(config.text).pooling == "last"
-    buckets = (max_length,) if last else length_buckets(max_length)
+    padding = config.text_padding
+    buckets = (max_length,) if padding == "max_length" else length_buckets(max_length)
     total = len(texts) if hasattr(texts, "__len__") else None
     batch_size = batch_rows(total, batch_size)
     pad_id = tokenizer.pad_token_id or 0
 
     def prepare(batch):
-        enc = tokenizer(batch, max_length=max_length, padding="max_length" if last else "longest")
+        enc = tokenizer(batch, max_length=max_length, padding=padding)
         length = next(b for b in buckets if b >= enc["input_ids"].shape[1])
         arrays = {}
         for name, fill in (("input_ids", pad_id), ("attention_mask", 0), ("token_type_ids", 0)):

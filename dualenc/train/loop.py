@@ -28,7 +28,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from dualenc import towers, train
+from dualenc import train
 from dualenc.config import DualEncoderConfig
 from dualenc.data import PairDataset
 from dualenc.train import lit_cache
@@ -274,10 +274,10 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
         raise ConfigError(f"max_replaced must be a share between 0 and 1, got {max_replaced!r}")
     run = dataclasses.replace(run, loss=run.loss or config.default_loss)
     text = config.text
-    if towers.family(text).pooling == "last" and run.max_length != text.max_position_embeddings:
+    if config.text_padding == "max_length" and run.max_length != text.max_length:
         raise ConfigError(f"max_length is {run.max_length}, but the text tower ({type(text).__name__}) pools the "
-                          f"last position and is used on text padded to its {text.max_position_embeddings} "
-                          f"positions: train with max_length={text.max_position_embeddings}")
+                          f"last position and is used on text padded to its {text.max_length} positions, as "
+                          f"trained: train with max_length={text.max_length}")
     # The rate of every update, computed once: a schedule call per step would wait for that step's computation.
     rates = np.asarray(train.learning_rate_schedule(run.learning_rate, total_steps=run.steps,
                                                     warmup_steps=run.warmup_steps)(np.arange(run.steps)))
