@@ -152,6 +152,34 @@ def test_state_takes_no_gradient_and_training_updates_it(conv_family):
     np.testing.assert_array_equal(updated["vision"]["conv"]["kernel"], params["vision"]["conv"]["kernel"])
 
 
+def test_the_train_step_carries_state_and_learns_the_weights(conv_family):
+    """make_train_step on a tower with state: the weights move by the optimizer, the statistics by the forward
+    (the values a training forward returns, untouched by the optimizer's decay); a locked tower's stay put."""
+    from dualenc import train
+
+    config = dualenc.DualEncoderConfig(ConvConfig(), dualenc.BertConfig(**TINY, vocab_size=99), projection_dim=8)
+    params = dualenc.init(jax.random.key(3), config)
+    batch = _batch()
+    batch["attention_mask"] = jnp.ones_like(batch["input_ids"])
+    batch["token_type_ids"] = jnp.zeros_like(batch["input_ids"])
+    optimizer = train.default_optimizer(1e-2, total_steps=4, warmup_steps=0, weight_decay=0.5)
+    state = train.init_state(params, optimizer, seed=0)
+    new_state, metrics = train.make_train_step(config, optimizer, donate=False)(state, batch)
+    assert np.isfinite(float(metrics["loss"]))
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    expected = dualenc.apply(params, config, **batch, train=True, dropout_key=jax.random.split(key)[0])
+    stats = new_state.trainable["vision"]["batch_stats"]
+    np.testing.assert_allclose(stats["mean"], expected.vision_outputs.state["batch_stats"]["mean"], rtol=1e-5,
+                               atol=1e-6)
+    assert not np.allclose(stats["var"], params["vision"]["batch_stats"]["var"])
+    assert not np.allclose(new_state.trainable["vision"]["conv"]["kernel"], params["vision"]["conv"]["kernel"])
+
+    locked = train.init_state(params, optimizer, locked=("vision",), seed=0)
+    after, _ = train.make_train_step(config, optimizer, locked=("vision",), donate=False)(locked, batch)
+    np.testing.assert_array_equal(after.frozen["vision"]["batch_stats"]["mean"],
+                                  params["vision"]["batch_stats"]["mean"])
+
+
 def test_registering_a_taken_model_type_fails_and_changes_nothing(conv_family):
     before = towers.FAMILIES
     clash = types.SimpleNamespace(FAMILIES=(Family("clash", "vision", {"vit": ConvConfig}, sys.modules[__name__],

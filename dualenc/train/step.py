@@ -29,14 +29,29 @@ MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps exp(logit_scale) at 100
 def _embeds(params, config: DualEncoderConfig, batch, key, *, locked, cached, remat_policy, dtype):
     keys = dict(zip(TOWERS, jax.random.split(key)))
     drop = {t: None if t in locked else keys[t] for t in TOWERS}  # locked towers run deterministically
-    pooled = {}
+    pooled, state = {}, {}
     for side, cache_key in (("vision", "image_features"), ("text", "text_features")):
-        pooled[side] = batch[cache_key] if side in cached else model.run_tower(
-            params, config, side, batch, pooled=True, dropout_key=drop[side], remat_policy=remat_policy,
-            dtype=dtype).pooler_output
+        if side in cached:
+            pooled[side] = batch[cache_key]
+            continue
+        out = model.run_tower(params, config, side, batch, pooled=True, dropout_key=drop[side],
+                              remat_policy=remat_policy, dtype=dtype)
+        pooled[side] = out.pooler_output
+        if getattr(out, "state", None) is not None:  # a family with state (BatchNorm statistics), training
+            state[side] = out.state
     image_pooled, text_pooled = pooled["vision"], pooled["text"]
     return (model.normalize(model.project(params, "vision", image_pooled, dtype)),
-            model.normalize(model.project(params, "text", text_pooled, dtype)))
+            model.normalize(model.project(params, "text", text_pooled, dtype)), state)
+
+
+def _with_state(trainable: dict, state: dict) -> dict:
+    """trainable params with the towers' state (a training forward's new values, {side: {name: value}}) in place
+    of whatever the optimizer made of it: state is carried, not learned (see towers.Family.state)."""
+    out = dict(trainable)
+    for side, values in state.items():
+        if side in out:
+            out[side] = {**out[side], **{k: v for k, v in values.items() if k in out[side]}}
+    return out
 
 
 def make_train_step(config: DualEncoderConfig, optimizer, *, loss: str | None = None, locked: Sequence[str] = (),
@@ -85,18 +100,18 @@ def make_train_step(config: DualEncoderConfig, optimizer, *, loss: str | None = 
 
         def loss_fn(trainable):
             params = merge_params(trainable, frozen, split=True)
-            images, texts = _embeds(params, config, batch, key, locked=locked, cached=cached_towers,
-                                    remat_policy=remat_policy, dtype=dtype)
+            images, texts, state = _embeds(params, config, batch, key, locked=locked, cached=cached_towers,
+                                           remat_policy=remat_policy, dtype=dtype)
             if loss == "clip":
                 value = losses.clip_loss(texts, images, params["logit_scale"], chunk_size=chunk_size)
             else:
                 value = losses.siglip_loss(texts, images, params["logit_scale"], params["logit_bias"],
                                            chunk_size=chunk_size)
-            return value, (images, texts)
+            return value, (images, texts, jax.lax.stop_gradient(state))
 
-        (value, (images, texts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        (value, (images, texts, state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
+        trainable = _with_state(optax.apply_updates(trainable, updates), state)
         if loss == "clip":
             trainable["logit_scale"] = jnp.clip(trainable["logit_scale"], 0.0, MAX_LOGIT_SCALE)
         t2i, i2t = losses.in_batch_accuracy(texts, images)
