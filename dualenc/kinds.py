@@ -20,8 +20,10 @@ LOGIT_INIT = {"clip": (2.6592, None), "siglip": (math.log(10.0), -10.0)}
 LOSSES = tuple(LOGIT_INIT)
 PROJECTIONS = ("none", "bias-free", "bias")
 # "exp_scale": logits = exp(logit_scale) * cos (+ logit_bias where the params have one), softmax over classes;
-# "sigmoid_bias": the same with a logit bias the model always has, each label its own sigmoid.
-LOGIT_RULES = ("exp_scale", "sigmoid_bias")
+# "sigmoid_bias": the same with a logit bias the model always has, each label its own sigmoid;
+# "temperature": logits = cos / temperature (ALIGN): the checkpoint holds `temperature`, and dualenc keeps
+# log(1 / temperature) as its logit_scale, so the model, losses and zero-shot are exp_scale's.
+LOGIT_RULES = ("exp_scale", "sigmoid_bias", "temperature")
 TEXT_PADDINGS = ("max_length", "longest")
 SCALAR_SHAPES = ((), (1,))  # logit_scale / logit_bias in checkpoints: scalars, or SigLIP's one-element vectors
 
@@ -92,6 +94,13 @@ class Kind:
         """Whether the model always has a logit bias, saved as a tensor of its own (else a logit bias is
         dualenc's addition, kept in the weights' metadata)."""
         return self.logit_rule == "sigmoid_bias"
+
+    @property
+    def scale_entry(self) -> tuple[str, str]:
+        """(checkpoint name, tables transform) of the logit scale."""
+        if self.logit_rule == "temperature":
+            return "temperature", "temperature"
+        return "logit_scale", {(): "id", (1,): "scalar"}[self.scalar_shape]
 
     @property
     def logit_init(self) -> tuple[float, float | None]:

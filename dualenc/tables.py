@@ -10,6 +10,8 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
+from dualenc.errors import CheckpointError
+
 
 class Entry(NamedTuple):
     hf: str  # transformers name; "{i}" marks the layer index
@@ -24,6 +26,7 @@ TO_PARAM: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "cls": lambda a: a.reshape(a.shape[-1]),  # ViT cls_token (1, 1, D) -> (D,)
     "pos": lambda a: a.reshape(a.shape[1:]),  # ViT position_embeddings (1, N, D) -> (N, D)
     "scalar": lambda a: a.reshape(()),  # SigLIP's logit_scale / logit_bias (1,) -> ()
+    "temperature": lambda a: -np.log(_positive(a)),  # ALIGN's temperature t (logits = cos / t) -> log(1 / t)
 }
 TO_HF: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "id": lambda a: a,
@@ -32,7 +35,14 @@ TO_HF: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "cls": lambda a: a.reshape(1, 1, -1),
     "pos": lambda a: a[None],
     "scalar": lambda a: a.reshape(1),
+    "temperature": lambda a: np.exp(-a),
 }
+
+
+def _positive(a: np.ndarray) -> np.ndarray:
+    if not np.all(np.isfinite(a) & (a > 0)):
+        raise CheckpointError(f"a temperature must be a positive finite number, got {a.tolist()!r}")
+    return a
 
 
 def dense(hf: str, path: tuple[str, ...], bias: bool = True, sep: str = ".") -> list[Entry]:

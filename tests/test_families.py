@@ -287,3 +287,27 @@ def test_a_changed_row_changes_the_model(monkeypatch):
     np.testing.assert_allclose(features, pooled @ params["text_projection"]["kernel"] + 0.5, rtol=1e-5, atol=1e-5)
     with pytest.raises(dualenc.ConfigError, match="projections"):
         dataclasses.replace(row, projections="affine")
+
+
+def test_a_temperature_row_saves_a_temperature_and_divides_by_it(monkeypatch, tmp_path):
+    """ALIGN's logit rule, cos / temperature: the checkpoint holds `temperature` (as transformers' AlignModel),
+    dualenc log(1 / temperature) as its logit_scale; a temperature that is not positive is refused on load."""
+    from safetensors.numpy import load_file, save_file
+
+    row = dataclasses.replace(kinds.KINDS["vision-text-dual-encoder"], logit_rule="temperature")
+    monkeypatch.setitem(kinds.KINDS, row.model_type, row)
+    config = _config(row)
+    params = dualenc.init(jax.random.key(0), config)
+    params["logit_scale"] = jnp.asarray(np.log(1 / 0.02), jnp.float32)
+    assert {e.hf for e in dual_table(config)} >= {"temperature"} and "logit_scale" not in {
+        e.hf for e in dual_table(config)}
+    dualenc.save_pretrained(tmp_path, config, params)
+    tensors = load_file(tmp_path / "model.safetensors")
+    np.testing.assert_allclose(tensors["temperature"], 0.02, rtol=1e-6)
+    _, loaded = dualenc.load_pretrained(tmp_path)
+    out = dualenc.apply(loaded, config, **_inputs(config))
+    np.testing.assert_allclose(out.logits_per_text, out.text_embeds @ out.image_embeds.T / 0.02, rtol=1e-4)
+    tensors["temperature"] = np.asarray(-1.0, np.float32)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(dualenc.CheckpointError, match="model.safetensors.*temperature.*positive"):
+        dualenc.load_pretrained(tmp_path)

@@ -49,8 +49,8 @@ def dual_table(config: DualEncoderConfig, prefixes: dict[str, str] | None = None
         if kind.projections == "bias":
             out.append(Entry(f"{name}.bias", (name, "bias"), "id"))
     scalar = {(): "id", (1,): "scalar"}[kind.scalar_shape]
-    scalars = ("logit_scale", "logit_bias") if kind.own_bias else ("logit_scale",)  # else in the metadata
-    return out + [Entry(name, (name,), scalar) for name in scalars]
+    out.append(Entry(*kind.scale_entry[:1], ("logit_scale",), kind.scale_entry[1]))
+    return out + ([Entry("logit_bias", ("logit_bias",), scalar)] if kind.own_bias else [])  # else in the metadata
 
 
 def _dual_prefixes(config: DualEncoderConfig, names: set[str]) -> dict[str, str]:
@@ -177,7 +177,7 @@ def load_tower(path: str | os.PathLike, key: jax.Array, side: str | None = None)
     table = tables.prefixed(prefix, (), family.table(config))
     extra_table = [Entry(f"{_PROJECTION[family.side]}.weight", ("projection", "kernel"), "linear")]
     if whole is not None and whole.has_projections:  # its logit scale goes with the trained projections
-        extra_table.append(Entry("logit_scale", ("logit_scale",), {(): "id", (1,): "scalar"}[whole.scalar_shape]))
+        extra_table.append(Entry(whole.scale_entry[0], ("logit_scale",), whole.scale_entry[1]))
     extra_table = [e for e in extra_table if e.hf in names]
     extra_names = {e.hf for e in extra_table}
     specs = family.module.specs(config)

@@ -152,7 +152,10 @@ def load_table(weights: Weights, table: list[Entry], shapes, *,
         else:
             if e.hf in absent_ok:
                 continue
-            value = TO_PARAM[e.kind](weights.tensors[e.hf])
+            try:
+                value = TO_PARAM[e.kind](weights.tensors[e.hf])
+            except CheckpointError as err:
+                raise CheckpointError(f"{weights.where}: {e.hf}: {err}") from None
         _set(params, e.path, np.asarray(value, dtype=leaf.dtype))
     return params, absent_ok
 
