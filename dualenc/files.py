@@ -321,17 +321,3 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{what} {path} must hold a JSON object, got {type(data).__name__}")
     return data
-
-
-OPEN_CLIP_CONFIG = "open_clip_config.json"
-
-
-def is_open_clip_dir(path: str | os.PathLike) -> bool:
-    """A directory in open_clip's hub layout: open_clip_config.json and no transformers config.json.
-
-    Where both are present (many LAION repositories hold both layouts), config.json wins: the model, its
-    tokenizer and its image processor are then all read as transformers reads them.
-    """
-    path = os.fspath(path)
-    return (os.path.isfile(os.path.join(path, OPEN_CLIP_CONFIG))
-            and not os.path.isfile(os.path.join(path, "config.json")))

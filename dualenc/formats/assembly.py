@@ -9,7 +9,7 @@ import warnings
 
 import jax
 
-from dualenc import files
+from dualenc import files, layouts
 from dualenc.config import DualEncoderConfig
 from dualenc.errors import ConfigError
 from dualenc.formats import open_clip
@@ -28,8 +28,8 @@ def _whole_model(vision_path: str | None, text_path: str | None, model_path: str
     as both towers; None when it composes two towers (or model_path holds no dual encoder, which
     load_pretrained reports). Reads config files only."""
     if model_path is not None:
-        if files.is_open_clip_dir(model_path):
-            where = os.path.join(model_path, files.OPEN_CLIP_CONFIG)
+        if layouts.is_open_clip_dir(model_path):
+            where = os.path.join(model_path, layouts.OPEN_CLIP_CONFIG)
             return model_path, open_clip.config_from_dict(files.read_json(where, "open_clip config"), where)
         config = load_config(model_path)
         return (model_path, config) if isinstance(config, DualEncoderConfig) else None  # load_pretrained says why

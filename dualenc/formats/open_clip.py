@@ -15,13 +15,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from dualenc import files, tables
+from dualenc import files, layouts, tables
 from dualenc.config import CLIPTextConfig, CLIPVisionConfig, DualEncoderConfig
 from dualenc.errors import CheckpointError, ConfigError
 from dualenc.formats.transformers import param_shapes, dual_table, to_device
 from dualenc.formats.weights import Weights, listed, load_table
 
-CONFIG = files.OPEN_CLIP_CONFIG
+CONFIG = layouts.OPEN_CLIP_CONFIG
 WEIGHTS = "open_clip_model.safetensors"
 PICKLED = ("open_clip_pytorch_model.bin",)
 OPENAI_LOGIT_SCALE = float(np.log(1 / 0.07))  # open_clip's init_logit_scale default

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from dualenc import files
+from dualenc import layouts
 from dualenc.config import DualEncoderConfig
 from dualenc.formats import open_clip
 from dualenc.formats.transformers import load_dir
@@ -26,6 +26,6 @@ def load_pretrained(path: str | os.PathLike, *, stacked: bool = False,
     path = resolve(path, revision=revision)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
-    if files.is_open_clip_dir(path):
+    if layouts.is_open_clip_dir(path):
         return open_clip.load_dir(path, stacked)
     return load_dir(path, stacked)

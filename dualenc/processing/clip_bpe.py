@@ -20,7 +20,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from dualenc.errors import ConfigError
 from dualenc.fields import check_int
-from dualenc.files import OPEN_CLIP_CONFIG, read_json
+from dualenc.files import read_json
+from dualenc.layouts import OPEN_CLIP_CONFIG
 from dualenc.processing.backends import CLIP_MAX_LENGTH, FAMILY_SPECIALS, SANE_MAX_LENGTH, HoldsLock, add_tokens, \
     tokenizers_module, read_bpe_files, read_tokenizer_json
 

@@ -16,7 +16,8 @@ import numpy as np
 
 from dualenc.errors import ConfigError, InputError
 from dualenc.hub import resolve
-from dualenc.files import OPEN_CLIP_CONFIG, is_open_clip_dir, read_json
+from dualenc.files import read_json
+from dualenc.layouts import OPEN_CLIP_CONFIG, is_open_clip_dir
 from dualenc.processing.pixels import (
     IMAGENET_STANDARD,
     OPENAI_CLIP_MEAN,
@@ -214,7 +215,7 @@ class ImageProcessor:
     def from_pretrained(cls, path: str | os.PathLike) -> "ImageProcessor":
         """Reads the image processor settings of a model directory, or of one JSON file.
 
-        A directory in open_clip's layout (open_clip_config.json and no config.json, see files.is_open_clip_dir)
+        A directory in open_clip's layout (open_clip_config.json and no config.json, see layouts.is_open_clip_dir)
         gives open_clip's eval transform (see from_open_clip), as load_pretrained and Tokenizer read it too.
         Otherwise the "image_processor" entry of processor_config.json comes first (as in transformers 5), then
         preprocessor_config.json (see common.read_settings). SigLIP 2 settings are refused (see from_dict).

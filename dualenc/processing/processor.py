@@ -8,7 +8,8 @@ import os
 import numpy as np
 
 from dualenc.errors import InputError
-from dualenc.files import is_open_clip_dir, read_json, write_json_atomic
+from dualenc.files import read_json, write_json_atomic
+from dualenc.layouts import is_open_clip_dir
 from dualenc.hub import resolve
 from dualenc.processing import naflex
 from dualenc.processing.pixels import read_settings

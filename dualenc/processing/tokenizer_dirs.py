@@ -9,7 +9,8 @@ from typing import Any, Mapping
 from dualenc.config import DualEncoderConfig, tower_config_from_dict
 from dualenc.errors import ConfigError, InputError
 from dualenc.kinds import MODEL_TYPES
-from dualenc.files import is_open_clip_dir, read_json
+from dualenc.files import read_json
+from dualenc.layouts import is_open_clip_dir
 from dualenc.processing import spiece
 from dualenc.processing.backends import (
     CLIP_INPUTS, CLIP_MAX_LENGTH, FAMILY_CLASSES, GEMMA_FAMILIES, SANE_MAX_LENGTH, SIGLIP_MAX_LENGTH,
