@@ -12,7 +12,7 @@ import json
 import os
 from typing import Iterator
 
-from dualenc.data.records import encode_record
+from dualenc.data.records import encode_record, resolve_image
 from dualenc.errors import DataError
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
@@ -119,24 +119,6 @@ def rows(path: str, start: int = 0, *, strict_utf8: bool = False) -> Iterator[tu
             parsed = _csv_rows(path, lines, start)
         for row in parsed:
             yield row, lines.pos
-
-
-def resolve_image(root: str, name: str, allow_outside: bool) -> str | None:
-    """The image path for a caption-file entry; None if it escapes the data folder (unless allowed).
-
-    The path is inside when it is, as written (".." resolved, symlinks not), or once both it and the folder
-    are resolved: a caption file cannot climb out of the folder, a symlinked image folder that the data's owner
-    put inside it is followed, and a data folder reached through a symlink still holds its own files.
-    """
-    root = os.path.abspath(root)
-    path = os.path.normpath(os.path.join(root, name))
-    if allow_outside or _inside(path, root) or _inside(os.path.realpath(path), os.path.realpath(root)):
-        return path
-    return None
-
-
-def _inside(path: str, folder: str) -> bool:
-    return os.path.commonpath([path, folder]) == folder
 
 
 def _escapes(rel: str) -> bool:

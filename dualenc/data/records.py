@@ -26,6 +26,24 @@ READER_OPTIONS = "readahead_buffer_size:0"  # random access, as grain reads it
 _HEADER_KEYS = {"key", "captions", "size", "label", "ext", "path"}
 
 
+def resolve_image(root: str, name: str, allow_outside: bool) -> str | None:
+    """The image path for a caption-file entry; None if it escapes the data folder (unless allowed).
+
+    The path is inside when it is, as written (".." resolved, symlinks not), or once both it and the folder
+    are resolved: a caption file cannot climb out of the folder, a symlinked image folder that the data's owner
+    put inside it is followed, and a data folder reached through a symlink still holds its own files.
+    """
+    root = os.path.abspath(root)
+    path = os.path.normpath(os.path.join(root, name))
+    if allow_outside or _inside(path, root) or _inside(os.path.realpath(path), os.path.realpath(root)):
+        return path
+    return None
+
+
+def _inside(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
 class Record(NamedTuple):
     """One image (its encoded bytes, or a path relative to an image root) and its captions."""
 
@@ -124,8 +142,6 @@ def decode_record(data: bytes) -> Record:
 def record_image_path(record: Record, root: str | os.PathLike | None, *, allow_outside: bool = False) -> str | None:
     """The image file a path record names under `root`; None when it escapes the root (dualenc.data's rule:
     inside as written, or once both are resolved), unless allow_outside."""
-    from dualenc.data.captions import resolve_image
-
     if record.path is None:
         raise DataError(f"record {record.key!r} carries its image bytes, it names no path")
     if root is None:
@@ -251,8 +267,6 @@ class RecordSource:
         self._setup()
 
     def _image_root(self, given) -> str | None:
-        from dualenc.data.captions import resolve_image
-
         if given is not None:
             given = os.path.abspath(os.fspath(given))
             if not os.path.isdir(given):
