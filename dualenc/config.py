@@ -23,7 +23,7 @@ from dualenc.kinds import MODEL_TYPES  # noqa: F401  (re-exported)
 # The tower config classes, re-exported by name (dualenc.config.BertConfig, ...) from the registry.
 _TOWER_CONFIGS = {cls.__name__: cls for side in towers.SIDES for cls in towers.config_classes(side)}
 globals().update(_TOWER_CONFIGS)
-__all__ = sorted([*_TOWER_CONFIGS, "DualEncoderConfig", "tower_config_from_dict"])
+__all__ = sorted([*_TOWER_CONFIGS, "DualEncoderConfig", "config_from_dict", "tower_config_from_dict"])
 
 VisionConfig = functools.reduce(operator.or_, towers.config_classes("vision"))  # ViTConfig | CLIPVisionConfig | ...
 TextConfig = functools.reduce(operator.or_, towers.config_classes("text"))
@@ -212,3 +212,11 @@ def tower_config_from_dict(d: Mapping[str, Any], *, where: str = "config",
         kind = whole[model_type]
         return _own_tower(d, kind.config_keys[side], towers.config_class(kind.towers[side]), where)
     return allowed[model_type].from_dict(d, where=where)
+
+
+def config_from_dict(d: Mapping[str, Any], *, where: str = "config"):
+    """A parsed config.json as the config it describes: a whole model's (its model_type one of dualenc.kinds) or
+    a single tower's. Reads nothing: dualenc.load_config reads the file."""
+    if isinstance(d, Mapping) and d.get("model_type") in MODEL_TYPES:
+        return DualEncoderConfig.from_dict(d, where=where)
+    return tower_config_from_dict(d, where=where)

@@ -103,6 +103,13 @@ def test_importing_dualenc_or_a_tower_loads_no_training_data_search_or_cli():
                                                                                  if m.startswith(OUTER)))
 
 
+def test_the_tokenizer_and_the_command_line_load_no_model():
+    """The tokenizer reads a model's config only when a directory is read; `dualenc --help` imports no jax."""
+    for statement in ("import dualenc.processing.text", "import dualenc.processing", "import dualenc.cli"):
+        loaded = _loaded(statement)
+        assert "jax" not in loaded and "dualenc.config" not in loaded and "dualenc.towers" not in loaded, statement
+
+
 def test_public_names_resolve_lazily():
     for name in dualenc.__all__:
         assert getattr(dualenc, name) is not None, name

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from dualenc.config import MODEL_TYPES, DualEncoderConfig, TextConfig, VisionConfig, tower_config_from_dict
+from dualenc.config import DualEncoderConfig, TextConfig, VisionConfig, config_from_dict
 from dualenc.files import read_json
 from dualenc.hub import resolve
 
@@ -16,7 +16,4 @@ def load_config(path: str | os.PathLike) -> DualEncoderConfig | VisionConfig | T
     path = resolve(path)
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
-    d = read_json(path, "config")
-    if d.get("model_type") in MODEL_TYPES:
-        return DualEncoderConfig.from_dict(d, where=path)
-    return tower_config_from_dict(d, where=path)
+    return config_from_dict(read_json(path, "config"), where=path)

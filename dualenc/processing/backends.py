@@ -3,12 +3,12 @@ vocabulary files, with special and added tokens resolved as transformers resolve
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
-from dualenc import kinds, towers
 from dualenc.errors import ConfigError
 from dualenc.files import read_json
 
@@ -51,20 +51,32 @@ GEMMA_FAMILIES = ("gemma", "siglip2")  # Siglip2Tokenizer is GemmaTokenizer with
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 CLIP_INPUTS = ("input_ids", "attention_mask")  # transformers' CLIPTokenizer returns no token types
 AS_IS_CLASS = "PreTrainedTokenizerFast"  # transformers loads tokenizer.json unchanged for this class
-# config.json model types (whole models: dualenc.kinds; towers: the registry) -> (the tokenizer family
-# AutoTokenizer takes from the model where tokenizer_config.json names no class, whether it does so whatever the
-# file names): CLIP's, SigLIP's, and Siglip2Tokenizer for a siglip2 model.
-MODEL_TOKENIZERS = {
-    **{f_type: (f.tokenizer, False) for f in towers.FAMILIES if f.tokenizer for f_type in f.configs},
-    **{t: (k.tokenizer, k.tokenizer_always) for t, k in kinds.KINDS.items() if k.tokenizer},
-}
-CLIP_CONFIG_TYPES = tuple(t for t, (family, _) in MODEL_TOKENIZERS.items() if family == "clip")
-# Models whose texts are padded to the text tower's length (SigLIP's): that length, text_config's
-# max_position_embeddings, is the tokenizer's limit.
-SIGLIP_CONFIG_TYPES = tuple(t for t, k in kinds.KINDS.items() if k.text_padding == "max_length")
-# The others that hold a text tower, whose limit is that tower's max_length (dualenc reads the config).
-TEXT_CONFIG_TYPES = (*(t for t in kinds.KINDS if t not in SIGLIP_CONFIG_TYPES),
-                     *(t for t in towers.types("text") if towers.type_family(t).text_padding != "max_length"))
+class ModelTypes(NamedTuple):
+    """What processing needs to know of config.json model types (whole models: dualenc.kinds; towers: the
+    registry)."""
+
+    tokenizers: dict  # model type -> (the tokenizer family AutoTokenizer takes from the model where
+    # tokenizer_config.json names no class, whether it does so whatever the file names): CLIP's, SigLIP's, and
+    # Siglip2Tokenizer for a siglip2 model
+    clip: tuple  # CLIP's
+    siglip: tuple  # whose texts are padded to the text tower's length (SigLIP's): text_config's
+    # max_position_embeddings is the tokenizer's limit
+    text: tuple  # the others that hold a text tower, whose limit is that tower's max_length (read from the config)
+
+
+@functools.cache
+def model_types() -> ModelTypes:
+    """The tables, made on first use: the tower registry (and jax with it) is imported only when a tokenizer
+    directory is read, not when the tokenizer module is."""
+    from dualenc import kinds, towers
+
+    
+    tokenizers = {**{f_type: (f.tokenizer, False) for f in towers.FAMILIES if f.tokenizer for f_type in f.configs},
+                  **{t: (k.tokenizer, k.tokenizer_always) for t, k in kinds.KINDS.items() if k.tokenizer}}
+    siglip = tuple(t for t, k in kinds.KINDS.items() if k.text_padding == "max_length")
+    text = (*(t for t in kinds.KINDS if t not in siglip),
+            *(t for t in towers.types("text") if towers.type_family(t).text_padding != "max_length"))
+    return ModelTypes(tokenizers, tuple(t for t, (family, _) in tokenizers.items() if family == "clip"), siglip, text)
 
 
 def tokenizers_module():

@@ -6,15 +6,13 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
-from dualenc.config import DualEncoderConfig, tower_config_from_dict
 from dualenc.errors import ConfigError, InputError
-from dualenc.kinds import MODEL_TYPES
 from dualenc.files import read_json
 from dualenc.layouts import is_open_clip_dir
 from dualenc.processing import spiece
 from dualenc.processing.backends import (
     CLIP_INPUTS, CLIP_MAX_LENGTH, FAMILY_CLASSES, GEMMA_FAMILIES, SANE_MAX_LENGTH, SIGLIP_MAX_LENGTH,
-    CLIP_CONFIG_TYPES, MODEL_TOKENIZERS, SIGLIP_CONFIG_TYPES, TEXT_CONFIG_TYPES, add_tokens, tokenizer_family, flag,
+    add_tokens, model_types, tokenizer_family, flag,
     special_tokens, tokenizers_module, added_tokens_from_file, build_bytelevel_bpe, build_gemma, build_wordpiece, post_processor,
     read_bpe_files, read_tokenizer_json,
 )
@@ -33,16 +31,17 @@ def _siglip_limit(path: str, model_type: str) -> int:
 
 def _model_limit(directory: str, cfg: Mapping, model_type: Any) -> int | None:
     """The longest input the text tower takes: config.json's, else a sane tokenizer_config model_max_length."""
-    if model_type in SIGLIP_CONFIG_TYPES:
+    types = model_types()
+    if model_type in types.siglip:
         return _siglip_limit(os.path.join(directory, "config.json"), model_type)
-    if model_type in TEXT_CONFIG_TYPES:
+    if model_type in types.text:
+        from dualenc.config import config_from_dict  # the text tower's length rule, only when a model is read
+
         path = os.path.join(directory, "config.json")
         try:
-            d = read_json(path, "config")
-            config = (DualEncoderConfig.from_dict(d, where=path) if model_type in MODEL_TYPES
-                      else tower_config_from_dict(d, where=path))
+            config = config_from_dict(read_json(path, "config"), where=path)
         except ConfigError:
-            if model_type not in CLIP_CONFIG_TYPES:
+            if model_type not in types.clip:
                 raise
             config = None  # a CLIP config dualenc cannot read: the tokenizer's own limit stands
         limit = getattr(getattr(config, "text", config), "max_length", None)
@@ -82,7 +81,7 @@ def load_tokenizer_dir(path: str | os.PathLike) -> tuple[Any, dict]:
     specials_map = (read_json(files["special_tokens_map.json"], "special tokens map")
                     if exists["special_tokens_map.json"] else None)
     family = tokenizer_family(cfg.get("tokenizer_class"))
-    own, always = MODEL_TOKENIZERS.get(model_type, (None, False)) if isinstance(model_type, str) else (None, False)
+    own, always = model_types().tokenizers.get(model_type, (None, False)) if isinstance(model_type, str) else (None, False)
     if own is not None and (family is None or always):  # as AutoTokenizer: the model's own class
         family = own
     sides = {}
