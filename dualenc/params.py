@@ -105,7 +105,8 @@ class Param:
 
 def dense(path: tuple[str, ...], d_in: int, d_out: int, std: float, axes: tuple[str, str], *,
           hf: str | None = None, sep: str = ".", bias: bool = True, bv: str | tuple[str, ...] | None = None,
-          bv_kinds: tuple[str, str] = ("id", "id"), group: str = "embeddings", layers: int | None = None) -> list[Param]:
+          bv_kinds: tuple[str, str] = ("id", "id"), group: str = "embeddings",
+          layers: int | None = None) -> list[Param]:
     """A dense layer's kernel (d_in, d_out), N(0, std), and zero bias: a torch Linear's weight (transposed)
     and bias in transformers (sep "_": MultiheadAttention's in_proj_weight / in_proj_bias), flax's kernel and
     bias in big_vision (`bv`: the module's name(s), each ending in "/")."""
@@ -149,7 +150,7 @@ def table(path: tuple[str, ...], rows: int, dim: int, std: float, row_axis: str,
                  "embeddings", zero_rows=zero_rows)
 
 
-# An encoder layer's params, in the order layers.encoder_init drew them, named for each format.
+# An encoder layer's params, in the order they are drawn, named for each format.
 _LAYER = ("query", "key", "value", "out", "attention_norm", "fc1", "fc2", "mlp_norm")
 BIG_VISION_LAYER = dict(query="MultiHeadDotProductAttention_0/query/", key="MultiHeadDotProductAttention_0/key/",
                         value="MultiHeadDotProductAttention_0/value/", out="MultiHeadDotProductAttention_0/out/",
@@ -239,13 +240,21 @@ def stack_paths(specs: Iterable[Param]) -> tuple[tuple[str, ...], ...]:
 
 # ------------------------------------------------------------------------------------------------ init
 
-def draw(key: jax.Array, count: int) -> jax.Array:
-    """(count,) standard normals, traceable: a lax.map over fixed-size threefry chunks (one random-number
-    kernel whatever the count: compiling stays quick; layers.init_params draws the same numbers)."""
-    if count <= NORMAL_CHUNK:
-        return jax.random.normal(key, (count,), jnp.float32)
-    keys = jax.random.split(key, -(-count // NORMAL_CHUNK))
-    return jax.lax.map(lambda k: jax.random.normal(k, (NORMAL_CHUNK,), jnp.float32), keys).reshape(-1)[:count]
+def draw(key: jax.Array, n: int) -> jax.Array:
+    """(n,) standard normals, traceable: a lax.map over fixed-size threefry chunks (one random-number kernel
+    whatever n is: compiling stays quick; layers.init_params draws the same numbers)."""
+    if n <= NORMAL_CHUNK:
+        return jax.random.normal(key, (n,), jnp.float32)
+    keys = jax.random.split(key, -(-n // NORMAL_CHUNK))
+    return jax.lax.map(lambda k: jax.random.normal(k, (NORMAL_CHUNK,), jnp.float32), keys).reshape(-1)[:n]
+
+
+def _made(p: Param, scaled: Callable[[], jax.Array]) -> jax.Array:
+    """p's stacked value: scaled() (its normals times its std) with the padding rows zeroed; or its constant."""
+    if p.init[0] != "normal":
+        return jnp.full(p.full_shape, {"zeros": 0.0, "ones": 1.0}.get(p.init[0], p.init[-1]), jnp.float32)
+    out = scaled()
+    return out.at[..., np.asarray(p.zero_rows), :].set(0.0) if p.zero_rows else out
 
 
 def init(key: jax.Array, specs: Sequence[Param], *, stacked: bool = True) -> dict:
@@ -261,11 +270,8 @@ def init(key: jax.Array, specs: Sequence[Param], *, stacked: bool = True) -> dic
     starts = dict(zip((id(p) for p in drawn), itertools.accumulate(sizes[:-1], initial=0)))
 
     def leaf(p: Param) -> jax.Array:
-        if p.init[0] != "normal":
-            return jnp.full(p.full_shape, {"zeros": 0.0, "ones": 1.0}.get(p.init[0], p.init[-1]), jnp.float32)
-        start = starts[id(p)]
-        out = p.init[1] * flat[start:start + math.prod(p.full_shape)].reshape(p.full_shape)
-        return out.at[..., np.asarray(p.zero_rows), :].set(0.0) if p.zero_rows else out
+        start = starts.get(id(p), 0)
+        return _made(p, lambda: p.init[1] * flat[start:start + math.prod(p.full_shape)].reshape(p.full_shape))
 
     params = tree(specs, leaf)
     return params if stacked else unstack(params, specs)
@@ -288,21 +294,15 @@ def unstack(params: dict, specs: Iterable[Param]) -> dict:
 def build(normal: Callable[[tuple, float], jax.Array], specs: Sequence[Param]) -> dict:
     """The stacked params with each normal init asked of normal(shape, std), in the specs' order (the
     `build(normal, config)` of layers.init_params, for code that composes towers that way)."""
-    def leaf(p: Param):
-        if p.init[0] != "normal":
-            return jnp.full(p.full_shape, {"zeros": 0.0, "ones": 1.0}.get(p.init[0], p.init[-1]), jnp.float32)
-        out = normal(p.full_shape, p.init[1])
-        return out.at[..., np.asarray(p.zero_rows), :].set(0.0) if p.zero_rows else out
-
-    return tree(specs, leaf)
+    return tree(specs, lambda p: _made(p, lambda: normal(p.full_shape, p.init[1])))
 
 
 def tower_init(specs_of: Callable[[Any], Sequence[Param]]) -> Callable[..., dict]:
     """init(key, config, *, stacked=False) -> params of a tower whose params specs_of(config) declares: each
     stack a tuple of per-layer dicts, or with stacked=True one dict with a leading depth axis.
 
-    The draw and the stacked params are one jitted program; the per-layer arrays are cut from them after it
-    (a program with an output per layer took XLA several times longer to compile than the draw took to run).
+    The draw and the stacked params are one jitted program; the per-layer arrays are cut from them after it,
+    which keeps that program's outputs few (XLA's compile time grows with them; see benchmarks/README.md).
     """
     @functools.partial(jax.jit, static_argnums=1)
     def stacked_init(key: jax.Array, config) -> dict:

@@ -1,7 +1,7 @@
 """Checkpoint key tables: how a transformers tensor name maps to a param path, and the layout transforms.
 
-Each tower module declares its table with these helpers; dualenc.formats reads and writes through them.
-A "{i}" in a name marks the layer index, which scatters into the stacked depth axis.
+A tower's table is derived from its params' declarations (dualenc.params.hf_table); dualenc.formats reads and
+writes through it. A "{i}" in a name marks the layer index, which scatters into the stacked depth axis.
 """
 
 from __future__ import annotations
@@ -45,36 +45,12 @@ def _positive(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def dense(hf: str, path: tuple[str, ...], bias: bool = True, sep: str = ".") -> list[Entry]:
-    """A torch Linear's weight and bias (sep "_": MultiheadAttention's in_proj_weight / in_proj_bias)."""
-    out = [Entry(f"{hf}{sep}weight", path + ("kernel",), "linear")]
-    return out + [Entry(f"{hf}{sep}bias", path + ("bias",), "id")] if bias else out
-
-
-def norm(hf: str, path: tuple[str, ...]) -> list[Entry]:
-    return [Entry(f"{hf}.weight", path + ("scale",), "id"), Entry(f"{hf}.bias", path + ("bias",), "id")]
-
-
-def layer(prefix: str, names: dict[str, str], qkv_bias: bool = True) -> list[Entry]:
-    """One encoder layer's entries (layers.encoder_init's params), named by `names`."""
-    enc = ("encoder",)
-    out = []
-    for param in ("query", "key", "value"):
-        out += dense(prefix + names[param], enc + ("attention", param), qkv_bias)
-    out += dense(prefix + names["out"], enc + ("attention", "out"))
-    out += norm(prefix + names["attention_norm"], enc + ("attention_norm",))
-    out += dense(prefix + names["fc1"], enc + ("mlp", "fc1"))
-    out += dense(prefix + names["fc2"], enc + ("mlp", "fc2"))
-    out += norm(prefix + names["mlp_norm"], enc + ("mlp_norm",))
-    return out
-
-
 def prefixed(prefix: str, path: tuple[str, ...], table: list[Entry]) -> list[Entry]:
     """The same entries under a name prefix and a param path prefix."""
     return [Entry(prefix + e.hf, path + e.path, e.kind) for e in table]
 
 
-# CLIP's encoder layer, shared by its vision and text towers.
+# CLIP's encoder layer (its parts as dualenc.params.encoder names them), shared by its vision and text towers.
 CLIP_LAYER = dict(query="self_attn.q_proj", key="self_attn.k_proj", value="self_attn.v_proj",
                   out="self_attn.out_proj", attention_norm="layer_norm1", fc1="mlp.fc1", fc2="mlp.fc2",
                   mlp_norm="layer_norm2")

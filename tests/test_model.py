@@ -282,7 +282,7 @@ def test_init_shapes_and_values():
 
 def test_init_params_cuts_every_normal_from_one_chunked_draw(monkeypatch):
 
-    monkeypatch.setattr(layers.initialisers, "NORMAL_CHUNK", 1000)  # 7 chunks, the lax.map path
+    monkeypatch.setattr(dualenc.params, "NORMAL_CHUNK", 1000)  # 7 chunks, the lax.map path
 
     def build(normal):
         return {"a": normal((300, 20), 0.5), "b": normal((800,), 2.0), "ones": jnp.ones((3,))}

@@ -17,11 +17,15 @@ from test_train import CONFIG
 import dualenc
 from dualenc import train
 from dualenc.train import checkpoint
+from dualenc.train.sharding import FSDP
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def make_state(mesh=None, fsdp=True, seed=1, step=7, config=CONFIG):
+SPLIT_ALL = FSDP(min_shard_mb=0)  # FSDP without a size floor: the tiny model's leaves are split too
+
+
+def make_state(mesh=None, fsdp=SPLIT_ALL, seed=1, step=7, config=CONFIG):
     """A train state with the vision tower locked and every trainable and optimizer leaf random (the same on
     every process for the same seed), sharded over `mesh` when given."""
     params = dualenc.init(jax.random.key(0), config)
@@ -111,7 +115,7 @@ def test_restores_onto_other_meshes(saved):
     restored, _ = checkpoint.restore_state(path, single)
     assert equal(restored, state) and restored.trainable["text"]["embeddings"]["word"].sharding.num_devices == 1
     two = train.data_mesh(jax.devices()[:2])
-    template = make_state(two, fsdp=True, seed=3, step=0)
+    template = make_state(two, fsdp=SPLIT_ALL, seed=3, step=0)
     restored, _ = checkpoint.restore_state(path, template)
     assert equal(restored, state)
     word = restored.trainable["text"]["embeddings"]["word"]
@@ -209,11 +213,11 @@ WORKER = textwrap.dedent("""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
     sys.path.insert(0, sys.argv[4])
-    from test_orbax_checkpoint import make_state
+    from test_orbax_checkpoint import SPLIT_ALL, make_state
     from dualenc import train
     from dualenc.train import checkpoint
     assert jax.device_count() == 4 and jax.process_count() == 2
-    state = make_state(train.data_mesh(), fsdp=True, seed=11, step=5)
+    state = make_state(train.data_mesh(), fsdp=SPLIT_ALL, seed=11, step=5)
     word = state.trainable["text"]["embeddings"]["word"]
     assert not word.is_fully_addressable and len(word.addressable_shards) == 2
     path = checkpoint.save_state(sys.argv[3], state, {"data_position": [0, 5]}, wait=False)

@@ -117,7 +117,6 @@ def test_init_cuts_each_layer_from_the_one_chunked_draw(monkeypatch):
     """declare.init gives layers.init_params' numbers for the same key (the same draw, in the specs' order),
     stacked or cut per layer straight from the draw; the lax.map path too."""
     monkeypatch.setattr(declare, "NORMAL_CHUNK", 1000)
-    monkeypatch.setattr(sys.modules[layers.init_params.__module__], "NORMAL_CHUNK", 1000)
     specs = model.specs(MODELS["vit+roberta"])
     key = jax.random.key(3)
     reference = layers.init_params(key, lambda normal: declare.build(normal, specs))

@@ -5,9 +5,9 @@ Params are plain dicts. Kernels are (in, out). Matmuls run in the compute `dtype
 softmax run in float32. The encoder's per-layer params carry a leading depth axis and run under `lax.scan`.
 """
 
-from dualenc.layers.transformer import EncoderSpec, block, encoder, encoder_init, mlp
+from dualenc.layers.transformer import EncoderSpec, block, encoder, mlp
 from dualenc.layers.initialisers import (
-    NORMAL_CHUNK, Normal, clip_init_stds, dense_init, init_params, layer_norm_init, tower_init, xavier_stds)
+    NORMAL_CHUNK, Normal, clip_init_stds, init_params, xavier_stds)
 from dualenc.layers.layout import Split, num_layers, stack_layers, unstack_layers
 from dualenc.layers.multihead import (
     IMPLEMENTATIONS, Implementation, attention, attention_bias, default_attention, implementation,
@@ -18,7 +18,7 @@ from dualenc.layers.primitives import (
 __all__ = [
     "ACTIVATIONS", "EncoderSpec", "IMPLEMENTATIONS", "Implementation", "NORMAL_CHUNK", "Normal", "Params", "Rows",
     "Split", "TowerOutput", "attention", "attention_bias", "bernoulli", "block", "clip_init_stds", "default_attention",
-    "dense", "dense_init", "dropout", "encoder", "encoder_init", "implementation", "init_params", "layer_norm",
-    "layer_norm_init", "lead", "mlp", "num_layers", "pick_rows", "resolve_attention", "stack_layers", "tower_init",
+    "dense", "dropout", "encoder", "implementation", "init_params", "layer_norm",
+    "lead", "mlp", "num_layers", "pick_rows", "resolve_attention", "stack_layers",
     "tower_output", "unstack_layers", "xavier_stds",
 ]

@@ -13,7 +13,6 @@ from jax import lax
 
 from dualenc.errors import InputError
 from dualenc.layers import multihead
-from dualenc.layers.initialisers import Normal, dense_init, layer_norm_init
 from dualenc.layers.layout import Split, num_layers
 from dualenc.layers.primitives import ACTIVATIONS, Params, Rows, dense, dropout, layer_norm, pick_rows
 
@@ -33,24 +32,6 @@ class EncoderSpec:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     init_stds: tuple[float, float, float, float] = (0.02, 0.02, 0.02, 0.02)  # q/k/v, out, fc1, fc2
-
-
-def encoder_init(normal: Normal, spec: EncoderSpec) -> Params:
-    """Per-layer params stacked on a leading depth axis."""
-    d, i, depth = spec.hidden_size, spec.intermediate_size, (spec.num_layers,)
-    qkv_std, out_std, fc1_std, fc2_std = spec.init_stds
-    return {
-        "attention": {
-            "query": dense_init(normal, d, d, qkv_std, spec.qkv_bias, depth),
-            "key": dense_init(normal, d, d, qkv_std, spec.qkv_bias, depth),
-            "value": dense_init(normal, d, d, qkv_std, spec.qkv_bias, depth),
-            "out": dense_init(normal, d, d, out_std, True, depth),
-        },
-        "attention_norm": layer_norm_init(d, depth),
-        "mlp": {"fc1": dense_init(normal, d, i, fc1_std, True, depth),
-                "fc2": dense_init(normal, i, d, fc2_std, True, depth)},
-        "mlp_norm": layer_norm_init(d, depth),
-    }
 
 
 def mlp(p: Params, x: jax.Array, activation: str, dtype) -> jax.Array:

@@ -67,10 +67,10 @@ def head_specs(spec: layers.EncoderSpec) -> list[declare.Param]:
         *declare.dense(("attention", "out"), d, d, out_std, ("qkv", "embed"), hf="attention.out_proj",
                        bv=attention + "out/", bv_kinds=declare.ATTENTION_BV_KINDS["out"], group="head"),
         *declare.norm(("norm",), d, hf="layernorm", bv="MAPHead_0/LayerNorm_0/", group="head"),
-        *declare.dense(("mlp", "fc1"), d, i, fc1_std, ("embed", "mlp"), hf="mlp.fc1", bv="MAPHead_0/MlpBlock_0/Dense_0/",
-                       group="head"),
-        *declare.dense(("mlp", "fc2"), i, d, fc2_std, ("mlp", "embed"), hf="mlp.fc2", bv="MAPHead_0/MlpBlock_0/Dense_1/",
-                       group="head"),
+        *declare.dense(("mlp", "fc1"), d, i, fc1_std, ("embed", "mlp"), hf="mlp.fc1",
+                       bv="MAPHead_0/MlpBlock_0/Dense_0/", group="head"),
+        *declare.dense(("mlp", "fc2"), i, d, fc2_std, ("mlp", "embed"), hf="mlp.fc2",
+                       bv="MAPHead_0/MlpBlock_0/Dense_1/", group="head"),
     ], hf="head.")
 
 

@@ -38,7 +38,7 @@ from dualenc.errors import CheckpointError, ConfigError, DualEncError
 from dualenc.train.checkpoint import (META_FILE, STATE_FILE, STEP_DIR, checkpoint_meta, checkpoints,  # noqa: F401
                                       latest_checkpoint, restore_state, save_state, wait_for_save)
 from dualenc.train.peers import FitWatch, PeerLost  # noqa: F401  (trainer.PeerLost)
-from dualenc.train.sharding import host_array as _host_array
+from dualenc.train.sharding import FSDP, host_array as _host_array
 
 
 
@@ -60,6 +60,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     keep: int = 3
     fsdp: bool = False
+    fsdp_min_shard_mb: float = 4.0  # with fsdp: leaves under this many MiB stay replicated (train.sharding.FSDP)
     remat_policy: str | None = None
     dtype: str | None = None
 
@@ -125,9 +126,10 @@ class NonFiniteLoss(DualEncError):
 
 
 def settings_of(run: TrainConfig) -> dict:
-    """The settings a resumed run must share with the checkpoint's (all but steps, checkpoint_every and keep)."""
+    """The settings a resumed run must share with the checkpoint's (all but steps, checkpoint_every, keep and the
+    FSDP floor: a checkpoint restores onto any layout)."""
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(run).items()
-            if k not in ("steps", "checkpoint_every", "keep")}
+            if k not in ("steps", "checkpoint_every", "keep", "fsdp_min_shard_mb")}
 
 
 _FINGERPRINTS = {"model_sha256": "the model the run started from",  # what each fingerprint identifies
@@ -285,8 +287,9 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
                                         weight_decay=run.weight_decay)
     state = train.init_state(params, optimizer, locked=run.locked, unlocked_layers=run.unlocked_layers,
                              seed=run.seed)
+    fsdp = FSDP(min_shard_mb=run.fsdp_min_shard_mb) if run.fsdp else False
     if mesh is not None:
-        state = train.shard_state(state, mesh, run.fsdp)
+        state = train.shard_state(state, mesh, fsdp)
     latest, scratch = None, None
     settings = settings_of(run)
     if checkpoint_dir:
@@ -299,7 +302,7 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
         state, meta = restore_state(latest, state)
     step_fn = train.make_train_step(config, optimizer, loss=run.loss, locked=run.locked,
                                     unlocked_layers=run.unlocked_layers, cached=run.cached,
-                                    remat_policy=run.remat_policy, dtype=run.dtype, mesh=mesh, fsdp=run.fsdp)
+                                    remat_policy=run.remat_policy, dtype=run.dtype, mesh=mesh, fsdp=fsdp)
     step = int(_host_array(state.step))
     if step >= run.steps:
         return jax.tree_util.tree_map(_host_array, train.full_params(state)), {}
