@@ -14,11 +14,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The `dualenc` command's compilation cache: a folder of this session's, not the home directory. The test
 # processes (xdist's workers and the subprocesses tests start) share it through jax's own settings too, so a
 # program compiled once (the same train step in several tests, or in each process of a resume test) is read
-# back instead of compiled again.
-_CACHE = tempfile.mkdtemp(prefix="dualenc-test-jax-cache-")
-os.environ.setdefault("DUALENC_COMPILATION_CACHE", _CACHE)
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# back instead of compiled again. The session's first process (pytest, or xdist's controller) makes the folder
+# and removes it at the end; the others inherit the variables (a subprocess importing this file makes none).
+# Every program is kept, however fast it compiled: the small ones (each op run eagerly, the jitted helpers every
+# command and test process compiles again) add up to more than the big train steps.
+_CACHE = None
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    _CACHE = tempfile.mkdtemp(prefix="dualenc-test-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+    os.environ.setdefault("DUALENC_COMPILATION_CACHE", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import torchvision_shim  # noqa: E402
 
@@ -170,4 +175,5 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def pytest_unconfigure(config):
-    shutil.rmtree(_CACHE, ignore_errors=True)
+    if _CACHE:
+        shutil.rmtree(_CACHE, ignore_errors=True)

@@ -368,8 +368,8 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
             # left to the resource tracker at exit (which reports it as leaked): the StopIteration grain handed
             # over holds the frames of its (joined) threads, a reference cycle that holds the batch.
             batch = None
+            checks.settle()  # the last step done with its inputs (on CPU they may be views of that memory)
             gc.collect()
-            checks.settle()
             if checkpoint_dir and (not run.checkpoint_every or step % run.checkpoint_every):
                 checkpoint()
             wait_for_save()
