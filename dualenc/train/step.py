@@ -16,17 +16,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dualenc import losses, model
+from dualenc import losses, model, towers
 from dualenc.config import DualEncoderConfig
 from dualenc.errors import ConfigError, InputError
 from dualenc.evaluate import pad_rows
+from dualenc.train import accumulate
 from dualenc.train.sharding import state_sharding
 from dualenc.train.state import TOWERS, TrainState, check_locking, merge_params
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps exp(logit_scale) at 100
 
 
-def _embeds(params, config: DualEncoderConfig, batch, key, *, locked, cached, remat_policy, dtype):
+def _embeds(params, config: DualEncoderConfig, batch, key, *, locked, cached, remat_policy, dtype,
+            patch_dropout: float = 0.0):
     keys = dict(zip(TOWERS, jax.random.split(key)))
     drop = {t: None if t in locked else keys[t] for t in TOWERS}  # locked towers run deterministically
     pooled, state = {}, {}
@@ -34,8 +36,11 @@ def _embeds(params, config: DualEncoderConfig, batch, key, *, locked, cached, re
         if side in cached:
             pooled[side] = batch[cache_key]
             continue
+        flags = {}
+        if side == "vision" and patch_dropout:  # FLIP: a random subset of patches per image, also when locked
+            flags = {"patch_dropout": patch_dropout, "patch_key": jax.random.fold_in(keys[side], 1)}
         out = model.run_tower(params, config, side, batch, pooled=True, dropout_key=drop[side],
-                              remat_policy=remat_policy, dtype=dtype)
+                              remat_policy=remat_policy, dtype=dtype, **flags)
         pooled[side] = out.pooler_output
         if getattr(out, "state", None) is not None:  # a family with state (BatchNorm statistics), training
             state[side] = out.state
@@ -57,7 +62,7 @@ def _with_state(trainable: dict, state: dict) -> dict:
 def make_train_step(config: DualEncoderConfig, optimizer, *, loss: str | None = None, locked: Sequence[str] = (),
                     unlocked_layers: int = 0, cached: bool = False, remat_policy: str | None = None, dtype=None,
                     chunk_size: int | None = None, donate: bool = True, mesh: Mesh | None = None,
-                    fsdp: bool = False) -> Callable:
+                    fsdp: bool = False, accum_steps: int = 1, patch_dropout: float = 0.0) -> Callable:
     """A pure train step (state, batch) -> (state, metrics), jit-compiled on first call.
 
     Args:
@@ -74,6 +79,11 @@ def make_train_step(config: DualEncoderConfig, optimizer, *, loss: str | None = 
       donate: donate the input state's buffers to the output state.
       mesh: data-parallel over the mesh's "data" axis: place state with shard_state and batches with
         shard_batch; the loss then spans the global batch. fsdp: also shard params and optimizer state.
+      accum_steps: split the batch into this many micro-batches and accumulate the exact gradient of the whole
+        batch's loss, one micro-batch's activations at a time (GradCache; see dualenc.train.accumulate). The
+        batch size must be a multiple of accum_steps (times the devices of the mesh's "data" axis).
+      patch_dropout: FLIP's patch dropout: the vision tower keeps round((1 - p) * N) of its N patch tokens per
+        image, at random each step (never outside training).
 
     The batch holds input_ids, attention_mask (and token_type_ids), and pixel_values, each with the global
     batch on axis 0. Metrics: loss, logit_scale (exp), accuracy_t2i, accuracy_i2t, grad_norm; and, when the batch
@@ -94,22 +104,48 @@ def make_train_step(config: DualEncoderConfig, optimizer, *, loss: str | None = 
                           "unlocked_layers=0)")
     if remat_policy is not None and not hasattr(jax.checkpoint_policies, remat_policy):
         raise ConfigError(f"remat_policy {remat_policy!r} is not in jax.checkpoint_policies")
+    accum_steps = accumulate.check_steps(accum_steps)
+    if accum_steps > 1:
+        stateful = [side for side in TOWERS if towers.family(getattr(config, side)).state and side not in locked]
+        if stateful:
+            raise ConfigError(f"accum_steps > 1 with the {stateful[0]} tower's running statistics (BatchNorm, "
+                              f"carried as state) is not supported: each micro-batch would update them; lock "
+                              f"that tower or train with accum_steps=1")
+    if isinstance(patch_dropout, bool) or not isinstance(patch_dropout, (int, float)) or \
+            not 0 <= patch_dropout < 1:
+        raise ConfigError(f"patch_dropout must be a share in [0, 1), got {patch_dropout!r}")
+    if patch_dropout and "vision" in cached_towers:
+        raise ConfigError("patch_dropout with cached=True: the cached vision features are computed once, "
+                          "from every patch; train without the cache to drop patches")
+
+    def loss_value(params, images, texts):
+        if loss == "clip":
+            return losses.clip_loss(texts, images, params["logit_scale"], chunk_size=chunk_size)
+        return losses.siglip_loss(texts, images, params["logit_scale"], params["logit_bias"],
+                                  chunk_size=chunk_size)
 
     def core(step_count, trainable, opt_state, rng, frozen, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(rng), step_count)
+        inputs = {k: v for k, v in batch.items() if k != "records_replaced"}
 
-        def loss_fn(trainable):
+        def embed(trainable, inputs, key):
             params = merge_params(trainable, frozen, split=True)
-            images, texts, state = _embeds(params, config, batch, key, locked=locked, cached=cached_towers,
-                                           remat_policy=remat_policy, dtype=dtype)
-            if loss == "clip":
-                value = losses.clip_loss(texts, images, params["logit_scale"], chunk_size=chunk_size)
-            else:
-                value = losses.siglip_loss(texts, images, params["logit_scale"], params["logit_bias"],
-                                           chunk_size=chunk_size)
-            return value, (images, texts, jax.lax.stop_gradient(state))
+            return _embeds(params, config, inputs, key, locked=locked, cached=cached_towers,
+                           remat_policy=remat_policy, dtype=dtype, patch_dropout=patch_dropout)
 
-        (value, (images, texts, state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        if accum_steps == 1:
+            def loss_fn(trainable):
+                images, texts, state = embed(trainable, inputs, key)
+                value = loss_value(merge_params(trainable, frozen, split=True), images, texts)
+                return value, (images, texts, jax.lax.stop_gradient(state))
+
+            (value, (images, texts, state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        else:
+            value, grads, images, texts = accumulate.value_and_grad(
+                lambda t, x, k: embed(t, x, k)[:2],
+                lambda t, i, x: loss_value(merge_params(t, frozen, split=True), i, x),
+                trainable, inputs, key, accum_steps, mesh=mesh)
+            state = {}
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = _with_state(optax.apply_updates(trainable, updates), state)
         if loss == "clip":

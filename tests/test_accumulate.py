@@ -1,0 +1,107 @@
+"""Exact gradient accumulation (GradCache): K micro-batches give the gradient of the whole batch's loss."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import optax
+import pytest
+from conftest import TINY
+
+import dualenc
+from dualenc import train
+from dualenc.train.sharding import FSDP
+
+NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+CONFIG = dualenc.DualEncoderConfig(
+    vision=dualenc.ViTConfig(**TINY, image_size=16, patch_size=8),
+    text=dualenc.BertConfig(**TINY, vocab_size=50, max_position_embeddings=16, **NO_DROPOUT), projection_dim=16)
+SIGLIP = dataclasses.replace(CONFIG, logit_scale_init_value=float(np.log(10)), logit_bias_init_value=-10.0)
+
+
+def batch_of(n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    mask = np.ones((n, 6), np.int32)
+    mask[::3, 4:] = 0  # padded captions too
+    return dict(input_ids=rng.integers(1, 50, (n, 6)).astype(np.int32), attention_mask=mask,
+                pixel_values=rng.standard_normal((n, 3, 16, 16)).astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def params():
+    return dualenc.init(jax.random.key(0), CONFIG)
+
+
+def gradient(config, params, batch, accum_steps, **kw):
+    """The step's gradient (what SGD with rate 1 subtracts) and its metrics."""
+    optimizer = optax.sgd(1.0)
+    lock = {k: kw.pop(k) for k in ("locked",) if k in kw}
+    mesh = kw.get("mesh")
+    state = train.init_state(params, optimizer, layer_loop=False, **lock)
+    if mesh is not None:
+        state = train.shard_state(state, mesh, kw.get("fsdp", False))
+        batch = train.shard_batch(batch, mesh)
+    step = train.make_train_step(config, optimizer, accum_steps=accum_steps, donate=False, **lock, **kw)
+    after, metrics = step(state, batch)
+    grads = jax.tree_util.tree_map(lambda a, b: np.asarray(a) - np.asarray(b), state.trainable, after.trainable)
+    return grads, {k: float(v) for k, v in metrics.items()}
+
+
+def assert_close(a, b, atol=1e-5):
+    flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)
+    assert len(flat_a) == len(flat_b)
+    for (path, x), y in zip(flat_a, flat_b):
+        np.testing.assert_allclose(x, y, atol=atol, rtol=0, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_gradient_equals_the_whole_batch_step(params, loss):
+    config = CONFIG if loss == "clip" else SIGLIP
+    start = params if loss == "clip" else dualenc.init(jax.random.key(0), config)
+    batch = batch_of()
+    whole, whole_metrics = gradient(config, start, batch, 1, loss=loss)
+    for k in ((2, 4) if loss == "clip" else (4,)):
+        grads, metrics = gradient(config, start, batch, k, loss=loss)
+        assert_close(grads, whole)
+        for name in ("loss", "grad_norm", "accuracy_t2i", "accuracy_i2t"):
+            assert metrics[name] == pytest.approx(whole_metrics[name], rel=1e-6, abs=1e-5), name
+    assert max(np.abs(x).max() for x in jax.tree_util.tree_leaves(whole["vision"])) > 1e-4  # a real gradient
+
+
+def test_locked_tower_and_lit_cache(params):
+    batch = batch_of()
+    whole, _ = gradient(CONFIG, params, batch, 1, locked=("vision",))
+    grads, _ = gradient(CONFIG, params, batch, 4, locked=("vision",))
+    assert "vision" not in grads and set(grads) == set(whole)
+    assert_close(grads, whole)
+    features = np.asarray(train.tower_features(params, CONFIG, "vision", {"pixel_values": batch["pixel_values"]}))
+    cached = {k: v for k, v in batch.items() if k != "pixel_values"} | {"image_features": features}
+    lit, _ = gradient(CONFIG, params, cached, 2, locked=("vision",), cached=True)
+    assert_close(lit, whole)
+
+
+def test_fsdp_on_four_devices(params):
+    mesh = train.data_mesh()
+    assert mesh.size == 4
+    batch = batch_of(16)
+    whole, _ = gradient(CONFIG, params, batch, 1)
+    grads, _ = gradient(CONFIG, params, batch, 2, mesh=mesh, fsdp=FSDP(min_shard_mb=0))
+    assert_close(grads, whole)
+
+
+def test_updated_params_after_steps_and_refusals(params):
+    batch = batch_of()
+    optimizer = train.default_optimizer(1e-3, total_steps=10)
+    results = []
+    for k in (1, 4):
+        state = train.init_state(params, optimizer)
+        step = train.make_train_step(CONFIG, optimizer, accum_steps=k)
+        for _ in range(2):
+            state, _ = step(state, batch)
+        results.append(train.full_params(state))
+    assert_close(results[1], results[0])
+    with pytest.raises(dualenc.ConfigError, match="accum_steps"):
+        train.make_train_step(CONFIG, optimizer, accum_steps=0)
+    step = train.make_train_step(CONFIG, optimizer, accum_steps=3)
+    with pytest.raises(dualenc.InputError, match="multiple of 3"):
+        step(train.init_state(params, optimizer), batch)
