@@ -162,23 +162,30 @@ def make_train_step(config: DualEncoderConfig, optimizer, *, loss: str | None = 
     donate_argnums = (0, 1, 2) if donate else ()
     compiled = {}
 
-    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def jitted(state: TrainState):
         if mesh is None:
-            fn = compiled.get(None) or compiled.setdefault(None, jax.jit(core, donate_argnums=donate_argnums))
-        else:
-            treedef = jax.tree_util.tree_structure(state)
-            if treedef not in compiled:
-                s = state_sharding(state, mesh, fsdp)
-                data, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-                compiled[treedef] = jax.jit(
-                    core, donate_argnums=donate_argnums,
-                    in_shardings=(s.step, s.trainable, s.opt_state, s.rng, s.frozen, data),
-                    out_shardings=(s.step, s.trainable, s.opt_state, replicated))
-            fn = compiled[treedef]
-        count, trainable, opt_state, metrics = fn(state.step, state.trainable, state.opt_state, state.rng,
-                                                  state.frozen, batch)
+            return compiled.get(None) or compiled.setdefault(None, jax.jit(core, donate_argnums=donate_argnums))
+        treedef = jax.tree_util.tree_structure(state)
+        if treedef not in compiled:
+            s = state_sharding(state, mesh, fsdp)
+            data, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+            compiled[treedef] = jax.jit(
+                core, donate_argnums=donate_argnums,
+                in_shardings=(s.step, s.trainable, s.opt_state, s.rng, s.frozen, data),
+                out_shardings=(s.step, s.trainable, s.opt_state, replicated))
+        return compiled[treedef]
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        count, trainable, opt_state, metrics = jitted(state)(state.step, state.trainable, state.opt_state,
+                                                             state.rng, state.frozen, batch)
         return TrainState(count, trainable, state.frozen, opt_state, state.rng), metrics
 
+    def lower(state: TrainState, batch: dict):
+        """The step's jax.stages.Lowered for this state and batch (arrays or jax.ShapeDtypeStructs): .compile()
+        gives its memory_analysis() and its HLO (as_text()), without running it."""
+        return jitted(state).lower(state.step, state.trainable, state.opt_state, state.rng, state.frozen, batch)
+
+    step.lower = lower
     return step
 
 
