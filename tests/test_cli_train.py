@@ -228,3 +228,44 @@ def test_records_replaced_are_logged_and_summed_up_and_too_many_stop_the_run(wor
         f"be used and were replaced by others, more than --max-replaced 0.1 allows; most often: unreadable image "
         f"(1,000): check the data, or raise --max-replaced")
     assert not (tmp_path / "stopped" / "config.json").exists()
+
+
+def test_accumulated_run_killed_and_resumed_ends_where_the_whole_run_ends(workspace, tmp_path, monkeypatch):
+    """--accum-steps 4 (with --precision, --weight-decay, --warmup, --grad-clip and AdamW's betas given): a run
+    interrupted after step 2 and resumed ends with the params of the same run left alone; a resume with another
+    --accum-steps is refused, naming the setting."""
+    import numpy as np
+
+    monkeypatch.chdir(workspace)
+    rows = [json.loads(line) for line in (workspace / "data" / "pairs.jsonl").read_text().splitlines()]
+    for i, row in enumerate(rows[:4]):  # 16 distinct images: 4 micro-batches of 4, one row per device each
+        copy = f"copy{i}_" + os.path.basename(row["image"])
+        shutil.copy(os.path.join("data", row["image"]), os.path.join("data", copy))
+        rows.append({**row, "image": copy})
+    (workspace / "data" / "sixteen.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    scale = ["--accum-steps", 4, "--batch-size", 16, "--weight-decay", 0.05, "--warmup", 1, "--grad-clip", 0.5,
+             "--beta1", 0.8, "--beta2", 0.95, "--eps", 1e-8, "--checkpoint-every", 2, "--log-every", 0]
+    common_args = [a for a in TRAIN if a not in ("--batch-size", 4)] + ["--data", "data/sixteen.jsonl", "--steps", 4]
+    whole = dualenc_run(*common_args, *scale, "--out", tmp_path / "whole")
+    assert "4 micro-batches of 4 per step (exact gradient)" in whole.stderr
+    assert "AdamW (betas 0.8, 0.95; eps 1e-08; weight decay 0.05; gradient clip 0.5)" in whole.stderr
+    step = training.Progress.step
+
+    def ctrl_c_at_step_2(self, number, metrics):
+        step(self, number, metrics)
+        if number == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(training.Progress, "step", ctrl_c_at_step_2)
+    assert dualenc_run(*common_args, *scale, "--out", tmp_path / "cut", check=False).returncode == 130
+    monkeypatch.setattr(training.Progress, "step", step)
+    other = [a if a != 4 or i != 1 else 2 for i, a in enumerate(scale)]  # --accum-steps 2
+    refused = dualenc_run(*common_args, *other, "--out", tmp_path / "cut", "--resume", check=False)
+    assert refused.returncode != 0 and "accum_steps 4 there, 2 here" in refused.stderr
+    dualenc_run(*common_args, *scale, "--out", tmp_path / "cut", "--resume")
+    _, a = dualenc.load_pretrained(str(tmp_path / "whole"))
+    _, b = dualenc.load_pretrained(str(tmp_path / "cut"))
+    import jax
+
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0)

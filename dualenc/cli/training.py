@@ -15,6 +15,7 @@ import traceback
 import numpy as np
 
 from dualenc.cli import training_checks as checks
+from dualenc.cli import training_options
 from dualenc.cli.support import CommandError, CompileNotice, note, outside_hint, plural
 from dualenc.cli.options import data_options, subcommand
 from dualenc.data.pipeline import MAX_REPLACED, MIN_DRAWN, TooManyReplaced
@@ -72,7 +73,8 @@ def _summary(args, dataset, run, params, devices: int, resumed_from, unknown: st
              f"({per_epoch} batches per epoch); {devices} device(s)",
              f"params: {count(trainable):,} trainable, {count(frozen):,} locked{locking}",
              f"loss {run.loss}; learning rate {run.learning_rate:g} (warmup, cosine decay to 0); checkpoints every "
-             f"{run.checkpoint_every or 'end of'} steps in {os.path.join(args.out, 'checkpoints')}", unknown]
+             f"{run.checkpoint_every or 'end of'} steps in {os.path.join(args.out, 'checkpoints')}",
+             training_options.described(run), unknown]
     if resumed_from is not None:
         lines.append(f"resuming from step {resumed_from[0]} ({resumed_from[1]})")
     hint = outside_hint(dataset, args.data[0], args.image_root) if hasattr(dataset, "skipped") else None
@@ -289,7 +291,7 @@ def _train(args, checkpoints: str, resuming: bool, watch) -> int:
                               loss=args.loss or config.default_loss, locked=locked,
                               unlocked_layers=args.unlocked_layers, cached=args.cache, seed=args.seed,
                               max_length=processor.tokenizer.max_length, checkpoint_every=args.checkpoint_every,
-                              keep=args.keep)
+                              keep=args.keep, **training_options.settings(args))
     main = jax.process_index() == 0
     saved = trainer.checkpoints(checkpoints) if resuming else []
     start = saved[-1][0] if saved else 0
@@ -429,3 +431,4 @@ def register(subs) -> None:
     p.add_argument("--process-id", type=int, help="with --coordinator: this process's index, 0 to N-1")
     p.add_argument("--heartbeat-timeout", type=int, default=30,
                    help="seconds without a heartbeat before a lost process stops the run")
+    training_options.register(p)

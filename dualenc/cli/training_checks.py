@@ -49,6 +49,9 @@ def check_args(args) -> None:
         raise CommandError(f"--lr must be a positive number, got {args.lr}")
     if not 0 <= args.max_replaced <= 1:
         raise CommandError(f"--max-replaced must be a share between 0 and 1, got {args.max_replaced}")
+    from dualenc.cli import training_options
+
+    training_options.check(args)
     if args.cache and args.lock != "vision":
         raise CommandError(f"--cache keeps the locked vision tower's outputs: it needs --lock vision, got --lock "
                            f"{args.lock}")
@@ -77,6 +80,10 @@ def check_batch(args, dataset, devices: int) -> None:
     if args.batch_size % devices:
         raise CommandError(f"--batch-size {args.batch_size} does not split over the {devices} devices: use a "
                            f"multiple of {devices}")
+    accum = getattr(args, "accum_steps", 1)
+    if accum > 1 and args.batch_size % (devices * accum):
+        raise CommandError(f"--batch-size {args.batch_size} with --accum-steps {accum} does not split into {accum} "
+                           f"micro-batches over the {devices} devices: use a multiple of {devices * accum}")
     count = images(dataset)
     if args.batch_size > count:
         fits = count - count % devices  # the largest batch that still splits over the devices

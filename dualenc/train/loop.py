@@ -62,7 +62,13 @@ class TrainConfig:
     fsdp: bool = False
     fsdp_min_shard_mb: float = 4.0  # with fsdp: leaves under this many MiB stay replicated (train.sharding.FSDP)
     remat_policy: str | None = None
-    dtype: str | None = None
+    dtype: str | None = None  # compute dtype of the matmuls ("bfloat16"); params and optimizer state stay float32
+    accum_steps: int = 1  # micro-batches per step, with the whole batch's exact gradient (train.accumulate)
+    patch_dropout: float = 0.0  # FLIP: share of the vision tower's patches dropped in training
+    grad_clip: float | None = 1.0  # global gradient norm clipped to this (None: no clipping)
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
 
     def __post_init__(self):
         for name in ("steps", "batch_size"):
@@ -125,6 +131,14 @@ class NonFiniteLoss(DualEncError):
         self.step, self.checkpoint = step, checkpoint
 
 
+def optimizer_of(run: TrainConfig):
+    """The run's optimizer: dualenc.train.default_optimizer with the run's rate, schedule, decay, clipping and
+    AdamW's betas and eps."""
+    return train.default_optimizer(run.learning_rate, total_steps=run.steps, warmup_steps=run.warmup_steps,
+                                   weight_decay=run.weight_decay, clip_norm=run.grad_clip, b1=run.beta1,
+                                   b2=run.beta2, eps=run.eps)
+
+
 def settings_of(run: TrainConfig) -> dict:
     """The settings a resumed run must share with the checkpoint's (all but steps, checkpoint_every, keep and the
     FSDP floor: a checkpoint restores onto any layout)."""
@@ -150,6 +164,8 @@ def check_resume(path: str, meta: dict, run: TrainConfig, fingerprints: dict | N
     total steps than the checkpoint's run. A checkpoint of an earlier version that records no fingerprint is
     resumed with a warning."""
     ours, theirs = {**settings_of(run), **(fingerprints or {})}, meta.get("settings") or {}
+    if theirs:  # settings added since the checkpoint was written: it ran with their defaults
+        theirs = {**{k: v for k, v in settings_of(TrainConfig()).items() if k not in theirs}, **theirs}
     unrecorded = sorted(k for k in fingerprints or {} if k not in theirs)
     if unrecorded:
         warnings.warn(f"{path} records no {' or '.join(unrecorded)} (written by an earlier dualenc): whether "
@@ -283,8 +299,7 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
     # The rate of every update, computed once: a schedule call per step would wait for that step's computation.
     rates = np.asarray(train.learning_rate_schedule(run.learning_rate, total_steps=run.steps,
                                                     warmup_steps=run.warmup_steps)(np.arange(run.steps)))
-    optimizer = train.default_optimizer(run.learning_rate, total_steps=run.steps, warmup_steps=run.warmup_steps,
-                                        weight_decay=run.weight_decay)
+    optimizer = optimizer_of(run)
     state = train.init_state(params, optimizer, locked=run.locked, unlocked_layers=run.unlocked_layers,
                              seed=run.seed)
     fsdp = FSDP(min_shard_mb=run.fsdp_min_shard_mb) if run.fsdp else False
@@ -302,7 +317,8 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
         state, meta = restore_state(latest, state)
     step_fn = train.make_train_step(config, optimizer, loss=run.loss, locked=run.locked,
                                     unlocked_layers=run.unlocked_layers, cached=run.cached,
-                                    remat_policy=run.remat_policy, dtype=run.dtype, mesh=mesh, fsdp=fsdp)
+                                    remat_policy=run.remat_policy, dtype=run.dtype, mesh=mesh, fsdp=fsdp,
+                                    accum_steps=run.accum_steps, patch_dropout=run.patch_dropout)
     step = int(_host_array(state.step))
     if step >= run.steps:
         return jax.tree_util.tree_map(_host_array, train.full_params(state)), {}

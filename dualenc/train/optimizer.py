@@ -40,12 +40,14 @@ def learning_rate_schedule(learning_rate: float, *, total_steps: int, warmup_ste
 
 
 def default_optimizer(learning_rate: float = 5e-4, *, total_steps: int, warmup_steps: int | None = None,
-                      weight_decay: float = 0.1, clip_norm: float = 1.0, b2: float = 0.98):
-    """AdamW with linear warmup and cosine decay to zero, after clipping the global gradient norm."""
+                      weight_decay: float = 0.1, clip_norm: float | None = 1.0, b1: float = 0.9, b2: float = 0.98,
+                      eps: float = 1e-6):
+    """AdamW with linear warmup and cosine decay to zero, after clipping the global gradient norm (clip_norm
+    None: no clipping)."""
     import optax
 
     schedule = learning_rate_schedule(learning_rate, total_steps=total_steps, warmup_steps=warmup_steps)
-    return clipped_adamw(schedule, b1=0.9, b2=b2, eps=1e-6, weight_decay=weight_decay, mask=decay_mask,
+    return clipped_adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask,
                          clip_norm=clip_norm)
 
 
