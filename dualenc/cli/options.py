@@ -31,8 +31,13 @@ def subcommand(subs, examples: dict, name: str, func, help_text: str) -> argpars
     return p
 
 
+PRECISIONS = ("float32", "bfloat16")
+
+
 def images_options(p, what: str = "images") -> None:
-    p.add_argument("--batch-size", type=int, default=32, help=f"{what} per forward pass")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help=f"{what} per forward pass, split over this process's devices: rounded up to a multiple of "
+                        f"their count (a note says so)")
     p.add_argument("--strict", action="store_true",
                    help="stop at the first unreadable image (default: skip it, list it on stderr and count it)")
 
@@ -43,3 +48,40 @@ def data_options(p) -> None:
     p.add_argument("--allow-outside", action="store_true",
                    help="accept image paths outside the data folder (absolute, or climbing out with ..); "
                         "they are skipped and counted otherwise")
+
+
+def precision_option(p) -> None:
+    """--precision {float32,bfloat16}, the compute dtype of the matmuls (precision_dtype gives the model
+    functions' dtype= for it)."""
+    p.add_argument("--precision", choices=PRECISIONS, default="float32",
+                   help="compute dtype of the matmuls: bfloat16 is faster on accelerators and on CPUs with AMX; "
+                        "params, LayerNorm, softmax and the normalised embeddings stay float32")
+
+
+def precision_dtype(name: str):
+    """The model functions' dtype= for a --precision name: None for float32 (their default), jnp.bfloat16."""
+    if name not in PRECISIONS:
+        from dualenc.cli.support import CommandError
+
+        raise CommandError(f"--precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
+    if name == "float32":
+        return None
+    import jax.numpy as jnp
+
+    return jnp.bfloat16
+
+
+def device_batch(batch_size: int, command: str, flag: str = "--batch-size") -> int:
+    """A batch size checked (at least 1) and rounded up to a multiple of this process's devices, which split
+    every batch (dualenc.encode.device_rows); a note on stderr says when it was rounded."""
+    import jax
+
+    from dualenc import encode
+    from dualenc.cli.support import at_least, note
+
+    at_least(batch_size, flag)
+    rows = encode.device_rows(batch_size)
+    if rows != batch_size:
+        note(command, f"{flag} {batch_size} rounded up to {rows}, a multiple of the {jax.local_device_count()} "
+                      f"devices each batch is split over")
+    return rows
