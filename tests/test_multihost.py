@@ -1,4 +1,5 @@
-"""Two jax.distributed processes (gloo, 2 CPU devices each) training from webdataset shards: each decodes only
+"""Two jax.distributed processes (gloo, 2 CPU devices each) training from webdataset shards, with exact gradient
+accumulation over 2 micro-batches (equal to one device's whole-batch steps): each decodes only
 its rows, in grain worker processes (their shared memory all freed); orbax checkpoints with fsdp survive a
 SIGKILLed process bit for bit (the other raises PeerLost within its peer_timeout) and restore on 1 process x 4
 devices; the frozen tower is not in them."""
@@ -26,11 +27,15 @@ from dualenc.data import RecordSource, prepare
 from dualenc.data.pipeline import GlobalOrder
 from dualenc.train import checkpoint, peers
 
-from test_pipeline import CONFIG, SIZE  # noqa: E402  (the same tiny model)
+from test_pipeline import CONFIG as PIPELINE_CONFIG, SIZE  # noqa: E402  (the same tiny model)
 
+# Without dropout, so that the accumulated steps (2 micro-batches) equal one-device whole-batch steps.
+CONFIG = dataclasses.replace(PIPELINE_CONFIG, text=dataclasses.replace(
+    PIPELINE_CONFIG.text, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
 RECORDS, BATCH, STEPS = 96, 8, 15
 RUN = trainer.TrainConfig(steps=STEPS, batch_size=BATCH, max_length=8, locked=("vision",), fsdp=True,
-                          fsdp_min_shard_mb=0, checkpoint_every=5, keep=5)  # the tiny model sharded all the same
+                          fsdp_min_shard_mb=0, checkpoint_every=5, keep=5,  # the tiny model sharded all the same
+                          accum_steps=2)
 
 
 class Counting:
@@ -149,9 +154,10 @@ def test_two_processes_decode_their_rows_and_survive_a_killed_peer(folder):
         assert sorted(decoded) == sorted(np.concatenate(mine).tolist())
     whole = np.load(folder / "whole.npz")
 
-    # One process, one device, the same data: the same params to 1e-5.
+    # One process, one device, the same data, whole batches (no accumulation): the same params to 1e-5.
     processor, params, source = setup(str(folder))
-    alone, _ = trainer.fit(CONFIG, params, source, processor, dataclasses.replace(RUN, checkpoint_every=0))
+    alone, _ = trainer.fit(CONFIG, params, source, processor, dataclasses.replace(RUN, checkpoint_every=0,
+                                                                                   accum_steps=1))
     for path, leaf in jax.tree_util.tree_leaves_with_path(alone):
         np.testing.assert_allclose(whole[jax.tree_util.keystr(path)], leaf, atol=1e-5, rtol=0)
 
