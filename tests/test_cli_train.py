@@ -98,6 +98,13 @@ def test_ctrl_c_then_the_printed_command_resumes_a_relative_out(workspace, monke
     (["--eval-data", "data/nowhere.jsonl"], "--eval-data caption file not found: data/nowhere.jsonl"),
     (["--process-id", 1], "--num-processes and --process-id go with --coordinator"),
     (["--batch-size", 6], "--batch-size 6 does not split over the 4 devices"),  # conftest's 4 CPU devices
+    (["--accum-steps", 2, "--batch-size", 4], "--batch-size 4 with --accum-steps 2 does not split into 2 "
+                                              "micro-batches over the 4 devices: use a multiple of 8"),
+    (["--patch-dropout", 1], "--patch-dropout must be a share in [0, 1), got 1.0"),
+    (["--remat", "everything"], "--remat 'everything' is not a policy in jax.checkpoint_policies"),
+    (["--augment", "--cache"], "--augment (or an --aug-*/--color-jitter/--gray-scale-prob option) with --cache"),
+    (["--aug-scale", 0.5, 2], "--aug-scale must satisfy min <= max within (0, 1], got (0.5, 2.0)"),
+    (["--data-weights", "1::2"], "--data-weights gives 2 weights for the 1 sources of --data"),
 ])
 def test_arguments_are_checked_before_the_summary_and_the_model(args, message, workspace, monkeypatch):
     monkeypatch.chdir(workspace)
@@ -269,3 +276,16 @@ def test_accumulated_run_killed_and_resumed_ends_where_the_whole_run_ends(worksp
 
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0)
+
+
+def test_mixed_sources_with_augmentation(workspace, tmp_path, monkeypatch):
+    """--data A::B --data-weights 1::2 draws B twice as often (said in the summary), augmented images train."""
+    monkeypatch.chdir(workspace)
+    proc = dualenc_run(*TRAIN, "--data", "data/pairs.jsonl::data/odd.jsonl", "--data-weights", "1::2", "--augment",
+                       "--color-jitter", 0.4, 0.4, 0.4, 0.1, "--gray-scale-prob", 0.2, "--steps", 2,
+                       "--log-every", 1, "--out", tmp_path / "mixed")
+    assert "24 records of 2 sources, drawn 33.3% from data/pairs.jsonl (12 records x 1), 66.7% from " \
+           "data/odd.jsonl (12 records x 2)" in proc.stderr
+    assert "augmentation: crops of 0.9-1 of the area, colour jitter 0.4/0.4/0.4/0.1 at p 0.8, gray at p 0.2" \
+        in proc.stderr
+    assert steps_logged(tmp_path / "mixed") == [1, 2]

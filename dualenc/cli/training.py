@@ -59,7 +59,7 @@ def _summary(args, dataset, run, params, devices: int, resumed_from, unknown: st
     per_epoch = images // run.batch_size
     trainable, frozen = train.partition(params, run.locked, run.unlocked_layers)
     count = lambda tree: sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
-    counts = dataset.skipped if hasattr(dataset, "skipped") else dataset.manifest.get("skipped", {})
+    counts = dataset.skipped if hasattr(dataset, "skipped") else getattr(dataset, "manifest", {}).get("skipped", {})
     skipped = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
     locking = ""
     if run.locked:
@@ -68,6 +68,10 @@ def _summary(args, dataset, run, params, devices: int, resumed_from, unknown: st
                   + (", its outputs cached" if run.cached else "") + ")"
     what = f"{len(dataset.captions)} pairs of {images} images" if hasattr(dataset, "captions") else \
         f"{images} records (images with their captions)"
+    if hasattr(dataset, "draws"):  # a Mixture
+        what = f"{images} records of {len(dataset.parts)} sources, drawn " + ", ".join(
+            f"{share:.1%} from {name} ({size} records x {weight:g})" for name, size, weight, share in
+            zip(dataset.names, dataset.sizes, dataset.weights, dataset.shares()))
     lines = [f"{what} from {' '.join(args.data)} (rows skipped: {skipped})",
              f"{run.steps} steps of batch {run.batch_size} = {run.steps / max(per_epoch, 1):.2f} epochs "
              f"({per_epoch} batches per epoch); {devices} device(s)",
@@ -278,8 +282,15 @@ def _train(args, checkpoints: str, resuming: bool, watch) -> int:
     from dualenc.formats import assembly
     from dualenc.train import loop as trainer
 
-    dataset = training_data(args.data, os.path.join(args.out, "prepared"), image_root=args.image_root,
-                            allow_outside=args.allow_outside)
+    parts = training_options.sources(args.data)
+    if len(parts) == 1:
+        dataset = training_data(args.data, os.path.join(args.out, "prepared"), image_root=args.image_root,
+                                allow_outside=args.allow_outside)
+    else:  # a mixture: each source read (or converted) as one alone would be, into a prepared folder of its own
+        dataset = data.Mixture([training_data(part, os.path.join(args.out, "prepared", str(i)),
+                                              image_root=args.image_root, allow_outside=args.allow_outside)
+                                for i, part in enumerate(parts)], training_options.weights(args),
+                               names=[" ".join(part) for part in parts])
     checks.check_batch(args, dataset, jax.device_count())
     held_out = data.read_pairs(args.eval_data, image_root=args.eval_image_root,
                                allow_outside=args.allow_outside) if args.eval_data else None

@@ -136,6 +136,9 @@ def caption_sample(dataset, limit: int = CAPTION_SAMPLE) -> tuple[list[str], str
     from dualenc.data.records import decode_record
     from dualenc.errors import DataError
 
+    if hasattr(dataset, "draws"):  # a Mixture: its sources' samples together
+        found = [caption_sample(part, max(1, limit // len(dataset.parts))) for part in dataset.sources]
+        return [c for captions, _ in found for c in captions], "of " + " and ".join(w[3:] for _, w in found)
     pairs = hasattr(dataset, "captions")
     total = len(dataset.captions) if pairs else len(dataset)
     picked = np.unique(np.linspace(0, total - 1, min(total, limit)).round().astype(np.int64))

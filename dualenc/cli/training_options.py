@@ -35,6 +35,22 @@ def register(p) -> None:
     g.add_argument("--beta1", type=float, default=0.9, help="AdamW's first-moment decay")
     g.add_argument("--beta2", type=float, default=0.98, help="AdamW's second-moment decay")
     g.add_argument("--eps", type=float, default=1e-6, help="AdamW's epsilon")
+    a = p.add_argument_group("augmentation and data mixing (as open_clip's --aug-cfg and --train-data a::b)")
+    a.add_argument("--augment", action="store_true",
+                   help="random resized crops of the training images (open_clip's default: 90%% to 100%% of the "
+                        "area, aspect 3:4 to 4:3), drawn per seed, step and row so a resumed run sees the same "
+                        "pixels; the options below turn it on too")
+    a.add_argument("--aug-scale", type=float, nargs=2, metavar=("MIN", "MAX"), default=None,
+                   help="the crop's share of the image's area (default with --augment: 0.9 1.0)")
+    a.add_argument("--color-jitter", type=float, nargs=4, metavar=("B", "C", "S", "H"), default=None,
+                   help="colour jitter strengths: brightness, contrast, saturation, hue (hue at most 0.5)")
+    a.add_argument("--color-jitter-prob", type=float, default=None,
+                   help="probability of jittering an image's colours (default with --color-jitter: 0.8)")
+    a.add_argument("--gray-scale-prob", type=float, default=0.0, help="probability of making an image gray")
+    a.add_argument("--data-weights", metavar="W1::W2",
+                   help="with --data A::B (several sources, '::' between them): each source's upsampling factor, "
+                        "'::' between them, as open_clip's --train-data-upsampling-factors (a record of a source "
+                        "of weight 2 is drawn twice per epoch); default 1 each")
 
 
 def check(args) -> None:
@@ -58,6 +74,12 @@ def check(args) -> None:
             raise CommandError(f"{flag} must be in [0, 1), got {value}")
     if not (math.isfinite(args.eps) and args.eps > 0):
         raise CommandError(f"--eps must be a positive number, got {args.eps}")
+    augment = augmentation(args)
+    if augment is not None and args.cache:
+        raise CommandError("--augment (or an --aug-*/--color-jitter/--gray-scale-prob option) with --cache: the LiT "
+                           "cache holds the locked tower's features of the unaugmented images, computed once; drop "
+                           "one of them")
+    weights(args)
     if args.remat is not None:
         import jax
 
@@ -68,9 +90,65 @@ def check(args) -> None:
                                f"{REMAT_EXAMPLES} (all: {', '.join(names)})")
 
 
+def augmentation(args):
+    """The Augment the options ask for, or None (CommandError naming the option for a bad value)."""
+    asked = args.augment or args.aug_scale is not None or args.color_jitter is not None or \
+        args.color_jitter_prob is not None or args.gray_scale_prob
+    if not asked:
+        return None
+    from dualenc.errors import ConfigError
+    from dualenc.processing.augment import Augment
+
+    fields = {"scale": tuple(args.aug_scale or (0.9, 1.0)), "gray_scale_prob": args.gray_scale_prob}
+    if args.color_jitter is not None or args.color_jitter_prob is not None:
+        fields.update(color_jitter=tuple(args.color_jitter) if args.color_jitter else None,
+                      color_jitter_prob=0.8 if args.color_jitter_prob is None else args.color_jitter_prob)
+    flags = {"scale": "--aug-scale", "color_jitter": "--color-jitter", "color_jitter_prob": "--color-jitter-prob",
+             "gray_scale_prob": "--gray-scale-prob"}
+    try:
+        return Augment(**fields)
+    except ConfigError as e:
+        import re
+
+        found = re.match(r"Augment: field '(\w+)'", str(e))  # Augment's errors name the field: name the option
+        if found and found.group(1) in flags:
+            raise CommandError(flags[found.group(1)] + str(e)[found.end():]) from None
+        raise CommandError(str(e)) from None
+
+
+def sources(data: list[str]) -> list[list[str]]:
+    """--data's values split into sources at '::' (inside a value, or as one of its own)."""
+    parts = [[]]
+    for value in data:
+        pieces = value.split("::")
+        parts[-1] += [p for p in pieces[:1] if p]
+        for piece in pieces[1:]:
+            parts.append([piece] if piece else [])
+    if any(not part for part in parts):
+        raise CommandError(f"--data {' '.join(data)}: a '::' with no source on one side")
+    return parts
+
+
+def weights(args) -> list[float] | None:
+    """--data-weights as numbers, one per source of --data (None without it)."""
+    count = len(sources(args.data))
+    if args.data_weights is None:
+        return None
+    try:
+        values = [float(w) for w in args.data_weights.split("::")]
+    except ValueError:
+        raise CommandError(f"--data-weights must be numbers separated by '::', got {args.data_weights!r}") from None
+    if len(values) != count:
+        raise CommandError(f"--data-weights gives {len(values)} weights for the {count} sources of --data "
+                           f"(separated by '::'): give one each")
+    if not all(math.isfinite(w) and w > 0 for w in values):
+        raise CommandError(f"--data-weights must be positive, got {args.data_weights}")
+    return values
+
+
 def settings(args) -> dict:
     """The TrainConfig fields the options set."""
-    return dict(dtype=None if args.precision == "float32" else args.precision, fsdp=args.fsdp,
+    return dict(augment=augmentation(args), dtype=None if args.precision == "float32" else args.precision, fsdp=args.fsdp,
                 remat_policy=args.remat, accum_steps=args.accum_steps, patch_dropout=args.patch_dropout,
                 weight_decay=args.weight_decay, warmup_steps=args.warmup, grad_clip=args.grad_clip or None,
                 beta1=args.beta1, beta2=args.beta2, eps=args.eps)
@@ -88,6 +166,11 @@ def described(run) -> str:
         parts.append("FSDP")
     if run.remat_policy:
         parts.append(f"remat {run.remat_policy}")
+    if run.augment is not None:
+        a = run.augment
+        parts.append(f"augmentation: crops of {a.scale[0]:g}-{a.scale[1]:g} of the area"
+                     + (f", colour jitter {'/'.join(f'{x:g}' for x in a.color_jitter)} at p {a.color_jitter_prob:g}"
+                        if a.color_jitter else "") + (f", gray at p {a.gray_scale_prob:g}" if a.gray_scale_prob else ""))
     parts.append(f"AdamW (betas {run.beta1:g}, {run.beta2:g}; eps {run.eps:g}; weight decay {run.weight_decay:g}; "
                  f"gradient clip {run.grad_clip if run.grad_clip else 'none'})")
     return "; ".join(parts)

@@ -6,7 +6,8 @@
 - webdataset.py: webdataset tar shards, read within bounds;
 - records.py: the record format and random access to a prepared folder of ArrayRecord shards (`RecordSource`);
 - prepare.py: tars and caption files converted once (resumably) into such a folder;
-- pipeline.py: global batches over a random-access source on grain (`Pipeline`).
+- pipeline.py: global batches over a random-access source on grain (`Pipeline`), augmented on request;
+- mixing.py: several sources drawn in proportion to weights (`Mixture`, open_clip's upsampling factors).
 
 array_record and grain are imported only when shards are read or written, or batches drawn.
 """
@@ -20,6 +21,7 @@ from dualenc.data.pairs import (
     read_pairs,
     write_vocab,
 )
+from dualenc.data.mixing import Mixture
 from dualenc.data.pipeline import GlobalOrder, PairSource, Pipeline
 from dualenc.data.prepare import prepare
 from dualenc.data.records import (
@@ -37,6 +39,7 @@ __all__ = [
     "DIGIT_WORDS",
     "Batches",
     "GlobalOrder",
+    "Mixture",
     "PairDataset",
     "PairSource",
     "Pipeline",

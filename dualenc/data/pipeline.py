@@ -13,7 +13,9 @@ usable record of the same epoch's permutation, and counted: later rows never shi
 counts of its rows ("_skipped"); dualenc.train.loop.fit adds them up over every process, reports them and stops
 (TooManyReplaced) once more than MAX_REPLACED of the records drawn had to be replaced, after MIN_DRAWN draws.
 
-Decoding runs in grain worker processes (workers > 0: `mp_prefetch`) or in threads of this process (0).
+Training augmentation (dualenc.processing.augment) draws each row's crop and colours from (seed, step, row), and
+several sources mix with weights in one order (dualenc.data.mixing.Mixture): both keep the stream a function of
+(seed, step). Decoding runs in grain worker processes (workers > 0: `mp_prefetch`) or in threads of this process (0).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Iterator
 import numpy as np
 
 from dualenc.errors import ConfigError, DataError, InputError
+from dualenc.processing.augment import Augment, augment_pixels, generator, output_size
 from dualenc.processing.processor import image_inputs
 
 # Why a record was replaced; a batch carries the counts under "_skipped" (per row, in this order).
@@ -126,12 +129,20 @@ class RecordReader:
     to its worker processes; raises Unusable (with one of SKIP_REASONS) for a record that cannot be used."""
 
     def __init__(self, source, processor, *, image_root: str | None = None, allow_outside: bool = False):
+        from dualenc.data.mixing import Mixture
+
         self.source, self.processor = source, processor
         self.image_root = image_root if image_root is not None else getattr(source, "image_root", None)
         self.allow_outside = allow_outside
+        # A mixture's records are read by its parts' readers, each with its own image root.
+        self.parts = [RecordReader(part, processor, allow_outside=allow_outside) for part in source.parts] \
+            if isinstance(source, Mixture) else None
 
     def read(self, record: int):
         """(image: a path, an array, or an EncodedImage; captions)."""
+        if self.parts is not None:
+            part, index = self.source.locate(record)
+            return self.parts[part].read(index)
         item = self.source[record]
         if not isinstance(item, (bytes, bytearray, memoryview)):
             return item
@@ -147,11 +158,14 @@ class RecordReader:
             raise Unusable("path outside the data folder")
         return image, parsed.captions
 
-    def vision(self, image) -> dict:
-        """The vision tower's inputs for one image as `read` gives it, without the batch axis."""
+    def vision(self, image, augment: Augment | None = None, rng: np.random.Generator | None = None) -> dict:
+        """The vision tower's inputs for one image as `read` gives it, without the batch axis; with `augment`,
+        its augmented pixel values drawn from `rng` (see dualenc.processing.augment)."""
         try:
             if isinstance(image, str) and not os.path.isfile(image):
                 raise Unusable("missing image")
+            if augment is not None:
+                return {"pixel_values": augment_pixels(augment, self.processor, image, rng)}
             inputs = image_inputs(self.processor, [image])
         except (InputError, OSError, ValueError):
             raise Unusable("unreadable image") from None
@@ -162,11 +176,17 @@ class RecordReader:
 
 class Decoder:
     """Turns a global position into one training row: the record's vision inputs (or its cached features) and
-    one of its captions, tokenized. Picklable (grain's worker processes)."""
+    one of its captions, tokenized. Picklable (grain's worker processes).
+
+    With `augment`, the image of the row at global position p is augmented with the draws of
+    augment.generator(seed, p // batch_size, p % batch_size): the same pixels whatever the process or worker,
+    and after a resume. With a mixture's order (dualenc.data.mixing.MixedOrder), each row also carries
+    "_source": the part its record came from."""
 
     def __init__(self, reader: RecordReader, order: GlobalOrder, *, max_length: int | None = None,
-                 features=None):
+                 features=None, augment: Augment | None = None):
         self.reader, self.order, self.max_length, self.features = reader, order, max_length, features
+        self.augment = augment
 
     def __call__(self, position: int) -> dict:
         epoch, place = self.order.locate(position)
@@ -175,8 +195,11 @@ class Decoder:
             record = self.order.record(epoch, place + attempt)
             try:
                 image, captions = self.reader.read(record)
-                if self.features is None:
+                if self.features is None and self.augment is None:
                     vision = self.reader.vision(image)
+                elif self.features is None:
+                    rng = generator(self.order.seed, *divmod(position, self.order.batch_size))
+                    vision = self.reader.vision(image, self.augment, rng)
                 else:
                     vision = {"image_features": self.features.row(record)}
                     if vision["image_features"] is None:
@@ -190,6 +213,8 @@ class Decoder:
             row = {k: np.asarray(v, np.int32)[0] for k, v in tokens.items()}
             row.update(vision)
             row.update({"_record": np.int64(record), "_skipped": skipped})
+            if hasattr(self.order, "source_of"):
+                row["_source"] = np.int32(self.order.source_of(record))
             return row
         raise DataError(f"no record of the {self.order.size} in the data source can be used "
                         f"(skipped: {dict(zip(SKIP_REASONS, skipped.tolist()))})")
@@ -227,7 +252,15 @@ def check_replaced(step: int, drawn: int, replaced: dict, limit: float, data: st
 def data_fingerprint(source) -> str:
     """sha256 of what identifies training data, wherever it lies: a PairDataset's captions, which image each
     describes, and its images (paths relative to the folder holding them all, or pixels); a prepared folder's
-    manifest (dualenc.data.RecordSource); for any other source only its type and length."""
+    manifest (dualenc.data.RecordSource); a Mixture's parts (each as here), in order, and their weights; for any
+    other source only its type and length."""
+    from dualenc.data.mixing import Mixture
+
+    if isinstance(source, Mixture):
+        digest = hashlib.sha256(f"dualenc-mixture-1;parts:{len(source.sources)};".encode())
+        for part, weight in zip(source.sources, source.weights):
+            digest.update(f"{data_fingerprint(part)}:{weight!r};".encode())
+        return digest.hexdigest()
     digest = hashlib.sha256(f"dualenc-data-1;records:{len(source)};".encode())
     if hasattr(source, "caption_image"):
         paths = [os.fspath(i) for i in source.images if isinstance(i, (str, os.PathLike))]
@@ -273,16 +306,38 @@ class Pipeline:
       process_index, process_count: this process's place (default: jax's).
       workers: decoding worker processes (0: threads of this process).
       threads: decoding threads per worker (or of this process).
+      augment: augment the training images (dualenc.processing.augment.Augment: a random resized crop to the
+        processor's image size, colour jitter, grayscale), each row's draws a function of (seed, step, row)
+        alone. Not with `features`, nor with a processor that has no fixed image size (NaFlex).
+    Several sources drawn with weights: pass a dualenc.data.mixing.Mixture as `source` (each row then carries
+    "_source", and `source_rows` counts the rows drawn from each part); `image_root` then stays None (each
+    RecordSource has its own).
     """
 
     def __init__(self, source, processor, batch_size: int, *, seed: int = 0, max_length: int | None = None,
                  start: int = 0, steps: int | None = None, process_index: int | None = None,
                  process_count: int | None = None, workers: int = 0, threads: int = 8, features=None,
-                 image_root: str | None = None, allow_outside: bool = False, prefetch: int = 2):
+                 image_root: str | None = None, allow_outside: bool = False, prefetch: int = 2,
+                 augment: Augment | None = None):
+        from dualenc.data.mixing import Mixture
+
         if not hasattr(source, "__getitem__") or not hasattr(source, "__len__"):
             raise ConfigError("source must be a random-access data source (len() and [i])")
         if hasattr(source, "caption_image"):  # a PairDataset
             source = PairSource(source)
+        if augment is not None:
+            if not isinstance(augment, Augment):
+                raise ConfigError(f"augment must be a dualenc.processing.augment.Augment, got "
+                                  f"{type(augment).__name__}")
+            if features is not None:
+                raise ConfigError("augmentation cannot apply with the LiT cache (a locked, cached vision tower): "
+                                  "the cached features were computed once from the unaugmented images; train "
+                                  "without augmentation, or without the cache")
+            output_size(processor)  # a ConfigError for a processor without a fixed image size
+        mixture = isinstance(source, Mixture)
+        if mixture and image_root is not None:
+            raise ConfigError("image_root applies to one source; with a Mixture give each RecordSource its own "
+                              "image_root")
         if process_index is None or process_count is None:
             import jax
 
@@ -293,14 +348,15 @@ class Pipeline:
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "threads" else 0):
                 raise ConfigError(f"{name} must be a {'positive' if name == 'threads' else 'non-negative'} "
                                   f"integer, got {value!r}")
-        self.order = GlobalOrder(len(source), batch_size, seed)
+        self.order = source.order(batch_size, seed) if mixture else GlobalOrder(len(source), batch_size, seed)
         self.reader = RecordReader(source, processor, image_root=image_root, allow_outside=allow_outside)
-        self.decoder = Decoder(self.reader, self.order, max_length=max_length, features=features)
+        self.decoder = Decoder(self.reader, self.order, max_length=max_length, features=features, augment=augment)
         self.local_batch = batch_size // process_count
         self.process_index, self.process_count = process_index, process_count
         self.start, self.steps = start, steps
         self.workers, self.threads, self.prefetch = workers, threads, prefetch
         self.skipped = collections.Counter()
+        self.source_rows = collections.Counter()  # a Mixture's part index -> rows of this process drawn from it
         self.step = start
 
     @property
@@ -332,14 +388,17 @@ class Pipeline:
 
     def __iter__(self) -> Iterator[tuple[int, dict]]:
         """Yields (step, this process's rows of global batch `step`) from `start` on: the inputs, "_record" (the
-        record of each row) and "_skipped" (each row's records replaced, by reason: (rows, len(SKIP_REASONS)));
-        `skipped` counts the records replaced in the batches handed out."""
+        record of each row), "_skipped" (each row's records replaced, by reason: (rows, len(SKIP_REASONS))) and,
+        from a Mixture, "_source" (each row's part); `skipped` counts the records replaced in the batches handed
+        out, `source_rows` a Mixture's rows by part."""
         step = self.start
         batches = iter(self._dataset())
         try:
             for batch in batches:
                 skipped = batch["_skipped"].sum(axis=0)
                 self.skipped.update({r: int(n) for r, n in zip(SKIP_REASONS, skipped) if n})
+                if "_source" in batch:
+                    self.source_rows.update(collections.Counter(batch["_source"].tolist()))
                 self.step = step + 1
                 yield step, batch
                 step += 1

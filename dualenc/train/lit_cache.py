@@ -57,7 +57,13 @@ def _hash_tree(digest, tree) -> None:
 
 def source_fingerprint(source) -> str:
     """What identifies a source's data: a prepared folder's manifest, else every image (path or pixels) and
-    the number of records."""
+    the number of records; a Mixture's, its sources' and weights' (data_fingerprint)."""
+    from dualenc.data.mixing import Mixture
+
+    if isinstance(source, Mixture):
+        from dualenc.data.pipeline import data_fingerprint
+
+        return data_fingerprint(source)
     digest = hashlib.sha256(f"records:{len(source)};".encode())
     manifest = getattr(source, "manifest", None)
     if manifest is not None:

@@ -34,6 +34,7 @@ from dualenc.data import PairDataset
 from dualenc.train import lit_cache
 from dualenc.data.pipeline import MAX_REPLACED, SKIP_REASONS, Pipeline, check_replaced, data_fingerprint
 from dualenc.errors import CheckpointError, ConfigError, DualEncError
+from dualenc.processing.augment import Augment
 
 from dualenc.train.checkpoint import (META_FILE, STATE_FILE, STEP_DIR, checkpoint_meta, checkpoints,  # noqa: F401
                                       latest_checkpoint, restore_state, save_state, wait_for_save)
@@ -69,6 +70,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-6
+    augment: Augment | None = None  # training augmentation in the data pipeline (random resized crop, colours)
 
     def __post_init__(self):
         for name in ("steps", "batch_size"):
@@ -142,8 +144,10 @@ def optimizer_of(run: TrainConfig):
 def settings_of(run: TrainConfig) -> dict:
     """The settings a resumed run must share with the checkpoint's (all but steps, checkpoint_every, keep and the
     FSDP floor: a checkpoint restores onto any layout)."""
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(run).items()
-            if k not in ("steps", "checkpoint_every", "keep", "fsdp_min_shard_mb")}
+    out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(run).items()
+           if k not in ("steps", "checkpoint_every", "keep", "fsdp_min_shard_mb")}
+    out["augment"] = None if run.augment is None else run.augment.to_dict()  # as JSON reads it back
+    return out
 
 
 _FINGERPRINTS = {"model_sha256": "the model the run started from",  # what each fingerprint identifies
@@ -291,6 +295,10 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
     if isinstance(max_replaced, bool) or not isinstance(max_replaced, (int, float)) or not 0 <= max_replaced <= 1:
         raise ConfigError(f"max_replaced must be a share between 0 and 1, got {max_replaced!r}")
     run = dataclasses.replace(run, loss=run.loss or config.default_loss)
+    if run.cached and run.augment is not None:
+        raise ConfigError("augment with cached=True: the LiT cache holds the locked vision tower's features of "
+                          "the unaugmented images, computed once, so augmentation cannot apply to them; train "
+                          "without the cache to augment, or without augment to cache")
     text = config.text
     if config.text_padding == "max_length" and run.max_length != text.max_length:
         raise ConfigError(f"max_length is {run.max_length}, but the text tower ({type(text).__name__}) pools the "
@@ -332,11 +340,13 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
                                       processor, dataset, batch_size=run.batch_size, workers=workers)
     local = mesh is not None  # with a mesh, this process reads its share of each global batch; else all of it
     batches = Pipeline(dataset, processor, run.batch_size, seed=run.seed, max_length=run.max_length, start=step,
+                       augment=run.augment,
                        steps=run.steps, workers=workers, features=features,
                        process_index=jax.process_index() if local else 0,
                        process_count=jax.process_count() if local else 1)
     metrics = {}
-    checks = _StepChecks(run.batch_size, step, max_replaced, getattr(dataset, "folder", None) or "the training data",
+    checks = _StepChecks(run.batch_size, step, max_replaced, getattr(dataset, "folder", None) or
+                         " + ".join(getattr(dataset, "names", ())) or "the training data",
                          latest)
 
     def checkpoint():
