@@ -31,12 +31,15 @@ _HOME = {
     "TowerOutput": "layers",
     **dict.fromkeys(("AutoImageProcessor", "EncodedImage", "ImageProcessor", "NaFlexImageProcessor", "Processor",
                      "Tokenizer"), "processing"),
+    "LoRA": "lora",
+    **dict.fromkeys(("load_peft", "save_peft"), "formats.peft"),
+    **dict.fromkeys(("ema_params", "interpolate", "with_ema"), "train.averaging"),
     **dict.fromkeys(("DualEncoderOutput", "apply", "check_inputs", "get_image_features", "get_text_features", "init",
                      "num_params", "stack_layers", "unstack_layers"), "model"),
 }
 # subpackages and modules reachable as attributes (dualenc.train, dualenc.towers, ...); the tower families too
-_MODULES = ("config", "data", "encode", "errors", "evaluate", "files", "formats", "hub", "kinds", "layers", "losses",
-            "model", "params", "plots", "processing", "search", "tables", "templates", "towers", "train")
+_MODULES = ("config", "data", "encode", "errors", "evaluate", "files", "formats", "hub", "kinds", "layers", "lora",
+            "losses", "model", "params", "plots", "processing", "search", "tables", "templates", "towers", "train")
 
 __all__ = sorted(_HOME) + ["__version__"]
 
@@ -83,12 +86,16 @@ def _load(module: str):
         import dualenc.files
     elif module == "formats":
         import dualenc.formats
+    elif module == "formats.peft":
+        import dualenc.formats.peft
     elif module == "hub":
         import dualenc.hub
     elif module == "kinds":
         import dualenc.kinds
     elif module == "layers":
         import dualenc.layers
+    elif module == "lora":
+        import dualenc.lora
     elif module == "losses":
         import dualenc.losses
     elif module == "model":
@@ -109,4 +116,6 @@ def _load(module: str):
         import dualenc.towers
     elif module == "train":
         import dualenc.train
+    elif module == "train.averaging":
+        import dualenc.train.averaging
     return sys.modules["dualenc." + module]

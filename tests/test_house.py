@@ -24,7 +24,7 @@ FLOORS = [
     {"layers"},
     {"towers"},
     {"config"},
-    {"model", "losses"},
+    {"model", "losses", "lora"},
     {"files", "hub", "layouts"},
     {"processing", "templates"},
     {"formats"},

@@ -180,7 +180,8 @@ def test_every_name_the_readme_uses_is_importable_as_written():
 
 def test_every_cli_example_runs_as_written(demo_folder):
     demo_folder = demo_folder[0]
-    order = ["zero-shot", "embed", "search", "merge", "eval", "train", "prepare"]  # search and merge read what embed wrote
+    # search and merge read what embed wrote, interpolate what train wrote
+    order = ["zero-shot", "embed", "search", "merge", "eval", "train", "interpolate", "prepare"]
     assert set(EXAMPLES) == {"demo", *order}
     flat = " ".join(README.read_text().replace("\\\n", " ").split())  # README.md may wrap them with backslashes
     missing = [name for name in order if " ".join(EXAMPLES[name].split()) not in flat]
@@ -209,6 +210,15 @@ def test_every_cli_example_runs_as_written(demo_folder):
     records = [json.loads(line) for line in (tuned / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "eval"] == [50, 100]
     assert "trained 100 steps" in out["train"].stdout
+
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    a, b, wise = (load_file(demo_folder / d / "model.safetensors") for d in ("dualenc-demo/model", "dualenc-tuned",
+                                                                            "dualenc-wise"))
+    assert set(wise) == set(a) and any(not np.array_equal(a[k], b[k]) for k in a)
+    for k in a:
+        np.testing.assert_allclose(wise[k], (a[k] + b[k]) / 2, atol=1e-6)
 
 
 def test_a_command_needing_a_missing_extra_says_so_before_work(demo_folder):

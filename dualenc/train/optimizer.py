@@ -9,16 +9,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from dualenc.errors import ConfigError, InputError
-from dualenc.train.state import declared
+from dualenc.train.state import ADAPTERS, declared
 
 
 def decay_mask(params: dict) -> dict:
     """Weight decay where the params' declarations say (dualenc.params.Param.decay): on kernels and embedding
     tables only, not biases, norms, class tokens, probes, logit scale/bias. params: a params tree or a part of
-    one (the trainable params), in either layer layout."""
+    one (the trainable params), in either layer layout. LoRA's adapters (the trainable params {"lora": ...} of
+    train.init_state(..., lora=...)) all decay, as transformers' Trainer decays PEFT's lora_A and lora_B."""
     catalogue = declared()
 
     def decays(path, leaf):
+        if path and getattr(path[0], "key", None) == ADAPTERS:
+            return True
         p, _ = catalogue.find(path, np.ndim(leaf))
         if p is None:
             raise InputError(f"decay_mask: no tower family or model declares the param at "

@@ -122,21 +122,53 @@ def merge_params(trainable: dict, frozen: dict, split: bool) -> dict:
     return out
 
 
-def full_params(state: TrainState) -> dict:
-    """The whole params tree of a train state (for save_pretrained, evaluation), per-layer as init returns it."""
-    return model.unstack_layers(merge_params(state.trainable, state.frozen, split=False))
+ADAPTERS = "lora"  # with LoRA, the trainable params are {ADAPTERS: adapters}; the frozen ones, every param
+
+
+def model_params(trainable: dict, frozen: dict, lora=None, *, split: bool = True) -> dict:
+    """The params the model runs with: trainable and frozen merged (see merge_params) or, with LoRA, the frozen
+    params with the adapters merged into their kernels (dualenc.lora.merge)."""
+    if lora is not None:
+        from dualenc import lora as lora_
+
+        return lora_.merge(frozen, trainable[ADAPTERS], lora)
+    return merge_params(trainable, frozen, split=split)
+
+
+def full_params(state: TrainState, lora=None, trainable: dict | None = None) -> dict:
+    """The whole params tree of a train state (for save_pretrained, evaluation), per-layer as init returns it;
+    with LoRA (the run's dualenc.lora.LoRA) its adapters merged in. trainable: other trainable params of the
+    same structure to use instead of the state's (an average of them, say)."""
+    trainable = state.trainable if trainable is None else trainable
+    return model.unstack_layers(model_params(trainable, state.frozen, lora, split=False))
 
 
 def init_state(params: dict, optimizer, *, locked: Sequence[str] = (), unlocked_layers: int = 0,
-               seed: int = 0, layer_loop: bool = True) -> TrainState:
+               seed: int = 0, layer_loop: bool = True, lora=None, config=None) -> TrainState:
     """A train state: the optimizer state covers the trainable params only.
 
     layer_loop keeps each encoder layer's params (and gradients) as buffers of their own, run as a Python
     loop instead of lax.scan: on CPU a BERT-base backward runs about 25% faster, for a longer compile.
     layer_loop=False trains the stacked layout.
+
+    lora: a dualenc.lora.LoRA (with the model's `config`): every param is frozen and the trainable params are
+    new adapters, {"lora": dualenc.lora.init(...)} drawn from the seed (PEFT's init: merged, they change
+    nothing); locked and unlocked_layers must then be left unset.
     """
     params = model.with_layout(params, stacked=not layer_loop)
-    trainable, frozen = partition(params, locked, unlocked_layers)
+    key = jax.random.key(seed)
+    if lora is not None:
+        if locked or unlocked_layers:
+            raise ConfigError("lora trains adapters of the towers lora.towers names, every other param frozen: "
+                              "leave locked and unlocked_layers unset")
+        if config is None:
+            raise ConfigError("init_state with lora needs the model's config")
+        from dualenc import lora as lora_
+
+        trainable = {ADAPTERS: lora_.init(jax.random.fold_in(key, 1), params, config, lora)}
+        frozen = params
+    else:
+        trainable, frozen = partition(params, locked, unlocked_layers)
     trainable = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), trainable)  # the step donates these
     return TrainState(jnp.zeros((), jnp.int32), trainable, jax.tree_util.tree_map(jnp.asarray, frozen),
-                      optimizer.init(trainable), jax.random.key_data(jax.random.key(seed)))
+                      optimizer.init(trainable), jax.random.key_data(key))

@@ -22,7 +22,7 @@ from dualenc.errors import ConfigError, InputError
 from dualenc.evaluate import pad_rows
 from dualenc.train import accumulate
 from dualenc.train.sharding import state_sharding
-from dualenc.train.state import TOWERS, TrainState, check_locking, merge_params
+from dualenc.train.state import TOWERS, TrainState, check_locking, model_params
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps exp(logit_scale) at 100
 
@@ -62,7 +62,8 @@ def _with_state(trainable: dict, state: dict) -> dict:
 def make_train_step(config: DualEncoderConfig, optimizer, *, loss: str | None = None, locked: Sequence[str] = (),
                     unlocked_layers: int = 0, cached: bool = False, remat_policy: str | None = None, dtype=None,
                     chunk_size: int | None = None, donate: bool = True, mesh: Mesh | None = None,
-                    fsdp: bool = False, accum_steps: int = 1, patch_dropout: float = 0.0) -> Callable:
+                    fsdp: bool = False, accum_steps: int = 1, patch_dropout: float = 0.0, lora=None,
+                    loss_form: str = "auto") -> Callable:
     """A pure train step (state, batch) -> (state, metrics), jit-compiled on first call.
 
     Args:
@@ -84,6 +85,12 @@ def make_train_step(config: DualEncoderConfig, optimizer, *, loss: str | None = 
         batch size must be a multiple of accum_steps (times the devices of the mesh's "data" axis).
       patch_dropout: FLIP's patch dropout: the vision tower keeps round((1 - p) * N) of its N patch tokens per
         image, at random each step (never outside training).
+      loss_form: with a mesh, how the loss spans the devices: "ring" passes embedding blocks round them, each
+        device holding its own rows against one block at a time (losses.sharded_loss; SigLIP's chunked form,
+        and a running log-sum-exp for CLIP's), "gather" gathers every embedding on every device; "auto", the
+        default: "ring" on a mesh whose "data" axis has several devices, else "gather".
+      lora: a dualenc.lora.LoRA: the state (init_state(..., lora=...)) trains adapters of the kernels it names,
+        every other param frozen; the model runs with them merged (dualenc.lora.merge).
 
     The batch holds input_ids, attention_mask (and token_type_ids), and pixel_values, each with the global
     batch on axis 0. Metrics: loss, logit_scale (exp), accuracy_t2i, accuracy_i2t, grad_norm; and, when the batch
@@ -118,7 +125,17 @@ def make_train_step(config: DualEncoderConfig, optimizer, *, loss: str | None = 
         raise ConfigError("patch_dropout with cached=True: the cached vision features are computed once, "
                           "from every patch; train without the cache to drop patches")
 
+    if loss_form not in ("auto", "ring", "gather"):
+        raise ConfigError(f"loss_form must be 'auto', 'ring' or 'gather', got {loss_form!r}")
+    if loss_form == "ring" and mesh is None:
+        raise ConfigError("loss_form='ring' passes embeddings round the devices of a mesh: give mesh=...")
+    ring = loss_form == "ring" or (loss_form == "auto" and mesh is not None and mesh.shape["data"] > 1)
+    if ring:
+        sharded = losses.sharded_loss(loss, mesh, form="ring", chunk_size=chunk_size)
+
     def loss_value(params, images, texts):
+        if ring:
+            return sharded(texts, images, params["logit_scale"], params["logit_bias"] if loss == "siglip" else None)
         if loss == "clip":
             return losses.clip_loss(texts, images, params["logit_scale"], chunk_size=chunk_size)
         return losses.siglip_loss(texts, images, params["logit_scale"], params["logit_bias"],
@@ -129,29 +146,30 @@ def make_train_step(config: DualEncoderConfig, optimizer, *, loss: str | None = 
         inputs = {k: v for k, v in batch.items() if k != "records_replaced"}
 
         def embed(trainable, inputs, key):
-            params = merge_params(trainable, frozen, split=True)
+            params = model_params(trainable, frozen, lora)
             return _embeds(params, config, inputs, key, locked=locked, cached=cached_towers,
                            remat_policy=remat_policy, dtype=dtype, patch_dropout=patch_dropout)
 
         if accum_steps == 1:
             def loss_fn(trainable):
                 images, texts, state = embed(trainable, inputs, key)
-                value = loss_value(merge_params(trainable, frozen, split=True), images, texts)
+                value = loss_value(model_params(trainable, frozen, lora), images, texts)
                 return value, (images, texts, jax.lax.stop_gradient(state))
 
             (value, (images, texts, state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         else:
             value, grads, images, texts = accumulate.value_and_grad(
                 lambda t, x, k: embed(t, x, k)[:2],
-                lambda t, i, x: loss_value(merge_params(t, frozen, split=True), i, x),
+                lambda t, i, x: loss_value(model_params(t, frozen, lora), i, x),
                 trainable, inputs, key, accum_steps, mesh=mesh)
             state = {}
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = _with_state(optax.apply_updates(trainable, updates), state)
-        if loss == "clip":
+        if loss == "clip" and "logit_scale" in trainable:
             trainable["logit_scale"] = jnp.clip(trainable["logit_scale"], 0.0, MAX_LOGIT_SCALE)
+        scale = (trainable if "logit_scale" in trainable else frozen)["logit_scale"]
         t2i, i2t = losses.in_batch_accuracy(texts, images)
-        metrics = {"loss": value, "logit_scale": jnp.exp(trainable["logit_scale"]), "accuracy_t2i": t2i,
+        metrics = {"loss": value, "logit_scale": jnp.exp(scale), "accuracy_t2i": t2i,
                    "accuracy_i2t": i2t, "grad_norm": optax.tree.norm(grads)}
         if "records_replaced" in batch:  # each row's count: summed over the global batch, every process's rows
             metrics["records_replaced"] = jnp.sum(batch["records_replaced"], axis=0)
