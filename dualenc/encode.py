@@ -1,15 +1,17 @@
-"""Batched encoding: images and texts into L2-normalised embeddings, a jitted batch at a time, with a progress
-bar; unreadable images skipped and reported. Metrics on the embeddings are dualenc.evaluate's."""
+"""Batched encoding: images and texts into L2-normalised embeddings, a jitted batch at a time split over this
+process's devices, with a progress bar; unreadable images skipped and reported. Metrics on the embeddings are
+dualenc.evaluate's."""
 
 from __future__ import annotations
 
 import functools
 import itertools
 import sys
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dualenc import model
 from dualenc.config import DualEncoderConfig
@@ -28,6 +30,32 @@ def _image_embeds(params, config, inputs, dtype=None):
 def _text_embeds(params, config, input_ids, attention_mask, token_type_ids, dtype=None):
     return model.normalize(model.get_text_features(params, config, input_ids, attention_mask, token_type_ids,
                                                    dtype=dtype))
+
+
+def local_mesh(devices: Sequence | None = None) -> Mesh:
+    """The one-axis ("data") mesh a batch is split over: `devices`, default jax.local_devices(), this process's
+    own (under jax.distributed each process encodes its inputs alone, with no collective between processes)."""
+    devices = tuple(jax.local_devices() if devices is None else devices)
+    if not devices:
+        raise InputError("devices is empty: give at least one device")
+    return _mesh(devices)
+
+
+@functools.lru_cache(maxsize=None)
+def _mesh(devices: tuple) -> Mesh:
+    return Mesh(np.asarray(devices, dtype=object), ("data",))
+
+
+def replicate(params, devices: Sequence | None = None):
+    """params placed whole on every device of local_mesh(devices). The encoders do it on each call, as a no-op
+    for params placed so already: place them once with this for several calls."""
+    return jax.device_put(params, NamedSharding(local_mesh(devices), P()))
+
+
+def _placed(params, devices) -> tuple[Any, NamedSharding]:
+    """(params replicated over the mesh, the sharding that splits a batch's rows over it)."""
+    mesh = local_mesh(devices)
+    return jax.device_put(params, NamedSharding(mesh, P())), NamedSharding(mesh, P("data"))
 
 
 def _batches(items: Iterable, size: int) -> Iterator[list]:
@@ -90,16 +118,27 @@ def pad_rows(arrays: dict, rows: int) -> dict:
             for k, v in arrays.items()}
 
 
-def batch_rows(total: int | None, batch_size: int) -> int:
+def device_rows(batch_size: int, devices: int | None = None) -> int:
+    """batch_size rounded up to a multiple of `devices` (default jax.local_device_count()), so that every device
+    gets as many rows of a batch."""
+    _check_batch_size(batch_size)
+    devices = jax.local_device_count() if devices is None else devices
+    return -(-batch_size // devices) * devices
+
+
+def batch_rows(total: int | None, batch_size: int, devices: int | None = None) -> int:
     """Rows per batch: batch_size, or for fewer items the power of two that holds them (one image is not
-    padded to 32), which still bounds the number of shapes compiled."""
-    if total is None or total >= batch_size:
-        return batch_size
-    return min(batch_size, 1 << max(total - 1, 0).bit_length())
+    padded to 32), which still bounds the number of shapes compiled; either rounded up to a multiple of the
+    `devices` the batch is split over (default jax.local_device_count(); see device_rows)."""
+    rows = device_rows(batch_size, devices)
+    if total is None or total >= rows:
+        return rows
+    return min(rows, device_rows(1 << max(total - 1, 0).bit_length(), devices))
 
 
 def encode_images(params, config: DualEncoderConfig, processor, images: Iterable, *, batch_size: int = 32,
-                  dtype=None, progress: bool | None = None, skipped: list | None = None) -> np.ndarray:
+                  dtype=None, progress: bool | None = None, skipped: list | None = None,
+                  devices: Sequence | None = None) -> np.ndarray:
     """L2-normalised image embeddings for any number of images.
 
     Args:
@@ -107,23 +146,28 @@ def encode_images(params, config: DualEncoderConfig, processor, images: Iterable
         to the NaFlex vision tower); each batch of images goes through it on the host.
       images: a list or any iterable (also a generator too large for memory) of PIL images, paths or arrays.
       batch_size: every batch has this shape (the last one is padded), so the forward compiles once; fewer
-        images than that (in a list) are padded only to the next power of two.
+        images than that (in a list) are padded only to the next power of two. Rounded up to a multiple of the
+        number of devices (batch_rows).
+      dtype: compute dtype of the matmuls (None: float32; jnp.bfloat16); params stay float32, and the
+        embeddings are float32 whatever it is.
       progress: show a progress bar; default when the input is long and stderr is a terminal.
       skipped: a list to collect the images that cannot be read instead of raising: (index, message) pairs are
         appended, and the rows returned are the readable images' only, in order. Without it the first
         unreadable image raises an error naming its index among all the images.
+      devices: the devices each batch's rows are split over (local_mesh; default this process's), params
+        replicated on each (once per call; a no-op for params from replicate()).
 
     Returns:
       float32 (n_images, projection_dim), or (n_readable, projection_dim) with `skipped`.
     """
     parts = [rows for _, rows in stream_images(params, config, processor, images, batch_size=batch_size, dtype=dtype,
-                                               progress=progress, skipped=skipped)]
+                                               progress=progress, skipped=skipped, devices=devices)]
     return np.concatenate(parts) if parts else np.zeros((0, config.projection_dim), np.float32)
 
 
 def stream_images(params, config: DualEncoderConfig, processor, images: Iterable, *, batch_size: int = 32,
-                  dtype=None, progress: bool | None = None,
-                  skipped: list | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                  dtype=None, progress: bool | None = None, skipped: list | None = None,
+                  devices: Sequence | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """encode_images batch by batch, for inputs too large to hold their embeddings in memory.
 
     Arguments as encode_images'; an iterable without a length (a generator) is always cut into batches of
@@ -135,8 +179,9 @@ def stream_images(params, config: DualEncoderConfig, processor, images: Iterable
       batch holding them is yielded).
     """
     _check_batch_size(batch_size)
+    params, rows_split = _placed(params, devices)
     total = len(images) if hasattr(images, "__len__") else None
-    batch_size = batch_rows(total, batch_size)
+    batch_size = batch_rows(total, batch_size, rows_split.mesh.size)
     seen = [0]
 
     def prepare(batch):
@@ -154,7 +199,7 @@ def stream_images(params, config: DualEncoderConfig, processor, images: Iterable
         positions = np.asarray([i for i in range(start, start + len(batch)) if i not in bad], np.int64)
         n = len(inputs["pixel_values"])
         inputs["pixel_values"] = np.asarray(inputs["pixel_values"], np.float32)
-        inputs = pad_rows(inputs, batch_size)
+        inputs = jax.device_put(pad_rows(inputs, batch_size), rows_split)
         return n, lambda: _image_embeds(params, config, inputs, dtype=dtype), positions
 
     yield from _stream(_batches(images, batch_size), prepare, _progress(total, batch_size, progress, "images"))
@@ -189,7 +234,8 @@ def length_buckets(max_length: int, smallest: int = 8) -> tuple[int, ...]:
 
 
 def encode_texts(params, config: DualEncoderConfig, tokenizer, texts: Iterable[str], *, batch_size: int = 64,
-                 max_length: int | None = None, dtype=None, progress: bool | None = None) -> np.ndarray:
+                 max_length: int | None = None, dtype=None, progress: bool | None = None,
+                 devices: Sequence | None = None) -> np.ndarray:
     """L2-normalised text embeddings for any number of texts.
 
     Each batch is padded to `batch_size` rows and to the smallest length bucket (powers of two up to
@@ -201,17 +247,19 @@ def encode_texts(params, config: DualEncoderConfig, tokenizer, texts: Iterable[s
       tokenizer: a Processor or Tokenizer.
       texts: a list or any iterable of strings.
       max_length: truncation length; default the tokenizer's.
+      batch_size, dtype, devices: as encode_images'.
 
     Returns:
       float32 (n_texts, projection_dim).
     """
     _check_batch_size(batch_size)
+    params, rows_split = _placed(params, devices)
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
     max_length = max_length or tokenizer.max_length
     padding = config.text_padding
     buckets = (max_length,) if padding == "max_length" else length_buckets(max_length)
     total = len(texts) if hasattr(texts, "__len__") else None
-    batch_size = batch_rows(total, batch_size)
+    batch_size = batch_rows(total, batch_size, rows_split.mesh.size)
     pad_id = tokenizer.pad_token_id or 0
 
     def prepare(batch):
@@ -228,6 +276,7 @@ def encode_texts(params, config: DualEncoderConfig, tokenizer, texts: Iterable[s
             arrays[name] = padded
         if arrays["attention_mask"] is not None:
             arrays["attention_mask"][len(batch):, 0] = 1  # padding rows attend to one token, not to none
+        arrays = jax.device_put(arrays, rows_split)
         return len(batch), lambda: _text_embeds(params, config, arrays["input_ids"], arrays["attention_mask"],
                                                 arrays["token_type_ids"], dtype=dtype), None
 

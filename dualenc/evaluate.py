@@ -16,10 +16,12 @@ DEFAULT_TEMPLATES = templates_.DEFAULT
 
 
 def zero_shot_classifier(params, config: DualEncoderConfig, tokenizer, classnames: Sequence[str],
-                         templates: str | Sequence[str] = DEFAULT_TEMPLATES, *, batch_size: int = 64) -> np.ndarray:
+                         templates: str | Sequence[str] = DEFAULT_TEMPLATES, *, batch_size: int = 64,
+                         dtype=None) -> np.ndarray:
     """Zero-shot weights, float32 (projection_dim, n_classes), as CLIP builds them.
 
-    Each class's column is the mean of its L2-normalised template embeddings, renormalised.
+    Each class's column is the mean of its L2-normalised template embeddings (encode_texts', with `dtype` the
+    matmuls' compute dtype), renormalised.
     `templates` are format strings with one "{}" for the class name, or the name of a set in
     dualenc.templates.TEMPLATE_SETS ("default", "openai_imagenet": the CLIP paper's 80, "openai_imagenet_7").
     """
@@ -30,7 +32,7 @@ def zero_shot_classifier(params, config: DualEncoderConfig, tokenizer, classname
         if not isinstance(c, str) or not c.strip():
             raise InputError(f"classnames[{i}] = {c!r} must be a non-empty string")
     prompts = [t.format(c) for c in classnames for t in templates]
-    embeds = encode_texts(params, config, tokenizer, prompts, batch_size=batch_size)
+    embeds = encode_texts(params, config, tokenizer, prompts, batch_size=batch_size, dtype=dtype)
     mean = embeds.reshape(len(classnames), len(templates), -1).mean(axis=1)
     mean /= np.linalg.norm(mean, axis=-1, keepdims=True)
     return np.ascontiguousarray(mean.T, np.float32)

@@ -404,10 +404,10 @@ def test_embed_says_when_it_compiles_creates_its_folder_and_fails_on_no_readable
     monkeypatch.setattr(common, "COMPILE_NOTICE_DELAY", 0)  # every compile says so, however short
     (tmp_path / "t.txt").write_text("a red square\na blue square\na photo\n")
     out = tmp_path / "new" / "deeper" / "t.safetensors"
-    _, _, err = run("embed", "--model", model / "model", "--texts", tmp_path / "t.txt", "--out", out, "--batch-size", 3)
+    _, _, err = run("embed", "--model", model / "model", "--texts", tmp_path / "t.txt", "--out", out, "--batch-size", 4)
     assert index.open_index(out).count == 3  # its folders were created
     lines = err.splitlines()
-    said = lines.index("dualenc embed: compiling the text tower for batch 3... (once per shape; the compilation "
+    said = lines.index("dualenc embed: compiling the text tower for batch 4... (once per shape; the compilation "
                        "cache keeps it for the next run)")
     assert re.fullmatch(r"dualenc embed: compiled in \d+\.\d s", lines[said + 1]), err
     (tmp_path / "bad").mkdir()

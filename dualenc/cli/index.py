@@ -9,7 +9,8 @@ from typing import Any, Iterable, Iterator, NamedTuple
 
 from dualenc.cli.support import (CommandError, CompileNotice, at_least, batch_rows, image_files, load_model, note,
                                 plural, print_json, read_lines, require, shown, warn_unknown_words)
-from dualenc.cli.options import images_options, subcommand
+from dualenc.cli.options import (PRECISIONS, device_batch, images_options, precision_dtype, precision_option,
+                                 subcommand)
 
 TEXT_CHUNK_BATCHES = 32  # batches of texts encoded per call (their embeddings are written before the next)
 QUERY_BATCH = {"image": 32, "text": 64}  # search's queries per forward pass (encode_images' and encode_texts')
@@ -120,6 +121,7 @@ def _tar_source(tars: list[str], batch_size: int, shard, strict: bool, problems:
         first, last = i * total // n, (i + 1) * total // n
         metadata = {"shard": f"{i}/{n}", "shard_tars": f"{first}:{last}", "shard_of_tars": str(total)}
     mine = tars[first:last]
+    batch_size = batch_rows(None, batch_size)
     max_image = min(MAX_IMAGE, BATCH_BYTES // batch_size)  # the encoded images of one batch: BATCH_BYTES at most
 
     def pairs():
@@ -191,12 +193,14 @@ def _shard(args) -> tuple[tuple[int, int] | None, bool]:
 
 
 def cmd_embed(args) -> int:
+    from dualenc import encode
     from dualenc.search import index
 
     if bool(args.images) == bool(args.texts):
         raise CommandError("give either --images or --texts")
     _check_out(args.out)
-    at_least(args.batch_size, "--batch-size")
+    batch_size = device_batch(args.batch_size, "embed")
+    dtype = precision_dtype(args.precision)
     shard, distributed = _shard(args)
     if shard is not None and args.ann:
         raise CommandError("--ann indexes a whole collection, not a shard: give it to `dualenc merge`")
@@ -204,27 +208,29 @@ def cmd_embed(args) -> int:
         require("faiss", "search", "--ann")
     kind = "image" if args.images else "text"
     if args.images:
-        source = image_source(args.images, batch_size=args.batch_size, shard=shard, strict=args.strict,
+        source = image_source(args.images, batch_size=batch_size, shard=shard, strict=args.strict,
                               image_root=args.image_root, allow_outside=args.allow_outside)
         sliced, rows = source.metadata, source.batch_rows
     else:
         texts = read_lines(args.texts, "texts")
-        rows = batch_rows(len(texts), args.batch_size)
+        rows = batch_rows(len(texts), batch_size)
         start, stop, sliced = _slice(len(texts), rows, shard, texts)
     _make_folder(args.out)
     config, params, processor = load_model(args.model)
     out = args.out
     if distributed:  # every process was given the same --out
         out = f"{out[:-len('.safetensors')]}-{shard[0]:05d}-of-{shard[1]:05d}.safetensors"
-    metadata = {"model": args.model, "model_sha256": index.model_fingerprint(params), **sliced}
+    metadata = {"model": args.model, "model_sha256": index.model_fingerprint(params), "precision": args.precision,
+                **sliced}
+    params = encode.replicate(params)  # on this process's devices, once for every batch
     skipped, written = [], None
     try:
         with index.IndexWriter(out, config.projection_dim, kind, metadata) as writer, \
                 CompileNotice("embed", f"the {kind} tower for batch {rows}"):
             if args.images:
-                skipped = _write_images(writer, params, config, processor, source, args.strict)
+                skipped = _write_images(writer, params, config, processor, source, args.strict, dtype)
             else:
-                _write_texts(writer, params, config, processor, texts[start:stop], rows)
+                _write_texts(writer, params, config, processor, texts[start:stop], rows, dtype)
             if not writer.count and shard is None:
                 raise _NothingRead
         written = writer.count
@@ -273,8 +279,9 @@ def _make_folder(out: str) -> None:
     os.makedirs(folder, exist_ok=True)
 
 
-def _write_images(writer, params, config, processor, source: ImageSource, strict: bool) -> list[dict]:
-    """Streams the source's images through the model into the writer; returns the unreadable ones."""
+def _write_images(writer, params, config, processor, source: ImageSource, strict: bool, dtype=None) -> list[dict]:
+    """Streams the source's images through the model (dtype: the matmuls' compute dtype) into the writer;
+    returns the unreadable ones."""
     from dualenc import encode
 
     pending, failures, skipped = {}, None if strict else [], []
@@ -290,21 +297,24 @@ def _write_images(writer, params, config, processor, source: ImageSource, strict
             skipped.append({"image": pending.pop(i), "error": shown(message)})
 
     for positions, embeds in encode.stream_images(params, config, processor, images(),
-                                                    batch_size=source.batch_rows, skipped=failures):
+                                                    batch_size=source.batch_rows, skipped=failures,
+                                                    dtype=dtype):
         drain()
         writer.add(embeds, [pending.pop(int(p)) for p in positions])
     drain()
     return skipped
 
 
-def _write_texts(writer, params, config, processor, texts: list[str], rows: int) -> None:
-    """Encodes the texts a chunk of batches at a time into the writer, every batch `rows` rows."""
+def _write_texts(writer, params, config, processor, texts: list[str], rows: int, dtype=None) -> None:
+    """Encodes the texts a chunk of batches at a time into the writer, every batch `rows` rows (dtype: the
+    matmuls' compute dtype)."""
     from dualenc import encode
 
     step = rows * TEXT_CHUNK_BATCHES
     for at in range(0, len(texts), step):
         chunk = texts[at:at + step]
-        embeds = encode.encode_texts(params, config, processor, iter(chunk), batch_size=rows, progress=False)
+        embeds = encode.encode_texts(params, config, processor, iter(chunk), batch_size=rows, progress=False,
+                                     dtype=dtype)
         writer.add(embeds, [shown(t) for t in chunk])
 
 
@@ -351,6 +361,7 @@ def cmd_search(args) -> int:
         raise CommandError(f"index file not found: {args.index}")
     at_least(args.top_k, "--top-k")
     opened = index.open_index(args.index)
+    precision = _index_precision(opened)
     use_ann = True if args.ann else False if args.exact else None
     if index.wants_ann(opened, use_ann):
         require("faiss", "search", "--ann" if args.ann else f"the ANN index beside {args.index}",
@@ -372,13 +383,18 @@ def cmd_search(args) -> int:
         note("search", f"warning: {args.index} records no checksum of its rows (embeddings_sha256): they are not "
                        f"checked")
     kind = "image" if args.image else "text"
+    if precision != "float32":
+        note("search", f"the queries are encoded in {precision}, as {args.index} was (its precision)")
+    dtype = precision_dtype(precision)
     rows = batch_rows(len(queries), QUERY_BATCH[kind])
     with CompileNotice("search", f"the {kind} tower for batch {rows}"):
         if args.image:
-            embeds = dualenc.encode_images(params, config, processor, queries, batch_size=QUERY_BATCH[kind])
+            embeds = dualenc.encode_images(params, config, processor, queries, batch_size=QUERY_BATCH[kind],
+                                           dtype=dtype)
         else:
             warn_unknown_words(processor, queries, ("query", "queries"), "search")
-            embeds = dualenc.encode_texts(params, config, processor, queries, batch_size=QUERY_BATCH[kind])
+            embeds = dualenc.encode_texts(params, config, processor, queries, batch_size=QUERY_BATCH[kind],
+                                          dtype=dtype)
     result = index.search(opened, embeds, args.top_k, ann=use_ann)
     if result.method == "ann":
         note("search", f"approximate search (ANN index {ann.paths(args.index)[0]}) of "
@@ -408,6 +424,16 @@ def cmd_search(args) -> int:
     return 0
 
 
+def _index_precision(opened) -> str:
+    """The precision an index records (`dualenc embed --precision`; float32 for indexes written before it was
+    recorded), which its queries are encoded in."""
+    precision = opened.metadata.get("precision", "float32")
+    if precision not in PRECISIONS:
+        raise CommandError(f"{opened.path} records the precision {shown(str(precision))[:40]!r}, not one of "
+                           f"{', '.join(PRECISIONS)}")
+    return precision
+
+
 EXAMPLES = {
     'embed': 'dualenc embed --model dualenc-demo/model --images dualenc-demo/data/images/test --out digits.safetensors',
     'search': 'dualenc search --model dualenc-demo/model --index digits.safetensors "a photo of the digit seven" "the number 3"',
@@ -428,12 +454,15 @@ def register(subs) -> None:
     p.add_argument("--out", required=True, help="the .safetensors file to write (NAME.names.jsonl goes beside it; "
                                                 "its folder is created)")
     p.add_argument("--shard", metavar="I/N", help="embed only the I-th (from 0) of N contiguous slices of the "
-                                                  "sorted inputs; `dualenc merge` joins the N parts (default: all; "
-                                                  "under jax.distributed, this process's slice, written to "
+                                                  "sorted inputs, cut between batches (give every part the same "
+                                                  "--batch-size and devices of the same count); `dualenc merge` "
+                                                  "joins the N parts (default: all; under jax.distributed, this "
+                                                  "process's slice, on its own devices, written to "
                                                   "NAME-0000I-of-0000N.safetensors)")
     p.add_argument("--ann", action="store_true", help="also build the approximate-search index NAME.faiss "
                                                       "(needs dualenc[search]) and print its recall@10")
     images_options(p, "images or texts")
+    precision_option(p)
     p.add_argument("--image-root", help="with a folder `dualenc prepare` wrote from caption files: the folder its "
                                         "records' image paths are read from (default: the one its manifest "
                                         "names, which must lie inside the prepared folder)")
@@ -443,7 +472,8 @@ def register(subs) -> None:
 
     p = subcommand(subs, EXAMPLES, "search", cmd_search, "find the nearest images or texts of an embedding file to queries")
     p.add_argument("--model", required=True, help="the dual encoder that wrote the index")
-    p.add_argument("--index", required=True, help="an embedding file written by `dualenc embed`")
+    p.add_argument("--index", required=True, help="an embedding file written by `dualenc embed` (the queries are "
+                                                  "encoded in the precision it records)")
     p.add_argument("--image", action="store_true", help="the queries are images: files, folders (walked "
                                                         "recursively) or quoted patterns ('photos/*.jpg')")
     p.add_argument("--top-k", type=int, default=5, help="results per query")

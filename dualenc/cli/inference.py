@@ -7,7 +7,8 @@ import os
 from dualenc.cli.support import (CommandError, CompileNotice, at_least, batch_rows, encode_readable, image_files,
                                 load_model, note, outside_hint, plural, print_json, read_lines, require,
                                 shown, warn_unknown_words)
-from dualenc.cli.options import data_options, images_options, subcommand
+from dualenc.cli.options import (data_options, device_batch, images_options, precision_dtype, precision_option,
+                                 subcommand)
 
 RECALL_CURVE = (1, 2, 3, 5, 10, 20, 50, 100)
 TEXT_BATCH = 64  # prompts per forward pass of zero-shot's classifier
@@ -26,24 +27,27 @@ def cmd_demo(args) -> int:
 
 def cmd_zero_shot(args) -> int:
     import dualenc
+    from dualenc import encode
 
     labels = read_lines(args.labels_file, "labels") if args.labels_file else \
         [x.strip() for x in (args.labels or "").split(",") if x.strip()]
     if len(labels) < 2:
         raise CommandError("give at least two labels: --labels cat,dog or --labels-file FILE")
     at_least(args.top_k, "--top-k")
-    at_least(args.batch_size, "--batch-size")
+    batch_size = device_batch(args.batch_size, "zero-shot")
+    dtype = precision_dtype(args.precision)
     templates = _templates(args.templates)
     images = image_files(args.images)
     config, params, processor = load_model(args.model)
+    params = encode.replicate(params)  # once for both towers
     warn_unknown_words(processor, labels, ("label", "labels"), "zero-shot")
     with CompileNotice("zero-shot") as notice:
         notice.what = f"the text tower for batch {batch_rows(len(labels) * len(templates), TEXT_BATCH)}"
         classifier = dualenc.zero_shot_classifier(params, config, processor, labels, templates,
-                                                  batch_size=TEXT_BATCH)
-        notice.what = f"the image tower for batch {batch_rows(len(images), args.batch_size)}"
-        embeds, kept, skipped = encode_readable(params, config, processor, images, batch_size=args.batch_size,
-                                                strict=args.strict, command="zero-shot")
+                                                  batch_size=TEXT_BATCH, dtype=dtype)
+        notice.what = f"the image tower for batch {batch_rows(len(images), batch_size)}"
+        embeds, kept, skipped = encode_readable(params, config, processor, images, batch_size=batch_size,
+                                                strict=args.strict, command="zero-shot", dtype=dtype)
     rule = dualenc.zero_shot_logit_rule(params)
     top, probs = dualenc.zero_shot_predict(embeds, classifier, k=args.top_k, **rule) if kept else ([], [])
     results = [{"image": shown(path), "labels": [labels[j] for j in row], "probabilities": [round(float(p), 6)
@@ -51,7 +55,7 @@ def cmd_zero_shot(args) -> int:
                for path, row, ps in zip(kept, top, probs)]
     if args.json:
         print_json({"results": results, "skipped": skipped, "images": len(images), **rule,
-                    "probabilities": "sigmoid" if "logit_bias" in rule else "softmax"})
+                    "probabilities": "sigmoid" if "logit_bias" in rule else "softmax", "precision": args.precision})
     else:
         for r in results:
             print(r["image"] + ": " + ", ".join(f"{lab} {p:.3f}" for lab, p in zip(r["labels"], r["probabilities"])))
@@ -85,9 +89,10 @@ def cmd_eval(args) -> int:
     import numpy as np
 
     import dualenc
-    from dualenc import data, files
+    from dualenc import data, encode, files
 
-    at_least(args.batch_size, "--batch-size")
+    batch_size = device_batch(args.batch_size, "eval")
+    dtype = precision_dtype(args.precision)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise CommandError(f"--out {args.out} exists and is not a folder")
     if not args.no_figure:
@@ -104,24 +109,27 @@ def cmd_eval(args) -> int:
     if hint:
         note("eval", hint)
     config, params, processor = load_model(args.model)
+    params = encode.replicate(params)  # once for both towers
     if labels:
         warn_unknown_words(processor, labels, ("label", "labels"), "eval")
     with CompileNotice("eval") as notice:
-        notice.what = f"the image tower for batch {batch_rows(len(dataset.images), args.batch_size)}"
+        notice.what = f"the image tower for batch {batch_rows(len(dataset.images), batch_size)}"
         image_embeds, kept, unreadable = encode_readable(params, config, processor, dataset.images,
-                                                         batch_size=args.batch_size, strict=args.strict,
-                                                         command="eval")
+                                                         batch_size=batch_size, strict=args.strict,
+                                                         command="eval", dtype=dtype)
         if not kept:
             note("eval", f"error: no image of {args.data} could be read ({plural(len(dataset.images), 'image')}, "
                          f"listed above as unreadable)")
             return 1
         dataset = _keep_images(dataset, kept)
-        notice.what = f"the text tower for batch {batch_rows(len(dataset.captions), args.batch_size)}"
-        text_embeds = dualenc.encode_texts(params, config, processor, dataset.captions, batch_size=args.batch_size)
+        notice.what = f"the text tower for batch {batch_rows(len(dataset.captions), batch_size)}"
+        text_embeds = dualenc.encode_texts(params, config, processor, dataset.captions, batch_size=batch_size,
+                                           dtype=dtype)
         if labels:
             prompts = len(labels) * len(dualenc.evaluate.DEFAULT_TEMPLATES)
             notice.what = f"the text tower for batch {batch_rows(prompts, TEXT_BATCH)}"
-            classifier = dualenc.zero_shot_classifier(params, config, processor, labels, batch_size=TEXT_BATCH)
+            classifier = dualenc.zero_shot_classifier(params, config, processor, labels, batch_size=TEXT_BATCH,
+                                                      dtype=dtype)
     relevant = dataset.relevance()
     figures = dualenc.retrieval_metrics(image_embeds, text_embeds, **relevant)
     figures["relevance"] = "same label" if "image_labels" in relevant else "own image"
@@ -141,7 +149,7 @@ def cmd_eval(args) -> int:
         for p, t in zip(predicted, truth):
             confusion[where[t], where[p]] += 1
     figures.update(images=len(dataset.images), texts=len(dataset.captions), skipped=dict(dataset.skipped),
-                   unreadable=unreadable)
+                   unreadable=unreadable, precision=args.precision)
     os.makedirs(args.out, exist_ok=True)
     files.write_json_atomic(os.path.join(args.out, "metrics.json"), figures)
     picture = None
@@ -208,8 +216,9 @@ def register(subs) -> None:
                         "default)")
     p.add_argument("--top-k", type=int, default=3, help="labels shown per image (all of them if fewer)")
     images_options(p)
+    precision_option(p)
     p.add_argument("--json", action="store_true", help="print one JSON object: results, skipped images, the logit "
-                                                       "scale used")
+                                                       "scale and precision used")
     p.add_argument("images", nargs="+", help="image files or folders (walked recursively, in sorted order) or "
                                              "quoted patterns ('photos/**/*.jpg', 'photos/{a,b}/*.png')")
 
@@ -224,4 +233,5 @@ def register(subs) -> None:
     p.add_argument("--no-figure", action="store_true", help="write metrics.json only (eval.png needs matplotlib: "
                                                             "dualenc[demo])")
     images_options(p, "images or texts")
+    precision_option(p)
     p.add_argument("--json", action="store_true", help="print one JSON object with the figures")

@@ -167,14 +167,16 @@ def _walk(folder: str) -> list[str]:
     return sorted(out, key=lambda p: os.path.relpath(p, folder).split(os.sep))
 
 
-def encode_readable(params, config, processor, images: list[str], *, batch_size: int, strict: bool, command: str):
-    """Embeddings of the readable images, skipping and listing the others (all of them on stderr, with their
-    paths); with strict, the first unreadable image is an error. Returns (embeds, kept paths, skipped), skipped
-    being [{"image": path, "error": message}]."""
+def encode_readable(params, config, processor, images: list[str], *, batch_size: int, strict: bool, command: str,
+                    dtype=None):
+    """Embeddings of the readable images (dtype: the matmuls' compute dtype), skipping and listing the others
+    (all of them on stderr, with their paths); with strict, the first unreadable image is an error. Returns
+    (embeds, kept paths, skipped), skipped being [{"image": path, "error": message}]."""
     import dualenc
 
     failures = None if strict else []
-    embeds = dualenc.encode_images(params, config, processor, images, batch_size=batch_size, skipped=failures)
+    embeds = dualenc.encode_images(params, config, processor, images, batch_size=batch_size, skipped=failures,
+                                   dtype=dtype)
     if not failures:
         return embeds, list(images), []
     bad = {i for i, _ in failures}

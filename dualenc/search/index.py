@@ -74,11 +74,11 @@ def inputs_fingerprint(inputs: Iterable[str]) -> str:
 def merge(parts: Sequence[str | os.PathLike], out: str | os.PathLike) -> EmbeddingIndex:
     """Concatenates indexes in the order given into `out`, streamed (a chunk of rows at a time).
 
-    The parts must agree on kind, dims and model. Parts written by `dualenc embed --shard i/n` must be all n of
-    them, in order, cut from the same inputs (their shard_inputs_sha256): the merge then equals the index one
-    process would have written, row for row. Each part's rows are checked against the embeddings_sha256 its
-    header records as they are copied; a part that differs is a CheckpointError naming it, and `out` is left
-    as it was.
+    The parts must agree on kind, dims, model and precision (float32 where none is recorded). Parts written by
+    `dualenc embed --shard i/n` must be all n of them, in order, cut from the same inputs (their
+    shard_inputs_sha256): the merge then equals the index one process would have written, row for row. Each
+    part's rows are checked against the embeddings_sha256 its header records as they are copied; a part that
+    differs is a CheckpointError naming it, and `out` is left as it was.
     """
     parts, out = [os.fspath(p) for p in parts], os.fspath(out)
     if not parts:
@@ -87,12 +87,13 @@ def merge(parts: Sequence[str | os.PathLike], out: str | os.PathLike) -> Embeddi
     if any(os.path.exists(out) and os.path.samefile(p, out) for p in parts):
         raise InputError(f"{out} is one of the parts: merge into a new file")
     for what, values in (("kind", [ix.kind for ix in opened]), ("dims", [ix.dims for ix in opened]),
-                         ("model", [_model(ix) for ix in opened])):
+                         ("model", [_model(ix) for ix in opened]),
+                         ("precision", [ix.metadata.get("precision", "float32") for ix in opened])):
         if len(set(values)) > 1:
             listed = ", ".join(f"{p}: {v}" for p, v in zip(parts, values))
             raise InputError(f"the parts disagree on their {what} ({listed})")
     _check_shards(opened)
-    keep = {k: opened[0].metadata[k] for k in ("model", "model_sha256")
+    keep = {k: opened[0].metadata[k] for k in ("model", "model_sha256", "precision")
             if k in opened[0].metadata and len({ix.metadata.get(k) for ix in opened}) == 1}
     with IndexWriter(out, opened[0].dims, opened[0].kind or "unknown", keep) as writer:
         for ix in opened:
