@@ -289,3 +289,37 @@ def test_mixed_sources_with_augmentation(workspace, tmp_path, monkeypatch):
     assert "augmentation: crops of 0.9-1 of the area, colour jitter 0.4/0.4/0.4/0.1 at p 0.8, gray at p 0.2" \
         in proc.stderr
     assert steps_logged(tmp_path / "mixed") == [1, 2]
+
+
+def test_lora_and_ema_runs_save_the_merged_model_the_adapters_and_the_average(workspace, tmp_path, monkeypatch):
+    """--lora 2 trains adapters only (said with their count): the saved model is the starting one with the saved
+    PEFT adapter merged in; --ema saves the moving average beside it; --lora refuses --lock/--cache."""
+    import jax
+    import numpy as np
+
+    from dualenc import lora
+    from dualenc.formats.peft import load_peft
+
+    monkeypatch.chdir(workspace)
+    start = tmp_path / "start"
+    dualenc_run(*TRAIN, "--data", "data/pairs.jsonl", "--steps", 1, "--lr", 1e-9, "--out", start)
+    whole = ["train", "--model", start, "--batch-size", 4, "--data", "data/pairs.jsonl"]
+    out = tmp_path / "lora"
+    proc = dualenc_run(*whole, "--lora", 2, "--lora-targets", "attention", "--ema", 0.5, "--steps", 3, "--out", out)
+    assert "LoRA rank 2 (alpha 8) on the vision and text towers' attention kernels" in proc.stderr
+    assert "moving average of the weights (decay 0.5)" in proc.stderr
+    assert (out / "adapter" / "adapter_config.json").is_file() and (out / "ema" / "model.safetensors").is_file()
+    config, base = dualenc.load_pretrained(str(start))
+    adapters, found = load_peft(out / "adapter", base, config)
+    assert found.rank == 2 and found.parts == lora.ATTENTION
+    merged = lora.merge(base, adapters, found)
+    _, tuned = dualenc.load_pretrained(str(out))
+    _, average = dualenc.load_pretrained(str(out / "ema"))
+    moved = 0
+    for x, y, z, b in zip(*(jax.tree_util.tree_leaves(t) for t in (merged, tuned, average, base))):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+        moved += not np.array_equal(np.asarray(y), np.asarray(b))
+        assert not np.array_equal(np.asarray(z), np.asarray(y)) or np.array_equal(np.asarray(y), np.asarray(b))
+    assert moved == 4 * 2 * 2  # q, k, v, out of 2 layers in 2 towers; nothing else
+    refused = dualenc_run(*whole, "--lora", 2, "--lock", "vision", "--out", tmp_path / "x", check=False)
+    assert refused.returncode == 2 and "--lora trains adapters with every weight frozen: --lock" in refused.stderr

@@ -50,14 +50,19 @@ def training_data(inputs: list[str], prepared: str, *, image_root=None, allow_ou
                         allow_outside=allow_outside)
 
 
-def _summary(args, dataset, run, params, devices: int, resumed_from, unknown: str) -> str:
+def _summary(args, dataset, run, config, params, devices: int, resumed_from, unknown: str) -> str:
     import jax
 
     from dualenc import train
 
     images = checks.images(dataset)
     per_epoch = images // run.batch_size
-    trainable, frozen = train.partition(params, run.locked, run.unlocked_layers)
+    if run.lora is not None:  # the adapters' shapes, drawn for nothing
+        from dualenc import lora
+
+        trainable, frozen = jax.eval_shape(lambda: lora.init(jax.random.key(0), params, config, run.lora)), params
+    else:
+        trainable, frozen = train.partition(params, run.locked, run.unlocked_layers)
     count = lambda tree: sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
     counts = dataset.skipped if hasattr(dataset, "skipped") else getattr(dataset, "manifest", {}).get("skipped", {})
     skipped = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
@@ -294,7 +299,8 @@ def _train(args, checkpoints: str, resuming: bool, watch) -> int:
     checks.check_batch(args, dataset, jax.device_count())
     held_out = data.read_pairs(args.eval_data, image_root=args.eval_image_root,
                                allow_outside=args.allow_outside) if args.eval_data else None
-    locked = () if args.lock == "none" else (args.lock,)
+    lock = args.lock or ("none" if args.lora is not None else "vision")
+    locked = () if lock == "none" else (lock,)
     config, params, processor = assembly.start_from(args.vision, args.text, model_path=args.model,
                                                    key=jax.random.key(args.seed), projection_dim=args.projection_dim,
                                                    loss=args.loss, max_length=args.max_length)
@@ -308,7 +314,7 @@ def _train(args, checkpoints: str, resuming: bool, watch) -> int:
     start = saved[-1][0] if saved else 0
     if main:
         unknown, warning = checks.unknown_words(processor.tokenizer, *checks.caption_sample(dataset))
-        note("train", _summary(args, dataset, run, params, jax.device_count(), saved[-1] if saved else None,
+        note("train", _summary(args, dataset, run, config, params, jax.device_count(), saved[-1] if saved else None,
                                unknown))
         if warning:
             note("train", warning)
@@ -335,12 +341,12 @@ def _train(args, checkpoints: str, resuming: bool, watch) -> int:
 
         hooks.update(evaluate=evaluation, eval_every=args.eval_every)
     mesh = dualenc.train.data_mesh() if jax.device_count() > 1 else None
-    replaced = collections.Counter()
+    replaced, outputs = collections.Counter(), {}
     try:
         with notice if main else contextlib.nullcontext():
             params, last = trainer.fit(config, params, dataset, processor, run, checkpoint_dir=checkpoints,
                                        resume=resuming, mesh=mesh, workers=args.workers, skipped=replaced,
-                                       max_replaced=args.max_replaced, **hooks)
+                                       max_replaced=args.max_replaced, outputs=outputs, **hooks)
     except TooManyReplaced as e:
         raise e.named(" ".join(args.data), "--max-replaced") from None
     except trainer.Interrupted as e:
@@ -365,6 +371,7 @@ def _train(args, checkpoints: str, resuming: bool, watch) -> int:
     if main:
         figure.draw()
         dualenc.save_pretrained(args.out, config, params, processor=processor)
+        _save_beside(args, config, run, processor, outputs)
         if last:
             counts = ", ".join(f"{reason} {n:,}" for reason, n in sorted(replaced.items()))
             unusable = f"; {sum(replaced.values()):,} records replaced, unusable: {counts}" if replaced else ""
@@ -372,6 +379,24 @@ def _train(args, checkpoints: str, resuming: bool, watch) -> int:
         else:
             print(f"the run had finished at step {args.steps}; model saved to {args.out}")
     return 0
+
+
+def _save_beside(args, config, run, processor, outputs: dict) -> None:
+    """What the run made beside the model: the moving average (OUT/ema) and LoRA's adapters alone (OUT/adapter,
+    PEFT's layout)."""
+    import dualenc
+
+    out = args.out
+    if "ema" in outputs:
+        dualenc.save_pretrained(os.path.join(out, "ema"), config, outputs["ema"], processor=processor)
+        note("train", f"the moving average of the weights (decay {run.ema_decay:g}) saved to "
+                      f"{os.path.join(out, 'ema')}")
+    if "adapters" in outputs:
+        from dualenc.formats.peft import save_peft
+
+        save_peft(os.path.join(out, "adapter"), outputs["adapters"], config, run.lora,
+                  base_model_name_or_path=args.model)
+        note("train", f"the LoRA adapters alone (PEFT's layout) saved to {os.path.join(out, 'adapter')}")
 
 
 EXAMPLES = {
@@ -400,7 +425,8 @@ def register(subs) -> None:
                                                 "training.png go (a new run replaces the metrics.jsonl, "
                                                 "tensorboard/ and training.png of an earlier run that left no "
                                                 "checkpoint)")
-    p.add_argument("--lock", choices=("vision", "text", "none"), default="vision", help="the tower kept as it is")
+    p.add_argument("--lock", choices=("vision", "text", "none"), default=None,
+                   help="the tower kept as it is (default: vision; none with --lora)")
     p.add_argument("--unlocked-layers", type=int, default=0, help="train the top N layers of the locked tower")
     p.add_argument("--cache", action="store_true", help="compute the locked vision tower once (LiT cache)")
     p.add_argument("--loss", choices=("clip", "siglip"), default=None,

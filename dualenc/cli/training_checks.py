@@ -52,10 +52,10 @@ def check_args(args) -> None:
     from dualenc.cli import training_options
 
     training_options.check(args)
-    if args.cache and args.lock != "vision":
+    if args.cache and args.lock not in (None, "vision"):
         raise CommandError(f"--cache keeps the locked vision tower's outputs: it needs --lock vision, got --lock "
                            f"{args.lock}")
-    if args.unlocked_layers and args.lock == "none":
+    if args.unlocked_layers and (args.lock == "none" or args.lora is not None):
         raise CommandError("--unlocked-layers trains the top layers of the locked tower: --lock none locks none")
     for flag, path in (("--image-root", args.image_root), ("--eval-image-root", args.eval_image_root)):
         if path is not None and not os.path.isdir(path):

@@ -35,6 +35,19 @@ def register(p) -> None:
     g.add_argument("--beta1", type=float, default=0.9, help="AdamW's first-moment decay")
     g.add_argument("--beta2", type=float, default=0.98, help="AdamW's second-moment decay")
     g.add_argument("--eps", type=float, default=1e-6, help="AdamW's epsilon")
+    lo = p.add_argument_group("parameter-efficient fine-tuning and averaging")
+    lo.add_argument("--lora", type=int, metavar="RANK",
+                    help="train low-rank adapters of this rank (LoRA), every weight of the model frozen; the model "
+                         "is saved with them merged, and the adapters alone in OUT/adapter in PEFT's layout")
+    lo.add_argument("--lora-alpha", type=float, default=8.0, help="LoRA's alpha (the update is scaled by "
+                                                                  "alpha / rank, as PEFT's lora_alpha)")
+    lo.add_argument("--lora-targets", choices=("attention", "mlp", "both"), default="both",
+                    help="the adapted kernels: attention projections, MLP, or both")
+    lo.add_argument("--lora-towers", choices=("vision", "text", "both"), default="both",
+                    help="the towers adapted")
+    lo.add_argument("--ema", type=float, metavar="DECAY",
+                    help="also keep an exponential moving average of the trained weights (e.g. 0.999), saved in "
+                         "OUT/ema beside the final model")
     a = p.add_argument_group("augmentation and data mixing (as open_clip's --aug-cfg and --train-data a::b)")
     a.add_argument("--augment", action="store_true",
                    help="random resized crops of the training images (open_clip's default: 90%% to 100%% of the "
@@ -80,6 +93,16 @@ def check(args) -> None:
                            "cache holds the locked tower's features of the unaugmented images, computed once; drop "
                            "one of them")
     weights(args)
+    if args.lora is not None:
+        at_least(args.lora, "--lora", 1)
+        for flag, given in (("--cache", args.cache), ("--unlocked-layers", args.unlocked_layers),
+                            ("--lock", args.lock not in (None, "none"))):
+            if given:
+                raise CommandError(f"--lora trains adapters with every weight frozen: {flag} does not go with it")
+        if not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
+            raise CommandError(f"--lora-alpha must be a positive number, got {args.lora_alpha}")
+    if args.ema is not None and not 0 <= args.ema < 1:
+        raise CommandError(f"--ema must be a decay in [0, 1), got {args.ema}")
     if args.remat is not None:
         import jax
 
@@ -146,9 +169,19 @@ def weights(args) -> list[float] | None:
     return values
 
 
+def lora(args):
+    """The LoRA --lora asks for, or None."""
+    if args.lora is None:
+        return None
+    from dualenc.lora import LoRA
+
+    towers = ("vision", "text") if args.lora_towers == "both" else (args.lora_towers,)
+    return LoRA(rank=args.lora, alpha=args.lora_alpha, targets=args.lora_targets, towers=towers)
+
+
 def settings(args) -> dict:
     """The TrainConfig fields the options set."""
-    return dict(augment=augmentation(args), dtype=None if args.precision == "float32" else args.precision, fsdp=args.fsdp,
+    return dict(augment=augmentation(args), lora=lora(args), ema_decay=args.ema, dtype=None if args.precision == "float32" else args.precision, fsdp=args.fsdp,
                 remat_policy=args.remat, accum_steps=args.accum_steps, patch_dropout=args.patch_dropout,
                 weight_decay=args.weight_decay, warmup_steps=args.warmup, grad_clip=args.grad_clip or None,
                 beta1=args.beta1, beta2=args.beta2, eps=args.eps)
@@ -166,6 +199,12 @@ def described(run) -> str:
         parts.append("FSDP")
     if run.remat_policy:
         parts.append(f"remat {run.remat_policy}")
+    if run.lora is not None:
+        parts.append(f"LoRA rank {run.lora.rank} (alpha {run.lora.alpha:g}) on the {' and '.join(run.lora.towers)} "
+                     f"towers' {run.lora.targets if isinstance(run.lora.targets, str) else '/'.join(run.lora.targets)}"
+                     f" kernels")
+    if run.ema_decay is not None:
+        parts.append(f"moving average of the weights (decay {run.ema_decay:g})")
     if run.augment is not None:
         a = run.augment
         parts.append(f"augmentation: crops of {a.scale[0]:g}-{a.scale[1]:g} of the area"

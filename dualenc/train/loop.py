@@ -34,12 +34,14 @@ from dualenc.data import PairDataset
 from dualenc.train import lit_cache
 from dualenc.data.pipeline import MAX_REPLACED, SKIP_REASONS, Pipeline, check_replaced, data_fingerprint
 from dualenc.errors import CheckpointError, ConfigError, DualEncError
+from dualenc.lora import LoRA
 from dualenc.processing.augment import Augment
 
 from dualenc.train.checkpoint import (META_FILE, STATE_FILE, STEP_DIR, checkpoint_meta, checkpoints,  # noqa: F401
                                       latest_checkpoint, restore_state, save_state, wait_for_save)
 from dualenc.train.peers import FitWatch, PeerLost  # noqa: F401  (trainer.PeerLost)
 from dualenc.train.sharding import FSDP, host_array as _host_array
+from dualenc.train.state import ADAPTERS
 
 
 
@@ -71,12 +73,18 @@ class TrainConfig:
     beta2: float = 0.98
     eps: float = 1e-6
     augment: Augment | None = None  # training augmentation in the data pipeline (random resized crop, colours)
+    lora: LoRA | None = None  # train low-rank adapters (dualenc.lora), every param frozen
+    ema_decay: float | None = None  # keep an exponential moving average of the trained params (averaging.with_ema)
+    loss_form: str = "auto"  # on several devices: "ring" (the default there) or "gather" (make_train_step)
 
     def __post_init__(self):
         for name in ("steps", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         self.locked = tuple(self.locked)
+        if self.lora is not None and (self.locked or self.unlocked_layers or self.cached):
+            raise ConfigError("lora trains adapters with every param frozen: leave locked, unlocked_layers and "
+                              "cached unset")
 
 
 class Interrupted(KeyboardInterrupt):
@@ -136,18 +144,26 @@ class NonFiniteLoss(DualEncError):
 def optimizer_of(run: TrainConfig):
     """The run's optimizer: dualenc.train.default_optimizer with the run's rate, schedule, decay, clipping and
     AdamW's betas and eps."""
-    return train.default_optimizer(run.learning_rate, total_steps=run.steps, warmup_steps=run.warmup_steps,
-                                   weight_decay=run.weight_decay, clip_norm=run.grad_clip, b1=run.beta1,
-                                   b2=run.beta2, eps=run.eps)
+    optimizer = train.default_optimizer(run.learning_rate, total_steps=run.steps, warmup_steps=run.warmup_steps,
+                                        weight_decay=run.weight_decay, clip_norm=run.grad_clip, b1=run.beta1,
+                                        b2=run.beta2, eps=run.eps)
+    if run.ema_decay is not None:
+        from dualenc.train.averaging import with_ema
+
+        optimizer = with_ema(optimizer, run.ema_decay)
+    return optimizer
 
 
 def settings_of(run: TrainConfig) -> dict:
     """The settings a resumed run must share with the checkpoint's (all but steps, checkpoint_every, keep and the
     FSDP floor: a checkpoint restores onto any layout)."""
-    out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(run).items()
-           if k not in ("steps", "checkpoint_every", "keep", "fsdp_min_shard_mb")}
-    out["augment"] = None if run.augment is None else run.augment.to_dict()  # as JSON reads it back
-    return out
+    def jsonable(v):  # as JSON reads it back: tuples (also inside augment and lora) as lists
+        if isinstance(v, dict):
+            return {k: jsonable(x) for k, x in v.items()}
+        return [jsonable(x) for x in v] if isinstance(v, (tuple, list)) else v
+
+    return {k: jsonable(v) for k, v in dataclasses.asdict(run).items()
+            if k not in ("steps", "checkpoint_every", "keep", "fsdp_min_shard_mb")}
 
 
 _FINGERPRINTS = {"model_sha256": "the model the run started from",  # what each fingerprint identifies
@@ -189,6 +205,19 @@ def check_resume(path: str, meta: dict, run: TrainConfig, fingerprints: dict | N
     if run.steps < planned:
         raise CheckpointError(f"steps {run.steps} is fewer than the {planned} steps of the run that wrote {path} "
                               f"(at step {done}): resume with steps {planned}, or more to extend it")
+
+
+def _finish(state, run: TrainConfig, outputs: dict | None) -> None:
+    """Fills fit's `outputs` (see fit) from the final state."""
+    if outputs is None:
+        return
+    if run.ema_decay is not None:
+        from dualenc.train.averaging import ema_params
+
+        average = train.full_params(state, run.lora, trainable=ema_params(state.opt_state))
+        outputs["ema"] = jax.tree_util.tree_map(_host_array, average)
+    if run.lora is not None:
+        outputs["adapters"] = jax.tree_util.tree_map(_host_array, state.trainable[ADAPTERS])
 
 
 def _local(x) -> np.ndarray:
@@ -238,7 +267,7 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
         evaluate: Callable[[int, dict], Any] | None = None, eval_every: int = 0,
         on_checkpoint: Callable[[int, str], None] | None = None, workers: int = 0, cache_dir: str | None = None,
         skipped: collections.Counter | None = None, max_replaced: float = MAX_REPLACED,
-        peer_timeout: float = 30.0) -> tuple[dict, dict]:
+        peer_timeout: float = 30.0, outputs: dict | None = None) -> tuple[dict, dict]:
     """Trains contrastively and returns (params, last metrics).
 
     The data is a PairDataset (a caption file over an image folder, read by data.read_pairs) or a random-access
@@ -287,6 +316,9 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
       skipped: a Counter to which the records replaced in the batches used (over every process) are added, by
         reason.
       max_replaced: the share of the records drawn that may be replaced (0 to 1; 1 never stops).
+      outputs: a dict fit fills at the end with what the run made beside the params: "ema" (with run.ema_decay:
+        the whole params with the trained ones replaced by their moving average) and "adapters" (with run.lora:
+        the adapters alone, for dualenc.formats.peft.save_peft), host arrays gathered from every process.
       peer_timeout: seconds without a peer's heartbeat before it counts as lost (under jax.distributed with
         several processes); JAX's own heartbeat timeout (jax.distributed.initialize's heartbeat_timeout_seconds)
         must be longer, or JAX aborts the process first.
@@ -309,7 +341,7 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
                                                     warmup_steps=run.warmup_steps)(np.arange(run.steps)))
     optimizer = optimizer_of(run)
     state = train.init_state(params, optimizer, locked=run.locked, unlocked_layers=run.unlocked_layers,
-                             seed=run.seed)
+                             seed=run.seed, lora=run.lora, config=config)
     fsdp = FSDP(min_shard_mb=run.fsdp_min_shard_mb) if run.fsdp else False
     if mesh is not None:
         state = train.shard_state(state, mesh, fsdp)
@@ -326,10 +358,12 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
     step_fn = train.make_train_step(config, optimizer, loss=run.loss, locked=run.locked,
                                     unlocked_layers=run.unlocked_layers, cached=run.cached,
                                     remat_policy=run.remat_policy, dtype=run.dtype, mesh=mesh, fsdp=fsdp,
-                                    accum_steps=run.accum_steps, patch_dropout=run.patch_dropout)
+                                    accum_steps=run.accum_steps, patch_dropout=run.patch_dropout, lora=run.lora,
+                                    loss_form=run.loss_form)
     step = int(_host_array(state.step))
     if step >= run.steps:
-        return jax.tree_util.tree_map(_host_array, train.full_params(state)), {}
+        _finish(state, run, outputs)
+        return jax.tree_util.tree_map(_host_array, train.full_params(state, run.lora)), {}
     features = None
     if run.cached:
         if run.locked[:1] != ("vision",):
@@ -361,7 +395,7 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
         return path
 
     def params_now():
-        return jax.tree_util.tree_map(_host_array, train.full_params(state))  # gathered from every host
+        return jax.tree_util.tree_map(_host_array, train.full_params(state, run.lora))  # gathered from every host
 
     try:
         with _InterruptAfterStep() as interrupt, watch.guard(lambda: step, checkpoint_dir):
@@ -400,6 +434,7 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
                 checkpoint()
             wait_for_save()
             params = params_now()
+            _finish(state, run, outputs)
             if evaluate is not None:
                 evaluate(step, params)
     finally:
