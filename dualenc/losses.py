@@ -415,3 +415,52 @@ def sharded_loss(kind: str, mesh, *, form: str = "ring", axis: str = "data", chu
         return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P())(*args)
 
     return fn
+
+
+def _ring_best(rows, others, axis_name):
+    """For each of rows, the global index of its best match among every device's `others` (the first one of
+    the highest score, as argmax over the gathered rows), passing `others` round the ring."""
+    n, size = others.shape[0], _ring_size(axis_name)
+    me = 0 if axis_name is None else lax.axis_index(axis_name)
+
+    def best_in(held, hops):  # after `hops` hops this device holds the block of device me - hops
+        scores = rows @ held.T
+        return jnp.max(scores, axis=1), jnp.argmax(scores, axis=1) + ((me - hops) % size) * n
+
+    def step(hops, carry):
+        held, score, index = carry
+        held = _hop(held, axis_name)
+        s, i = best_in(held, hops)
+        better = (s > score) | ((s == score) & (i < index))
+        return held, jnp.where(better, s, score), jnp.where(better, i, index)
+
+    score, index = best_in(others, 0)
+    if size > 1:
+        _, score, index = lax.fori_loop(1, size, step, (others, score, index))
+    return index
+
+
+def in_batch_accuracy_ring(text_embeds, image_embeds, *, axis_name) -> tuple[jax.Array, jax.Array]:
+    """in_batch_accuracy without gathering: each device holds its own rows against one block of the other
+    side at a time (inside shard_map or pmap over axis_name)."""
+    t, i = text_embeds.astype(jnp.float32), image_embeds.astype(jnp.float32)
+    ids = (0 if axis_name is None else lax.axis_index(axis_name)) * t.shape[0] + jnp.arange(t.shape[0])
+    t2i = jnp.mean(_ring_best(t, i, axis_name) == ids)
+    i2t = jnp.mean(_ring_best(i, t, axis_name) == ids)
+    if axis_name is not None:
+        t2i, i2t = lax.pmean(t2i, axis_name), lax.pmean(i2t, axis_name)
+    return t2i, i2t
+
+
+def sharded_accuracy(mesh, *, axis: str = "data"):
+    """fn(text_embeds, image_embeds) -> (accuracy_t2i, accuracy_i2t) of globally sharded (N, d) embeddings
+    (rows over mesh axis `axis`), computed as a ring (in_batch_accuracy_ring): no device holds n x N scores."""
+    if axis not in mesh.axis_names:
+        raise InputError(f"axis {axis!r} is not one of the mesh's axes {tuple(mesh.axis_names)}")
+
+    def fn(text_embeds, image_embeds):
+        _check(text_embeds, image_embeds)
+        return jax.shard_map(lambda t, i: in_batch_accuracy_ring(t, i, axis_name=axis), mesh=mesh,
+                             in_specs=(P(axis), P(axis)), out_specs=(P(), P()))(text_embeds, image_embeds)
+
+    return fn

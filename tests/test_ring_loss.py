@@ -170,3 +170,21 @@ def test_ring_on_one_device_and_bad_arguments():
         losses.sharded_loss("clip", mesh)(t[:14], i[:14], SCALE)
     with pytest.raises(InputError, match="chunk_size 3"):
         losses.siglip_loss_ring(t, i, SCALE, BIAS, axis_name=None, chunk_size=3)
+
+
+def test_ring_accuracy_equals_the_gathered_one():
+    """sharded_accuracy (a ring of argmaxes) gives in_batch_accuracy's fractions on 4 devices, ties included."""
+    import jax
+    import numpy as np
+
+    from dualenc import losses, train
+
+    mesh = train.data_mesh()
+    rng = np.random.default_rng(3)
+    texts = rng.standard_normal((16, 8)).astype(np.float32)
+    images = (texts + rng.standard_normal((16, 8)).astype(np.float32) * 1.5)
+    images[5] = images[9]  # a tie: two images with the same scores against every text
+    want = losses.in_batch_accuracy(texts, images)
+    got = jax.jit(losses.sharded_accuracy(mesh))(texts, images)
+    assert 0 < float(want[0]) < 1 and 0 < float(want[1]) < 1
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

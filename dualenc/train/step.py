@@ -130,8 +130,11 @@ def make_train_step(config: DualEncoderConfig, optimizer, *, loss: str | None = 
     if loss_form == "ring" and mesh is None:
         raise ConfigError("loss_form='ring' passes embeddings round the devices of a mesh: give mesh=...")
     ring = loss_form == "ring" or (loss_form == "auto" and mesh is not None and mesh.shape["data"] > 1)
-    if ring:
+    if ring:  # the in-batch accuracy too: the gathered one would hold n x N scores on each device
         sharded = losses.sharded_loss(loss, mesh, form="ring", chunk_size=chunk_size)
+        accuracy = losses.sharded_accuracy(mesh)
+    else:
+        accuracy = losses.in_batch_accuracy
 
     def loss_value(params, images, texts):
         if ring:
@@ -168,7 +171,7 @@ def make_train_step(config: DualEncoderConfig, optimizer, *, loss: str | None = 
         if loss == "clip" and "logit_scale" in trainable:
             trainable["logit_scale"] = jnp.clip(trainable["logit_scale"], 0.0, MAX_LOGIT_SCALE)
         scale = (trainable if "logit_scale" in trainable else frozen)["logit_scale"]
-        t2i, i2t = losses.in_batch_accuracy(texts, images)
+        t2i, i2t = accuracy(jax.lax.stop_gradient(texts), jax.lax.stop_gradient(images))
         metrics = {"loss": value, "logit_scale": jnp.exp(scale), "accuracy_t2i": t2i,
                    "accuracy_i2t": i2t, "grad_norm": optax.tree.norm(grads)}
         if "records_replaced" in batch:  # each row's count: summed over the global batch, every process's rows
