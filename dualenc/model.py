@@ -208,12 +208,14 @@ def run_tower(params: layers.Params, config: DualEncoderConfig, side: str, input
 
 def _options(family: towers.Family, side: str, flags: dict) -> dict:
     """flags without the options (towers.family.OPTIONS) the family does not list: at their defaults (None,
-    False) or only choosing how a computation runs (IGNORABLE) they are dropped, else refused."""
+    False, 0; a patch_key without a patch_dropout rate) or only choosing how a computation runs (IGNORABLE)
+    they are dropped, else refused."""
     out = {}
     for name, value in flags.items():
         if name not in OPTIONS or name in family.options:
             out[name] = value
-        elif value not in (None, False) and name not in IGNORABLE:
+        elif not (value is None or value is False or type(value) in (int, float) and value == 0
+                  or name == "patch_key" and not flags.get("patch_dropout")) and name not in IGNORABLE:
             raise InputError(f"{name} is not supported by the {side} tower ({family.name}); leave it unset")
     return out
 

@@ -45,7 +45,8 @@ _TEXT_ACCEPTED = {
     "scale_fc": _OFF, "hf_model_name": _OFF, "output_tokens": _OFF,
 }
 _MODEL_ACCEPTED = {"multimodal_cfg": _OFF, "nonscalar_logit_scale": _OFF + (True,)}
-# patch_dropout only acts in training, where dualenc does not implement it; final_ln_after_pool gives the same
+# patch_dropout only acts in training, a train setting in dualenc (make_train_step(patch_dropout=...), `dualenc train
+# --patch-dropout`), not a model field; final_ln_after_pool gives the same
 # pooled output (the LayerNorm is per token); the tokenizer fields are the tokenizer's business.
 _IGNORED = {"patch_dropout", "final_ln_after_pool", "hf_tokenizer_name", "tokenizer_mode", "tokenizer_kwargs",
             "attn_pooler_queries", "attn_pooler_heads", "timm_model_pretrained", "timm_pool", "timm_proj",

@@ -20,7 +20,8 @@ POOLINGS = {
 }
 # Keyword options of a tower's apply beyond the ones every tower takes (dropout_key, dtype); model.apply passes
 # an option only to the families that list it, and refuses a non-default value for the others.
-OPTIONS = ("output_hidden_states", "output_attentions", "remat_policy", "interpolate_pos_encoding", "attention")
+OPTIONS = ("output_hidden_states", "output_attentions", "remat_policy", "interpolate_pos_encoding", "attention",
+           "patch_dropout", "patch_key", "keep_indices")
 ENCODER_OPTIONS = ("output_hidden_states", "output_attentions", "remat_policy", "attention")  # transformer towers
 IGNORABLE = ("attention",)  # options that only choose how a computation runs: dropped for families without them
 

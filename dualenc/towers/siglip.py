@@ -130,7 +130,8 @@ def check_pixel_values(config: SiglipVisionConfig, pixel_values, interpolate_pos
 def apply(params: layers.Params, config: SiglipVisionConfig, pixel_values: jax.Array, *, dropout_key=None,
           output_hidden_states: bool = False, output_attentions: bool = False,
           interpolate_pos_encoding: bool = False, dtype=None, remat_policy: str | None = None,
-          pooled_only: bool = False, attention: str | None = None) -> layers.TowerOutput:
+          pooled_only: bool = False, attention: str | None = None, patch_dropout: float = 0.0,
+          patch_key: jax.Array | None = None, keep_indices: jax.Array | None = None) -> layers.TowerOutput:
     """Runs the vision tower.
 
     Args:
@@ -140,10 +141,13 @@ def apply(params: layers.Params, config: SiglipVisionConfig, pixel_values: jax.A
       dtype: compute dtype of the matmuls (default float32).
       pooled_only: refused: the pooling head reads every token.
       attention: the attention implementation, a name in layers.IMPLEMENTATIONS; None: the backend's default.
+      patch_dropout, patch_key, keep_indices: FLIP's patch dropout (training), as in vit.apply, among all the
+        tokens (there is no class token): the encoder and the pooling head see the kept tokens only.
 
     Returns:
-      TowerOutput: last_hidden_state (B, patches, D) after post_layernorm; pooler_output (B, D), the head's
-      output (None with vision_use_head false); hidden_states/attentions as tuples when requested.
+      TowerOutput: last_hidden_state (B, patches, D) after post_layernorm ((B, K, D) with patch dropout);
+      pooler_output (B, D), the head's output (None with vision_use_head false); hidden_states/attentions as
+      tuples when requested.
     """
     if pooled_only:
         raise InputError("pooled_only is not supported by the SigLIP vision tower: its attention-pooling head "
@@ -151,7 +155,7 @@ def apply(params: layers.Params, config: SiglipVisionConfig, pixel_values: jax.A
     check_pixel_values(config, pixel_values, interpolate_pos_encoding)
     dtype = jnp.dtype(dtype or jnp.float32)
     attention = layers.resolve_attention(attention, dtype)
-    _, _, h, w = pixel_values.shape
+    b, _, h, w = pixel_values.shape
     ph, pw = config.patch_hw
     emb = params["embeddings"]
     with jax.named_scope("embeddings"):
@@ -160,6 +164,9 @@ def apply(params: layers.Params, config: SiglipVisionConfig, pixel_values: jax.A
         if interpolate_pos_encoding:
             pos = vit.resize_positions(pos, config, (h // ph, w // pw), h == w)
         x = x + pos.astype(dtype)[None]
+        keep = vit.patch_indices(patch_dropout, patch_key, keep_indices, b, x.shape[1])
+        if keep is not None:
+            x = vit.take_tokens(x, keep)
     return encode(params, config, x, None, dtype=dtype, dropout_key=dropout_key,
                   output_hidden_states=output_hidden_states, output_attentions=output_attentions,
                   remat_policy=remat_policy, attention=attention)
@@ -193,6 +200,6 @@ def table(config: SiglipVisionConfig) -> list[tables.Entry]:
 
 FAMILIES = (
     Family("siglip_vision", "vision", {"siglip_vision_model": SiglipVisionConfig}, sys.modules[__name__], "map",
-           options=(*ENCODER_OPTIONS, "interpolate_pos_encoding"), stacks=("encoder",), check=check_pixel_values,
-           prefixes=("", "vision_model."), anchor="embeddings.patch_embedding.weight"),
+           options=(*ENCODER_OPTIONS, "interpolate_pos_encoding", *vit.PATCH_DROPOUT_OPTIONS), stacks=("encoder",),
+           check=check_pixel_values, prefixes=("", "vision_model."), anchor="embeddings.patch_embedding.weight"),
 )

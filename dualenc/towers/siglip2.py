@@ -23,7 +23,7 @@ from dualenc import layers, params as declare, tables
 from dualenc.errors import InputError
 from dualenc.fields import ACTIVATION_NAMES, bool_field, choice_field, TransformerConfig, fail, float_field, int_field, rate_field, same_head_dim, \
     builds
-from dualenc.towers import siglip
+from dualenc.towers import siglip, vit
 from dualenc.towers.family import ENCODER_OPTIONS, Family
 
 
@@ -144,14 +144,21 @@ def check_values(config: Siglip2VisionConfig, pixel_attention_mask, spatial_shap
 def apply(params: layers.Params, config: Siglip2VisionConfig, pixel_values: jax.Array, pixel_attention_mask=None,
           spatial_shapes=None, *, dropout_key=None, output_hidden_states: bool = False,
           output_attentions: bool = False, dtype=None, remat_policy: str | None = None,
-          pooled_only: bool = False, attention: str | None = None) -> layers.TowerOutput:
+          pooled_only: bool = False, attention: str | None = None, patch_dropout: float = 0.0,
+          patch_key: jax.Array | None = None, keep_indices: jax.Array | None = None) -> layers.TowerOutput:
     """Runs the vision tower on patchified images (see the module docstring for the inputs).
+
+    patch_dropout, patch_key, keep_indices: FLIP's patch dropout (training), as in vit.apply, among each image's
+    real patches: p > 0 keeps max(1, floor(n * (1 - p))) of an image's n real patches, drawn from patch_key, in
+    K = kept_count(p, N) slots (the slots past an image's count are masked, as padding is); keep_indices (B, K)
+    names the kept patches instead (those naming padding stay masked). The encoder and the pooling head see the
+    kept patches only.
 
     Returns:
       TowerOutput: last_hidden_state (B, N, D) after post_layernorm (padding rows included, as transformers
-      computes them); pooler_output (B, D) from the head over the real patches (None with vision_use_head
-      false); hidden_states/attentions as tuples when requested. attention: a name in layers.IMPLEMENTATIONS;
-      None: the backend's default.
+      computes them; (B, K, D) with patch dropout); pooler_output (B, D) from the head over the real patches
+      (None with vision_use_head false); hidden_states/attentions as tuples when requested. attention: a name
+      in layers.IMPLEMENTATIONS; None: the backend's default.
     """
     if pooled_only:
         raise InputError("pooled_only is not supported by the SigLIP 2 vision tower: its attention-pooling head "
@@ -163,10 +170,27 @@ def apply(params: layers.Params, config: Siglip2VisionConfig, pixel_values: jax.
     with jax.named_scope("embeddings"):
         x = layers.dense(emb["patch"], pixel_values, dtype).astype(jnp.float32)
         x = (x + resize_positions(emb["position"], spatial_shapes, pixel_values.shape[1])).astype(dtype)
-    return siglip.encode(params, config, x, layers.attention_bias(pixel_attention_mask), dtype=dtype,
+        x, mask = drop_patches(x, pixel_attention_mask, patch_dropout, patch_key, keep_indices)
+    return siglip.encode(params, config, x, layers.attention_bias(mask), dtype=dtype,
                          dropout_key=dropout_key, output_hidden_states=output_hidden_states,
                          output_attentions=output_attentions, remat_policy=remat_policy,
                          attention=attention)
+
+
+def drop_patches(x: jax.Array, pixel_attention_mask: jax.Array, patch_dropout: float, patch_key,
+                 keep_indices) -> tuple[jax.Array, jax.Array]:
+    """(x, mask) after patch dropout among each image's real patches (see apply); unchanged without it."""
+    b, n = pixel_attention_mask.shape
+    real = pixel_attention_mask.astype(bool)
+    keep = vit.patch_indices(patch_dropout, patch_key, keep_indices, b, n, real=real)
+    if keep is None:
+        return x, pixel_attention_mask
+    mask = vit.take_tokens(real, keep)
+    if keep_indices is None:  # the draw ranks padding last: an image's first kept slots are its real patches
+        counts = np.array([vit.kept_count(patch_dropout, count) for count in range(n + 1)], np.int32)
+        kept = jnp.asarray(counts)[jnp.sum(real, axis=1, dtype=jnp.int32)]
+        mask = mask & (jnp.arange(keep.shape[1])[None, :] < kept[:, None])
+    return vit.take_tokens(x, keep), mask.astype(jnp.int32)
 
 
 def table(config: Siglip2VisionConfig) -> list[tables.Entry]:
@@ -183,7 +207,8 @@ def _check(config: Siglip2VisionConfig, pixel_values, pixel_attention_mask=None,
 
 FAMILIES = (
     Family("siglip2_vision", "vision", {"siglip2_vision_model": Siglip2VisionConfig}, sys.modules[__name__], "map",
-           inputs=("pixel_values", "pixel_attention_mask", "spatial_shapes"), options=ENCODER_OPTIONS,
+           inputs=("pixel_values", "pixel_attention_mask", "spatial_shapes"),
+           options=(*ENCODER_OPTIONS, *vit.PATCH_DROPOUT_OPTIONS),
            stacks=("encoder",), check=_check, prefixes=("", "vision_model."),
            anchor="embeddings.patch_embedding.weight"),
 )

@@ -268,10 +268,71 @@ def check_pixel_values(config: VisionConfig, pixel_values, interpolate_pos_encod
                          f"to resize the position embeddings")
 
 
+PATCH_DROPOUT_OPTIONS = ("patch_dropout", "patch_key", "keep_indices")  # the family options patch_indices reads
+
+
+def kept_count(patch_dropout: float, num_tokens: int) -> int:
+    """How many of num_tokens patch tokens patch dropout at rate patch_dropout keeps: max(1, floor(num_tokens *
+    (1 - patch_dropout))), as open_clip's PatchDropout."""
+    return max(1, int(num_tokens * (1.0 - patch_dropout)))
+
+
+def patch_indices(patch_dropout: float, patch_key: jax.Array | None, keep_indices: jax.Array | None, batch: int,
+                  num_tokens: int, real: jax.Array | None = None) -> jax.Array | None:
+    """(B, K) int indices of the patch tokens to keep (FLIP's patch dropout), or None to keep them all.
+
+    keep_indices, when given, is returned as it is (checked: (batch, K) integers; K = kept_count when
+    patch_dropout > 0). Otherwise patch_dropout > 0 draws, per image, K = kept_count(patch_dropout, num_tokens)
+    tokens from patch_key, as open_clip's PatchDropout does (random normal scores, the top K in score order);
+    real (B, N) bool, where given, ranks the tokens it marks False (padding) last.
+    """
+    if isinstance(patch_dropout, bool) or not isinstance(patch_dropout, (int, float)):
+        raise InputError(f"patch_dropout must be a Python float in [0, 1) (static under jit), got "
+                         f"{type(patch_dropout).__name__}")
+    if not 0.0 <= patch_dropout < 1.0:
+        raise InputError(f"patch_dropout must be in [0, 1), got {patch_dropout}")
+    count = kept_count(patch_dropout, num_tokens)
+    if keep_indices is not None:
+        if patch_key is not None:
+            raise InputError("patch_key and keep_indices were both given: keep_indices names the kept patches "
+                             "itself; pass one of them")
+        shape = tuple(getattr(keep_indices, "shape", ()))
+        dtype = getattr(keep_indices, "dtype", None)
+        if len(shape) != 2 or shape[0] != batch or not 1 <= shape[1] <= num_tokens or dtype is None or \
+                not jnp.issubdtype(dtype, jnp.integer):
+            raise InputError(f"keep_indices must be an integer array of shape (batch {batch}, K) with 1 <= K <= "
+                             f"{num_tokens} (the patch tokens), got {dtype} {shape}")
+        if patch_dropout > 0 and shape[1] != count:
+            raise InputError(f"keep_indices keeps {shape[1]} patches; patch_dropout={patch_dropout} keeps {count} "
+                             f"of {num_tokens}")
+        if not isinstance(keep_indices, jax.core.Tracer):
+            values = np.asarray(keep_indices)
+            if values.min() < 0 or values.max() >= num_tokens:
+                raise InputError(f"keep_indices must be in [0, {num_tokens}) (the patch tokens, no class token), "
+                                 f"got values from {values.min()} to {values.max()}")
+        return jnp.asarray(keep_indices, jnp.int32)
+    if patch_dropout == 0:
+        return None
+    if patch_key is None:
+        raise InputError(f"patch_dropout={patch_dropout} needs a patch_key (a jax.random key) or keep_indices; "
+                         f"leave patch_dropout at 0 outside training")
+    scores = jax.random.normal(patch_key, (batch, num_tokens), jnp.float32)
+    if real is not None:
+        scores = jnp.where(real, scores, -jnp.inf)
+    return jax.lax.top_k(scores, count)[1]
+
+
+def take_tokens(x: jax.Array, indices: jax.Array) -> jax.Array:
+    """(B, K, ...): the tokens of x (B, N, ...) at indices (B, K)."""
+    return jnp.take_along_axis(x, indices.reshape(indices.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
 def apply(params: layers.Params, config: VisionConfig, pixel_values: jax.Array, *, dropout_key=None,
           output_hidden_states: bool = False, output_attentions: bool = False,
           interpolate_pos_encoding: bool = False, dtype=None, remat_policy: str | None = None,
-          pooled_only: bool = False, attention: str | None = None) -> layers.TowerOutput:
+          pooled_only: bool = False, attention: str | None = None,
+          patch_dropout: float = 0.0, patch_key: jax.Array | None = None,
+          keep_indices: jax.Array | None = None) -> layers.TowerOutput:
     """Runs the vision tower.
 
     Args:
@@ -283,10 +344,18 @@ def apply(params: layers.Params, config: VisionConfig, pixel_values: jax.Array, 
         about 7% less work for a 12-layer tower, same pooler_output. Stacked layers do so when evaluated;
         differentiated, they run the last layer in full (a faster backward).
       attention: the attention implementation, a name in layers.IMPLEMENTATIONS; None: the backend's default.
+      patch_dropout: FLIP's patch dropout (training): a Python float p in [0, 1); p > 0 keeps, per image,
+        kept_count(p, patches) = max(1, floor(patches * (1 - p))) of the patch tokens, drawn from patch_key as
+        open_clip's PatchDropout does, after the position embeddings are added; the class token is always kept.
+        0 (the default): every token.
+      patch_key: the jax.random key of that draw; needed when p > 0 unless keep_indices is given.
+      keep_indices: (B, K) int indices in [0, patches) of the patch tokens to keep (class token not counted), in
+        place of the draw (K = kept_count when p > 0).
 
     Returns:
-      TowerOutput: last_hidden_state (B, 1 + patches, D); pooler_output (B, D) (ViT: tanh(dense(CLS)) after the
-      final LayerNorm; CLIP: post_layernorm(CLS)); hidden_states/attentions as tuples when requested.
+      TowerOutput: last_hidden_state (B, 1 + patches, D) (1 + K with patch dropout, the kept tokens in the order
+      of their indices); pooler_output (B, D) (ViT: tanh(dense(CLS)) after the final LayerNorm; CLIP:
+      post_layernorm(CLS)); hidden_states/attentions as tuples when requested.
     """
     check_pixel_values(config, pixel_values, interpolate_pos_encoding)
     dtype = jnp.dtype(dtype or jnp.float32)
@@ -301,6 +370,9 @@ def apply(params: layers.Params, config: VisionConfig, pixel_values: jax.Array, 
         x = jnp.concatenate([cls, x], axis=1)
         pos = position_embeddings(params, config, (gh, gw), h == w) if interpolate_pos_encoding else emb["position"]
         x = x + pos.astype(dtype)[None]
+        keep = patch_indices(patch_dropout, patch_key, keep_indices, b, gh * gw)
+        if keep is not None:
+            x = jnp.concatenate([x[:, :1], take_tokens(x[:, 1:], keep)], axis=1)
         embed_key, encoder_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
         if config.pre_norm:
             x = layers.layer_norm(params["pre_norm"], x, config.layer_norm_eps, dtype)
@@ -337,9 +409,11 @@ def table(config: VisionConfig) -> list[tables.Entry]:
 
 FAMILIES = (
     Family("vit", "vision", {"vit": ViTConfig}, sys.modules[__name__], "first", pooled_only=True,
-           options=(*ENCODER_OPTIONS, "interpolate_pos_encoding"), stacks=("encoder",), check=check_pixel_values,
-           prefixes=("", "vit."), anchor="embeddings.patch_embeddings.projection.weight", optional=("pooler",)),
+           options=(*ENCODER_OPTIONS, "interpolate_pos_encoding", *PATCH_DROPOUT_OPTIONS), stacks=("encoder",),
+           check=check_pixel_values, prefixes=("", "vit."), anchor="embeddings.patch_embeddings.projection.weight",
+           optional=("pooler",)),
     Family("clip_vision", "vision", {"clip_vision_model": CLIPVisionConfig}, sys.modules[__name__], "first",
-           pooled_only=True, options=(*ENCODER_OPTIONS, "interpolate_pos_encoding"), stacks=("encoder",),
-           check=check_pixel_values, prefixes=("", "vision_model."), anchor="embeddings.patch_embedding.weight"),
+           pooled_only=True, options=(*ENCODER_OPTIONS, "interpolate_pos_encoding", *PATCH_DROPOUT_OPTIONS),
+           stacks=("encoder",), check=check_pixel_values, prefixes=("", "vision_model."),
+           anchor="embeddings.patch_embedding.weight"),
 )

@@ -83,8 +83,8 @@ def make_train_step(config: DualEncoderConfig, optimizer, *, loss: str | None = 
       accum_steps: split the batch into this many micro-batches and accumulate the exact gradient of the whole
         batch's loss, one micro-batch's activations at a time (GradCache; see dualenc.train.accumulate). The
         batch size must be a multiple of accum_steps (times the devices of the mesh's "data" axis).
-      patch_dropout: FLIP's patch dropout: the vision tower keeps round((1 - p) * N) of its N patch tokens per
-        image, at random each step (never outside training).
+      patch_dropout: FLIP's patch dropout: the vision tower keeps max(1, int((1 - p) * N)) of its N patch tokens
+        per image (open_clip's PatchDropout count), at random each step (never outside training).
       loss_form: with a mesh, how the loss spans the devices: "ring" passes embedding blocks round them, each
         device holding its own rows against one block at a time (losses.sharded_loss; SigLIP's chunked form,
         and a running log-sum-exp for CLIP's), "gather" gathers every embedding on every device; "auto", the
