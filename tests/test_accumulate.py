@@ -122,3 +122,20 @@ def test_ring_and_gathered_losses_give_the_same_step():
             assert_close(ring, gathered, atol=1e-6, of_largest=True)  # float32: gradients up to ~30
     with pytest.raises(dualenc.ConfigError, match="loss_form"):
         train.make_train_step(CONFIG, optax.sgd(1.0), loss_form="ring")
+
+
+def test_patch_dropout_in_the_step(params):
+    """patch_dropout reaches the vision tower in training (another loss than p = 0, finite, with accumulation
+    too); refused with the LiT cache and out of range."""
+    batch = batch_of()
+    optimizer = optax.sgd(0.0)
+    state = train.init_state(params, optimizer, layer_loop=False)
+    plain = train.make_train_step(CONFIG, optimizer, donate=False)(state, batch)[1]["loss"]
+    for k in (1, 2):
+        dropped = train.make_train_step(CONFIG, optimizer, donate=False, patch_dropout=0.5, accum_steps=k)
+        loss = float(dropped(state, batch)[1]["loss"])
+        assert np.isfinite(loss) and abs(loss - float(plain)) > 1e-4
+    with pytest.raises(dualenc.ConfigError, match="patch_dropout with cached=True"):
+        train.make_train_step(CONFIG, optimizer, locked=("vision",), cached=True, patch_dropout=0.5)
+    with pytest.raises(dualenc.ConfigError, match="patch_dropout must be a share"):
+        train.make_train_step(CONFIG, optimizer, patch_dropout=1.0)
