@@ -42,6 +42,17 @@ def steps_logged(out, kind="train"):
     return [r["step"] for r in runlog.read(str(out / runlog.METRICS_FILE)) if r["kind"] == kind]
 
 
+def ctrl_c_at(at: int):
+    """A Progress.step that sends this process SIGINT (Ctrl-C) once step `at` is logged."""
+    step = training.Progress.step
+
+    def ctrl_c(self, number, metrics):
+        step(self, number, metrics)
+        if number == at:
+            os.kill(os.getpid(), signal.SIGINT)
+    return ctrl_c
+
+
 def test_ctrl_c_then_the_printed_command_resumes_a_relative_out(workspace, monkeypatch):
     """From the data's folder with a relative --out: a new run replaces the log an earlier run left without a
     checkpoint, says how many captions hold unknown words (and which), says it compiles; Ctrl-C after step 3
@@ -50,13 +61,7 @@ def test_ctrl_c_then_the_printed_command_resumes_a_relative_out(workspace, monke
     monkeypatch.chdir(workspace)
     monkeypatch.setattr(common, "COMPILE_NOTICE_DELAY", 0.0)  # every compile says so
     step = training.Progress.step
-
-    def ctrl_c_at_step_3(self, number, metrics):
-        step(self, number, metrics)
-        if number == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(training.Progress, "step", ctrl_c_at_step_3)
+    monkeypatch.setattr(training.Progress, "step", ctrl_c_at(3))
     out = workspace / "lit-model"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 99.0}\n' * 2)  # a run that crashed
@@ -257,13 +262,7 @@ def test_accumulated_run_killed_and_resumed_ends_where_the_whole_run_ends(worksp
     assert "4 micro-batches of 4 per step (exact gradient)" in whole.stderr
     assert "AdamW (betas 0.8, 0.95; eps 1e-08; weight decay 0.05; gradient clip 0.5)" in whole.stderr
     step = training.Progress.step
-
-    def ctrl_c_at_step_2(self, number, metrics):
-        step(self, number, metrics)
-        if number == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(training.Progress, "step", ctrl_c_at_step_2)
+    monkeypatch.setattr(training.Progress, "step", ctrl_c_at(2))
     assert dualenc_run(*common_args, *scale, "--out", tmp_path / "cut", check=False).returncode == 130
     monkeypatch.setattr(training.Progress, "step", step)
     other = [a if a != 4 or i != 1 else 2 for i, a in enumerate(scale)]  # --accum-steps 2
