@@ -110,6 +110,8 @@ def test_ctrl_c_then_the_printed_command_resumes_a_relative_out(workspace, monke
     (["--augment", "--cache"], "--augment (or an --aug-*/--color-jitter/--gray-scale-prob option) with --cache"),
     (["--aug-scale", 0.5, 2], "--aug-scale must satisfy min <= max within (0, 1], got (0.5, 2.0)"),
     (["--data-weights", "1::2"], "--data-weights gives 2 weights for the 1 sources of --data"),
+    (["--model-parallel", 3], "--model-parallel 3 does not divide the 4 devices"),
+    (["--layer-decay", 1.5], "--layer-decay must be in (0, 1], got 1.5"),
 ])
 def test_arguments_are_checked_before_the_summary_and_the_model(args, message, workspace, monkeypatch):
     monkeypatch.chdir(workspace)
@@ -277,12 +279,16 @@ def test_accumulated_run_killed_and_resumed_ends_where_the_whole_run_ends(worksp
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0)
 
 
-def test_mixed_sources_with_augmentation(workspace, tmp_path, monkeypatch):
-    """--data A::B --data-weights 1::2 draws B twice as often (said in the summary), augmented images train."""
+def test_mixed_sources_with_augmentation_on_a_2x2_mesh(workspace, tmp_path, monkeypatch):
+    """--data A::B --data-weights 1::2 draws B twice as often (said in the summary), augmented images train, on
+    a ("data", "model") mesh of 2 x 2 devices with FSDP, bfloat16 matmuls and layer-wise decay."""
     monkeypatch.chdir(workspace)
     proc = dualenc_run(*TRAIN, "--data", "data/pairs.jsonl::data/odd.jsonl", "--data-weights", "1::2", "--augment",
                        "--color-jitter", 0.4, 0.4, 0.4, 0.1, "--gray-scale-prob", 0.2, "--steps", 2,
-                       "--log-every", 1, "--out", tmp_path / "mixed")
+                       "--model-parallel", 2, "--fsdp", "--precision", "bfloat16", "--layer-decay", 0.8,
+                       "--lock", "none", "--log-every", 1, "--out", tmp_path / "mixed")
+    assert "precision bfloat16; tensor parallel over 2 devices; FSDP; layer-wise learning-rate decay 0.8" \
+        in proc.stderr
     assert "24 records of 2 sources, drawn 33.3% from data/pairs.jsonl (12 records x 1), 66.7% from " \
            "data/odd.jsonl (12 records x 2)" in proc.stderr
     assert "augmentation: crops of 0.9-1 of the area, colour jitter 0.4/0.4/0.4/0.1 at p 0.8, gray at p 0.2" \

@@ -184,8 +184,8 @@ SHARDING_CHILD = textwrap.dedent("""
         assert enc["mlp"]["fc1"]["bias"].spec == P(*lead, "data") and enc["mlp_norm"]["scale"].spec == P()
         assert enc["attention"]["query"]["kernel"].spec == P(*lead, "data", None)
         assert loose.rng.spec == P() and loose.trainable["logit_scale"].spec == P()
-        word = loose.trainable["text"]["embeddings"]["word"]  # (120, 512): the larger axis that 8 divides
-        assert word.spec == P(None, "data")
+        word = loose.trainable["text"]["embeddings"]["word"]  # (120, 512): a table, split along its rows only
+        assert word.spec == P("data", None)
     print("ok")
 """)
 

@@ -221,12 +221,14 @@ def test_options_remat_bf16_siglip_and_clamp(params, baseline):
 def test_mesh_data_parallel_and_fsdp_equal_one_device(params, baseline):
     batch = synthetic_batch()
     single, _ = baseline
-    mesh = train.data_mesh()
-    assert mesh.size == 4
+    data = train.data_mesh()
+    assert data.size == 4
     optimizer = train.default_optimizer(1e-3, total_steps=10)
     replaced = np.arange(8 * 4, dtype=np.int32).reshape(8, 4) % 3  # each row's count by reason, as fit passes it
-    for fsdp in (False, FSDP(min_shard_mb=0)):  # no size floor: the tiny model's tables are split too
-        state = train.shard_state(train.init_state(params, optimizer), mesh, fsdp)
+    # no size floor: the tiny model's tables are split too; on 2 x 2, BERT's heads split over "model" as well
+    for mesh, fsdp, loop in ((data, False, True), (data, FSDP(min_shard_mb=0), True),
+                             (train.sharding.model_mesh(2, 2), FSDP(min_shard_mb=0), False)):
+        state = train.shard_state(train.init_state(params, optimizer, layer_loop=loop), mesh, fsdp)
         step = train.make_train_step(CONFIG, optimizer, mesh=mesh, fsdp=fsdp)
         for _ in range(3):
             state, metrics = step(state, train.shard_batch({**batch, "records_replaced": replaced}, mesh))
@@ -234,6 +236,9 @@ def test_mesh_data_parallel_and_fsdp_equal_one_device(params, baseline):
         assert close(train.full_params(state), train.full_params(single))
         word = state.trainable["text"]["embeddings"]["word"]
         assert (len(word.sharding.device_set) == 4) and (word.sharding.spec != () or not fsdp)
+        if "model" in mesh.axis_names:  # stacked (layers, embed, qkv): heads over "model", FSDP on "embed"
+            query = state.trainable["text"]["encoder"]["attention"]["query"]["kernel"]
+            assert query.sharding.spec == jax.sharding.PartitionSpec(None, "data", "model")
 
 
 def test_loss_falls_and_zero_shot_rises_on_digits(tmp_path):

@@ -83,7 +83,7 @@ def _summary(args, dataset, run, config, params, devices: int, resumed_from, unk
              f"params: {count(trainable):,} trainable, {count(frozen):,} locked{locking}",
              f"loss {run.loss}; learning rate {run.learning_rate:g} (warmup, cosine decay to 0); checkpoints every "
              f"{run.checkpoint_every or 'end of'} steps in {os.path.join(args.out, 'checkpoints')}",
-             training_options.described(run), unknown]
+             training_options.described(run, args.model_parallel), unknown]
     if resumed_from is not None:
         lines.append(f"resuming from step {resumed_from[0]} ({resumed_from[1]})")
     hint = outside_hint(dataset, args.data[0], args.image_root) if hasattr(dataset, "skipped") else None
@@ -296,7 +296,10 @@ def _train(args, checkpoints: str, resuming: bool, watch) -> int:
                                               image_root=args.image_root, allow_outside=args.allow_outside)
                                 for i, part in enumerate(parts)], training_options.weights(args),
                                names=[" ".join(part) for part in parts])
-    checks.check_batch(args, dataset, jax.device_count())
+    if jax.device_count() % args.model_parallel:
+        raise CommandError(f"--model-parallel {args.model_parallel} does not divide the {jax.device_count()} "
+                           f"devices")
+    checks.check_batch(args, dataset, jax.device_count() // args.model_parallel)
     held_out = data.read_pairs(args.eval_data, image_root=args.eval_image_root,
                                allow_outside=args.allow_outside) if args.eval_data else None
     lock = args.lock or ("none" if args.lora is not None else "vision")
@@ -340,7 +343,12 @@ def _train(args, checkpoints: str, resuming: bool, watch) -> int:
                     notice.what = train_step
 
         hooks.update(evaluate=evaluation, eval_every=args.eval_every)
-    mesh = dualenc.train.data_mesh() if jax.device_count() > 1 else None
+    mesh = training_options.mesh(args, jax.device_count())
+    if mesh is not None and args.model_parallel > 1:
+        try:
+            dualenc.train.sharding.check_model_parallel(config, mesh)
+        except dualenc.ConfigError as e:
+            raise CommandError(f"--model-parallel {args.model_parallel}: {e}") from None
     replaced, outputs = collections.Counter(), {}
     try:
         with notice if main else contextlib.nullcontext():

@@ -17,6 +17,9 @@ def register(p) -> None:
     precision_option(g)
     g.add_argument("--fsdp", action="store_true",
                    help="shard params and optimizer state over the devices (FSDP), not only the batch")
+    g.add_argument("--model-parallel", type=int, default=1, metavar="N",
+                   help="split each encoder layer's attention heads and MLP over N devices (tensor parallelism, a "
+                        "'model' mesh axis beside 'data'; N divides the devices and every tower's heads)")
     g.add_argument("--remat", metavar="POLICY",
                    help=f"recompute each encoder layer's activations in the backward pass, keeping what the "
                         f"jax.checkpoint_policies POLICY saves (e.g. {REMAT_EXAMPLES})")
@@ -32,6 +35,9 @@ def register(p) -> None:
                    help="steps of linear warmup (none: 5%% of --steps)")
     g.add_argument("--grad-clip", type=float, default=1.0,
                    help="clip the global gradient norm to this (0: no clipping)")
+    g.add_argument("--layer-decay", type=float, default=None, metavar="F",
+                   help="layer-wise learning-rate decay: each tower's layer i from the top learns at F**i of the "
+                        "rate, its embeddings at F**(depth + 1) (BEiT's, as timm's); none: every layer alike")
     g.add_argument("--beta1", type=float, default=0.9, help="AdamW's first-moment decay")
     g.add_argument("--beta2", type=float, default=0.98, help="AdamW's second-moment decay")
     g.add_argument("--eps", type=float, default=1e-6, help="AdamW's epsilon")
@@ -69,6 +75,9 @@ def register(p) -> None:
 def check(args) -> None:
     """The options' values, before any work (CommandError naming the option)."""
     at_least(args.accum_steps, "--accum-steps", 1)
+    at_least(args.model_parallel, "--model-parallel", 1)
+    if args.layer_decay is not None and not 0 < args.layer_decay <= 1:
+        raise CommandError(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
     if args.warmup is not None:
         at_least(args.warmup, "--warmup", 0)
     if args.accum_steps > 1 and args.batch_size % args.accum_steps:
@@ -181,15 +190,29 @@ def lora(args):
 
 def settings(args) -> dict:
     """The TrainConfig fields the options set."""
-    return dict(augment=augmentation(args), lora=lora(args), ema_decay=args.ema, dtype=None if args.precision == "float32" else args.precision, fsdp=args.fsdp,
+    return dict(augment=augmentation(args), lora=lora(args), ema_decay=args.ema, layer_decay=args.layer_decay, dtype=None if args.precision == "float32" else args.precision, fsdp=args.fsdp,
                 remat_policy=args.remat, accum_steps=args.accum_steps, patch_dropout=args.patch_dropout,
                 weight_decay=args.weight_decay, warmup_steps=args.warmup, grad_clip=args.grad_clip or None,
                 beta1=args.beta1, beta2=args.beta2, eps=args.eps)
 
 
-def described(run) -> str:
+def mesh(args, devices: int):
+    """The run's mesh over `devices` devices: ("data",), or ("data", "model") with --model-parallel; None for
+    one device. CommandError when --model-parallel does not divide the devices."""
+    import dualenc
+
+    if args.model_parallel > 1:
+        if devices % args.model_parallel:
+            raise CommandError(f"--model-parallel {args.model_parallel} does not divide the {devices} devices")
+        return dualenc.train.model_mesh(devices // args.model_parallel, args.model_parallel)
+    return dualenc.train.data_mesh() if devices > 1 else None
+
+
+def described(run, model_parallel: int = 1) -> str:
     """One line of the start summary: what the run does beyond the plain float32 step."""
     parts = [f"precision {run.dtype or 'float32'}"]
+    if model_parallel > 1:
+        parts.append(f"tensor parallel over {model_parallel} devices")
     if run.accum_steps > 1:
         parts.append(f"{run.accum_steps} micro-batches of {run.batch_size // run.accum_steps} per step (exact "
                      f"gradient)")
@@ -197,6 +220,8 @@ def described(run) -> str:
         parts.append(f"patch dropout {run.patch_dropout:g}")
     if run.fsdp:
         parts.append("FSDP")
+    if run.layer_decay is not None:
+        parts.append(f"layer-wise learning-rate decay {run.layer_decay:g}")
     if run.remat_policy:
         parts.append(f"remat {run.remat_policy}")
     if run.lora is not None:

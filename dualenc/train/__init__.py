@@ -1,7 +1,8 @@
 """Contrastive training.
 
-- state.py (the train state and LiT locking), optimizer.py, sharding.py (mesh and FSDP rules), step.py (the jitted
-  step: a pure function (state, batch) -> (state, metrics));
+- state.py (the train state, LiT locking, LoRA's adapters), optimizer.py (AdamW, decay mask, layer-wise decay),
+  averaging.py (EMA, WiSE-FT), sharding.py (meshes, FSDP and tensor-parallel rules), step.py (the jitted step: a
+  pure function (state, batch) -> (state, metrics)), accumulate.py (exact gradient accumulation);
 - loop.py: `fit`, the training loop, with checkpoints (checkpoint.py, integrity.py, safetensors_state.py,
   orbax_errors.py), the run's log (runlog.py), the LiT cache of a locked tower's features (lit_cache.py) and the
   watch over the other processes of a many-host run (peers.py).
@@ -10,8 +11,8 @@ The loop and what it needs (grain, orbax) load on first use of its names: `duale
 """
 
 from dualenc.train.optimizer import (ClippedAdamWState, clipped_adamw, decay_mask, default_optimizer,
-                                     learning_rate_schedule)
-from dualenc.train.sharding import data_mesh, shard_batch, shard_state, state_sharding
+                                     layer_scales, learning_rate_schedule)
+from dualenc.train.sharding import data_mesh, model_mesh, shard_batch, shard_state, state_sharding
 from dualenc.train.state import TOWERS, TrainState, full_params, init_state, partition
 from dualenc.train.step import MAX_LOGIT_SCALE, make_train_step, tower_features
 
@@ -19,7 +20,8 @@ _LOOP = ("Interrupted", "NonFiniteLoss", "PeerLost", "TrainConfig", "fit")
 
 __all__ = ["ClippedAdamWState", "Interrupted", "MAX_LOGIT_SCALE", "NonFiniteLoss", "PeerLost", "TOWERS",
            "TrainConfig", "TrainState", "clipped_adamw", "data_mesh", "decay_mask", "default_optimizer", "fit",
-           "full_params", "init_state", "learning_rate_schedule", "make_train_step", "partition", "shard_batch",
+           "full_params", "init_state", "layer_scales", "learning_rate_schedule", "make_train_step", "model_mesh",
+           "partition", "shard_batch",
            "shard_state", "state_sharding", "tower_features"]
 
 

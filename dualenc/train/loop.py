@@ -76,6 +76,7 @@ class TrainConfig:
     lora: LoRA | None = None  # train low-rank adapters (dualenc.lora), every param frozen
     ema_decay: float | None = None  # keep an exponential moving average of the trained params (averaging.with_ema)
     loss_form: str = "auto"  # on several devices: "ring" (the default there) or "gather" (make_train_step)
+    layer_decay: float | None = None  # layer-wise learning-rate decay (optimizer.layer_scales)
 
     def __post_init__(self):
         for name in ("steps", "batch_size"):
@@ -141,12 +142,16 @@ class NonFiniteLoss(DualEncError):
         self.step, self.checkpoint = step, checkpoint
 
 
-def optimizer_of(run: TrainConfig):
-    """The run's optimizer: dualenc.train.default_optimizer with the run's rate, schedule, decay, clipping and
-    AdamW's betas and eps."""
+def optimizer_of(run: TrainConfig, config: DualEncoderConfig | None = None):
+    """The run's optimizer: dualenc.train.default_optimizer with the run's rate, schedule, decay, clipping,
+    AdamW's betas and eps and layer-wise decay (over each tower's depth in `config`)."""
+    depths = None
+    if run.layer_decay is not None and config is not None:
+        depths = {side: getattr(config, side).num_hidden_layers for side in ("vision", "text")
+                  if hasattr(getattr(config, side), "num_hidden_layers")}
     optimizer = train.default_optimizer(run.learning_rate, total_steps=run.steps, warmup_steps=run.warmup_steps,
                                         weight_decay=run.weight_decay, clip_norm=run.grad_clip, b1=run.beta1,
-                                        b2=run.beta2, eps=run.eps)
+                                        b2=run.beta2, eps=run.eps, layer_decay=run.layer_decay, depths=depths)
     if run.ema_decay is not None:
         from dualenc.train.averaging import with_ema
 
@@ -339,7 +344,7 @@ def fit(config: DualEncoderConfig, params: dict, dataset: PairDataset, processor
     # The rate of every update, computed once: a schedule call per step would wait for that step's computation.
     rates = np.asarray(train.learning_rate_schedule(run.learning_rate, total_steps=run.steps,
                                                     warmup_steps=run.warmup_steps)(np.arange(run.steps)))
-    optimizer = optimizer_of(run)
+    optimizer = optimizer_of(run, config)
     state = train.init_state(params, optimizer, locked=run.locked, unlocked_layers=run.unlocked_layers,
                              seed=run.seed, lora=run.lora, config=config)
     fsdp = FSDP(min_shard_mb=run.fsdp_min_shard_mb) if run.fsdp else False

@@ -21,6 +21,7 @@ from dualenc.config import DualEncoderConfig
 from dualenc.errors import ConfigError, InputError
 from dualenc.evaluate import pad_rows
 from dualenc.train import accumulate
+from dualenc.train import sharding
 from dualenc.train.sharding import state_sharding
 from dualenc.train.state import TOWERS, TrainState, check_locking, model_params
 
@@ -125,6 +126,8 @@ def make_train_step(config: DualEncoderConfig, optimizer, *, loss: str | None = 
         raise ConfigError("patch_dropout with cached=True: the cached vision features are computed once, "
                           "from every patch; train without the cache to drop patches")
 
+    if mesh is not None:
+        sharding.check_model_parallel(config, mesh)
     if loss_form not in ("auto", "ring", "gather"):
         raise ConfigError(f"loss_form must be 'auto', 'ring' or 'gather', got {loss_form!r}")
     if loss_form == "ring" and mesh is None:
@@ -149,7 +152,10 @@ def make_train_step(config: DualEncoderConfig, optimizer, *, loss: str | None = 
         inputs = {k: v for k, v in batch.items() if k != "records_replaced"}
 
         def embed(trainable, inputs, key):
-            params = model_params(trainable, frozen, lora)
+            held = frozen
+            if mesh is not None:  # FSDP: each weight gathered where it is used (tensor-parallel splits stay)
+                trainable, held = sharding.gather(trainable, mesh), sharding.gather(frozen, mesh)
+            params = model_params(trainable, held, lora)
             return _embeds(params, config, inputs, key, locked=locked, cached=cached_towers,
                            remat_policy=remat_policy, dtype=dtype, patch_dropout=patch_dropout)
 
