@@ -62,7 +62,7 @@ def test_gradient_equals_the_whole_batch_step(params, loss):
     start = params if loss == "clip" else dualenc.init(jax.random.key(0), config)
     batch = batch_of()
     whole, whole_metrics = gradient(config, start, batch, 1, loss=loss)
-    for k in ((2, 4) if loss == "clip" else (4,)):
+    for k in (4,):
         grads, metrics = gradient(config, start, batch, k, loss=loss)
         assert_close(grads, whole)
         for name in ("loss", "grad_norm", "accuracy_t2i", "accuracy_i2t"):
@@ -96,7 +96,7 @@ def test_updated_params_after_steps_and_refusals(params):
     optimizer = train.default_optimizer(1e-3, total_steps=10)
     results = []
     for k in (1, 4):
-        state = train.init_state(params, optimizer)
+        state = train.init_state(params, optimizer, layer_loop=False)
         step = train.make_train_step(CONFIG, optimizer, accum_steps=k)
         for _ in range(2):
             state, _ = step(state, batch)
@@ -115,11 +115,10 @@ def test_ring_and_gathered_losses_give_the_same_step():
     mesh = train.data_mesh()
     batch = batch_of(16)
     start = dualenc.init(jax.random.key(0), SIGLIP)
-    for config, loss in ((SIGLIP, "siglip"), (SIGLIP, "clip")):
-        gathered, _ = gradient(config, start, batch, 1, mesh=mesh, loss=loss, loss_form="gather")
-        for k in (1, 2):
-            ring, _ = gradient(config, start, batch, k, mesh=mesh, loss=loss, loss_form="ring")
-            assert_close(ring, gathered, atol=1e-6, of_largest=True)  # float32: gradients up to ~30
+    for loss, k in (("siglip", 1), ("clip", 2)):
+        gathered, _ = gradient(SIGLIP, start, batch, 1, mesh=mesh, loss=loss, loss_form="gather")
+        ring, _ = gradient(SIGLIP, start, batch, k, mesh=mesh, loss=loss, loss_form="ring")
+        assert_close(ring, gathered, atol=1e-6, of_largest=True)  # float32: gradients up to ~30
     with pytest.raises(dualenc.ConfigError, match="loss_form"):
         train.make_train_step(CONFIG, optax.sgd(1.0), loss_form="ring")
 
@@ -131,7 +130,7 @@ def test_patch_dropout_in_the_step(params):
     optimizer = optax.sgd(0.0)
     state = train.init_state(params, optimizer, layer_loop=False)
     plain = train.make_train_step(CONFIG, optimizer, donate=False)(state, batch)[1]["loss"]
-    for k in (1, 2):
+    for k in (2,):
         dropped = train.make_train_step(CONFIG, optimizer, donate=False, patch_dropout=0.5, accum_steps=k)
         loss = float(dropped(state, batch)[1]["loss"])
         assert np.isfinite(loss) and abs(loss - float(plain)) > 1e-4
