@@ -17,6 +17,9 @@ from dualenc import model, train
 from dualenc.train import optimizer as optim, sharding
 from dualenc.train.sharding import FSDP, SHARDED_AXES
 
+# One worker runs this module under `--dist loadgroup`: its module fixtures (compiles) are built once.
+pytestmark = pytest.mark.xdist_group("sharding")
+
 SIZE = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)  # one layer does
 CLIP = dualenc.DualEncoderConfig(
     vision=dualenc.CLIPVisionConfig(**SIZE, image_size=16, patch_size=8),
@@ -57,9 +60,12 @@ def model_gradient(config, mesh, fsdp):
     params placed by the rules and the batch split over "data"."""
     params = dualenc.init(jax.random.key(0), config)
 
+    salt = float(os.getpid() % 997 + 1)  # this process's own program: the session's shared compilation cache
+    # would hand another worker's compiled program back without compiling it, and without XLA's warnings
+
     def loss(params, batch):
         out = dualenc.apply(params, config, **batch)
-        return jax.numpy.sum(out.text_embeds * out.image_embeds)
+        return jax.numpy.sum(out.text_embeds * out.image_embeds) * salt
     specs = sharding.state_sharding(params, mesh, fsdp)
     rows = jax.sharding.NamedSharding(mesh, P("data"))
     jax.jit(jax.grad(loss), in_shardings=(specs, rows), out_shardings=specs).lower(params, make_batch(config)).compile()
