@@ -105,6 +105,27 @@ def export(folder: str, splits: dict) -> None:
                 for caption, owner in zip(dataset.captions, dataset.caption_image)]
         files.write_text_atomic(os.path.join(folder, f"{split}.jsonl"), "\n".join(rows) + "\n")
     files.write_text_atomic(os.path.join(folder, "labels.txt"), "\n".join(data.DIGIT_WORDS) + "\n")
+    export_benchmark(folder, splits)
+
+
+def export_benchmark(folder: str, splits: dict) -> None:
+    """The digits in CLIP_benchmark's webdataset layout too (`dualenc eval --benchmark` reads them, and so does
+    CLIP_benchmark itself): digits/ (classification: train and test, the class names and the held-out
+    prompts) and digits-captions/ (retrieval: the test images with their captions)."""
+    from dualenc.benchmark import export as wds
+
+    classes = os.path.join(folder, "digits")
+    for split, dataset in splits.items():
+        wds.write_split(classes, split, ((f"{i:05d}", np.asarray(image), int(label))
+                                         for i, (image, label) in enumerate(zip(dataset.images, dataset.labels))))
+    wds.write_metadata(classes, classnames=data.DIGIT_WORDS, templates=[t.replace("{}", "{c}") for t in EVAL_TEMPLATES])
+    test = splits["test"]
+    captions = [[] for _ in test.images]
+    for caption, owner in zip(test.captions, test.caption_image):
+        captions[owner].append(caption)
+    wds.write_split(os.path.join(folder, "digits-captions"), "test",
+                    ((f"{i:05d}", np.asarray(image), texts) for i, (image, texts) in enumerate(zip(test.images, captions))))
+    wds.write_metadata(os.path.join(folder, "digits-captions"), retrieval=True)
 
 
 def run(out: str, steps: int, seed: int, quiet: bool = False) -> dict:

@@ -167,11 +167,11 @@ def encode_images(params, config: DualEncoderConfig, processor, images: Iterable
 
 def stream_images(params, config: DualEncoderConfig, processor, images: Iterable, *, batch_size: int = 32,
                   dtype=None, progress: bool | None = None, skipped: list | None = None,
-                  devices: Sequence | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                  devices: Sequence | None = None, total: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """encode_images batch by batch, for inputs too large to hold their embeddings in memory.
 
     Arguments as encode_images'; an iterable without a length (a generator) is always cut into batches of
-    exactly `batch_size` rows.
+    exactly `batch_size` rows, and `total` may say how many images it holds (for the progress bar only).
 
     Yields:
       (positions int64 (n,), embeddings float32 (n, projection_dim)) per batch: the positions in `images` of
@@ -180,8 +180,9 @@ def stream_images(params, config: DualEncoderConfig, processor, images: Iterable
     """
     _check_batch_size(batch_size)
     params, rows_split = _placed(params, devices)
-    total = len(images) if hasattr(images, "__len__") else None
-    batch_size = batch_rows(total, batch_size, rows_split.mesh.size)
+    known = len(images) if hasattr(images, "__len__") else None
+    batch_size = batch_rows(known, batch_size, rows_split.mesh.size)
+    total = known if known is not None else total
     seen = [0]
 
     def prepare(batch):

@@ -17,13 +17,15 @@ DEFAULT_TEMPLATES = templates_.DEFAULT
 
 def zero_shot_classifier(params, config: DualEncoderConfig, tokenizer, classnames: Sequence[str],
                          templates: str | Sequence[str] = DEFAULT_TEMPLATES, *, batch_size: int = 64,
-                         dtype=None) -> np.ndarray:
+                         dtype=None, devices=None, exact_batch: bool = False) -> np.ndarray:
     """Zero-shot weights, float32 (projection_dim, n_classes), as CLIP builds them.
 
     Each class's column is the mean of its L2-normalised template embeddings (encode_texts', with `dtype` the
     matmuls' compute dtype), renormalised.
-    `templates` are format strings with one "{}" for the class name, or the name of a set in
-    dualenc.templates.TEMPLATE_SETS ("default", "openai_imagenet": the CLIP paper's 80, "openai_imagenet_7").
+    `templates` are format strings with one "{}" (or CLIP_benchmark's "{c}") for the class name, or the name of a
+    set in dualenc.templates.TEMPLATE_SETS ("default", "openai_imagenet": the CLIP paper's 80, "openai_imagenet_7").
+    exact_batch: every text batch has exactly batch_size rows (fewer prompts are not padded to a smaller power
+    of two), so that classifiers of any number of classes share one compiled text tower per length bucket.
     """
     classnames, templates = list(classnames), templates_.resolve(templates)
     if not classnames:
@@ -31,9 +33,17 @@ def zero_shot_classifier(params, config: DualEncoderConfig, tokenizer, classname
     for i, c in enumerate(classnames):
         if not isinstance(c, str) or not c.strip():
             raise InputError(f"classnames[{i}] = {c!r} must be a non-empty string")
-    prompts = [t.format(c) for c in classnames for t in templates]
-    embeds = encode_texts(params, config, tokenizer, prompts, batch_size=batch_size, dtype=dtype)
-    mean = embeds.reshape(len(classnames), len(templates), -1).mean(axis=1)
+    prompts = [templates_.fill(t, c) for c in classnames for t in templates]
+    texts = iter(prompts) if exact_batch else prompts
+    embeds = encode_texts(params, config, tokenizer, texts, batch_size=batch_size, dtype=dtype, devices=devices)
+    return class_weights(embeds, len(classnames))
+
+
+def class_weights(prompt_embeds, n_classes: int) -> np.ndarray:
+    """Zero-shot weights (d, n_classes) from the normalised embeddings of each class's prompts, class by class
+    (n_classes * n_templates, d): each column the mean of its class's rows, renormalised."""
+    embeds = np.asarray(prompt_embeds, np.float32)
+    mean = embeds.reshape(n_classes, len(embeds) // n_classes, -1).mean(axis=1)
     mean /= np.linalg.norm(mean, axis=-1, keepdims=True)
     return np.ascontiguousarray(mean.T, np.float32)
 

@@ -18,9 +18,17 @@ TRAINING_SIZE, DEMO_SIZE = (12, 8), (19, 11.5)  # inches; the PNGs are DPI times
 MAX_IMAGES = 20  # the demo's grid of held-out images
 MAX_BARS = 40  # per-class bars; with more classes the worst and the best half of this are drawn
 MAX_TICKS = 30  # class names written along a confusion matrix's axes
+CONFUSION_MAX = 30  # classes drawn as a confusion matrix; with more, the most confused pairs are drawn instead
+TOP_PAIRS = 25  # the most confused (true, predicted) pairs drawn
 CEILING_WRAP = 62  # characters per line of the demo's note on its in-batch accuracy ceiling
 RECALL = re.compile(r"^(i2t|t2i)_R@(\d+)$")
 DIRECTIONS = {"i2t": ("image -> text", "tab:blue"), "t2i": ("text -> image", "tab:orange")}
+# Held-out metric names shortened for the legend, e.g. "zeroshot/acc1" -> "zs acc1",
+# "retrieval/image_retrieval_recall@5" -> "ret iR@5"
+SHORT_NAMES = [(re.compile(p), r) for p, r in (
+    (r"(^|/)zeroshot/", r"\1zs "), (r"(^|/)zero_shot_", r"\1zs "), (r"(^|/)retrieval/", r"\1ret "),
+    (r"(^|/)linear_probe/", r"\1lp "), (r"image_retrieval_recall@", "iR@"), (r"text_retrieval_recall@", "tR@"),
+    (r"mean_per_class_recall", "mean class recall"), (r"/", " "))]
 
 
 def require_matplotlib():
@@ -138,6 +146,27 @@ def _draw_history(ax_loss, ax_accuracy, records, eval_loss: bool = True, ceiling
         ax.grid(alpha=0.3)
 
 
+def _metric_label(name: str) -> str:
+    """A held-out metric's name as the training figure's legend writes it: "zeroshot/acc1" -> "zs acc1",
+    "retrieval/text_retrieval_recall@1" -> "ret tR@1"; other names as they are."""
+    for pattern, replacement in SHORT_NAMES:
+        name = pattern.sub(replacement, name)
+    return name
+
+
+def _held_out_series(records) -> dict[str, tuple[list, list]]:
+    """{metric: (steps, values)} of the eval records' metrics (not their loss), non-finite values left out (acc5
+    of a benchmark with under 5 classes is NaN); a metric with no finite value is left out."""
+    names = dict.fromkeys(k for r in records if r.get("kind") == "eval" for k, v in r.items()
+                          if k not in ("kind", "step", "epoch", "loss", "time") and _is_number(v))
+    out = {}
+    for name in names:
+        points = [(s, v) for s, v in zip(*_series(records, "eval", name)) if math.isfinite(v)]
+        if points:
+            out[name] = ([p[0] for p in points], [p[1] for p in points])
+    return out
+
+
 def training_figure(records):
     """The Figure `training` saves: four panels, and a twin y axis when held-out metrics outside [0, 1] are logged."""
     records = _check_records(records, "records")
@@ -152,20 +181,21 @@ def training_figure(records):
         ax_rate.grid(alpha=0.3)
     else:
         _note(ax_rate, "no learning rate logged")
-    names = list(dict.fromkeys(k for r in records if r.get("kind") == "eval" for k, v in r.items()
-                               if k not in ("kind", "step", "epoch", "loss", "time") and _is_number(v)))
-    if names:
-        other = [n for n in names if not all(0 <= v <= 1 for v in _series(records, "eval", n)[1])]
+    held = _held_out_series(records)
+    if held:
+        other = [n for n, (_, values) in held.items() if not all(0 <= v <= 1 for v in values)]
         twin = ax_eval.twinx() if other else None
         lines = []
-        for i, name in enumerate(names):
+        for i, (name, (steps, values)) in enumerate(held.items()):
             ax, style = (twin, "--") if name in other else (ax_eval, "-")
-            lines += ax.plot(*_series(records, "eval", name), style, marker="o", color=f"C{i % 10}", label=name)
+            lines += ax.plot(steps, values, style, marker="osD^v"[i // 10 % 5], color=f"C{i % 10}",
+                             label=_short(_metric_label(name), 28))
         ax_eval.set(xlabel="step", ylabel="fraction", title="held-out evaluation")
         if twin is not None:
             twin.set_ylabel("other metrics (dashed)")
         ax_eval.grid(alpha=0.3)
-        ax_eval.legend(handles=lines, fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3)
+        ax_eval.legend(handles=lines, fontsize=9 if len(lines) <= 6 else 8, loc="upper center",
+                       bbox_to_anchor=(0.5, -0.13), ncol=3 if len(lines) <= 6 else 4)
     else:
         _note(ax_eval, "no held-out evaluation\n(train with --eval-data)")
     last = [r for r in records if r.get("kind") == "train" and _is_number(r.get("step"))]
@@ -244,10 +274,50 @@ def _draw_confusion(fig, ax, matrix: np.ndarray, names: Sequence[str], title: st
                         color="white" if count > 0.6 * top else "black")
 
 
-def evaluation_figure(*, retrieval, per_class=None, confusion=None, title: str = ""):
-    """The Figure `evaluation` saves: the recall panel, one more with per_class, one more with confusion (its
-    colour bar is an inset, in that panel's child_axes)."""
-    if not isinstance(retrieval, Mapping) or not _recall_ks(retrieval):
+def confused_pairs(matrix, top: int = TOP_PAIRS) -> list[tuple[int, int, float, float]]:
+    """The `top` most confused (true, predicted) class pairs of a confusion matrix, as (true, predicted, count,
+    share of the true class's images), the largest count first, ties by true then predicted class; pairs with no
+    mistake are left out (an empty list when every image is in its own class).
+
+    Args:
+      matrix: (n, n) counts >= 0, rows the true and columns the predicted classes.
+    """
+    off = np.array(matrix)
+    if off.ndim != 2 or off.shape[0] != off.shape[1]:
+        raise InputError(f"confused_pairs needs a square (n, n) matrix, got {off.shape}")
+    np.fill_diagonal(off, 0)
+    true, predicted = np.nonzero(off)  # row-major: already ordered by true, then predicted class
+    counts = off[true, predicted]
+    order = np.argsort(-counts, kind="stable")[:top]
+    totals = np.sum(matrix, axis=1)
+    return [(int(true[k]), int(predicted[k]), counts[k].item(), float(counts[k] / totals[true[k]])) for k in order]
+
+
+def _draw_confused_pairs(ax, matrix: np.ndarray, names: Sequence[str]):
+    pairs = confused_pairs(matrix)
+    if not pairs:
+        ax.set_title(f"most confused pairs ({len(names)} classes)")
+        _note(ax, f"no mistakes: every image of the {len(names)} classes\nis predicted as its own class")
+        return
+    ax.set_title(f"most confused pairs (top {len(pairs)}, {len(names)} classes)\ntrue \u2192 predicted")
+    counts = [count for _, _, count, _ in pairs]
+    ax.barh(range(len(pairs)), counts, color="tab:red")
+    ax.set_yticks(range(len(pairs)), [f"{_short(names[i], 20)} \u2192 {_short(names[j], 20)}"
+                                      for i, j, _, _ in pairs], fontsize=9)
+    for y, (_, _, count, share) in enumerate(pairs):
+        ax.text(count, y, f" {count:.3g} ({100 * share:.2g}%)", va="center", fontsize=8, in_layout=False)
+    ax.set(xlabel="images (share of the true class's images)", xlim=(0, 1.2 * max(counts)),
+           ylim=(len(pairs) - 0.4, -0.6))  # the most confused pair on top
+    ax.grid(axis="x", alpha=0.3)
+
+
+def evaluation_figure(*, retrieval=None, per_class=None, confusion=None, title: str = ""):
+    """The Figure `evaluation` saves: the recall panel with retrieval, one with per_class, one with confusion (up to
+    CONFUSION_MAX classes a matrix, its colour bar an inset in that panel's child_axes; with more, the TOP_PAIRS
+    most confused class pairs as bars)."""
+    if retrieval is None and per_class is None and confusion is None:
+        raise InputError("evaluation needs something to draw: retrieval, per_class or confusion")
+    if retrieval is not None and (not isinstance(retrieval, Mapping) or not _recall_ks(retrieval)):
         raise InputError("retrieval must be the dict of retrieval_metrics, with keys such as 'i2t_R@1'")
     if per_class is not None and (not isinstance(per_class, Mapping) or not per_class
                                   or not all(_is_number(v) for v in per_class.values())):
@@ -258,27 +328,38 @@ def evaluation_figure(*, retrieval, per_class=None, confusion=None, title: str =
         matrix, names = np.asarray(confusion[0]), [_short(str(c), 24) for c in confusion[1]]
         if not names or matrix.shape != (len(names), len(names)):
             raise InputError(f"confusion's matrix {matrix.shape} must be (n, n) for its {len(names)} class names")
-    panels = [p for p in ("recall", per_class is not None and "per_class", confusion is not None and "confusion") if p]
-    bars = min(len(per_class), MAX_BARS) if per_class is not None else 0
-    fig = _new_figure(5.5 * len(panels) + (confusion is not None), max(5.0, 1.5 + 0.22 * bars))
+        if not np.issubdtype(matrix.dtype, np.number) or not np.all(np.isfinite(matrix)) or matrix.min() < 0:
+            raise InputError("confusion's matrix must hold finite counts >= 0")
+    pairs = confusion is not None and len(names) > CONFUSION_MAX
+    panels = [p for p in (retrieval is not None and "recall", per_class is not None and "per_class",
+                          confusion is not None and "confusion") if p]
+    bars = max(min(len(per_class), MAX_BARS) if per_class is not None else 0, TOP_PAIRS if pairs else 0)
+    fig = _new_figure(5.5 * len(panels) + (confusion is not None) + pairs, max(5.0, 1.5 + 0.22 * bars))
     axes = dict(zip(panels, fig.subplots(1, len(panels), squeeze=False)[0]))
-    _draw_recall(axes["recall"], retrieval)
+    if retrieval is not None:
+        _draw_recall(axes["recall"], retrieval)
     if per_class is not None:
         _draw_per_class(axes["per_class"], per_class)
-    if confusion is not None:
+    if pairs:
+        _draw_confused_pairs(axes["confusion"], matrix, names)
+    elif confusion is not None:
         _draw_confusion(fig, axes["confusion"], matrix, names, "confusion matrix")
     if title:
         fig.suptitle(title, fontsize=13)
     return fig
 
 
-def evaluation(path: str, *, retrieval, per_class=None, confusion=None, title: str = "") -> str:
-    """Draws an evaluation into a PNG at `path`; returns `path`.
+def evaluation(path: str, *, retrieval=None, per_class=None, confusion=None, title: str = "") -> str:
+    """Draws an evaluation into a PNG at `path`; returns `path`. At least one of retrieval, per_class and
+    confusion is given (a classification-only benchmark has no recall curve).
 
     Args:
       retrieval: retrieval_metrics' dict; recall@K of both directions against K, each with its chance dashed.
-      per_class: {class name: accuracy}, drawn as bars (best on top) with the chance level, 1 / number of classes.
-      confusion: (matrix (n, n) of counts, rows the true and columns the predicted classes; the n class names).
+      per_class: {class name: accuracy}, drawn as bars (best on top) with the chance level, 1 / number of classes;
+        with more than MAX_BARS classes, the worst and the best MAX_BARS / 2.
+      confusion: (matrix (n, n) of counts, rows the true and columns the predicted classes; the n class names),
+        drawn as a matrix up to CONFUSION_MAX classes; with more, as the TOP_PAIRS most confused (true ->
+        predicted) pairs (see confused_pairs), each with its count and share of the true class's images.
       title: written above the panels.
     """
     return _save(evaluation_figure(retrieval=retrieval, per_class=per_class, confusion=confusion, title=title), path)

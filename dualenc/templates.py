@@ -1,4 +1,4 @@
-"""Zero-shot prompt templates: named sets of format strings with one "{}" for the class name."""
+"""Zero-shot prompt templates: named sets of strings with one "{}" (or CLIP_benchmark's "{c}") for the class name."""
 
 from __future__ import annotations
 
@@ -46,8 +46,30 @@ OPENAI_IMAGENET_7 = (
 TEMPLATE_SETS = {"default": DEFAULT, "openai_imagenet": OPENAI_IMAGENET, "openai_imagenet_7": OPENAI_IMAGENET_7}
 
 
+def _placeholder(template) -> str | None:
+    """The template's one placeholder, "{}" or "{c}"; None when it has not exactly one and no other brace."""
+    if not isinstance(template, str):
+        return None
+    for mark in ("{}", "{c}"):
+        rest = template.replace(mark, "")
+        if template.count(mark) == 1 and "{" not in rest and "}" not in rest:
+            return mark
+    return None
+
+
+def fill(template: str, name: str) -> str:
+    """The prompt of one class: the template's "{}" or "{c}" replaced by `name` (as str.format and
+    CLIP_benchmark's template.format(c=name) do; a name's own braces are kept as they are)."""
+    mark = _placeholder(template)
+    if mark is None:
+        raise InputError(f"template {template!r} must be a string with exactly one '{{}}' or '{{c}}' for the class "
+                         f"name")
+    return template.replace(mark, name)
+
+
 def resolve(templates: str | Sequence[str]) -> list[str]:
-    """A template set by name (see TEMPLATE_SETS), or the given templates, checked: each a string with one "{}"."""
+    """A template set by name (see TEMPLATE_SETS), or the given templates, checked: each a string with exactly one
+    "{}" or one "{c}" (CLIP_benchmark's form) for the class name, and no other brace; fill() fills either."""
     if isinstance(templates, str):
         if templates not in TEMPLATE_SETS:
             raise InputError(f"templates {templates!r} is not a known template set; known: {sorted(TEMPLATE_SETS)} "
@@ -57,6 +79,7 @@ def resolve(templates: str | Sequence[str]) -> list[str]:
     if not templates:
         raise InputError("templates is empty")
     for i, t in enumerate(templates):
-        if not isinstance(t, str) or t.count("{}") != 1 or t.replace("{}", "").count("{") or t.replace("{}", "").count("}"):
-            raise InputError(f"templates[{i}] = {t!r} must be a string with exactly one '{{}}' for the class name")
+        if _placeholder(t) is None:
+            raise InputError(f"templates[{i}] = {t!r} must be a string with exactly one '{{}}' or '{{c}}' for the "
+                             f"class name")
     return templates

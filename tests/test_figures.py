@@ -55,6 +55,29 @@ def test_training_figure_panels_and_png(tmp_path):
     assert os.listdir(tmp_path) == ["training.png"]  # no temporary file left behind
 
 
+def test_training_figure_draws_benchmark_metrics_and_skips_nan(tmp_path):
+    """Training-time benchmark metrics (CLIP_benchmark names, in [0, 1]; acc5 NaN with under 5 classes) draw on the
+    fraction axis with short legend labels; NaN points are left out and an all-NaN metric gets no line."""
+    records = run_records(steps=100, eval_every=20)
+    for n, record in enumerate(r for r in records if r["kind"] == "eval"):
+        record.update({"zeroshot/acc1": 0.2 * n, "zeroshot/acc5": float("nan") if n == 0 else 0.25 * n,
+                       "zeroshot/mean_per_class_recall": 0.15 * n, "cifar10/zeroshot/acc1": 0.1 * n,
+                       "mnist/zeroshot/acc5": float("nan"),
+                       **{f"retrieval/{side}_retrieval_recall@{k}": min(1.0, 0.1 * n * k)
+                          for side in ("image", "text") for k in (1, 5)}})
+    fig = figures.training_figure(records)
+    assert len(fig.axes) == 4  # every metric within [0, 1] once NaN is left out: no twin axis
+    ax = fig.axes[3]
+    lines = {line.get_label(): line for line in ax.lines}
+    assert {"zs acc1", "zs acc5", "zs mean class recall", "cifar10 zs acc1", "ret iR@1", "ret iR@5", "ret tR@1",
+            "ret tR@5"} <= set(lines) and "mnist zs acc5" not in lines
+    assert list(lines["zs acc5"].get_xdata()) == [40, 60, 80, 100]
+    assert all(np.isfinite(line.get_ydata()).all() for line in ax.lines)
+    assert len(ax.get_legend().get_texts()) == len(ax.lines) == 11
+    figures.training(str(tmp_path / "training.png"), records)
+    assert png_size(str(tmp_path / "training.png")) == pixels(figures.TRAINING_SIZE)
+
+
 def test_training_takes_gaps_repeats_and_other_kinds():
     records = run_records(steps=100, eval_every=0)
     resumed = records + records[3:]  # a run resumed from an earlier checkpoint logs some steps again
@@ -112,10 +135,69 @@ def test_evaluation_figure_panels_and_png(tmp_path):
     (dict(retrieval=RETRIEVAL, per_class={"cat": "high"}), "per_class must be"),
     (dict(retrieval=RETRIEVAL, confusion=np.eye(3)), "confusion must be"),
     (dict(retrieval=RETRIEVAL, confusion=(np.eye(3), ["a", "b"])), "confusion's matrix"),
+    (dict(), "needs something to draw"),
+    (dict(retrieval=None, per_class=None), "needs something to draw"),
+    (dict(confusion=(-np.eye(3), ["a", "b", "c"])), "finite counts >= 0"),
+    (dict(confusion=(np.full((2, 2), "x"), ["a", "b"])), "finite counts >= 0"),
 ])
 def test_evaluation_refuses_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         figures.evaluation_figure(**kwargs)
+
+
+def many_classes(n=1000):
+    """A confusion matrix of n classes with random mistakes (0 to 2 per pair) and three planted: 417 -> 3 the most
+    common, then two equal ones (ties go by the true class)."""
+    matrix = np.random.default_rng(2).poisson(0.02, (n, n)).clip(0, 2)
+    np.fill_diagonal(matrix, 40)
+    matrix[417, 3], matrix[5, 9], matrix[2, 7] = 9, 8, 8
+    return matrix, [f"c{i}" for i in range(n)]
+
+
+def test_confusion_of_many_classes_draws_the_most_confused_pairs(tmp_path):
+    matrix, names = many_classes()
+    pairs = figures.confused_pairs(matrix)
+    assert len(pairs) == figures.TOP_PAIRS
+    assert pairs[:3] == [(417, 3, 9, 9 / matrix[417].sum()), (2, 7, 8, 8 / matrix[2].sum()),
+                         (5, 9, 8, 8 / matrix[5].sum())]
+    rest = [(-count, i, j) for i, j, count, _ in pairs[3:]]
+    assert rest == sorted(rest) and all(i != j for i, j, _, _ in pairs)  # deterministic: count, true, predicted
+    fig = figures.evaluation_figure(confusion=(matrix, names))
+    assert len(fig.axes) == 1 and colour_bars(fig) == 0 and not fig.axes[0].images
+    ax = fig.axes[0]
+    assert ax.get_title().startswith(f"most confused pairs (top {figures.TOP_PAIRS}, 1000 classes)")
+    widths = [bar.get_width() for bar in ax.patches]
+    assert widths[:3] == [9, 8, 8] and len(widths) == figures.TOP_PAIRS and widths == sorted(widths, reverse=True)
+    labels = [label.get_text() for label in ax.get_yticklabels()]
+    assert labels[:3] == ["c417 \u2192 c3", "c2 \u2192 c7", "c5 \u2192 c9"]
+    assert ax.get_ylim()[0] > ax.get_ylim()[1]  # the first pair on top
+    assert ax.texts[0].get_text().strip() == f"9 ({100 * 9 / matrix[417].sum():.2g}%)"
+    at_most = figures.CONFUSION_MAX
+    small = figures.evaluation_figure(confusion=(matrix[:at_most, :at_most], names[:at_most]))
+    assert len(small.axes[0].images) == 1  # up to CONFUSION_MAX classes: still the matrix
+    path = str(tmp_path / "eval.png")
+    assert figures.evaluation(path, per_class=dict(zip(names, matrix.diagonal() / matrix.sum(1))),
+                              confusion=(matrix, names), title="imagenet") == path
+    width, height = png_size(path)
+    assert width > height > 500
+
+
+def test_confused_pairs_without_mistakes_say_so():
+    matrix = np.eye(40, dtype=np.int64) * 3
+    assert figures.confused_pairs(matrix) == []
+    with pytest.raises(ValueError, match="square"):
+        figures.confused_pairs(matrix[:3])
+    ax = figures.evaluation_figure(confusion=(matrix, [str(i) for i in range(40)])).axes[0]
+    assert not ax.patches and "no mistakes" in ax.texts[0].get_text()
+
+
+def test_classification_only_evaluation_has_no_recall_panel():
+    per_class = {name: i / 10 for i, name in enumerate(CLASSES)}
+    fig = figures.evaluation_figure(per_class=per_class, confusion=(np.eye(10, dtype=np.int64) * 5 + 1, CLASSES))
+    assert len(fig.axes) == 2 and colour_bars(fig) == 1
+    assert fig.axes[0].get_title() == "per-class accuracy"
+    assert not [ax for ax in fig.axes if ax.get_title().startswith("retrieval")]
+    assert len(figures.evaluation_figure(per_class=per_class).axes) == 1
 
 
 def demo_inputs(n=40, shown=20):

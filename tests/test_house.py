@@ -29,7 +29,7 @@ FLOORS = [
     {"processing", "templates"},
     {"formats"},
     {"encode", "data"},
-    {"evaluate", "search"},
+    {"evaluate", "search", "benchmark"},
     {"train"},
     {"plots"},
     {"demo"},

@@ -7,6 +7,7 @@ import os
 from dualenc.cli.support import (CommandError, CompileNotice, at_least, batch_rows, encode_readable, image_files,
                                 load_model, note, outside_hint, plural, print_json, read_lines, require,
                                 shown, warn_unknown_words)
+from dualenc.cli.benchmark import benchmark_options, check_modes, cmd_benchmark
 from dualenc.cli.options import (data_options, device_batch, images_options, precision_dtype, precision_option,
                                  subcommand)
 
@@ -91,8 +92,11 @@ def cmd_eval(args) -> int:
     import dualenc
     from dualenc import data, encode, files
 
+    check_modes(args)
     batch_size = device_batch(args.batch_size, "eval")
     dtype = precision_dtype(args.precision)
+    if args.benchmark:
+        return cmd_benchmark(args, batch_size, dtype)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise CommandError(f"--out {args.out} exists and is not a folder")
     if not args.no_figure:
@@ -223,10 +227,11 @@ def register(subs) -> None:
                                              "quoted patterns ('photos/**/*.jpg', 'photos/{a,b}/*.png')")
 
     p = subcommand(subs, EXAMPLES, "eval", cmd_eval, "retrieval metrics on image-caption pairs, and zero-shot accuracy with labels; "
-                                     "writes metrics.json and eval.png")
+                                     "writes metrics.json and eval.png; or, with --benchmark, CLIP_benchmark's "
+                                     "tasks and numbers on its datasets")
     p.add_argument("--model", required=True, help="a dual encoder directory")
-    p.add_argument("--data", required=True, help="image-caption pairs: .jsonl or .csv (with a 'label' field, texts "
-                                                 "are relevant to every image of their label)")
+    p.add_argument("--data", help="image-caption pairs: .jsonl or .csv (with a 'label' field, texts are relevant "
+                                  "to every image of their label)")
     data_options(p)
     p.add_argument("--labels-file", help="class names, one per line, for zero-shot accuracy")
     p.add_argument("--out", default="dualenc-eval", help="folder for metrics.json and eval.png")
@@ -235,3 +240,4 @@ def register(subs) -> None:
     images_options(p, "images or texts")
     precision_option(p)
     p.add_argument("--json", action="store_true", help="print one JSON object with the figures")
+    benchmark_options(p)

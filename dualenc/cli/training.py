@@ -16,6 +16,7 @@ import numpy as np
 
 from dualenc.cli import training_checks as checks
 from dualenc.cli import training_options
+from dualenc.cli.benchmark import training_figures, training_options as benchmark_training_options, training_sets
 from dualenc.cli.support import CommandError, CompileNotice, note, outside_hint, plural
 from dualenc.cli.options import data_options, subcommand
 from dualenc.data.pipeline import MAX_REPLACED, MIN_DRAWN, TooManyReplaced
@@ -145,10 +146,14 @@ class Progress:
             self.bar.close()
 
 
-def _evaluator(args, held_out, config, processor, progress):
-    """Held-out retrieval (and zero-shot accuracy when every image has a label) on --eval-data."""
+def _evaluator(args, held_out, benchmarks: dict, config, processor, progress):
+    """Held-out retrieval (and zero-shot accuracy when every image has a label) on --eval-data, and
+    CLIP_benchmark's metrics on --eval-zeroshot / --eval-retrieval."""
     import dualenc
 
+    if held_out is None:
+        return lambda step, params: progress.evaluation(step, training_figures(benchmarks, config, params, processor,
+                                                                               args.batch_size))
     relevant = held_out.relevance()
     labelled = "image_labels" in relevant
     classes = sorted(set(held_out.labels)) if labelled and len(set(held_out.labels)) > 1 else None
@@ -162,6 +167,8 @@ def _evaluator(args, held_out, config, processor, progress):
             classifier = dualenc.zero_shot_classifier(params, config, processor, classes)
             top, _ = dualenc.zero_shot_predict(images, classifier, params=params)
             figures["zero_shot_accuracy"] = float(np.mean(np.asarray(classes)[top[:, 0]] == held_out.labels))
+        if benchmarks:
+            figures.update(training_figures(benchmarks, config, params, processor, args.batch_size))
         progress.evaluation(step, figures)
 
     return evaluate
@@ -302,6 +309,7 @@ def _train(args, checkpoints: str, resuming: bool, watch) -> int:
     checks.check_batch(args, dataset, jax.device_count() // args.model_parallel)
     held_out = data.read_pairs(args.eval_data, image_root=args.eval_image_root,
                                allow_outside=args.allow_outside) if args.eval_data else None
+    benchmarks = training_sets(args)
     lock = args.lock or ("none" if args.lora is not None else "vision")
     locked = () if lock == "none" else (lock,)
     config, params, processor = assembly.start_from(args.vision, args.text, model_path=args.model,
@@ -331,8 +339,8 @@ def _train(args, checkpoints: str, resuming: bool, watch) -> int:
     if main:
         hooks = dict(callback=progress.step,
                      on_checkpoint=lambda step, path: figure.draw(force=False))
-    if held_out is not None:
-        evaluate = _evaluator(args, held_out, config, processor, progress) if main else None
+    if held_out is not None or benchmarks:
+        evaluate = _evaluator(args, held_out, benchmarks, config, processor, progress) if main else None
 
         def evaluation(step, params):
             if evaluate is not None:
@@ -467,7 +475,8 @@ def register(subs) -> None:
     p.add_argument("--eval-image-root", help="folder --eval-data's image paths are relative to (default: its "
                                              "file's folder)")
     p.add_argument("--eval-every", type=int, default=200, help="steps between held-out evaluations (with "
-                                                               "--eval-data; also after the last step)")
+                                                               "--eval-data, --eval-zeroshot or --eval-retrieval; "
+                                                               "also after the last step)")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files to "
                                                               "OUT/tensorboard (needs dualenc[tensorboard])")
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines (the start summary stays)")
@@ -477,3 +486,4 @@ def register(subs) -> None:
     p.add_argument("--heartbeat-timeout", type=int, default=30,
                    help="seconds without a heartbeat before a lost process stops the run")
     training_options.register(p)
+    benchmark_training_options(p)

@@ -1,0 +1,192 @@
+"""dualenc's evaluation against the clip-benchmark package itself: the same numbers on the same data and model
+(a tiny open_clip model that CLIP_benchmark loads natively and dualenc loads from open_clip's layout), its JSON
+layout, `dualenc eval --benchmark`, compiled programs reused across datasets, and metrics during training."""
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import benchmark_data
+from dualenc.benchmark import datasets, metrics, run
+from test_cli import dualenc_cmd, dualenc_run
+
+TOL = 1e-6
+
+
+def _accuracy(output, target, topk=(1,)):
+    """clip_benchmark.metrics.zeroshot_classification.accuracy with numpy 2.4's float() of a 1-element array
+    avoided (the same arithmetic: ENVIRONMENT.md)."""
+    pred = output.topk(max(topk), 1, True, True)[1].t()
+    correct = pred.eq(target.view(1, -1).expand_as(pred))
+    return [float(correct[:k].reshape(-1).float().sum()) / len(target) for k in topk]
+
+
+def clip_benchmark(args, monkeypatch_accuracy=True) -> dict:
+    """Runs `clip_benchmark eval ARGS` in this process; returns its results JSON."""
+    from clip_benchmark import cli
+    from clip_benchmark.metrics import zeroshot_classification
+
+    out = [a for i, a in enumerate(args) if i and args[i - 1] == "--output"][0]
+    saved, argv = zeroshot_classification.accuracy, sys.argv
+    zeroshot_classification.accuracy = _accuracy
+    sys.argv = ["clip_benchmark", "eval", *map(str, args)]
+    try:
+        cli.main()
+    finally:
+        zeroshot_classification.accuracy, sys.argv = saved, argv
+    with open(out) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("benchmark")
+    return {"cls": benchmark_data.classification_set(str(root / "cls")),
+            "ret": benchmark_data.retrieval_set(str(root / "ret")),
+            "oc": benchmark_data.tiny_open_clip(str(root / "oc")), "root": root}
+
+
+@pytest.fixture(scope="module")
+def reference(files):
+    """CLIP_benchmark's own results on both datasets, with the open_clip model it loads natively."""
+    out = {}
+    for name, task in (("cls", "zeroshot_classification"), ("ret", "zeroshot_retrieval")):
+        out[name] = clip_benchmark(["--dataset", f"wds/{name}", "--dataset_root", files[name], "--task", task,
+                                    "--model", f"local-dir:{files['oc']}", "--pretrained", "", "--model_type",
+                                    "open_clip", "--no_amp", "--num_workers", "0", "--batch_size", "8",
+                                    "--recall_k", "1", "5", "10", "--quiet",
+                                    "--output", files["root"] / f"reference-{name}.json"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(files):
+    return run.Model.load(files["oc"], batch_size=8)
+
+
+def test_zero_shot_classification_equals_clip_benchmark(files, reference, model):
+    details = {}
+    found = run.zeroshot_classification(model, datasets.open_benchmark(files["cls"], "test"), details=details)
+    expected = reference["cls"]["metrics"]
+    assert set(found) == set(expected) == {"acc1", "acc5", "mean_per_class_recall"}
+    for key in expected:
+        assert abs(found[key] - expected[key]) <= TOL, (key, found[key], expected[key])
+    # the numbers are not degenerate: some images right, some wrong, several classes predicted, no near-ties
+    assert 0 < expected["acc1"] < 1 and len(set(details["predictions"].tolist())) >= 3
+    ranked = np.sort(details["scores"], axis=1)[:, ::-1]
+    assert np.min(ranked[:, 0] - ranked[:, 1]) > 1e-4 and np.min(ranked[:, 4] - ranked[:, 5]) > 1e-5
+
+
+def test_retrieval_equals_clip_benchmark(files, reference, model):
+    found = run.zeroshot_retrieval(model, datasets.open_benchmark(files["ret"], "test"), recall_k=(1, 5, 10))
+    expected = reference["ret"]["metrics"]
+    assert set(found) == set(expected) and len(found) == 6
+    for key in expected:
+        assert abs(found[key] - expected[key]) <= TOL, (key, found[key], expected[key])
+    assert 0 < expected["image_retrieval_recall@1"] < expected["image_retrieval_recall@10"] <= 1
+
+
+def test_metrics_against_clip_benchmark_functions():
+    """The metric functions on random scores with planted ties, against CLIP_benchmark's own functions."""
+    import torch
+    from clip_benchmark.metrics import zeroshot_retrieval
+    from sklearn.metrics import balanced_accuracy_score
+
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(60, 9)).astype(np.float32)
+    labels = rng.integers(0, 9, 60)
+    acc1, acc5 = _accuracy(torch.from_numpy(scores), torch.from_numpy(labels), (1, 5))
+    found = metrics.classification_metrics(scores, labels)
+    assert found["acc1"] == acc1 and found["acc5"] == acc5
+    assert abs(found["mean_per_class_recall"] - balanced_accuracy_score(labels, scores.argmax(1))) < 1e-12
+    assert math.isnan(metrics.classification_metrics(scores[:, :4], labels % 4)["acc5"])  # < 5 classes
+    images = rng.normal(size=(12, 8)).astype(np.float32)
+    texts = rng.normal(size=(30, 8)).astype(np.float32)
+    owner = np.concatenate([np.arange(12), rng.integers(0, 12, 18)])
+    found = metrics.retrieval_recall(images, texts, owner, (1, 3, 5))
+    scores_t = torch.from_numpy(texts @ images.T)
+    positive = torch.zeros_like(scores_t, dtype=bool)
+    positive[torch.arange(len(texts)), torch.from_numpy(owner)] = True
+    for k in (1, 3, 5):
+        image_r = (zeroshot_retrieval.recall_at_k(scores_t, positive, k) > 0).float().mean().item()
+        text_r = (zeroshot_retrieval.recall_at_k(scores_t.T, positive.T, k) > 0).float().mean().item()
+        assert abs(found[f"image_retrieval_recall@{k}"] - image_r) < TOL
+        assert abs(found[f"text_retrieval_recall@{k}"] - text_r) < TOL
+
+
+def test_ties_go_to_the_lower_index():
+    scores = np.asarray([[0.5, 0.9, 0.9, 0.1], [0.2, 0.2, 0.2, 0.2]], np.float32)
+    assert metrics.top_k(scores, 2).tolist() == [[1, 2], [0, 1]]
+    assert metrics.classification_metrics(scores, [2, 3], 4)["acc1"] == 0.0
+
+
+def test_one_model_on_several_datasets_compiles_once(files, model):
+    """A second and a third dataset (other sizes, other class counts) compile nothing new."""
+    first = datasets.open_benchmark(files["cls"], "test")
+    run.zeroshot_classification(model, datasets.open_benchmark(files["cls"], "train"))  # compiles, if not done yet
+    with run.Compiles() as compiles:
+        run.zeroshot_classification(model, first)
+        run.zeroshot_classification(model, datasets.open_benchmark(files["cls"], "val"))
+    assert compiles.count == 0
+
+
+def test_cli_benchmark_writes_clip_benchmarks_json_and_one_table(files, reference, tmp_path):
+    out = tmp_path / "results"
+    proc = dualenc_run("eval", "--model", files["oc"], "--benchmark", files["cls"], files["ret"], "--batch-size", 8,
+                       "--out", out)
+    lines = proc.stdout.splitlines()
+    assert lines[0].split()[:2] == ["dataset", "task"] and "acc1" in lines[0] and "iR@5" in lines[0]
+    assert [line.split()[0] for line in lines[2:4]] == ["wds/cls", "wds/ret"]
+    written = sorted(p for p in os.listdir(out) if p.endswith(".json"))
+    assert len(written) == 2 and sorted(p for p in os.listdir(out) if p.endswith(".png")) == \
+        [p[:-5] + ".png" for p in written]
+    for name in ("cls", "ret"):
+        record = json.loads((out / next(p for p in written if p.startswith(f"wds_{name}_"))).read_text())
+        assert set(record) == set(reference[name]) and record["task"] == reference[name]["task"]
+        assert record["dataset"] == reference[name]["dataset"] and record["language"] == "en"
+        for key, value in reference[name]["metrics"].items():
+            assert abs(record["metrics"][key] - value) <= TOL
+    assert "wds/ret zeroshot_retrieval: 14 images" in proc.stderr and "programs compiled" in proc.stderr
+
+
+def test_cli_benchmark_refusals(files, tmp_path):
+    bad = dualenc_run("eval", "--model", files["oc"], "--benchmark", tmp_path / "missing", check=False)
+    assert bad.returncode == 2 and "--benchmark" in bad.stderr and str(tmp_path / "missing") in bad.stderr
+    both = dualenc_run("eval", "--model", files["oc"], "--benchmark", files["cls"], "--data", "x.jsonl", check=False)
+    assert both.returncode == 2 and "not both" in both.stderr
+    stray = dualenc_run("eval", "--model", files["oc"], "--data", "x.jsonl", "--recall-k", "3", check=False)
+    assert stray.returncode == 2 and "--recall-k applies to --benchmark only" in stray.stderr
+
+
+def test_training_logs_clip_benchmark_metrics(files, tmp_path):
+    """`dualenc train --eval-zeroshot --eval-retrieval`: the metrics at --eval-every in metrics.jsonl, the last
+    equal to `dualenc eval --benchmark` on the saved model."""
+    pairs = tmp_path / "pairs.jsonl"
+    first = datasets.open_benchmark(files["cls"], "train")
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = []
+    for i, example in enumerate(first.examples()):
+        example.image.convert("RGB").save(images / f"{i}.png")
+        rows.append(json.dumps({"image": f"images/{i}.png", "caption": f"a photo of a {first.classnames[example.label]}."}))
+    pairs.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    dualenc_cmd("train", "--model", files["oc"], "--data", pairs, "--steps", 4, "--batch-size", 7, "--eval-every", 2,
+                "--eval-zeroshot", files["cls"], "--eval-retrieval", files["ret"], "--out", out, "--quiet",
+                "--lock", "none")
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line).get("kind") == "eval"]
+    assert [e["step"] for e in evals] == [2, 4]
+    assert {"zeroshot/acc1", "zeroshot/acc5", "zeroshot/mean_per_class_recall", "retrieval/image_retrieval_recall@1",
+            "retrieval/text_retrieval_recall@10"} <= set(evals[-1])
+    after = json.loads(dualenc_run("eval", "--model", out, "--benchmark", files["cls"], "--json", "--no-figure",
+                                   "--out", tmp_path / "after").stdout)["results"][0]["metrics"]
+    for key, value in after.items():
+        assert abs(evals[-1][f"zeroshot/{key}"] - value) <= 1e-5
+    bad = dualenc_cmd("train", "--model", files["oc"], "--data", pairs, "--steps", 1, "--eval-zeroshot", files["ret"],
+                      "--out", tmp_path / "bad", check=False)
+    assert bad.returncode == 2 and "--eval-zeroshot" in bad.stderr and "retrieval" in bad.stderr
