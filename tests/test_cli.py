@@ -225,6 +225,9 @@ def test_zero_shot_embed_search_eval(trained, workspace):
     assert figures["images"] == 12 and figures["skipped"] == {"missing image": 1} and figures["unreadable"] == []
     assert 0 <= figures["zero_shot_accuracy"] <= 1 and figures["zero_shot_chance"] == pytest.approx(1 / 3)
     assert set(figures["per_class_accuracy"]) == {"red", "green", "blue"}
+    # mean per-class recall is the mean of the per-class accuracies; no top-5 among 3 classes
+    assert figures["zero_shot_mean_per_class_recall"] == pytest.approx(np.mean(list(figures["per_class_accuracy"].values())))
+    assert "zero_shot_top5_accuracy" not in figures
     # captions are identical within a colour: with labels, a caption is relevant to every image of its label
     assert figures["relevance"] == "same label"
     embeds = dualenc.encode_images(params, dualenc.load_config(trained), dualenc.Processor.from_pretrained(trained),

@@ -91,6 +91,7 @@ def cmd_eval(args) -> int:
 
     import dualenc
     from dualenc import data, encode, files
+    from dualenc.benchmark import metrics
 
     check_modes(args)
     batch_size = device_batch(args.batch_size, "eval")
@@ -144,11 +145,15 @@ def cmd_eval(args) -> int:
         top, _ = dualenc.zero_shot_predict(image_embeds, classifier, params=params)
         predicted = [labels[j] for j in top[:, 0]]
         figures["zero_shot_accuracy"] = float(np.mean([p == t for p, t in zip(predicted, truth)]))
+        where = {c: i for i, c in enumerate(labels)}
+        found = metrics.classification_metrics(image_embeds @ classifier, [where[t] for t in truth], len(labels))
+        if len(labels) >= 5:  # CLIP_benchmark's acc5 (NaN under 5 classes: left out here)
+            figures["zero_shot_top5_accuracy"] = found["acc5"]
+        figures["zero_shot_mean_per_class_recall"] = found["mean_per_class_recall"]
         figures["zero_shot_chance"] = 1.0 / len(labels)
         per_class = {c: float(np.mean([p == c for p, t in zip(predicted, truth) if t == c]))
                      for c in labels if c in truth}
         figures["per_class_accuracy"] = per_class
-        where = {c: i for i, c in enumerate(labels)}
         confusion = np.zeros((len(labels), len(labels)), np.int64)
         for p, t in zip(predicted, truth):
             confusion[where[t], where[p]] += 1
