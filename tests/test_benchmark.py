@@ -122,6 +122,12 @@ def test_ties_go_to_the_lower_index():
     scores = np.asarray([[0.5, 0.9, 0.9, 0.1], [0.2, 0.2, 0.2, 0.2]], np.float32)
     assert metrics.top_k(scores, 2).tolist() == [[1, 2], [0, 1]]
     assert metrics.classification_metrics(scores, [2, 3], 4)["acc1"] == 0.0
+    assert metrics.boundary_ties(scores, 1) == 2 and metrics.boundary_ties(scores, 2) == 1
+    assert metrics.top_k(np.asarray([[0.1, np.nan, 0.3]]), 2).tolist() == [[1, 2]]  # NaN first, as torch.topk
+    images = np.eye(3, dtype=np.float32)
+    with pytest.warns(UserWarning, match="equal scores across their top-k cut"):  # one caption for two images
+        found = metrics.retrieval_recall(images, images[[0, 1, 1]], [0, 1, 2], (1,))
+    assert found["image_retrieval_recall@1"] == pytest.approx(2 / 3)  # the third text's image ties and loses
 
 
 def test_one_model_on_several_datasets_compiles_once(files, model):
@@ -190,3 +196,21 @@ def test_training_logs_clip_benchmark_metrics(files, tmp_path):
     bad = dualenc_cmd("train", "--model", files["oc"], "--data", pairs, "--steps", 1, "--eval-zeroshot", files["ret"],
                       "--out", tmp_path / "bad", check=False)
     assert bad.returncode == 2 and "--eval-zeroshot" in bad.stderr and "retrieval" in bad.stderr
+
+
+def test_cli_linear_probe_is_the_library_protocol(files, model, tmp_path):
+    """`dualenc eval --benchmark ROOT --task linear_probe --val-split val`: CLIP_benchmark's keys, the weight decay
+    swept on val (one of its 97), the same figures as dualenc.benchmark.linear_probe on the same embeddings."""
+    from dualenc.benchmark import linear_probe
+
+    record = json.loads(dualenc_run("eval", "--model", files["oc"], "--benchmark", files["cls"], "--task",
+                                    "linear_probe", "--val-split", "val", "--batch-size", 8, "--json",
+                                    "--no-figure", "--out", tmp_path).stdout)["results"][0]
+    assert record["task"] == "linear_probe" and set(record["metrics"]) == {
+        "lp_acc1", "lp_acc5", "lp_mean_per_class_recall", "weight_decay", "epochs", "seed", "fewshot_k", "normalized"}
+    assert record["metrics"]["weight_decay"] in linear_probe.WEIGHT_DECAYS
+    split = {s: run.encode_split(model, datasets.open_benchmark(files["cls"], s)) for s in ("train", "val", "test")}
+    expected = linear_probe.linear_probe(split["train"].images, split["train"].labels, split["test"].images,
+                                         split["test"].labels, split["val"].images, split["val"].labels)
+    for key, value in expected.items():
+        assert record["metrics"][key] == pytest.approx(value, abs=1e-6, nan_ok=True), key

@@ -19,8 +19,11 @@ BLOCK = 1024  # rows of a score matrix ranked at a time
 
 
 def top_k(scores, k: int) -> np.ndarray:
-    """(n, min(k, m)) indices of each row's k highest scores, best first; ties go to the lower index."""
+    """(n, min(k, m)) indices of each row's k highest scores, best first; ties go to the lower index, and NaN
+    ranks above every number (as torch.topk ranks it)."""
     scores = np.asarray(scores)
+    if np.issubdtype(scores.dtype, np.floating) and np.isnan(scores).any():
+        scores = np.where(np.isnan(scores), np.inf, scores)
     k = min(k, scores.shape[1])
     part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else np.tile(
         np.arange(scores.shape[1]), (len(scores), 1))
@@ -31,6 +34,16 @@ def top_k(scores, k: int) -> np.ndarray:
         cand = np.flatnonzero(row >= kth[i])
         out[i] = cand[np.argsort(-row[cand], kind="stable")][:k]
     return out
+
+
+def boundary_ties(scores, k: int) -> int:
+    """How many rows have their k-th and (k+1)-th highest scores equal: rows whose top-k set depends on how ties
+    are broken (CLIP_benchmark leaves that to torch.topk, whose order among equal scores is unspecified)."""
+    scores = np.asarray(scores)
+    if k >= scores.shape[1]:
+        return 0
+    part = -np.partition(-scores, (k - 1, k), axis=1)
+    return int(np.sum(part[:, k - 1] == part[:, k]))
 
 
 def _labels(labels, n: int, what: str = "labels") -> np.ndarray:
@@ -104,17 +117,26 @@ def retrieval_recall(image_embeds, text_embeds, text_image, ks: Sequence[int] = 
     ks = [int(k) for k in ks]
     if any(k < 1 for k in ks):
         raise InputError(f"recall k must be positive, got {ks}")
-    kmax = max(ks)
+    kmax, tied = max(ks), 0
     text_hit = np.zeros((len(texts), len(ks)), bool)
     for start in range(0, len(texts), BLOCK):
-        top = top_k(texts[start:start + BLOCK] @ images.T, kmax)
+        scores = texts[start:start + BLOCK] @ images.T
+        top = top_k(scores, kmax)
         mine = top == owner[start:start + BLOCK, None]
         text_hit[start:start + BLOCK] = [[row[:k].any() for k in ks] for row in mine]
+        tied += sum(boundary_ties(scores, k) for k in ks)
     image_hit = np.zeros((len(images), len(ks)), bool)
     for start in range(0, len(images), BLOCK):
-        top = top_k(images[start:start + BLOCK] @ texts.T, kmax)
+        scores = images[start:start + BLOCK] @ texts.T
+        top = top_k(scores, kmax)
         mine = owner[top] == np.arange(start, start + len(top))[:, None]
         image_hit[start:start + BLOCK] = [[row[:k].any() for k in ks] for row in mine]
+        tied += sum(boundary_ties(scores, k) for k in ks)
+    if tied:
+        warnings.warn(f"retrieval_recall: {tied} rankings have equal scores across their top-k cut (identical "
+                      f"captions or images?): dualenc ranks ties by index (the lower first); CLIP_benchmark leaves "
+                      f"them to torch.topk's unspecified order, so its recall there may differ", UserWarning,
+                      stacklevel=2)
     out = {}
     for j, k in enumerate(ks):
         out[f"image_retrieval_recall@{k}"] = float(text_hit[:, j].sum() / len(texts))

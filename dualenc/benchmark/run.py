@@ -25,6 +25,7 @@ TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe")
 RECALL_K = (1, 5, 10)
 # CLIP_benchmark's default name for a results file (its --output), with "/" in any field made "_".
 OUTPUT = "{dataset}_{pretrained}_{model}_{language}_{task}.json"
+SETTINGS = ("epochs", "seed", "fewshot_k", "normalized")  # the linear probe's settings among its metrics
 
 
 class Encoded(NamedTuple):
@@ -180,7 +181,8 @@ def write_result(folder: str, record: dict) -> str:
 
 def table(records: Sequence[dict]) -> str:
     """The results as one text table: a row per (dataset, task), a column per metric (blank where absent)."""
-    columns = list(dict.fromkeys(k for r in records for k, v in r["metrics"].items() if _is_number(v)))
+    columns = list(dict.fromkeys(k for r in records for k, v in r["metrics"].items()
+                                 if _is_number(v) and k not in SETTINGS))
     head = ["dataset", "task"] + [_short(c) for c in columns]
     rows = [[r["dataset"], r["task"]] + [_cell(r["metrics"].get(c)) for c in columns] for r in records]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]

@@ -4,6 +4,7 @@ one table on stdout, and a figure per dataset."""
 from __future__ import annotations
 
 import os
+import warnings
 
 from dualenc.cli.support import CommandError, CompileNotice, note, print_json, require
 
@@ -100,17 +101,21 @@ def cmd_benchmark(args, batch_size: int, dtype) -> int:
             notice.what = f"the towers for {data.name}"
             details: dict = {}
             try:
-                if task == "zeroshot_classification":
-                    found = run.zeroshot_classification(model, data, details=details)
-                elif task == "zeroshot_retrieval":
-                    found = run.zeroshot_retrieval(model, data, recall_k=args.recall_k, details=details)
-                else:
-                    train = open_split(dataset, args.train_split)
-                    val = open_split(dataset, args.val_split) if args.val_split else None
-                    found = run.linear_probe(model, train, data, val, fewshot_k=args.fewshot_k,
-                                             epochs=args.fewshot_epochs, lr=args.fewshot_lr, seed=args.seed)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", UserWarning)
+                    if task == "zeroshot_classification":
+                        found = run.zeroshot_classification(model, data, details=details)
+                    elif task == "zeroshot_retrieval":
+                        found = run.zeroshot_retrieval(model, data, recall_k=args.recall_k, details=details)
+                    else:
+                        train = open_split(dataset, args.train_split)
+                        val = open_split(dataset, args.val_split) if args.val_split else None
+                        found = run.linear_probe(model, train, data, val, fewshot_k=args.fewshot_k,
+                                                 epochs=args.fewshot_epochs, lr=args.fewshot_lr, seed=args.seed)
             except DualEncError as e:
                 raise CommandError(f"--benchmark {dataset}: {e}") from None
+            for said in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)):
+                note("eval", f"{data.name}: {said}")
             record = run.result(data.name, args.model, task, found)
             path = run.write_result(args.out, record)
             records.append(record)
