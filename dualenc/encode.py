@@ -75,7 +75,7 @@ def _progress(total: int | None, batch_size: int, progress: bool | None, desc: s
         from tqdm.auto import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, desc=desc, unit="item", file=sys.stderr)
+    return tqdm(total=total, desc=desc, unit=desc.removesuffix("s") or "item", file=sys.stderr)
 
 
 def _stream(batches: Iterator[Any], prepare: Callable[[Any], tuple], bar) -> Iterator[tuple[Any, np.ndarray]]:

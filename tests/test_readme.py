@@ -234,3 +234,24 @@ def test_a_command_needing_a_missing_extra_says_so_before_work(demo_folder):
                             folder, extras=("processing", "train", "data"), check=False)
     assert proc.returncode == 2 and "--ann needs faiss: pip install 'dualenc[search]'" in proc.stderr, proc.stderr
     assert not (folder / "no-faiss.safetensors").exists()
+
+
+def test_the_clip_benchmark_commands_run_as_written(demo_folder):
+    """README's "Evaluate like CLIP_benchmark" commands, on the install README's first command makes: one table,
+    CLIP_benchmark's results files, and the zero-shot acc1 the demo itself measured on the same images."""
+    folder, figures = demo_folder
+    text = README.read_text().replace("\\\n", " ")
+    section = text[text.index("## Evaluate like CLIP_benchmark"):text.index("## Scale-out")]
+    commands = [line for line in section.splitlines() if line.startswith("dualenc eval --model dualenc-demo/model")]
+    assert len(commands) == 2
+    out = [run_as_installed(shlex.split(c), folder).stdout for c in commands]
+    rows = {tuple(line.split()[:2]): line.split()[2:] for line in "\n".join(out).splitlines()
+            if line.startswith("wds/")}
+    assert set(rows) == {("wds/digits", "zeroshot_classification"), ("wds/digits-captions", "zeroshot_retrieval"),
+                         ("wds/digits", "linear_probe")}
+    assert float(rows["wds/digits", "zeroshot_classification"][0]) == pytest.approx(figures["zero_shot_accuracy"],
+                                                                                   abs=5e-5)
+    written = sorted(p.name for p in (folder / "dualenc-benchmark").glob("*.json"))
+    assert sorted(n.split("__")[0] for n in written) == ["wds_digits", "wds_digits", "wds_digits-captions"]
+    record = json.loads((folder / "dualenc-benchmark" / written[-1]).read_text())
+    assert set(record) == {"dataset", "model", "pretrained", "task", "metrics", "language"}

@@ -25,12 +25,16 @@ def top_k(scores, k: int) -> np.ndarray:
     if np.issubdtype(scores.dtype, np.floating) and np.isnan(scores).any():
         scores = np.where(np.isnan(scores), np.inf, scores)
     k = min(k, scores.shape[1])
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else np.tile(
-        np.arange(scores.shape[1]), (len(scores), 1))
-    # argpartition's cut may split a tie: rank every candidate scoring at least the k-th best, stably
-    kth = np.take_along_axis(scores, part, axis=1).min(axis=1, keepdims=True)
-    out = np.empty((len(scores), k), np.int64)
-    for i, row in enumerate(scores):
+    if k < scores.shape[1]:
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k].copy()
+    else:
+        part = np.tile(np.arange(scores.shape[1]), (len(scores), 1))
+    values = np.take_along_axis(scores, part, axis=1)
+    out = np.take_along_axis(part, np.lexsort((part, -values)), axis=1)  # by score, then by index
+    # where the k-th score ties with one left out, argpartition may have kept a higher index: redo those rows
+    kth = values.min(axis=1, keepdims=True)
+    for i in np.flatnonzero(np.sum(scores >= kth, axis=1) > k):
+        row = scores[i]
         cand = np.flatnonzero(row >= kth[i])
         out[i] = cand[np.argsort(-row[cand], kind="stable")][:k]
     return out
@@ -88,12 +92,20 @@ def classification_metrics(scores, labels, n_classes: int | None = None) -> dict
     labels = _labels(labels, len(scores))
     if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
         raise InputError(f"labels must lie in [0, {n_classes}), got {labels.min()}..{labels.max()}")
-    if n_classes >= 5:
-        acc1, acc5 = topk_accuracy(scores, labels, (1, 5))
-    else:
-        (acc1,), acc5 = topk_accuracy(scores, labels, (1,)), float("nan")
-    predictions = top_k(scores, 1)[:, 0]
-    return {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": mean_per_class_recall(labels, predictions)}
+    return ranked_metrics(top_k(scores, 5), labels, n_classes)
+
+
+def ranked_metrics(top, labels, n_classes: int) -> dict:
+    """classification_metrics from each row's best classes, best first (top_k(scores, 5): what a streamed
+    evaluation keeps of its scores)."""
+    top = np.asarray(top)
+    labels = _labels(labels, len(top))
+    if top.ndim != 2 or top.shape[1] < min(5, n_classes):
+        raise InputError(f"top must be (n, {min(5, n_classes)}) class indices, got {top.shape}")
+    hit = top == labels[:, None]
+    acc1 = float(hit[:, 0].sum() / len(labels))
+    acc5 = float(hit[:, :5].any(axis=1).sum() / len(labels)) if n_classes >= 5 else float("nan")
+    return {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": mean_per_class_recall(labels, top[:, 0])}
 
 
 def retrieval_recall(image_embeds, text_embeds, text_image, ks: Sequence[int] = (1, 5, 10)) -> dict:

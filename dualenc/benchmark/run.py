@@ -64,28 +64,49 @@ class Model(NamedTuple):
                    **settings)
 
 
-def encode_split(model: Model, data: BenchmarkSet, *, progress: bool | None = None,
-                 with_captions: bool = False) -> Encoded:
-    """Streams a split through the image tower: embeddings, labels and keys in the dataset's order (and with
-    with_captions, every caption and its image's index; caption embeddings are the caller's)."""
-    labels, keys, captions, owners = [], [], [], []
-
+def _batches(model: Model, data: BenchmarkSet, progress: bool | None, labels: list, keys: list,
+             captions: list | None = None, owners: list | None = None) -> Iterator[np.ndarray]:
+    """The split's image embeddings a batch at a time (float32 (rows, d)), in the dataset's order; each example's
+    label (or -1) and key are appended to `labels` and `keys` as it is read (and its captions and their image's
+    index to `captions` and `owners`, when given)."""
     def images() -> Iterator:
         for i, example in enumerate(data.examples()):
             labels.append(-1 if example.label is None else example.label)
             keys.append(example.key)
-            if with_captions:
+            if captions is not None:
                 captions.extend(example.captions)
                 owners.extend([i] * len(example.captions))
             yield example.image
 
-    parts = [rows for _, rows in encode.stream_images(
-        model.params, model.config, model.processor, images(), batch_size=model.batch_size, dtype=model.dtype,
-        progress=progress, devices=model.devices, total=data.size)]
-    if not parts:
+    for _, rows in encode.stream_images(model.params, model.config, model.processor, images(),
+                                        batch_size=model.batch_size, dtype=model.dtype, progress=progress,
+                                        devices=model.devices, total=data.size):
+        yield rows
+
+
+def encode_split(model: Model, data: BenchmarkSet, *, progress: bool | None = None,
+                 with_captions: bool = False) -> Encoded:
+    """Streams a split through the image tower: embeddings, labels and keys in the dataset's order (and with
+    with_captions, every caption and its image's index; caption embeddings are the caller's). The embeddings
+    are filled into one array as they come when the split's size is known (no second copy)."""
+    labels, keys, captions, owners = [], [], [], []
+    batches = _batches(model, data, progress, labels, keys, *((captions, owners) if with_captions else ()))
+    parts, out, filled = [], None, 0
+    for rows in batches:
+        if data.size is not None and out is None:
+            out = np.empty((data.size, rows.shape[1]), np.float32)
+        if out is not None and filled + len(rows) <= len(out):
+            out[filled:filled + len(rows)] = rows
+        else:
+            parts.append(rows)
+        filled += len(rows)
+    if not filled:
         raise InputError(f"{data.root}: split {data.split!r} has no examples")
-    return Encoded(np.concatenate(parts), np.asarray(labels, np.int64), keys, captions,
-                   np.asarray(owners, np.int64))
+    if out is not None:
+        images = out[:filled] if not parts else np.concatenate([out[:filled - sum(map(len, parts))], *parts])
+    else:
+        images = np.concatenate(parts)
+    return Encoded(images, np.asarray(labels, np.int64), keys, captions, np.asarray(owners, np.int64))
 
 
 def classifier(model: Model, data: BenchmarkSet) -> np.ndarray:
@@ -102,18 +123,23 @@ def zeroshot_classification(model: Model, data: BenchmarkSet, *, progress: bool 
     """{"acc1", "acc5", "mean_per_class_recall"}: CLIP_benchmark's zero-shot classification of the split.
 
     A prediction ranks the classes by cosine similarity; the model's logit scale and bias (and whether it was
-    trained with softmax or sigmoid) change no ranking, so they change no metric here. `details`, when given,
-    receives "labels", "predictions" and "scores" (n, n_classes) for figures and error analysis.
+    trained with softmax or sigmoid) change no ranking, so they change no metric here. Each batch is scored
+    and ranked as it comes and only its 5 best classes are kept, so memory does not grow with the split (past
+    its labels). `details`, when given, receives "labels", "predictions" (the best class) and "top" (n, 5)
+    for figures and error analysis, and "keys".
     """
     weights = classifier(model, data)
-    found = encode_split(model, data, progress=progress)
-    if (found.labels < 0).any():
+    labels, keys, tops = [], [], []
+    for rows in _batches(model, data, progress, labels, keys):
+        tops.append(metrics.top_k(rows @ weights, 5))
+    if not tops:
+        raise InputError(f"{data.root}: split {data.split!r} has no examples")
+    labels, top = np.asarray(labels, np.int64), np.concatenate(tops)
+    if (labels < 0).any():
         raise InputError(f"{data.root}: split {data.split!r} has images without a class label")
-    scores = found.images @ weights
-    out = metrics.classification_metrics(scores, found.labels, len(data.classnames))
+    out = metrics.ranked_metrics(top, labels, len(data.classnames))
     if details is not None:
-        details.update(labels=found.labels, predictions=metrics.top_k(scores, 1)[:, 0], scores=scores,
-                       keys=found.keys)
+        details.update(labels=labels, predictions=top[:, 0], top=top, keys=keys)
     return out
 
 
