@@ -160,3 +160,34 @@ def _fit(model, tokenizer, image_size, steps, seed):
         loss.backward()
         opt.step()
     model.eval()
+
+
+def accuracy(output, target, topk=(1,)):
+    """clip_benchmark.metrics.zeroshot_classification.accuracy, the same arithmetic without its float() of a
+    1-element array, which numpy 2.4 refuses (ENVIRONMENT.md): the tests' stand-in for it."""
+    pred = output.topk(max(topk), 1, True, True)[1].t()
+    correct = pred.eq(target.view(1, -1).expand_as(pred))
+    return [float(correct[:k].reshape(-1).float().sum()) / len(target) for k in topk]
+
+
+def run_clip_benchmark(main, args, out):
+    """`main` (clip_benchmark.cli.main, or a command wrapping it) on `eval ARGS --output OUT` in this process,
+    with `accuracy` standing in for its own; returns the results JSON it wrote."""
+    import sys
+
+    from clip_benchmark.metrics import zeroshot_classification
+
+    saved, argv = zeroshot_classification.accuracy, sys.argv
+    zeroshot_classification.accuracy = accuracy
+    sys.argv = ["clip_benchmark", "eval", *map(str, args), "--output", str(out)]
+    try:
+        main()
+    finally:
+        zeroshot_classification.accuracy, sys.argv = saved, argv
+    with open(out) as f:
+        return json.load(f)
+
+
+# CLIP_benchmark's settings for every test run: no mixed precision on CPU, no worker processes, small batches.
+COMMON = ("--pretrained", "", "--no_amp", "--num_workers", "0", "--batch_size", "8", "--recall_k", "1", "5", "10",
+          "--quiet")

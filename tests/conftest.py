@@ -177,3 +177,31 @@ def pytest_terminal_summary(terminalreporter):
 def pytest_unconfigure(config):
     if _CACHE:
         shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def clip_benchmark_folders(tmp_path_factory):
+    """Datasets in CLIP_benchmark's layout made from real photos, and a tiny open_clip model in its local-dir
+    layout (tests/benchmark_data.py), built once per worker: {"root", "model", "cls", "ret"}."""
+    import benchmark_data
+
+    root = tmp_path_factory.mktemp("clip_benchmark")
+    return {"root": root, "model": benchmark_data.tiny_open_clip(str(root / "oc")),
+            "cls": benchmark_data.classification_set(str(root / "cls")),
+            "ret": benchmark_data.retrieval_set(str(root / "ret"))}
+
+
+@pytest.fixture(scope="session")
+def clip_benchmark_native(clip_benchmark_folders):
+    """The clip-benchmark package's own results (its JSON) on both datasets with the open_clip model it loads
+    natively: {"cls": ..., "ret": ...}."""
+    import benchmark_data
+    from clip_benchmark import cli
+
+    f, out = clip_benchmark_folders, {}
+    for name, task in (("cls", "zeroshot_classification"), ("ret", "zeroshot_retrieval")):
+        out[name] = benchmark_data.run_clip_benchmark(
+            cli.main, ["--dataset", f"wds/{name}", "--dataset_root", f[name], "--task", task, "--model",
+                       f"local-dir:{f['model']}", "--model_type", "open_clip", *benchmark_data.COMMON],
+            f["root"] / f"native-{name}.json")
+    return out

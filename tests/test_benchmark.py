@@ -5,62 +5,32 @@ layout, `dualenc eval --benchmark`, compiled programs reused across datasets, an
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
 
 import benchmark_data
 from dualenc.benchmark import datasets, metrics, run
-from test_cli import dualenc_cmd, dualenc_run
+from test_cli import dualenc_run
 
 TOL = 1e-6
 
 
-def _accuracy(output, target, topk=(1,)):
-    """clip_benchmark.metrics.zeroshot_classification.accuracy with numpy 2.4's float() of a 1-element array
-    avoided (the same arithmetic: ENVIRONMENT.md)."""
-    pred = output.topk(max(topk), 1, True, True)[1].t()
-    correct = pred.eq(target.view(1, -1).expand_as(pred))
-    return [float(correct[:k].reshape(-1).float().sum()) / len(target) for k in topk]
-
-
-def clip_benchmark(args, monkeypatch_accuracy=True) -> dict:
-    """Runs `clip_benchmark eval ARGS` in this process; returns its results JSON."""
-    from clip_benchmark import cli
-    from clip_benchmark.metrics import zeroshot_classification
-
-    out = [a for i, a in enumerate(args) if i and args[i - 1] == "--output"][0]
-    saved, argv = zeroshot_classification.accuracy, sys.argv
-    zeroshot_classification.accuracy = _accuracy
-    sys.argv = ["clip_benchmark", "eval", *map(str, args)]
-    try:
-        cli.main()
-    finally:
-        zeroshot_classification.accuracy, sys.argv = saved, argv
-    with open(out) as f:
-        return json.load(f)
+# One worker runs this module and test_clip_benchmark_plugin.py: they share the session's datasets, model and
+# CLIP_benchmark runs (conftest: clip_benchmark_folders, clip_benchmark_native).
+pytestmark = pytest.mark.xdist_group("clip_benchmark")
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("benchmark")
-    return {"cls": benchmark_data.classification_set(str(root / "cls")),
-            "ret": benchmark_data.retrieval_set(str(root / "ret")),
-            "oc": benchmark_data.tiny_open_clip(str(root / "oc")), "root": root}
+def files(clip_benchmark_folders):
+    f = clip_benchmark_folders
+    return {"cls": f["cls"], "ret": f["ret"], "oc": f["model"], "root": f["root"]}
 
 
 @pytest.fixture(scope="module")
-def reference(files):
+def reference(clip_benchmark_native):
     """CLIP_benchmark's own results on both datasets, with the open_clip model it loads natively."""
-    out = {}
-    for name, task in (("cls", "zeroshot_classification"), ("ret", "zeroshot_retrieval")):
-        out[name] = clip_benchmark(["--dataset", f"wds/{name}", "--dataset_root", files[name], "--task", task,
-                                    "--model", f"local-dir:{files['oc']}", "--pretrained", "", "--model_type",
-                                    "open_clip", "--no_amp", "--num_workers", "0", "--batch_size", "8",
-                                    "--recall_k", "1", "5", "10", "--quiet",
-                                    "--output", files["root"] / f"reference-{name}.json"])
-    return out
+    return clip_benchmark_native
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +72,7 @@ def test_metrics_against_clip_benchmark_functions():
     rng = np.random.default_rng(0)
     scores = rng.normal(size=(60, 9)).astype(np.float32)
     labels = rng.integers(0, 9, 60)
-    acc1, acc5 = _accuracy(torch.from_numpy(scores), torch.from_numpy(labels), (1, 5))
+    acc1, acc5 = benchmark_data.accuracy(torch.from_numpy(scores), torch.from_numpy(labels), (1, 5))
     found = metrics.classification_metrics(scores, labels)
     assert found["acc1"] == acc1 and found["acc5"] == acc5
     assert abs(found["mean_per_class_recall"] - balanced_accuracy_score(labels, scores.argmax(1))) < 1e-12
@@ -171,34 +141,21 @@ def test_cli_benchmark_refusals(files, tmp_path):
     assert stray.returncode == 2 and "--recall-k applies to --benchmark only" in stray.stderr
 
 
-def test_training_logs_clip_benchmark_metrics(files, tmp_path):
-    """`dualenc train --eval-zeroshot --eval-retrieval`: the metrics at --eval-every in metrics.jsonl, the last
-    equal to `dualenc eval --benchmark` on the saved model."""
-    pairs = tmp_path / "pairs.jsonl"
-    first = datasets.open_benchmark(files["cls"], "train")
-    images = tmp_path / "images"
-    images.mkdir()
-    rows = []
-    for i, example in enumerate(first.examples()):
-        example.image.convert("RGB").save(images / f"{i}.png")
-        rows.append(json.dumps({"image": f"images/{i}.png", "caption": f"a photo of a {first.classnames[example.label]}."}))
-    pairs.write_text("\n".join(rows) + "\n")
-    out = tmp_path / "run"
-    dualenc_cmd("train", "--model", files["oc"], "--data", pairs, "--steps", 4, "--batch-size", 7, "--eval-every", 2,
-                "--eval-zeroshot", files["cls"], "--eval-retrieval", files["ret"], "--out", out, "--quiet",
-                "--lock", "none")
-    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line).get("kind") == "eval"]
-    assert [e["step"] for e in evals] == [2, 4]
-    assert {"zeroshot/acc1", "zeroshot/acc5", "zeroshot/mean_per_class_recall", "retrieval/image_retrieval_recall@1",
-            "retrieval/text_retrieval_recall@10"} <= set(evals[-1])
-    after = json.loads(dualenc_run("eval", "--model", out, "--benchmark", files["cls"], "--json", "--no-figure",
-                                   "--out", tmp_path / "after").stdout)["results"][0]["metrics"]
-    for key, value in after.items():
-        assert abs(evals[-1][f"zeroshot/{key}"] - value) <= 1e-5
-    bad = dualenc_cmd("train", "--model", files["oc"], "--data", pairs, "--steps", 1, "--eval-zeroshot", files["ret"],
-                      "--out", tmp_path / "bad", check=False)
-    assert bad.returncode == 2 and "--eval-zeroshot" in bad.stderr and "retrieval" in bad.stderr
+def test_training_refuses_a_dataset_of_the_other_task(files):
+    """`dualenc train --eval-zeroshot` takes a classification set, --eval-retrieval a captioned one, checked before
+    training (the metrics during training: tests/test_cli.py's training run)."""
+    import argparse
+
+    from dualenc.cli import benchmark as cli_benchmark
+    from dualenc.cli.support import CommandError
+
+    args = argparse.Namespace(eval_zeroshot=files["ret"], eval_retrieval=None, eval_split="test")
+    with pytest.raises(CommandError, match="--eval-zeroshot .*a retrieval dataset; --eval-zeroshot needs a "
+                                           "classification one"):
+        cli_benchmark.training_sets(args)
+    args = argparse.Namespace(eval_zeroshot=files["cls"], eval_retrieval=files["ret"], eval_split="test")
+    sets = cli_benchmark.training_sets(args)
+    assert sets["zeroshot"].task == "zeroshot_classification" and sets["retrieval"].task == "zeroshot_retrieval"
 
 
 def test_cli_linear_probe_is_the_library_protocol(files, model, tmp_path):

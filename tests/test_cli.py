@@ -51,15 +51,30 @@ def workspace(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def training_run(workspace):
-    """One logged training run: log lines every 2 steps, held-out evaluation every 3, TensorBoard, and a row
-    naming an image outside the data folder."""
+    """One logged training run: log lines every 2 steps, held-out evaluation every 3 (on --eval-data, and on the
+    same images as CLIP_benchmark's datasets: --eval-zeroshot, --eval-retrieval), TensorBoard, and a row naming
+    an image outside the data folder."""
+    from PIL import Image
+
+    from dualenc.benchmark import export
+
     out = workspace / "model"
     pairs = workspace / "data" / "pairs.jsonl"
     train_pairs = workspace / "data" / "train.jsonl"
     train_pairs.write_text(pairs.read_text() + json.dumps({"image": "../labels.txt", "caption": "outside"}) + "\n")
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()][:12]
+    images = [Image.open(workspace / "data" / r["image"]) for r in rows]
+    names = ["red", "green", "blue"]
+    export.write_split(workspace / "colours", "test", [(f"{i:03d}", im, names.index(r["label"]))
+                                                       for i, (im, r) in enumerate(zip(images, rows))])
+    export.write_metadata(workspace / "colours", classnames=names, templates=["a photo of the {c} square"])
+    export.write_split(workspace / "captions", "test", [(f"{i:03d}", im, [r["caption"]])
+                                                        for i, (im, r) in enumerate(zip(images, rows))])
+    export.write_metadata(workspace / "captions", retrieval=True)
     proc = dualenc_cmd("train", "--vision", workspace / "vision", "--text", workspace / "text", "--data", train_pairs,
                        "--out", out, "--steps", 6, "--batch-size", 4, "--checkpoint-every", 3, "--projection-dim", 8,
-                       "--log-every", 2, "--eval-data", pairs, "--eval-every", 3, "--tensorboard")
+                       "--log-every", 2, "--eval-data", pairs, "--eval-every", 3, "--tensorboard",
+                       "--eval-zeroshot", workspace / "colours", "--eval-retrieval", workspace / "captions")
     assert "trained 6 steps" in proc.stdout
     return out, proc
 
@@ -108,9 +123,13 @@ def test_train_logs_a_summary_progress_metrics_and_figures(training_run):
     assert all(np.isfinite(r[k]) for r in train for k in ("loss", "accuracy", "grad_norm", "logit_scale"))
     assert np.isfinite(train[-1]["steps_per_second"]) and 0 <= evals[-1]["i2t_R@1"] <= 1
     assert 0 <= evals[-1]["zero_shot_accuracy"] <= 1  # every held-out image has a label
+    # CLIP_benchmark's metrics on --eval-zeroshot / --eval-retrieval (acc5 NaN: 3 classes, as CLIP_benchmark)
+    assert {"zeroshot/acc1", "zeroshot/mean_per_class_recall", "retrieval/image_retrieval_recall@1",
+            "retrieval/text_retrieval_recall@10"} <= set(evals[-1]) and np.isnan(evals[-1]["zeroshot/acc5"])
     scalars = read_events(out / "tensorboard")
     assert ("train/loss", 4, pytest.approx(train[1]["loss"], rel=1e-6)) in scalars
-    assert {tag for tag, _, _ in scalars} >= {"train/learning_rate", "eval/i2t_R_1", "eval/zero_shot_accuracy"}  # @ is not allowed in tags
+    assert {tag for tag, _, _ in scalars} >= {"train/learning_rate", "eval/i2t_R_1", "eval/zero_shot_accuracy",
+                                              "eval/zeroshot/acc1"}  # @ is not allowed in tags
     with Image.open(out / "training.png") as picture:
         picture.load()
         assert picture.size[0] > 600
@@ -225,6 +244,13 @@ def test_zero_shot_embed_search_eval(trained, workspace):
     assert figures["images"] == 12 and figures["skipped"] == {"missing image": 1} and figures["unreadable"] == []
     assert 0 <= figures["zero_shot_accuracy"] <= 1 and figures["zero_shot_chance"] == pytest.approx(1 / 3)
     assert set(figures["per_class_accuracy"]) == {"red", "green", "blue"}
+    # the training run's last CLIP_benchmark evaluation is `eval --benchmark` on the model it saved
+    logged = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()][-1]
+    bench = json.loads(dualenc_run("eval", "--model", trained, "--benchmark", workspace / "colours",
+                                   workspace / "captions", "--json", "--no-figure", "--out", report / "b").stdout)
+    for record, prefix in zip(bench["results"], ("zeroshot", "retrieval")):
+        for key, value in record["metrics"].items():
+            assert logged[f"{prefix}/{key}"] == pytest.approx(value, abs=1e-5, nan_ok=True), key
     # mean per-class recall is the mean of the per-class accuracies; no top-5 among 3 classes
     assert figures["zero_shot_mean_per_class_recall"] == pytest.approx(np.mean(list(figures["per_class_accuracy"].values())))
     assert "zero_shot_top5_accuracy" not in figures

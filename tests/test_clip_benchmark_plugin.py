@@ -2,9 +2,7 @@
 with it as with its open_clip model type on the same model, a BERT text tower's class scores through it equal
 dualenc's own, NaFlex images pass through its tensors, and its commands run."""
 
-import contextlib
 import dataclasses
-import inspect
 import io
 import json
 import os
@@ -17,7 +15,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from benchmark_data import CLASSES, TEMPLATES, classification_set, retrieval_set, tiny_open_clip
+from benchmark_data import CLASSES, COMMON, TEMPLATES, run_clip_benchmark
 from conftest import TINY
 from PIL import Image
 
@@ -28,67 +26,34 @@ from dualenc.benchmark import clip_benchmark as plugin
 pytestmark = pytest.mark.xdist_group("clip_benchmark")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMON = ("--pretrained", "", "--no_amp", "--num_workers", "0", "--batch_size", "8", "--recall_k", "1", "5", "10",
-          "--quiet")
-
-
-def accuracy(output, target, topk=(1,)):
-    """clip_benchmark.metrics.zeroshot_classification.accuracy with `.sum()` for its `.sum(0, keepdim=True)`,
-    whose 1-element array numpy 2.4 refuses to float()."""
-    pred = output.topk(max(topk), 1, True, True)[1].t()
-    correct = pred.eq(target.view(1, -1).expand_as(pred))
-    n = len(target)
-    return [float(correct[:k].reshape(-1).float().sum().cpu().numpy()) / n for k in topk]
+TASKS = {"zeroshot_classification": "cls", "zeroshot_retrieval": "ret"}
 
 
 def run_eval(tmp, main, *args):
     """`main` (CLIP_benchmark's command, or the plugin's) run in this process on `eval ARGS`: its results JSON."""
-    from clip_benchmark.metrics import zeroshot_classification
-
-    out = os.path.join(tmp, f"result{len(os.listdir(tmp))}.json")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(zeroshot_classification, "accuracy", accuracy)
-        mp.setattr(sys, "argv", ["clip_benchmark", "eval", *map(str, args), *COMMON, "--output", out])
-        main()
-    with open(out) as f:
-        return json.load(f)
-
-
-@contextlib.contextmanager
-def one_torch_thread():
-    """torch on one thread: on a machine whose cores other processes also use, its default threads wait on each
-    other (training the tiny model took 30-47 s on 2 busy cores, 4 s on one thread)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    return run_clip_benchmark(main, [*args, *COMMON], os.path.join(tmp, f"result{len(os.listdir(tmp))}.json"))
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("clip_benchmark")
-    (root / "out").mkdir()
-    with one_torch_thread():
-        model = tiny_open_clip(str(root / "open_clip"))
-    return {"root": root, "model": model, "zeroshot_classification": classification_set(str(root / "cls")),
-            "zeroshot_retrieval": retrieval_set(str(root / "ret"))}
+def folders(clip_benchmark_folders, tmp_path_factory):
+    """The session's CLIP_benchmark datasets and tiny open_clip model (conftest), by task, and a folder for
+    results."""
+    f = clip_benchmark_folders
+    out = tmp_path_factory.mktemp("plugin")
+    (out / "out").mkdir()
+    return {"root": out, "model": f["model"], **{task: f[name] for task, name in TASKS.items()}}
 
 
 @pytest.fixture(scope="module")
-def results(folders):
-    """{(model_type, task): metrics} of CLIP_benchmark's runs on the tiny open_clip model."""
-    from clip_benchmark import cli
-
+def results(folders, clip_benchmark_native):
+    """{(model_type, task): metrics} of CLIP_benchmark's runs on the tiny open_clip model (its native runs are the
+    session's, conftest's clip_benchmark_native)."""
     out, found = folders["root"] / "out", {}
-    for task in ("zeroshot_classification", "zeroshot_retrieval"):
-        data = ("--dataset", "wds/tiny", "--dataset_root", folders[task], "--task", task)
-        with one_torch_thread():
-            found["open_clip", task] = run_eval(out, cli.main, "--model", "local-dir:" + folders["model"],
-                                                "--model_type", "open_clip", *data)["metrics"]
+    for task, name in TASKS.items():
+        found["open_clip", task] = clip_benchmark_native[name]["metrics"]
         found["dualenc", task] = run_eval(out, plugin.main, "--model", folders["model"], "--model_type", "dualenc",
-                                          *data)["metrics"]
+                                          "--dataset", "wds/tiny", "--dataset_root", folders[task], "--task",
+                                          task)["metrics"]
     return found
 
 
@@ -229,14 +194,12 @@ def test_naflex_images_pass_through_the_packed_tensor(bert_model):
 @pytest.fixture(scope="module")
 def command_env(tmp_path_factory):
     """The environment of a command in a subprocess: dualenc importable from this checkout, and a sitecustomize
-    that does what conftest does here (torchvision's op schemas) and patches CLIP_benchmark's accuracy as
-    run_eval does."""
+    that does what conftest does here (torchvision's op schemas). CLIP_benchmark's accuracy is left as it is:
+    the command itself stands in for it under numpy 2.4."""
     site = tmp_path_factory.mktemp("site")
     (site / "sitecustomize.py").write_text(
         f"import sys\nsys.path.insert(0, {os.path.join(ROOT, 'tests')!r})\n"
-        "import torchvision_shim\ntorchvision_shim.install()\n"
-        "from clip_benchmark.metrics import zeroshot_classification\n"
-        f"{inspect.getsource(accuracy)}\nzeroshot_classification.accuracy = accuracy\n")
+        "import torchvision_shim\ntorchvision_shim.install()\n")
     path = os.pathsep.join(filter(None, [str(site), ROOT, os.environ.get("PYTHONPATH")]))
     return {**os.environ, "PYTHONPATH": path, "XLA_FLAGS": "", "OMP_NUM_THREADS": "1"}
 
