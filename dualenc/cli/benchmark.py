@@ -28,7 +28,7 @@ def benchmark_options(p) -> None:
                                        "weight decay 0, as CLIP_benchmark without a validation split)")
     p.add_argument("--recall-k", type=int, nargs="+", default=[1, 5, 10], help="with --benchmark: retrieval's k's")
     p.add_argument("--classnames", help="with --benchmark: class names for datasets without their own: a file (one "
-                                        "per line) or a built-in dataset name (imagenet1k, cars, ...)")
+                                        "per line) or a built-in dataset name (imagenet1k, flowers, pets, ...)")
     p.add_argument("--templates", help="with --benchmark: prompt templates ({c} or {} for the class name) for "
                                        "datasets without their own: a file (one per line), a built-in dataset "
                                        "name, or a template set (openai_imagenet: the CLIP paper's 80, which "
