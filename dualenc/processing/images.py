@@ -56,6 +56,7 @@ DEFAULTS = {
         do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=IMAGENET_STANDARD,
         image_std=IMAGENET_STANDARD, do_convert_rgb=True, default_to_square=False),
 }
+DEFAULTS["ChineseCLIPImageProcessor"] = DEFAULTS["CLIPImageProcessor"]  # the same class attributes
 TYPE_ALIASES = {alias: name for name in DEFAULTS for alias in (
     name, name + "Pil", name + "Fast", name.replace("ImageProcessor", "FeatureExtractor"))}
 SIZE_KEYS = ({"height", "width"}, {"shortest_edge"}, {"shortest_edge", "longest_edge"})

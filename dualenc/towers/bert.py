@@ -30,6 +30,9 @@ class _TextConfig(TransformerConfig):
         "add_cross_attention": False,
         "pruned_heads": no_pruned_heads,
     }
+    # A dense + tanh pooler on the first token (BERT's); False: the pooled output is the first token's last
+    # hidden state itself (Chinese-CLIP's text tower, whose ChineseCLIPModel builds it without the pooler).
+    pooler: ClassVar[bool] = True
 
     vocab_size: int = int_field(30522, hi=1 << 23)
     hidden_size: int = int_field(768)
@@ -126,7 +129,8 @@ def specs(config: TextConfig) -> list[declare.Param]:
                       hf="embeddings.token_type_embeddings.weight"),
         *declare.norm(("embeddings", "norm"), d, hf="embeddings.LayerNorm"),
         *declare.encoder(encoder_spec(config), "encoder.layer.{i}.", _BERT_LAYER),
-        *declare.dense(("pooler",), d, d, std, ("embed", "embed"), hf="pooler.dense", group="head"),
+        *(declare.dense(("pooler",), d, d, std, ("embed", "embed"), hf="pooler.dense", group="head")
+          if config.pooler else []),
     ]
 
 
@@ -166,7 +170,8 @@ def apply(params: layers.Params, config: TextConfig, input_ids: jax.Array, atten
       attention: the attention implementation, a name in layers.IMPLEMENTATIONS; None: the backend's default.
 
     Returns:
-      TowerOutput: last_hidden_state (B, L, D), pooler_output (B, D) = tanh(dense(first token)), and
+      TowerOutput: last_hidden_state (B, L, D), pooler_output (B, D) = tanh(dense(first token)) (the first token
+      itself for a config without a pooler), and
       hidden_states/attentions as tuples when requested.
     """
     check_text_inputs(config, input_ids, attention_mask, token_type_ids, position_ids)
@@ -194,7 +199,7 @@ def apply(params: layers.Params, config: TextConfig, input_ids: jax.Array, atten
             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
             remat_policy=remat_policy, first_only=pooled_only, attention=attention)
     with jax.named_scope("pooler"):
-        pooled = jnp.tanh(layers.dense(params["pooler"], last[:, 0], dtype))
+        pooled = jnp.tanh(layers.dense(params["pooler"], last[:, 0], dtype)) if config.pooler else last[:, 0]
     return layers.tower_output(last, pooled, x, states, probs)
 
 
