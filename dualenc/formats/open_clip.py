@@ -3,8 +3,11 @@
 The ViT image tower + text transformer models (OpenAI, LAION and most open_clip CLIPs) load as a CLIP
 DualEncoderConfig: their configs map onto transformers' CLIPConfig and their tensors onto CLIPModel's names
 (q/k/v split out of the fused in_proj, right-multiplied projections transposed), so `save_pretrained`
-converts them to a transformers CLIPModel directory. Anything else open_clip builds (timm or ModifiedResNet
-image towers, HF text towers, CoCa, layer scale, other pooling) is refused with a ConfigError naming the field.
+converts them to a transformers CLIPModel directory. An HF text tower (text_cfg.hf_model_name, a RoBERTa /
+XLM-RoBERTa: dualenc.formats.open_clip_hf) makes a VisionTextDualEncoder instead, and so does a ModifiedResNet
+image tower (vision_cfg.layers a list: OpenAI's RN50 family; dualenc.formats.open_clip_resnet) or a timm one of
+the families dualenc.formats.open_clip_timm reads (ConvNeXt). Anything else open_clip builds (other timm towers,
+CoCa, layer scale, other pooling) is refused with a ConfigError naming the field.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 from dualenc import files, layouts, tables
 from dualenc.config import CLIPTextConfig, CLIPVisionConfig, DualEncoderConfig
 from dualenc.errors import CheckpointError, ConfigError
+from dualenc.formats import open_clip_hf, open_clip_resnet, open_clip_timm
 from dualenc.formats.transformers import param_shapes, dual_table, to_device
 from dualenc.formats.weights import Weights, listed, load_table
 
@@ -102,11 +106,21 @@ def config_from_dict(d: Mapping[str, Any], where: str = CONFIG) -> DualEncoderCo
         if not isinstance(cfg, Mapping):
             raise ConfigError(f"{where_m}: field '{name}' must be an object, got {type(cfg).__name__}")
     wv, wt = f"{where_m}: vision_cfg", f"{where_m}: text_cfg"
-    if isinstance(v.get("layers"), (list, tuple)):
-        raise ConfigError(f"{wv}: field 'layers' = {v['layers']!r} is a ModifiedResNet image tower, not implemented; "
-                          f"supported: ViT towers (an integer)")
-    _check_fields(v, _VISION_ACCEPTED, _VISION_DEFAULTS, wv)
-    _check_fields(t, _TEXT_ACCEPTED, _TEXT_DEFAULTS, wt)
+    resnet = timm = None
+    if isinstance(v.get("layers"), (list, tuple)):  # a ModifiedResNet (dualenc.formats.open_clip_resnet)
+        _check_fields(v, {"timm_model_name": _OFF}, {*_VISION_DEFAULTS, *_VISION_ACCEPTED}, wv)
+        resnet, v = open_clip_resnet.vision_config(v, m["embed_dim"], wv), {}  # the ViT checks below see defaults
+    elif v.get("timm_model_name"):  # a timm tower (dualenc.formats.open_clip_timm.FAMILIES), ConfigError if none
+        _check_fields(v, {}, {*_VISION_DEFAULTS, *_VISION_ACCEPTED}, wv)
+        timm, v = open_clip_timm.vision_config(v, m["embed_dim"], wv), {}
+    else:
+        _check_fields(v, _VISION_ACCEPTED, _VISION_DEFAULTS, wv)
+    hf_text = None
+    if t.get("hf_model_name"):  # open_clip's HFTextEncoder (dualenc.towers.hf_text): no native text field is built
+        _check_fields(t, {}, {*_TEXT_DEFAULTS, *_TEXT_ACCEPTED}, wt)
+        hf_text = open_clip_hf.text_config(t, m["embed_dim"], wt, os.path.dirname(where))
+    else:
+        _check_fields(t, _TEXT_ACCEPTED, _TEXT_DEFAULTS, wt)
     v, t = {**_VISION_DEFAULTS, **v}, {**_TEXT_DEFAULTS, **t}
     image_size = v["image_size"]
     if isinstance(image_size, (list, tuple)):
@@ -125,16 +139,18 @@ def config_from_dict(d: Mapping[str, Any], where: str = CONFIG) -> DualEncoderCo
                           f"eos_token_id 2 as the argmax rule")
     embed_dim = m["embed_dim"]
     try:
-        vision = CLIPVisionConfig(
+        vision = resnet or timm or CLIPVisionConfig(
             hidden_size=width, intermediate_size=_mlp(width, v["mlp_ratio"], wv),
             num_hidden_layers=v["layers"], num_attention_heads=width // head_width, image_size=image_size,
             patch_size=v["patch_size"], hidden_act=act, layer_norm_eps=_eps(v, wv), projection_dim=embed_dim)
-        text = CLIPTextConfig(
+        text = hf_text or CLIPTextConfig(
             vocab_size=t["vocab_size"], hidden_size=t["width"], intermediate_size=_mlp(t["width"], t["mlp_ratio"], wt),
             num_hidden_layers=t["layers"], num_attention_heads=t["heads"], max_position_embeddings=t["context_length"],
             hidden_act=act, layer_norm_eps=_eps(t, wt), projection_dim=embed_dim, pad_token_id=t["pad_id"],
             eos_token_id=2 if t["pool_type"] == "argmax" else t["eos_id"])
-        return DualEncoderConfig(vision=vision, text=text, projection_dim=embed_dim, model_type="clip",
+        return DualEncoderConfig(vision=vision, text=text, projection_dim=embed_dim,
+                                 model_type="clip" if hf_text is None and resnet is None and timm is None
+                                 else "vision-text-dual-encoder",
                                  logit_scale_init_value=float(m.get("init_logit_scale", OPENAI_LOGIT_SCALE)),
                                  logit_bias_init_value=m.get("init_logit_bias"))
     except (ConfigError, TypeError) as e:
@@ -207,6 +223,12 @@ def to_transformers_names(tensors: Mapping[str, np.ndarray], where: str) -> tupl
             continue
         elif name == "attn_mask" or name.endswith(".attn_mask"):
             continue  # a buffer (the causal mask), not a weight
+        elif (renamed := open_clip_timm.transformers_name(name, value, where)) is not None:  # a timm tower's
+            out[renamed[0]] = renamed[1]
+            continue
+        elif open_clip_hf.transformers_name(name) is not None:  # an HF text tower's
+            out[open_clip_hf.transformers_name(name)] = value
+            continue
         unknown.append(name)
     if unknown:
         raise CheckpointError(f"{where}: {len(unknown)} tensor(s) dualenc's open_clip reader does not know (layer "
@@ -228,7 +250,9 @@ def load_dir(path: str, stacked: bool = False) -> tuple[DualEncoderConfig, dict]
                                   f"safe_serialization=True) writes {WEIGHTS}")
         raise CheckpointError(f"{path} has no {WEIGHTS}")
     tensors, _ = files.read_safetensors(weights_path)
+    tensors, resnet = open_clip_resnet.split_tensors(tensors, config, weights_path)  # {} unless a ModifiedResNet
     renamed, logit_bias = to_transformers_names(tensors, weights_path)
+    renamed.update(resnet)
     weights = Weights(renamed, dict.fromkeys(renamed, weights_path),
                       f"{weights_path} (names as transformers' CLIPModel has them)", {})
     if (logit_bias is None) != (config.logit_bias_init_value is None):

@@ -267,17 +267,8 @@ class Tokenizer(HoldsLock):
 
     def _encode(self, texts: list[str], length: int) -> list:
         """The backend's encodings, truncated to `length` with special tokens, unpadded."""
-        target = dict(max_length=length, stride=0, strategy="longest_first", direction=self.truncation_side)
-        with self._lock:
-            current = self._backend.truncation
-            if current is None or {k: current.get(k) for k in target} != target:
-                self._backend.enable_truncation(**target)
-            if self._backend.padding is not None:
-                self._backend.no_padding()
-            try:
-                return self._backend.encode_batch(texts, add_special_tokens=True)
-            except Exception as e:  # tokenizers raises a bare Exception when its files cannot encode a text
-                raise ConfigError(f"tokenizer {self.where} cannot encode these texts: {e}") from None
+        return encode_truncated(self._backend, self._lock, texts, length, self.truncation_side,
+                                f"tokenizer {self.where}")
 
     # ------------------------------------------------------------------------------------------------ saving
 
@@ -359,12 +350,12 @@ class Tokenizer(HoldsLock):
                 config["model_max_length"] = self.model_max_length
             self._backend.save_pretrained(path, config)
             return
-        if self._encoder is None:
-            backend, special_tokens = self._backend, self.special_tokens
-        else:
-            from dualenc.processing import clip_bpe
+        from dualenc.processing import clip_bpe
 
+        if isinstance(self._encoder, clip_bpe.OpenClipEncoder):
             backend, special_tokens = clip_bpe.transformers_backend(self._backend), FAMILY_SPECIALS["clip"]
+        else:  # open_clip's HFTokenizer too: the transformers tokenizer it wraps, without its text cleaning
+            backend, special_tokens = self._backend, self.special_tokens
         data = self._backend_dict(backend)
         cfg = self._transformers_config(data, special_tokens)
         write_text_atomic(os.path.join(path, "tokenizer.json"), json.dumps(data, ensure_ascii=False, indent=2))
@@ -373,3 +364,19 @@ class Tokenizer(HoldsLock):
     def __repr__(self) -> str:
         return (f"Tokenizer({self.where!r}, vocab_size={self.vocab_size}, max_length={self.max_length}, "
                 f"model_max_length={self.model_max_length}, pad_token={self.pad_token!r})")
+
+
+def encode_truncated(backend, lock, texts: list[str], length: int, side: str, who: str) -> list:
+    """A tokenizers backend's encodings of `texts`, truncated to `length` on `side` with special tokens and
+    unpadded; the backend's truncation settings are changed under `lock` (it is shared between threads)."""
+    target = dict(max_length=length, stride=0, strategy="longest_first", direction=side)
+    with lock:
+        current = backend.truncation
+        if current is None or {k: current.get(k) for k in target} != target:
+            backend.enable_truncation(**target)
+        if backend.padding is not None:
+            backend.no_padding()
+        try:
+            return backend.encode_batch(texts, add_special_tokens=True)
+        except Exception as e:  # tokenizers raises a bare Exception when its files cannot encode a text
+            raise ConfigError(f"{who} cannot encode these texts: {e}") from None

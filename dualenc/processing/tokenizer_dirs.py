@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 from dualenc.errors import ConfigError, InputError
 from dualenc.files import read_json
-from dualenc.layouts import is_open_clip_dir
+from dualenc.layouts import OPEN_CLIP_CONFIG, is_open_clip_dir
 from dualenc.processing import spiece
 from dualenc.processing.backends import (
     CLIP_INPUTS, CLIP_MAX_LENGTH, FAMILY_CLASSES, GEMMA_FAMILIES, SANE_MAX_LENGTH, SIGLIP_MAX_LENGTH,
@@ -67,10 +67,14 @@ def load_tokenizer_dir(path: str | os.PathLike) -> tuple[Any, dict]:
         raise FileNotFoundError(f"tokenizer directory not found: {directory}")
     config_path = os.path.join(directory, "config.json")
     has_config = os.path.isfile(config_path)
+    open_clip = None
     if is_open_clip_dir(directory):
-        from dualenc.processing import clip_bpe
+        from dualenc.processing import clip_bpe, open_clip_hf
 
-        return clip_bpe.load_open_clip(directory)
+        open_clip = open_clip_hf.settings(os.path.join(directory, OPEN_CLIP_CONFIG))
+        if open_clip is None:
+            return clip_bpe.load_open_clip(directory)
+        # an hf_tokenizer_name: the directory's transformers tokenizer, as open_clip's HFTokenizer wraps it
     model_type = read_json(config_path, "config").get("model_type") if has_config else None
     files = {name: os.path.join(directory, name) for name in (
         "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
@@ -163,6 +167,8 @@ def load_tokenizer_dir(path: str | os.PathLike) -> tuple[Any, dict]:
             extra["encoder"] = backend
     else:
         extra = {}
+    if open_clip is not None:
+        extra, limit = open_clip_hf.wrap(backend, extra, open_clip, sides["truncation_side"])
     if family != "siglip":
         backend.encode_special_tokens = encode_specials
     return backend, dict(
