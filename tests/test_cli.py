@@ -102,9 +102,10 @@ def read_events(folder):
     return found
 
 
-def test_train_logs_a_summary_progress_metrics_and_figures(training_run):
+def test_train_logs_a_summary_progress_metrics_and_figures(training_run, workspace, tmp_path):
     """A start summary, plain log lines (stderr is not a terminal: no carriage-return bar), metrics.jsonl with
-    train and held-out eval records, TensorBoard scalars and training.png."""
+    train and held-out eval records, TensorBoard scalars and training.png. (First in the module: later tests
+    resume the run.)"""
     out, proc = training_run
     err = proc.stderr
     assert "\r" not in err
@@ -130,6 +131,12 @@ def test_train_logs_a_summary_progress_metrics_and_figures(training_run):
     assert ("train/loss", 4, pytest.approx(train[1]["loss"], rel=1e-6)) in scalars
     assert {tag for tag, _, _ in scalars} >= {"train/learning_rate", "eval/i2t_R_1", "eval/zero_shot_accuracy",
                                               "eval/zeroshot/acc1"}  # @ is not allowed in tags
+    # the run's last CLIP_benchmark evaluation is `eval --benchmark` on the model it saved
+    bench = json.loads(dualenc_run("eval", "--model", out, "--benchmark", workspace / "colours",
+                                   workspace / "captions", "--json", "--no-figure", "--out", tmp_path).stdout)
+    for record, prefix in zip(bench["results"], ("zeroshot", "retrieval")):
+        for key, value in record["metrics"].items():
+            assert evals[-1][f"{prefix}/{key}"] == pytest.approx(value, abs=1e-5, nan_ok=True), key
     with Image.open(out / "training.png") as picture:
         picture.load()
         assert picture.size[0] > 600
@@ -244,13 +251,6 @@ def test_zero_shot_embed_search_eval(trained, workspace):
     assert figures["images"] == 12 and figures["skipped"] == {"missing image": 1} and figures["unreadable"] == []
     assert 0 <= figures["zero_shot_accuracy"] <= 1 and figures["zero_shot_chance"] == pytest.approx(1 / 3)
     assert set(figures["per_class_accuracy"]) == {"red", "green", "blue"}
-    # the training run's last CLIP_benchmark evaluation is `eval --benchmark` on the model it saved
-    logged = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()][-1]
-    bench = json.loads(dualenc_run("eval", "--model", trained, "--benchmark", workspace / "colours",
-                                   workspace / "captions", "--json", "--no-figure", "--out", report / "b").stdout)
-    for record, prefix in zip(bench["results"], ("zeroshot", "retrieval")):
-        for key, value in record["metrics"].items():
-            assert logged[f"{prefix}/{key}"] == pytest.approx(value, abs=1e-5, nan_ok=True), key
     # mean per-class recall is the mean of the per-class accuracies; no top-5 among 3 classes
     assert figures["zero_shot_mean_per_class_recall"] == pytest.approx(np.mean(list(figures["per_class_accuracy"].values())))
     assert "zero_shot_top5_accuracy" not in figures
