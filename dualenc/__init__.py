@@ -22,6 +22,7 @@ _HOME = {
     "SiglipVisionConfig": "towers.siglip",
     **dict.fromkeys(("ChineseCLIPTextConfig", "ChineseCLIPVisionConfig"), "towers.chinese_clip"),
     "ConvNextConfig": "towers.convnext",
+    "EvaConfig": "towers.eva",
     "HFTextEncoderConfig": "towers.hf_text",
     "ModifiedResNetConfig": "towers.resnet",
     "Siglip2VisionConfig": "towers.siglip2",

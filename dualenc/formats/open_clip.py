@@ -6,7 +6,9 @@ DualEncoderConfig: their configs map onto transformers' CLIPConfig and their ten
 converts them to a transformers CLIPModel directory. An HF text tower (text_cfg.hf_model_name, a RoBERTa /
 XLM-RoBERTa: dualenc.formats.open_clip_hf) makes a VisionTextDualEncoder instead, and so does a ModifiedResNet
 image tower (vision_cfg.layers a list: OpenAI's RN50 family; dualenc.formats.open_clip_resnet) or a timm one of
-the families dualenc.formats.open_clip_timm reads (ConvNeXt). Anything else open_clip builds (other timm towers,
+the families dualenc.formats.open_clip_timm reads (ConvNeXt), except timm's SigLIP ViTs: those pair with
+open_clip's SigLIP text tower (no causal mask, pooled at the last position, a Linear projection with bias) as a
+transformers SiglipModel ("siglip"). Anything else open_clip builds (other timm towers,
 CoCa, layer scale, other pooling) is refused with a ConfigError naming the field.
 """
 
@@ -18,8 +20,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from dualenc import files, layouts, tables
+from dualenc import files, kinds, layouts, tables
 from dualenc.config import CLIPTextConfig, CLIPVisionConfig, DualEncoderConfig
+from dualenc.towers.clip_text import SiglipTextConfig
+from dualenc.towers.siglip import SiglipVisionConfig
 from dualenc.errors import CheckpointError, ConfigError
 from dualenc.formats import open_clip_hf, open_clip_resnet, open_clip_timm
 from dualenc.formats.transformers import param_shapes, dual_table, to_device
@@ -48,6 +52,9 @@ _TEXT_ACCEPTED = {
     "qk_norm": _OFF, "scaled_cosine_attn": _OFF, "scale_heads": _OFF, "scale_attn_inner": _OFF, "scale_attn": _OFF,
     "scale_fc": _OFF, "hf_model_name": _OFF, "output_tokens": _OFF,
 }
+# open_clip's text tower beside a timm SigLIP ViT: SiglipTextModel's options (GELU exact, or tanh by act_kwargs).
+_SIGLIP_TEXT_ACCEPTED = {**_TEXT_ACCEPTED, "no_causal_mask": (True,), "pool_type": ("last",), "proj_bias": (True,),
+                         "act_kwargs": _OFF + ({"approximate": "tanh"},)}
 _MODEL_ACCEPTED = {"multimodal_cfg": _OFF, "nonscalar_logit_scale": _OFF + (True,)}
 # patch_dropout only acts in training, a train setting in dualenc (make_train_step(patch_dropout=...), `dualenc train
 # --patch-dropout`), not a model field; final_ln_after_pool gives the same
@@ -120,7 +127,8 @@ def config_from_dict(d: Mapping[str, Any], where: str = CONFIG) -> DualEncoderCo
         _check_fields(t, {}, {*_TEXT_DEFAULTS, *_TEXT_ACCEPTED}, wt)
         hf_text = open_clip_hf.text_config(t, m["embed_dim"], wt, os.path.dirname(where))
     else:
-        _check_fields(t, _TEXT_ACCEPTED, _TEXT_DEFAULTS, wt)
+        _check_fields(t, _SIGLIP_TEXT_ACCEPTED if isinstance(timm, SiglipVisionConfig) else _TEXT_ACCEPTED,
+                      _TEXT_DEFAULTS, wt)
     v, t = {**_VISION_DEFAULTS, **v}, {**_TEXT_DEFAULTS, **t}
     image_size = v["image_size"]
     if isinstance(image_size, (list, tuple)):
@@ -143,6 +151,14 @@ def config_from_dict(d: Mapping[str, Any], where: str = CONFIG) -> DualEncoderCo
             hidden_size=width, intermediate_size=_mlp(width, v["mlp_ratio"], wv),
             num_hidden_layers=v["layers"], num_attention_heads=width // head_width, image_size=image_size,
             patch_size=v["patch_size"], hidden_act=act, layer_norm_eps=_eps(v, wv), projection_dim=embed_dim)
+        if isinstance(timm, SiglipVisionConfig) and hf_text is None:
+            if m.get("init_logit_bias") is None:
+                raise ConfigError(f"{where_m}: field 'init_logit_bias' is missing; a timm SigLIP ViT with open_clip's "
+                                  f"text tower reads as a SiglipModel, which has a logit bias")
+            return DualEncoderConfig(
+                vision=timm, text=_siglip_text(t, embed_dim, act, wt), projection_dim=embed_dim, model_type="siglip",
+                logit_scale_init_value=float(m.get("init_logit_scale", OPENAI_LOGIT_SCALE)),
+                logit_bias_init_value=m.get("init_logit_bias"))
         text = hf_text or CLIPTextConfig(
             vocab_size=t["vocab_size"], hidden_size=t["width"], intermediate_size=_mlp(t["width"], t["mlp_ratio"], wt),
             num_hidden_layers=t["layers"], num_attention_heads=t["heads"], max_position_embeddings=t["context_length"],
@@ -155,6 +171,15 @@ def config_from_dict(d: Mapping[str, Any], where: str = CONFIG) -> DualEncoderCo
                                  logit_bias_init_value=m.get("init_logit_bias"))
     except (ConfigError, TypeError) as e:
         raise ConfigError(f"{where_m}: {e}") from None
+
+
+def _siglip_text(t: Mapping, embed_dim: int, act: str, where: str) -> SiglipTextConfig:
+    """open_clip's text transformer with SigLIP's options as transformers' SiglipTextConfig."""
+    return SiglipTextConfig(
+        vocab_size=t["vocab_size"], hidden_size=t["width"], intermediate_size=_mlp(t["width"], t["mlp_ratio"], where),
+        num_hidden_layers=t["layers"], num_attention_heads=t["heads"], max_position_embeddings=t["context_length"],
+        hidden_act="gelu_pytorch_tanh" if t.get("act_kwargs") else act, layer_norm_eps=_eps(t, where),
+        projection_size=embed_dim)
 
 
 # ------------------------------------------------------------------------------------------------ weights
@@ -177,6 +202,8 @@ _TOP = {
     "ln_final.weight": ("text_model.final_layer_norm.weight", None),
     "ln_final.bias": ("text_model.final_layer_norm.bias", None),
     "text_projection": ("text_projection.weight", "T"),
+    "text_projection.weight": ("text_model.head.weight", None),  # a Linear (proj_bias): SiglipTextModel's head
+    "text_projection.bias": ("text_model.head.bias", None),
     "logit_scale": ("logit_scale", "scalar"),
 }
 
@@ -187,6 +214,7 @@ def to_transformers_names(tensors: Mapping[str, np.ndarray], where: str) -> tupl
     Returns (tensors, logit_bias or None). Raises CheckpointError listing names it does not know.
     """
     out, unknown, logit_bias = {}, [], None
+    tensors = open_clip_timm.prepare(tensors, where)
     for name, value in tensors.items():
         plain = name[len("text."):] if name.startswith("text.") and not name.startswith("text.transformer.") \
             else name  # CustomTextCLIP keeps the text tower under "text."
@@ -258,6 +286,10 @@ def load_dir(path: str, stacked: bool = False) -> tuple[DualEncoderConfig, dict]
     if (logit_bias is None) != (config.logit_bias_init_value is None):
         raise CheckpointError(f"{weights_path}: {'has' if logit_bias is not None else 'lacks'} a logit_bias, but "
                               f"{config_path} {'lacks' if logit_bias is not None else 'has'} init_logit_bias")
+    if kinds.kind(config.model_type).scalar_shape == (1,) and logit_bias is not None:  # SiglipModel's (1,) scalars
+        if "logit_scale" in renamed:
+            renamed["logit_scale"] = np.reshape(renamed["logit_scale"], (1,))
+        renamed["logit_bias"], logit_bias = np.reshape(logit_bias, (1,)), None
     params, _ = load_table(weights, dual_table(config), param_shapes(config))
     if logit_bias is not None:
         if logit_bias.dtype not in files.FLOATING:

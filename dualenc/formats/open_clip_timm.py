@@ -9,6 +9,11 @@ ConvNeXt (timm's `convnext_*`, over dualenc.towers.convnext): open_clip's TimmMo
 directory (a "convnext" vision_config); transformers loads it as ConvNextModel + CLIPTextModel with the same
 numbers for the "linear" towers with timm's default LayerNorm eps (1e-6: every name but convnext_xxlarge, whose
 1e-5 transformers' ConvNextModel cannot express), and dualenc reads every one back exactly.
+SigLIP's ViTs (timm's `vit_*_siglip_*` VisionTransformers: no class token, MAP pooling, over
+dualenc.towers.siglip) under open_clip's `timm_pool` "map" and `timm_proj` "none" (the timm/ViT-*-SigLIP* and
+SigLIP 2 releases): the tower is SiglipVisionModel's (timm's fused qkv split, its AttentionPoolLatent's q and kv
+packed as the head's in_proj), the pair a "siglip" model (dualenc.formats.open_clip reads the text tower as
+SiglipTextModel), so `save_pretrained` writes what transformers' SiglipModel loads.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from typing import Any, Callable, Mapping, NamedTuple
 import numpy as np
 
 from dualenc.errors import CheckpointError, ConfigError
+from dualenc.formats import open_clip_eva
 from dualenc.towers.convnext import ConvNextConfig
+from dualenc.towers.siglip import SiglipVisionConfig
 
 # timm's ConvNeXt architectures (timm/models/convnext.py) by name: depths, widths, LayerNorm eps. Their 1x1
 # convolution MLPs (conv_mlp, the small ones) and Linear MLPs compute the same. Other convnext_* names (the
@@ -106,20 +113,113 @@ def _convnext_tensor(name: str, value: np.ndarray, where: str) -> tuple[str, np.
     return None
 
 
+# timm's SigLIP VisionTransformers (timm/models/vision_transformer.py) by name: patch, width, depth, heads, MLP ratio,
+# tanh GELU (act_layer "gelu_tanh"; else nn.GELU), image size (the name's pretrained config). All have no class token,
+# MAP pooling, LayerNorm eps 1e-6, biases everywhere. The "gap" variants (average pooling) are refused.
+SIGLIP_VIT = {
+    "vit_base_patch32_siglip_256": (32, 768, 12, 12, 4.0, True, 256),
+    **{f"vit_base_patch16_siglip_{n}": (16, 768, 12, 12, 4.0, False, n) for n in (224, 256, 384, 512)},
+    **{f"vit_large_patch16_siglip_{n}": (16, 1024, 24, 16, 4.0, n == 512, n) for n in (256, 384, 512)},
+    **{f"vit_so400m_patch14_siglip_{n}": (14, 1152, 27, 16, 3.7362, False, n) for n in (224, 378, 384)},
+    **{f"vit_so400m_patch16_siglip_{n}": (16, 1152, 27, 16, 3.7362, True, n) for n in (256, 384, 512)},
+    **{f"vit_giantopt_patch16_siglip_{n}": (16, 1536, 40, 16, 4.0, True, n) for n in (256, 384)},
+}
+
+
+def _siglip_vit(name: str, v: Mapping[str, Any], embed_dim: int, where: str) -> SiglipVisionConfig:
+    patch, width, depth, heads, ratio, tanh, size = SIGLIP_VIT[name]
+    # timm_pool "map" + timm_proj "none": timm's own MAP head is the image embedding (open_clip's TimmModel adds
+    # nothing). Other pools ("", "avg", "token") or an open_clip head on top are not implemented.
+    _field(v, "timm_pool", "avg", ("map",), where)
+    _field(v, "timm_proj", "linear", ("none",), where)
+    _field(v, "timm_proj_bias", False, (False, True), where)  # unused without a projection
+    _field(v, "timm_drop", 0.0, (0.0, 0), where)
+    drop_path = v.get("timm_drop_path")
+    if drop_path not in (None, 0, 0.0) or isinstance(drop_path, bool):
+        raise ConfigError(f"{where}: field 'timm_drop_path' = {drop_path!r} is not implemented for a timm SigLIP ViT; "
+                          f"supported: [None, 0.0]")
+    if _image_size(v, where) != size:
+        raise ConfigError(f"{where}: field 'image_size' = {v.get('image_size', 224)!r} does not match timm's "
+                          f"{name!r}, built for {size} px (open_clip passes timm only the name)")
+    if embed_dim != width:
+        raise ConfigError(f"{where}: embed_dim = {embed_dim} does not match the width {width} of timm's {name!r}: "
+                          f"with timm_proj 'none' the tower's pooled output is the embedding")
+    try:
+        return SiglipVisionConfig(hidden_size=width, intermediate_size=int(width * ratio), num_hidden_layers=depth,
+                                  num_attention_heads=heads, image_size=size, patch_size=patch,
+                                  hidden_act="gelu_pytorch_tanh" if tanh else "gelu", layer_norm_eps=1e-6)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _siglip_vit_prepare(tensors: Mapping[str, np.ndarray], where: str) -> dict:
+    """timm's fused tensors laid out as SiglipVisionModel's: each block's qkv split into q, k, v; the MAP head's
+    q and kv packed into one in_proj (query, key, value, as torch's MultiheadAttention)."""
+    out = dict(tensors)
+    for name in [n for n in tensors if re.match(r"^visual\.trunk\.blocks\.\d+\.attn\.qkv\.(weight|bias)$", n)]:
+        value = out.pop(name)
+        if value.shape[0] % 3:
+            raise CheckpointError(f"{where}: {name} has shape {value.shape}, not 3 stacked projections")
+        stem, leaf = name.rsplit(".qkv.", 1)
+        for part, chunk in zip("qkv", np.split(value, 3, axis=0)):
+            out[f"{stem}.{part}.{leaf}"] = chunk
+    for leaf in ("weight", "bias"):
+        q, kv = f"visual.trunk.attn_pool.q.{leaf}", f"visual.trunk.attn_pool.kv.{leaf}"
+        if q in out and kv in out:
+            if out[kv].shape[0] != 2 * out[q].shape[0] or out[kv].shape[1:] != out[q].shape[1:]:
+                raise CheckpointError(f"{where}: {kv} has shape {out[kv].shape}, not two of {q}'s {out[q].shape}")
+            out[f"visual.trunk.attn_pool.in_proj.{leaf}"] = np.concatenate([out.pop(q), out.pop(kv)], axis=0)
+    return out
+
+
+_VIT_BLOCK, _VIT_LAYER = r"^visual\.trunk\.blocks\.(\d+)\.", r"vision_model.encoder.layers.\1."
+_SIGLIP_VIT_NAMES = [(re.compile(p), r) for p, r in (
+    (r"^visual\.trunk\.patch_embed\.proj\.", "vision_model.embeddings.patch_embedding."),
+    (r"^visual\.trunk\.pos_embed$", "vision_model.embeddings.position_embedding.weight"),
+    (_VIT_BLOCK + r"norm([12])\.", _VIT_LAYER + r"layer_norm\2."),
+    (_VIT_BLOCK + r"attn\.([qkv])\.", _VIT_LAYER + r"self_attn.\2_proj."),
+    (_VIT_BLOCK + r"attn\.proj\.", _VIT_LAYER + "self_attn.out_proj."),
+    (_VIT_BLOCK + r"mlp\.fc([12])\.", _VIT_LAYER + r"mlp.fc\2."),
+    (r"^visual\.trunk\.norm\.", "vision_model.post_layernorm."),
+    (r"^visual\.trunk\.attn_pool\.latent$", "vision_model.head.probe"),
+    (r"^visual\.trunk\.attn_pool\.in_proj\.(weight|bias)$", r"vision_model.head.attention.in_proj_\1"),
+    (r"^visual\.trunk\.attn_pool\.proj\.", "vision_model.head.attention.out_proj."),
+    (r"^visual\.trunk\.attn_pool\.norm\.", "vision_model.head.layernorm."),
+    (r"^visual\.trunk\.attn_pool\.mlp\.fc([12])\.", r"vision_model.head.mlp.fc\1."),
+)]
+
+
+def _siglip_vit_tensor(name: str, value: np.ndarray, where: str) -> tuple[str, np.ndarray] | None:
+    for pattern, replacement in _SIGLIP_VIT_NAMES:
+        if pattern.search(name):
+            if name == "visual.trunk.pos_embed":
+                if value.ndim != 3 or value.shape[0] != 1:
+                    raise CheckpointError(f"{where}: {name} has shape {value.shape}, expected (1, patches, width)")
+                value = value[0]
+            return pattern.sub(replacement, name), value
+    return None
+
+
 class TimmFamily(NamedTuple):
     """A timm family open_clip towers are read for: names(name) says whether it is one of its architectures,
     config(name, vision_cfg, embed_dim, where) reads the tower, tensor(name, value, where) renames a tensor
-    (None: not the tower's)."""
+    (None: not the tower's); prepare(tensors, where), where given, first splits or joins its fused tensors."""
 
     description: str
     names: Callable[[str], bool]
     config: Callable[[str, Mapping, int, str], Any]
     tensor: Callable[[str, np.ndarray, str], tuple[str, np.ndarray] | None]
+    prepare: Callable[[Mapping[str, np.ndarray], str], dict] | None = None
 
 
 FAMILIES = {
     "convnext": TimmFamily(f"timm's ConvNeXt ({', '.join(CONVNEXT)})", CONVNEXT.__contains__, _convnext,
                            _convnext_tensor),
+    # before siglip_vit: EVA's prepare moves its tensors out of visual.trunk. first (the names are timm ViT's too)
+    "eva": TimmFamily(open_clip_eva.DESCRIPTION, open_clip_eva.EVA.__contains__, open_clip_eva.vision_config,
+                      open_clip_eva.tensor, open_clip_eva.prepare),
+    "siglip_vit": TimmFamily(f"timm's SigLIP ViTs ({', '.join(SIGLIP_VIT)}) with timm_pool 'map' and timm_proj "
+                             f"'none'", SIGLIP_VIT.__contains__, _siglip_vit, _siglip_vit_tensor, _siglip_vit_prepare),
 }
 
 
@@ -151,3 +251,11 @@ def transformers_name(name: str, value: np.ndarray, where: str) -> tuple[str, np
         if found is not None:
             return found
     return None
+
+
+def prepare(tensors: Mapping[str, np.ndarray], where: str) -> Mapping[str, np.ndarray]:
+    """The tensors with each family's fused tensors split or joined (its `prepare`), ready for transformers_name."""
+    for family in FAMILIES.values():
+        if family.prepare is not None:
+            tensors = family.prepare(tensors, where)
+    return tensors
