@@ -62,7 +62,10 @@ def setup(folder):
 
 WORKER = textwrap.dedent("""
     import os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    # 2 devices a process; the test process's backend optimisation level kept (conftest), so that params compared
+    # bit for bit across the processes were computed by programs compiled alike
+    level = [f for f in os.environ.get("XLA_FLAGS", "").split() if f.startswith("--xla_backend_optimization_level")]
+    os.environ["XLA_FLAGS"] = " ".join(["--xla_force_host_platform_device_count=2", *level])
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     address, pid, folder, name, workers = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
