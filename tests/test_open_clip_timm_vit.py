@@ -16,13 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import open_clip_towers as towers
 from conftest import _transformers, max_diff
-from PIL import Image
 from safetensors.torch import save_file
-from sklearn.datasets import load_sample_images
 
 import dualenc
-from dualenc import cli
 from dualenc.formats import open_clip_timm
 from dualenc.towers import siglip
 from dualenc.towers.siglip import SiglipVisionConfig
@@ -95,45 +93,23 @@ def model_cfg(vision=None, text=None, embed_dim=WIDTH):
             "vision_cfg": {**VISION, **(vision or {})}, "text_cfg": {**TEXT, **(text or {})}}
 
 
-def build(cfg, seed=0):
-    """open_clip's CustomTextCLIP with every param random: LayerNorm scales 1 + N(0, 0.1), the rest (biases, the
-    MAP head's latent) N(0, 0.1)."""
-    import open_clip
+def is_scale(name, p):
+    return p.ndim == 1 and "norm" in name and name.endswith("weight")
 
-    model = open_clip.CustomTextCLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"],
-                                     init_logit_bias=cfg["init_logit_bias"]).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = 0.1 * torch.randn(p.shape, generator=gen)
-            p.copy_(1.0 + noise if p.ndim == 1 and "norm" in name and name.endswith("weight") else noise)
-        model.logit_scale.fill_(2.1)
-        model.logit_bias.fill_(-1.7)
-    return model
+
+def build(cfg, seed=0):
+    return towers.build(cfg, seed, scale=is_scale)
 
 
 def save(model, cfg, path, spiece_dir):
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": PREPROCESS}))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "open_clip_model.safetensors"))
-    for f in spiece_dir.iterdir():
-        (path / f.name).write_bytes(f.read_bytes())
-    return str(path)
+    return towers.save(model, cfg, path, preprocess=PREPROCESS, files=spiece_dir)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, spiece_dir):
-    """The open_clip model, its folder, its own transform and tokenizer (open_clip reading the folder), photos."""
-    import open_clip
-
     cfg = model_cfg()
     model = build(cfg)
-    path = save(model, cfg, tmp_path_factory.mktemp("siglip_vit") / "open_clip", spiece_dir)
-    _, _, transform = open_clip.create_model_and_transforms("local-dir:" + path)
-    china, flower = load_sample_images().images
-    photos = [Image.fromarray(a) for a in (china[:200, :300], flower[100:400, 50:260], china[150:260, 300:420])]
-    return dict(model=model, path=path, transform=transform, tokenizer=open_clip.get_tokenizer("local-dir:" + path),
-                photos=photos, pixels=np.stack([transform(p).numpy() for p in photos]))
+    return towers.reference(model, save(model, cfg, tmp_path_factory.mktemp("siglip_vit") / "open_clip", spiece_dir))
 
 
 @pytest.fixture(scope="module")
@@ -142,12 +118,10 @@ def loaded(reference):
 
 
 def open_clip_outputs(model, pixels, ids):
-    with torch.no_grad():
-        image = model.encode_image(torch.tensor(pixels), normalize=True)
-        text = model.encode_text(torch.tensor(ids), normalize=True)
-        logits = model.logit_scale.exp() * image @ text.T + model.logit_bias
-        trunk = model.visual.trunk.forward_features(torch.tensor(pixels))
-    return dict(image=image, text=text, logits=logits, trunk=trunk)
+    """open_clip's outputs with its image and text features normalised (SigLIP's embeddings)."""
+    out = towers.open_clip_outputs(model, pixels, ids)
+    return dict(out, image=out["image"] / out["image"].norm(dim=-1, keepdim=True),
+                text=out["text"] / out["text"].norm(dim=-1, keepdim=True))
 
 
 def test_config_processing_and_parity_with_open_clip(reference, loaded):
@@ -230,22 +204,7 @@ def test_train_step_and_zero_shot_command(reference, loaded, tmp_path, capsys, m
 
     folder = tmp_path / "saved"
     dualenc.save_pretrained(folder, config, params, processor=dualenc.Processor.from_pretrained(reference["path"]))
-    files = []
-    for i, photo in enumerate(reference["photos"]):
-        files.append(tmp_path / f"{i}.png")
-        photo.save(files[-1])
-    (tmp_path / "templates.txt").write_text("{}\n")
-    capsys.readouterr()
-    code = cli.main(["zero-shot", "--model", str(folder), "--labels", ",".join(LABELS), "--templates",
-                     str(tmp_path / "templates.txt"), "--json", *map(str, files)])
-    out, err = capsys.readouterr()
-    assert code == 0, err[-3000:]
-    results = json.loads(out)["results"]
-    logits = open_clip_outputs(reference["model"], reference["pixels"], ids)["logits"]
-    want = torch.sigmoid(logits).numpy()
-    for row, result in zip(want, results):
-        np.testing.assert_allclose(result["probabilities"], [row[LABELS.index(n)] for n in result["labels"]],
-                                   atol=1e-5)
+    towers.check_zero_shot_command(reference, folder, LABELS, tmp_path, capsys)
 
 
 def test_the_name_table_is_timms():

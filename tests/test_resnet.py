@@ -128,6 +128,10 @@ def test_the_train_step_normalises_with_batch_statistics_and_carries_them(refere
     assert not np.allclose(after["attnpool"]["query"]["kernel"], before["attnpool"]["query"]["kernel"])
     with pytest.raises(dualenc.ConfigError, match="running statistics"):
         train.make_train_step(config, optimizer, accum_steps=2)
+    with pytest.raises(dualenc.ConfigError, match="unlocked_layers=1: the vision tower has no stack"):
+        train.init_state(params, optimizer, locked=("vision",), unlocked_layers=1)  # LiT's top-k has no layers here
+    none = train.tower_features(params, config, "vision", {"pixel_values": np.zeros((0, 3, SIZE, SIZE), np.float32)})
+    assert none.shape == (0, params["visual_projection"]["kernel"].shape[0])  # the pooled width, from shapes alone
 
 
 def test_saves_and_loads_back_equal_and_runs_the_cli(reference, loaded, tmp_path, capsys):

@@ -90,6 +90,10 @@ def partition(params: dict, locked: Sequence[str] = (), unlocked_layers: int = 0
             frozen[name] = value
         else:
             group = groups(name, value)
+            if "layers" not in group.values():
+                raise ConfigError(f"unlocked_layers={unlocked_layers}: the {name} tower has no stack of identical "
+                                  f"layers to unlock the top of (a convolutional tower's stages); lock it whole "
+                                  f"(unlocked_layers=0) or leave it unlocked")
             frozen[name] = {k: v for k, v in value.items() if group[k] == "embeddings"}
             trainable[name] = {k: v for k, v in value.items() if group[k] not in ("embeddings", "layers")}
             for stack in (k for k in value if group[k] == "layers"):

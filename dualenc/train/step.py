@@ -247,5 +247,9 @@ def tower_features(params: dict, config: DualEncoderConfig, tower: str, inputs: 
         out.append(np.asarray(pooled(params[tower], config, tower, chunk, dtype=dtype), np.float32)[:rows])
     if out:
         return np.concatenate(out)
-    tower_config = getattr(config, tower)
-    return np.zeros((0, getattr(tower_config, "projection_size", tower_config.hidden_size)), np.float32)
+    if not inputs:
+        raise InputError(f"inputs holds no arrays for the {tower} tower")
+    # no rows: the pooled width from the tower's shapes (one zero row of each input, traced, never run)
+    one = {k: jax.ShapeDtypeStruct((1, *np.shape(v)[1:]), np.asarray(v).dtype) for k, v in inputs.items()}
+    width = jax.eval_shape(lambda x: pooled(params[tower], config, tower, x, dtype=dtype), one).shape[-1]
+    return np.zeros((0, width), np.float32)
