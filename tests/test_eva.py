@@ -219,16 +219,21 @@ def test_the_name_table_is_timms(name):
     the tensors and shapes dualenc's config for that name declares, and the same rotary settings and eps."""
     import timm
 
+    pool = open_clip_eva.EVA[name].pool  # "token" (EVA), "map" (PE-Core)
     with torch.device("meta"):
-        trunk = timm.create_model(name, num_classes=EMBED, global_pool="token")
-    config = open_clip_timm.vision_config({"timm_model_name": name, "timm_pool": "token", "timm_proj": None,
+        trunk = timm.create_model(name, num_classes=EMBED, global_pool=pool)
+    config = open_clip_timm.vision_config({"timm_model_name": name, "timm_pool": pool, "timm_proj": None,
                                            "image_size": open_clip_eva.EVA[name].image_size}, EMBED, "test")
     assert trunk.blocks[0].norm1.eps == config.layer_norm_eps and trunk.patch_embed.grid_size == config.grid
+    assert trunk.num_prefix_tokens == config.prefix_tokens
+    if pool == "map":
+        assert trunk.attn_pool.num_heads == config.pool_heads and trunk.attn_pool.norm.eps == config.layer_norm_eps
     rope = trunk.rope
     assert (rope is not None) == config.rope
     if rope is not None:
         assert (tuple(rope.ref_feat_shape), rope.temperature, rope.in_pixels, rope.grid_indexing, rope.grid_offset,
-                rope.rotate_half) == (config.ref_feat_shape, config.rope_temperature, False, "ij", 0.0, False)
+                rope.rotate_half) == (config.ref_feat_shape, config.rope_temperature, False,
+                                      config.rope_grid_indexing, config.rope_grid_offset, False)
     tensors = {"visual.trunk." + k: np.broadcast_to(np.float32(0), v.shape) for k, v in trunk.state_dict().items()}
     table = {e.hf: e for e in eva.table(config)}
     got, blocks = {}, set()

@@ -1,15 +1,19 @@
-"""The EVA tower family: timm's Eva (EVA-CLIP's EVA01 and EVA02 image towers, as open_clip builds them through
-timm), init / apply on NCHW pixels.
+"""The EVA tower family: timm's Eva (EVA-CLIP's EVA01 and EVA02 image towers, and Meta's Perception Encoder
+PE-Core, as open_clip builds them through timm), init / apply on NCHW pixels.
 
-A ViT with a class token and a learned position table (class token included), then blocks that differ from
-ViT's where the config says: rotary position embeddings on the patch tokens' queries and keys (timm's
-RotaryEmbeddingCat with in_pixels=False: per head, a quarter of the head size of frequency bands
-1 / temperature ** (j / bands) over the row and column indices, each scaled by ref_feat_shape / grid, in
-the interleaved layout of apply_rot_embed_cat), a LayerNorm on the attention output before its projection
-(scale_attn_inner), a SwiGLU MLP (silu(fc1_g(x)) * fc1_x(x)) with a LayerNorm on its hidden layer (scale_mlp),
-and post-norm blocks (x + norm(f(x)), EVA02-E). The key projection has no bias. The final LayerNorm normalises
-every token; the pooled output is the class token through the head (timm's classifier, a Linear with bias to
-open_clip's embed_dim) where there is one.
+A ViT with a class token (PE-Core-bigG has none) and a learned position table (class token included), a
+LayerNorm before the blocks where the config says (PE's use_pre_transformer_norm, whose patch embedding has no
+bias), then blocks that differ from ViT's where the config says: rotary position embeddings on the patch tokens'
+queries and keys (timm's RotaryEmbeddingCat with in_pixels=False: per head, a quarter of the head size of
+frequency bands 1 / temperature ** (j / bands) over the row and column indices plus rope_grid_offset, each scaled
+by ref_feat_shape / grid, the row frequencies first ("ij") or the column ones ("xy", PE), in the interleaved
+layout of apply_rot_embed_cat), a LayerNorm on the attention output before its projection (scale_attn_inner), a
+SwiGLU MLP (silu(fc1_g(x)) * fc1_x(x)) with a LayerNorm on its hidden layer (scale_mlp), and post-norm blocks
+(x + norm(f(x)), EVA02-E). The key projection has no bias in EVA's attention, one in PE's (timm's AttentionRope).
+The final LayerNorm normalises every token; the pooled output is the class token (global_pool "token") or timm's
+AttentionPoolLatent over every token (global_pool "map", PE: a learned latent query with its own heads, then
+LayerNorm + GELU MLP with the residual; dualenc.towers.siglip's MAP head), through the head (timm's classifier,
+a Linear with bias to open_clip's embed_dim) where there is one.
 """
 
 from __future__ import annotations
@@ -27,11 +31,12 @@ from dualenc import layers, params as declare, tables
 from dualenc.fields import (
     TransformerConfig, bool_field, builds, check_int, choice_field, fail, float_field, int_field, rate_field,
 )
-from dualenc.towers import vit
+from dualenc.towers import siglip, vit
 from dualenc.towers.family import Family
 
 MLPS = ("swiglu", "gelu")  # timm's SwiGLU (split fc1_g / fc1_x; with scale_mlp) or Mlp with GELU
-PREFIX_TOKENS = 1  # the class token: no rotary embedding
+POOLS = ("token", "map")  # timm's global_pool: the class token, or AttentionPoolLatent
+GRID_INDEXING = ("ij", "xy")  # timm's rope_grid_indexing: row frequencies first, or column ones
 
 
 @jax.tree_util.register_static
@@ -42,10 +47,14 @@ class EvaConfig(TransformerConfig):
     Fields as timm's Eva arguments: hidden_size (embed_dim), intermediate_size (int(embed_dim * mlp_ratio)),
     mlp ("swiglu": swiglu_mlp, or "gelu"), scale_mlp, scale_attn_inner, post_norm (use_post_norm),
     rope (use_rot_pos_emb), ref_feat_shape (None, or the (rows, columns) the rotary grid is scaled to),
-    rope_temperature, layer_norm_eps (timm's LayerNorm: 1e-6), head_size (the classifier's width: open_clip's
-    embed_dim when its timm_proj is null; None for none), drop_path_rate (stochastic depth, rising linearly
-    over the blocks as timm's). The defaults are EVA02-B-16's image tower (every optional part: the train
-    state's catalogue of params reads them).
+    rope_temperature, rope_grid_offset, rope_grid_indexing, layer_norm_eps (timm's LayerNorm: 1e-6; PE's 1e-5),
+    head_size (the classifier's width: open_clip's embed_dim when its timm_proj is null; None for none),
+    drop_path_rate (stochastic depth, rising linearly over the blocks as timm's), class_token, patch_bias,
+    pre_norm (use_pre_transformer_norm), key_bias (attn_type "rope": AttentionRope's qkv bias covers the key),
+    global_pool ("token" or "map"), pool_heads and pool_mlp_ratio (attn_pool_num_heads, attn_pool_mlp_ratio:
+    the "map" head's). The defaults are EVA02-B-16's image tower (its optional parts: the train state's
+    catalogue of params reads them; PE's extra params, pre_norm, the key bias and the "map" head, carry the
+    names the CLIP and SigLIP towers declare them under, so the catalogue holds them too).
     """
 
     model_types: ClassVar[tuple[str, ...]] = ("eva",)
@@ -68,6 +77,15 @@ class EvaConfig(TransformerConfig):
     head_size: int | None = int_field(512, required=False)
     drop_path_rate: float = rate_field(0.0)
     initializer_range: float = float_field(0.02)
+    class_token: bool = bool_field(True)
+    patch_bias: bool = bool_field(True)
+    pre_norm: bool = bool_field(False)
+    key_bias: bool = bool_field(False)
+    rope_grid_offset: float = float_field(0.0)
+    rope_grid_indexing: str = choice_field("ij", GRID_INDEXING)
+    global_pool: str = choice_field("token", POOLS)
+    pool_heads: int = int_field(8, hi=4096, required=False)
+    pool_mlp_ratio: float = float_field(4.0, hi=1024.0, lo_open=True)
 
     def _validate(self):
         if isinstance(self.ref_feat_shape, list):
@@ -85,6 +103,10 @@ class EvaConfig(TransformerConfig):
         if self.rope and (self.hidden_size // max(self.num_attention_heads, 1)) % 4:
             fail(self.name, "num_attention_heads", f"gives a head size of {self.hidden_size} / "
                                                    f"{self.num_attention_heads}, not a multiple of 4 (rope)")
+        if self.global_pool == "token" and not self.class_token:
+            fail(self.name, "global_pool", "'token' needs the class token (class_token is false)")
+        if self.global_pool == "map" and self.hidden_size % self.pool_heads:
+            fail(self.name, "pool_heads", f"= {self.pool_heads} does not divide hidden_size {self.hidden_size}")
         super()._validate()
 
     @property
@@ -105,6 +127,19 @@ class EvaConfig(TransformerConfig):
         return self.grid[0] * self.grid[1]
 
     @property
+    def prefix_tokens(self) -> int:
+        """The tokens before the patches (the class token), which take no rotary embedding."""
+        return int(self.class_token)
+
+    @property
+    def pool_spec(self) -> layers.EncoderSpec:
+        """The "map" head's attention and MLP (timm's AttentionPoolLatent: GELU, the tower's LayerNorm eps)."""
+        d = self.hidden_size
+        return layers.EncoderSpec(num_layers=1, hidden_size=d, num_heads=self.pool_heads,
+                                  intermediate_size=int(d * self.pool_mlp_ratio), activation="gelu",
+                                  eps=self.layer_norm_eps, prenorm=True, init_stds=(self.initializer_range,) * 4)
+
+    @property
     def pooled_size(self) -> int:
         """The width of pooler_output: head_size with the head, else hidden_size."""
         return self.head_size or self.hidden_size
@@ -117,7 +152,8 @@ class EvaConfig(TransformerConfig):
 
 def specs(config: EvaConfig) -> list[declare.Param]:
     """Every param of the tower, declared once (see dualenc.params); names as timm's Eva with split q/k/v
-    (qkv_fused=False). The blocks are the "encoder" stack."""
+    (qkv_fused=False), the "map" head's as SiglipVisionModel's (its q and kv packed as one in_proj). The blocks
+    are the "encoder" stack."""
     d, m, depth, std = config.hidden_size, config.intermediate_size, config.num_hidden_layers, \
         config.initializer_range
     layer = "blocks.{i}."
@@ -129,13 +165,17 @@ def specs(config: EvaConfig) -> list[declare.Param]:
     def norm(path, width, hf):
         return declare.norm(("encoder",) + path, width, hf=layer + hf, group="layers", layers=depth)
 
-    out = [*declare.conv(("embeddings", "patch"), config.num_channels, config.patch_hw, d, std, hf="patch_embed.proj"),
-           declare.Param(("embeddings", "cls"), (d,), ("embed",), declare.normal(std), "cls_token", "cls"),
-           declare.table(("embeddings", "position"), config.num_patches + PREFIX_TOKENS, d, std, "position",
-                         hf="pos_embed", hf_kind="pos")]
+    out = declare.conv(("embeddings", "patch"), config.num_channels, config.patch_hw, d, std, hf="patch_embed.proj",
+                       bias=config.patch_bias)
+    if config.class_token:
+        out.append(declare.Param(("embeddings", "cls"), (d,), ("embed",), declare.normal(std), "cls_token", "cls"))
+    out.append(declare.table(("embeddings", "position"), config.num_patches + config.prefix_tokens, d, std,
+                             "position", hf="pos_embed", hf_kind="pos"))
+    if config.pre_norm:
+        out += declare.norm(("pre_norm",), d, hf="norm_pre")
     out += norm(("attention_norm",), d, "norm1")
     out += dense(("attention", "query"), d, d, ("embed", "qkv"), "attn.q_proj")
-    out += dense(("attention", "key"), d, d, ("embed", "qkv"), "attn.k_proj", bias=False)
+    out += dense(("attention", "key"), d, d, ("embed", "qkv"), "attn.k_proj", bias=config.key_bias)
     out += dense(("attention", "value"), d, d, ("embed", "qkv"), "attn.v_proj")
     if config.scale_attn_inner:
         out += norm(("attention", "norm"), d, "attn.norm")
@@ -150,6 +190,8 @@ def specs(config: EvaConfig) -> list[declare.Param]:
         out += norm(("mlp", "norm"), m, "mlp.norm")
     out += dense(("mlp", "fc2"), m, d, ("mlp", "embed"), "mlp.fc2")
     out += declare.norm(("post_norm",), d, hf="norm", group="head")
+    if config.global_pool == "map":
+        out += siglip.head_specs(config.pool_spec)
     if config.head_size:
         out += declare.dense(("head",), d, config.head_size, std, ("embed", "mlp"), hf="head", group="head")
     return out
@@ -170,18 +212,21 @@ def check_pixel_values(config: EvaConfig, pixel_values, interpolate_pos_encoding
 
 def rope_tables(config: EvaConfig) -> tuple[np.ndarray, np.ndarray]:
     """(sin, cos), each (patches, head size) float32: timm's RotaryEmbeddingCat(in_pixels=False) embedding for
-    the config's grid, computed in float32 as timm does (bands 1 / T ** (j / n), index grid scaled by
-    ref_feat_shape / grid, row frequencies then column frequencies, each repeated twice: interleaved pairs)."""
+    the config's grid, computed in float32 as timm does (bands 1 / T ** (j / n), index grid plus
+    rope_grid_offset scaled by ref_feat_shape / grid, row frequencies then column frequencies ("ij"; the other
+    way round for "xy"), each repeated twice: interleaved pairs)."""
     head = config.hidden_size // config.num_attention_heads
     n = head // 4
     exp = np.arange(n, dtype=np.int64).astype(np.float32) / np.float32(n)
     bands = np.float32(1.0) / np.power(np.float32(config.rope_temperature), exp)
     grid = config.grid
     ref = config.ref_feat_shape
-    axes = [np.arange(s, dtype=np.int64).astype(np.float32) for s in grid]
+    axes = [np.arange(s, dtype=np.int64).astype(np.float32) + np.float32(config.rope_grid_offset) for s in grid]
     if ref is not None:
         axes = [a / np.float32(s) * np.float32(r) for a, s, r in zip(axes, grid, ref)]
-    coords = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)  # (gh, gw, 2)
+    coords = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)  # (gh, gw, 2): (row, column)
+    if config.rope_grid_indexing == "xy":
+        coords = coords[..., ::-1]  # (column, row), the same positions
     angles = (coords[..., None] * bands).reshape(grid[0] * grid[1], 2 * n)
     return (np.repeat(np.sin(angles), 2, axis=-1).astype(np.float32),
             np.repeat(np.cos(angles), 2, axis=-1).astype(np.float32))
@@ -196,15 +241,15 @@ def rotate(x: jax.Array, sin: np.ndarray, cos: np.ndarray) -> jax.Array:
 
 
 def attention(p: layers.Params, x: jax.Array, config: EvaConfig, rope, dtype) -> jax.Array:
-    """EVA's self-attention on (B, L, D): q/k/v (no key bias), the rotary embedding on the patch tokens, the
-    inner LayerNorm (scale_attn_inner), the output projection."""
+    """EVA's self-attention on (B, L, D): q/k/v (a key bias with key_bias), the rotary embedding on the patch
+    tokens, the inner LayerNorm (scale_attn_inner), the output projection."""
     b, l, d = x.shape
     h = config.num_attention_heads
     k = d // h
     q, key, v = (layers.dense(p[name], x, dtype).reshape(b, l, h, k) for name in ("query", "key", "value"))
     if rope is not None:
-        q, key = (jnp.concatenate([t[:, :PREFIX_TOKENS], rotate(t[:, PREFIX_TOKENS:], *rope)], axis=1)
-                  for t in (q, key))
+        n = config.prefix_tokens
+        q, key = (jnp.concatenate([t[:, :n], rotate(t[:, n:], *rope)], axis=1) for t in (q, key))
     q = q * jnp.asarray(k ** -0.5, dtype)
     scores = jnp.einsum("bqhk,bshk->bhqs", q, key, preferred_element_type=jnp.float32)
     probs = jax.nn.softmax(scores, axis=-1)
@@ -277,8 +322,10 @@ def apply(params: layers.Params, config: EvaConfig, pixel_values: jax.Array, *, 
       remat_policy: a name in jax.checkpoint_policies to rematerialise each block under grad.
 
     Returns:
-      TowerOutput: last_hidden_state (B, 1 + patches, D) after the final LayerNorm (timm's forward_features);
-      pooler_output (B, pooled_size): its class token through the head; hidden_states when requested.
+      TowerOutput: last_hidden_state (B, prefix_tokens + patches, D) after the final LayerNorm (timm's
+      forward_features); pooler_output (B, pooled_size): its class token ("token") or the attention pool's
+      output ("map") through the head; hidden_states (the blocks' input, after pre_norm, then each block's
+      output) when requested.
     """
     check_pixel_values(config, pixel_values)
     dtype = jnp.dtype(dtype or jnp.float32)
@@ -286,8 +333,11 @@ def apply(params: layers.Params, config: EvaConfig, pixel_values: jax.Array, *, 
     emb = params["embeddings"]
     with jax.named_scope("embeddings"):
         x = vit.embed_patches(emb["patch"], pixel_values, config.patch_hw, dtype)
-        cls = jnp.broadcast_to(emb["cls"].astype(dtype), (b, 1, x.shape[-1]))
-        x = jnp.concatenate([cls, x], axis=1) + emb["position"].astype(dtype)[None]
+        if config.class_token:
+            x = jnp.concatenate([jnp.broadcast_to(emb["cls"].astype(dtype), (b, 1, x.shape[-1])), x], axis=1)
+        x = x + emb["position"].astype(dtype)[None]
+        if config.pre_norm:
+            x = layers.layer_norm(params["pre_norm"], x, config.layer_norm_eps, dtype)
     embeddings = x
     rope = rope_tables(config) if config.rope else None
     depth = config.num_hidden_layers
@@ -310,7 +360,10 @@ def apply(params: layers.Params, config: EvaConfig, pixel_values: jax.Array, *, 
             x, states = _blocks(stack, x, config, rope, dtype, keep, scales, remat_policy, output_hidden_states)
     with jax.named_scope("pooler"):
         last = layers.layer_norm(params["post_norm"], x, config.layer_norm_eps, dtype)
-        pooled = last[:, 0]
+        if config.global_pool == "map":
+            pooled = siglip.attention_pool(params["head"], last, None, config.pool_spec, dtype)
+        else:
+            pooled = last[:, 0]
         if config.head_size:
             pooled = layers.dense(params["head"], pooled, dtype)
     hidden = (embeddings, *states) if output_hidden_states else None
