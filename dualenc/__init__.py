@@ -26,6 +26,7 @@ _HOME = {
     "HFTextEncoderConfig": "towers.hf_text",
     "ModifiedResNetConfig": "towers.resnet",
     "Siglip2VisionConfig": "towers.siglip2",
+    "VitaminConfig": "towers.vitamin",
     "DualEncoderConfig": "config",
     **dict.fromkeys(("CheckpointError", "ConfigError", "DataError", "DualEncError", "InputError"), "errors"),
     **dict.fromkeys(("NewlyInitializedWarning", "UnusedWeightsWarning", "from_vision_text_pretrained",

@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 import numpy as np
 
 from dualenc.errors import CheckpointError, ConfigError
-from dualenc.formats import open_clip_eva
+from dualenc.formats import open_clip_eva, open_clip_vitamin
 from dualenc.towers.convnext import ConvNextConfig
 from dualenc.towers.siglip import SiglipVisionConfig
 
@@ -218,6 +218,8 @@ FAMILIES = {
     # before siglip_vit: EVA's prepare moves its tensors out of visual.trunk. first (the names are timm ViT's too)
     "eva": TimmFamily(open_clip_eva.DESCRIPTION, open_clip_eva.EVA.__contains__, open_clip_eva.vision_config,
                       open_clip_eva.tensor, open_clip_eva.prepare),
+    "vitamin": TimmFamily(open_clip_vitamin.DESCRIPTION, open_clip_vitamin.VITAMIN.__contains__,
+                          open_clip_vitamin.vision_config, open_clip_vitamin.tensor, open_clip_vitamin.prepare),
     "siglip_vit": TimmFamily(f"timm's SigLIP ViTs ({', '.join(SIGLIP_VIT)}) with timm_pool 'map' and timm_proj "
                              f"'none'", SIGLIP_VIT.__contains__, _siglip_vit, _siglip_vit_tensor, _siglip_vit_prepare),
 }

@@ -9,13 +9,13 @@ Adding a family is its module plus one entry in MODULES; `register(module)` adds
 from __future__ import annotations
 
 from dualenc.errors import ConfigError
-from dualenc.towers import bert, chinese_clip, clip_text, convnext, eva, hf_text, resnet, siglip, siglip2, vit
+from dualenc.towers import bert, chinese_clip, clip_text, convnext, eva, hf_text, resnet, siglip, siglip2, vit, vitamin
 from dualenc.towers.family import SIDE_INPUTS, SIDES, Family
 
 __all__ = ["Family", "MODULES", "SIDES", "SIDE_INPUTS", "config_class", "config_classes", "family", "register",
            "stack_names", "type_family", "types", "unregister"]
 
-MODULES = (vit, bert, clip_text, siglip, siglip2, chinese_clip, hf_text, resnet, convnext, eva)
+MODULES = (vit, bert, clip_text, siglip, siglip2, chinese_clip, hf_text, resnet, convnext, eva, vitamin)
 
 FAMILIES: tuple[Family, ...] = ()
 _BY_CLASS: dict[type, Family] = {}
