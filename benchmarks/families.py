@@ -31,6 +31,8 @@ FAMILIES = {
     "convnext": ("timm ConvNeXt", "convnext_base"),
     "eva02": ("timm EVA02", "EVA02-B-16"),
     "siglip_vit": ("timm SigLIP ViT", "ViT-B-16-SigLIP"),
+    "pe_core": ("timm PE-Core", "PE-Core-B-16"),
+    "vitamin": ("timm ViTamin", "ViTamin-B"),
     "xlm_roberta": ("Hugging Face XLM-R text", "xlm-roberta-base-ViT-B-32"),
     "chinese_clip": ("transformers Chinese-CLIP (ViT-B/16, BERT-base)", None),
 }

@@ -129,7 +129,8 @@ def _build(open_clip, name: str, cfg: dict, folder: str) -> dict:
     pixels = torch.randn(2, 3, size, size)
     length = small["text_cfg"]["context_length"]
     tokens = torch.randint(1, 400, (2, length))
-    tokens[:, length // 2] = 49407  # open_clip's end-of-text id: argmax pooling finds it
+    # open_clip's end-of-text id (the largest id of a smaller vocabulary, CLIPA's): argmax pooling finds it
+    tokens[:, length // 2] = min(49407, small["text_cfg"].get("vocab_size", 49408) - 1)
     with torch.no_grad():
         ref_image = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1).numpy()
         ref_text = torch.nn.functional.normalize(model.encode_text(tokens), dim=-1).numpy()

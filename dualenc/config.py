@@ -73,7 +73,7 @@ class DualEncoderConfig:
         kind = self.kind
         if kind.towers is not None:
             wanted = {side: towers.config_class(kind.towers[side]) for side in towers.SIDES}
-            if not all(isinstance(getattr(self, side), wanted[side]) for side in towers.SIDES):
+            if not all(type(getattr(self, side)) is wanted[side] for side in towers.SIDES):  # subclasses differ
                 fail("DualEncoderConfig", "model_type", f"{self.model_type!r} needs "
                       f"{wanted['vision'].__name__} and {wanted['text'].__name__} towers, got "
                       f"{type(self.vision).__name__} and {type(self.text).__name__}")

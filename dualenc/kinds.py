@@ -112,6 +112,8 @@ KINDS: dict[str, Kind] = {k.model_type: k for k in (
     Kind("vision-text-dual-encoder", "VisionTextDualEncoderModel", "bias-free", "exp_scale", "clip"),
     Kind("clip", "CLIPModel", "bias-free", "exp_scale", "clip",
          towers={"vision": "clip_vision_model", "text": "clip_text_model"}, projection_dim=512, tokenizer="clip"),
+    Kind("metaclip_2", "MetaClip2Model", "bias-free", "exp_scale", "clip",
+         towers={"vision": "metaclip_2_vision_model", "text": "metaclip_2_text_model"}, projection_dim=512),
     Kind("siglip", "SiglipModel", "none", "sigmoid_bias", "siglip",
          towers={"vision": "siglip_vision_model", "text": "siglip_text_model"}, inits_key="dualenc_logit_init",
          scalar_shape=(1,), text_padding="max_length", tokenizer="siglip"),

@@ -118,7 +118,7 @@ def test_open_clip_logit_bias_and_eos_pooling(tmp_path):
     (dict(vision_cfg={"layers": [3, 4, 6, 3]}), "layers"),
     (dict(vision_cfg={"ls_init_value": 1e-5}), "ls_init_value"),
     (dict(vision_cfg={"attentional_pool": True}), "attentional_pool"),
-    (dict(vision_cfg={"pool_type": "avg"}), "pool_type"),
+    (dict(vision_cfg={"pool_type": "none"}), "pool_type"),  # "avg" reads (tests/test_open_clip_options.py)
     (dict(vision_cfg={"image_size": [30, 40]}), "image_size"),
     (dict(text_cfg={"pool_type": "last"}), "pool_type"),
     (dict(text_cfg={"hf_model_name": "bert-base-uncased"}), "hf_model_name"),

@@ -245,7 +245,7 @@ def test_the_name_table_is_timms():
     (None, None, 16, "embed_dim"),
     (None, dict(no_causal_mask=False), WIDTH, "no_causal_mask"),
     (None, dict(pool_type="argmax"), WIDTH, "pool_type"),
-    (None, dict(proj_type="none", proj_bias=False), WIDTH, "proj_"),
+    (None, dict(proj_bias=False), WIDTH, "proj_"),  # proj_type "none" reads (tests/test_open_clip_options.py)
     (None, dict(act_kwargs={"approximate": "none"}), WIDTH, "act_kwargs"),
 ])
 def test_unimplemented_configs_are_refused(vision, text, embed_dim, field, tmp_path):

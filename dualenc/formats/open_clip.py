@@ -8,8 +8,16 @@ XLM-RoBERTa: dualenc.formats.open_clip_hf) makes a VisionTextDualEncoder instead
 image tower (vision_cfg.layers a list: OpenAI's RN50 family; dualenc.formats.open_clip_resnet) or a timm one of
 the families dualenc.formats.open_clip_timm reads (ConvNeXt), except timm's SigLIP ViTs: those pair with
 open_clip's SigLIP text tower (no causal mask, pooled at the last position, a Linear projection with bias) as a
-transformers SiglipModel ("siglip"). Anything else open_clip builds (other timm towers,
-CoCa, layer scale, other pooling) is refused with a ConfigError naming the field.
+transformers SiglipModel ("siglip"; a text proj_type "none", SigLIP i18n's, as its head at the identity).
+
+Options transformers' CLIPModel lacks: text pool_type "eos" with eos_id 2 (MetaCLIP 2 "worldwide": CLIPTextModel
+would read eos_token_id 2 as its argmax rule) reads as a transformers MetaClip2Model ("metaclip_2"), which pools at
+the first eos_token_id, so save_pretrained writes what transformers loads with the same numbers. CLIPA's vision
+pool_type "avg" (with no_ln_pre, final_ln_after_pool) and text no_causal_mask with pool_type "last" read as
+dualenc's own towers (OpenCLIPVisionConfig "open_clip_vision", OpenCLIPTextConfig "open_clip_text") in a
+VisionTextDualEncoder: save_pretrained writes those model_types, which dualenc reads back exactly and
+transformers' AutoConfig refuses (no transformers class computes them). Anything else open_clip builds (other timm
+towers, CoCa, layer scale, other pooling) is refused with a ConfigError naming the field.
 """
 
 from __future__ import annotations
@@ -22,7 +30,8 @@ import numpy as np
 
 from dualenc import files, kinds, layouts, tables
 from dualenc.config import CLIPTextConfig, CLIPVisionConfig, DualEncoderConfig
-from dualenc.towers.clip_text import SiglipTextConfig
+from dualenc.towers.clip_text import MetaClip2TextConfig, OpenCLIPTextConfig, SiglipTextConfig
+from dualenc.towers.vit import MetaClip2VisionConfig, OpenCLIPVisionConfig
 from dualenc.towers.siglip import SiglipVisionConfig
 from dualenc.errors import CheckpointError, ConfigError
 from dualenc.formats import open_clip_hf, open_clip_resnet, open_clip_timm
@@ -41,24 +50,28 @@ _TEXT_DEFAULTS = dict(context_length=77, vocab_size=49408, width=512, heads=8, l
 # Fields that change the computation: the values dualenc implements (None, False, 0 or missing are defaults).
 _OFF = (None, False, 0, 0.0, {}, "")
 _VISION_ACCEPTED = {
-    "ls_init_value": (None,), "attentional_pool": _OFF, "no_ln_pre": _OFF, "pos_embed_type": ("learnable",),
-    "pool_type": ("tok",), "act_kwargs": _OFF, "block_type": _OFF + ("default",), "qk_norm": _OFF,
+    "ls_init_value": (None,), "attentional_pool": _OFF, "no_ln_pre": _OFF + (True,), "pos_embed_type": ("learnable",),
+    "pool_type": ("tok", "avg"), "final_ln_after_pool": _OFF + (True,), "act_kwargs": _OFF,
+    "block_type": _OFF + ("default",), "qk_norm": _OFF,
     "scaled_cosine_attn": _OFF, "scale_heads": _OFF, "scale_attn_inner": _OFF, "scale_attn": _OFF,
     "scale_fc": _OFF, "timm_model_name": _OFF, "output_tokens": _OFF,
 }
 _TEXT_ACCEPTED = {
-    "ls_init_value": (None,), "embed_cls": _OFF, "no_causal_mask": _OFF, "pool_type": ("argmax", "eos"),
+    "ls_init_value": (None,), "embed_cls": _OFF, "no_causal_mask": _OFF + (True,),
+    "pool_type": ("argmax", "eos", "last"),
     "proj_bias": _OFF, "proj_type": ("linear", None), "act_kwargs": _OFF, "block_type": _OFF + ("default",),
     "qk_norm": _OFF, "scaled_cosine_attn": _OFF, "scale_heads": _OFF, "scale_attn_inner": _OFF, "scale_attn": _OFF,
     "scale_fc": _OFF, "hf_model_name": _OFF, "output_tokens": _OFF,
 }
 # open_clip's text tower beside a timm SigLIP ViT: SiglipTextModel's options (GELU exact, or tanh by act_kwargs).
-_SIGLIP_TEXT_ACCEPTED = {**_TEXT_ACCEPTED, "no_causal_mask": (True,), "pool_type": ("last",), "proj_bias": (True,),
+# proj_type "none" (no projection: the pooled output is the embedding) reads as SiglipModel's head at the identity.
+_SIGLIP_TEXT_ACCEPTED = {**_TEXT_ACCEPTED, "no_causal_mask": (True,), "pool_type": ("last",),
+                         "proj_bias": _OFF + (True,), "proj_type": ("linear", None, "none"),
                          "act_kwargs": _OFF + ({"approximate": "tanh"},)}
 _MODEL_ACCEPTED = {"multimodal_cfg": _OFF, "nonscalar_logit_scale": _OFF + (True,)}
 # patch_dropout only acts in training, a train setting in dualenc (make_train_step(patch_dropout=...), `dualenc train
-# --patch-dropout`), not a model field; final_ln_after_pool gives the same
-# pooled output (the LayerNorm is per token); the tokenizer fields are the tokenizer's business.
+# --patch-dropout`), not a model field; open_clip's text tower does not read final_ln_after_pool (the vision
+# tower's is read: _VISION_ACCEPTED); the tokenizer fields are the tokenizer's business (dualenc.processing).
 _IGNORED = {"patch_dropout", "final_ln_after_pool", "hf_tokenizer_name", "tokenizer_mode", "tokenizer_kwargs",
             "attn_pooler_queries", "attn_pooler_heads", "timm_model_pretrained", "timm_pool", "timm_proj",
             "timm_proj_bias", "timm_drop", "timm_drop_path", "hf_model_pretrained", "hf_proj_type",
@@ -142,15 +155,30 @@ def config_from_dict(d: Mapping[str, Any], where: str = CONFIG) -> DualEncoderCo
     head_width = _int_field(v, "head_width", wv)
     if head_width < 1 or width % head_width:
         raise ConfigError(f"{wv}: field 'head_width' = {head_width} must divide width {width}")
-    if t["pool_type"] == "eos" and t["eos_id"] == 2:
-        raise ConfigError(f"{wt}: field 'eos_id' = 2 with pool_type 'eos' cannot be expressed: transformers reads "
-                          f"eos_token_id 2 as the argmax rule")
+    average = v.get("pool_type") == "avg"
+    if v.get("no_ln_pre") and not average:
+        raise ConfigError(f"{wv}: field 'no_ln_pre' = True is implemented with pool_type 'avg' only (CLIPA's), got "
+                          f"pool_type {v.get('pool_type', 'tok')!r}")
+    if hf_text is None and not isinstance(timm, SiglipVisionConfig) and \
+            bool(t.get("no_causal_mask")) != (t["pool_type"] == "last"):
+        raise ConfigError(f"{wt}: field 'no_causal_mask' = {bool(t.get('no_causal_mask'))} with pool_type "
+                          f"{t['pool_type']!r} is not implemented; supported: no_causal_mask true with pool_type "
+                          f"'last' (CLIPA's), false with 'argmax' or 'eos'")
+    # open_clip's pool_type "eos" takes the first eos_id; transformers' CLIPTextModel reads eos_token_id 2 as its
+    # legacy argmax rule, MetaClip2TextModel does not: such a text tower is MetaCLIP 2's ("worldwide").
+    metaclip = t["pool_type"] == "eos" and t["eos_id"] == 2
+    plain = resnet is None and timm is None and hf_text is None and not average and t["pool_type"] != "last"
     embed_dim = m["embed_dim"]
     try:
-        vision = resnet or timm or CLIPVisionConfig(
+        vision_cls = OpenCLIPVisionConfig if average else MetaClip2VisionConfig if metaclip and plain \
+            else CLIPVisionConfig
+        extra = dict(pre_norm=not v.get("no_ln_pre"), norm_after_pool=bool(v.get("final_ln_after_pool"))) \
+            if average else {}
+        vision = resnet or timm or vision_cls(
             hidden_size=width, intermediate_size=_mlp(width, v["mlp_ratio"], wv),
             num_hidden_layers=v["layers"], num_attention_heads=width // head_width, image_size=image_size,
-            patch_size=v["patch_size"], hidden_act=act, layer_norm_eps=_eps(v, wv), projection_dim=embed_dim)
+            patch_size=v["patch_size"], hidden_act=act, layer_norm_eps=_eps(v, wv), projection_dim=embed_dim,
+            **extra)
         if isinstance(timm, SiglipVisionConfig) and hf_text is None:
             if m.get("init_logit_bias") is None:
                 raise ConfigError(f"{where_m}: field 'init_logit_bias' is missing; a timm SigLIP ViT with open_clip's "
@@ -159,13 +187,15 @@ def config_from_dict(d: Mapping[str, Any], where: str = CONFIG) -> DualEncoderCo
                 vision=timm, text=_siglip_text(t, embed_dim, act, wt), projection_dim=embed_dim, model_type="siglip",
                 logit_scale_init_value=float(m.get("init_logit_scale", OPENAI_LOGIT_SCALE)),
                 logit_bias_init_value=m.get("init_logit_bias"))
-        text = hf_text or CLIPTextConfig(
+        text_cls = OpenCLIPTextConfig if t["pool_type"] == "last" else MetaClip2TextConfig if metaclip \
+            else CLIPTextConfig
+        text = hf_text or text_cls(
             vocab_size=t["vocab_size"], hidden_size=t["width"], intermediate_size=_mlp(t["width"], t["mlp_ratio"], wt),
             num_hidden_layers=t["layers"], num_attention_heads=t["heads"], max_position_embeddings=t["context_length"],
             hidden_act=act, layer_norm_eps=_eps(t, wt), projection_dim=embed_dim, pad_token_id=t["pad_id"],
             eos_token_id=2 if t["pool_type"] == "argmax" else t["eos_id"])
         return DualEncoderConfig(vision=vision, text=text, projection_dim=embed_dim,
-                                 model_type="clip" if hf_text is None and resnet is None and timm is None
+                                 model_type=("metaclip_2" if metaclip else "clip") if plain
                                  else "vision-text-dual-encoder",
                                  logit_scale_init_value=float(m.get("init_logit_scale", OPENAI_LOGIT_SCALE)),
                                  logit_bias_init_value=m.get("init_logit_bias"))
@@ -174,7 +204,14 @@ def config_from_dict(d: Mapping[str, Any], where: str = CONFIG) -> DualEncoderCo
 
 
 def _siglip_text(t: Mapping, embed_dim: int, act: str, where: str) -> SiglipTextConfig:
-    """open_clip's text transformer with SigLIP's options as transformers' SiglipTextConfig."""
+    """open_clip's text transformer with SigLIP's options as transformers' SiglipTextConfig; proj_type "none" (no
+    projection) as its head at the identity, which load_dir fills in: the same numbers, a head training may move."""
+    if t.get("proj_type") == "none":
+        if t["width"] != embed_dim:
+            raise ConfigError(f"{where}: field 'proj_type' = 'none' needs width {t['width']} = embed_dim {embed_dim}")
+    elif not t.get("proj_bias"):
+        raise ConfigError(f"{where}: field 'proj_bias' = {t.get('proj_bias')!r} is not implemented beside a timm "
+                          f"SigLIP ViT; supported: [True] (SiglipModel's head has a bias), or proj_type 'none'")
     return SiglipTextConfig(
         vocab_size=t["vocab_size"], hidden_size=t["width"], intermediate_size=_mlp(t["width"], t["mlp_ratio"], where),
         num_hidden_layers=t["layers"], num_attention_heads=t["heads"], max_position_embeddings=t["context_length"],
@@ -267,7 +304,8 @@ def to_transformers_names(tensors: Mapping[str, np.ndarray], where: str) -> tupl
 def load_dir(path: str, stacked: bool = False) -> tuple[DualEncoderConfig, dict]:
     """Loads an open_clip hub directory as (CLIP config, params)."""
     config_path = os.path.join(path, CONFIG)
-    config = config_from_dict(files.read_json(config_path, "open_clip config"), where=config_path)
+    data = files.read_json(config_path, "open_clip config")
+    config = config_from_dict(data, where=config_path)
     weights_path = os.path.join(path, WEIGHTS)
     if not os.path.isfile(weights_path):
         present = [f for f in PICKLED if os.path.exists(os.path.join(path, f))]
@@ -281,6 +319,12 @@ def load_dir(path: str, stacked: bool = False) -> tuple[DualEncoderConfig, dict]
     tensors, resnet = open_clip_resnet.split_tensors(tensors, config, weights_path)  # {} unless a ModifiedResNet
     renamed, logit_bias = to_transformers_names(tensors, weights_path)
     renamed.update(resnet)
+    if isinstance(config.text, SiglipTextConfig) and data["model_cfg"]["text_cfg"].get("proj_type") == "none":
+        for name in ("text_model.head.weight", "text_model.head.bias"):  # no projection: the head at the identity
+            if name in renamed:
+                raise CheckpointError(f"{weights_path}: holds {name}, but {config_path} has proj_type 'none'")
+        renamed["text_model.head.weight"] = np.eye(config.text.hidden_size, dtype=np.float32)
+        renamed["text_model.head.bias"] = np.zeros(config.text.hidden_size, np.float32)
     weights = Weights(renamed, dict.fromkeys(renamed, weights_path),
                       f"{weights_path} (names as transformers' CLIPModel has them)", {})
     if (logit_bias is None) != (config.logit_bias_init_value is None):

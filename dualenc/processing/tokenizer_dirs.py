@@ -168,7 +168,8 @@ def load_tokenizer_dir(path: str | os.PathLike) -> tuple[Any, dict]:
     else:
         extra = {}
     if open_clip is not None:
-        extra, limit = open_clip_hf.wrap(backend, extra, open_clip, sides["truncation_side"])
+        extra, limit = open_clip_hf.wrap(backend, extra, open_clip, sides["truncation_side"],
+                                         {name: content for name, (content, _) in specials.items()})
     if family != "siglip":
         backend.encode_special_tokens = encode_specials
     return backend, dict(

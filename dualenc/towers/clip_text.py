@@ -6,6 +6,9 @@ Token + position embeddings, pre-LayerNorm layers, a final LayerNorm, one pooled
   follows transformers' two rules: configs with eos_token_id 2 (the OpenAI checkpoints' legacy value) take
   the argmax of the ids, the end-of-text token being the largest id; others take the first position holding
   eos_token_id.
+  MetaCLIP 2's (MetaClip2TextConfig) takes the first position holding eos_token_id whatever its value.
+- open_clip's text transformer with no causal mask, pooled at the last position (CLIPA: OpenCLIPTextConfig):
+  bidirectional attention, no head (the dual encoder's text_projection follows).
 - SigLIP (and SigLIP 2): bidirectional attention with the optional padding mask; pooled at the last position (the text is
   padded to a fixed length, 64 on the hub), then a linear `head` with bias.
 """
@@ -68,6 +71,29 @@ class CLIPTextConfig(TransformerConfig):
     def pooling(self) -> str:
         """"argmax" (the legacy eos_token_id 2) or "eos" (the first eos_token_id)."""
         return "argmax" if self.eos_token_id == LEGACY_EOS else "eos"
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class MetaClip2TextConfig(CLIPTextConfig):
+    """transformers' MetaClip2TextConfig (model_type "metaclip_2_text_model", or the text_config of a
+    "metaclip_2"): CLIP's text tower pooled at the first eos_token_id, with no legacy rule for 2."""
+
+    model_types: ClassVar[tuple[str, ...]] = ("metaclip_2_text_model",)
+    pooling: ClassVar[str] = "eos"
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class OpenCLIPTextConfig(CLIPTextConfig):
+    """open_clip's TextTransformer with no_causal_mask and pool_type "last" (CLIPA), model_type "open_clip_text",
+    dualenc's own: transformers has no such model (AutoConfig refuses the model_type). CLIP's fields; attention
+    is bidirectional, the pooled output the last position after the final LayerNorm (eos_token_id is not read).
+    open_clip trained it on text padded to max_position_embeddings with no attention mask."""
+
+    model_types: ClassVar[tuple[str, ...]] = ("open_clip_text",)
+    causal: ClassVar[bool] = False
+    pooling: ClassVar[str] = "last"
 
 
 def _token_id(where, name, value):
@@ -241,6 +267,12 @@ FAMILIES = (
     Family("clip_text", "text", {"clip_text_model": CLIPTextConfig}, sys.modules[__name__], "eos",
            pooled_only=True, options=ENCODER_OPTIONS, stacks=("encoder",), prefixes=("", "text_model."),
            anchor="embeddings.token_embedding.weight", tokenizer="clip"),
+    Family("metaclip_2_text", "text", {"metaclip_2_text_model": MetaClip2TextConfig}, sys.modules[__name__], "eos",
+           pooled_only=True, options=ENCODER_OPTIONS, stacks=("encoder",), prefixes=("", "text_model."),
+           anchor="embeddings.token_embedding.weight"),
+    Family("open_clip_text", "text", {"open_clip_text": OpenCLIPTextConfig}, sys.modules[__name__], "last",
+           pooled_only=True, options=ENCODER_OPTIONS, stacks=("encoder",), prefixes=("", "text_model."),
+           anchor="embeddings.token_embedding.weight"),
     Family("siglip_text", "text", {"siglip_text_model": SiglipTextConfig, "siglip2_text_model": Siglip2TextConfig},
            sys.modules[__name__], "last", pooled_only=True, options=ENCODER_OPTIONS, pooled_size="projection_size",
            stacks=("encoder",), prefixes=("", "text_model."), anchor="embeddings.token_embedding.weight"),

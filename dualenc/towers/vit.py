@@ -1,7 +1,8 @@
 """The ViT tower family: ViTModel and CLIPVisionModel (also open_clip's ViT), init / apply on NCHW pixels.
 
 Both pool the first (class) token. ViT applies its final LayerNorm to every token and a dense + tanh pooler;
-CLIP normalises before the encoder (pre_layrnorm) and applies post_layernorm to the pooled token only.
+CLIP normalises before the encoder (pre_layrnorm) and applies post_layernorm to the pooled token only. open_clip's
+average-pooled ViT (CLIPA: OpenCLIPVisionConfig) pools the mean of the patch tokens instead.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dualenc.fields import (
 
 class VisionTransformerConfig(TransformerConfig):
     rejected: ClassVar[Mapping[str, Any]] = {"head_dim": same_head_dim}
+    average_pool: ClassVar[bool] = False  # pooled: the class token (False) or the mean of the patch tokens
 
     def _validate(self):
         for name in ("image_size", "patch_size"):
@@ -129,6 +131,33 @@ class CLIPVisionConfig(VisionTransformerConfig):
     initializer_range: float = float_field(0.02)
     initializer_factor: float = float_field(1.0)
 
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class MetaClip2VisionConfig(CLIPVisionConfig):
+    """transformers' MetaClip2VisionConfig (model_type "metaclip_2_vision_model", or the vision_config of a
+    "metaclip_2"): CLIP's vision tower, the same fields."""
+
+    model_types: ClassVar[tuple[str, ...]] = ("metaclip_2_vision_model",)
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class OpenCLIPVisionConfig(CLIPVisionConfig):
+    """open_clip's VisionTransformer pooled by the mean of its patch tokens (pool_type "avg": CLIPA), model_type
+    "open_clip_vision", dualenc's own: transformers has no such model (AutoConfig refuses the model_type).
+
+    CLIP's vision tower with: pre_norm (open_clip's ln_pre; false for no_ln_pre), the pooled output the mean of
+    the patch tokens (the class token left out), and norm_after_pool (final_ln_after_pool: post_layernorm on that
+    mean; false: on every token before the mean).
+    """
+
+    model_types: ClassVar[tuple[str, ...]] = ("open_clip_vision",)
+    average_pool: ClassVar[bool] = True
+
+    pre_norm: bool = bool_field(False)
+    norm_after_pool: bool = bool_field(True)
 
 
 VisionConfig = ViTConfig | CLIPVisionConfig
@@ -355,9 +384,12 @@ def apply(params: layers.Params, config: VisionConfig, pixel_values: jax.Array, 
     Returns:
       TowerOutput: last_hidden_state (B, 1 + patches, D) (1 + K with patch dropout, the kept tokens in the order
       of their indices); pooler_output (B, D) (ViT: tanh(dense(CLS)) after the final LayerNorm; CLIP:
-      post_layernorm(CLS)); hidden_states/attentions as tuples when requested.
+      post_layernorm(CLS); OpenCLIPVisionConfig: the mean of the patch tokens, post_layernorm after it or on each
+      token before it); hidden_states/attentions as tuples when requested.
     """
     check_pixel_values(config, pixel_values, interpolate_pos_encoding)
+    if pooled_only and config.average_pool:
+        raise InputError(f"pooled_only is not supported by {config.name}: it pools the mean of every patch token")
     dtype = jnp.dtype(dtype or jnp.float32)
     attention = layers.resolve_attention(attention, dtype)
     b, c, h, w = pixel_values.shape
@@ -376,7 +408,7 @@ def apply(params: layers.Params, config: VisionConfig, pixel_values: jax.Array, 
         embed_key, encoder_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
         if config.pre_norm:
             x = layers.layer_norm(params["pre_norm"], x, config.layer_norm_eps, dtype)
-        else:
+        elif isinstance(config, ViTConfig):
             x = layers.dropout(x, config.hidden_dropout_prob, embed_key)
     spec = encoder_spec(config)
     with jax.named_scope("encoder"):
@@ -388,6 +420,13 @@ def apply(params: layers.Params, config: VisionConfig, pixel_values: jax.Array, 
         if config.pooler:
             last = layers.layer_norm(params["post_norm"], last, config.layer_norm_eps, dtype)
             pooled = layers.ACTIVATIONS[config.pooler_act](layers.dense(params["pooler"], last[:, 0], dtype))
+        elif config.average_pool:
+            tokens = last[:, 1:]
+            if not config.norm_after_pool:
+                tokens = layers.layer_norm(params["post_norm"], tokens, config.layer_norm_eps, dtype)
+            pooled = jnp.mean(tokens.astype(jnp.float32), axis=1).astype(dtype)
+            if config.norm_after_pool:
+                pooled = layers.layer_norm(params["post_norm"], pooled, config.layer_norm_eps, dtype)
         else:
             pooled = layers.layer_norm(params["post_norm"], last[:, 0], config.layer_norm_eps, dtype)
     return layers.tower_output(last, pooled, x, states, probs)
@@ -412,8 +451,12 @@ FAMILIES = (
            options=(*ENCODER_OPTIONS, "interpolate_pos_encoding", *PATCH_DROPOUT_OPTIONS), stacks=("encoder",),
            check=check_pixel_values, prefixes=("", "vit."), anchor="embeddings.patch_embeddings.projection.weight",
            optional=("pooler",)),
-    Family("clip_vision", "vision", {"clip_vision_model": CLIPVisionConfig}, sys.modules[__name__], "first",
+    Family("clip_vision", "vision", {"clip_vision_model": CLIPVisionConfig,
+                                     "metaclip_2_vision_model": MetaClip2VisionConfig}, sys.modules[__name__], "first",
            pooled_only=True, options=(*ENCODER_OPTIONS, "interpolate_pos_encoding", *PATCH_DROPOUT_OPTIONS),
            stacks=("encoder",), check=check_pixel_values, prefixes=("", "vision_model."),
            anchor="embeddings.patch_embedding.weight"),
+    Family("open_clip_vision", "vision", {"open_clip_vision": OpenCLIPVisionConfig}, sys.modules[__name__], "gap",
+           options=(*ENCODER_OPTIONS, "interpolate_pos_encoding", *PATCH_DROPOUT_OPTIONS), stacks=("encoder",),
+           check=check_pixel_values, prefixes=("", "vision_model."), anchor="embeddings.patch_embedding.weight"),
 )
