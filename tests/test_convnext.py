@@ -180,7 +180,7 @@ def test_the_name_table_is_timms(name):
     got = {}
     for key, value in trunk.state_dict().items():
         renamed, array = open_clip_timm.transformers_name("visual.trunk." + key,
-                                                          np.broadcast_to(np.float32(0), value.shape), "test")
+                                                          np.broadcast_to(np.float32(0), value.shape), name, "test")
         entry = table[renamed[len("vision_model."):]]
         got[entry.path] = tables.TO_PARAM[entry.kind](array).shape
     assert got == shapes

@@ -229,8 +229,8 @@ def test_the_name_table_is_timms():
             config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.intermediate_size,
             config.patch_size, config.layer_norm_eps, (size, size)), name
         tensors = {"visual.trunk." + k: np.broadcast_to(np.float32(0), v.shape) for k, v in trunk.state_dict().items()}
-        renamed = {re.sub(r"\.layers\.\d+\.", ".layers.{i}.", open_clip_timm.transformers_name(k, v, name)[0])
-                   for k, v in open_clip_timm.prepare(tensors, name).items()}
+        renamed = {re.sub(r"\.layers\.\d+\.", ".layers.{i}.", open_clip_timm.transformers_name(k, v, name, "t")[0])
+                   for k, v in open_clip_timm.prepare(tensors, name, "test").items()}
         assert renamed == {"vision_model." + e.hf for e in siglip.table(config)}, name
 
 

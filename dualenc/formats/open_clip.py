@@ -245,13 +245,16 @@ _TOP = {
 }
 
 
-def to_transformers_names(tensors: Mapping[str, np.ndarray], where: str) -> tuple[dict, np.ndarray | None]:
-    """open_clip tensors renamed (and split, transposed) as transformers' CLIPModel names them.
+def to_transformers_names(tensors: Mapping[str, np.ndarray], where: str,
+                          timm_name: str | None = None) -> tuple[dict, np.ndarray | None]:
+    """open_clip tensors renamed (and split, transposed) as transformers' CLIPModel names them; the image tower's
+    by the timm family of `timm_name` when the config names one (vision_cfg.timm_model_name).
 
     Returns (tensors, logit_bias or None). Raises CheckpointError listing names it does not know.
     """
     out, unknown, logit_bias = {}, [], None
-    tensors = open_clip_timm.prepare(tensors, where)
+    if timm_name is not None:
+        tensors = open_clip_timm.prepare(tensors, timm_name, where)
     for name, value in tensors.items():
         plain = name[len("text."):] if name.startswith("text.") and not name.startswith("text.transformer.") \
             else name  # CustomTextCLIP keeps the text tower under "text."
@@ -288,7 +291,7 @@ def to_transformers_names(tensors: Mapping[str, np.ndarray], where: str) -> tupl
             continue
         elif name == "attn_mask" or name.endswith(".attn_mask"):
             continue  # a buffer (the causal mask), not a weight
-        elif (renamed := open_clip_timm.transformers_name(name, value, where)) is not None:  # a timm tower's
+        elif timm_name is not None and (renamed := open_clip_timm.transformers_name(name, value, timm_name, where)):
             out[renamed[0]] = renamed[1]
             continue
         elif open_clip_hf.transformers_name(name) is not None:  # an HF text tower's
@@ -317,7 +320,8 @@ def load_dir(path: str, stacked: bool = False) -> tuple[DualEncoderConfig, dict]
         raise CheckpointError(f"{path} has no {WEIGHTS}")
     tensors, _ = files.read_safetensors(weights_path)
     tensors, resnet = open_clip_resnet.split_tensors(tensors, config, weights_path)  # {} unless a ModifiedResNet
-    renamed, logit_bias = to_transformers_names(tensors, weights_path)
+    timm_name = data["model_cfg"]["vision_cfg"].get("timm_model_name")  # config_from_dict has checked it
+    renamed, logit_bias = to_transformers_names(tensors, weights_path, timm_name or None)
     renamed.update(resnet)
     if isinstance(config.text, SiglipTextConfig) and data["model_cfg"]["text_cfg"].get("proj_type") == "none":
         for name in ("text_model.head.weight", "text_model.head.bias"):  # no projection: the head at the identity

@@ -215,7 +215,6 @@ class TimmFamily(NamedTuple):
 FAMILIES = {
     "convnext": TimmFamily(f"timm's ConvNeXt ({', '.join(CONVNEXT)})", CONVNEXT.__contains__, _convnext,
                            _convnext_tensor),
-    # before siglip_vit: EVA's prepare moves its tensors out of visual.trunk. first (the names are timm ViT's too)
     "eva": TimmFamily(open_clip_eva.DESCRIPTION, open_clip_eva.EVA.__contains__, open_clip_eva.vision_config,
                       open_clip_eva.tensor, open_clip_eva.prepare),
     "vitamin": TimmFamily(open_clip_vitamin.DESCRIPTION, open_clip_vitamin.VITAMIN.__contains__,
@@ -243,21 +242,17 @@ def vision_config(v: Mapping[str, Any], embed_dim: Any, where: str):
     return family_of(name, where).config(name, v, embed_dim, where)
 
 
-def transformers_name(name: str, value: np.ndarray, where: str) -> tuple[str, np.ndarray] | None:
-    """(the name a timm tower's tensor has in the dual encoder's checkpoint, its value in that layout); None for
-    a name no family's tower has."""
+def transformers_name(name: str, value: np.ndarray, timm_name: str, where: str) -> tuple[str, np.ndarray] | None:
+    """(the name a tensor of the timm tower `timm_name` has in the dual encoder's checkpoint, its value in that
+    layout); None for a name that tower does not have. Only the family the config names renames: a tensor is never
+    matched by another family's patterns."""
     if not name.startswith("visual."):
         return None
-    for family in FAMILIES.values():
-        found = family.tensor(name, value, where)
-        if found is not None:
-            return found
-    return None
+    return family_of(timm_name, where).tensor(name, value, where)
 
 
-def prepare(tensors: Mapping[str, np.ndarray], where: str) -> Mapping[str, np.ndarray]:
-    """The tensors with each family's fused tensors split or joined (its `prepare`), ready for transformers_name."""
-    for family in FAMILIES.values():
-        if family.prepare is not None:
-            tensors = family.prepare(tensors, where)
-    return tensors
+def prepare(tensors: Mapping[str, np.ndarray], timm_name: str, where: str) -> Mapping[str, np.ndarray]:
+    """The tensors with the fused tensors of the timm tower `timm_name` split or joined (its family's `prepare`),
+    ready for transformers_name."""
+    family = family_of(timm_name, where)
+    return tensors if family.prepare is None else family.prepare(tensors, where)
