@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -52,6 +53,11 @@ def shrink(cfg: dict) -> dict | None:
         patch = v.get("patch_size", 16)
         v.update(layers=1, width=64, head_width=32, image_size=2 * patch)
     t.update(layers=1, width=64, heads=2, context_length=min(t.get("context_length", 77), 16))
+    if v.get("attentional_pool"):  # CoCa's pooler: as wide as embed_dim
+        v.update(attn_pooler_heads=2, attn_pooler_queries=4)
+    if cfg.get("multimodal_cfg") is not None:  # CoCa's captioning decoder (not read by dualenc): kept small
+        cfg["multimodal_cfg"] = {**cfg["multimodal_cfg"], "layers": 1, "width": 32, "heads": 2,
+                                 "context_length": t["context_length"], "attn_pooler_heads": 2}
     return cfg
 
 
@@ -113,7 +119,9 @@ def _build(open_clip, name: str, cfg: dict, folder: str) -> dict:
         return {"built": False, "why": "tower built by timm / Hugging Face from its name: not shrunk"}
     torch.manual_seed(0)
     kwargs = {k: v for k, v in small.items() if k not in ("custom_text",)}
-    model = (open_clip.CustomTextCLIP if small.get("custom_text") else open_clip.CLIP)(**kwargs).eval()
+    kind = open_clip.CoCa if small.get("multimodal_cfg") is not None else open_clip.CustomTextCLIP \
+        if small.get("custom_text") else open_clip.CLIP
+    model = kind(**kwargs).eval()
     with torch.no_grad():
         for p in model.parameters():  # non-trivial norms and biases
             if p.ndim == 1:
@@ -124,7 +132,9 @@ def _build(open_clip, name: str, cfg: dict, folder: str) -> dict:
         json.dump({"model_cfg": small, "preprocess_cfg": {}}, f)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
               os.path.join(path, "open_clip_model.safetensors"))
-    config, params = dualenc.load_pretrained(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dualenc.UnusedWeightsWarning)  # CoCa's decoder, named and skipped
+        config, params = dualenc.load_pretrained(path)
     size = small["vision_cfg"]["image_size"]
     pixels = torch.randn(2, 3, size, size)
     length = small["text_cfg"]["context_length"]

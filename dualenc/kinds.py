@@ -120,6 +120,9 @@ KINDS: dict[str, Kind] = {k.model_type: k for k in (
     Kind("siglip2", "Siglip2Model", "none", "sigmoid_bias", "siglip",
          towers={"vision": "siglip2_vision_model", "text": "siglip2_text_model"}, inits_key="dualenc_logit_init",
          scalar_shape=(1,), text_padding="max_length", tokenizer="siglip2", tokenizer_always=True),
+    # a VisionTextDualEncoder trained with the sigmoid loss (open_clip's NLLB-CLIP SigLIP pairs: a timm SigLIP ViT,
+    # an HF text tower, a logit bias): VisionTextDualEncoderModel's layout plus logit_bias, no transformers class
+    Kind("vision-text-dual-encoder-siglip", "VisionTextDualEncoderModel", "bias-free", "sigmoid_bias", "siglip"),
     Kind("chinese_clip", "ChineseCLIPModel", "bias-free", "exp_scale", "clip",
          towers={"vision": "chinese_clip_vision_model", "text": "chinese_clip_text_model"}, projection_dim=512,
          tokenizer="bert"),

@@ -125,7 +125,7 @@ def test_open_clip_logit_bias_and_eos_pooling(tmp_path):
     (dict(text_cfg={"no_causal_mask": True}), "no_causal_mask"),
     (dict(text_cfg={"proj_bias": True}), "proj_bias"),
     (dict(text_cfg={"norm_kwargs": {"elementwise_affine": False}}), "norm_kwargs"),
-    (dict(multimodal_cfg={"width": 32}), "multimodal_cfg"),
+    (dict(multimodal_cfg=32), "multimodal_cfg"),  # an object reads as CoCa (test_open_clip_coca.py)
     (dict(quick_gelu="yes"), "quick_gelu"),
 ])
 def test_unimplemented_open_clip_configs_are_refused(changes, field, tmp_path):

@@ -44,7 +44,10 @@ def bert_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("bert")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", "!", *WORDS, "##s", "##ed"]
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tf.BertTokenizer(vocab_file=str(path / "vocab.txt"), do_lower_case=True).save_pretrained(path / "tokenizer")
+    # vocab= (transformers 5 ignores vocab_file= here: every word would be [UNK])
+    tokenizer = tf.BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True)
+    assert tokenizer.convert_tokens_to_ids(WORDS[0]) == vocab.index(WORDS[0])
+    tokenizer.save_pretrained(path / "tokenizer")
     return path / "tokenizer", len(vocab)
 
 

@@ -1,5 +1,6 @@
-"""open_clip's HF text towers (text_cfg.hf_model_name: the multilingual XLM-RoBERTa CLIPs): the text tower's
-config from the RoBERTa config the name points at, and their tensors' names (see dualenc.towers.hf_text)."""
+"""open_clip's HF text towers (text_cfg.hf_model_name: the multilingual XLM-RoBERTa CLIPs, NLLB-CLIP's M2M100
+encoder): the text tower's config from the transformers config the name points at, and their tensors' names (see
+dualenc.towers.hf_text)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,20 @@ KNOWN = {
     "roberta-base": dict(_XLMR, model_type="roberta", vocab_size=50265, hidden_size=768, num_hidden_layers=12,
                          num_attention_heads=12, intermediate_size=3072),
 }
+# NLLB's (M2M100 encoder-decoders, of which open_clip keeps the encoder), "facebook/" in their names
+_NLLB = dict(model_type="m2m_100", vocab_size=256206, max_position_embeddings=1024, d_model=1024,
+             encoder_attention_heads=16, activation_function="relu", dropout=0.1, attention_dropout=0.1,
+             activation_dropout=0.0, encoder_layerdrop=0, init_std=0.02, scale_embedding=True, pad_token_id=1,
+             bos_token_id=0, eos_token_id=2)
+KNOWN_FACEBOOK = {
+    "nllb-200-distilled-600M": dict(_NLLB, encoder_layers=12, encoder_ffn_dim=4096),
+    "nllb-200-distilled-1.3B": dict(_NLLB, encoder_layers=24, encoder_ffn_dim=8192),
+}
+# transformers' M2M100Config defaults, for the fields a config.json leaves out
+_M2M100_DEFAULTS = dict(vocab_size=128112, max_position_embeddings=1024, encoder_layers=12, encoder_ffn_dim=4096,
+                        encoder_attention_heads=16, encoder_layerdrop=0.05, activation_function="relu", d_model=1024,
+                        dropout=0.1, attention_dropout=0.1, activation_dropout=0.0, init_std=0.02,
+                        scale_embedding=True, pad_token_id=1, bos_token_id=0, eos_token_id=2)
 PROJECTIONS = ("linear", "mlp")
 _OFF = (None, False, 0, "")
 
@@ -37,10 +52,10 @@ def _model_config(name: Any, where: str, root: str) -> tuple[Mapping, str]:
         path = os.path.join(folder, "config.json")
         if os.path.isfile(path):
             return files.read_json(path, "hf_model_name config"), path
-    known = KNOWN.get(name.removeprefix("FacebookAI/"))
+    known = KNOWN.get(name.removeprefix("FacebookAI/")) or KNOWN_FACEBOOK.get(name.removeprefix("facebook/"))
     if known is None:
         raise ConfigError(f"{where}: field 'hf_model_name' = {name!r} is neither a local folder holding a "
-                          f"config.json nor one of {sorted(KNOWN)}")
+                          f"config.json nor one of {sorted(KNOWN) + ['facebook/' + n for n in KNOWN_FACEBOOK]}")
     return known, f"{where}: hf_model_name {name!r}"
 
 
@@ -49,10 +64,10 @@ def text_config(t: Mapping[str, Any], embed_dim: Any, where: str, root: str = ""
     is the open_clip config's folder, where a relative hf_model_name is also looked for).
 
     hf_pooler_type cls_pooler with hf_proj_type linear is transformers' RobertaModel + text_projection: a plain
-    RobertaConfig. Any other pooler or the mlp head: an HFTextEncoderConfig. The mlp head's hidden layer is
-    (hidden_size + embed_dim) // 2 wide, as open_clip builds it. Raises ConfigError naming the field for what is
-    not implemented: max_pooler (open_clip's own fails), no projection, output_tokens, models other than
-    RoBERTa / XLM-RoBERTa.
+    RobertaConfig. Any other pooler or the mlp head, or an M2M100 / NLLB model (its encoder): an
+    HFTextEncoderConfig. The mlp head's hidden layer is (hidden_size + embed_dim) // 2 wide, as open_clip builds
+    it. Raises ConfigError naming the field for what is not implemented: max_pooler (open_clip's own fails), no
+    projection, output_tokens, models other than RoBERTa / XLM-RoBERTa / M2M100.
     """
     pooler = t.get("hf_pooler_type", "mean_pooler")
     if pooler not in POOLERS:
@@ -71,16 +86,42 @@ def text_config(t: Mapping[str, Any], embed_dim: Any, where: str, root: str = ""
         raise ConfigError(f"{where.rsplit(': ', 1)[0]}: field 'embed_dim' must be a positive integer, "
                           f"got {embed_dim!r}")
     raw, source = _model_config(t["hf_model_name"], where, root)
-    if not isinstance(raw, Mapping) or raw.get("model_type") not in RobertaConfig.model_types:
-        got = raw.get("model_type") if isinstance(raw, Mapping) else raw
-        raise ConfigError(f"{where}: field 'hf_model_name' = {t['hf_model_name']!r} is a {got!r} model, not "
-                          f"implemented; supported: {list(RobertaConfig.model_types)}")
+    head_hidden_size = lambda width: (width + embed_dim) // 2 if proj == "mlp" else None  # noqa: E731
+    model_type = raw.get("model_type") if isinstance(raw, Mapping) else raw
+    if model_type == "m2m_100":
+        return _m2m100(raw, source, pooler, head_hidden_size)
+    if model_type not in RobertaConfig.model_types:
+        raise ConfigError(f"{where}: field 'hf_model_name' = {t['hf_model_name']!r} is a {model_type!r} model, not "
+                          f"implemented; supported: {[*RobertaConfig.model_types, 'm2m_100']}")
     base = RobertaConfig.from_dict(raw, where=source)
     if pooler == "cls_pooler" and proj == "linear":
         return base
     fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.name != "model_type"}
     return HFTextEncoderConfig(**fields, text_model_type=base.model_type, pooler_type=pooler,
-                               head_hidden_size=(base.hidden_size + embed_dim) // 2 if proj == "mlp" else None)
+                               head_hidden_size=head_hidden_size(base.hidden_size))
+
+
+def _m2m100(raw: Mapping[str, Any], source: str, pooler: str, head_hidden_size) -> HFTextEncoderConfig:
+    """An M2M100 / NLLB config.json's encoder (what open_clip keeps of the model) as an HFTextEncoderConfig;
+    cls_pooler, over an output without a pooler, is the first token's last hidden state. Refuses the
+    training-time drops dualenc's encoder lacks (encoder_layerdrop, activation_dropout) unless 0."""
+    c = {**_M2M100_DEFAULTS, **raw}
+    for key in ("encoder_layerdrop", "activation_dropout"):
+        if isinstance(c[key], bool) or c[key] not in (0, 0.0):
+            raise ConfigError(f"{source}: field '{key}' = {c[key]!r} is not implemented (a drop in training "
+                              f"dualenc's M2M100 encoder does not make); supported: [0]")
+    if not isinstance(c["d_model"], int) or isinstance(c["d_model"], bool):
+        raise ConfigError(f"{source}: field 'd_model' must be an integer, got {c['d_model']!r}")
+    return HFTextEncoderConfig.from_dict(dict(
+        model_type="open_clip_hf_text", text_model_type="m2m_100", vocab_size=c["vocab_size"],
+        hidden_size=c["d_model"], num_hidden_layers=c["encoder_layers"],
+        num_attention_heads=c["encoder_attention_heads"], intermediate_size=c["encoder_ffn_dim"],
+        hidden_act=c["activation_function"], hidden_dropout_prob=c["dropout"],
+        attention_probs_dropout_prob=c["attention_dropout"], max_position_embeddings=c["max_position_embeddings"],
+        type_vocab_size=1, initializer_range=c["init_std"], layer_norm_eps=1e-5, pad_token_id=c["pad_token_id"],
+        bos_token_id=c["bos_token_id"], eos_token_id=c["eos_token_id"], scale_embedding=c["scale_embedding"],
+        pooler_type="cls_last_hidden_state_pooler" if pooler == "cls_pooler" else pooler,
+        head_hidden_size=head_hidden_size(c["d_model"])), where=f"{source} (its encoder, M2M100Encoder)")
 
 
 def transformers_name(name: str) -> str | None:

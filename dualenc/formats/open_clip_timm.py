@@ -152,9 +152,14 @@ def _siglip_vit(name: str, v: Mapping[str, Any], embed_dim: int, where: str) -> 
         raise ConfigError(f"{where}: {e}") from None
 
 
+_HF_TEXT_HEADS = ("text.proj.weight", "text.proj.2.weight")  # open_clip's HFTextEncoder's head (its last Linear)
+_IDENTITY = "visual.trunk.identity_projection"
+
+
 def _siglip_vit_prepare(tensors: Mapping[str, np.ndarray], where: str) -> dict:
     """timm's fused tensors laid out as SiglipVisionModel's: each block's qkv split into q, k, v; the MAP head's
-    q and kv packed into one in_proj (query, key, value, as torch's MultiheadAttention)."""
+    q and kv packed into one in_proj (query, key, value, as torch's MultiheadAttention). Beside an HF text tower
+    (NLLB-CLIP's SigLIP pairs: a dual encoder with projections) the identity visual_projection is added."""
     out = dict(tensors)
     for name in [n for n in tensors if re.match(r"^visual\.trunk\.blocks\.\d+\.attn\.qkv\.(weight|bias)$", n)]:
         value = out.pop(name)
@@ -169,6 +174,9 @@ def _siglip_vit_prepare(tensors: Mapping[str, np.ndarray], where: str) -> dict:
             if out[kv].shape[0] != 2 * out[q].shape[0] or out[kv].shape[1:] != out[q].shape[1:]:
                 raise CheckpointError(f"{where}: {kv} has shape {out[kv].shape}, not two of {q}'s {out[q].shape}")
             out[f"visual.trunk.attn_pool.in_proj.{leaf}"] = np.concatenate([out.pop(q), out.pop(kv)], axis=0)
+    position = out.get("visual.trunk.pos_embed")
+    if position is not None and any(n in out for n in _HF_TEXT_HEADS):  # beside open_clip's HF text tower: a dual
+        out[_IDENTITY] = np.eye(position.shape[-1], dtype=np.float32)  # encoder, its visual_projection the identity
     return out
 
 
@@ -190,6 +198,8 @@ _SIGLIP_VIT_NAMES = [(re.compile(p), r) for p, r in (
 
 
 def _siglip_vit_tensor(name: str, value: np.ndarray, where: str) -> tuple[str, np.ndarray] | None:
+    if name == _IDENTITY:
+        return "visual_projection.weight", value
     for pattern, replacement in _SIGLIP_VIT_NAMES:
         if pattern.search(name):
             if name == "visual.trunk.pos_embed":

@@ -112,7 +112,8 @@ def attention(p: Params, x: jax.Array, bias: jax.Array | None, spec: EncoderSpec
     """Multi-head self-attention. x: (B, L, D); bias: (B or 1, 1, 1 or L, L) or None. With first_only, only
     one position per row queries (the first, or those of a (B,) array; keys and values still span the
     sequence): out is (B, 1, D). queries (B, Q, D), when given, attend over x instead (cross-attention, as a
-    pooling head's probe does). attention: a name in IMPLEMENTATIONS (see resolve_attention); a layer that
+    pooling head's probe does); the heads split the query projection's output width, which may differ from x's
+    (torch's kdim / vdim: open_clip's attentional pooler). attention: a name in IMPLEMENTATIONS (see resolve_attention); a layer that
     needs the probabilities (need_probs, or attention dropout with a key) runs "xla", the one that has them.
 
     Returns (out (B, Q, D), probs (B, H, Q, L) when need_probs or dropout needs them, else None). Heads are
@@ -121,8 +122,9 @@ def attention(p: Params, x: jax.Array, bias: jax.Array | None, spec: EncoderSpec
     probabilities to return, the softmax is normalised after the value matmul, on (L, K) instead of (L, L).
     """
     impl = implementation(attention)
-    b, l, d = x.shape
+    b, l, _ = x.shape
     h = spec.num_heads
+    d = p["query"]["kernel"].shape[-1]  # the attention's width
     head_dim = d // h
     if queries is None:
         queries = x if first_only is False else pick_rows(x, first_only)

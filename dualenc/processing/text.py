@@ -340,24 +340,30 @@ class Tokenizer(HoldsLock):
         form transformers' CLIP checkpoints take: transformers does not clean texts as open_clip does (ftfy,
         HTML unescaping) and pads with the end of text token, so its ids differ where those do; loading the
         files back beside an open_clip_config.json (and no config.json) gives open_clip's tokenizer again.
+        open_clip's HFTokenizer (an open_clip directory naming an hf_tokenizer_name) is written as the tokenizer
+        it wraps, with its cleaning, separator stripping, context length and input names in tokenizer_config.json
+        (see dualenc.processing.open_clip_hf), which dualenc reads back as the same tokenizer and transformers
+        as the wrapped one.
         """
+        from dualenc.processing import clip_bpe, open_clip_hf
+
         path = os.fspath(path)
         os.makedirs(path, exist_ok=True)
+        hf_tokenizer = open_clip_hf.saved_fields(self._encoder, self.model_input_names) \
+            if isinstance(self._encoder, open_clip_hf.CleanedEncoder) else {}
         if isinstance(self._backend, spiece.SiglipSentencePiece):
             config = {**self.special_tokens, "padding_side": self.padding_side, "truncation_side": self.truncation_side,
-                      "model_input_names": list(self.model_input_names)}
+                      "model_input_names": list(self.model_input_names), **hf_tokenizer}
             if self.model_max_length is not None:
                 config["model_max_length"] = self.model_max_length
             self._backend.save_pretrained(path, config)
             return
-        from dualenc.processing import clip_bpe
-
         if isinstance(self._encoder, clip_bpe.OpenClipEncoder):
             backend, special_tokens = clip_bpe.transformers_backend(self._backend), FAMILY_SPECIALS["clip"]
-        else:  # open_clip's HFTokenizer too: the transformers tokenizer it wraps, without its text cleaning
+        else:  # open_clip's HFTokenizer too: the transformers tokenizer it wraps
             backend, special_tokens = self._backend, self.special_tokens
         data = self._backend_dict(backend)
-        cfg = self._transformers_config(data, special_tokens)
+        cfg = {**self._transformers_config(data, special_tokens), **hf_tokenizer}
         write_text_atomic(os.path.join(path, "tokenizer.json"), json.dumps(data, ensure_ascii=False, indent=2))
         write_json_atomic(os.path.join(path, "tokenizer_config.json"), cfg)
 

@@ -57,7 +57,9 @@ def load_tokenizer_dir(path: str | os.PathLike) -> tuple[Any, dict]:
     """(backend, Tokenizer keyword arguments) for a directory of tokenizer files.
 
     An open_clip directory (open_clip_config.json and no config.json) gives open_clip's tokenizer; where both
-    configs are present, config.json wins and the tokenizer files are read as transformers reads them.
+    configs are present, config.json wins and the tokenizer files are read as transformers reads them. A
+    tokenizer_config.json holding the open_clip settings dualenc saves (open_clip_hf.SAVED_FIELD) gives open_clip's
+    HFTokenizer again.
     """
     tk = tokenizers_module()
     directory = os.fspath(path)
@@ -82,6 +84,10 @@ def load_tokenizer_dir(path: str | os.PathLike) -> tuple[Any, dict]:
     exists = {name: os.path.isfile(p) for name, p in files.items()}
     cfg_where = files["tokenizer_config.json"]
     cfg = read_json(cfg_where, "tokenizer config") if exists["tokenizer_config.json"] else {}
+    if open_clip is None:  # a directory dualenc saved from open_clip's HFTokenizer: the settings it wrote
+        from dualenc.processing import open_clip_hf
+
+        open_clip = open_clip_hf.saved_settings(cfg, cfg_where)
     specials_map = (read_json(files["special_tokens_map.json"], "special tokens map")
                     if exists["special_tokens_map.json"] else None)
     family = tokenizer_family(cfg.get("tokenizer_class"))

@@ -8,7 +8,8 @@ Token + position embeddings, pre-LayerNorm layers, a final LayerNorm, one pooled
   eos_token_id.
   MetaCLIP 2's (MetaClip2TextConfig) takes the first position holding eos_token_id whatever its value.
 - open_clip's text transformer with no causal mask, pooled at the last position (CLIPA: OpenCLIPTextConfig):
-  bidirectional attention, no head (the dual encoder's text_projection follows).
+  bidirectional attention, no head (the dual encoder's text_projection follows); or with CoCa's embed_cls: a
+  learned class token appended after the tokens, causal attention under open_clip's padding mask, pooled there.
 - SigLIP (and SigLIP 2): bidirectional attention with the optional padding mask; pooled at the last position (the text is
   padded to a fixed length, 64 on the hub), then a linear `head` with bias.
 """
@@ -23,8 +24,9 @@ import jax
 import jax.numpy as jnp
 
 from dualenc import layers, params as declare, tables
-from dualenc.fields import ACTIVATION_NAMES, check_int, choice_field, TransformerConfig, fail, float_field, int_field, rate_field, \
-    same_head_dim, builds
+from dualenc.errors import InputError
+from dualenc.fields import ACTIVATION_NAMES, bool_field, check_int, choice_field, TransformerConfig, fail, float_field, \
+    int_field, rate_field, same_head_dim, builds
 from dualenc.towers.inputs import check_text_inputs
 from dualenc.towers.family import ENCODER_OPTIONS, Family
 
@@ -86,14 +88,45 @@ class MetaClip2TextConfig(CLIPTextConfig):
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class OpenCLIPTextConfig(CLIPTextConfig):
-    """open_clip's TextTransformer with no_causal_mask and pool_type "last" (CLIPA), model_type "open_clip_text",
-    dualenc's own: transformers has no such model (AutoConfig refuses the model_type). CLIP's fields; attention
-    is bidirectional, the pooled output the last position after the final LayerNorm (eos_token_id is not read).
-    open_clip trained it on text padded to max_position_embeddings with no attention mask."""
+    """open_clip's TextTransformer pooled at the last position, model_type "open_clip_text", dualenc's own:
+    transformers has no such model (AutoConfig refuses the model_type). CLIP's fields (eos_token_id is not read),
+    and:
+    - causal false, embed_cls false (CLIPA: no_causal_mask, pool_type "last"): bidirectional attention, the pooled
+      output the last position after the final LayerNorm. open_clip trained it on text padded to
+      max_position_embeddings with no attention mask.
+    - causal true, embed_cls true (CoCa): a learned class token appended after the ids (max_position_embeddings
+      counts it: the ids take one position less), causal attention, each key also masked where open_clip's
+      padding mask puts it: its CoCa checkpoints' legacy mask, the class token's column first, so key 0 is always
+      seen and key j > 0 only where ids[j - 1] is not pad_token_id; ids where attention_mask is 0 read as
+      pad_token_id (see class_token_inputs). Pooled at the class token, after the final LayerNorm. Texts are padded to max_length, as open_clip's tokenizer pads them.
+    The defaults are CoCa's, every optional part (the train state's catalogue of params reads them); a config.json
+    without causal and embed_cls is CLIPA's (as dualenc first wrote them).
+    """
 
     model_types: ClassVar[tuple[str, ...]] = ("open_clip_text",)
-    causal: ClassVar[bool] = False
     pooling: ClassVar[str] = "last"
+
+    causal: bool = bool_field(True)
+    embed_cls: bool = bool_field(True)
+
+    @classmethod
+    def from_dict(cls, d, **kwargs):
+        return super().from_dict({"causal": False, "embed_cls": False, **d} if isinstance(d, Mapping) else d, **kwargs)
+
+    def _validate(self):
+        if self.embed_cls != self.causal:
+            fail(self.name, "embed_cls", f"= {self.embed_cls} with causal {self.causal} is not implemented; "
+                 f"supported: both true (CoCa) or both false (CLIPA)")
+        if self.embed_cls and self.pad_token_id is None:
+            fail(self.name, "pad_token_id", "= None is not implemented with embed_cls: its padding mask reads it")
+        if self.embed_cls and self.max_position_embeddings < 2:
+            fail(self.name, "max_position_embeddings", f"= {self.max_position_embeddings} leaves no position for "
+                 f"the ids beside the class token")
+        super()._validate()
+
+    @property
+    def max_length(self) -> int:
+        return self.max_position_embeddings - self.embed_cls
 
 
 def _token_id(where, name, value):
@@ -175,6 +208,8 @@ def specs(config: TextConfig) -> list[declare.Param]:
                       hf="embeddings.token_embedding.weight", bv=bv("Embed_0/embedding")),
         declare.table(("embeddings", "position"), config.max_position_embeddings, d, std, "position",
                       hf="embeddings.position_embedding.weight", bv=bv("pos_embedding"), bv_kind="pos"),
+        *([declare.Param(("embeddings", "cls"), (d,), ("embed",), declare.normal(0.01),
+                         "embeddings.class_embedding")] if getattr(config, "embed_cls", False) else []),
         *declare.encoder(encoder_spec(config), "encoder.layers.{i}.", tables.CLIP_LAYER,
                          bv_prefix=bv("Encoder_0/{blk}/")),
         *declare.norm(("final_norm",), d, hf="final_layer_norm", bv=bv("Encoder_0/encoder_norm/"), group="head"),
@@ -202,6 +237,17 @@ def pooled_positions(config: TextConfig, input_ids: jax.Array) -> jax.Array:
     return jnp.argmax((input_ids == config.eos_token_id).astype(jnp.int32), axis=-1)
 
 
+def class_token_inputs(config: OpenCLIPTextConfig, input_ids: jax.Array, attention_mask) -> tuple[jax.Array, jax.Array]:
+    """(ids (B, L), key mask (B, L + 1)) of ids with CoCa's class token appended. The ids read pad_token_id where
+    attention_mask is 0 (open_clip's padding, whichever id a tokenizer pads with: transformers' CLIPTokenizer pads
+    with the end-of-text token); each id equal to pad_token_id is padding. open_clip's legacy mask, which its CoCa
+    checkpoints were trained with, puts the class token's column first: key j > 0 reads id j - 1."""
+    if attention_mask is not None:
+        input_ids = jnp.where(attention_mask > 0, input_ids, config.pad_token_id)
+    valid = input_ids != config.pad_token_id
+    return input_ids, jnp.concatenate([jnp.ones_like(valid[:, :1]), valid], axis=1).astype(jnp.int32)
+
+
 def apply(params: layers.Params, config: CLIPTextConfig, input_ids: jax.Array, attention_mask=None,
           token_type_ids=None, position_ids=None, *, dropout_key=None, output_hidden_states: bool = False,
           output_attentions: bool = False, dtype=None, remat_policy: str | None = None,
@@ -213,7 +259,7 @@ def apply(params: layers.Params, config: CLIPTextConfig, input_ids: jax.Array, a
       attention_mask: (B, L), 1 for tokens to attend to, 0 for padding; default all ones. CLIP's causal mask
         applies on top of it. (SigLIP checkpoints were trained without one, on text padded to 64.)
       token_type_ids: must be None: CLIP has no token types.
-      position_ids: (B, L) or (L,); default 0..L-1.
+      position_ids: (B, L) or (L,); default 0..L-1. Refused with embed_cls (the class token's position is L).
       dropout_key: enables attention dropout (training) when given.
       dtype: compute dtype of the matmuls (default float32).
       pooled_only: return last_hidden_state for the end-of-text token only, (B, 1, D), which is all
@@ -222,11 +268,15 @@ def apply(params: layers.Params, config: CLIPTextConfig, input_ids: jax.Array, a
       attention: the attention implementation, a name in layers.IMPLEMENTATIONS; None: the backend's default.
 
     Returns:
-      TowerOutput: last_hidden_state (B, L, D) after the final LayerNorm; pooler_output (B, D) at the
-      end-of-text position (SigLIP: the last position, through the head); hidden_states/attentions as tuples
-      when requested.
+      TowerOutput: last_hidden_state (B, L, D) after the final LayerNorm ((B, L + 1, D) with embed_cls, the class
+      token last); pooler_output (B, D) at the end-of-text position (SigLIP: the last position, through the head;
+      embed_cls: the class token); hidden_states/attentions as tuples when requested.
     """
     check_text_inputs(config, input_ids, attention_mask, token_type_ids, position_ids)
+    embed_cls = getattr(config, "embed_cls", False)
+    if embed_cls and position_ids is not None:
+        raise InputError(f"position_ids is not supported by {config.name} with embed_cls: its class token takes the "
+                         f"position after the ids; leave it out")
     dtype = jnp.dtype(dtype or jnp.float32)
     attention = layers.resolve_attention(attention, dtype)
     emb = params["embeddings"]
@@ -234,13 +284,19 @@ def apply(params: layers.Params, config: CLIPTextConfig, input_ids: jax.Array, a
     if position_ids is None:
         position_ids = jnp.arange(length, dtype=jnp.int32)
     with jax.named_scope("embeddings"):
+        if embed_cls:
+            input_ids, attention_mask = class_token_inputs(config, input_ids, attention_mask)
         # Out-of-range ids read NaN instead of a clamped row; check_inputs reports them outside jit.
         x = jnp.take(emb["word"], input_ids, axis=0, mode="fill", fill_value=jnp.nan)
-        x = x + jnp.take(emb["position"], jnp.broadcast_to(position_ids, input_ids.shape), axis=0, mode="fill",
+        if embed_cls:
+            x = jnp.concatenate([x, jnp.broadcast_to(emb["cls"], (x.shape[0], 1, x.shape[2]))], axis=1)
+            length += 1
+            position_ids = jnp.arange(length, dtype=jnp.int32)
+        x = x + jnp.take(emb["position"], jnp.broadcast_to(position_ids, x.shape[:2]), axis=0, mode="fill",
                          fill_value=jnp.nan)
         x = x.astype(dtype)
     bias = layers.attention_bias(attention_mask, causal_length=length if config.causal else None)
-    rows = pooled_positions(config, input_ids)
+    rows = jnp.full(input_ids.shape[:1], length - 1, jnp.int32) if embed_cls else pooled_positions(config, input_ids)
     with jax.named_scope("encoder"):
         last, states, probs = layers.encoder(
             params["encoder"], x, bias, encoder_spec(config), dtype=dtype, key=dropout_key,

@@ -18,6 +18,7 @@ import numpy as np
 
 from dualenc import layers, params as declare, tables
 from dualenc.errors import InputError
+from dualenc.towers import open_clip_pool
 from dualenc.towers.family import ENCODER_OPTIONS, Family
 from dualenc.fields import (
     ACTIVATION_NAMES, bool_field, check_int, choice_field, TransformerConfig, fail, float_field, int_field, pair, rate_field, same_head_dim,
@@ -145,19 +146,50 @@ class MetaClip2VisionConfig(CLIPVisionConfig):
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class OpenCLIPVisionConfig(CLIPVisionConfig):
-    """open_clip's VisionTransformer pooled by the mean of its patch tokens (pool_type "avg": CLIPA), model_type
-    "open_clip_vision", dualenc's own: transformers has no such model (AutoConfig refuses the model_type).
+    """open_clip's VisionTransformer pooled by the mean of its patch tokens (pool_type "avg": CLIPA) or by its
+    attentional pooler (attentional_pool: CoCa), model_type "open_clip_vision", dualenc's own: transformers has no
+    such model (AutoConfig refuses the model_type).
 
-    CLIP's vision tower with: pre_norm (open_clip's ln_pre; false for no_ln_pre), the pooled output the mean of
-    the patch tokens (the class token left out), and norm_after_pool (final_ln_after_pool: post_layernorm on that
-    mean; false: on every token before the mean).
+    CLIP's vision tower with: pre_norm (open_clip's ln_pre; false for no_ln_pre), and the pooled output either
+    - (attention_pool_size None) the mean of the patch tokens (the class token left out), norm_after_pool
+      (final_ln_after_pool) choosing post_layernorm on that mean (true) or on every token before it (false); or
+    - (attention_pool_size set) open_clip's AttentionalPooler's first query (its contrastive embedding; the other
+      queries feed CoCa's captioning decoder): a learned query, LayerNorm'd, attends with attention_pool_heads
+      heads over every token, LayerNorm'd, in attention_pool_size wide, then post_layernorm (that wide) follows;
+      norm_after_pool must be true.
+    The defaults are coca_ViT-B-32's pooling, every optional part (the train state's catalogue of params reads
+    them); a config.json without attention_pool_size has none (CLIPA's, as dualenc first wrote them).
     """
 
     model_types: ClassVar[tuple[str, ...]] = ("open_clip_vision",)
-    average_pool: ClassVar[bool] = True
 
-    pre_norm: bool = bool_field(False)
+    pre_norm: bool = bool_field(True)
     norm_after_pool: bool = bool_field(True)
+    attention_pool_size: int | None = int_field(512, required=False)
+    attention_pool_heads: int = int_field(8, hi=4096, required=False)
+
+    @classmethod
+    def from_dict(cls, d, **kwargs):
+        return super().from_dict({"attention_pool_size": None, **d} if isinstance(d, Mapping) else d, **kwargs)
+
+    def _validate(self):
+        if self.attention_pool_size is not None:
+            if self.attention_pool_size % self.attention_pool_heads:
+                fail(self.name, "attention_pool_heads", f"must divide attention_pool_size: "
+                     f"{self.attention_pool_size} is not a multiple of {self.attention_pool_heads}")
+            if not self.norm_after_pool:
+                fail(self.name, "norm_after_pool", "= False is not implemented with attention_pool_size; supported: "
+                     "True (post_layernorm follows the attentional pooler)")
+        super()._validate()
+
+    @property
+    def average_pool(self) -> bool:
+        return self.attention_pool_size is None
+
+    @property
+    def pooled_size(self) -> int:
+        """The width of pooler_output: attention_pool_size, else hidden_size."""
+        return self.attention_pool_size or self.hidden_size
 
 
 VisionConfig = ViTConfig | CLIPVisionConfig
@@ -201,7 +233,8 @@ def specs(config: VisionConfig) -> list[declare.Param]:
                       hf=names["position"][0], hf_kind=names["position"][1]),
         *(declare.norm(("pre_norm",), d, hf="pre_layrnorm") if config.pre_norm else []),
         *declare.encoder(encoder_spec(config), names["layer"], tables.CLIP_LAYER if is_clip else _VIT_LAYER),
-        *declare.norm(("post_norm",), d, hf=names["post_norm"], group="head"),
+        *(open_clip_pool.specs(config) if getattr(config, "attention_pool_size", None) else []),
+        *declare.norm(("post_norm",), getattr(config, "pooled_size", d), hf=names["post_norm"], group="head"),
     ]
     if config.pooler:
         out += declare.dense(("pooler",), d, d, std, ("embed", "embed"), hf="pooler.dense", group="head")
@@ -385,11 +418,13 @@ def apply(params: layers.Params, config: VisionConfig, pixel_values: jax.Array, 
       TowerOutput: last_hidden_state (B, 1 + patches, D) (1 + K with patch dropout, the kept tokens in the order
       of their indices); pooler_output (B, D) (ViT: tanh(dense(CLS)) after the final LayerNorm; CLIP:
       post_layernorm(CLS); OpenCLIPVisionConfig: the mean of the patch tokens, post_layernorm after it or on each
-      token before it); hidden_states/attentions as tuples when requested.
+      token before it, or the attentional pooler's first query then post_layernorm, (B, attention_pool_size));
+      hidden_states/attentions as tuples when requested.
     """
     check_pixel_values(config, pixel_values, interpolate_pos_encoding)
-    if pooled_only and config.average_pool:
-        raise InputError(f"pooled_only is not supported by {config.name}: it pools the mean of every patch token")
+    if pooled_only and isinstance(config, OpenCLIPVisionConfig):
+        raise InputError(f"pooled_only is not supported by {config.name}: it pools every patch token (their mean, "
+                         f"or its attentional pooler)")
     dtype = jnp.dtype(dtype or jnp.float32)
     attention = layers.resolve_attention(attention, dtype)
     b, c, h, w = pixel_values.shape
@@ -420,6 +455,9 @@ def apply(params: layers.Params, config: VisionConfig, pixel_values: jax.Array, 
         if config.pooler:
             last = layers.layer_norm(params["post_norm"], last, config.layer_norm_eps, dtype)
             pooled = layers.ACTIVATIONS[config.pooler_act](layers.dense(params["pooler"], last[:, 0], dtype))
+        elif getattr(config, "attention_pool_size", None):
+            pooled = open_clip_pool.apply(params["pool"], config, encoder_spec(config), last, dtype, attention)
+            pooled = layers.layer_norm(params["post_norm"], pooled, config.layer_norm_eps, dtype)
         elif config.average_pool:
             tokens = last[:, 1:]
             if not config.norm_after_pool:
@@ -457,6 +495,7 @@ FAMILIES = (
            stacks=("encoder",), check=check_pixel_values, prefixes=("", "vision_model."),
            anchor="embeddings.patch_embedding.weight"),
     Family("open_clip_vision", "vision", {"open_clip_vision": OpenCLIPVisionConfig}, sys.modules[__name__], "gap",
-           options=(*ENCODER_OPTIONS, "interpolate_pos_encoding", *PATCH_DROPOUT_OPTIONS), stacks=("encoder",),
+           options=(*ENCODER_OPTIONS, "interpolate_pos_encoding", *PATCH_DROPOUT_OPTIONS), pooled_size="pooled_size",
+           stacks=("encoder",),
            check=check_pixel_values, prefixes=("", "vision_model."), anchor="embeddings.patch_embedding.weight"),
 )
