@@ -267,26 +267,6 @@ def block(p: layers.Params, x: jax.Array, config: VitaminConfig, dtype, keep: ja
     return x + drop(layers.dense(mp["fc2"], y, dtype), 1)
 
 
-def _blocks(stack, x, config, dtype, keep, scales, remat_policy, collect):
-    """Runs a stack of blocks (a per-layer tuple, or a stacked dict under lax.scan); keep (n, 2, B) / scales (n,)
-    or None. Returns (x, per-layer outputs or [])."""
-    def step(h, xs):
-        layer_p, layer_keep, layer_scale = xs
-        h = block(layer_p, h, config, dtype, layer_keep, layer_scale)
-        return h, (h if collect else None)
-
-    if remat_policy is not None:
-        step = jax.checkpoint(step, policy=getattr(jax.checkpoint_policies, remat_policy), prevent_cse=False)
-    if isinstance(stack, (tuple, list)):
-        states = []
-        for i, layer_p in enumerate(stack):
-            x, state = step(x, (layer_p, None if keep is None else keep[i], None if scales is None else scales[i]))
-            states.append(state)
-        return x, states if collect else []
-    x, states = lax.scan(step, x, (stack, keep, scales))
-    return x, [states[i] for i in range(states.shape[0])] if collect else []
-
-
 def apply(params: layers.Params, config: VitaminConfig, pixel_values: jax.Array, *, dropout_key=None, dtype=None,
           output_hidden_states: bool = False, remat_policy: str | None = None) -> layers.TowerOutput:
     """Runs the ViTamin tower.
@@ -305,28 +285,13 @@ def apply(params: layers.Params, config: VitaminConfig, pixel_values: jax.Array,
     """
     check_pixel_values(config, pixel_values)
     dtype = jnp.dtype(dtype or jnp.float32)
-    b = pixel_values.shape[0]
     with jax.named_scope("embeddings"):
         x = embed(params["embeddings"], config, pixel_values, dtype)
     embeddings = x
-    depth = config.num_hidden_layers
-    keep = scales = None
-    if dropout_key is not None and config.drop_path_rate > 0:
-        rates = np.asarray(config.drop_path_rates, np.float32)
-        keep = jax.random.uniform(dropout_key, (depth, 2, b)) >= rates[:, None, None]
-        scales = jnp.asarray(1.0 / (1.0 - rates))
-    stack = params["encoder"]
     with jax.named_scope("encoder"):
-        if isinstance(stack, layers.Split):  # LiT: the frozen bottom without gradients
-            n = layers.num_layers(stack.frozen)
-            cut = lambda a, lo, hi: None if a is None else a[lo:hi]  # noqa: E731
-            x, bottom = _blocks(lax.stop_gradient(stack.frozen), lax.stop_gradient(x), config, dtype,
-                                cut(keep, 0, n), cut(scales, 0, n), remat_policy, output_hidden_states)
-            x, top = _blocks(stack.top, lax.stop_gradient(x), config, dtype, cut(keep, n, None),
-                             cut(scales, n, None), remat_policy, output_hidden_states)
-            states = bottom + top
-        else:
-            x, states = _blocks(stack, x, config, dtype, keep, scales, remat_policy, output_hidden_states)
+        x, states = layers.run_blocks(lambda p, h, keep, scale: block(p, h, config, dtype, keep, scale), params["encoder"],
+                                      x, dropout_key=dropout_key, drop_path_rates=config.drop_path_rates,
+                                      remat_policy=remat_policy, collect=output_hidden_states)
     with jax.named_scope("pooler"):
         pooled = layers.layer_norm(params["post_norm"], jnp.mean(x.astype(jnp.float32), axis=1),
                                    config.layer_norm_eps, dtype)
