@@ -71,7 +71,7 @@ def build_open_clip(architecture: str, root: str):
         text["hf_model_name"] = text["hf_tokenizer_name"] = _xlm_roberta_base(root)
         text["hf_model_pretrained"] = False
     torch.manual_seed(0)
-    kind = open_clip.CustomTextCLIP if cfg.get("custom_text") else open_clip.CLIP
+    kind = open_clip.CustomTextCLIP if cfg.get("custom_text") or text.get("hf_model_name") else open_clip.CLIP
     model = kind(**{k: v for k, v in cfg.items() if k != "custom_text"}).eval()
     with torch.no_grad():
         for p in model.parameters():  # non-trivial norms and biases

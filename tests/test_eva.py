@@ -17,13 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import open_clip_towers as towers
 from conftest import max_diff
-from PIL import Image
 from safetensors.torch import save_file
-from sklearn.datasets import load_sample_images
 
 import dualenc
-from dualenc import cli, model, tables
+from dualenc import model, tables
 from dualenc.formats import open_clip_eva, open_clip_timm
 from dualenc.formats.open_clip_eva import Arch
 from dualenc.towers import eva
@@ -69,42 +68,15 @@ def model_cfg(**vision):
     return {"embed_dim": EMBED, "vision_cfg": {**VISION, **vision}, "text_cfg": dict(TEXT), "custom_text": True}
 
 
-def build(cfg, seed=0):
-    """open_clip's CustomTextCLIP with every param random: LayerNorm scales 1 + N(0, 0.1), the rest (biases, q_bias
-    and v_bias, class token and positions included) N(0, 0.1)."""
-    import open_clip
-
-    model = open_clip.CustomTextCLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"]).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = 0.1 * torch.randn(p.shape, generator=gen)
-            p.copy_(1.0 + noise if p.ndim == 1 and name.endswith("weight") else noise)
-        model.logit_scale.fill_(2.1)
-    return model
-
-
-def save(model, cfg, path):
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg,
-                                                            "preprocess_cfg": {"resize_mode": "squash"}}))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "open_clip_model.safetensors"))
-    return str(path)
+build, save = towers.build, towers.save
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The open_clip model, its folder, its own transform and tokenizer (open_clip reading the folder), photos."""
-    import open_clip
-
     cfg = model_cfg()
     model = build(cfg)
-    path = save(model, cfg, tmp_path_factory.mktemp("eva") / "open_clip")
-    _, _, transform = open_clip.create_model_and_transforms("local-dir:" + path)
-    china, flower = load_sample_images().images
-    photos = [Image.fromarray(a) for a in (china[:200, :300], flower[100:400, 50:260], china[150:260, 300:420])]
-    return dict(model=model, path=path, transform=transform, tokenizer=open_clip.get_tokenizer("local-dir:" + path),
-                photos=photos, pixels=np.stack([transform(p).numpy() for p in photos]))
+    return towers.reference(model, save(model, cfg, tmp_path_factory.mktemp("eva") / "open_clip"))
 
 
 @pytest.fixture(scope="module")
@@ -112,13 +84,7 @@ def loaded(reference):
     return dualenc.load_pretrained(reference["path"])
 
 
-def open_clip_outputs(model, pixels, ids):
-    with torch.no_grad():
-        image = model.encode_image(torch.tensor(pixels))
-        text = model.encode_text(torch.tensor(ids))
-        logits = model.get_logits(torch.tensor(pixels), torch.tensor(ids))[0]
-        trunk = model.visual.trunk.forward_features(torch.tensor(pixels))
-    return dict(image=image, text=text, logits=logits, trunk=trunk)
+open_clip_outputs = towers.open_clip_outputs
 
 
 def test_config_processing_and_parity_with_open_clip(reference, loaded):
@@ -197,20 +163,7 @@ def test_train_step_save_load_and_zero_shot_command(reference, loaded, tmp_path,
     back_config, back = dualenc.load_pretrained(folder)
     assert back_config == config
     jax.tree_util.tree_map(np.testing.assert_array_equal, back, params)
-    files = []
-    for i, photo in enumerate(reference["photos"]):
-        files.append(tmp_path / f"{i}.png")
-        photo.save(files[-1])
-    (tmp_path / "templates.txt").write_text("{}\n")
-    capsys.readouterr()
-    code = cli.main(["zero-shot", "--model", str(folder), "--labels", ",".join(LABELS), "--templates",
-                     str(tmp_path / "templates.txt"), "--json", *map(str, files)])
-    out, err = capsys.readouterr()
-    assert code == 0, err[-3000:]
-    want = torch.softmax(open_clip_outputs(reference["model"], reference["pixels"], ids)["logits"], -1).numpy()
-    for row, result in zip(want, json.loads(out)["results"]):
-        np.testing.assert_allclose(result["probabilities"], [row[LABELS.index(n)] for n in result["labels"]],
-                                   atol=1e-5)
+    towers.check_zero_shot_command(reference, folder, LABELS, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("name", [n for n in open_clip_eva.EVA if n not in TINY])
