@@ -30,9 +30,11 @@ FLOORS = [
     {"formats"},
     {"encode", "data"},
     {"evaluate", "search", "benchmark"},
+    {"export"},
     {"train"},
     {"plots"},
     {"demo"},
+    {"serve"},
     {"cli"},
 ]
 CORE = set().union(*FLOORS[:6])

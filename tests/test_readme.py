@@ -128,6 +128,9 @@ def test_each_readme_python_block_runs_alone(demo_folder):
     demo_folder = demo_folder[0]
     blocks = python_blocks(README.read_text())
     assert len(blocks) >= 5
+    if not (demo_folder / "dualenc-onnx").exists():  # README's Export command, whose folder a block reads
+        run([sys.executable, "-m", "dualenc.cli", "export", "--model", "dualenc-demo/model", "--out", "dualenc-onnx",
+             "--onnx"], demo_folder)
     for line, code in blocks:
         script = demo_folder / f"readme_block_{line}.py"
         script.write_text(f"LINE = {line!r}\nCODE = {code!r}\nREADME = {str(README)!r}\n{RUNNER}")
@@ -181,10 +184,10 @@ def test_every_name_the_readme_uses_is_importable_as_written():
 def test_every_cli_example_runs_as_written(demo_folder):
     demo_folder = demo_folder[0]
     # search and merge read what embed wrote, interpolate what train wrote
-    order = ["zero-shot", "embed", "search", "merge", "eval", "train", "interpolate", "prepare"]
-    assert set(EXAMPLES) == {"demo", *order}
+    order = ["zero-shot", "embed", "search", "merge", "eval", "train", "interpolate", "prepare", "export"]
+    assert set(EXAMPLES) == {"demo", "serve", *order}  # serve runs until stopped: tests/test_serve.py runs it
     flat = " ".join(README.read_text().replace("\\\n", " ").split())  # README.md may wrap them with backslashes
-    missing = [name for name in order if " ".join(EXAMPLES[name].split()) not in flat]
+    missing = [name for name in [*order, "serve"] if " ".join(EXAMPLES[name].split()) not in flat]
     assert not missing, f"README.md does not show the --help example of {missing}"
     test_images = sorted((demo_folder / "dualenc-demo/data/images/test").iterdir())
     out = {name: run_as_installed(shlex.split(EXAMPLES[name]), demo_folder) for name in order}
@@ -219,6 +222,11 @@ def test_every_cli_example_runs_as_written(demo_folder):
     assert set(wise) == set(a) and any(not np.array_equal(a[k], b[k]) for k in a)
     for k in a:
         np.testing.assert_allclose(wise[k], (a[k] + b[k]) / 2, atol=1e-6)
+
+    manifest = json.loads((demo_folder / "dualenc-export/manifest.json").read_text())  # jax alone: no --onnx
+    for side in ("image", "text"):
+        assert (demo_folder / f"dualenc-export/{side}_encoder.jaxexport").stat().st_size > 0
+    assert "wrote" in out["export"].stdout + out["export"].stderr and manifest
 
 
 def test_a_command_needing_a_missing_extra_says_so_before_work(demo_folder):

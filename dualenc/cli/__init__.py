@@ -9,11 +9,11 @@ import argparse
 import os
 import sys
 
-from dualenc.cli import index, inference, interpolate, prepare, training
+from dualenc.cli import export, index, inference, interpolate, prepare, serve, training
 from dualenc.cli.support import CommandError
 
 # Each module declares its subcommands (options, example) in its register().
-COMMAND_MODULES = (inference, index, training, interpolate, prepare)
+COMMAND_MODULES = (inference, index, training, interpolate, prepare, serve, export)
 # Each example runs as written after `dualenc demo` (its default --out, dualenc-demo), in the same folder.
 EXAMPLES = {name: example for module in COMMAND_MODULES for name, example in module.EXAMPLES.items()}
 
