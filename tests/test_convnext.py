@@ -23,6 +23,9 @@ from dualenc.formats import open_clip_timm
 from dualenc.towers import convnext
 from dualenc.towers.convnext import ConvNextConfig
 
+# one worker builds the module's fixtures once (their references are the costly part)
+pytestmark = pytest.mark.xdist_group("convnext")
+
 IMAGE, EMBED = 32, 16
 # name -> (depths, widths, eps, conv_mlp): the test architectures, for timm and for dualenc's table
 TINY = {"convnext_test": ((1, 1, 1, 1), (8, 16, 24, 32), 1e-6, False),

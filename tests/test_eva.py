@@ -28,6 +28,9 @@ from dualenc.formats.open_clip_eva import Arch
 from dualenc.towers import eva
 from dualenc.towers.eva import EvaConfig
 
+# one worker builds the module's fixtures once (their references are the costly part)
+pytestmark = pytest.mark.xdist_group("eva")
+
 IMAGE, EMBED = 32, 16
 TINY = {"eva02_test": Arch(8, 32, 2, 2, 4 * 2 / 3, "swiglu", True, False, (5, 5), IMAGE),
         "eva02_test_post": Arch(8, 32, 2, 2, 3.0, "gelu", False, True, None, IMAGE)}

@@ -17,6 +17,9 @@ from dualenc.export import bundle, make_encoders
 from dualenc.export.onnx_graph import session
 from tests.conftest import TINY
 
+# one worker builds the module's fixtures once (their references are the costly part)
+pytestmark = pytest.mark.xdist_group("export")
+
 BATCHES = (1, 8)
 MODELS = {
     "clip": dualenc.DualEncoderConfig(

@@ -20,6 +20,9 @@ from safetensors.torch import save_file
 import dualenc
 from dualenc.config import OpenCLIPTextConfig, OpenCLIPVisionConfig
 
+# one worker builds the module's fixtures once (their references are the costly part)
+pytestmark = pytest.mark.xdist_group("open_clip_coca")
+
 EMBED, WIDTH, LENGTH = 24, 32, 12  # the pooler's width (embed_dim) differs from the tower's: torch's kdim / vdim
 CFG = {"embed_dim": EMBED, "custom_text": True,
        "vision_cfg": {"image_size": 32, "patch_size": 16, "width": WIDTH, "head_width": 16, "layers": 2,

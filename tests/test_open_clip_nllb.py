@@ -18,6 +18,9 @@ import dualenc
 import open_clip_towers as towers
 from conftest import _transformers, max_diff
 
+# one worker builds the module's fixtures once (their references are the costly part)
+pytestmark = pytest.mark.xdist_group("open_clip_nllb")
+
 CONTEXT = 16
 WORDS = "a photo of the cat dog bird fox quick brown lazy café naïve 東京 写真 hund katze foto ein das".split()
 TEXTS = ["a photo of the cat", "  ein   Foto\tder katze  ", "東京 写真", "Ｆｕｌｌ café &amp; naïve",

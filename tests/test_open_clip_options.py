@@ -16,6 +16,9 @@ from conftest import _transformers, max_diff
 import dualenc
 from dualenc.formats import open_clip_timm
 
+# one worker builds the module's fixtures once (their references are the costly part)
+pytestmark = pytest.mark.xdist_group("open_clip_options")
+
 EMBED, WIDTH, LENGTH = 16, 32, 16
 VISION = {"image_size": 32, "patch_size": 8, "width": WIDTH, "layers": 2, "head_width": 16}
 WORDS = "a photo of the cat dog bird red green blue house car tree river city night day people".split()

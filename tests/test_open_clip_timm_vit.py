@@ -25,6 +25,9 @@ from dualenc.formats import open_clip_timm
 from dualenc.towers import siglip
 from dualenc.towers.siglip import SiglipVisionConfig
 
+# one worker builds the module's fixtures once (their references are the costly part)
+pytestmark = pytest.mark.xdist_group("open_clip_timm_vit")
+
 IMAGE, PATCH, WIDTH, LENGTH, VOCAB = 32, 16, 32, 16, 40
 # name -> the SIGLIP_VIT row (patch, width, depth, heads, mlp ratio, tanh GELU, image size), for timm and dualenc
 TINY = {"vit_test_siglip": (PATCH, WIDTH, 1, 2, 2.0, True, IMAGE),

@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 import open_clip_towers as towers
 import pytest
-import torch
 from conftest import max_diff
 from safetensors.torch import save_file
 
@@ -30,6 +29,9 @@ from dualenc.formats import open_clip_eva
 from dualenc.formats.open_clip_eva import Arch
 from dualenc.towers import eva
 from dualenc.towers.eva import EvaConfig
+
+# one worker builds the module's fixtures once (their references are the costly part)
+pytestmark = pytest.mark.xdist_group("pe_core")
 
 IMAGE, EMBED, WIDTH, LENGTH = 32, 16, 32, 32
 # patch, width, depth, heads, mlp ratio, mlp, scaled, post-norm, rope reference grid, image size, pool,

@@ -25,6 +25,9 @@ from dualenc.search import index as search_index
 from dualenc.serve import Batcher, Limits, Service, create_app
 from dualenc.serve.metrics import Metrics
 
+# one worker builds the module's fixtures once (their references are the costly part)
+pytestmark = pytest.mark.xdist_group("serve")
+
 KEY = "test-key"
 MAX_PIXELS = 100_000
 

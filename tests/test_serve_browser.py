@@ -10,7 +10,6 @@ import threading
 import time
 
 import httpx
-import numpy as np
 import pytest
 
 import dualenc
@@ -19,6 +18,9 @@ from dualenc.search import index as search_index
 from dualenc.serve import Limits, Service, create_app
 from dualenc.train import loop as trainer
 from test_serve import free_port
+
+# one worker builds the module's fixtures once (their references are the costly part)
+pytestmark = pytest.mark.xdist_group("serve_browser")
 
 KEY = "page-key"
 STEPS = 400  # the demo's own training, shortened: enough for "seven" to find mostly sevens

@@ -28,6 +28,9 @@ from dualenc.formats.open_clip_vitamin import Arch
 from dualenc.towers import vitamin
 from dualenc.towers.vitamin import VitaminConfig
 
+# one worker builds the module's fixtures once (their references are the costly part)
+pytestmark = pytest.mark.xdist_group("vitamin")
+
 IMAGE, EMBED = 32, 16
 TINY = {"vitamin_test": Arch(8, (8, 16), (2, 1), 32, 2, 2, 2.0, IMAGE, True),
         "vitamin_test_xl": Arch(8, (8, 16), (1, 1), 32, 1, 2, 2.0, IMAGE, False)}
