@@ -22,12 +22,15 @@ PROGRESS_MIN_BATCHES = 4
 
 
 @functools.partial(jax.jit, static_argnames=("dtype",))
-def _image_embeds(params, config, inputs, dtype=None):
+def image_embeds(params, config, inputs: dict, dtype=None):
+    """The normalised image embeddings of a batch of the image tower's inputs (pixel_values, or NaFlex's three
+    arrays), jitted once for every caller that encodes (encode_images, the service's batcher)."""
     return model.normalize(model.get_image_features(params, config, **inputs, dtype=dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("dtype",))
-def _text_embeds(params, config, input_ids, attention_mask, token_type_ids, dtype=None):
+def text_embeds(params, config, input_ids, attention_mask, token_type_ids, dtype=None):
+    """The normalised text embeddings of a batch of token ids (jitted once, as image_embeds)."""
     return model.normalize(model.get_text_features(params, config, input_ids, attention_mask, token_type_ids,
                                                    dtype=dtype))
 
@@ -201,7 +204,7 @@ def stream_images(params, config: DualEncoderConfig, processor, images: Iterable
         n = len(inputs["pixel_values"])
         inputs["pixel_values"] = np.asarray(inputs["pixel_values"], np.float32)
         inputs = jax.device_put(pad_rows(inputs, batch_size), rows_split)
-        return n, lambda: _image_embeds(params, config, inputs, dtype=dtype), positions
+        return n, lambda: image_embeds(params, config, inputs, dtype=dtype), positions
 
     yield from _stream(_batches(images, batch_size), prepare, _progress(total, batch_size, progress, "images"))
 
@@ -278,7 +281,7 @@ def encode_texts(params, config: DualEncoderConfig, tokenizer, texts: Iterable[s
         if arrays["attention_mask"] is not None:
             arrays["attention_mask"][len(batch):, 0] = 1  # padding rows attend to one token, not to none
         arrays = jax.device_put(arrays, rows_split)
-        return len(batch), lambda: _text_embeds(params, config, arrays["input_ids"], arrays["attention_mask"],
+        return len(batch), lambda: text_embeds(params, config, arrays["input_ids"], arrays["attention_mask"],
                                                 arrays["token_type_ids"], dtype=dtype), None
 
     out = _run(_batches(texts, batch_size), prepare, _progress(total, batch_size, progress, "texts"))

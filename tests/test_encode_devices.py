@@ -87,7 +87,7 @@ def test_a_batch_split_over_four_devices_equals_one_device_and_compiles_once(sav
     images = [str(saved / f"{i}.png") for i in range(10)]
     with watch(monkeypatch) as seen:  # 10 images in batches of 4: three batches, the last one padded
         four = dualenc.encode_images(params, config, processor, images, batch_size=4)
-    assert seen["compiles"] == ["jit(_image_embeds)"]  # one program for the three batches
+    assert seen["compiles"] == ["jit(image_embeds)"]  # one program for the three batches
     assert seen["params"] == [4] and seen["batches"] == [4, 4, 4]  # params placed once, every batch split
     with watch(monkeypatch) as seen:
         again = dualenc.encode_images(params, config, processor, iter(images), batch_size=4)
@@ -98,7 +98,7 @@ def test_a_batch_split_over_four_devices_equals_one_device_and_compiles_once(sav
 
     with watch(monkeypatch) as seen:
         texts4 = dualenc.encode_texts(params, config, processor, TEXTS, batch_size=4)
-    assert seen["compiles"] == ["jit(_text_embeds)"] and seen["batches"] == [4, 4, 4]
+    assert seen["compiles"] == ["jit(text_embeds)"] and seen["batches"] == [4, 4, 4]
     texts1 = dualenc.encode_texts(params, config, processor, TEXTS, batch_size=4, devices=jax.local_devices()[:1])
     np.testing.assert_allclose(texts4, texts1, rtol=0, atol=1e-6)
     placed = encode.replicate(params)

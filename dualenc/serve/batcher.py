@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import functools
 import threading
 import time
 from typing import Sequence
@@ -19,7 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dualenc import encode, model
+from dualenc import encode
 from dualenc.errors import DualEncError, InputError
 from dualenc.processing import EncodedImage
 from dualenc.processing.processor import image_inputs
@@ -31,17 +30,6 @@ LOWERING_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"  # one per pr
 
 class Stopping(Exception):
     """The service is shutting down and takes no new work."""
-
-
-@functools.partial(jax.jit, static_argnames=("dtype",))
-def _image_embeds(params, config, inputs, dtype=None):
-    return model.normalize(model.get_image_features(params, config, **inputs, dtype=dtype))
-
-
-@functools.partial(jax.jit, static_argnames=("dtype",))
-def _text_embeds(params, config, inputs, dtype=None):
-    return model.normalize(model.get_text_features(params, config, inputs["input_ids"], inputs["attention_mask"],
-                                                   inputs["token_type_ids"], dtype=dtype))
 
 
 def batch_sizes(max_batch: int, devices: int) -> tuple[int, ...]:
@@ -244,7 +232,7 @@ class Batcher:
                   for k in keys}
         rows = len(arrays["pixel_values"])
         inputs = jax.device_put(encode.pad_rows(arrays, size), self.rows_split)
-        return np.asarray(_image_embeds(self.params, self.config, inputs, dtype=self.dtype))[:rows]
+        return np.asarray(encode.image_embeds(self.params, self.config, inputs, dtype=self.dtype))[:rows]
 
     def _run_texts(self, pieces, size: int) -> np.ndarray:
         width = max(job.arrays["input_ids"].shape[1] for job, _, _ in pieces)
@@ -262,4 +250,5 @@ class Batcher:
         rows = len(arrays["input_ids"])
         present = {k: v for k, v in arrays.items() if v is not None}
         inputs = {**dict.fromkeys(arrays), **jax.device_put(encode.pad_rows(present, size), self.rows_split)}
-        return np.asarray(_text_embeds(self.params, self.config, inputs, dtype=self.dtype))[:rows]
+        return np.asarray(encode.text_embeds(self.params, self.config, inputs["input_ids"],
+                                                 inputs["attention_mask"], inputs["token_type_ids"], dtype=self.dtype))[:rows]
