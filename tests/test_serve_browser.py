@@ -80,7 +80,8 @@ def browser():
     assert binary and driver, "chromium and chromedriver must be installed (apt install chromium chromium-driver)"
     options = webdriver.ChromeOptions()
     options.binary_location = binary
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1100,900"):
+    # --disable-dev-shm-usage: containers often give /dev/shm 64 MB, where chromium crashes
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1100,900"):
         options.add_argument(flag)
     chrome = webdriver.Chrome(options=options, service=DriverService(driver))
     yield chrome
