@@ -24,6 +24,7 @@ from dualenc.fields import (
     ACTIVATION_NAMES, TowerConfig, builds, check_int, choice_field, fail, float_field, int_field, rate_field,
 )
 from dualenc.towers.family import Family
+from dualenc.towers.inputs import check_image_layout
 
 KERNEL = 7  # the depthwise convolution's size (ConvNeXt's; padding 3 keeps the grid)
 MLP_RATIO = 4
@@ -145,15 +146,8 @@ init = declare.tower_init(specs)  # init(key, config, *, stacked=False) -> param
 def check_pixel_values(config: ConvNextConfig, pixel_values, interpolate_pos_encoding: bool = False):
     """Shape and dtype checks that hold under jit: (B, num_channels, H, W) floats, H and W at least min_size
     (any size runs: there is no position table)."""
-    shape = getattr(pixel_values, "shape", None)
-    if shape is None or len(shape) != 4:
-        raise InputError(f"pixel_values must be a 4-D (batch, channels, height, width) array, got shape {shape}")
-    if shape[1] != config.num_channels:
-        hint = " (it looks channels-last: transpose to NCHW)" if shape[-1] == config.num_channels else ""
-        raise InputError(f"pixel_values has {shape[1]} channels at axis 1, the config has num_channels="
-                         f"{config.num_channels}; shape {tuple(shape)}{hint}")
-    if not jnp.issubdtype(pixel_values.dtype, jnp.floating):
-        raise InputError(f"pixel_values must be floating point (processed images), got {pixel_values.dtype}")
+    check_image_layout(config, pixel_values)
+    shape = pixel_values.shape
     if min(shape[2:]) < config.min_size:
         raise InputError(f"pixel_values of size {shape[2]}x{shape[3]} is smaller than the {config.min_size} "
                          f"pixels a side this ConvNeXt needs")

@@ -1,4 +1,4 @@
-"""Input checks the text towers share: shapes and dtypes that hold under jit (shapes are static)."""
+"""Input checks the towers share: shapes and dtypes that hold under jit (shapes are static)."""
 
 from __future__ import annotations
 
@@ -43,3 +43,18 @@ def check_text_inputs(config, input_ids, attention_mask=None, token_type_ids=Non
                          f"text tower allows{extra}; truncate the input")
     if length == 0:
         raise InputError("input_ids has sequence length 0; the pooler needs at least one token")
+
+
+def check_image_layout(config, pixel_values):
+    """What every image tower needs of pixel_values: a 4-D (batch, channels, height, width) float array with the
+    config's num_channels at axis 1 (a channels-last array is named as such). Each tower checks its sizes itself."""
+    shape = getattr(pixel_values, "shape", None)
+    c = config.num_channels
+    if shape is None or len(shape) != 4:
+        raise InputError(f"pixel_values must be a 4-D (batch, channels, height, width) array, got shape {shape}")
+    if shape[1] != c:
+        hint = " (it looks channels-last: transpose to NCHW)" if shape[-1] == c else ""
+        raise InputError(f"pixel_values has {shape[1]} channels at axis 1, the config has num_channels={c}; "
+                         f"shape {tuple(shape)}{hint}")
+    if not jnp.issubdtype(pixel_values.dtype, jnp.floating):
+        raise InputError(f"pixel_values must be floating point (processed images), got {pixel_values.dtype}")

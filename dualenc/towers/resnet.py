@@ -31,6 +31,7 @@ from dualenc import layers, params as declare, tables
 from dualenc.errors import InputError
 from dualenc.fields import TowerConfig, builds, check_int, fail, float_field, int_field
 from dualenc.towers.family import Family
+from dualenc.towers.inputs import check_image_layout
 
 EXPANSION = 4  # a bottleneck block's output channels per planes
 STRIDE = 32  # the stem and the three strided stages halve the image five times
@@ -172,16 +173,8 @@ class ResNetOutput(NamedTuple):
 
 def check_pixel_values(config: ModifiedResNetConfig, pixel_values):
     """Shape and dtype checks that hold under jit (shapes are static)."""
-    shape = tuple(getattr(pixel_values, "shape", ()) or ())
-    size, c = config.image_size, config.num_channels
-    if len(shape) != 4:
-        raise InputError(f"pixel_values must be a 4-D (batch, channels, height, width) array, got shape {shape}")
-    if shape[1] != c:
-        hint = " (it looks channels-last: transpose to NCHW)" if shape[-1] == c else ""
-        raise InputError(f"pixel_values has {shape[1]} channels at axis 1, the ResNet takes {c}; shape "
-                         f"{shape}{hint}")
-    if not jnp.issubdtype(pixel_values.dtype, jnp.floating):
-        raise InputError(f"pixel_values must be floating point (processed images), got {pixel_values.dtype}")
+    check_image_layout(config, pixel_values)
+    shape, size = tuple(pixel_values.shape), config.image_size
     if shape[2:] != (size, size):
         raise InputError(f"pixel_values of size {shape[2]}x{shape[3]} does not match the model's image_size "
                          f"{size}x{size} (its attention pool has a position for each cell of a {config.grid}x"

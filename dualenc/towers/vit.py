@@ -20,6 +20,7 @@ from dualenc import layers, params as declare, tables
 from dualenc.errors import InputError
 from dualenc.towers import open_clip_pool
 from dualenc.towers.family import ENCODER_OPTIONS, Family
+from dualenc.towers.inputs import check_image_layout
 from dualenc.fields import (
     ACTIVATION_NAMES, bool_field, check_int, choice_field, TransformerConfig, fail, float_field, int_field, pair, rate_field, same_head_dim,
     builds,
@@ -309,17 +310,8 @@ def embed_patches(patch: layers.Params, pixel_values: jax.Array, patch_hw: tuple
 
 def check_pixel_values(config: VisionConfig, pixel_values, interpolate_pos_encoding: bool = False):
     """Shape and dtype checks that hold under jit (shapes are static)."""
-    shape = getattr(pixel_values, "shape", None)
-    c = config.num_channels
-    if shape is None or len(shape) != 4:
-        raise InputError(f"pixel_values must be a 4-D (batch, channels, height, width) array, got shape {shape}")
-    if shape[1] != c:
-        hint = " (it looks channels-last: transpose to NCHW)" if shape[-1] == c else ""
-        raise InputError(f"pixel_values has {shape[1]} channels at axis 1, the config has num_channels={c}; "
-                         f"shape {tuple(shape)}{hint}")
-    if not jnp.issubdtype(pixel_values.dtype, jnp.floating):
-        raise InputError(f"pixel_values must be floating point (processed images), got {pixel_values.dtype}")
-    h, w = shape[2:]
+    check_image_layout(config, pixel_values)
+    h, w = pixel_values.shape[2:]
     ph, pw = config.patch_hw
     if interpolate_pos_encoding:
         if h < ph or w < pw:

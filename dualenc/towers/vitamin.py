@@ -32,6 +32,7 @@ from dualenc.fields import (
 from dualenc.layers import multihead
 from dualenc.layers.transformer import EncoderSpec
 from dualenc.towers.family import Family
+from dualenc.towers.inputs import check_image_layout
 
 EXPAND = 4.0  # an MbConv block's expansion (timm's VitConvCfg.expand_ratio), of its output width
 BACKBONE = "patch_embed.backbone."  # timm's names of the convolutional part
@@ -184,15 +185,8 @@ init = declare.tower_init(specs)  # init(key, config, *, stacked=False) -> param
 def check_pixel_values(config: VitaminConfig, pixel_values, interpolate_pos_encoding: bool = False):
     """Shape and dtype checks that hold under jit: (B, num_channels, H, W) floats; H = W = image_size with a
     position table, any size without one (the xlarge models)."""
-    shape = getattr(pixel_values, "shape", None)
-    if shape is None or len(shape) != 4:
-        raise InputError(f"pixel_values must be a 4-D (batch, channels, height, width) array, got shape {shape}")
-    if shape[1] != config.num_channels:
-        hint = " (it looks channels-last: transpose to NCHW)" if shape[-1] == config.num_channels else ""
-        raise InputError(f"pixel_values has {shape[1]} channels at axis 1, the config has num_channels="
-                         f"{config.num_channels}; shape {tuple(shape)}{hint}")
-    if not jnp.issubdtype(pixel_values.dtype, jnp.floating):
-        raise InputError(f"pixel_values must be floating point (processed images), got {pixel_values.dtype}")
+    check_image_layout(config, pixel_values)
+    shape = pixel_values.shape
     if config.position_embedding and tuple(shape[2:]) != (config.image_size,) * 2:
         raise InputError(f"pixel_values of size {shape[2]}x{shape[3]} does not match the model's image_size "
                          f"{config.image_size}x{config.image_size} (its position table is for that grid)")
