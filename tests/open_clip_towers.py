@@ -2,6 +2,7 @@
 open_clip reading that folder back (its transform, its tokenizer, real photos), its outputs, and the zero-shot
 command run on a saved dualenc folder against open_clip's probabilities."""
 
+import contextlib
 import json
 
 import numpy as np
@@ -102,3 +103,27 @@ def check_zero_shot_command(ref, folder, labels, tmp_path, capsys):
     for row, result in zip(want, results):
         np.testing.assert_allclose(result["probabilities"], [row[labels.index(n)] for n in result["labels"]],
                                    atol=1e-5)
+
+
+@contextlib.contextmanager
+def tiny_timm_names(table, rows, trunk, table_rows=None):
+    """For the duration: timm.create_model builds `trunk(row, **kwargs)` for each name of `rows` (a test's tiny
+    architectures; any other name as timm does), and dualenc's name table `table` holds `table_rows[name]` (default
+    rows[name]) under it. open_clip passes timm only a name, so a tiny reference needs a name of its own in both."""
+    import pytest
+    import timm
+
+    real = timm.create_model
+
+    def create_model(name, pretrained=False, **kwargs):
+        if name not in rows:
+            return real(name, pretrained=pretrained, **kwargs)
+        model = trunk(rows[name], **kwargs)
+        model.default_cfg = {}  # what timm's registry gives its models (open_clip reads it)
+        return model
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(timm, "create_model", create_model)
+        for name, row in (table_rows or rows).items():
+            patch.setitem(table, name, row)
+        yield

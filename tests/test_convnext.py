@@ -39,24 +39,16 @@ LABELS = ["red", "green", "blue"]
 @pytest.fixture(scope="module", autouse=True)
 def tiny_names():
     """The test names in timm (create_model) and in dualenc's table, for this module's tests."""
-    import timm
+    table_rows = {name: (depths, dims, eps) for name, (depths, dims, eps, _) in TINY.items()}
+    with towers.tiny_timm_names(open_clip_timm.CONVNEXT, TINY, convnext_trunk, table_rows):
+        yield
+
+
+def convnext_trunk(row, **kw):
     from timm.models.convnext import ConvNeXt
 
-    real = timm.create_model
-
-    def create_model(name, pretrained=False, **kw):
-        if name not in TINY:
-            return real(name, pretrained=pretrained, **kw)
-        depths, dims, eps, conv_mlp = TINY[name]
-        trunk = ConvNeXt(depths=depths, dims=dims, norm_eps=eps, conv_mlp=conv_mlp, **kw)
-        trunk.default_cfg = {}  # what timm's registry gives its models (open_clip reads it)
-        return trunk
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(timm, "create_model", create_model)
-        for name, (depths, dims, eps, _) in TINY.items():
-            patch.setitem(open_clip_timm.CONVNEXT, name, (depths, dims, eps))
-        yield
+    depths, dims, eps, conv_mlp = row
+    return ConvNeXt(depths=depths, dims=dims, norm_eps=eps, conv_mlp=conv_mlp, **kw)
 
 
 def model_cfg(**vision):

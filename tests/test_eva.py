@@ -43,28 +43,18 @@ LABELS = ["red", "green", "blue"]
 @pytest.fixture(scope="module", autouse=True)
 def tiny_names():
     """The test names in timm (create_model) and in dualenc's table, for this module's tests."""
-    import timm
+    with towers.tiny_timm_names(open_clip_eva.EVA, TINY, eva_trunk):
+        yield
+
+
+def eva_trunk(a, **kw):
     from timm.models.eva import Eva
 
-    real = timm.create_model
-
-    def create_model(name, pretrained=False, **kw):
-        if name not in TINY:
-            return real(name, pretrained=pretrained, **kw)
-        a = TINY[name]
-        kw.setdefault("global_pool", "token")  # the eva02_*_clip registrations' default
-        trunk = Eva(img_size=a.image_size, patch_size=a.patch, embed_dim=a.width, depth=a.depth, num_heads=a.heads,
-                    mlp_ratio=a.mlp_ratio, swiglu_mlp=a.mlp == "swiglu", scale_mlp=a.scaled,
-                    scale_attn_inner=a.scaled, use_post_norm=a.post_norm, use_rot_pos_emb=a.rope is not None,
-                    ref_feat_shape=a.rope, qkv_fused=a.post_norm, **kw)
-        trunk.default_cfg = {}
-        return trunk
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(timm, "create_model", create_model)
-        for name, arch in TINY.items():
-            patch.setitem(open_clip_eva.EVA, name, arch)
-        yield
+    kw.setdefault("global_pool", "token")  # the eva02_*_clip registrations' default
+    return Eva(img_size=a.image_size, patch_size=a.patch, embed_dim=a.width, depth=a.depth, num_heads=a.heads,
+               mlp_ratio=a.mlp_ratio, swiglu_mlp=a.mlp == "swiglu", scale_mlp=a.scaled, scale_attn_inner=a.scaled,
+               use_post_norm=a.post_norm, use_rot_pos_emb=a.rope is not None, ref_feat_shape=a.rope,
+               qkv_fused=a.post_norm, **kw)
 
 
 def model_cfg(**vision):

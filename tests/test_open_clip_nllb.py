@@ -35,26 +35,18 @@ SIGLIP_ROW = (8, 32, 1, 2, 2.0, True, 16)
 @pytest.fixture(scope="module", autouse=True)
 def tiny_siglip_name():
     """The tiny SigLIP ViT's name in timm (create_model) and in dualenc's table, for this module's tests."""
-    import timm
-    from timm.models.vision_transformer import VisionTransformer
-
     from dualenc.formats import open_clip_timm
 
-    real = timm.create_model
-
-    def create_model(name, pretrained=False, **kw):
-        if name != SIGLIP:
-            return real(name, pretrained=pretrained, **kw)
-        patch, width, depth, heads, ratio, _, size = SIGLIP_ROW
-        trunk = VisionTransformer(img_size=size, patch_size=patch, embed_dim=width, depth=depth, num_heads=heads,
-                                  mlp_ratio=ratio, class_token=False, act_layer="gelu_tanh", **kw)
-        trunk.default_cfg = {}
-        return trunk
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(timm, "create_model", create_model)
-        patch.setitem(open_clip_timm.SIGLIP_VIT, SIGLIP, SIGLIP_ROW)
+    with towers.tiny_timm_names(open_clip_timm.SIGLIP_VIT, {SIGLIP: SIGLIP_ROW}, siglip_trunk):
         yield
+
+
+def siglip_trunk(row, **kw):
+    from timm.models.vision_transformer import VisionTransformer
+
+    patch, width, depth, heads, ratio, _, size = row
+    return VisionTransformer(img_size=size, patch_size=patch, embed_dim=width, depth=depth, num_heads=heads,
+                             mlp_ratio=ratio, class_token=False, act_layer="gelu_tanh", **kw)
 
 
 @pytest.fixture(scope="module")

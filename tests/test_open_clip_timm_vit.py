@@ -46,25 +46,16 @@ WORDS = "a photo of the cat dog bird red green blue house car tree river city ni
 @pytest.fixture(scope="module", autouse=True)
 def tiny_names():
     """The test names in timm (create_model) and in dualenc's table, for this module's tests."""
-    import timm
+    with towers.tiny_timm_names(open_clip_timm.SIGLIP_VIT, TINY, siglip_trunk):
+        yield
+
+
+def siglip_trunk(row, **kw):
     from timm.models.vision_transformer import VisionTransformer
 
-    real = timm.create_model
-
-    def create_model(name, pretrained=False, **kw):
-        if name not in TINY:
-            return real(name, pretrained=pretrained, **kw)
-        patch, width, depth, heads, ratio, tanh, size = TINY[name]
-        trunk = VisionTransformer(img_size=size, patch_size=patch, embed_dim=width, depth=depth, num_heads=heads,
-                                  mlp_ratio=ratio, class_token=False, act_layer="gelu_tanh" if tanh else None, **kw)
-        trunk.default_cfg = {}
-        return trunk
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(timm, "create_model", create_model)
-        for name, row in TINY.items():
-            patch.setitem(open_clip_timm.SIGLIP_VIT, name, row)
-        yield
+    patch, width, depth, heads, ratio, tanh, size = row
+    return VisionTransformer(img_size=size, patch_size=patch, embed_dim=width, depth=depth, num_heads=heads,
+                             mlp_ratio=ratio, class_token=False, act_layer="gelu_tanh" if tanh else None, **kw)
 
 
 @pytest.fixture(scope="module")

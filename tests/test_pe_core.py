@@ -50,30 +50,20 @@ LABELS = ["red", "green", "blue"]
 @pytest.fixture(scope="module", autouse=True)
 def tiny_names():
     """The test names in timm (create_model) and in dualenc's table, for this module's tests."""
-    import timm
+    with towers.tiny_timm_names(open_clip_eva.EVA, TINY, pe_trunk):
+        yield
+
+
+def pe_trunk(a, **kw):
     from timm.layers import LayerNorm
     from timm.models.eva import Eva
 
-    real = timm.create_model
-
-    def create_model(name, pretrained=False, **kw):
-        if name not in TINY:
-            return real(name, pretrained=pretrained, **kw)
-        a = TINY[name]
-        kw.setdefault("global_pool", a.pool)  # the vit_pe_core_* registrations' default
-        trunk = Eva(img_size=a.image_size, patch_size=a.patch, embed_dim=a.width, depth=a.depth, num_heads=a.heads,
-                    mlp_ratio=a.mlp_ratio, attn_type="rope", class_token=a.class_token, use_pre_transformer_norm=True,
-                    use_rot_pos_emb=True, ref_feat_shape=a.rope, rope_grid_offset=a.rope_offset,
-                    rope_grid_indexing=a.rope_indexing, attn_pool_num_heads=a.pool_heads,
-                    attn_pool_mlp_ratio=a.pool_mlp_ratio, norm_layer=partial(LayerNorm, eps=1e-5), **kw)
-        trunk.default_cfg = {}
-        return trunk
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(timm, "create_model", create_model)
-        for name, arch in TINY.items():
-            patch.setitem(open_clip_eva.EVA, name, arch)
-        yield
+    kw.setdefault("global_pool", a.pool)  # the vit_pe_core_* registrations' default
+    return Eva(img_size=a.image_size, patch_size=a.patch, embed_dim=a.width, depth=a.depth, num_heads=a.heads,
+               mlp_ratio=a.mlp_ratio, attn_type="rope", class_token=a.class_token, use_pre_transformer_norm=True,
+               use_rot_pos_emb=True, ref_feat_shape=a.rope, rope_grid_offset=a.rope_offset,
+               rope_grid_indexing=a.rope_indexing, attn_pool_num_heads=a.pool_heads,
+               attn_pool_mlp_ratio=a.pool_mlp_ratio, norm_layer=partial(LayerNorm, eps=1e-5), **kw)
 
 
 def model_cfg(**vision):

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import max_diff
-from open_clip_towers import build, check_zero_shot_command, open_clip_outputs, reference as read_reference, save
+from open_clip_towers import (
+    build, check_zero_shot_command, open_clip_outputs, reference as read_reference, save, tiny_timm_names)
 from safetensors.torch import save_file
 
 import dualenc
@@ -43,34 +44,24 @@ LABELS = ["red", "green", "blue"]
 @pytest.fixture(scope="module", autouse=True)
 def tiny_names():
     """The test names in timm (create_model) and in dualenc's table, for this module's tests."""
+    with tiny_timm_names(open_clip_vitamin.VITAMIN, TINY, vitamin_trunk):
+        yield
+
+
+def vitamin_trunk(a, **kw):
     from functools import partial
 
-    import timm
     from timm.layers import HybridEmbed
     from timm.models.vision_transformer import VisionTransformer
     from timm.models.vitamin import GeGluMlp, MbConvStages, VitCfg, VitConvCfg
 
-    real = timm.create_model
-
-    def create_model(name, pretrained=False, **kw):
-        if name not in TINY:
-            return real(name, pretrained=pretrained, **kw)
-        a = TINY[name]
-        cfg = VitCfg(embed_dim=(*a.stages, a.width), depths=(*a.stage_depths, 1), stem_width=a.stem,
-                     conv_cfg=VitConvCfg(norm_layer="layernorm2d", norm_eps=1e-6), head_type="1d")
-        kw.setdefault("global_pool", "avg")  # the vitamin_* registrations' default
-        trunk = VisionTransformer(img_size=a.image_size, patch_size=1, embed_layer=partial(
-            HybridEmbed, backbone=MbConvStages(cfg=cfg), proj=False), embed_dim=a.width, depth=a.depth,
-            num_heads=a.heads, mlp_layer=GeGluMlp, mlp_ratio=a.mlp_ratio, class_token=False,
-            pos_embed="learn" if a.position else "none", **kw)
-        trunk.default_cfg = {}
-        return trunk
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(timm, "create_model", create_model)
-        for name, arch in TINY.items():
-            patch.setitem(open_clip_vitamin.VITAMIN, name, arch)
-        yield
+    cfg = VitCfg(embed_dim=(*a.stages, a.width), depths=(*a.stage_depths, 1), stem_width=a.stem,
+                 conv_cfg=VitConvCfg(norm_layer="layernorm2d", norm_eps=1e-6), head_type="1d")
+    kw.setdefault("global_pool", "avg")  # the vitamin_* registrations' default
+    return VisionTransformer(img_size=a.image_size, patch_size=1, embed_layer=partial(
+        HybridEmbed, backbone=MbConvStages(cfg=cfg), proj=False), embed_dim=a.width, depth=a.depth,
+        num_heads=a.heads, mlp_layer=GeGluMlp, mlp_ratio=a.mlp_ratio, class_token=False,
+        pos_embed="learn" if a.position else "none", **kw)
 
 
 def model_cfg(**vision):
