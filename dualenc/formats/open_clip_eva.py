@@ -25,6 +25,7 @@ from typing import Any, Mapping, NamedTuple
 import numpy as np
 
 from dualenc.errors import CheckpointError, ConfigError
+from dualenc.formats import timm_fields
 from dualenc.towers.eva import EvaConfig
 
 
@@ -77,12 +78,8 @@ ACCEPTED_PE = {**ACCEPTED, "timm_pool": ("map",), "timm_proj": (None,)}  # what 
 
 
 def _accepted(v: Mapping, key: str, default, where: str, arch: Arch):
-    accepted = ACCEPTED_PE if arch.pe else ACCEPTED
-    value = v.get(key, default)
-    if not any(value == ok and type(value) is type(ok) for ok in accepted[key]):
-        raise ConfigError(f"{where}: field '{key}' = {value!r} is not implemented for a timm "
-                          f"{'PE-Core' if arch.pe else 'EVA'} tower; supported: {list(accepted[key])}")
-    return value
+    allowed = (ACCEPTED_PE if arch.pe else ACCEPTED)[key]
+    return timm_fields.accepted(v, key, default, allowed, where, "PE-Core" if arch.pe else "EVA")
 
 
 def vision_config(name: str, v: Mapping[str, Any], embed_dim: int, where: str) -> EvaConfig:
@@ -95,10 +92,7 @@ def vision_config(name: str, v: Mapping[str, Any], embed_dim: int, where: str) -
     if proj == "linear" and v.get("timm_proj_bias", False) is not False:
         raise ConfigError(f"{where}: field 'timm_proj_bias' = {v['timm_proj_bias']!r} is not implemented for a timm "
                           f"EVA tower with timm_proj 'linear'; supported: [False]")
-    drop_path = v.get("timm_drop_path")
-    drop_path = 0.0 if drop_path is None else drop_path
-    if isinstance(drop_path, bool) or not isinstance(drop_path, (int, float)) or not 0 <= drop_path < 1:
-        raise ConfigError(f"{where}: field 'timm_drop_path' must be null or a rate in [0, 1), got {drop_path!r}")
+    drop_path = timm_fields.drop_path_rate(v, where)
     size = v.get("image_size", 224)
     if size not in (arch.image_size, [arch.image_size] * 2) or isinstance(size, bool):
         raise ConfigError(f"{where}: field 'image_size' = {size!r} does not match timm's {name!r}, built for "
@@ -108,7 +102,7 @@ def vision_config(name: str, v: Mapping[str, Any], embed_dim: int, where: str) -
                          intermediate_size=int(arch.width * arch.mlp_ratio), image_size=arch.image_size,
                          patch_size=arch.patch, mlp=arch.mlp, scale_mlp=arch.scaled, scale_attn_inner=arch.scaled,
                          post_norm=arch.post_norm, rope=arch.rope is not None, ref_feat_shape=arch.rope,
-                         head_size=embed_dim if proj is None else None, drop_path_rate=float(drop_path),
+                         head_size=embed_dim if proj is None else None, drop_path_rate=drop_path,
                          class_token=arch.class_token, patch_bias=not arch.pe, pre_norm=arch.pe, key_bias=arch.pe,
                          layer_norm_eps=1e-5 if arch.pe else 1e-6, rope_grid_offset=arch.rope_offset,
                          rope_grid_indexing=arch.rope_indexing, global_pool=arch.pool, pool_heads=arch.pool_heads,

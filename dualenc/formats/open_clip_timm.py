@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 import numpy as np
 
 from dualenc.errors import CheckpointError, ConfigError
-from dualenc.formats import open_clip_eva, open_clip_vitamin
+from dualenc.formats import open_clip_eva, open_clip_vitamin, timm_fields
 from dualenc.towers.convnext import ConvNextConfig
 from dualenc.towers.siglip import SiglipVisionConfig
 
@@ -47,39 +47,19 @@ PROJECTIONS = ("linear", "mlp")
 POOLS = ("", "avg")  # timm ConvNeXt's own pooling ("": the network's default, average)
 
 
-def _field(v: Mapping, key: str, default, allowed, where: str):
-    value = v.get(key, default)
-    if not any(value == ok and type(value) is type(ok) for ok in allowed):
-        raise ConfigError(f"{where}: field '{key}' = {value!r} is not implemented for a timm ConvNeXt tower; "
-                          f"supported: {list(allowed)}")
-    return value
-
-
-def _image_size(v: Mapping, where: str) -> int:
-    size = v.get("image_size", 224)
-    if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
-        size = size[0]
-    if isinstance(size, bool) or not isinstance(size, int):
-        raise ConfigError(f"{where}: field 'image_size' = {size!r} is not implemented; supported: an integer or a "
-                          f"square [n, n]")
-    return size
-
-
 def _convnext(name: str, v: Mapping[str, Any], embed_dim: int, where: str) -> ConvNextConfig:
     depths, sizes, eps = CONVNEXT[name]
-    proj = _field(v, "timm_proj", "linear", PROJECTIONS, where)
-    _field(v, "timm_pool", "avg", POOLS, where)
-    _field(v, "timm_proj_bias", False, (False,), where)
-    _field(v, "timm_drop", 0.0, (0.0, 0), where)  # head dropout (training): not implemented
-    _field(v, "patch_dropout", 0.0, (0.0, 0), where)  # open_clip passes it to timm, whose ConvNeXt has none
-    drop_path = v.get("timm_drop_path")
-    drop_path = 0.0 if drop_path is None else drop_path
-    if isinstance(drop_path, bool) or not isinstance(drop_path, (int, float)) or not 0 <= drop_path < 1:
-        raise ConfigError(f"{where}: field 'timm_drop_path' must be null or a rate in [0, 1), got {drop_path!r}")
+    proj = timm_fields.accepted(v, "timm_proj", "linear", PROJECTIONS, where, "ConvNeXt")
+    timm_fields.accepted(v, "timm_pool", "avg", POOLS, where, "ConvNeXt")
+    timm_fields.accepted(v, "timm_proj_bias", False, (False,), where, "ConvNeXt")
+    timm_fields.accepted(v, "timm_drop", 0.0, (0.0, 0), where, "ConvNeXt")  # head dropout (training): not implemented
+    # open_clip passes patch_dropout to timm, whose ConvNeXt has none
+    timm_fields.accepted(v, "patch_dropout", 0.0, (0.0, 0), where, "ConvNeXt")
+    drop_path = timm_fields.drop_path_rate(v, where)
     try:
         return ConvNextConfig(hidden_sizes=sizes, depths=depths, num_stages=len(depths), layer_norm_eps=eps,
-                              norm_eps=eps, image_size=_image_size(v, where), drop_path_rate=float(drop_path),
-                              head_hidden_size=2 * embed_dim if proj == "mlp" else None)
+                              norm_eps=eps, image_size=timm_fields.square_image_size(v, where),
+                              drop_path_rate=drop_path, head_hidden_size=2 * embed_dim if proj == "mlp" else None)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
 
@@ -130,15 +110,16 @@ def _siglip_vit(name: str, v: Mapping[str, Any], embed_dim: int, where: str) -> 
     patch, width, depth, heads, ratio, tanh, size = SIGLIP_VIT[name]
     # timm_pool "map" + timm_proj "none": timm's own MAP head is the image embedding (open_clip's TimmModel adds
     # nothing). Other pools ("", "avg", "token") or an open_clip head on top are not implemented.
-    _field(v, "timm_pool", "avg", ("map",), where)
-    _field(v, "timm_proj", "linear", ("none",), where)
-    _field(v, "timm_proj_bias", False, (False, True), where)  # unused without a projection
-    _field(v, "timm_drop", 0.0, (0.0, 0), where)
+    timm_fields.accepted(v, "timm_pool", "avg", ("map",), where, "SigLIP ViT")
+    timm_fields.accepted(v, "timm_proj", "linear", ("none",), where, "SigLIP ViT")
+    # timm_proj_bias: unused without a projection
+    timm_fields.accepted(v, "timm_proj_bias", False, (False, True), where, "SigLIP ViT")
+    timm_fields.accepted(v, "timm_drop", 0.0, (0.0, 0), where, "SigLIP ViT")
     drop_path = v.get("timm_drop_path")
     if drop_path not in (None, 0, 0.0) or isinstance(drop_path, bool):
         raise ConfigError(f"{where}: field 'timm_drop_path' = {drop_path!r} is not implemented for a timm SigLIP ViT; "
                           f"supported: [None, 0.0]")
-    if _image_size(v, where) != size:
+    if timm_fields.square_image_size(v, where) != size:
         raise ConfigError(f"{where}: field 'image_size' = {v.get('image_size', 224)!r} does not match timm's "
                           f"{name!r}, built for {size} px (open_clip passes timm only the name)")
     if embed_dim != width:

@@ -18,6 +18,7 @@ from typing import Any, Mapping, NamedTuple
 import numpy as np
 
 from dualenc.errors import CheckpointError, ConfigError
+from dualenc.formats import timm_fields
 from dualenc.towers.vitamin import VitaminConfig
 
 
@@ -50,11 +51,7 @@ ACCEPTED = {"timm_pool": ("", "avg"), "timm_proj": ("linear",), "timm_proj_bias"
 
 
 def _accepted(v: Mapping, key: str, default, where: str):
-    value = v.get(key, default)
-    if not any(value == ok and type(value) is type(ok) for ok in ACCEPTED[key]):
-        raise ConfigError(f"{where}: field '{key}' = {value!r} is not implemented for a timm ViTamin tower; "
-                          f"supported: {list(ACCEPTED[key])}")
-    return value
+    return timm_fields.accepted(v, key, default, ACCEPTED[key], where, "ViTamin")
 
 
 def vision_config(name: str, v: Mapping[str, Any], embed_dim: int, where: str) -> VitaminConfig:
@@ -66,16 +63,8 @@ def vision_config(name: str, v: Mapping[str, Any], embed_dim: int, where: str) -
     _accepted(v, "timm_proj_bias", False, where)
     _accepted(v, "timm_drop", 0.0, where)  # head dropout (training): not implemented
     _accepted(v, "patch_dropout", 0.0, where)  # open_clip passes it to timm (patch_drop_rate): not implemented
-    drop_path = v.get("timm_drop_path")
-    drop_path = 0.0 if drop_path is None else drop_path
-    if isinstance(drop_path, bool) or not isinstance(drop_path, (int, float)) or not 0 <= drop_path < 1:
-        raise ConfigError(f"{where}: field 'timm_drop_path' must be null or a rate in [0, 1), got {drop_path!r}")
-    size = v.get("image_size", 224)
-    if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
-        size = size[0]
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ConfigError(f"{where}: field 'image_size' = {v.get('image_size')!r} is not implemented; supported: a "
-                          f"positive integer or a square [n, n]")
+    drop_path = timm_fields.drop_path_rate(v, where)
+    size = timm_fields.square_image_size(v, where)
     if arch.position and size != arch.image_size:
         raise ConfigError(f"{where}: field 'image_size' = {v.get('image_size')!r} does not match timm's {name!r}, "
                           f"built for {arch.image_size} px (open_clip passes timm only the name; its position "
@@ -84,7 +73,7 @@ def vision_config(name: str, v: Mapping[str, Any], embed_dim: int, where: str) -
         return VitaminConfig(hidden_size=arch.width, num_hidden_layers=arch.depth, num_attention_heads=arch.heads,
                              intermediate_size=int(arch.width * arch.mlp_ratio), stem_size=arch.stem,
                              stage_sizes=arch.stages, stage_depths=arch.stage_depths, image_size=size,
-                             position_embedding=arch.position, drop_path_rate=float(drop_path))
+                             position_embedding=arch.position, drop_path_rate=drop_path)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
 
